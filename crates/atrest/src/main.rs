@@ -1,0 +1,50 @@
+//! The `atrest` command.
+//!
+//! One binary, one subcommand per job. Each subcommand lives in its own
+//! module (or crate) and this file only dispatches.
+
+mod cli_sql;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "atrest", version, about = "Encryption at rest for database servers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run SQL against the encrypted database in a data directory.
+    Sql(cli_sql::SqlArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<std::process::ExitCode> {
+    match cli.command {
+        Command::Sql(args) => cli_sql::run(args),
+    }
+}
+
+/// Logs go to stderr, filtered by `ATREST_LOG` (default: warnings).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ATREST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
