@@ -1,1 +1,29 @@
-//! placeholder
+//! The cryptographic core of atrest: sealing units (pages, WAL frames,
+//! blocks) under per-file data encryption keys, wrapping those keys, and the
+//! authenticated, self-describing header every atrest file starts with.
+//!
+//! This crate does no I/O. It decides *what* bytes go to disk and checks
+//! what comes back; the storage crate decides *where*. Every primitive comes
+//! from aws-lc-rs (the `fips` feature switches to the FIPS 140-3 module).
+//!
+//! What it is not: a key store (see `atrest-keystore`), a VFS (see
+//! `atrest-storage`), or a general-purpose crypto toolkit.
+
+mod error;
+mod header;
+mod keys;
+mod protector;
+mod seal;
+mod wrap;
+
+pub use error::CryptoError;
+pub use header::{FileHeader, FileKind, KeySource, HEADER_SLOT_SIZE};
+pub use keys::{random_id, Dek, DekId, FileId};
+pub use protector::{KekRef, KeyProtector, ProtectorError, ProtectorKind, WrapAlgorithm, WrappedDek};
+pub use seal::{CipherId, SealContext, UnitKey, SEAL_OVERHEAD, SEAL_USAGE_LIMIT, SEAL_USAGE_WARN};
+pub use wrap::SymmetricKek;
+
+/// Whether this build uses the FIPS 140-3 validated AWS-LC module.
+pub fn fips_mode() -> bool {
+    aws_lc_rs::try_fips_mode().is_ok()
+}

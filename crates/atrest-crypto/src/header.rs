@@ -1,0 +1,417 @@
+//! The self-describing file header.
+//!
+//! Every persistent atrest file starts with two header slots of
+//! [`HEADER_SLOT_SIZE`] bytes. Each slot holds the file's identity, cipher,
+//! layout, its wrapped DEK (and for companion files the parent's wrapped DEK
+//! too), usage counters, and an HMAC-SHA256 over all of it keyed from the
+//! DEK. Updates alternate between the slots with a rising sequence number,
+//! so a torn header write leaves the other slot intact.
+//!
+//! ```text
+//! magic "ATRESTH1" | version u16 | body length u32 | body (TLV) | HMAC (32) | zero pad
+//! ```
+
+use aws_lc_rs::{constant_time, hmac};
+
+use crate::{
+    CipherId, CryptoError, Dek, DekId, FileId, KekRef, ProtectorKind, WrapAlgorithm, WrappedDek,
+};
+
+/// Bytes per header slot; a file has two.
+pub const HEADER_SLOT_SIZE: usize = 4096;
+const MAGIC: &[u8; 8] = b"ATRESTH1";
+const VERSION: u16 = 1;
+const MAC_LEN: usize = 32;
+const PREFIX_LEN: usize = 8 + 2 + 4;
+
+/// What an atrest file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FileKind {
+    /// A database file; pages sealed in place using SQLite's reserved bytes.
+    MainDb = 1,
+    /// A write-ahead log.
+    Wal = 2,
+    /// A rollback journal.
+    Journal = 3,
+    /// A super-journal (multi-database commit).
+    SuperJournal = 4,
+    /// A temporary file (sorts, temp tables, statement journals); its key is
+    /// random, held only in memory, and it has no header.
+    Temp = 5,
+}
+
+impl FileKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::MainDb,
+            2 => Self::Wal,
+            3 => Self::Journal,
+            4 => Self::SuperJournal,
+            5 => Self::Temp,
+            _ => return None,
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MainDb => "database",
+            Self::Wal => "wal",
+            Self::Journal => "rollback-journal",
+            Self::SuperJournal => "super-journal",
+            Self::Temp => "temp",
+        }
+    }
+}
+
+/// How the file's DEK is protected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// Wrapped directly by a KEK (database files).
+    Kek(WrappedDek),
+    /// Wrapped by a key derived from the parent database file's DEK
+    /// (journals, WAL). The parent's KEK-wrapped DEK is copied here so the
+    /// file can be read with nothing but the KEK.
+    Parent {
+        parent_file_id: FileId,
+        parent_dek_id: DekId,
+        parent_wrapped: WrappedDek,
+        wrapped: Vec<u8>,
+    },
+}
+
+impl KeySource {
+    /// The KEK at the root of this file's key chain.
+    pub fn root_kek(&self) -> &KekRef {
+        match self {
+            Self::Kek(w) => &w.kek,
+            Self::Parent { parent_wrapped, .. } => &parent_wrapped.kek,
+        }
+    }
+}
+
+/// One decoded header slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileHeader {
+    pub sequence: u64,
+    pub kind: FileKind,
+    pub cipher: CipherId,
+    pub file_id: FileId,
+    pub dek_id: DekId,
+    /// Page size (database, WAL) or block size (journals), in bytes.
+    pub unit_size: u32,
+    pub created_unix: u64,
+    pub key_source: KeySource,
+    /// Seals this file's DEK may have performed, as an upper bound: a
+    /// process reserves a range here before it uses it.
+    pub seals_reserved: u64,
+    /// WAL only: the salts of the WAL generation `wal_durable_frames` counts.
+    pub wal_salts: u64,
+    /// WAL only: frames known to be synced under `wal_salts`.
+    pub wal_durable_frames: u64,
+}
+
+mod tag {
+    pub const SEQUENCE: u16 = 1;
+    pub const KIND: u16 = 2;
+    pub const CIPHER: u16 = 3;
+    pub const FILE_ID: u16 = 4;
+    pub const DEK_ID: u16 = 5;
+    pub const UNIT_SIZE: u16 = 6;
+    pub const CREATED: u16 = 7;
+    pub const KEK_WRAPPED: u16 = 8;
+    pub const PARENT_FILE_ID: u16 = 9;
+    pub const PARENT_DEK_ID: u16 = 10;
+    pub const PARENT_WRAPPED: u16 = 11;
+    pub const PARENT_KEY_WRAPPED: u16 = 12;
+    pub const SEALS_RESERVED: u16 = 13;
+    pub const WAL_SALTS: u16 = 14;
+    pub const WAL_DURABLE: u16 = 15;
+}
+
+impl FileHeader {
+    /// Encodes the header into one slot, MACed under a key derived from `dek`.
+    pub fn encode(&self, dek: &Dek) -> Result<Vec<u8>, CryptoError> {
+        let mut body = Vec::with_capacity(512);
+        put(&mut body, tag::SEQUENCE, &self.sequence.to_be_bytes());
+        put(&mut body, tag::KIND, &[self.kind as u8]);
+        put(&mut body, tag::CIPHER, &[self.cipher as u8]);
+        put(&mut body, tag::FILE_ID, &self.file_id.0);
+        put(&mut body, tag::DEK_ID, &self.dek_id.0);
+        put(&mut body, tag::UNIT_SIZE, &self.unit_size.to_be_bytes());
+        put(&mut body, tag::CREATED, &self.created_unix.to_be_bytes());
+        match &self.key_source {
+            KeySource::Kek(w) => put(&mut body, tag::KEK_WRAPPED, &encode_wrapped(w)),
+            KeySource::Parent {
+                parent_file_id,
+                parent_dek_id,
+                parent_wrapped,
+                wrapped,
+            } => {
+                put(&mut body, tag::PARENT_FILE_ID, &parent_file_id.0);
+                put(&mut body, tag::PARENT_DEK_ID, &parent_dek_id.0);
+                put(&mut body, tag::PARENT_WRAPPED, &encode_wrapped(parent_wrapped));
+                put(&mut body, tag::PARENT_KEY_WRAPPED, wrapped);
+            }
+        }
+        put(&mut body, tag::SEALS_RESERVED, &self.seals_reserved.to_be_bytes());
+        put(&mut body, tag::WAL_SALTS, &self.wal_salts.to_be_bytes());
+        put(&mut body, tag::WAL_DURABLE, &self.wal_durable_frames.to_be_bytes());
+
+        if PREFIX_LEN + body.len() + MAC_LEN > HEADER_SLOT_SIZE {
+            return Err(CryptoError::InvalidHeader(format!(
+                "header body of {} bytes does not fit a {HEADER_SLOT_SIZE}-byte slot",
+                body.len()
+            )));
+        }
+        let mut slot = vec![0u8; HEADER_SLOT_SIZE];
+        slot[..8].copy_from_slice(MAGIC);
+        slot[8..10].copy_from_slice(&VERSION.to_be_bytes());
+        slot[10..14].copy_from_slice(&(body.len() as u32).to_be_bytes());
+        slot[PREFIX_LEN..PREFIX_LEN + body.len()].copy_from_slice(&body);
+        let signed_end = PREFIX_LEN + body.len();
+        let mac = hmac::sign(&mac_key(dek)?, &slot[..signed_end]);
+        slot[signed_end..signed_end + MAC_LEN].copy_from_slice(mac.as_ref());
+        Ok(slot)
+    }
+
+    /// Parses a slot without checking its MAC (the DEK is not known yet).
+    /// Returns `Ok(None)` for an all-zero (never written) slot.
+    pub fn decode_unverified(slot: &[u8]) -> Result<Option<UnverifiedHeader>, CryptoError> {
+        if slot.iter().all(|&b| b == 0) {
+            return Ok(None);
+        }
+        if slot.len() < PREFIX_LEN + MAC_LEN || &slot[..8] != MAGIC {
+            return Err(CryptoError::InvalidHeader("not an atrest file (bad magic)".into()));
+        }
+        let version = u16::from_be_bytes([slot[8], slot[9]]);
+        if version != VERSION {
+            return Err(CryptoError::InvalidHeader(format!(
+                "header format version {version} is not supported (this build reads {VERSION})"
+            )));
+        }
+        let body_len = u32::from_be_bytes(slot[10..14].try_into().unwrap()) as usize;
+        if PREFIX_LEN + body_len + MAC_LEN > slot.len() {
+            return Err(CryptoError::InvalidHeader("header body length out of range".into()));
+        }
+        let signed_end = PREFIX_LEN + body_len;
+        let header = parse_body(&slot[PREFIX_LEN..signed_end])?;
+        Ok(Some(UnverifiedHeader {
+            header,
+            signed: slot[..signed_end].to_vec(),
+            mac: slot[signed_end..signed_end + MAC_LEN].to_vec(),
+        }))
+    }
+}
+
+/// A parsed header whose MAC has not been checked yet.
+#[derive(Debug, Clone)]
+pub struct UnverifiedHeader {
+    header: FileHeader,
+    signed: Vec<u8>,
+    mac: Vec<u8>,
+}
+
+impl UnverifiedHeader {
+    /// What the header claims. Only for finding the key; trust nothing else.
+    pub fn claims(&self) -> &FileHeader {
+        &self.header
+    }
+
+    /// Checks the MAC under the file's DEK and returns the trusted header.
+    pub fn verify(self, dek: &Dek) -> Result<FileHeader, CryptoError> {
+        if dek.id() != self.header.dek_id {
+            return Err(CryptoError::HeaderAuthenticationFailed);
+        }
+        let expected = hmac::sign(&mac_key(dek)?, &self.signed);
+        constant_time::verify_slices_are_equal(expected.as_ref(), &self.mac)
+            .map_err(|_| CryptoError::HeaderAuthenticationFailed)?;
+        Ok(self.header)
+    }
+}
+
+fn mac_key(dek: &Dek) -> Result<hmac::Key, CryptoError> {
+    let k = zeroize::Zeroizing::new(dek.derive(b"atrest header mac v1")?);
+    Ok(hmac::Key::new(hmac::HMAC_SHA256, &k[..]))
+}
+
+fn put(out: &mut Vec<u8>, tag: u16, value: &[u8]) {
+    out.extend_from_slice(&tag.to_be_bytes());
+    out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+    out.extend_from_slice(value);
+}
+
+fn encode_wrapped(w: &WrappedDek) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + w.kek.key_id.len() + w.bytes.len());
+    v.push(w.kek.kind as u8);
+    v.push(w.algorithm as u8);
+    v.extend_from_slice(&(w.kek.key_id.len() as u16).to_be_bytes());
+    v.extend_from_slice(w.kek.key_id.as_bytes());
+    v.extend_from_slice(&(w.bytes.len() as u16).to_be_bytes());
+    v.extend_from_slice(&w.bytes);
+    v
+}
+
+fn decode_wrapped(v: &[u8]) -> Result<WrappedDek, CryptoError> {
+    let bad = || CryptoError::InvalidHeader("malformed wrapped key".into());
+    let mut r = Reader(v);
+    let kind = ProtectorKind::from_u8(r.u8().ok_or_else(bad)?).ok_or_else(bad)?;
+    let algorithm = WrapAlgorithm::from_u8(r.u8().ok_or_else(bad)?).ok_or_else(bad)?;
+    let id_len = r.u16().ok_or_else(bad)? as usize;
+    let key_id = String::from_utf8(r.take(id_len).ok_or_else(bad)?.to_vec()).map_err(|_| bad())?;
+    let n = r.u16().ok_or_else(bad)? as usize;
+    let bytes = r.take(n).ok_or_else(bad)?.to_vec();
+    if !r.0.is_empty() {
+        return Err(bad());
+    }
+    Ok(WrappedDek {
+        kek: KekRef { kind, key_id },
+        algorithm,
+        bytes,
+    })
+}
+
+struct Reader<'a>(&'a [u8]);
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4).map(|b| u32::from_be_bytes(b.try_into().unwrap()))
+    }
+}
+
+fn parse_body(body: &[u8]) -> Result<FileHeader, CryptoError> {
+    let bad = |what: &str| CryptoError::InvalidHeader(format!("malformed field {what}"));
+    let mut r = Reader(body);
+    let mut f: std::collections::BTreeMap<u16, &[u8]> = Default::default();
+    while !r.0.is_empty() {
+        let t = r.u16().ok_or_else(|| bad("tag"))?;
+        let n = r.u32().ok_or_else(|| bad("length"))? as usize;
+        let v = r.take(n).ok_or_else(|| bad("value"))?;
+        if f.insert(t, v).is_some() {
+            return Err(bad("duplicate"));
+        }
+    }
+    let get = |t: u16, name: &str| {
+        f.get(&t)
+            .copied()
+            .ok_or_else(|| CryptoError::InvalidHeader(format!("missing field {name}")))
+    };
+    let u64f = |t: u16, name: &str| -> Result<u64, CryptoError> {
+        let v = get(t, name)?;
+        Ok(u64::from_be_bytes(v.try_into().map_err(|_| bad(name))?))
+    };
+    let id16 = |t: u16, name: &str| -> Result<[u8; 16], CryptoError> {
+        get(t, name)?.try_into().map_err(|_| bad(name))
+    };
+    let one = |t: u16, name: &str| -> Result<u8, CryptoError> {
+        match get(t, name)? {
+            [b] => Ok(*b),
+            _ => Err(bad(name)),
+        }
+    };
+    let kind = FileKind::from_u8(one(tag::KIND, "kind")?).ok_or_else(|| bad("kind"))?;
+    let cipher = CipherId::from_u8(one(tag::CIPHER, "cipher")?)
+        .ok_or_else(|| CryptoError::InvalidHeader("unknown cipher id (file made by a newer atrest?)".into()))?;
+    let unit_size = u32::from_be_bytes(get(tag::UNIT_SIZE, "unit size")?.try_into().map_err(|_| bad("unit size"))?);
+    let key_source = if let Some(w) = f.get(&tag::KEK_WRAPPED) {
+        KeySource::Kek(decode_wrapped(w)?)
+    } else {
+        KeySource::Parent {
+            parent_file_id: FileId(id16(tag::PARENT_FILE_ID, "parent file id")?),
+            parent_dek_id: DekId(id16(tag::PARENT_DEK_ID, "parent dek id")?),
+            parent_wrapped: decode_wrapped(get(tag::PARENT_WRAPPED, "parent wrapped key")?)?,
+            wrapped: get(tag::PARENT_KEY_WRAPPED, "wrapped key")?.to_vec(),
+        }
+    };
+    Ok(FileHeader {
+        sequence: u64f(tag::SEQUENCE, "sequence")?,
+        kind,
+        cipher,
+        file_id: FileId(id16(tag::FILE_ID, "file id")?),
+        dek_id: DekId(id16(tag::DEK_ID, "dek id")?),
+        unit_size,
+        created_unix: u64f(tag::CREATED, "created")?,
+        key_source,
+        seals_reserved: u64f(tag::SEALS_RESERVED, "seals reserved")?,
+        wal_salts: u64f(tag::WAL_SALTS, "wal salts")?,
+        wal_durable_frames: u64f(tag::WAL_DURABLE, "wal durable frames")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(dek: &Dek) -> FileHeader {
+        FileHeader {
+            sequence: 3,
+            kind: FileKind::MainDb,
+            cipher: CipherId::Aes256GcmRandomNonce,
+            file_id: FileId([9; 16]),
+            dek_id: dek.id(),
+            unit_size: 4096,
+            created_unix: 1_700_000_000,
+            key_source: KeySource::Kek(WrappedDek {
+                kek: KekRef {
+                    kind: ProtectorKind::Service,
+                    key_id: "service:abcd".into(),
+                },
+                algorithm: WrapAlgorithm::A256Gcm,
+                bytes: vec![5; 60],
+            }),
+            seals_reserved: 1 << 20,
+            wal_salts: 0,
+            wal_durable_frames: 0,
+        }
+    }
+
+    #[test]
+    fn encode_decode_verify() {
+        let dek = Dek::generate().unwrap();
+        let h = sample(&dek);
+        let slot = h.encode(&dek).unwrap();
+        assert_eq!(slot.len(), HEADER_SLOT_SIZE);
+        let back = FileHeader::decode_unverified(&slot).unwrap().unwrap().verify(&dek).unwrap();
+        assert_eq!(back, h);
+    }
+
+    #[test]
+    fn any_change_breaks_the_mac_or_the_parse() {
+        let dek = Dek::generate().unwrap();
+        let slot = sample(&dek).encode(&dek).unwrap();
+        let used = PREFIX_LEN + u32::from_be_bytes(slot[10..14].try_into().unwrap()) as usize + MAC_LEN;
+        for pos in 0..used {
+            let mut bad = slot.clone();
+            bad[pos] ^= 0x01;
+            let ok = FileHeader::decode_unverified(&bad)
+                .ok()
+                .flatten()
+                .map(|u| u.verify(&dek).is_ok())
+                .unwrap_or(false);
+            assert!(!ok, "flip at {pos} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn wrong_dek_fails_and_zero_slot_is_empty() {
+        let dek = Dek::generate().unwrap();
+        let slot = sample(&dek).encode(&dek).unwrap();
+        let other = Dek::generate().unwrap();
+        let u = FileHeader::decode_unverified(&slot).unwrap().unwrap();
+        assert_eq!(u.verify(&other), Err(CryptoError::HeaderAuthenticationFailed));
+        assert!(FileHeader::decode_unverified(&[0u8; HEADER_SLOT_SIZE]).unwrap().is_none());
+        assert!(FileHeader::decode_unverified(b"SQLite format 3\0rest").is_err());
+    }
+}
