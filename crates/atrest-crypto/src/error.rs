@@ -22,6 +22,8 @@ pub enum CryptoError {
     #[error("file header authentication failed (header was modified or belongs to another key)")]
     HeaderAuthenticationFailed,
     /// The per-key usage limit from docs/CRYPTO.md was reached.
-    #[error("data encryption key {dek_id} has sealed {count} units, its limit; rotate the file's DEK")]
+    #[error(
+        "data encryption key {dek_id} has sealed {count} units, its limit; rotate the file's DEK"
+    )]
     UsageLimitReached { dek_id: String, count: u64 },
 }

@@ -149,13 +149,25 @@ impl FileHeader {
             } => {
                 put(&mut body, tag::PARENT_FILE_ID, &parent_file_id.0);
                 put(&mut body, tag::PARENT_DEK_ID, &parent_dek_id.0);
-                put(&mut body, tag::PARENT_WRAPPED, &encode_wrapped(parent_wrapped));
+                put(
+                    &mut body,
+                    tag::PARENT_WRAPPED,
+                    &encode_wrapped(parent_wrapped),
+                );
                 put(&mut body, tag::PARENT_KEY_WRAPPED, wrapped);
             }
         }
-        put(&mut body, tag::SEALS_RESERVED, &self.seals_reserved.to_be_bytes());
+        put(
+            &mut body,
+            tag::SEALS_RESERVED,
+            &self.seals_reserved.to_be_bytes(),
+        );
         put(&mut body, tag::WAL_SALTS, &self.wal_salts.to_be_bytes());
-        put(&mut body, tag::WAL_DURABLE, &self.wal_durable_frames.to_be_bytes());
+        put(
+            &mut body,
+            tag::WAL_DURABLE,
+            &self.wal_durable_frames.to_be_bytes(),
+        );
 
         if PREFIX_LEN + body.len() + MAC_LEN > HEADER_SLOT_SIZE {
             return Err(CryptoError::InvalidHeader(format!(
@@ -181,7 +193,9 @@ impl FileHeader {
             return Ok(None);
         }
         if slot.len() < PREFIX_LEN + MAC_LEN || &slot[..8] != MAGIC {
-            return Err(CryptoError::InvalidHeader("not an atrest file (bad magic)".into()));
+            return Err(CryptoError::InvalidHeader(
+                "not an atrest file (bad magic)".into(),
+            ));
         }
         let version = u16::from_be_bytes([slot[8], slot[9]]);
         if version != VERSION {
@@ -191,7 +205,9 @@ impl FileHeader {
         }
         let body_len = u32::from_be_bytes(slot[10..14].try_into().unwrap()) as usize;
         if PREFIX_LEN + body_len + MAC_LEN > slot.len() {
-            return Err(CryptoError::InvalidHeader("header body length out of range".into()));
+            return Err(CryptoError::InvalidHeader(
+                "header body length out of range".into(),
+            ));
         }
         let signed_end = PREFIX_LEN + body_len;
         let header = parse_body(&slot[PREFIX_LEN..signed_end])?;
@@ -287,7 +303,8 @@ impl<'a> Reader<'a> {
         self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_be_bytes(b.try_into().unwrap()))
+        self.take(4)
+            .map(|b| u32::from_be_bytes(b.try_into().unwrap()))
     }
 }
 
@@ -322,9 +339,14 @@ fn parse_body(body: &[u8]) -> Result<FileHeader, CryptoError> {
         }
     };
     let kind = FileKind::from_u8(one(tag::KIND, "kind")?).ok_or_else(|| bad("kind"))?;
-    let cipher = CipherId::from_u8(one(tag::CIPHER, "cipher")?)
-        .ok_or_else(|| CryptoError::InvalidHeader("unknown cipher id (file made by a newer atrest?)".into()))?;
-    let unit_size = u32::from_be_bytes(get(tag::UNIT_SIZE, "unit size")?.try_into().map_err(|_| bad("unit size"))?);
+    let cipher = CipherId::from_u8(one(tag::CIPHER, "cipher")?).ok_or_else(|| {
+        CryptoError::InvalidHeader("unknown cipher id (file made by a newer atrest?)".into())
+    })?;
+    let unit_size = u32::from_be_bytes(
+        get(tag::UNIT_SIZE, "unit size")?
+            .try_into()
+            .map_err(|_| bad("unit size"))?,
+    );
     let key_source = if let Some(w) = f.get(&tag::KEK_WRAPPED) {
         KeySource::Kek(decode_wrapped(w)?)
     } else {
@@ -383,7 +405,11 @@ mod tests {
         let h = sample(&dek);
         let slot = h.encode(&dek).unwrap();
         assert_eq!(slot.len(), HEADER_SLOT_SIZE);
-        let back = FileHeader::decode_unverified(&slot).unwrap().unwrap().verify(&dek).unwrap();
+        let back = FileHeader::decode_unverified(&slot)
+            .unwrap()
+            .unwrap()
+            .verify(&dek)
+            .unwrap();
         assert_eq!(back, h);
     }
 
@@ -391,7 +417,8 @@ mod tests {
     fn any_change_breaks_the_mac_or_the_parse() {
         let dek = Dek::generate().unwrap();
         let slot = sample(&dek).encode(&dek).unwrap();
-        let used = PREFIX_LEN + u32::from_be_bytes(slot[10..14].try_into().unwrap()) as usize + MAC_LEN;
+        let used =
+            PREFIX_LEN + u32::from_be_bytes(slot[10..14].try_into().unwrap()) as usize + MAC_LEN;
         for pos in 0..used {
             let mut bad = slot.clone();
             bad[pos] ^= 0x01;
@@ -410,8 +437,13 @@ mod tests {
         let slot = sample(&dek).encode(&dek).unwrap();
         let other = Dek::generate().unwrap();
         let u = FileHeader::decode_unverified(&slot).unwrap().unwrap();
-        assert_eq!(u.verify(&other), Err(CryptoError::HeaderAuthenticationFailed));
-        assert!(FileHeader::decode_unverified(&[0u8; HEADER_SLOT_SIZE]).unwrap().is_none());
+        assert_eq!(
+            u.verify(&other),
+            Err(CryptoError::HeaderAuthenticationFailed)
+        );
+        assert!(FileHeader::decode_unverified(&[0u8; HEADER_SLOT_SIZE])
+            .unwrap()
+            .is_none());
         assert!(FileHeader::decode_unverified(b"SQLite format 3\0rest").is_err());
     }
 }

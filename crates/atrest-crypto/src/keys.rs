@@ -45,8 +45,14 @@ macro_rules! id_type {
     };
 }
 
-id_type!(FileId, "Names one atrest file for its whole life; bound into every unit's AAD.");
-id_type!(DekId, "Names one data encryption key; bound into every unit's AAD and the header.");
+id_type!(
+    FileId,
+    "Names one atrest file for its whole life; bound into every unit's AAD."
+);
+id_type!(
+    DekId,
+    "Names one data encryption key; bound into every unit's AAD and the header."
+);
 
 /// A 256-bit data encryption key. Zeroized on drop, never printed.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
@@ -96,7 +102,8 @@ impl Dek {
             .expand(&info, Len32)
             .map_err(|_| CryptoError::Library("hkdf"))?;
         let mut out = [0u8; 32];
-        okm.fill(&mut out).map_err(|_| CryptoError::Library("hkdf"))?;
+        okm.fill(&mut out)
+            .map_err(|_| CryptoError::Library("hkdf"))?;
         Ok(out)
     }
 }

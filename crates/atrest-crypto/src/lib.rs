@@ -17,9 +17,11 @@ mod seal;
 mod wrap;
 
 pub use error::CryptoError;
-pub use header::{FileHeader, FileKind, KeySource, HEADER_SLOT_SIZE};
+pub use header::{FileHeader, FileKind, KeySource, UnverifiedHeader, HEADER_SLOT_SIZE};
 pub use keys::{random_id, Dek, DekId, FileId};
-pub use protector::{KekRef, KeyProtector, ProtectorError, ProtectorKind, WrapAlgorithm, WrappedDek};
+pub use protector::{
+    KekRef, KeyProtector, ProtectorError, ProtectorKind, WrapAlgorithm, WrappedDek,
+};
 pub use seal::{CipherId, SealContext, UnitKey, SEAL_OVERHEAD, SEAL_USAGE_LIMIT, SEAL_USAGE_WARN};
 pub use wrap::SymmetricKek;
 

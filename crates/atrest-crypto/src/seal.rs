@@ -115,7 +115,10 @@ impl UnitKey {
     pub fn seal(&self, ctx: &SealContext, unit: &mut [u8]) -> Result<(), CryptoError> {
         let len = unit.len();
         if len < SEAL_OVERHEAD {
-            return Err(CryptoError::UnitTooShort { len, min: SEAL_OVERHEAD });
+            return Err(CryptoError::UnitTooShort {
+                len,
+                min: SEAL_OVERHEAD,
+            });
         }
         let count = self.sealed.fetch_add(1, Ordering::Relaxed);
         if count >= SEAL_USAGE_LIMIT {
@@ -143,7 +146,10 @@ impl UnitKey {
     pub fn open(&self, ctx: &SealContext, unit: &mut [u8]) -> Result<(), CryptoError> {
         let len = unit.len();
         if len < SEAL_OVERHEAD {
-            return Err(CryptoError::UnitTooShort { len, min: SEAL_OVERHEAD });
+            return Err(CryptoError::UnitTooShort {
+                len,
+                min: SEAL_OVERHEAD,
+            });
         }
         let aad = ctx.aad(self.cipher(), self.dek_id, len);
         let mut nonce = [0u8; NONCE_LEN];
@@ -203,7 +209,11 @@ mod tests {
         for pos in 0..page.len() {
             let mut bad = page.clone();
             bad[pos] ^= 1 << (pos % 8);
-            assert_eq!(key.open(&ctx(1), &mut bad), Err(CryptoError::AuthenticationFailed), "byte {pos}");
+            assert_eq!(
+                key.open(&ctx(1), &mut bad),
+                Err(CryptoError::AuthenticationFailed),
+                "byte {pos}"
+            );
         }
     }
 
@@ -213,14 +223,27 @@ mod tests {
         let page = sealed_page(&key, 5);
         let variants = [
             SealContext { index: 6, ..ctx(5) },
-            SealContext { file_id: FileId([8; 16]), ..ctx(5) },
-            SealContext { kind: FileKind::Wal, ..ctx(5) },
+            SealContext {
+                file_id: FileId([8; 16]),
+                ..ctx(5)
+            },
+            SealContext {
+                kind: FileKind::Wal,
+                ..ctx(5)
+            },
             SealContext { class: 2, ..ctx(5) },
-            SealContext { generation: 9, ..ctx(5) },
+            SealContext {
+                generation: 9,
+                ..ctx(5)
+            },
         ];
         for v in variants {
             let mut copy = page.clone();
-            assert_eq!(key.open(&v, &mut copy), Err(CryptoError::AuthenticationFailed), "{v:?}");
+            assert_eq!(
+                key.open(&v, &mut copy),
+                Err(CryptoError::AuthenticationFailed),
+                "{v:?}"
+            );
         }
         // Truncating changes the length bound into the AAD.
         let mut short = page[..page.len() - 1].to_vec();
@@ -232,9 +255,15 @@ mod tests {
         let key = UnitKey::new(&Dek::generate().unwrap(), 0).unwrap();
         let other = UnitKey::new(&Dek::generate().unwrap(), 0).unwrap();
         let mut page = sealed_page(&key, 1);
-        assert_eq!(other.open(&ctx(1), &mut page), Err(CryptoError::AuthenticationFailed));
+        assert_eq!(
+            other.open(&ctx(1), &mut page),
+            Err(CryptoError::AuthenticationFailed)
+        );
         let mut zero = vec![0u8; 4096];
-        assert_eq!(key.open(&ctx(1), &mut zero), Err(CryptoError::AuthenticationFailed));
+        assert_eq!(
+            key.open(&ctx(1), &mut zero),
+            Err(CryptoError::AuthenticationFailed)
+        );
     }
 
     #[test]

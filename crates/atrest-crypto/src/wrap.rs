@@ -38,7 +38,12 @@ impl SymmetricKek {
     }
 
     /// Unwraps a key made by [`Self::wrap`] with the same `dek_id` and `binding`.
-    pub fn unwrap(&self, dek_id: DekId, wrapped: &[u8], binding: &[u8]) -> Result<Dek, CryptoError> {
+    pub fn unwrap(
+        &self,
+        dek_id: DekId,
+        wrapped: &[u8],
+        binding: &[u8],
+    ) -> Result<Dek, CryptoError> {
         if wrapped.len() != WRAPPED_LEN {
             return Err(CryptoError::AuthenticationFailed);
         }
@@ -48,7 +53,11 @@ impl SymmetricKek {
         buf.copy_from_slice(&wrapped[NONCE_LEN..]);
         let aad = aad(dek_id, binding);
         self.key
-            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(&aad[..]), &mut buf[..])
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad[..]),
+                &mut buf[..],
+            )
             .map_err(|_| CryptoError::AuthenticationFailed)?;
         let mut key = Zeroizing::new([0u8; 32]);
         key.copy_from_slice(&buf[..32]);

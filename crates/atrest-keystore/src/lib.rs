@@ -35,13 +35,17 @@ pub enum KeystoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("keystore {path} is readable by other users (mode {mode:o}); run `chmod {want:o} {path}`")]
+    #[error(
+        "keystore {path} is readable by other users (mode {mode:o}); run `chmod {want:o} {path}`"
+    )]
     Permissions { path: PathBuf, mode: u32, want: u32 },
     #[error("service key file {path} is damaged (checksum mismatch); restore it from a backup of the keystore")]
     Corrupt { path: PathBuf },
     #[error("service key {id} was not found in keystore {dir}; point --keystore (or ATREST_KEYSTORE) at the keystore this data directory was created with")]
     NotFound { id: String, dir: PathBuf },
-    #[error("no home directory to put the default keystore in; set ATREST_KEYSTORE or pass --keystore")]
+    #[error(
+        "no home directory to put the default keystore in; set ATREST_KEYSTORE or pass --keystore"
+    )]
     NoDefaultLocation,
 }
 
@@ -243,7 +247,11 @@ fn io(path: &Path, source: std::io::Error) -> KeystoreError {
 }
 
 fn check_mode(path: &Path, want: u32) -> Result<(), KeystoreError> {
-    let mode = fs::metadata(path).map_err(|e| io(path, e))?.permissions().mode() & 0o777;
+    let mode = fs::metadata(path)
+        .map_err(|e| io(path, e))?
+        .permissions()
+        .mode()
+        & 0o777;
     if mode & 0o077 != 0 {
         return Err(KeystoreError::Permissions {
             path: path.to_path_buf(),
@@ -264,8 +272,14 @@ mod tests {
         let ks = Keystore::open(dir.path().join("ks")).unwrap();
         let id = ks.create_service_key().unwrap();
         let path = ks.key_path(id);
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(fs::metadata(ks.dir()).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            fs::metadata(ks.dir()).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
 
         let p = ks.service_protector(id).unwrap();
         let dek = Dek::generate().unwrap();
@@ -309,7 +323,10 @@ mod tests {
         let mut damaged = content.clone();
         damaged[30] ^= 1;
         fs::write(ks.key_path(id), &damaged).unwrap();
-        assert!(matches!(ks.service_protector(id).unwrap_err(), KeystoreError::Corrupt { .. }));
+        assert!(matches!(
+            ks.service_protector(id).unwrap_err(),
+            KeystoreError::Corrupt { .. }
+        ));
 
         // World-readable file is refused.
         fs::set_permissions(ks.key_path(id), fs::Permissions::from_mode(0o644)).unwrap();
@@ -319,6 +336,9 @@ mod tests {
 
         // A wrapped key naming another KEK is refused before any crypto.
         let p2 = ks2.service_protector(id2).unwrap();
-        assert!(matches!(p2.unwrap(dek.id(), &w).unwrap_err(), ProtectorError::NotMine { .. }));
+        assert!(matches!(
+            p2.unwrap(dek.id(), &w).unwrap_err(),
+            ProtectorError::NotMine { .. }
+        ));
     }
 }

@@ -1,1 +1,422 @@
-//! placeholder
+//! The encrypted SQLite storage engine of atrest.
+//!
+//! An [`Engine`] owns a data directory: its databases, their journals and
+//! WALs, and a temp directory. It registers a SQLite VFS shim (see
+//! [`vfs`]) through which every byte SQLite reads or writes passes, so
+//! nothing reaches the disk unsealed: pages, WAL frames (headers included),
+//! journals, super-journals, sorter spills, temp tables. Each file carries
+//! its own DEK, wrapped in its own authenticated header.
+//!
+//! What it is not: a server (see the `atrest` binary), or a key store; the
+//! KEK comes from a [`atrest_crypto::KeyProtector`] (the service keystore by
+//! default).
+
+mod error;
+mod file;
+mod keyring;
+mod layout;
+mod vfs;
+
+use std::cell::RefCell;
+use std::fs;
+use std::ops::Deref;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use atrest_crypto::{FileHeader, KeyProtector, KeySource, SEAL_OVERHEAD};
+use atrest_keystore::{Keystore, ServiceKeyId};
+use rusqlite::OpenFlags;
+use serde::{Deserialize, Serialize};
+
+pub use error::StorageError;
+pub use layout::HEADER_LEN;
+
+use file::Stats;
+use keyring::Keyring;
+use vfs::RegisteredVfs;
+
+/// Reserved bytes per page that atrest asks SQLite for: AES-GCM tag and nonce.
+pub const RESERVED_BYTES: usize = SEAL_OVERHEAD;
+
+const DATA_DIR_META: &str = "atrest.json";
+
+thread_local! {
+    static LAST_ERROR: RefCell<Option<StorageError>> = const { RefCell::new(None) };
+}
+
+pub(crate) fn set_last_error(e: StorageError) {
+    LAST_ERROR.with(|slot| *slot.borrow_mut() = Some(e));
+}
+
+/// The detailed error the VFS recorded on this thread, if any (cleared).
+pub fn take_last_error() -> Option<StorageError> {
+    LAST_ERROR.with(|slot| slot.borrow_mut().take())
+}
+
+/// What a data directory records about itself (no secrets).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DataDirInfo {
+    pub format: u32,
+    /// `service:<hex>`: the service KEK in the keystore.
+    pub service_key: String,
+    pub created_unix: u64,
+}
+
+/// How to open an engine.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub data_dir: PathBuf,
+    /// Where service keys live; `None` for [`Keystore::default_dir`].
+    pub keystore_dir: Option<PathBuf>,
+}
+
+/// Counters of the VFS, for benchmarks and metrics.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub units_sealed: u64,
+    pub units_opened: u64,
+    pub bytes_sealed: u64,
+    pub bytes_opened: u64,
+}
+
+impl StatsSnapshot {
+    pub fn since(&self, earlier: &StatsSnapshot) -> StatsSnapshot {
+        StatsSnapshot {
+            units_sealed: self.units_sealed - earlier.units_sealed,
+            units_opened: self.units_opened - earlier.units_opened,
+            bytes_sealed: self.bytes_sealed - earlier.bytes_sealed,
+            bytes_opened: self.bytes_opened - earlier.bytes_opened,
+        }
+    }
+}
+
+struct EngineInner {
+    // Dropped last (after every Connection, which holds an Arc to us).
+    _vfs: RegisteredVfs,
+    vfs_name: String,
+    data_dir: PathBuf,
+    temp_dir: PathBuf,
+    stats: Arc<Stats>,
+    keyring: Arc<Keyring>,
+    info: Option<DataDirInfo>,
+}
+
+/// An open data directory.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<EngineInner>,
+}
+
+static VFS_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn dir_error(path: &Path, reason: impl ToString) -> StorageError {
+    StorageError::DataDir {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn create_private_dir(path: &Path) -> Result<(), StorageError> {
+    if !path.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(|e| dir_error(path, e))?;
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// Opens (creating on first use) the data directory and its service key.
+    pub fn open(opts: &EngineOptions) -> Result<Engine, StorageError> {
+        let dir = &opts.data_dir;
+        create_private_dir(dir)?;
+        let keystore_dir = match &opts.keystore_dir {
+            Some(d) => d.clone(),
+            None => Keystore::default_dir()?,
+        };
+        if keystore_dir.starts_with(dir) {
+            return Err(dir_error(
+                dir,
+                "the keystore must not be inside the data directory it protects (a copy of the directory would carry its key)",
+            ));
+        }
+        let meta_path = dir.join(DATA_DIR_META);
+        let info = if meta_path.exists() {
+            let text = fs::read_to_string(&meta_path).map_err(|e| dir_error(&meta_path, e))?;
+            serde_json::from_str::<DataDirInfo>(&text)
+                .map_err(|e| dir_error(&meta_path, format!("unreadable: {e}")))?
+        } else {
+            let has_data = fs::read_dir(dir)
+                .map_err(|e| dir_error(dir, e))?
+                .filter_map(Result::ok)
+                .any(|e| e.path().extension().is_some_and(|x| x == "db"));
+            if has_data {
+                return Err(dir_error(
+                    dir,
+                    format!("holds databases but no {DATA_DIR_META}; restore that file (it names the service key)"),
+                ));
+            }
+            let keystore = Keystore::open(&keystore_dir)?;
+            let id = keystore.create_service_key()?;
+            let info = DataDirInfo {
+                format: 1,
+                service_key: id.kek_ref().key_id,
+                created_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            };
+            let tmp = meta_path.with_extension("json.tmp");
+            fs::write(
+                &tmp,
+                serde_json::to_vec_pretty(&info).expect("serializable"),
+            )
+            .and_then(|_| fs::File::open(&tmp)?.sync_all())
+            .and_then(|_| fs::rename(&tmp, &meta_path))
+            .and_then(|_| fs::File::open(dir)?.sync_all())
+            .map_err(|e| dir_error(&meta_path, e))?;
+            info
+        };
+        let id = ServiceKeyId::parse(&info.service_key)
+            .ok_or_else(|| dir_error(&meta_path, "service_key is not a service key id"))?;
+        let protector = Keystore::open(&keystore_dir)?.service_protector(id)?;
+        Self::open_with_protector(dir, Arc::new(protector), Some(info))
+    }
+
+    /// Opens a data directory with a given protector (the vault, or tests).
+    pub fn open_with_protector(
+        data_dir: &Path,
+        protector: Arc<dyn KeyProtector>,
+        info: Option<DataDirInfo>,
+    ) -> Result<Engine, StorageError> {
+        create_private_dir(data_dir)?;
+        let data_dir = data_dir
+            .canonicalize()
+            .map_err(|e| dir_error(data_dir, e))?;
+        let temp_dir = data_dir.join("tmp");
+        create_private_dir(&temp_dir)?;
+        let keyring = Arc::new(Keyring::new(protector));
+        let stats = Arc::new(Stats::default());
+        let vfs_name = format!(
+            "atrest-{}-{}",
+            std::process::id(),
+            VFS_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let vfs = RegisteredVfs::register(
+            vfs_name.clone(),
+            Arc::clone(&keyring),
+            Arc::clone(&stats),
+            temp_dir.clone(),
+        )?;
+        Ok(Engine {
+            inner: Arc::new(EngineInner {
+                _vfs: vfs,
+                vfs_name,
+                data_dir,
+                temp_dir,
+                stats,
+                keyring,
+                info,
+            }),
+        })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.data_dir
+    }
+
+    /// Where temp files (sorts, temp tables) are made; they are unlinked
+    /// as soon as they are opened.
+    pub fn temp_dir(&self) -> &Path {
+        &self.inner.temp_dir
+    }
+
+    pub fn info(&self) -> Option<&DataDirInfo> {
+        self.inner.info.as_ref()
+    }
+
+    /// The path of database `name` in this data directory.
+    pub fn database_path(&self, name: &str) -> Result<PathBuf, StorageError> {
+        let ok = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            && !name.starts_with('-');
+        if !ok {
+            return Err(dir_error(
+                &self.inner.data_dir,
+                format!("invalid database name {name:?}: use 1-63 letters, digits, '_' or '-'"),
+            ));
+        }
+        Ok(self.inner.data_dir.join(format!("{name}.db")))
+    }
+
+    /// Opens a connection to database `name`, creating it if missing.
+    pub fn connect(&self, name: &str) -> Result<Connection, StorageError> {
+        let path = self.database_path(name)?;
+        self.connect_path(&path)
+    }
+
+    /// Opens a connection to the database file at `path` (which should be
+    /// inside the data directory).
+    pub fn connect_path(&self, path: &Path) -> Result<Connection, StorageError> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI;
+        let conn = rusqlite::Connection::open_with_flags_and_vfs(
+            path,
+            flags,
+            self.inner.vfs_name.as_str(),
+        )
+        .map_err(StorageError::from_sqlite)?;
+        // Reserve room for tag and nonce in every page before the first write.
+        let mut reserve = RESERVED_BYTES as std::ffi::c_int;
+        conn.file_control(
+            Some(rusqlite::MAIN_DB),
+            rusqlite::FileControl::ReserveBytes(&mut reserve),
+        )
+        .map_err(StorageError::from_sqlite)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        Ok(Connection {
+            conn,
+            _engine: Arc::clone(&self.inner),
+        })
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = &self.inner.stats;
+        StatsSnapshot {
+            units_sealed: s.units_sealed.load(Ordering::Relaxed),
+            units_opened: s.units_opened.load(Ordering::Relaxed),
+            bytes_sealed: s.bytes_sealed.load(Ordering::Relaxed),
+            bytes_opened: s.bytes_opened.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Reads a file's header with this engine's keys and reports whether
+    /// its MAC verifies.
+    pub fn inspect(&self, path: &Path) -> Result<serde_json::Value, StorageError> {
+        inspect_file(path, Some(&self.inner.keyring))
+    }
+}
+
+/// A SQLite connection through the atrest VFS. Derefs to
+/// [`rusqlite::Connection`]; the engine stays alive while it is open.
+pub struct Connection {
+    // Declared first: closed before the engine (and its VFS) can go.
+    conn: rusqlite::Connection,
+    _engine: Arc<EngineInner>,
+}
+
+impl Deref for Connection {
+    type Target = rusqlite::Connection;
+    fn deref(&self) -> &rusqlite::Connection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Connection {
+    fn deref_mut(&mut self) -> &mut rusqlite::Connection {
+        &mut self.conn
+    }
+}
+
+/// Describes a file's header as JSON, without keys: never key material.
+pub fn inspect(path: &Path) -> Result<serde_json::Value, StorageError> {
+    inspect_file(path, None)
+}
+
+/// As [`inspect`]; with a keyring, also checks the header MAC.
+fn inspect_file(path: &Path, keyring: Option<&Keyring>) -> Result<serde_json::Value, StorageError> {
+    use std::io::Read;
+    let mut f = fs::File::open(path).map_err(|e| dir_error(path, e))?;
+    let len = f.metadata().map_err(|e| dir_error(path, e))?.len();
+    let mut slots = vec![0u8; HEADER_LEN as usize];
+    // A short file leaves the rest zero, which reads as an empty slot.
+    let _ = f.read(&mut slots).map_err(|e| dir_error(path, e))?;
+    let mut best: Option<atrest_crypto::UnverifiedHeader> = None;
+    let mut errors = vec![];
+    for slot in slots.chunks(atrest_crypto::HEADER_SLOT_SIZE) {
+        match FileHeader::decode_unverified(slot) {
+            Ok(Some(u)) => {
+                if best
+                    .as_ref()
+                    .is_none_or(|b| b.claims().sequence < u.claims().sequence)
+                {
+                    best = Some(u);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    let Some(best) = best else {
+        return Err(StorageError::Header {
+            path: path.display().to_string(),
+            reason: errors
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "no header written".into()),
+        });
+    };
+    let h = best.claims().clone();
+    let verified = keyring.map(|k| {
+        file::unwrap_file_dek(k, &h, &path.display().to_string())
+            .and_then(|dek| {
+                best.clone().verify(&dek).map_err(|e| StorageError::Header {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })
+            })
+            .map(|_| true)
+            .unwrap_or(false)
+    });
+    let wrapped_json = |w: &atrest_crypto::WrappedDek| {
+        serde_json::json!({
+            "kek_kind": w.kek.kind.name(),
+            "kek_id": w.kek.key_id,
+            "algorithm": w.algorithm.name(),
+            "wrapped_length": w.bytes.len(),
+        })
+    };
+    let key = match &h.key_source {
+        KeySource::Kek(w) => {
+            serde_json::json!({ "protected_by": "kek", "wrapped_dek": wrapped_json(w) })
+        }
+        KeySource::Parent {
+            parent_file_id,
+            parent_dek_id,
+            parent_wrapped,
+            wrapped,
+        } => serde_json::json!({
+            "protected_by": "parent",
+            "parent_file_id": parent_file_id.to_hex(),
+            "parent_dek_id": parent_dek_id.to_hex(),
+            "parent_wrapped_dek": wrapped_json(parent_wrapped),
+            "wrapped_dek": { "algorithm": "A256GCM", "wrapped_length": wrapped.len() },
+        }),
+    };
+    Ok(serde_json::json!({
+        "path": path.display().to_string(),
+        "format_version": 1,
+        "kind": h.kind.name(),
+        "cipher": h.cipher.name(),
+        "layers": ["data"],
+        "file_id": h.file_id.to_hex(),
+        "dek_id": h.dek_id.to_hex(),
+        "unit_size": h.unit_size,
+        "header_sequence": h.sequence,
+        "created_unix": h.created_unix,
+        "key": key,
+        "seals_reserved": h.seals_reserved,
+        "wal_durable_frames": h.wal_durable_frames,
+        "file_bytes": len,
+        "header_verified": verified,
+    }))
+}

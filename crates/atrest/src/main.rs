@@ -9,7 +9,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "atrest", version, about = "Encryption at rest for database servers")]
+#[command(
+    name = "atrest",
+    version,
+    about = "Encryption at rest for database servers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,0 +1,1021 @@
+//! One encrypted file: the header, the keys, and the translation of
+//! SQLite's reads and writes into sealed units (see [`crate::layout`]).
+//!
+//! This module is safe Rust over the [`RawFile`] trait; the FFI module
+//! implements `RawFile` for the underlying unix VFS file, and the tests
+//! implement it over memory.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use atrest_crypto::{
+    CipherId, Dek, FileHeader, FileId, FileKind, KeySource, SealContext, SymmetricKek, UnitKey,
+    HEADER_SLOT_SIZE, SEAL_OVERHEAD, SEAL_USAGE_WARN,
+};
+use rusqlite::ffi;
+
+use crate::keyring::Keyring;
+use crate::layout::{class, Geometry, Unit, BLOCK_SIZE, HEADER_LEN, WAL_HEADER};
+use crate::StorageError;
+
+/// Seals reserved in the header at a time. A process that dies loses at
+/// most this many from the DEK's budget (2^32): 65,536 restarts' worth.
+const SEAL_LEASE: u64 = 1 << 16;
+
+/// The file below us, in SQLite's terms. Errors are SQLite result codes.
+pub trait RawFile {
+    /// Reads `buf.len()` bytes at `off`; `Ok(false)` if the file ended
+    /// first (the rest of `buf` is then zero).
+    fn read_at(&mut self, buf: &mut [u8], off: u64) -> Result<bool, i32>;
+    fn write_at(&mut self, buf: &[u8], off: u64) -> Result<(), i32>;
+    fn truncate(&mut self, size: u64) -> Result<(), i32>;
+    fn size(&mut self) -> Result<u64, i32>;
+    fn sync(&mut self, flags: i32) -> Result<(), i32>;
+}
+
+/// Counters for benchmarks and metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub units_sealed: AtomicU64,
+    pub units_opened: AtomicU64,
+    pub bytes_sealed: AtomicU64,
+    pub bytes_opened: AtomicU64,
+}
+
+impl Stats {
+    fn sealed(&self, n: usize) {
+        self.units_sealed.fetch_add(1, Ordering::Relaxed);
+        self.bytes_sealed.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    fn opened(&self, n: usize) {
+        self.units_opened.fetch_add(1, Ordering::Relaxed);
+        self.bytes_opened.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// A failed operation: the SQLite code to return and, when we know more,
+/// the detailed error for the caller.
+#[derive(Debug)]
+pub struct Fail {
+    pub rc: i32,
+    pub detail: Option<StorageError>,
+}
+
+impl Fail {
+    fn io(rc: i32) -> Self {
+        Self { rc, detail: None }
+    }
+    fn with(rc: i32, detail: StorageError) -> Self {
+        Self {
+            rc,
+            detail: Some(detail),
+        }
+    }
+    fn tampered(path: &str, unit: &Unit) -> Self {
+        Self::with(
+            ffi::SQLITE_IOERR_DATA,
+            StorageError::Tampered {
+                path: path.to_string(),
+                unit: unit.describe(),
+            },
+        )
+    }
+}
+
+/// What every handle on one path shares: identity, key, counters.
+pub struct SharedFile {
+    pub path: String,
+    pub kind: FileKind,
+    pub file_id: FileId,
+    /// Physical offset of the first unit (0 for header-less temp files).
+    pub base: u64,
+    key: UnitKey,
+    /// Page size of a database or WAL, 0 while unknown.
+    page_size: AtomicUsize,
+    seals_reserved: AtomicU64,
+    meta: Mutex<Meta>,
+}
+
+struct Meta {
+    header: Option<FileHeader>,
+    dek: Dek,
+    /// WAL: salts of the current generation and frames written under them.
+    wal_salts: Option<u64>,
+    wal_frames_written: u64,
+    warned_usage: bool,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn companion_kek(parent: &Dek) -> Result<SymmetricKek, atrest_crypto::CryptoError> {
+    let k = zeroize::Zeroizing::new(parent.derive(b"atrest companion wrap v1")?);
+    SymmetricKek::new(&k)
+}
+
+fn companion_binding(parent: FileId, file: FileId, kind: FileKind) -> Vec<u8> {
+    let mut b = Vec::with_capacity(33);
+    b.extend_from_slice(&parent.0);
+    b.extend_from_slice(&file.0);
+    b.push(kind as u8);
+    b
+}
+
+impl SharedFile {
+    /// A temp file: random key, never stored, no header.
+    pub fn temp(path: String) -> Result<Arc<Self>, Fail> {
+        let dek = Dek::generate().map_err(|e| crypto_fail(&path, e))?;
+        let key = UnitKey::new(&dek, 0).map_err(|e| crypto_fail(&path, e))?;
+        Ok(Arc::new(Self {
+            file_id: FileId::random().map_err(|e| crypto_fail(&path, e))?,
+            path,
+            kind: FileKind::Temp,
+            base: 0,
+            key,
+            page_size: AtomicUsize::new(0),
+            seals_reserved: AtomicU64::new(u64::MAX),
+            meta: Mutex::new(Meta {
+                header: None,
+                dek,
+                wal_salts: None,
+                wal_frames_written: 0,
+                warned_usage: false,
+            }),
+        }))
+    }
+
+    /// Reads the header of a persistent file, or writes a new one if the
+    /// file is empty. `parent` is the open database a journal or WAL
+    /// belongs to (needed only to create one).
+    pub fn open(
+        raw: &mut dyn RawFile,
+        kind: FileKind,
+        path: String,
+        keyring: &Keyring,
+        parent: Option<&SharedFile>,
+        writable: bool,
+    ) -> Result<Arc<Self>, Fail> {
+        let phys = raw.size().map_err(Fail::io)?;
+        let mut slots = vec![0u8; HEADER_LEN as usize];
+        if phys > 0 {
+            raw.read_at(&mut slots, 0).map_err(Fail::io)?;
+        }
+        let decoded: Vec<_> = slots
+            .chunks(HEADER_SLOT_SIZE)
+            .map(FileHeader::decode_unverified)
+            .collect();
+        let any_written = decoded.iter().any(|d| !matches!(d, Ok(None)));
+        if !any_written && phys <= HEADER_LEN {
+            return Self::create(raw, kind, path, keyring, parent, writable);
+        }
+
+        // Newest verifiable slot wins; the other may be torn or older.
+        let mut candidates: Vec<_> = decoded
+            .into_iter()
+            .filter_map(|d| d.ok().flatten())
+            .collect();
+        candidates.sort_by_key(|u| std::cmp::Reverse(u.claims().sequence));
+        let mut last_err = None;
+        for cand in candidates {
+            let claims = cand.claims().clone();
+            if claims.kind != kind {
+                last_err = Some(StorageError::Header {
+                    path: path.clone(),
+                    reason: format!(
+                        "it is a {} file, opened as a {}",
+                        claims.kind.name(),
+                        kind.name()
+                    ),
+                });
+                continue;
+            }
+            let dek = match unwrap_file_dek(keyring, &claims, &path) {
+                Ok(d) => d,
+                Err(e) => {
+                    last_err = Some(e);
+                    continue;
+                }
+            };
+            match cand.verify(&dek) {
+                Ok(header) => return Self::from_header(header, dek, path),
+                Err(e) => {
+                    last_err = Some(StorageError::Header {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
+        let detail = last_err.unwrap_or_else(|| StorageError::Header {
+            path: path.clone(),
+            reason: "not an atrest file (no header slot parses); was it written by plain SQLite or damaged?".into(),
+        });
+        Err(Fail::with(ffi::SQLITE_CANTOPEN, detail))
+    }
+
+    fn from_header(header: FileHeader, dek: Dek, path: String) -> Result<Arc<Self>, Fail> {
+        // Count every reserved seal as used: a crash may have used them.
+        let key = UnitKey::new(&dek, header.seals_reserved).map_err(|e| crypto_fail(&path, e))?;
+        Ok(Arc::new(Self {
+            path,
+            kind: header.kind,
+            file_id: header.file_id,
+            base: HEADER_LEN,
+            key,
+            page_size: AtomicUsize::new(header.unit_size as usize),
+            seals_reserved: AtomicU64::new(header.seals_reserved),
+            meta: Mutex::new(Meta {
+                wal_salts: None,
+                wal_frames_written: 0,
+                header: Some(header),
+                dek,
+                warned_usage: false,
+            }),
+        }))
+    }
+
+    fn create(
+        raw: &mut dyn RawFile,
+        kind: FileKind,
+        path: String,
+        keyring: &Keyring,
+        parent: Option<&SharedFile>,
+        writable: bool,
+    ) -> Result<Arc<Self>, Fail> {
+        let file_id = FileId::random().map_err(|e| crypto_fail(&path, e))?;
+        let (dek, key_source) = if !writable {
+            // An empty file opened read-only: nothing to read, nothing to
+            // write; a throwaway key keeps the code paths uniform.
+            let dek = Dek::generate().map_err(|e| crypto_fail(&path, e))?;
+            let w = keyring.protector().current_kek();
+            (
+                dek,
+                KeySource::Kek(atrest_crypto::WrappedDek {
+                    kek: w,
+                    algorithm: atrest_crypto::WrapAlgorithm::A256Gcm,
+                    bytes: vec![],
+                }),
+            )
+        } else if kind == FileKind::MainDb {
+            let (dek, wrapped) = keyring.new_wrapped_dek().map_err(|e| {
+                Fail::with(
+                    ffi::SQLITE_CANTOPEN,
+                    StorageError::Key {
+                        path: path.clone(),
+                        source: e,
+                    },
+                )
+            })?;
+            (dek, KeySource::Kek(wrapped))
+        } else {
+            let parent = parent.ok_or_else(|| {
+                Fail::with(
+                    ffi::SQLITE_CANTOPEN,
+                    StorageError::Unsupported {
+                        path: path.clone(),
+                        what: format!(
+                            "a {} is being created for a database that is not open",
+                            kind.name()
+                        ),
+                    },
+                )
+            })?;
+            let pmeta = parent.meta.lock().unwrap();
+            let parent_header = pmeta.header.as_ref().ok_or_else(|| {
+                Fail::with(
+                    ffi::SQLITE_CANTOPEN,
+                    StorageError::Unsupported {
+                        path: path.clone(),
+                        what: "the parent database has no header (opened read-only while empty)"
+                            .into(),
+                    },
+                )
+            })?;
+            let KeySource::Kek(parent_wrapped) = &parent_header.key_source else {
+                return Err(Fail::io(ffi::SQLITE_CANTOPEN));
+            };
+            let dek = Dek::generate().map_err(|e| crypto_fail(&path, e))?;
+            let wrapped = companion_kek(&pmeta.dek)
+                .and_then(|k| k.wrap(&dek, &companion_binding(parent.file_id, file_id, kind)))
+                .map_err(|e| crypto_fail(&path, e))?;
+            (
+                dek,
+                KeySource::Parent {
+                    parent_file_id: parent.file_id,
+                    parent_dek_id: pmeta.dek.id(),
+                    parent_wrapped: parent_wrapped.clone(),
+                    wrapped,
+                },
+            )
+        };
+        let header = FileHeader {
+            sequence: 0,
+            kind,
+            cipher: CipherId::Aes256GcmRandomNonce,
+            file_id,
+            dek_id: dek.id(),
+            unit_size: if kind == FileKind::Journal || kind == FileKind::SuperJournal {
+                BLOCK_SIZE as u32
+            } else {
+                0
+            },
+            created_unix: now_unix(),
+            key_source,
+            seals_reserved: SEAL_LEASE,
+            wal_salts: 0,
+            wal_durable_frames: 0,
+        };
+        if writable {
+            let mut slots = header.encode(&dek).map_err(|e| crypto_fail(&path, e))?;
+            slots.resize(HEADER_LEN as usize, 0);
+            raw.write_at(&slots, 0).map_err(Fail::io)?;
+            if kind == FileKind::MainDb {
+                // A database must never exist with pages but no header.
+                raw.sync(ffi::SQLITE_SYNC_NORMAL).map_err(Fail::io)?;
+            }
+        }
+        let shared = Self::from_header(header, dek, path)?;
+        if !writable {
+            shared.meta.lock().unwrap().header = None;
+        }
+        Ok(shared)
+    }
+}
+
+fn crypto_fail(path: &str, e: atrest_crypto::CryptoError) -> Fail {
+    Fail::with(
+        ffi::SQLITE_IOERR,
+        StorageError::Crypto {
+            path: path.to_string(),
+            source: e,
+        },
+    )
+}
+
+/// Unwraps the DEK a header names, through its parent for companion files.
+pub fn unwrap_file_dek(
+    keyring: &Keyring,
+    claims: &FileHeader,
+    path: &str,
+) -> Result<Dek, StorageError> {
+    let key_err = |source| StorageError::Key {
+        path: path.to_string(),
+        source,
+    };
+    match &claims.key_source {
+        KeySource::Kek(w) => keyring.unwrap(claims.dek_id, w).map_err(key_err),
+        KeySource::Parent {
+            parent_file_id,
+            parent_dek_id,
+            parent_wrapped,
+            wrapped,
+        } => {
+            let parent = keyring
+                .unwrap(*parent_dek_id, parent_wrapped)
+                .map_err(key_err)?;
+            companion_kek(&parent)
+                .and_then(|k| {
+                    k.unwrap(
+                        claims.dek_id,
+                        wrapped,
+                        &companion_binding(*parent_file_id, claims.file_id, claims.kind),
+                    )
+                })
+                .map_err(|_| StorageError::Header {
+                    path: path.to_string(),
+                    reason: "the file's key does not unwrap under its parent database's key (header altered or from another database)".into(),
+                })
+        }
+    }
+}
+
+/// One open handle.
+pub struct EncryptedFile<R: RawFile> {
+    raw: R,
+    shared: Arc<SharedFile>,
+    stats: Arc<Stats>,
+    scratch: Vec<u8>,
+}
+
+impl<R: RawFile> EncryptedFile<R> {
+    pub fn new(raw: R, shared: Arc<SharedFile>, stats: Arc<Stats>) -> Self {
+        Self {
+            raw,
+            shared,
+            stats,
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn shared(&self) -> &Arc<SharedFile> {
+        &self.shared
+    }
+
+    fn path(&self) -> &str {
+        &self.shared.path
+    }
+
+    fn ctx(&self, unit: &Unit, generation: u64) -> SealContext {
+        SealContext {
+            file_id: self.shared.file_id,
+            kind: self.shared.kind,
+            class: unit.class,
+            index: unit.index,
+            generation,
+        }
+    }
+
+    fn geometry(&mut self) -> Result<Geometry, Fail> {
+        let base = self.shared.base;
+        Ok(match self.shared.kind {
+            FileKind::MainDb => Geometry::Pages {
+                page_size: self.page_size_or_probe()?,
+                base,
+            },
+            FileKind::Wal => Geometry::Wal {
+                page_size: self.wal_page_size()?,
+                base,
+            },
+            _ => Geometry::Blocks { base },
+        })
+    }
+
+    /// The database page size, as last written or recorded in the header
+    /// (4096 for a file with no page yet).
+    fn page_size_or_probe(&mut self) -> Result<usize, Fail> {
+        match self.shared.page_size.load(Ordering::Relaxed) {
+            0 => Ok(4096),
+            known => Ok(known),
+        }
+    }
+
+    /// Page 1 did not authenticate at the page size we assumed: a crash
+    /// between the header update and the page write of a page-size change
+    /// (VACUUM) can cause that. Looks for the size page 1 was sealed at;
+    /// returns true if it differs from the one assumed.
+    fn reprobe_page_size(&mut self) -> Result<bool, Fail> {
+        let known = self.shared.page_size.load(Ordering::Relaxed);
+        let mut size = 512;
+        while size <= 65536 {
+            if size != known && self.page1_opens(size)? == Some(true) {
+                self.shared.page_size.store(size, Ordering::Relaxed);
+                return Ok(true);
+            }
+            size *= 2;
+        }
+        Ok(false)
+    }
+
+    /// Whether page 1 authenticates at `size`: None if there is no page 1.
+    fn page1_opens(&mut self, size: usize) -> Result<Option<bool>, Fail> {
+        let unit = Geometry::Pages {
+            page_size: size,
+            base: self.shared.base,
+        }
+        .unit_at(0);
+        self.scratch.resize(size.max(self.scratch.len()), 0);
+        if !self
+            .raw
+            .read_at(&mut self.scratch[..size], unit.pstart)
+            .map_err(Fail::io)?
+        {
+            return Ok(None);
+        }
+        let ctx = self.ctx(&unit, 0);
+        Ok(Some(
+            self.shared
+                .key
+                .open(&ctx, &mut self.scratch[..size])
+                .is_ok(),
+        ))
+    }
+
+    /// The WAL's page size, from its (sealed) WAL header if not yet known.
+    fn wal_page_size(&mut self) -> Result<usize, Fail> {
+        let known = self.shared.page_size.load(Ordering::Relaxed);
+        if known != 0 {
+            return Ok(known);
+        }
+        let unit = Geometry::Wal {
+            page_size: 512,
+            base: self.shared.base,
+        }
+        .unit_at(0);
+        let mut buf = [0u8; WAL_HEADER + SEAL_OVERHEAD];
+        if !self.raw.read_at(&mut buf, unit.pstart).map_err(Fail::io)? {
+            return Ok(512); // no header yet: nothing to map
+        }
+        let ctx = self.ctx(&unit, 0);
+        if self.shared.key.open(&ctx, &mut buf).is_err() {
+            return Err(Fail::tampered(self.path(), &unit));
+        }
+        self.learn_wal_header(&buf[..WAL_HEADER]);
+        Ok(self.shared.page_size.load(Ordering::Relaxed).max(512))
+    }
+
+    fn learn_wal_header(&self, hdr: &[u8]) {
+        let p = u32::from_be_bytes(hdr[8..12].try_into().unwrap()) as usize;
+        if p.is_power_of_two() && (512..=65536).contains(&p) {
+            self.shared.page_size.store(p, Ordering::Relaxed);
+        }
+        let salts = u64::from_be_bytes(hdr[16..24].try_into().unwrap());
+        let mut meta = self.shared.meta.lock().unwrap();
+        if meta.wal_salts != Some(salts) {
+            meta.wal_salts = Some(salts);
+            meta.wal_frames_written = 0;
+        }
+    }
+
+    fn current_salts(&self) -> u64 {
+        self.shared.meta.lock().unwrap().wal_salts.unwrap_or(0)
+    }
+
+    /// Frames of the current WAL generation known to be synced, from the
+    /// header (0 if the header describes another generation).
+    fn wal_durable(&self) -> u64 {
+        let meta = self.shared.meta.lock().unwrap();
+        match (&meta.header, meta.wal_salts) {
+            (Some(h), Some(s)) if h.wal_salts == s => h.wal_durable_frames,
+            _ => 0,
+        }
+    }
+
+    fn seal(
+        &mut self,
+        unit: &Unit,
+        generation: u64,
+        sealed: std::ops::Range<usize>,
+    ) -> Result<(), Fail> {
+        let ctx = self.ctx(unit, generation);
+        self.shared
+            .key
+            .seal(&ctx, &mut self.scratch[sealed.clone()])
+            .map_err(|e| crypto_fail(&self.shared.path, e))?;
+        self.stats.sealed(sealed.len());
+        if self.shared.key.sealed_count() >= self.shared.seals_reserved.load(Ordering::Relaxed) {
+            self.extend_seal_lease()?;
+        }
+        Ok(())
+    }
+
+    fn extend_seal_lease(&mut self) -> Result<(), Fail> {
+        let shared = Arc::clone(&self.shared);
+        let mut meta = shared.meta.lock().unwrap();
+        let Some(header) = meta.header.as_mut() else {
+            return Ok(()); // temp files: the key dies with the file
+        };
+        header.seals_reserved = shared.key.sealed_count() + SEAL_LEASE;
+        shared
+            .seals_reserved
+            .store(header.seals_reserved, Ordering::Relaxed);
+        if header.seals_reserved >= SEAL_USAGE_WARN && !meta.warned_usage {
+            meta.warned_usage = true;
+            tracing::warn!(file = %shared.path, sealed = shared.key.sealed_count(),
+                "data encryption key is past half of its usage limit; rotate it (docs/CRYPTO.md)");
+        }
+        self.write_header_locked(&mut meta)
+    }
+
+    /// Writes the next header slot (the other slot stays as it was).
+    fn write_header_locked(&mut self, meta: &mut Meta) -> Result<(), Fail> {
+        let Some(header) = meta.header.as_mut() else {
+            return Ok(());
+        };
+        header.sequence += 1;
+        let slot = header
+            .encode(&meta.dek)
+            .map_err(|e| crypto_fail(&self.shared.path, e))?;
+        let off = (header.sequence % 2) * HEADER_SLOT_SIZE as u64;
+        self.raw.write_at(&slot, off).map_err(Fail::io)
+    }
+
+    /// SQLite's xRead. `Ok(false)` is a short read (rest zero-filled).
+    pub fn read(&mut self, buf: &mut [u8], off: u64) -> Result<bool, Fail> {
+        match self.read_units(buf, off) {
+            Err(fail)
+                if self.shared.kind == FileKind::MainDb
+                    && off < self.shared.page_size.load(Ordering::Relaxed) as u64
+                    && fail.rc == ffi::SQLITE_IOERR_DATA =>
+            {
+                if self.reprobe_page_size()? {
+                    return self.read_units(buf, off);
+                }
+                Err(fail)
+            }
+            other => other,
+        }
+    }
+
+    fn read_units(&mut self, buf: &mut [u8], off: u64) -> Result<bool, Fail> {
+        let geo = self.geometry()?;
+        let phys = match geo {
+            Geometry::Blocks { .. } => Some(self.raw.size().map_err(Fail::io)?),
+            _ => None,
+        };
+        // Salts of the frame whose header this same read covered.
+        let mut frame_salts: Option<(u64, u64)> = None;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = off + done as u64;
+            let mut unit = geo.unit_at(pos);
+            if let Some(phys) = phys {
+                let present = block_len(&unit, phys);
+                if pos >= unit.lstart + present as u64 {
+                    buf[done..].fill(0);
+                    return Ok(false);
+                }
+                unit.llen = present;
+            }
+            let within = (pos - unit.lstart) as usize;
+            let n = (buf.len() - done).min(unit.llen - within);
+            let generation = match unit.class {
+                class::WAL_FRAME_PAGE => match frame_salts {
+                    Some((f, s)) if f == unit.index => s,
+                    _ => self.current_salts(),
+                },
+                _ => 0,
+            };
+            if !unit.appended && within == 0 && n == unit.llen {
+                // Whole page: decrypt straight in the caller's buffer.
+                let dst = &mut buf[done..done + n];
+                if !self.raw.read_at(dst, unit.pstart).map_err(Fail::io)? {
+                    return self.short_read(&unit, buf, done);
+                }
+                let ctx = self.ctx(&unit, generation);
+                if self.shared.key.open(&ctx, dst).is_err() {
+                    if frame_salts.is_some_and(|(f, _)| f == unit.index) {
+                        // A torn page after an intact frame header: see below.
+                        self.unsynced_frame(&unit)?;
+                        dst.fill(0);
+                        done += n;
+                        continue;
+                    }
+                    return Err(Fail::tampered(self.path(), &unit));
+                }
+                self.stats.opened(n);
+            } else {
+                let plen = unit.plen();
+                if self.scratch.len() < plen {
+                    self.scratch.resize(plen, 0);
+                }
+                if !self
+                    .raw
+                    .read_at(&mut self.scratch[..plen], unit.pstart)
+                    .map_err(Fail::io)?
+                {
+                    return self.short_read(&unit, buf, done);
+                }
+                let generation = if unit.class == class::WAL_FRAME_HEADER {
+                    u64::from_be_bytes(self.scratch[..8].try_into().unwrap())
+                } else {
+                    generation
+                };
+                let ctx = self.ctx(&unit, generation);
+                let sealed = unit.prefix..plen;
+                if self
+                    .shared
+                    .key
+                    .open(&ctx, &mut self.scratch[sealed.clone()])
+                    .is_err()
+                {
+                    if unit.class == class::WAL_FRAME_HEADER {
+                        // A frame that does not authenticate past the last
+                        // synced frame is a torn write from a crash: hand
+                        // SQLite zeros, which it reads as the end of the log.
+                        self.unsynced_frame(&unit)?;
+                        buf[done..done + n].fill(0);
+                        frame_salts = Some((unit.index, u64::MAX));
+                        done += n;
+                        continue;
+                    }
+                    return Err(Fail::tampered(self.path(), &unit));
+                }
+                self.stats.opened(sealed.len());
+                if unit.class == class::WAL_HEADER && within == 0 && n == WAL_HEADER {
+                    let hdr: [u8; WAL_HEADER] = self.scratch[..WAL_HEADER].try_into().unwrap();
+                    self.learn_wal_header(&hdr);
+                }
+                if unit.class == class::WAL_FRAME_HEADER {
+                    self.check_frame_generation(&unit, generation)?;
+                    frame_salts = Some((unit.index, generation));
+                }
+                buf[done..done + n].copy_from_slice(&self.scratch[unit.prefix + within..][..n]);
+            }
+            done += n;
+        }
+        Ok(true)
+    }
+
+    /// A frame failed to authenticate: fine past the durable mark (torn by
+    /// a crash), tampering before it.
+    fn unsynced_frame(&self, unit: &Unit) -> Result<(), Fail> {
+        if unit.index < self.wal_durable() {
+            return Err(Fail::tampered(self.path(), unit));
+        }
+        tracing::debug!(file = %self.path(), frame = unit.index + 1, "ignoring torn WAL frame past the synced end");
+        Ok(())
+    }
+
+    /// A frame of an older WAL generation may only sit past the frames the
+    /// current generation has synced.
+    fn check_frame_generation(&self, unit: &Unit, salts: u64) -> Result<(), Fail> {
+        let durable = self.wal_durable();
+        if salts != self.current_salts() && unit.index < durable {
+            return Err(Fail::with(
+                ffi::SQLITE_IOERR_DATA,
+                StorageError::Replayed {
+                    path: self.path().to_string(),
+                    unit: unit.describe(),
+                    durable,
+                },
+            ));
+        }
+        Ok(())
+    }
+
+    /// The file ended inside `unit`: past the end is a short read; a page
+    /// cut in half cannot be authenticated.
+    fn short_read(&mut self, unit: &Unit, buf: &mut [u8], done: usize) -> Result<bool, Fail> {
+        let phys = self.raw.size().map_err(Fail::io)?;
+        if unit.class == class::PAGE && phys > unit.pstart {
+            return Err(Fail::tampered(self.path(), unit));
+        }
+        buf[done..].fill(0);
+        Ok(false)
+    }
+
+    /// SQLite's xWrite.
+    pub fn write(&mut self, data: &[u8], off: u64) -> Result<(), Fail> {
+        self.learn_from_write(data, off)?;
+        let geo = self.geometry()?;
+        if let Geometry::Blocks { .. } = geo {
+            return self.write_blocks(geo, data, off);
+        }
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = off + done as u64;
+            let unit = geo.unit_at(pos);
+            let within = (pos - unit.lstart) as usize;
+            let n = (data.len() - done).min(unit.llen - within);
+            let plen = unit.plen();
+            if self.scratch.len() < plen {
+                self.scratch.resize(plen, 0);
+            }
+            if within != 0 || n != unit.llen {
+                // Part of a unit: read, open, patch, re-seal.
+                if !self
+                    .raw
+                    .read_at(&mut self.scratch[..plen], unit.pstart)
+                    .map_err(Fail::io)?
+                {
+                    return Err(Fail::with(
+                        ffi::SQLITE_IOERR_WRITE,
+                        StorageError::Unsupported {
+                            path: self.path().to_string(),
+                            what: format!(
+                                "partial write of {} which does not exist yet",
+                                unit.describe()
+                            ),
+                        },
+                    ));
+                }
+                let generation = self.unit_generation(&unit, None);
+                let ctx = self.ctx(&unit, generation);
+                if self
+                    .shared
+                    .key
+                    .open(&ctx, &mut self.scratch[unit.prefix..plen])
+                    .is_err()
+                {
+                    return Err(Fail::tampered(self.path(), &unit));
+                }
+            }
+            self.scratch[unit.prefix + within..][..n].copy_from_slice(&data[done..done + n]);
+            if unit.prefix > 0 {
+                // The frame's salts, in clear, tell generations apart.
+                let (clear, body) = self.scratch.split_at_mut(unit.prefix);
+                clear.copy_from_slice(&body[8..16]);
+            }
+            let generation = self.unit_generation(&unit, Some(&self.scratch[..plen]));
+            let sealed = unit.prefix..plen;
+            self.seal(&unit, generation, sealed)?;
+            self.raw
+                .write_at(&self.scratch[..plen], unit.pstart)
+                .map_err(Fail::io)?;
+            if unit.class == class::WAL_FRAME_HEADER {
+                let mut meta = self.shared.meta.lock().unwrap();
+                if meta.wal_salts == Some(generation) {
+                    meta.wal_frames_written = meta.wal_frames_written.max(unit.index + 1);
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The generation bound into a unit: frame headers carry their salts
+    /// (taken from the clear prefix of `unit_bytes` when given); pages of
+    /// frames belong to the current generation.
+    fn unit_generation(&self, unit: &Unit, unit_bytes: Option<&[u8]>) -> u64 {
+        match unit.class {
+            class::WAL_FRAME_HEADER => match unit_bytes {
+                Some(b) => u64::from_be_bytes(b[..8].try_into().unwrap()),
+                None => self.current_salts(),
+            },
+            class::WAL_FRAME_PAGE => self.current_salts(),
+            _ => 0,
+        }
+    }
+
+    /// What a write tells us: the database page size, the WAL page size and
+    /// salts; and the reserve check on page 1.
+    fn learn_from_write(&mut self, data: &[u8], off: u64) -> Result<(), Fail> {
+        match self.shared.kind {
+            FileKind::MainDb => {
+                let len = data.len();
+                if !(len.is_power_of_two() && (512..=65536).contains(&len) && off % len as u64 == 0)
+                {
+                    return Err(Fail::with(
+                        ffi::SQLITE_IOERR_WRITE,
+                        StorageError::Unsupported {
+                            path: self.path().to_string(),
+                            what: format!(
+                                "write of {len} bytes at offset {off} is not a whole page"
+                            ),
+                        },
+                    ));
+                }
+                if off == 0 {
+                    let reserve = data[20];
+                    if (reserve as usize) < SEAL_OVERHEAD {
+                        return Err(Fail::with(
+                            ffi::SQLITE_IOERR_WRITE,
+                            StorageError::Reserve {
+                                path: self.path().to_string(),
+                                page: 1,
+                                have: reserve,
+                                need: SEAL_OVERHEAD,
+                            },
+                        ));
+                    }
+                }
+                if self.shared.page_size.swap(len, Ordering::Relaxed) != len || off == 0 {
+                    let shared = Arc::clone(&self.shared);
+                    let mut meta = shared.meta.lock().unwrap();
+                    if meta
+                        .header
+                        .as_ref()
+                        .is_some_and(|h| h.unit_size as usize != len)
+                    {
+                        meta.header.as_mut().unwrap().unit_size = len as u32;
+                        self.write_header_locked(&mut meta)?;
+                    }
+                }
+            }
+            FileKind::Wal if off == 0 && data.len() >= WAL_HEADER => {
+                self.learn_wal_header(&data[..WAL_HEADER]);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn write_blocks(&mut self, geo: Geometry, data: &[u8], off: u64) -> Result<(), Fail> {
+        let phys = self.raw.size().map_err(Fail::io)?;
+        let logical = geo.logical_size(phys);
+        if off > logical {
+            // Fill the gap with sealed zeros: every byte inside the file
+            // must authenticate.
+            let zeros = vec![0u8; (off - logical) as usize];
+            self.write_blocks(geo, &zeros, logical)?;
+            return self.write_blocks(geo, data, off);
+        }
+        let mut phys = phys;
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = off + done as u64;
+            let unit = geo.unit_at(pos);
+            let present = block_len(&unit, phys);
+            let within = (pos - unit.lstart) as usize;
+            let n = (data.len() - done).min(BLOCK_SIZE - within);
+            let new_len = present.max(within + n);
+            let plen = new_len + SEAL_OVERHEAD;
+            if self.scratch.len() < BLOCK_SIZE + SEAL_OVERHEAD {
+                self.scratch.resize(BLOCK_SIZE + SEAL_OVERHEAD, 0);
+            }
+            if present > 0 && !(within == 0 && n >= present) {
+                let old = Unit {
+                    llen: present,
+                    ..unit
+                };
+                let oplen = old.plen();
+                self.raw
+                    .read_at(&mut self.scratch[..oplen], unit.pstart)
+                    .map_err(Fail::io)?;
+                let ctx = self.ctx(&old, 0);
+                if self
+                    .shared
+                    .key
+                    .open(&ctx, &mut self.scratch[..oplen])
+                    .is_err()
+                {
+                    return Err(Fail::tampered(self.path(), &old));
+                }
+                self.stats.opened(oplen);
+            }
+            if present < within {
+                self.scratch[present..within].fill(0);
+            }
+            self.scratch[within..within + n].copy_from_slice(&data[done..done + n]);
+            let unit = Unit {
+                llen: new_len,
+                ..unit
+            };
+            self.seal(&unit, 0, 0..plen)?;
+            self.raw
+                .write_at(&self.scratch[..plen], unit.pstart)
+                .map_err(Fail::io)?;
+            phys = phys.max(unit.pstart + plen as u64);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// SQLite's xTruncate.
+    pub fn truncate(&mut self, size: u64) -> Result<(), Fail> {
+        let geo = self.geometry()?;
+        if let Geometry::Blocks { .. } = geo {
+            let tail = (size % BLOCK_SIZE as u64) as usize;
+            let phys = self.raw.size().map_err(Fail::io)?;
+            if geo.logical_size(phys) <= size {
+                return Ok(());
+            }
+            if tail > 0 {
+                // Re-seal the block that becomes the last one, shorter.
+                let mut keep = vec![0u8; tail];
+                let start = size - tail as u64;
+                self.read(&mut keep, start)?;
+                self.raw
+                    .truncate(geo.physical_size(start))
+                    .map_err(Fail::io)?;
+                return self.write_blocks(geo, &keep, start);
+            }
+        }
+        self.raw
+            .truncate(geo.physical_size(size))
+            .map_err(Fail::io)?;
+        if self.shared.kind == FileKind::Wal && size == 0 {
+            let mut meta = self.shared.meta.lock().unwrap();
+            meta.wal_salts = None;
+            meta.wal_frames_written = 0;
+        }
+        Ok(())
+    }
+
+    /// SQLite's xFileSize.
+    pub fn file_size(&mut self) -> Result<u64, Fail> {
+        let phys = self.raw.size().map_err(Fail::io)?;
+        if phys <= self.shared.base {
+            return Ok(0);
+        }
+        let geo = self.geometry()?;
+        Ok(geo.logical_size(phys))
+    }
+
+    /// SQLite's xSync. For a WAL, records afterwards how many frames are
+    /// now durable, so that a later loss of them reads as tampering.
+    pub fn sync(&mut self, flags: i32) -> Result<(), Fail> {
+        self.raw.sync(flags).map_err(Fail::io)?;
+        if self.shared.kind == FileKind::Wal {
+            let shared = Arc::clone(&self.shared);
+            let mut meta = shared.meta.lock().unwrap();
+            let (Some(salts), written) = (meta.wal_salts, meta.wal_frames_written) else {
+                return Ok(());
+            };
+            let changed = meta
+                .header
+                .as_ref()
+                .is_some_and(|h| h.wal_salts != salts || h.wal_durable_frames != written);
+            if changed {
+                let h = meta.header.as_mut().unwrap();
+                h.wal_salts = salts;
+                h.wal_durable_frames = written;
+                self.write_header_locked(&mut meta)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Logical bytes of a block present in a file of `phys` bytes.
+fn block_len(unit: &Unit, phys: u64) -> usize {
+    if phys < unit.pstart + SEAL_OVERHEAD as u64 + 1 {
+        return 0;
+    }
+    ((phys - unit.pstart) as usize - SEAL_OVERHEAD).min(BLOCK_SIZE)
+}

@@ -1,0 +1,85 @@
+//! Unwrapped DEKs held in memory, and the registry of open files.
+//!
+//! The protector (service key or vault) is called once per database DEK;
+//! after that the DEK is served from this cache, so opening connections or
+//! companion files (journal, WAL) never calls the protector again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use atrest_crypto::{Dek, DekId, KeyProtector, ProtectorError, WrappedDek};
+
+use crate::file::SharedFile;
+
+pub struct Keyring {
+    protector: Arc<dyn KeyProtector>,
+    cache: Mutex<HashMap<DekId, Dek>>,
+    open_files: Mutex<HashMap<String, Weak<SharedFile>>>,
+}
+
+impl Keyring {
+    pub fn new(protector: Arc<dyn KeyProtector>) -> Self {
+        Self {
+            protector,
+            cache: Mutex::default(),
+            open_files: Mutex::default(),
+        }
+    }
+
+    pub fn protector(&self) -> &dyn KeyProtector {
+        &*self.protector
+    }
+
+    /// A new DEK wrapped under the protector's current KEK.
+    pub fn new_wrapped_dek(&self) -> Result<(Dek, WrappedDek), ProtectorError> {
+        let dek = Dek::generate().map_err(|e| ProtectorError::Other(e.to_string()))?;
+        let wrapped = self.protector.wrap(&dek)?;
+        self.cache.lock().unwrap().insert(dek.id(), dek.clone());
+        Ok((dek, wrapped))
+    }
+
+    /// The DEK `dek_id`, from the cache or unwrapped by the protector.
+    pub fn unwrap(&self, dek_id: DekId, wrapped: &WrappedDek) -> Result<Dek, ProtectorError> {
+        if let Some(dek) = self.cache.lock().unwrap().get(&dek_id) {
+            return Ok(dek.clone());
+        }
+        let dek = self.protector.unwrap(dek_id, wrapped)?;
+        if dek.id() != dek_id {
+            return Err(ProtectorError::Other(
+                "unwrapped key carries another id".into(),
+            ));
+        }
+        self.cache.lock().unwrap().insert(dek_id, dek.clone());
+        Ok(dek)
+    }
+
+    /// Runs `open` under the registry lock unless `path` is already open,
+    /// so two connections opening one file at once share one state.
+    pub fn shared_file<E>(
+        &self,
+        path: &str,
+        open: impl FnOnce() -> Result<Arc<SharedFile>, E>,
+    ) -> Result<Arc<SharedFile>, E> {
+        let mut files = self.open_files.lock().unwrap();
+        if let Some(existing) = files.get(path).and_then(Weak::upgrade) {
+            return Ok(existing);
+        }
+        let fresh = open()?;
+        files.insert(path.to_string(), Arc::downgrade(&fresh));
+        Ok(fresh)
+    }
+
+    /// An open file's shared state, if some handle has it open.
+    pub fn find_open(&self, path: &str) -> Option<Arc<SharedFile>> {
+        self.open_files
+            .lock()
+            .unwrap()
+            .get(path)
+            .and_then(Weak::upgrade)
+    }
+
+    /// Forgets a deleted file so a new file at that path starts afresh.
+    pub fn forget(&self, path: &str) {
+        self.open_files.lock().unwrap().remove(path);
+    }
+}

@@ -1,0 +1,283 @@
+//! Where each logical byte SQLite sees lives in the physical file, and how
+//! it is sealed. Pure arithmetic: no I/O, no keys.
+//!
+//! Every file but a temp file starts with [`HEADER_LEN`] bytes of header
+//! (two slots). After it, the logical content is cut into *units*, each
+//! sealed on its own:
+//!
+//! * database file: one unit per page, sealed *in place*: the tag and the
+//!   nonce take SQLite's reserved bytes, so a page is exactly one page on
+//!   disk and the logical offset maps to `HEADER_LEN + offset`;
+//! * WAL: the 32-byte WAL header, then per frame a 24-byte frame header and
+//!   the page. Frame headers carry SQLite checksums computed over plaintext,
+//!   so they are sealed too, with 28 bytes appended and the frame's salts
+//!   in clear in front (8 bytes; random values that tell a frame of an older
+//!   WAL generation from a damaged one). Pages are sealed in place;
+//! * journals and temp files: blocks of [`BLOCK_SIZE`] logical bytes, each
+//!   with 28 bytes appended; the last block may be short.
+
+use atrest_crypto::{HEADER_SLOT_SIZE, SEAL_OVERHEAD};
+
+/// Two header slots.
+pub const HEADER_LEN: u64 = 2 * HEADER_SLOT_SIZE as u64;
+/// Logical bytes per block of a journal or temp file.
+pub const BLOCK_SIZE: usize = 4096;
+/// SQLite's WAL header and frame header sizes.
+pub const WAL_HEADER: usize = 32;
+pub const WAL_FRAME_HEADER: usize = 24;
+/// Clear salts in front of each sealed frame header.
+pub const WAL_SALT_PREFIX: usize = 8;
+const WAL_HEADER_PHYS: u64 = (WAL_HEADER + SEAL_OVERHEAD) as u64;
+const WAL_FRAME_HEADER_PHYS: u64 = (WAL_SALT_PREFIX + WAL_FRAME_HEADER + SEAL_OVERHEAD) as u64;
+
+/// What a unit is; bound into its AAD.
+pub mod class {
+    pub const PAGE: u16 = 1;
+    pub const WAL_HEADER: u16 = 2;
+    pub const WAL_FRAME_HEADER: u16 = 3;
+    pub const WAL_FRAME_PAGE: u16 = 4;
+    pub const BLOCK: u16 = 5;
+}
+
+/// One sealed unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unit {
+    pub class: u16,
+    /// Page number (from 1), frame number (from 0) or block number.
+    pub index: u64,
+    /// Logical start and length.
+    pub lstart: u64,
+    pub llen: usize,
+    /// Physical start; the unit occupies [`Unit::plen`] bytes there.
+    pub pstart: u64,
+    /// Clear bytes in front of the sealed part (WAL frame headers only).
+    pub prefix: usize,
+    /// True if tag and nonce follow the logical bytes; false if they sit
+    /// in the unit's own last 28 bytes (pages).
+    pub appended: bool,
+}
+
+impl Unit {
+    pub fn plen(&self) -> usize {
+        self.prefix + self.llen + if self.appended { SEAL_OVERHEAD } else { 0 }
+    }
+    /// A human name for error messages: "page 3", "WAL frame 7 header".
+    pub fn describe(&self) -> String {
+        match self.class {
+            class::PAGE => format!("page {}", self.index),
+            class::WAL_HEADER => "WAL header".to_string(),
+            class::WAL_FRAME_HEADER => format!("WAL frame {} header", self.index + 1),
+            class::WAL_FRAME_PAGE => format!("WAL frame {} page", self.index + 1),
+            _ => format!("block {}", self.index),
+        }
+    }
+}
+
+/// The unit layout of one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Geometry {
+    Pages { page_size: usize, base: u64 },
+    Wal { page_size: usize, base: u64 },
+    Blocks { base: u64 },
+}
+
+impl Geometry {
+    /// The unit holding logical byte `off`. For blocks this is the full-size
+    /// block; the caller shortens the last one from the physical size.
+    pub fn unit_at(&self, off: u64) -> Unit {
+        match *self {
+            Geometry::Pages { page_size, base } => {
+                let p = page_size as u64;
+                let i = off / p;
+                Unit {
+                    class: class::PAGE,
+                    index: i + 1,
+                    lstart: i * p,
+                    llen: page_size,
+                    pstart: base + i * p,
+                    prefix: 0,
+                    appended: false,
+                }
+            }
+            Geometry::Wal { page_size, base } => {
+                if off < WAL_HEADER as u64 {
+                    return Unit {
+                        class: class::WAL_HEADER,
+                        index: 0,
+                        lstart: 0,
+                        llen: WAL_HEADER,
+                        pstart: base,
+                        prefix: 0,
+                        appended: true,
+                    };
+                }
+                let lframe = (WAL_FRAME_HEADER + page_size) as u64;
+                let pframe = WAL_FRAME_HEADER_PHYS + page_size as u64;
+                let f = (off - WAL_HEADER as u64) / lframe;
+                let r = (off - WAL_HEADER as u64) % lframe;
+                let lstart = WAL_HEADER as u64 + f * lframe;
+                let pstart = base + WAL_HEADER_PHYS + f * pframe;
+                if r < WAL_FRAME_HEADER as u64 {
+                    Unit {
+                        class: class::WAL_FRAME_HEADER,
+                        index: f,
+                        lstart,
+                        llen: WAL_FRAME_HEADER,
+                        pstart,
+                        prefix: WAL_SALT_PREFIX,
+                        appended: true,
+                    }
+                } else {
+                    Unit {
+                        class: class::WAL_FRAME_PAGE,
+                        index: f,
+                        lstart: lstart + WAL_FRAME_HEADER as u64,
+                        llen: page_size,
+                        pstart: pstart + WAL_FRAME_HEADER_PHYS,
+                        prefix: 0,
+                        appended: false,
+                    }
+                }
+            }
+            Geometry::Blocks { base } => {
+                let b = BLOCK_SIZE as u64;
+                let i = off / b;
+                Unit {
+                    class: class::BLOCK,
+                    index: i,
+                    lstart: i * b,
+                    llen: BLOCK_SIZE,
+                    pstart: base + i * (b + SEAL_OVERHEAD as u64),
+                    prefix: 0,
+                    appended: true,
+                }
+            }
+        }
+    }
+
+    /// The logical size SQLite sees for a physical size: the end of the
+    /// last complete unit (a torn trailing unit does not count).
+    pub fn logical_size(&self, phys: u64) -> u64 {
+        match *self {
+            Geometry::Pages { base, .. } => phys.saturating_sub(base),
+            Geometry::Wal { page_size, base } => {
+                if phys < base + WAL_HEADER_PHYS {
+                    return 0;
+                }
+                let rest = phys - base - WAL_HEADER_PHYS;
+                let pframe = WAL_FRAME_HEADER_PHYS + page_size as u64;
+                let lframe = (WAL_FRAME_HEADER + page_size) as u64;
+                let whole = rest / pframe;
+                let tail = rest % pframe;
+                let partial = if tail >= WAL_FRAME_HEADER_PHYS {
+                    WAL_FRAME_HEADER as u64
+                } else {
+                    0
+                };
+                WAL_HEADER as u64 + whole * lframe + partial
+            }
+            Geometry::Blocks { base } => {
+                let rest = phys.saturating_sub(base);
+                let pblock = (BLOCK_SIZE + SEAL_OVERHEAD) as u64;
+                let whole = rest / pblock;
+                let tail = rest % pblock;
+                whole * BLOCK_SIZE as u64 + tail.saturating_sub(SEAL_OVERHEAD as u64)
+            }
+        }
+    }
+
+    /// The physical size to truncate to so that the logical size becomes
+    /// at most `size` (units cut in the middle are dropped, except blocks,
+    /// which the caller re-seals shorter).
+    pub fn physical_size(&self, size: u64) -> u64 {
+        match *self {
+            Geometry::Pages { base, .. } => base + size,
+            Geometry::Wal { base, .. } if size < WAL_HEADER as u64 => base,
+            Geometry::Wal { .. } => {
+                let u = self.unit_at(size);
+                if size == u.lstart {
+                    u.pstart
+                } else {
+                    // Keep the complete units before the cut.
+                    let first = self.unit_at(u.lstart);
+                    first.pstart
+                }
+            }
+            Geometry::Blocks { base } => {
+                let b = BLOCK_SIZE as u64;
+                let whole = size / b;
+                let tail = size % b;
+                base + whole * (b + SEAL_OVERHEAD as u64)
+                    + if tail > 0 {
+                        tail + SEAL_OVERHEAD as u64
+                    } else {
+                        0
+                    }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_map_one_to_one_after_the_header() {
+        let g = Geometry::Pages {
+            page_size: 4096,
+            base: HEADER_LEN,
+        };
+        let u = g.unit_at(8192 + 100);
+        assert_eq!(
+            (u.index, u.lstart, u.pstart, u.plen()),
+            (3, 8192, HEADER_LEN + 8192, 4096)
+        );
+        assert_eq!(g.logical_size(HEADER_LEN + 3 * 4096), 3 * 4096);
+        assert_eq!(g.logical_size(10), 0);
+    }
+
+    #[test]
+    fn wal_units_tile_the_file() {
+        let p = 1024usize;
+        let g = Geometry::Wal {
+            page_size: p,
+            base: HEADER_LEN,
+        };
+        let h = g.unit_at(0);
+        assert_eq!(
+            (h.class, h.plen(), h.pstart),
+            (class::WAL_HEADER, 60, HEADER_LEN)
+        );
+        let fh = g.unit_at(32);
+        assert_eq!(
+            (fh.class, fh.index, fh.pstart, fh.plen()),
+            (class::WAL_FRAME_HEADER, 0, HEADER_LEN + 60, 60)
+        );
+        let pg = g.unit_at(32 + 24);
+        assert_eq!(
+            (pg.class, pg.pstart, pg.plen()),
+            (class::WAL_FRAME_PAGE, HEADER_LEN + 120, p)
+        );
+        let fh2 = g.unit_at(32 + 24 + p as u64);
+        assert_eq!((fh2.index, fh2.pstart), (1, HEADER_LEN + 120 + p as u64));
+        // Sizes: header + 2 frames, and a torn third frame header.
+        let two = HEADER_LEN + 60 + 2 * (60 + p as u64);
+        assert_eq!(g.logical_size(two), 32 + 2 * (24 + p as u64));
+        assert_eq!(g.logical_size(two + 59), 32 + 2 * (24 + p as u64));
+        assert_eq!(g.logical_size(two + 60), 32 + 2 * (24 + p as u64) + 24);
+        assert_eq!(g.physical_size(0), HEADER_LEN);
+        assert_eq!(g.physical_size(32 + 2 * (24 + p as u64)), two);
+        assert_eq!(g.logical_size(g.physical_size(32 + 24 + 10)), 32);
+    }
+
+    #[test]
+    fn blocks_round_trip_sizes() {
+        let g = Geometry::Blocks { base: 0 };
+        for size in [0u64, 1, 4095, 4096, 4097, 3 * 4096 + 17] {
+            assert_eq!(g.logical_size(g.physical_size(size)), size, "{size}");
+        }
+        let u = g.unit_at(4096 * 2 + 5);
+        assert_eq!((u.index, u.pstart), (2, 2 * 4124));
+    }
+}

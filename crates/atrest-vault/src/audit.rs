@@ -1,0 +1,292 @@
+//! Hash-chained, fail-closed audit log.
+//!
+//! One JSON object per line. Each line carries `seq` and `prevHash`, and
+//! ends with `"hash"`: the hex SHA-256 of the line's text up to (not
+//! including) `,"hash":...`, closed with `}`. Editing, removing or
+//! reordering a line breaks the chain at that line, which `verify` names.
+//!
+//! Records are written by one thread that batches whatever is queued,
+//! appends it, `fdatasync`s, and only then lets the requests answer. The
+//! file is reopened for every batch, so a log that became unwritable is
+//! noticed at once and the requests waiting on it are refused.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use aws_lc_rs::digest;
+use serde_json::Value;
+
+use crate::error::VaultError;
+
+type Reply = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+pub struct AuditLog {
+    path: PathBuf,
+    tx: Mutex<mpsc::Sender<(Value, Reply)>>,
+    /// Why the last write failed, if it did (shown by health).
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(digest::digest(&digest::SHA256, b))
+}
+
+/// Returns `(seq, hash)` of the last line, or `(0, zeros)` for a new log.
+fn chain_head(path: &Path) -> Result<(u64, String), VaultError> {
+    let genesis = (0, "0".repeat(64));
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(genesis),
+        Err(e) => return Err(e.into()),
+    };
+    let mut last = None;
+    for line in std::io::BufReader::new(f).lines() {
+        let line = line?;
+        if !line.trim().is_empty() {
+            last = Some(line);
+        }
+    }
+    match last {
+        None => Ok(genesis),
+        Some(l) => {
+            let v: Value = serde_json::from_str(&l)
+                .map_err(|_| VaultError::Audit("last audit line is not JSON".into()))?;
+            let seq = v["seq"].as_u64().ok_or_else(|| VaultError::Audit("last line has no seq".into()))?;
+            let hash = v["hash"]
+                .as_str()
+                .ok_or_else(|| VaultError::Audit("last line has no hash".into()))?;
+            Ok((seq, hash.to_string()))
+        }
+    }
+}
+
+/// Builds a chained line from a record (an object without seq/prevHash/hash).
+fn chain_line(mut rec: Value, seq: u64, prev: &str) -> (String, String) {
+    let obj = rec.as_object_mut().expect("audit record is an object");
+    obj.insert("seq".into(), Value::from(seq));
+    obj.insert("prevHash".into(), Value::from(prev));
+    let body = serde_json::to_string(&rec).expect("serialize");
+    let hash = sha256_hex(body.as_bytes());
+    let line = format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]);
+    (line, hash)
+}
+
+impl AuditLog {
+    pub fn open(path: &Path) -> Result<Self, VaultError> {
+        let (mut seq, mut prev) = chain_head(path)?;
+        let (tx, rx) = mpsc::channel::<(Value, Reply)>();
+        let failure = Arc::new(Mutex::new(None));
+        let fail2 = failure.clone();
+        let p = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        batch.push(more);
+                    }
+                    let (mut s, mut h) = (seq, prev.clone());
+                    let mut buf = String::new();
+                    for (rec, _) in &batch {
+                        s += 1;
+                        let (line, hash) = chain_line(rec.clone(), s, &h);
+                        buf.push_str(&line);
+                        h = hash;
+                    }
+                    let res = (|| -> std::io::Result<()> {
+                        let mut f = std::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(&p)?;
+                        f.write_all(buf.as_bytes())?;
+                        f.sync_data()
+                    })();
+                    let res = match res {
+                        Ok(()) => {
+                            seq = s;
+                            prev = h;
+                            *fail2.lock().expect("lock") = None;
+                            Ok(())
+                        }
+                        Err(e) => {
+                            let msg = format!("cannot append to {}: {e}", p.display());
+                            tracing::error!(error = %msg, "audit write failed; refusing requests");
+                            *fail2.lock().expect("lock") = Some(msg.clone());
+                            Err(msg)
+                        }
+                    };
+                    for (_, reply) in batch {
+                        let _ = reply.send(res.clone());
+                    }
+                }
+            })?;
+        Ok(AuditLog {
+            path: path.to_path_buf(),
+            tx: Mutex::new(tx),
+            failure,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Cheap pre-check before doing any work: the log must be appendable.
+    pub fn probe(&self) -> Result<(), VaultError> {
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let msg = format!("cannot append to {}: {e}", self.path.display());
+                *self.failure.lock().expect("lock") = Some(msg.clone());
+                Err(VaultError::Audit(msg))
+            }
+        }
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().expect("lock").clone()
+    }
+
+    /// Appends a record durably; the request may answer only on Ok.
+    pub async fn write(&self, rec: Value) -> Result<(), VaultError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .lock()
+            .expect("lock")
+            .send((rec, tx))
+            .map_err(|_| VaultError::Audit("audit writer stopped".into()))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(m)) => Err(VaultError::Audit(m)),
+            Err(_) => Err(VaultError::Audit("audit writer stopped".into())),
+        }
+    }
+}
+
+/// Result of checking a log file.
+#[derive(Debug, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub lines: u64,
+    /// `(line number, reason)` of the first break, if any.
+    pub error: Option<(u64, String)>,
+}
+
+/// Checks the whole chain of a log file.
+pub fn verify(path: &Path) -> Result<VerifyReport, VaultError> {
+    let f = std::fs::File::open(path)?;
+    let mut prev = "0".repeat(64);
+    let mut expected_seq = 1u64;
+    let mut n = 0u64;
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let lineno = i as u64 + 1;
+        let line = line?;
+        n = lineno;
+        let fail = |m: &str| {
+            Ok(VerifyReport {
+                lines: lineno,
+                error: Some((lineno, m.to_string())),
+            })
+        };
+        let marker = ",\"hash\":\"";
+        let Some(pos) = line.rfind(marker) else {
+            return fail("no hash field");
+        };
+        let body = format!("{}}}", &line[..pos]);
+        let claimed = line[pos + marker.len()..].trim_end_matches("\"}");
+        if sha256_hex(body.as_bytes()) != claimed {
+            return fail("hash does not match the line's content (line edited)");
+        }
+        let v: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(_) => return fail("not valid JSON"),
+        };
+        if v["prevHash"].as_str() != Some(prev.as_str()) {
+            return fail("prevHash does not match the previous line (line removed, inserted or reordered)");
+        }
+        if v["seq"].as_u64() != Some(expected_seq) {
+            return fail(&format!(
+                "seq is {}, expected {expected_seq} (line removed or reordered)",
+                v["seq"]
+            ));
+        }
+        prev = claimed.to_string();
+        expected_seq += 1;
+    }
+    Ok(VerifyReport {
+        lines: n,
+        error: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn write_n(path: &Path, n: usize) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let log = AuditLog::open(path).unwrap();
+        rt.block_on(async {
+            for i in 0..n {
+                log.write(json!({"operationName": "KeyGet", "i": i})).await.unwrap();
+            }
+        });
+    }
+
+    #[test]
+    fn chain_verifies_and_survives_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.log");
+        write_n(&p, 3);
+        write_n(&p, 2);
+        let r = verify(&p).unwrap();
+        assert_eq!(r, VerifyReport { lines: 5, error: None });
+    }
+
+    #[test]
+    fn detects_edit_removal_and_reorder() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.log");
+        write_n(&p, 4);
+        let text = std::fs::read_to_string(&p).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+
+        let edited = text.replacen("\"i\":2", "\"i\":9", 1);
+        std::fs::write(&p, edited).unwrap();
+        assert_eq!(verify(&p).unwrap().error.unwrap().0, 3);
+
+        let removed = [lines[0], lines[2], lines[3]].join("\n");
+        std::fs::write(&p, removed).unwrap();
+        assert_eq!(verify(&p).unwrap().error.unwrap().0, 2);
+
+        let reordered = [lines[0], lines[2], lines[1], lines[3]].join("\n");
+        std::fs::write(&p, reordered).unwrap();
+        assert_eq!(verify(&p).unwrap().error.unwrap().0, 2);
+    }
+
+    #[test]
+    fn unwritable_log_fails_the_write() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.log");
+        let log = AuditLog::open(&p).unwrap();
+        std::fs::create_dir(&p).unwrap();
+        assert!(log.probe().is_err());
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let err = rt.block_on(log.write(json!({"a": 1}))).unwrap_err();
+        assert!(matches!(err, VaultError::Audit(_)));
+        assert!(log.failure().is_some());
+        std::fs::remove_dir(&p).unwrap();
+        rt.block_on(log.write(json!({"a": 2}))).unwrap();
+        assert!(log.failure().is_none());
+        assert_eq!(verify(&p).unwrap().lines, 1);
+    }
+}

@@ -1,0 +1,494 @@
+//! HTTPS front end: TLS accept loop with graceful shutdown, request
+//! parsing, authentication, firewall, fail-closed audit, and dispatch to
+//! the data plane (`api`), the identity endpoints and the admin API
+//! (`admin`).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::audit::AuditLog;
+use crate::auth::{TokenError, TokenSigner};
+use crate::clock::Clock;
+use crate::error::{ApiError, VaultError};
+use crate::metrics::Metrics;
+use crate::store::{Identity, Store};
+use crate::timefmt;
+
+/// Largest accepted request body. Azure's own limit for key operations is
+/// far below this; a backup blob of a key with many versions fits.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// Everything a request handler needs.
+pub struct App {
+    pub store: Store,
+    pub audit: AuditLog,
+    pub signer: TokenSigner,
+    pub clock: Clock,
+    pub admin_token_hash: String,
+    pub test_clock: bool,
+    pub token_lifetime: i64,
+    pub metrics: Metrics,
+    pub listen: SocketAddr,
+}
+
+/// A parsed request.
+pub struct Req {
+    pub method: Method,
+    pub segments: Vec<String>,
+    pub query: HashMap<String, String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub peer: IpAddr,
+    pub host: String,
+    pub correlation_id: String,
+}
+
+impl Req {
+    pub fn base(&self) -> String {
+        format!("https://{}", self.host)
+    }
+    pub fn json(&self) -> Result<Value, ApiError> {
+        if self.body.is_empty() {
+            return Err(ApiError::bad_parameter("the request body is missing; a JSON object is required"));
+        }
+        let v: Value = serde_json::from_slice(&self.body).map_err(|e| {
+            ApiError::bad_parameter(format!("the request body is not valid JSON: {e}"))
+        })?;
+        if !v.is_object() {
+            return Err(ApiError::bad_parameter("the request body must be a JSON object"));
+        }
+        Ok(v)
+    }
+    pub fn bearer(&self) -> Option<&str> {
+        let h = self.headers.get("authorization")?.to_str().ok()?;
+        let (scheme, tok) = h.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then_some(tok.trim())
+    }
+}
+
+/// A successful answer.
+pub struct Resp {
+    pub status: u16,
+    pub body: Option<Value>,
+}
+
+impl Resp {
+    pub fn ok(v: Value) -> Self {
+        Resp {
+            status: 200,
+            body: Some(v),
+        }
+    }
+}
+
+/// What the audit record says about the request, filled in as it is handled.
+#[derive(Default)]
+pub struct AuditInfo {
+    pub operation: String,
+    pub identity: Option<Identity>,
+    pub key_name: Option<String>,
+    pub key_version: Option<String>,
+    pub api_version: Option<String>,
+}
+
+fn sanitize_host(h: &str) -> Option<String> {
+    let ok = !h.is_empty()
+        && h.len() < 256
+        && h
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c));
+    ok.then(|| h.to_string())
+}
+
+fn url_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+async fn read_request(req: Request<Incoming>, peer: SocketAddr, listen: SocketAddr) -> Result<Req, ApiError> {
+    let (parts, body) = req.into_parts();
+    if let Some(len) = parts
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > MAX_BODY {
+            return Err(too_large());
+        }
+    }
+    let body = Limited::new(body, MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                too_large()
+            } else {
+                ApiError::bad_request("the request body could not be read")
+            }
+        })?
+        .to_bytes();
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .and_then(|h| sanitize_host(&h))
+        .unwrap_or_else(|| listen.to_string());
+    let path = parts.uri.path();
+    let segments: Vec<String> = path
+        .trim_start_matches('/')
+        .split('/')
+        .map(url_decode)
+        .collect();
+    let query = parts
+        .uri
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let correlation_id = parts
+        .headers
+        .get("x-ms-client-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        .map(str::to_string)
+        .unwrap_or_else(crate::store::new_guid);
+    Ok(Req {
+        method: parts.method,
+        segments,
+        query,
+        headers: parts.headers,
+        body,
+        peer: peer.ip(),
+        host,
+        correlation_id,
+    })
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        413,
+        "RequestEntityTooLarge",
+        format!("the request body exceeds {MAX_BODY} bytes"),
+    )
+}
+
+fn json_response(status: u16, body: Option<&Value>, extra: &[(String, String)], corr: &str) -> Response<Full<Bytes>> {
+    let bytes = body
+        .map(|b| Bytes::from(serde_json::to_vec(b).expect("serialize")))
+        .unwrap_or_default();
+    let mut r = Response::new(Full::new(bytes));
+    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    let h = r.headers_mut();
+    if body.is_some() {
+        h.insert("content-type", HeaderValue::from_static("application/json; charset=utf-8"));
+    }
+    if let Ok(v) = HeaderValue::from_str(corr) {
+        h.insert("x-ms-request-id", v);
+    }
+    for (k, v) in extra {
+        if let (Ok(k), Ok(v)) = (
+            hyper::header::HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            h.insert(k, v);
+        }
+    }
+    r
+}
+
+fn text_response(status: u16, ctype: &'static str, text: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    *r.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
+    r.headers_mut().insert("content-type", HeaderValue::from_static(ctype));
+    r
+}
+
+/// The 401 answer with Azure's challenge.
+pub fn unauthorized(req: &Req, tenant: &str, message: String) -> ApiError {
+    let mut e = ApiError::new(401, "Unauthorized", message);
+    e.headers.push((
+        "www-authenticate".into(),
+        format!(
+            "Bearer authorization=\"{}/{tenant}\", resource=\"{}\"",
+            req.base(),
+            crate::auth::AUDIENCE
+        ),
+    ));
+    e
+}
+
+impl App {
+    /// Authenticates a data-plane request and applies the firewall.
+    pub fn authenticate(&self, req: &Req, info: &mut AuditInfo) -> Result<Identity, ApiError> {
+        let snap = self.store.snapshot();
+        let tenant = &snap.props.tenant_id;
+        let Some(token) = req.bearer() else {
+            return Err(unauthorized(
+                req,
+                tenant,
+                "AKV10000: Request is missing a Bearer token.".into(),
+            ));
+        };
+        let claims = self
+            .signer
+            .verify(token, tenant, self.clock.now())
+            .map_err(|e: TokenError| unauthorized(req, tenant, format!("AKV10032: Invalid token: {e}.")))?;
+        let Some(id) = snap.identities.get(&claims.client_id) else {
+            return Err(unauthorized(
+                req,
+                tenant,
+                "AKV10032: Invalid token: the identity it was issued to no longer exists.".into(),
+            ));
+        };
+        info.identity = Some(id.clone());
+        if !crate::firewall::allows(&snap.props.firewall, req.peer) && !id.bypass_firewall {
+            return Err(ApiError::forbidden(
+                format!(
+                    "Client address is not authorized and caller is not a trusted service.\r\nClient address: {}\r\nCaller: appid={};oid={}\r\nVault: {}",
+                    req.peer, id.client_id, id.client_id, req.host
+                ),
+                "ForbiddenByFirewall",
+            ));
+        }
+        Ok(id.clone())
+    }
+
+    fn audit_record(&self, req: &Req, info: &AuditInfo, status: u16, err: Option<&ApiError>, started: Instant) -> Value {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_millis())
+            .unwrap_or(0);
+        let identity = info.identity.as_ref().map(|id| {
+            json!({"claim": {"appid": id.client_id, "oid": id.client_id, "name": id.name,
+                              "tid": self.store.snapshot().props.tenant_id}})
+        });
+        let key_id = info.key_name.as_ref().map(|n| match &info.key_version {
+            Some(v) if !v.is_empty() => format!("{}/keys/{n}/{v}", req.base()),
+            _ => format!("{}/keys/{n}", req.base()),
+        });
+        json!({
+            "time": timefmt::rfc3339(self.clock.now(), now_ms),
+            "resourceId": req.base(),
+            "operationName": info.operation,
+            "operationVersion": info.api_version,
+            "category": "AuditEvent",
+            "resultType": if status < 400 { "Success" } else { "Failure" },
+            "resultSignature": hyper::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or(""),
+            "resultDescription": err.map(|e| e.inner.clone().unwrap_or_else(|| e.code.clone())),
+            "durationMs": started.elapsed().as_millis() as u64,
+            "callerIpAddress": req.peer.to_string(),
+            "correlationId": req.correlation_id,
+            "identity": identity,
+            "properties": {
+                "id": key_id,
+                "keyName": info.key_name,
+                "keyVersion": info.key_version,
+                "requestUri": format!("{}/{}", req.base(), req.segments.join("/")),
+                "httpStatusCode": status,
+                "clientInfo": req.headers.get("user-agent").and_then(|v| v.to_str().ok()).map(|s| s.chars().take(200).collect::<String>()),
+            }
+        })
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let req = match read_request(req, peer, self.listen).await {
+            Ok(r) => r,
+            Err(e) => return json_response(e.status, Some(&e.body()), &[], "-"),
+        };
+        let first = req.segments.first().map(String::as_str).unwrap_or("");
+        match (first, req.segments.len()) {
+            ("healthz", 1) => return self.health(),
+            ("metrics", 1) => {
+                return text_response(200, "text/plain; version=0.0.4", self.metrics.render(&self))
+            }
+            _ => {}
+        }
+        let mut info = AuditInfo {
+            api_version: req.query.get("api-version").cloned(),
+            ..Default::default()
+        };
+        // Fail closed: no audit log, no work at all.
+        let result = match self.audit.probe() {
+            Err(e) => Err(ApiError::from(e)),
+            Ok(()) => {
+                let app = self.clone();
+                let (res, info2, req2) = tokio::task::spawn_blocking(move || {
+                    let res = app.dispatch(&req, &mut info);
+                    (res, info, req)
+                })
+                .await
+                .unwrap_or_else(|_| panic!("request handler panicked"));
+                info = info2;
+                return self.finish(req2, info, res, started).await;
+            }
+        };
+        self.finish(req, info, result, started).await
+    }
+
+    async fn finish(&self, req: Req, info: AuditInfo, res: Result<Resp, ApiError>, started: Instant) -> Response<Full<Bytes>> {
+        let (status, err) = match &res {
+            Ok(r) => (r.status, None),
+            Err(e) => (e.status, Some(e)),
+        };
+        let op = if info.operation.is_empty() { "Unknown" } else { info.operation.as_str() };
+        let rec = self.audit_record(&req, &info, status, err, started);
+        if let Err(e) = self.audit.write(rec).await {
+            self.metrics.audit_failure();
+            let e = ApiError::from(e);
+            self.metrics.record(op, e.status, started.elapsed());
+            return json_response(e.status, Some(&e.body()), &[], &req.correlation_id);
+        }
+        self.metrics.record(op, status, started.elapsed());
+        tracing::info!(
+            op,
+            status,
+            caller = %req.peer,
+            identity = info.identity.as_ref().map(|i| i.client_id.as_str()).unwrap_or("-"),
+            key = info.key_name.as_deref().unwrap_or("-"),
+            ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        match res {
+            Ok(r) => json_response(r.status, r.body.as_ref(), &[], &req.correlation_id),
+            Err(e) => json_response(e.status, Some(&e.body()), &e.headers, &req.correlation_id),
+        }
+    }
+
+    fn health(&self) -> Response<Full<Bytes>> {
+        let audit = self.audit.probe().err().map(|e| e.to_string()).or_else(|| self.audit.failure());
+        match audit {
+            None => json_response(200, Some(&json!({"status": "ok"})), &[], "-"),
+            Some(why) => json_response(
+                503,
+                Some(&json!({"status": "unavailable", "reason": format!("audit log: {why}")})),
+                &[],
+                "-",
+            ),
+        }
+    }
+
+    fn dispatch(&self, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiError> {
+        let first = req.segments.first().map(String::as_str).unwrap_or("");
+        match first {
+            "keys" | "deletedkeys" => crate::api::dispatch(self, req, info),
+            "admin" => crate::admin::dispatch(self, req, info),
+            _ => crate::admin::identity_endpoints(self, req, info),
+        }
+    }
+
+    /// Purges soft-deleted keys whose scheduled purge date has passed.
+    pub fn purge_expired(&self) -> Result<Vec<String>, VaultError> {
+        let now = self.clock.now();
+        self.store.mutate(|st, tx| -> Result<Vec<String>, VaultError> {
+            let due: Vec<String> = st
+                .keys
+                .values()
+                .filter(|e| e.state.scheduled_purge_date.is_some_and(|d| d <= now))
+                .map(|e| e.name.clone())
+                .collect();
+            for n in &due {
+                tx.delete_key(n)?;
+                st.keys.remove(n);
+            }
+            Ok(due)
+        })
+    }
+}
+
+/// Runs the HTTPS server until `shutdown` resolves, then drains
+/// connections for up to 10 seconds.
+pub async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let sweeper = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                let a = app.clone();
+                match tokio::task::spawn_blocking(move || a.purge_expired()).await {
+                    Ok(Ok(p)) if !p.is_empty() => tracing::info!(purged = ?p, "purged expired soft-deleted keys"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "purge sweep failed"),
+                    _ => {}
+                }
+            }
+        })
+    };
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            res = listener.accept() => {
+                let (tcp, peer) = match res {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let app = app.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let svc = hyper::service::service_fn(move |req| {
+                        let app = app.clone();
+                        async move { Ok::<_, std::convert::Infallible>(app.handle(req, peer).await) }
+                    });
+                    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(error = %e, %peer, "connection ended with error");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    sweeper.abort();
+    tracing::info!("shutting down: draining connections");
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(Duration::from_secs(10)) => tracing::warn!("drain timed out"),
+    }
+}
