@@ -43,8 +43,9 @@ pub enum StorageError {
     Keystore(#[from] KeystoreError),
     #[error("data directory {path}: {reason}")]
     DataDir { path: String, reason: String },
+    /// An ordinary SQL error (syntax, constraint, ...).
     #[error("{0}")]
-    Sqlite(#[source] rusqlite::Error),
+    Sqlite(rusqlite::Error),
 }
 
 impl StorageError {

@@ -202,7 +202,11 @@ impl SharedFile {
                 }
             };
             match cand.verify(&dek) {
-                Ok(header) => return Self::from_header(header, dek, path),
+                Ok(header) => {
+                    // Count every reserved seal as used: a crash may have used them.
+                    let used = header.seals_reserved;
+                    return Self::from_header(header, dek, path, used);
+                }
                 Err(e) => {
                     last_err = Some(StorageError::Header {
                         path: path.clone(),
@@ -218,9 +222,8 @@ impl SharedFile {
         Err(Fail::with(ffi::SQLITE_CANTOPEN, detail))
     }
 
-    fn from_header(header: FileHeader, dek: Dek, path: String) -> Result<Arc<Self>, Fail> {
-        // Count every reserved seal as used: a crash may have used them.
-        let key = UnitKey::new(&dek, header.seals_reserved).map_err(|e| crypto_fail(&path, e))?;
+    fn from_header(header: FileHeader, dek: Dek, path: String, sealed: u64) -> Result<Arc<Self>, Fail> {
+        let key = UnitKey::new(&dek, sealed).map_err(|e| crypto_fail(&path, e))?;
         Ok(Arc::new(Self {
             path,
             kind: header.kind,
@@ -339,7 +342,7 @@ impl SharedFile {
                 raw.sync(ffi::SQLITE_SYNC_NORMAL).map_err(Fail::io)?;
             }
         }
-        let shared = Self::from_header(header, dek, path)?;
+        let shared = Self::from_header(header, dek, path, 0)?;
         if !writable {
             shared.meta.lock().unwrap().header = None;
         }

@@ -3,6 +3,7 @@
 //! One binary, one subcommand per job. Each subcommand lives in its own
 //! module (or crate) and this file only dispatches.
 
+mod cli_inspect;
 mod cli_sql;
 
 use anyhow::Result;
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Run SQL against the encrypted database in a data directory.
     Sql(cli_sql::SqlArgs),
+    /// Print an atrest file's header as JSON (no key material).
+    Inspect(cli_inspect::InspectArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,6 +43,7 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> Result<std::process::ExitCode> {
     match cli.command {
         Command::Sql(args) => cli_sql::run(args),
+        Command::Inspect(args) => cli_inspect::run(args),
     }
 }
 

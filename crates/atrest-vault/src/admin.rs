@@ -1,0 +1,366 @@
+//! The identity endpoints (an Azure AD look-alike: OpenID discovery, JWKS,
+//! client-credentials token) and the admin API.
+//!
+//! The admin API is authorized by a separate admin credential (the
+//! `admin-token` file written at first start), never by data-plane tokens,
+//! and data-plane endpoints never accept the admin credential: who manages
+//! identities and policies is kept apart from who uses keys.
+
+use std::collections::BTreeSet;
+
+use serde_json::{json, Value};
+
+use crate::api::ALL_KEY_OPS;
+use crate::auth::{secret_hash, secret_matches};
+use crate::b64;
+use crate::error::ApiError;
+use crate::firewall::parse_rule;
+use crate::seal::random_bytes;
+use crate::server::{App, AuditInfo, Req, Resp};
+use crate::store::{canonical_permission, new_guid, Identity, KEY_PERMISSIONS};
+
+fn aad_error(status: u16, error: &str, description: &str) -> ApiError {
+    // AAD's token errors are not in Key Vault's envelope; clients (MSAL)
+    // read `error` and `error_description`. We keep ApiError for the
+    // plumbing and rewrite the body in `token_error_body`.
+    ApiError::new(status, error, description.to_string()).inner("aad")
+}
+
+/// `/{tenant}/...` endpoints.
+pub fn identity_endpoints(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiError> {
+    let s: Vec<&str> = req.segments.iter().map(String::as_str).collect();
+    let tenant = app.store.snapshot().props.tenant_id.clone();
+    let base = format!("{}/{tenant}", req.base());
+    info.operation = "Authentication".into();
+    let known_tenant = s.first().is_some_and(|t| *t == tenant);
+    match (s.as_slice(), req.method.as_str()) {
+        ([_, "v2.0", ".well-known", "openid-configuration"], "GET")
+        | ([_, ".well-known", "openid-configuration"], "GET") => {
+            info.operation = "OpenIdConfiguration".into();
+            if !known_tenant {
+                return Err(aad_error(400, "invalid_tenant", "AADSTS90002: Tenant not found."));
+            }
+            Ok(Resp::ok(json!({
+                "issuer": format!("{base}/v2.0"),
+                "token_endpoint": format!("{base}/oauth2/v2.0/token"),
+                "authorization_endpoint": format!("{base}/oauth2/v2.0/authorize"),
+                "jwks_uri": format!("{base}/discovery/v2.0/keys"),
+                "response_types_supported": ["token"],
+                "subject_types_supported": ["pairwise"],
+                "id_token_signing_alg_values_supported": ["ES256"],
+                "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
+                "grant_types_supported": ["client_credentials"],
+                "tenant_region_scope": null,
+            })))
+        }
+        ([_, "discovery", "v2.0", "keys"], "GET") | ([_, "discovery", "keys"], "GET") => {
+            info.operation = "JwksGet".into();
+            if !known_tenant {
+                return Err(aad_error(400, "invalid_tenant", "AADSTS90002: Tenant not found."));
+            }
+            Ok(Resp::ok(app.signer.jwks()))
+        }
+        ([_, "oauth2", "v2.0", "token"], "POST") | ([_, "oauth2", "token"], "POST") => {
+            info.operation = "TokenIssue".into();
+            if !known_tenant {
+                return Err(aad_error(400, "invalid_request", "AADSTS90002: Tenant not found. Check the tenant id in the authority."));
+            }
+            token(app, req, info, &base)
+        }
+        _ => Err(ApiError::new(
+            404,
+            "NotFound",
+            format!("{} /{} is not an operation of this vault", req.method, req.segments.join("/")),
+        )),
+    }
+}
+
+fn token(app: &App, req: &Req, info: &mut AuditInfo, base: &str) -> Result<Resp, ApiError> {
+    let form: std::collections::HashMap<String, String> = url::form_urlencoded::parse(&req.body)
+        .into_owned()
+        .collect();
+    let grant = form.get("grant_type").map(String::as_str).unwrap_or("");
+    if grant != "client_credentials" {
+        return Err(aad_error(400, "unsupported_grant_type", "AADSTS70003: only the client_credentials grant is supported."));
+    }
+    let scope = form.get("scope").map(String::as_str).unwrap_or("");
+    if !scope.split(' ').any(|s| s.trim_end_matches('/').starts_with("https://vault.azure.net")) {
+        return Err(aad_error(400, "invalid_scope", "AADSTS70011: the scope must be https://vault.azure.net/.default."));
+    }
+    // client_secret_basic as well as client_secret_post.
+    let basic = req
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| h.strip_prefix("Basic "))
+        .and_then(|b| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.split_once(':').map(|(a, b)| (a.to_string(), b.to_string())));
+    let (client_id, secret) = match (form.get("client_id"), form.get("client_secret"), basic) {
+        (Some(c), Some(s), _) => (c.clone(), s.clone()),
+        (_, _, Some((c, s))) => (c, s),
+        _ => return Err(aad_error(400, "invalid_request", "AADSTS900144: client_id and client_secret are required.")),
+    };
+    let snap = app.store.snapshot();
+    let Some(id) = snap.identities.get(&client_id) else {
+        return Err(aad_error(400, "unauthorized_client", "AADSTS700016: Application not found in the directory of this tenant."));
+    };
+    info.identity = Some(id.clone());
+    if !secret_matches(&secret, &id.secret_sha256) {
+        return Err(aad_error(401, "invalid_client", "AADSTS7000215: Invalid client secret provided."));
+    }
+    let now = app.clock.now();
+    let tok = app.signer.issue(&format!("{base}/v2.0"), &snap.props.tenant_id, &client_id, now, app.token_lifetime);
+    Ok(Resp::ok(json!({
+        "token_type": "Bearer",
+        "expires_in": app.token_lifetime,
+        "ext_expires_in": app.token_lifetime,
+        "access_token": tok,
+    })))
+}
+
+/// AAD-style body for token endpoint errors.
+pub fn token_error_body(e: &ApiError) -> Option<Value> {
+    (e.inner.as_deref() == Some("aad")).then(|| {
+        json!({"error": e.code, "error_description": e.message, "error_codes": []})
+    })
+}
+
+fn check_admin(app: &App, req: &Req) -> Result<(), ApiError> {
+    match req.bearer() {
+        Some(t) if secret_matches(t, &app.admin_token_hash) => Ok(()),
+        Some(_) => Err(ApiError::new(401, "Unauthorized", "the admin credential is not valid for this vault")),
+        None => Err(ApiError::new(
+            401,
+            "Unauthorized",
+            "the admin API needs the vault's admin credential (the admin-token file in the data directory)",
+        )),
+    }
+}
+
+fn identity_json(id: &Identity, tenant: &str) -> Value {
+    json!({
+        "clientId": id.client_id,
+        "name": id.name,
+        "kind": id.kind,
+        "tenantId": tenant,
+        "created": id.created,
+        "bypassFirewall": id.bypass_firewall,
+        "permissions": {"keys": id.key_permissions},
+    })
+}
+
+fn parse_permissions(v: &Value) -> Result<BTreeSet<String>, ApiError> {
+    let arr = v
+        .as_array()
+        .ok_or_else(|| ApiError::bad_parameter("permissions.keys must be an array of permission names"))?;
+    let mut out = BTreeSet::new();
+    for p in arr {
+        let p = p.as_str().unwrap_or("");
+        if p.eq_ignore_ascii_case("all") {
+            out.extend(KEY_PERMISSIONS.iter().map(|s| s.to_string()));
+            continue;
+        }
+        let c = canonical_permission(p).ok_or_else(|| {
+            ApiError::bad_parameter(format!(
+                "'{p}' is not a key permission; valid: {} (or all)",
+                KEY_PERMISSIONS.join(", ")
+            ))
+        })?;
+        out.insert(c.to_string());
+    }
+    Ok(out)
+}
+
+pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiError> {
+    info.operation = "AdminAuthentication".into();
+    check_admin(app, req)?;
+    let s: Vec<&str> = req.segments.iter().map(String::as_str).collect();
+    let now = app.clock.now();
+    match (&s[1..], req.method.as_str()) {
+        (["vault"], "GET") => {
+            info.operation = "AdminVaultGet".into();
+            Ok(Resp::ok(json!(app.store.snapshot().props)))
+        }
+        (["vault"], "PATCH") => {
+            info.operation = "AdminVaultUpdate".into();
+            let body = req.json()?;
+            app.store.mutate(|st, tx| {
+                let p = &mut st.props;
+                if let Some(d) = body.get("softDeleteRetentionDays") {
+                    let d = d
+                        .as_u64()
+                        .filter(|d| (7..=90).contains(d))
+                        .ok_or_else(|| ApiError::bad_parameter("softDeleteRetentionDays must be 7 to 90"))?;
+                    p.soft_delete_retention_days = d as u32;
+                }
+                match body.get("purgeProtection") {
+                    None => {}
+                    Some(Value::Bool(true)) => p.purge_protection = true,
+                    Some(Value::Bool(false)) if p.purge_protection => {
+                        return Err(ApiError::bad_parameter(
+                            "purge protection cannot be turned off once it is on",
+                        ))
+                    }
+                    Some(Value::Bool(false)) => {}
+                    Some(_) => return Err(ApiError::bad_parameter("purgeProtection must be true or false")),
+                }
+                if let Some(b) = body.get("allowRsa15") {
+                    p.allow_rsa15 = b
+                        .as_bool()
+                        .ok_or_else(|| ApiError::bad_parameter("allowRsa15 must be true or false"))?;
+                }
+                tx.put_props(p)?;
+                Ok(Resp::ok(json!(p)))
+            })
+        }
+        (["identities"], "GET") => {
+            info.operation = "AdminIdentityList".into();
+            let snap = app.store.snapshot();
+            let v: Vec<Value> = snap
+                .identities
+                .values()
+                .map(|i| identity_json(i, &snap.props.tenant_id))
+                .collect();
+            Ok(Resp::ok(json!({"value": v})))
+        }
+        (["identities"], "POST") => {
+            info.operation = "AdminIdentityCreate".into();
+            let body = req.json()?;
+            let name = body
+                .get("name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty() && n.len() <= 128)
+                .ok_or_else(|| ApiError::bad_parameter("'name' (1-128 characters) is required"))?
+                .to_string();
+            let kind = match body.get("kind").and_then(Value::as_str).unwrap_or("servicePrincipal") {
+                "servicePrincipal" => "servicePrincipal",
+                "managedIdentity" => "managedIdentity",
+                other => return Err(ApiError::bad_parameter(format!("kind '{other}' is not servicePrincipal or managedIdentity"))),
+            };
+            let perms = match body.get("permissions").and_then(|p| p.get("keys")) {
+                Some(p) => parse_permissions(p)?,
+                None => BTreeSet::new(),
+            };
+            let secret = b64::encode(&random_bytes::<32>());
+            let id = Identity {
+                client_id: new_guid(),
+                name,
+                kind: kind.into(),
+                secret_sha256: secret_hash(&secret),
+                created: now,
+                bypass_firewall: body.get("bypassFirewall").and_then(Value::as_bool).unwrap_or(false),
+                key_permissions: perms,
+            };
+            app.store.mutate(|st, tx| {
+                tx.put_identity(&id)?;
+                st.identities.insert(id.client_id.clone(), id.clone());
+                let mut out = identity_json(&id, &st.props.tenant_id);
+                // Shown once; only its hash is stored.
+                out["clientSecret"] = json!(secret);
+                Ok(Resp { status: 201, body: Some(out) })
+            })
+        }
+        (["identities", cid], "DELETE") => {
+            info.operation = "AdminIdentityDelete".into();
+            let cid = cid.to_string();
+            app.store.mutate(|st, tx| {
+                if st.identities.remove(&cid).is_none() {
+                    return Err(ApiError::not_found(format!("identity {cid} does not exist")));
+                }
+                tx.delete_identity(&cid)?;
+                Ok(Resp { status: 204, body: None })
+            })
+        }
+        (["identities", cid], "PATCH") | (["identities", cid, "policy"], "PUT") => {
+            info.operation = "AdminPolicySet".into();
+            let body = req.json()?;
+            let cid = cid.to_string();
+            app.store.mutate(|st, tx| {
+                let tenant = st.props.tenant_id.clone();
+                let id = st
+                    .identities
+                    .get_mut(&cid)
+                    .ok_or_else(|| ApiError::not_found(format!("identity {cid} does not exist")))?;
+                if let Some(p) = body.get("permissions").and_then(|p| p.get("keys")) {
+                    id.key_permissions = parse_permissions(p)?;
+                }
+                if let Some(b) = body.get("bypassFirewall") {
+                    id.bypass_firewall = b
+                        .as_bool()
+                        .ok_or_else(|| ApiError::bad_parameter("bypassFirewall must be true or false"))?;
+                }
+                tx.put_identity(id)?;
+                Ok(Resp::ok(identity_json(id, &tenant)))
+            })
+        }
+        (["firewall"], "GET") => {
+            info.operation = "AdminFirewallGet".into();
+            Ok(Resp::ok(json!(app.store.snapshot().props.firewall)))
+        }
+        (["firewall"], "PUT") => {
+            info.operation = "AdminFirewallSet".into();
+            let body = req.json()?;
+            let action = match body.get("defaultAction").and_then(Value::as_str) {
+                Some(a) if a.eq_ignore_ascii_case("allow") => "Allow",
+                Some(a) if a.eq_ignore_ascii_case("deny") => "Deny",
+                _ => return Err(ApiError::bad_parameter("defaultAction must be Allow or Deny")),
+            };
+            let mut rules = Vec::new();
+            for r in body.get("ipRules").and_then(Value::as_array).cloned().unwrap_or_default() {
+                let r = r.as_str().unwrap_or("").to_string();
+                parse_rule(&r).map_err(ApiError::bad_parameter)?;
+                rules.push(r);
+            }
+            app.store.mutate(|st, tx| {
+                st.props.firewall.default_action = action.into();
+                st.props.firewall.ip_rules = rules;
+                tx.put_props(&st.props)?;
+                Ok(Resp::ok(json!(st.props.firewall)))
+            })
+        }
+        (["locks", name], m @ ("PUT" | "DELETE")) => {
+            info.operation = if m == "PUT" { "AdminLockSet" } else { "AdminLockRemove" }.into();
+            info.key_name = Some(name.to_string());
+            let name = name.to_string();
+            let lock = m == "PUT";
+            app.store.mutate(|st, tx| {
+                let e = st
+                    .keys
+                    .get_mut(&name)
+                    .ok_or_else(|| ApiError::key_not_found(&name))?;
+                e.state.locked = lock;
+                tx.put_state(&name, &e.state)?;
+                Ok(Resp::ok(json!({"key": name, "locked": lock})))
+            })
+        }
+        (["clock"], "POST") => {
+            info.operation = "AdminClockAdvance".into();
+            if !app.test_clock {
+                return Err(ApiError::forbidden(
+                    "the clock can be moved only on a vault started with --test-clock",
+                    "TestClockDisabled",
+                ));
+            }
+            let body = req.json()?;
+            let secs = body
+                .get("advanceSeconds")
+                .and_then(Value::as_i64)
+                .filter(|s| *s >= 0)
+                .ok_or_else(|| ApiError::bad_parameter("advanceSeconds must be a non-negative integer"))?;
+            app.clock.advance(secs);
+            let purged = app.purge_expired()?;
+            Ok(Resp::ok(json!({"now": app.clock.now(), "offset": app.clock.offset(), "purged": purged})))
+        }
+        _ => Err(ApiError::new(
+            404,
+            "NotFound",
+            format!("{} /{} is not an admin operation", req.method, req.segments.join("/")),
+        )),
+    }
+}
+
+/// Valid key operations for `key_ops` (re-exported for the CLI's help).
+pub fn key_ops() -> &'static [&'static str] {
+    ALL_KEY_OPS
+}
