@@ -222,7 +222,12 @@ impl SharedFile {
         Err(Fail::with(ffi::SQLITE_CANTOPEN, detail))
     }
 
-    fn from_header(header: FileHeader, dek: Dek, path: String, sealed: u64) -> Result<Arc<Self>, Fail> {
+    fn from_header(
+        header: FileHeader,
+        dek: Dek,
+        path: String,
+        sealed: u64,
+    ) -> Result<Arc<Self>, Fail> {
         let key = UnitKey::new(&dek, sealed).map_err(|e| crypto_fail(&path, e))?;
         Ok(Arc::new(Self {
             path,
@@ -437,7 +442,7 @@ impl<R: RawFile> EncryptedFile<R> {
         let base = self.shared.base;
         Ok(match self.shared.kind {
             FileKind::MainDb => Geometry::Pages {
-                page_size: self.page_size_or_probe()?,
+                page_size: self.page_size()?,
                 base,
             },
             FileKind::Wal => Geometry::Wal {
@@ -448,54 +453,13 @@ impl<R: RawFile> EncryptedFile<R> {
         })
     }
 
-    /// The database page size, as last written or recorded in the header
-    /// (4096 for a file with no page yet).
-    fn page_size_or_probe(&mut self) -> Result<usize, Fail> {
+    /// The database page size, as first written and recorded in the
+    /// header (4096 for a file with no page yet).
+    fn page_size(&mut self) -> Result<usize, Fail> {
         match self.shared.page_size.load(Ordering::Relaxed) {
             0 => Ok(4096),
             known => Ok(known),
         }
-    }
-
-    /// Page 1 did not authenticate at the page size we assumed: a crash
-    /// between the header update and the page write of a page-size change
-    /// (VACUUM) can cause that. Looks for the size page 1 was sealed at;
-    /// returns true if it differs from the one assumed.
-    fn reprobe_page_size(&mut self) -> Result<bool, Fail> {
-        let known = self.shared.page_size.load(Ordering::Relaxed);
-        let mut size = 512;
-        while size <= 65536 {
-            if size != known && self.page1_opens(size)? == Some(true) {
-                self.shared.page_size.store(size, Ordering::Relaxed);
-                return Ok(true);
-            }
-            size *= 2;
-        }
-        Ok(false)
-    }
-
-    /// Whether page 1 authenticates at `size`: None if there is no page 1.
-    fn page1_opens(&mut self, size: usize) -> Result<Option<bool>, Fail> {
-        let unit = Geometry::Pages {
-            page_size: size,
-            base: self.shared.base,
-        }
-        .unit_at(0);
-        self.scratch.resize(size.max(self.scratch.len()), 0);
-        if !self
-            .raw
-            .read_at(&mut self.scratch[..size], unit.pstart)
-            .map_err(Fail::io)?
-        {
-            return Ok(None);
-        }
-        let ctx = self.ctx(&unit, 0);
-        Ok(Some(
-            self.shared
-                .key
-                .open(&ctx, &mut self.scratch[..size])
-                .is_ok(),
-        ))
     }
 
     /// The WAL's page size, from its (sealed) WAL header if not yet known.
@@ -599,22 +563,6 @@ impl<R: RawFile> EncryptedFile<R> {
 
     /// SQLite's xRead. `Ok(false)` is a short read (rest zero-filled).
     pub fn read(&mut self, buf: &mut [u8], off: u64) -> Result<bool, Fail> {
-        match self.read_units(buf, off) {
-            Err(fail)
-                if self.shared.kind == FileKind::MainDb
-                    && off < self.shared.page_size.load(Ordering::Relaxed) as u64
-                    && fail.rc == ffi::SQLITE_IOERR_DATA =>
-            {
-                if self.reprobe_page_size()? {
-                    return self.read_units(buf, off);
-                }
-                Err(fail)
-            }
-            other => other,
-        }
-    }
-
-    fn read_units(&mut self, buf: &mut [u8], off: u64) -> Result<bool, Fail> {
         let geo = self.geometry()?;
         let phys = match geo {
             Geometry::Blocks { .. } => Some(self.raw.size().map_err(Fail::io)?),
@@ -867,7 +815,37 @@ impl<R: RawFile> EncryptedFile<R> {
                         ));
                     }
                 }
-                if self.shared.page_size.swap(len, Ordering::Relaxed) != len || off == 0 {
+                let established = self.shared.page_size.load(Ordering::Relaxed);
+                // Page 1 declares the page size of the format being written.
+                let declared = match off {
+                    0 => match u16::from_be_bytes([data[16], data[17]]) {
+                        1 => 65536,
+                        n => n as usize,
+                    },
+                    _ => len,
+                };
+                if (established != 0 && established != len) || declared != len {
+                    // A page-size change (VACUUM) makes SQLite write pages of
+                    // one size as pieces or pairs of the other, with content
+                    // where our tags must go: refuse before anything changes.
+                    let (from, to) = match established {
+                        0 => (len, declared),
+                        e if e != len => (e, len),
+                        e => (e, declared),
+                    };
+                    return Err(Fail::with(
+                        ffi::SQLITE_IOERR_WRITE,
+                        StorageError::Unsupported {
+                            path: self.path().to_string(),
+                            what: format!(
+                                "changing the page size of an existing database ({from} to {to} bytes); \
+                                 use `PRAGMA page_size={to}; VACUUM INTO 'new.db'` instead"
+                            ),
+                        },
+                    ));
+                }
+                if established != len || off == 0 {
+                    self.shared.page_size.store(len, Ordering::Relaxed);
                     let shared = Arc::clone(&self.shared);
                     let mut meta = shared.meta.lock().unwrap();
                     if meta

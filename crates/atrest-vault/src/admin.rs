@@ -38,7 +38,11 @@ pub fn identity_endpoints(app: &App, req: &Req, info: &mut AuditInfo) -> Result<
         | ([_, ".well-known", "openid-configuration"], "GET") => {
             info.operation = "OpenIdConfiguration".into();
             if !known_tenant {
-                return Err(aad_error(400, "invalid_tenant", "AADSTS90002: Tenant not found."));
+                return Err(aad_error(
+                    400,
+                    "invalid_tenant",
+                    "AADSTS90002: Tenant not found.",
+                ));
             }
             Ok(Resp::ok(json!({
                 "issuer": format!("{base}/v2.0"),
@@ -56,21 +60,33 @@ pub fn identity_endpoints(app: &App, req: &Req, info: &mut AuditInfo) -> Result<
         ([_, "discovery", "v2.0", "keys"], "GET") | ([_, "discovery", "keys"], "GET") => {
             info.operation = "JwksGet".into();
             if !known_tenant {
-                return Err(aad_error(400, "invalid_tenant", "AADSTS90002: Tenant not found."));
+                return Err(aad_error(
+                    400,
+                    "invalid_tenant",
+                    "AADSTS90002: Tenant not found.",
+                ));
             }
             Ok(Resp::ok(app.signer.jwks()))
         }
         ([_, "oauth2", "v2.0", "token"], "POST") | ([_, "oauth2", "token"], "POST") => {
             info.operation = "TokenIssue".into();
             if !known_tenant {
-                return Err(aad_error(400, "invalid_request", "AADSTS90002: Tenant not found. Check the tenant id in the authority."));
+                return Err(aad_error(
+                    400,
+                    "invalid_request",
+                    "AADSTS90002: Tenant not found. Check the tenant id in the authority.",
+                ));
             }
             token(app, req, info, &base)
         }
         _ => Err(ApiError::new(
             404,
             "NotFound",
-            format!("{} /{} is not an operation of this vault", req.method, req.segments.join("/")),
+            format!(
+                "{} /{} is not an operation of this vault",
+                req.method,
+                req.segments.join("/")
+            ),
         )),
     }
 }
@@ -81,11 +97,22 @@ fn token(app: &App, req: &Req, info: &mut AuditInfo, base: &str) -> Result<Resp,
         .collect();
     let grant = form.get("grant_type").map(String::as_str).unwrap_or("");
     if grant != "client_credentials" {
-        return Err(aad_error(400, "unsupported_grant_type", "AADSTS70003: only the client_credentials grant is supported."));
+        return Err(aad_error(
+            400,
+            "unsupported_grant_type",
+            "AADSTS70003: only the client_credentials grant is supported.",
+        ));
     }
     let scope = form.get("scope").map(String::as_str).unwrap_or("");
-    if !scope.split(' ').any(|s| s.trim_end_matches('/').starts_with("https://vault.azure.net")) {
-        return Err(aad_error(400, "invalid_scope", "AADSTS70011: the scope must be https://vault.azure.net/.default."));
+    if !scope.split(' ').any(|s| {
+        s.trim_end_matches('/')
+            .starts_with("https://vault.azure.net")
+    }) {
+        return Err(aad_error(
+            400,
+            "invalid_scope",
+            "AADSTS70011: the scope must be https://vault.azure.net/.default.",
+        ));
     }
     // client_secret_basic as well as client_secret_post.
     let basic = req
@@ -95,22 +122,45 @@ fn token(app: &App, req: &Req, info: &mut AuditInfo, base: &str) -> Result<Resp,
         .and_then(|h| h.strip_prefix("Basic "))
         .and_then(|b| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b).ok())
         .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.split_once(':').map(|(a, b)| (a.to_string(), b.to_string())));
+        .and_then(|s| {
+            s.split_once(':')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        });
     let (client_id, secret) = match (form.get("client_id"), form.get("client_secret"), basic) {
         (Some(c), Some(s), _) => (c.clone(), s.clone()),
         (_, _, Some((c, s))) => (c, s),
-        _ => return Err(aad_error(400, "invalid_request", "AADSTS900144: client_id and client_secret are required.")),
+        _ => {
+            return Err(aad_error(
+                400,
+                "invalid_request",
+                "AADSTS900144: client_id and client_secret are required.",
+            ))
+        }
     };
     let snap = app.store.snapshot();
     let Some(id) = snap.identities.get(&client_id) else {
-        return Err(aad_error(400, "unauthorized_client", "AADSTS700016: Application not found in the directory of this tenant."));
+        return Err(aad_error(
+            400,
+            "unauthorized_client",
+            "AADSTS700016: Application not found in the directory of this tenant.",
+        ));
     };
     info.identity = Some(id.clone());
     if !secret_matches(&secret, &id.secret_sha256) {
-        return Err(aad_error(401, "invalid_client", "AADSTS7000215: Invalid client secret provided."));
+        return Err(aad_error(
+            401,
+            "invalid_client",
+            "AADSTS7000215: Invalid client secret provided.",
+        ));
     }
     let now = app.clock.now();
-    let tok = app.signer.issue(&format!("{base}/v2.0"), &snap.props.tenant_id, &client_id, now, app.token_lifetime);
+    let tok = app.signer.issue(
+        &format!("{base}/v2.0"),
+        &snap.props.tenant_id,
+        &client_id,
+        now,
+        app.token_lifetime,
+    );
     Ok(Resp::ok(json!({
         "token_type": "Bearer",
         "expires_in": app.token_lifetime,
@@ -121,9 +171,8 @@ fn token(app: &App, req: &Req, info: &mut AuditInfo, base: &str) -> Result<Resp,
 
 /// AAD-style body for token endpoint errors.
 pub fn token_error_body(e: &ApiError) -> Option<Value> {
-    (e.inner.as_deref() == Some("aad")).then(|| {
-        json!({"error": e.code, "error_description": e.message, "error_codes": []})
-    })
+    (e.inner.as_deref() == Some("aad"))
+        .then(|| json!({"error": e.code, "error_description": e.message, "error_codes": []}))
 }
 
 fn check_admin(app: &App, req: &Req) -> Result<(), ApiError> {
@@ -151,9 +200,9 @@ fn identity_json(id: &Identity, tenant: &str) -> Value {
 }
 
 fn parse_permissions(v: &Value) -> Result<BTreeSet<String>, ApiError> {
-    let arr = v
-        .as_array()
-        .ok_or_else(|| ApiError::bad_parameter("permissions.keys must be an array of permission names"))?;
+    let arr = v.as_array().ok_or_else(|| {
+        ApiError::bad_parameter("permissions.keys must be an array of permission names")
+    })?;
     let mut out = BTreeSet::new();
     for p in arr {
         let p = p.as_str().unwrap_or("");
@@ -188,10 +237,9 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
             app.store.mutate(|st, tx| {
                 let p = &mut st.props;
                 if let Some(d) = body.get("softDeleteRetentionDays") {
-                    let d = d
-                        .as_u64()
-                        .filter(|d| (7..=90).contains(d))
-                        .ok_or_else(|| ApiError::bad_parameter("softDeleteRetentionDays must be 7 to 90"))?;
+                    let d = d.as_u64().filter(|d| (7..=90).contains(d)).ok_or_else(|| {
+                        ApiError::bad_parameter("softDeleteRetentionDays must be 7 to 90")
+                    })?;
                     p.soft_delete_retention_days = d as u32;
                 }
                 match body.get("purgeProtection") {
@@ -203,12 +251,16 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
                         ))
                     }
                     Some(Value::Bool(false)) => {}
-                    Some(_) => return Err(ApiError::bad_parameter("purgeProtection must be true or false")),
+                    Some(_) => {
+                        return Err(ApiError::bad_parameter(
+                            "purgeProtection must be true or false",
+                        ))
+                    }
                 }
                 if let Some(b) = body.get("allowRsa15") {
-                    p.allow_rsa15 = b
-                        .as_bool()
-                        .ok_or_else(|| ApiError::bad_parameter("allowRsa15 must be true or false"))?;
+                    p.allow_rsa15 = b.as_bool().ok_or_else(|| {
+                        ApiError::bad_parameter("allowRsa15 must be true or false")
+                    })?;
                 }
                 tx.put_props(p)?;
                 Ok(Resp::ok(json!(p)))
@@ -233,10 +285,18 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
                 .filter(|n| !n.is_empty() && n.len() <= 128)
                 .ok_or_else(|| ApiError::bad_parameter("'name' (1-128 characters) is required"))?
                 .to_string();
-            let kind = match body.get("kind").and_then(Value::as_str).unwrap_or("servicePrincipal") {
+            let kind = match body
+                .get("kind")
+                .and_then(Value::as_str)
+                .unwrap_or("servicePrincipal")
+            {
                 "servicePrincipal" => "servicePrincipal",
                 "managedIdentity" => "managedIdentity",
-                other => return Err(ApiError::bad_parameter(format!("kind '{other}' is not servicePrincipal or managedIdentity"))),
+                other => {
+                    return Err(ApiError::bad_parameter(format!(
+                        "kind '{other}' is not servicePrincipal or managedIdentity"
+                    )))
+                }
             };
             let perms = match body.get("permissions").and_then(|p| p.get("keys")) {
                 Some(p) => parse_permissions(p)?,
@@ -249,7 +309,10 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
                 kind: kind.into(),
                 secret_sha256: secret_hash(&secret),
                 created: now,
-                bypass_firewall: body.get("bypassFirewall").and_then(Value::as_bool).unwrap_or(false),
+                bypass_firewall: body
+                    .get("bypassFirewall")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
                 key_permissions: perms,
             };
             app.store.mutate(|st, tx| {
@@ -258,7 +321,10 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
                 let mut out = identity_json(&id, &st.props.tenant_id);
                 // Shown once; only its hash is stored.
                 out["clientSecret"] = json!(secret);
-                Ok(Resp { status: 201, body: Some(out) })
+                Ok(Resp {
+                    status: 201,
+                    body: Some(out),
+                })
             })
         }
         (["identities", cid], "DELETE") => {
@@ -266,10 +332,15 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
             let cid = cid.to_string();
             app.store.mutate(|st, tx| {
                 if st.identities.remove(&cid).is_none() {
-                    return Err(ApiError::not_found(format!("identity {cid} does not exist")));
+                    return Err(ApiError::not_found(format!(
+                        "identity {cid} does not exist"
+                    )));
                 }
                 tx.delete_identity(&cid)?;
-                Ok(Resp { status: 204, body: None })
+                Ok(Resp {
+                    status: 204,
+                    body: None,
+                })
             })
         }
         (["identities", cid], "PATCH") | (["identities", cid, "policy"], "PUT") => {
@@ -286,9 +357,9 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
                     id.key_permissions = parse_permissions(p)?;
                 }
                 if let Some(b) = body.get("bypassFirewall") {
-                    id.bypass_firewall = b
-                        .as_bool()
-                        .ok_or_else(|| ApiError::bad_parameter("bypassFirewall must be true or false"))?;
+                    id.bypass_firewall = b.as_bool().ok_or_else(|| {
+                        ApiError::bad_parameter("bypassFirewall must be true or false")
+                    })?;
                 }
                 tx.put_identity(id)?;
                 Ok(Resp::ok(identity_json(id, &tenant)))
@@ -304,10 +375,19 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
             let action = match body.get("defaultAction").and_then(Value::as_str) {
                 Some(a) if a.eq_ignore_ascii_case("allow") => "Allow",
                 Some(a) if a.eq_ignore_ascii_case("deny") => "Deny",
-                _ => return Err(ApiError::bad_parameter("defaultAction must be Allow or Deny")),
+                _ => {
+                    return Err(ApiError::bad_parameter(
+                        "defaultAction must be Allow or Deny",
+                    ))
+                }
             };
             let mut rules = Vec::new();
-            for r in body.get("ipRules").and_then(Value::as_array).cloned().unwrap_or_default() {
+            for r in body
+                .get("ipRules")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+            {
                 let r = r.as_str().unwrap_or("").to_string();
                 parse_rule(&r).map_err(ApiError::bad_parameter)?;
                 rules.push(r);
@@ -320,7 +400,12 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
             })
         }
         (["locks", name], m @ ("PUT" | "DELETE")) => {
-            info.operation = if m == "PUT" { "AdminLockSet" } else { "AdminLockRemove" }.into();
+            info.operation = if m == "PUT" {
+                "AdminLockSet"
+            } else {
+                "AdminLockRemove"
+            }
+            .into();
             info.key_name = Some(name.to_string());
             let name = name.to_string();
             let lock = m == "PUT";
@@ -347,15 +432,23 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
                 .get("advanceSeconds")
                 .and_then(Value::as_i64)
                 .filter(|s| *s >= 0)
-                .ok_or_else(|| ApiError::bad_parameter("advanceSeconds must be a non-negative integer"))?;
+                .ok_or_else(|| {
+                    ApiError::bad_parameter("advanceSeconds must be a non-negative integer")
+                })?;
             app.clock.advance(secs);
             let purged = app.purge_expired()?;
-            Ok(Resp::ok(json!({"now": app.clock.now(), "offset": app.clock.offset(), "purged": purged})))
+            Ok(Resp::ok(
+                json!({"now": app.clock.now(), "offset": app.clock.offset(), "purged": purged}),
+            ))
         }
         _ => Err(ApiError::new(
             404,
             "NotFound",
-            format!("{} /{} is not an admin operation", req.method, req.segments.join("/")),
+            format!(
+                "{} /{} is not an admin operation",
+                req.method,
+                req.segments.join("/")
+            ),
         )),
     }
 }

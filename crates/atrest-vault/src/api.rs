@@ -15,7 +15,14 @@ use crate::store::{
     new_version, Identity, KeyEntry, KeyStateMeta, KeyVersion, State, VaultProps, VersionMeta,
 };
 
-pub const ALL_KEY_OPS: &[&str] = &["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"];
+pub const ALL_KEY_OPS: &[&str] = &[
+    "encrypt",
+    "decrypt",
+    "sign",
+    "verify",
+    "wrapKey",
+    "unwrapKey",
+];
 const MAX_PAGE: usize = 25;
 const MAX_TAGS: usize = 15;
 
@@ -160,7 +167,11 @@ fn not_found(req: &Req) -> ApiError {
     ApiError::new(
         404,
         "NotFound",
-        format!("{} /{} is not an operation of this vault", req.method, req.segments.join("/")),
+        format!(
+            "{} /{} is not an operation of this vault",
+            req.method,
+            req.segments.join("/")
+        ),
     )
 }
 
@@ -195,7 +206,9 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
     }
     let id = app.authenticate(req, info)?;
     if !req.query.contains_key("api-version") {
-        return Err(ApiError::bad_parameter("the api-version query parameter is required"));
+        return Err(ApiError::bad_parameter(
+            "the api-version query parameter is required",
+        ));
     }
     let (op, name, version) = routed?;
     if !id.key_permissions.contains(op.permission()) {
@@ -209,7 +222,9 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
         Op::Get => {
             let snap = app.store.snapshot();
             let e = live_key(&snap, &name)?;
-            let v = e.version(&version).ok_or_else(|| version_not_found(&name, &version))?;
+            let v = e
+                .version(&version)
+                .ok_or_else(|| version_not_found(&name, &version))?;
             Ok(Resp::ok(key_bundle(req, &snap.props, e, v)))
         }
         Op::List => list_keys(app, req, false),
@@ -230,9 +245,11 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
         Op::GetRotationPolicy => {
             let snap = app.store.snapshot();
             let e = live_key(&snap, &name)?;
-            let mut p = e.state.rotation_policy.clone().unwrap_or_else(|| {
-                json!({"lifetimeActions": [], "attributes": {}})
-            });
+            let mut p = e
+                .state
+                .rotation_policy
+                .clone()
+                .unwrap_or_else(|| json!({"lifetimeActions": [], "attributes": {}}));
             p["id"] = json!(format!("{}/keys/{name}/rotationpolicy", req.base()));
             Ok(Resp::ok(p))
         }
@@ -339,10 +356,9 @@ fn opt_time(a: &Map<String, Value>, k: &str) -> Result<Option<Option<i64>>, ApiE
     match a.get(k) {
         None => Ok(None),
         Some(Value::Null) => Ok(Some(None)),
-        Some(v) => v
-            .as_i64()
-            .map(|t| Some(Some(t)))
-            .ok_or_else(|| ApiError::bad_parameter(format!("attributes.{k} must be a Unix time in seconds"))),
+        Some(v) => v.as_i64().map(|t| Some(Some(t))).ok_or_else(|| {
+            ApiError::bad_parameter(format!("attributes.{k} must be a Unix time in seconds"))
+        }),
     }
 }
 
@@ -354,7 +370,11 @@ fn settings(body: &Value) -> Result<Settings, ApiError> {
             s.enabled = match a.get("enabled") {
                 None | Some(Value::Null) => None,
                 Some(Value::Bool(b)) => Some(*b),
-                Some(_) => return Err(ApiError::bad_parameter("attributes.enabled must be true or false")),
+                Some(_) => {
+                    return Err(ApiError::bad_parameter(
+                        "attributes.enabled must be true or false",
+                    ))
+                }
             };
             s.nbf = opt_time(a, "nbf")?;
             s.exp = opt_time(a, "exp")?;
@@ -365,15 +385,19 @@ fn settings(body: &Value) -> Result<Settings, ApiError> {
         None | Some(Value::Null) => {}
         Some(Value::Object(t)) => {
             if t.len() > MAX_TAGS {
-                return Err(ApiError::bad_parameter(format!("at most {MAX_TAGS} tags are allowed")));
+                return Err(ApiError::bad_parameter(format!(
+                    "at most {MAX_TAGS} tags are allowed"
+                )));
             }
             let mut tags = BTreeMap::new();
             for (k, v) in t {
-                let v = v
-                    .as_str()
-                    .ok_or_else(|| ApiError::bad_parameter(format!("tag '{k}' must have a string value")))?;
+                let v = v.as_str().ok_or_else(|| {
+                    ApiError::bad_parameter(format!("tag '{k}' must have a string value"))
+                })?;
                 if k.len() > 512 || v.len() > 256 {
-                    return Err(ApiError::bad_parameter("tag names are at most 512 and values 256 characters"));
+                    return Err(ApiError::bad_parameter(
+                        "tag names are at most 512 and values 256 characters",
+                    ));
                 }
                 tags.insert(k.clone(), v.to_string());
             }
@@ -402,11 +426,17 @@ fn settings(body: &Value) -> Result<Settings, ApiError> {
             }
             s.key_ops = Some(out);
         }
-        Some(_) => return Err(ApiError::bad_parameter("key_ops must be an array of strings")),
+        Some(_) => {
+            return Err(ApiError::bad_parameter(
+                "key_ops must be an array of strings",
+            ))
+        }
     }
     if let (Some(Some(n)), Some(Some(x))) = (s.nbf, s.exp) {
         if x <= n {
-            return Err(ApiError::bad_parameter("attributes.exp must be after attributes.nbf"));
+            return Err(ApiError::bad_parameter(
+                "attributes.exp must be after attributes.nbf",
+            ));
         }
     }
     Ok(s)
@@ -431,7 +461,13 @@ fn new_meta(st: &mut State, now: i64, s: &Settings, kty: &str) -> VersionMeta {
 }
 
 /// Adds a new version to a key (creating the key if needed).
-fn add_version(app: &App, req: &Req, name: &str, key: RsaKey, s: &Settings) -> Result<Resp, ApiError> {
+fn add_version(
+    app: &App,
+    req: &Req,
+    name: &str,
+    key: RsaKey,
+    s: &Settings,
+) -> Result<Resp, ApiError> {
     let now = app.clock.now();
     let key = Arc::new(key);
     app.store.mutate(|st, tx| {
@@ -439,7 +475,10 @@ fn add_version(app: &App, req: &Req, name: &str, key: RsaKey, s: &Settings) -> R
             return Err(deleted_conflict(name));
         }
         let meta = new_meta(st, now, s, "RSA");
-        let v = KeyVersion { meta, key: key.clone() };
+        let v = KeyVersion {
+            meta,
+            key: key.clone(),
+        };
         tx.put_version(name, &v)?;
         let e = st.keys.entry(name.to_string()).or_insert_with(|| KeyEntry {
             name: name.to_string(),
@@ -464,7 +503,11 @@ fn create(app: &App, req: &Req, name: &str) -> Result<Resp, ApiError> {
                 "kty RSA-HSM is not available: this vault keeps keys in software; use kty RSA",
             ))
         }
-        "" => return Err(ApiError::bad_parameter("kty is required; this vault creates RSA keys")),
+        "" => {
+            return Err(ApiError::bad_parameter(
+                "kty is required; this vault creates RSA keys",
+            ))
+        }
         other => {
             return Err(ApiError::bad_parameter(format!(
                 "kty '{other}' is not supported; this vault creates RSA keys"
@@ -475,7 +518,8 @@ fn create(app: &App, req: &Req, name: &str) -> Result<Resp, ApiError> {
         None | Some(Value::Null) => 2048,
         Some(v) => v
             .as_u64()
-            .ok_or_else(|| ApiError::bad_parameter("key_size must be 2048, 3072 or 4096"))? as u32,
+            .ok_or_else(|| ApiError::bad_parameter("key_size must be 2048, 3072 or 4096"))?
+            as u32,
     };
     if let Some(e) = body.get("public_exponent").filter(|v| !v.is_null()) {
         if e.as_u64() != Some(65537) {
@@ -483,7 +527,13 @@ fn create(app: &App, req: &Req, name: &str) -> Result<Resp, ApiError> {
         }
     }
     let s = settings(&body)?;
-    if app.store.snapshot().keys.get(name).is_some_and(KeyEntry::is_deleted) {
+    if app
+        .store
+        .snapshot()
+        .keys
+        .get(name)
+        .is_some_and(KeyEntry::is_deleted)
+    {
         return Err(deleted_conflict(name));
     }
     let key = RsaKey::generate(bits)?;
@@ -494,7 +544,11 @@ fn import(app: &App, req: &Req, name: &str) -> Result<Resp, ApiError> {
     let body = req.json()?;
     let key = match body.get("key") {
         Some(jwk @ Value::Object(_)) => RsaKey::from_jwk(jwk)?,
-        _ => return Err(ApiError::bad_parameter("'key' (a JSON web key with private components) is required")),
+        _ => {
+            return Err(ApiError::bad_parameter(
+                "'key' (a JSON web key with private components) is required",
+            ))
+        }
     };
     let s = settings(&body)?;
     add_version(app, req, name, key, &s)
@@ -531,7 +585,9 @@ fn update(app: &App, req: &Req, name: &str, version: &str) -> Result<Resp, ApiEr
         }
         if let (Some(n), Some(x)) = (m.nbf, m.exp) {
             if x <= n {
-                return Err(ApiError::bad_parameter("attributes.exp must be after attributes.nbf"));
+                return Err(ApiError::bad_parameter(
+                    "attributes.exp must be after attributes.nbf",
+                ));
             }
         }
         if let Some(t) = &s.tags {
@@ -592,7 +648,13 @@ fn recover(app: &App, req: &Req, name: &str) -> Result<Resp, ApiError> {
         let props = st.props.clone();
         let e = match st.keys.get_mut(name) {
             Some(e) if e.is_deleted() => e,
-            _ => return Err(ApiError::new(404, "KeyNotFound", format!("Deleted Key not found: {name}"))),
+            _ => {
+                return Err(ApiError::new(
+                    404,
+                    "KeyNotFound",
+                    format!("Deleted Key not found: {name}"),
+                ))
+            }
         };
         e.state.deleted_date = None;
         e.state.scheduled_purge_date = None;
@@ -647,7 +709,9 @@ fn page_params(req: &Req) -> Result<(usize, usize), ApiError> {
             .parse::<usize>()
             .ok()
             .filter(|m| (1..=MAX_PAGE).contains(m))
-            .ok_or_else(|| ApiError::bad_parameter(format!("maxresults must be 1 to {MAX_PAGE}")))?,
+            .ok_or_else(|| {
+                ApiError::bad_parameter(format!("maxresults must be 1 to {MAX_PAGE}"))
+            })?,
     };
     let skip = match req.query.get("$skiptoken") {
         None => 0,
@@ -662,7 +726,11 @@ fn next_link(req: &Req, path: &str, skip: usize, max: usize, total: usize) -> Va
     if skip + max >= total {
         return Value::Null;
     }
-    let api = req.query.get("api-version").map(String::as_str).unwrap_or("7.4");
+    let api = req
+        .query
+        .get("api-version")
+        .map(String::as_str)
+        .unwrap_or("7.4");
     json!(format!(
         "{}/{path}?api-version={api}&$skiptoken={}&maxresults={max}",
         req.base(),
@@ -673,7 +741,11 @@ fn next_link(req: &Req, path: &str, skip: usize, max: usize, total: usize) -> Va
 fn list_keys(app: &App, req: &Req, deleted: bool) -> Result<Resp, ApiError> {
     let (max, skip) = page_params(req)?;
     let snap = app.store.snapshot();
-    let all: Vec<&KeyEntry> = snap.keys.values().filter(|e| e.is_deleted() == deleted).collect();
+    let all: Vec<&KeyEntry> = snap
+        .keys
+        .values()
+        .filter(|e| e.is_deleted() == deleted)
+        .collect();
     let items: Vec<Value> = all
         .iter()
         .skip(skip)
@@ -696,7 +768,9 @@ fn list_keys(app: &App, req: &Req, deleted: bool) -> Result<Resp, ApiError> {
         })
         .collect();
     let path = if deleted { "deletedkeys" } else { "keys" };
-    Ok(Resp::ok(json!({"value": items, "nextLink": next_link(req, path, skip, max, all.len())})))
+    Ok(Resp::ok(
+        json!({"value": items, "nextLink": next_link(req, path, skip, max, all.len())}),
+    ))
 }
 
 fn list_versions(app: &App, req: &Req, name: &str) -> Result<Resp, ApiError> {
@@ -730,7 +804,8 @@ fn b64_field(body: &Value, field: &str) -> Result<Vec<u8>, ApiError> {
         .get(field)
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::bad_parameter(format!("'{field}' is required (base64url)")))?;
-    b64::decode(s).ok_or_else(|| ApiError::bad_parameter(format!("'{field}' is not valid base64url")))
+    b64::decode(s)
+        .ok_or_else(|| ApiError::bad_parameter(format!("'{field}' is not valid base64url")))
 }
 
 /// Refuses cryptographic use of disabled, not-yet-valid or expired keys
@@ -760,18 +835,30 @@ pub fn check_usable(m: &VersionMeta, now: i64, op: &str) -> Result<(), ApiError>
     }
     if !m.key_ops.iter().any(|o| o == op) {
         return Err(ApiError::forbidden(
-            format!("Operation {op} is not allowed by this key's key_ops ({}).", m.key_ops.join(", ")),
+            format!(
+                "Operation {op} is not allowed by this key's key_ops ({}).",
+                m.key_ops.join(", ")
+            ),
             "KeyOperationForbidden",
         ));
     }
     Ok(())
 }
 
-fn crypto_op(app: &App, req: &Req, op: Op, name: &str, version: &str, info: &mut AuditInfo) -> Result<Resp, ApiError> {
+fn crypto_op(
+    app: &App,
+    req: &Req,
+    op: Op,
+    name: &str,
+    version: &str,
+    info: &mut AuditInfo,
+) -> Result<Resp, ApiError> {
     let body = req.json()?;
     let snap = app.store.snapshot();
     let e = live_key(&snap, name)?;
-    let v = e.version(version).ok_or_else(|| version_not_found(name, version))?;
+    let v = e
+        .version(version)
+        .ok_or_else(|| version_not_found(name, version))?;
     info.key_version = Some(v.meta.version.clone());
     let key_op = op.key_op().expect("crypto op");
     check_usable(&v.meta, app.clock.now(), key_op)?;
@@ -809,7 +896,9 @@ fn crypto_op(app: &App, req: &Req, op: Op, name: &str, version: &str, info: &mut
             let alg = SignAlg::parse(alg_s)?;
             let digest = b64_field(&body, "digest")?;
             let sig = b64_field(&body, "value")?;
-            Ok(Resp::ok(json!({"value": v.key.verify(alg, &digest, &sig)?})))
+            Ok(Resp::ok(
+                json!({"value": v.key.verify(alg, &digest, &sig)?}),
+            ))
         }
         _ => unreachable!("not a crypto op"),
     }
@@ -834,11 +923,32 @@ mod tests {
             kty: "RSA".into(),
         };
         assert!(check_usable(&m, 150, "wrapKey").is_ok());
-        assert_eq!(check_usable(&m, 50, "wrapKey").unwrap_err().inner.as_deref(), Some("KeyNotYetValid"));
-        assert_eq!(check_usable(&m, 200, "wrapKey").unwrap_err().inner.as_deref(), Some("KeyExpired"));
-        assert_eq!(check_usable(&m, 150, "sign").unwrap_err().inner.as_deref(), Some("KeyOperationForbidden"));
+        assert_eq!(
+            check_usable(&m, 50, "wrapKey")
+                .unwrap_err()
+                .inner
+                .as_deref(),
+            Some("KeyNotYetValid")
+        );
+        assert_eq!(
+            check_usable(&m, 200, "wrapKey")
+                .unwrap_err()
+                .inner
+                .as_deref(),
+            Some("KeyExpired")
+        );
+        assert_eq!(
+            check_usable(&m, 150, "sign").unwrap_err().inner.as_deref(),
+            Some("KeyOperationForbidden")
+        );
         m.enabled = false;
-        assert_eq!(check_usable(&m, 150, "wrapKey").unwrap_err().inner.as_deref(), Some("KeyDisabled"));
+        assert_eq!(
+            check_usable(&m, 150, "wrapKey")
+                .unwrap_err()
+                .inner
+                .as_deref(),
+            Some("KeyDisabled")
+        );
     }
 
     #[test]
@@ -847,7 +957,8 @@ mod tests {
         assert!(settings(&json!({"attributes": {"nbf": 10, "exp": 5}})).is_err());
         assert!(settings(&json!({"key_ops": ["fly"]})).is_err());
         assert!(settings(&json!({"tags": {"a": 1}})).is_err());
-        let s = settings(&json!({"key_ops": ["WRAPKEY", "unwrapKey"], "tags": {"a": "b"}})).unwrap();
+        let s =
+            settings(&json!({"key_ops": ["WRAPKEY", "unwrapKey"], "tags": {"a": "b"}})).unwrap();
         assert_eq!(s.key_ops.unwrap(), vec!["wrapKey", "unwrapKey"]);
         assert!(validate_name("ok-name-1").is_ok());
         assert!(validate_name("bad_name").is_err());

@@ -53,7 +53,9 @@ fn chain_head(path: &Path) -> Result<(u64, String), VaultError> {
         Some(l) => {
             let v: Value = serde_json::from_str(&l)
                 .map_err(|_| VaultError::Audit("last audit line is not JSON".into()))?;
-            let seq = v["seq"].as_u64().ok_or_else(|| VaultError::Audit("last line has no seq".into()))?;
+            let seq = v["seq"]
+                .as_u64()
+                .ok_or_else(|| VaultError::Audit("last line has no seq".into()))?;
             let hash = v["hash"]
                 .as_str()
                 .ok_or_else(|| VaultError::Audit("last line has no hash".into()))?;
@@ -208,7 +210,9 @@ pub fn verify(path: &Path) -> Result<VerifyReport, VaultError> {
             Err(_) => return fail("not valid JSON"),
         };
         if v["prevHash"].as_str() != Some(prev.as_str()) {
-            return fail("prevHash does not match the previous line (line removed, inserted or reordered)");
+            return fail(
+                "prevHash does not match the previous line (line removed, inserted or reordered)",
+            );
         }
         if v["seq"].as_u64() != Some(expected_seq) {
             return fail(&format!(
@@ -237,7 +241,9 @@ mod tests {
         let log = AuditLog::open(path).unwrap();
         rt.block_on(async {
             for i in 0..n {
-                log.write(json!({"operationName": "KeyGet", "i": i})).await.unwrap();
+                log.write(json!({"operationName": "KeyGet", "i": i}))
+                    .await
+                    .unwrap();
             }
         });
     }
@@ -249,7 +255,13 @@ mod tests {
         write_n(&p, 3);
         write_n(&p, 2);
         let r = verify(&p).unwrap();
-        assert_eq!(r, VerifyReport { lines: 5, error: None });
+        assert_eq!(
+            r,
+            VerifyReport {
+                lines: 5,
+                error: None
+            }
+        );
     }
 
     #[test]
@@ -280,7 +292,9 @@ mod tests {
         let log = AuditLog::open(&p).unwrap();
         std::fs::create_dir(&p).unwrap();
         assert!(log.probe().is_err());
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let err = rt.block_on(log.write(json!({"a": 1}))).unwrap_err();
         assert!(matches!(err, VaultError::Audit(_)));
         assert!(log.failure().is_some());

@@ -51,11 +51,10 @@ pub enum TokenError {
 impl TokenSigner {
     pub fn from_pkcs8(pkcs8: &[u8]) -> Option<Self> {
         let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8).ok()?;
-        let kid = hex::encode(&aws_lc_rs::digest::digest(
-            &aws_lc_rs::digest::SHA256,
-            key.public_key().as_ref(),
-        )
-        .as_ref()[..8]);
+        let kid = hex::encode(
+            &aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.public_key().as_ref())
+                .as_ref()[..8],
+        );
         Some(TokenSigner { key, kid })
     }
 
@@ -76,7 +75,14 @@ impl TokenSigner {
         }]})
     }
 
-    pub fn issue(&self, issuer: &str, tenant: &str, client_id: &str, now: i64, lifetime: i64) -> String {
+    pub fn issue(
+        &self,
+        issuer: &str,
+        tenant: &str,
+        client_id: &str,
+        now: i64,
+        lifetime: i64,
+    ) -> String {
         let header = json!({"alg": "ES256", "typ": "JWT", "kid": self.kid});
         let claims = json!({
             "aud": AUDIENCE, "iss": issuer, "iat": now, "nbf": now, "exp": now + lifetime,
@@ -97,7 +103,8 @@ impl TokenSigner {
 
     pub fn verify(&self, token: &str, tenant: &str, now: i64) -> Result<Claims, TokenError> {
         let mut parts = token.split('.');
-        let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(h), Some(c), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(TokenError::Malformed);
         };
@@ -168,12 +175,18 @@ mod tests {
         let t = s.issue("iss", "tenant-a", "client-1", 1000, 600);
         let c = s.verify(&t, "tenant-a", 1001).unwrap();
         assert_eq!(c.client_id, "client-1");
-        assert_eq!(s.verify(&t, "tenant-b", 1001), Err(TokenError::WrongTenant("tenant-a".into())));
+        assert_eq!(
+            s.verify(&t, "tenant-b", 1001),
+            Err(TokenError::WrongTenant("tenant-a".into()))
+        );
         assert_eq!(s.verify(&t, "tenant-a", 1600), Err(TokenError::Expired));
         assert_eq!(s.verify(&t, "tenant-a", 999), Err(TokenError::NotYetValid));
         // Another vault's signer: forged from our point of view.
         let other = signer().issue("iss", "tenant-a", "client-1", 1000, 600);
-        assert_eq!(s.verify(&other, "tenant-a", 1001), Err(TokenError::BadSignature));
+        assert_eq!(
+            s.verify(&other, "tenant-a", 1001),
+            Err(TokenError::BadSignature)
+        );
         // Tampered claims keep the old signature.
         let parts: Vec<&str> = t.split('.').collect();
         let forged_claims = b64::encode(
@@ -182,10 +195,19 @@ mod tests {
                 .as_bytes(),
         );
         let forged = format!("{}.{}.{}", parts[0], forged_claims, parts[2]);
-        assert_eq!(s.verify(&forged, "tenant-a", 1001), Err(TokenError::BadSignature));
+        assert_eq!(
+            s.verify(&forged, "tenant-a", 1001),
+            Err(TokenError::BadSignature)
+        );
         let none = format!("{}.{}.", b64::encode(br#"{"alg":"none"}"#), forged_claims);
-        assert_eq!(s.verify(&none, "tenant-a", 1001), Err(TokenError::WrongAlgorithm("none".into())));
-        assert_eq!(s.verify("abc", "tenant-a", 1001), Err(TokenError::Malformed));
+        assert_eq!(
+            s.verify(&none, "tenant-a", 1001),
+            Err(TokenError::WrongAlgorithm("none".into()))
+        );
+        assert_eq!(
+            s.verify("abc", "tenant-a", 1001),
+            Err(TokenError::Malformed)
+        );
     }
 
     #[test]

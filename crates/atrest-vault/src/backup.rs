@@ -62,7 +62,9 @@ pub fn restore(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiEr
         .and_then(Value::as_str)
         .and_then(b64::decode)
         .ok_or_else(|| ApiError::bad_parameter("'value' must be a base64url backup blob"))?;
-    let bad = || ApiError::bad_parameter("the backup blob is malformed or was not made by an atrest vault");
+    let bad = || {
+        ApiError::bad_parameter("the backup blob is malformed or was not made by an atrest vault")
+    };
     if blob.len() < MAGIC.len() + 2 || &blob[..MAGIC.len()] != MAGIC {
         return Err(bad());
     }

@@ -248,7 +248,10 @@ impl Conn {
         let url = match (&self.url, &self.data) {
             (Some(u), _) => u.clone(),
             (None, Some(d)) => read_trim(&d.join("vault.url")).map_err(|_| {
-                CliError::Usage(format!("no running vault found ({} missing); start it or pass --url", d.join("vault.url").display()))
+                CliError::Usage(format!(
+                    "no running vault found ({} missing); start it or pass --url",
+                    d.join("vault.url").display()
+                ))
             })?,
             _ => return Err(CliError::Usage("pass --data DIR or --url URL".into())),
         };
@@ -275,20 +278,23 @@ fn print(v: &Value) {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -329,7 +335,10 @@ pub fn run(args: VaultArgs) -> Result<ExitCode, CliError> {
         }
         VaultCommand::InitKey { out } => {
             crate::seal::MasterKey::create_key_file(&out)?;
-            eprintln!("wrote a new unseal key to {} (mode 0600); keep it away from the data directory", out.display());
+            eprintln!(
+                "wrote a new unseal key to {} (mode 0600); keep it away from the data directory",
+                out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         VaultCommand::Audit(AuditCommand::Verify { file, data }) => {
@@ -345,14 +354,22 @@ pub fn run(args: VaultArgs) -> Result<ExitCode, CliError> {
                     Ok(ExitCode::SUCCESS)
                 }
                 Some((line, why)) => {
-                    println!("audit log {} is broken at line {line}: {why}", path.display());
+                    println!(
+                        "audit log {} is broken at line {line}: {why}",
+                        path.display()
+                    );
                     Ok(ExitCode::from(1))
                 }
             }
         }
         VaultCommand::Bench(b) => {
             let rt = runtime()?;
-            let out = rt.block_on(crate::testkit::bench_unwrap(&b.conn, b.concurrency, b.seconds, b.key_size))?;
+            let out = rt.block_on(crate::testkit::bench_unwrap(
+                &b.conn,
+                b.concurrency,
+                b.seconds,
+                b.key_size,
+            ))?;
             println!("{}", serde_json::to_string(&out).unwrap_or_default());
             println!(
                 "unwrapKey RSA-{} over HTTPS: {:.0} ops/s with {} clients, p50 {:.2} ms, p99 {:.2} ms, {} errors",
@@ -378,7 +395,13 @@ pub fn run(args: VaultArgs) -> Result<ExitCode, CliError> {
 
 async fn admin_command(cmd: VaultCommand) -> Result<Value, CliError> {
     Ok(match cmd {
-        VaultCommand::Identity(IdentityCommand::Create { conn, name, managed, permissions, bypass_firewall }) => {
+        VaultCommand::Identity(IdentityCommand::Create {
+            conn,
+            name,
+            managed,
+            permissions,
+            bypass_firewall,
+        }) => {
             conn.admin()?
                 .call(
                     Method::POST,
@@ -392,34 +415,68 @@ async fn admin_command(cmd: VaultCommand) -> Result<Value, CliError> {
                 )
                 .await?
         }
-        VaultCommand::Identity(IdentityCommand::List { conn }) => conn.admin()?.call(Method::GET, "/identities", None).await?,
+        VaultCommand::Identity(IdentityCommand::List { conn }) => {
+            conn.admin()?.call(Method::GET, "/identities", None).await?
+        }
         VaultCommand::Identity(IdentityCommand::Delete { conn, client_id }) => {
-            conn.admin()?.call(Method::DELETE, &format!("/identities/{client_id}"), None).await?;
+            conn.admin()?
+                .call(Method::DELETE, &format!("/identities/{client_id}"), None)
+                .await?;
             json!({"deleted": client_id})
         }
-        VaultCommand::Policy(PolicyCommand::Set { conn, client_id, permissions, bypass_firewall }) => {
+        VaultCommand::Policy(PolicyCommand::Set {
+            conn,
+            client_id,
+            permissions,
+            bypass_firewall,
+        }) => {
             let mut body = json!({"permissions": {"keys": permissions}});
             if let Some(b) = bypass_firewall {
                 body["bypassFirewall"] = json!(b);
             }
             conn.admin()?
-                .call(Method::PUT, &format!("/identities/{client_id}/policy"), Some(body))
+                .call(
+                    Method::PUT,
+                    &format!("/identities/{client_id}/policy"),
+                    Some(body),
+                )
                 .await?
         }
-        VaultCommand::Firewall(FirewallCommand::Show { conn }) => conn.admin()?.call(Method::GET, "/firewall", None).await?,
-        VaultCommand::Firewall(FirewallCommand::Set { conn, default, allow }) => {
+        VaultCommand::Firewall(FirewallCommand::Show { conn }) => {
+            conn.admin()?.call(Method::GET, "/firewall", None).await?
+        }
+        VaultCommand::Firewall(FirewallCommand::Set {
+            conn,
+            default,
+            allow,
+        }) => {
             conn.admin()?
-                .call(Method::PUT, "/firewall", Some(json!({"defaultAction": default, "ipRules": allow})))
+                .call(
+                    Method::PUT,
+                    "/firewall",
+                    Some(json!({"defaultAction": default, "ipRules": allow})),
+                )
                 .await?
         }
         VaultCommand::Lock(LockCommand::Set { conn, key }) => {
-            conn.admin()?.call(Method::PUT, &format!("/locks/{key}"), None).await?
+            conn.admin()?
+                .call(Method::PUT, &format!("/locks/{key}"), None)
+                .await?
         }
         VaultCommand::Lock(LockCommand::Remove { conn, key }) => {
-            conn.admin()?.call(Method::DELETE, &format!("/locks/{key}"), None).await?
+            conn.admin()?
+                .call(Method::DELETE, &format!("/locks/{key}"), None)
+                .await?
         }
-        VaultCommand::Props(PropsCommand::Show { conn }) => conn.admin()?.call(Method::GET, "/vault", None).await?,
-        VaultCommand::Props(PropsCommand::Set { conn, retention_days, purge_protection, allow_rsa15 }) => {
+        VaultCommand::Props(PropsCommand::Show { conn }) => {
+            conn.admin()?.call(Method::GET, "/vault", None).await?
+        }
+        VaultCommand::Props(PropsCommand::Set {
+            conn,
+            retention_days,
+            purge_protection,
+            allow_rsa15,
+        }) => {
             let mut body = json!({});
             if let Some(d) = retention_days {
                 body["softDeleteRetentionDays"] = json!(d);
@@ -430,11 +487,17 @@ async fn admin_command(cmd: VaultCommand) -> Result<Value, CliError> {
             if let Some(b) = allow_rsa15 {
                 body["allowRsa15"] = json!(b);
             }
-            conn.admin()?.call(Method::PATCH, "/vault", Some(body)).await?
+            conn.admin()?
+                .call(Method::PATCH, "/vault", Some(body))
+                .await?
         }
         VaultCommand::Clock { conn, advance_secs } => {
             conn.admin()?
-                .call(Method::POST, "/clock", Some(json!({"advanceSeconds": advance_secs})))
+                .call(
+                    Method::POST,
+                    "/clock",
+                    Some(json!({"advanceSeconds": advance_secs})),
+                )
                 .await?
         }
         _ => Value::Null,

@@ -103,8 +103,7 @@ impl RawResponse {
                 .unwrap_or("")
                 .to_string(),
             inner: self.inner_code().map(str::to_string),
-            message: self
-                .body["error"]["message"]
+            message: self.body["error"]["message"]
                 .as_str()
                 .or_else(|| self.body["error_description"].as_str())
                 .unwrap_or("")
@@ -186,11 +185,29 @@ impl std::fmt::Debug for VaultClient {
 impl VaultClient {
     /// `base` is the vault URL (`https://host:port`), `ca_pem` the CA that
     /// signed its certificate.
-    pub fn new(base: &str, ca_pem: &[u8], tenant: &str, client_id: &str, client_secret: &str) -> Result<Self, ClientError> {
-        Self::with_http(http_client(ca_pem, None)?, base, tenant, client_id, client_secret)
+    pub fn new(
+        base: &str,
+        ca_pem: &[u8],
+        tenant: &str,
+        client_id: &str,
+        client_secret: &str,
+    ) -> Result<Self, ClientError> {
+        Self::with_http(
+            http_client(ca_pem, None)?,
+            base,
+            tenant,
+            client_id,
+            client_secret,
+        )
     }
 
-    pub fn with_http(http: reqwest::Client, base: &str, tenant: &str, client_id: &str, client_secret: &str) -> Result<Self, ClientError> {
+    pub fn with_http(
+        http: reqwest::Client,
+        base: &str,
+        tenant: &str,
+        client_id: &str,
+        client_secret: &str,
+    ) -> Result<Self, ClientError> {
         Ok(VaultClient {
             http,
             base: base.trim_end_matches('/').to_string(),
@@ -255,22 +272,39 @@ impl VaultClient {
     }
 
     /// Calls `path` (e.g. `/keys/k1/create`) with a fresh or cached token.
-    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, ClientError> {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, ClientError> {
         let tok = self.token().await?;
         let sep = if path.contains('?') { '&' } else { '?' };
         let url = format!("{}{path}{sep}api-version={API_VERSION}", self.base);
         let body = body.map(|b| serde_json::to_vec(&b).expect("serialize"));
-        send(&self.http, method, &url, Some(&tok), body).await?.into_result()
+        send(&self.http, method, &url, Some(&tok), body)
+            .await?
+            .into_result()
     }
 
     /// The key bundle (public JWK and attributes); `version` None = current.
     pub async fn get_key(&self, name: &str, version: Option<&str>) -> Result<Value, ClientError> {
-        self.call(Method::GET, &format!("/keys/{name}/{}", version.unwrap_or("")), None)
-            .await
+        self.call(
+            Method::GET,
+            &format!("/keys/{name}/{}", version.unwrap_or("")),
+            None,
+        )
+        .await
     }
 
     /// Wraps `plaintext` server-side; returns the key id used and the result.
-    pub async fn wrap_key(&self, name: &str, version: Option<&str>, alg: &str, plaintext: &[u8]) -> Result<(String, Vec<u8>), ClientError> {
+    pub async fn wrap_key(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        alg: &str,
+        plaintext: &[u8],
+    ) -> Result<(String, Vec<u8>), ClientError> {
         let v = self
             .call(
                 Method::POST,
@@ -287,7 +321,13 @@ impl VaultClient {
     }
 
     /// Unwraps with a specific key version (the one recorded at wrap time).
-    pub async fn unwrap_key(&self, name: &str, version: &str, alg: &str, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, ClientError> {
+    pub async fn unwrap_key(
+        &self,
+        name: &str,
+        version: &str,
+        alg: &str,
+        wrapped: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, ClientError> {
         let v = self
             .call(
                 Method::POST,
@@ -323,7 +363,12 @@ impl AdminClient {
         })
     }
 
-    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, ClientError> {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, ClientError> {
         let url = format!("{}/admin{path}", self.base);
         let body = body.map(|b| serde_json::to_vec(&b).expect("serialize"));
         send(&self.http, method, &url, Some(&self.token), body)
@@ -332,7 +377,11 @@ impl AdminClient {
     }
 
     /// Creates an identity; returns `(client_id, client_secret)`.
-    pub async fn create_identity(&self, name: &str, permissions: &[&str]) -> Result<(String, String), ClientError> {
+    pub async fn create_identity(
+        &self,
+        name: &str,
+        permissions: &[&str],
+    ) -> Result<(String, String), ClientError> {
         let v = self
             .call(
                 Method::POST,

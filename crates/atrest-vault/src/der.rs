@@ -78,7 +78,10 @@ pub fn rsa_public_components(der: &[u8]) -> Result<(Vec<u8>, Vec<u8>), DerError>
     if seq.len() != 2 || seq[0].tag != 0x02 || seq[1].tag != 0x02 {
         return Err(DerError);
     }
-    Ok((unsigned(seq[0].value).to_vec(), unsigned(seq[1].value).to_vec()))
+    Ok((
+        unsigned(seq[0].value).to_vec(),
+        unsigned(seq[1].value).to_vec(),
+    ))
 }
 
 pub fn encode(tag: u8, value: &[u8]) -> Vec<u8> {

@@ -99,7 +99,9 @@ impl From<VaultError> for ApiError {
             VaultError::Audit(m) => ApiError::new(
                 503,
                 "AuditLogUnavailable",
-                format!("the operation was refused because its audit record could not be written: {m}"),
+                format!(
+                    "the operation was refused because its audit record could not be written: {m}"
+                ),
             ),
             // Storage and crypto internals are logged, not echoed: they can
             // carry paths and states an unauthenticated caller should not see.

@@ -42,7 +42,11 @@ fn in_range(ip: IpAddr, net: IpAddr, len: u8) -> bool {
             (u32::from(a) & mask) == (u32::from(b) & mask)
         }
         (IpAddr::V6(a), IpAddr::V6(b)) => {
-            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
             (u128::from(a) & mask) == (u128::from(b) & mask)
         }
         _ => false,

@@ -136,7 +136,8 @@ impl RsaKey {
                 )))
             }
         };
-        let kp = KeyPair::generate(size).map_err(|_| ApiError::internal("RSA key generation failed"))?;
+        let kp =
+            KeyPair::generate(size).map_err(|_| ApiError::internal("RSA key generation failed"))?;
         let der = kp
             .as_der()
             .map_err(|_| ApiError::internal("RSA key encoding failed"))?;
@@ -190,7 +191,9 @@ impl RsaKey {
                 ))
             })?;
             b64::decode(s).map(Zeroizing::new).ok_or_else(|| {
-                ApiError::bad_parameter(format!("the JSON web key field '{name}' is not valid base64url"))
+                ApiError::bad_parameter(format!(
+                    "the JSON web key field '{name}' is not valid base64url"
+                ))
             })
         };
         let (n, e) = (field("n")?, field("e")?);
@@ -364,7 +367,9 @@ pub fn pkcs8_from_pem_or_der(bytes: &[u8]) -> Result<Zeroizing<Vec<u8>>, ApiErro
                 Err(_) => return Err(ApiError::bad_parameter("the PEM file is malformed")),
             }
         }
-        Err(ApiError::bad_parameter("no 'PRIVATE KEY' block found in the PEM file"))
+        Err(ApiError::bad_parameter(
+            "no 'PRIVATE KEY' block found in the PEM file",
+        ))
     } else {
         Ok(Zeroizing::new(bytes.to_vec()))
     }
@@ -386,7 +391,10 @@ mod tests {
         for alg in [EncAlg::RsaOaep256, EncAlg::RsaOaep, EncAlg::Rsa15] {
             let ct = k.encrypt(alg, b"0123456789abcdef0123456789abcdef").unwrap();
             assert_eq!(ct.len(), 256);
-            assert_eq!(&k.decrypt(alg, &ct).unwrap()[..], b"0123456789abcdef0123456789abcdef");
+            assert_eq!(
+                &k.decrypt(alg, &ct).unwrap()[..],
+                b"0123456789abcdef0123456789abcdef"
+            );
         }
     }
 
@@ -395,9 +403,15 @@ mod tests {
         let k = key();
         let ct = k.encrypt(EncAlg::RsaOaep256, b"dek").unwrap();
         assert_eq!(k.decrypt(EncAlg::RsaOaep, &ct).unwrap_err().status, 400);
-        assert_eq!(k.decrypt(EncAlg::RsaOaep256, &ct[1..]).unwrap_err().status, 400);
+        assert_eq!(
+            k.decrypt(EncAlg::RsaOaep256, &ct[1..]).unwrap_err().status,
+            400
+        );
         let too_long = vec![1u8; 191];
-        assert_eq!(k.encrypt(EncAlg::RsaOaep256, &too_long).unwrap_err().status, 400);
+        assert_eq!(
+            k.encrypt(EncAlg::RsaOaep256, &too_long).unwrap_err().status,
+            400
+        );
         assert!(k.encrypt(EncAlg::RsaOaep256, &too_long[..190]).is_ok());
         assert_eq!(k.encrypt(EncAlg::RsaOaep256, b"").unwrap_err().status, 400);
     }

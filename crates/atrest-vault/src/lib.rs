@@ -81,7 +81,10 @@ fn write_atomic(path: &Path, contents: &[u8], private: bool) -> Result<(), Vault
 }
 
 /// Starts the vault and serves until `shutdown` resolves.
-pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<(), VaultError> {
+pub async fn serve(
+    opts: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), VaultError> {
     std::fs::create_dir_all(&opts.data)?;
     {
         use std::os::unix::fs::PermissionsExt;
@@ -120,7 +123,11 @@ pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output
             let f = tls::ensure_generated(&data, &opts.hostnames)?;
             tls::server_config(&f.cert, &f.key)?
         }
-        _ => return Err(VaultError::Tls("--tls-cert and --tls-key go together".into())),
+        _ => {
+            return Err(VaultError::Tls(
+                "--tls-cert and --tls-key go together".into(),
+            ))
+        }
     };
     let audit = audit::AuditLog::open(&data.join("audit.log"))?;
     audit.probe()?;
@@ -145,7 +152,10 @@ pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output
     };
     write_atomic(&url_file, format!("https://{host}\n").as_bytes(), false)?;
     tracing::info!(%local, tenant = %app.store.snapshot().props.tenant_id, "vault listening");
-    eprintln!("atrest vault listening on https://{host} (tenant {})", app.store.snapshot().props.tenant_id);
+    eprintln!(
+        "atrest vault listening on https://{host} (tenant {})",
+        app.store.snapshot().props.tenant_id
+    );
     server::serve(app, listener, tls_cfg, shutdown).await;
     let _ = std::fs::remove_file(&url_file);
     Ok(())

@@ -28,12 +28,16 @@ impl Metrics {
         out.push_str("# TYPE atrest_vault_requests_total counter\n");
         let m = self.requests.lock().expect("lock");
         for ((op, st), (n, _)) in m.iter() {
-            out.push_str(&format!("atrest_vault_requests_total{{operation=\"{op}\",status=\"{st}\"}} {n}\n"));
+            out.push_str(&format!(
+                "atrest_vault_requests_total{{operation=\"{op}\",status=\"{st}\"}} {n}\n"
+            ));
         }
         out.push_str("# HELP atrest_vault_request_seconds_sum Total time spent per operation.\n");
         out.push_str("# TYPE atrest_vault_request_seconds_sum counter\n");
         for ((op, st), (_, s)) in m.iter() {
-            out.push_str(&format!("atrest_vault_request_seconds_sum{{operation=\"{op}\",status=\"{st}\"}} {s:.6}\n"));
+            out.push_str(&format!(
+                "atrest_vault_request_seconds_sum{{operation=\"{op}\",status=\"{st}\"}} {s:.6}\n"
+            ));
         }
         drop(m);
         out.push_str("# TYPE atrest_vault_audit_failures_total counter\n");
@@ -44,10 +48,18 @@ impl Metrics {
         let snap = app.store.snapshot();
         let deleted = snap.keys.values().filter(|k| k.is_deleted()).count();
         out.push_str("# TYPE atrest_vault_keys gauge\n");
-        out.push_str(&format!("atrest_vault_keys{{state=\"active\"}} {}\n", snap.keys.len() - deleted));
-        out.push_str(&format!("atrest_vault_keys{{state=\"deleted\"}} {deleted}\n"));
+        out.push_str(&format!(
+            "atrest_vault_keys{{state=\"active\"}} {}\n",
+            snap.keys.len() - deleted
+        ));
+        out.push_str(&format!(
+            "atrest_vault_keys{{state=\"deleted\"}} {deleted}\n"
+        ));
         out.push_str("# TYPE atrest_vault_identities gauge\n");
-        out.push_str(&format!("atrest_vault_identities {}\n", snap.identities.len()));
+        out.push_str(&format!(
+            "atrest_vault_identities {}\n",
+            snap.identities.len()
+        ));
         out.push_str("# TYPE atrest_vault_audit_healthy gauge\n");
         out.push_str(&format!(
             "atrest_vault_audit_healthy {}\n",

@@ -45,7 +45,10 @@ impl MasterKey {
     /// Reads a key file: 64 hex characters (what `init-key` writes).
     pub fn from_key_file(path: &Path) -> Result<Self, VaultError> {
         let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
-            VaultError::Unseal(format!("cannot read unseal key file {}: {e}", path.display()))
+            VaultError::Unseal(format!(
+                "cannot read unseal key file {}: {e}",
+                path.display()
+            ))
         })?);
         let bytes = Zeroizing::new(hex::decode(text.trim()).map_err(|_| {
             VaultError::Unseal(format!("unseal key file {} is not hex", path.display()))

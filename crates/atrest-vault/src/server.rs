@@ -60,13 +60,17 @@ impl Req {
     }
     pub fn json(&self) -> Result<Value, ApiError> {
         if self.body.is_empty() {
-            return Err(ApiError::bad_parameter("the request body is missing; a JSON object is required"));
+            return Err(ApiError::bad_parameter(
+                "the request body is missing; a JSON object is required",
+            ));
         }
         let v: Value = serde_json::from_slice(&self.body).map_err(|e| {
             ApiError::bad_parameter(format!("the request body is not valid JSON: {e}"))
         })?;
         if !v.is_object() {
-            return Err(ApiError::bad_parameter("the request body must be a JSON object"));
+            return Err(ApiError::bad_parameter(
+                "the request body must be a JSON object",
+            ));
         }
         Ok(v)
     }
@@ -105,8 +109,7 @@ pub struct AuditInfo {
 fn sanitize_host(h: &str) -> Option<String> {
     let ok = !h.is_empty()
         && h.len() < 256
-        && h
-            .chars()
+        && h.chars()
             .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c));
     ok.then(|| h.to_string())
 }
@@ -118,7 +121,11 @@ fn url_decode(s: &str) -> String {
         .unwrap_or_default()
 }
 
-async fn read_request(req: Request<Incoming>, peer: SocketAddr, listen: SocketAddr) -> Result<Req, ApiError> {
+async fn read_request(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    listen: SocketAddr,
+) -> Result<Req, ApiError> {
     let (parts, body) = req.into_parts();
     if let Some(len) = parts
         .headers
@@ -134,7 +141,9 @@ async fn read_request(req: Request<Incoming>, peer: SocketAddr, listen: SocketAd
         .collect()
         .await
         .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 too_large()
             } else {
                 ApiError::bad_request("the request body could not be read")
@@ -196,15 +205,24 @@ fn too_large() -> ApiError {
     )
 }
 
-fn json_response(status: u16, body: Option<&Value>, extra: &[(String, String)], corr: &str) -> Response<Full<Bytes>> {
+fn json_response(
+    status: u16,
+    body: Option<&Value>,
+    extra: &[(String, String)],
+    corr: &str,
+) -> Response<Full<Bytes>> {
     let bytes = body
         .map(|b| Bytes::from(serde_json::to_vec(b).expect("serialize")))
         .unwrap_or_default();
     let mut r = Response::new(Full::new(bytes));
-    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    *r.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
     let h = r.headers_mut();
     if body.is_some() {
-        h.insert("content-type", HeaderValue::from_static("application/json; charset=utf-8"));
+        h.insert(
+            "content-type",
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
     }
     if let Ok(v) = HeaderValue::from_str(corr) {
         h.insert("x-ms-request-id", v);
@@ -223,7 +241,8 @@ fn json_response(status: u16, body: Option<&Value>, extra: &[(String, String)], 
 fn text_response(status: u16, ctype: &'static str, text: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(text)));
     *r.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
-    r.headers_mut().insert("content-type", HeaderValue::from_static(ctype));
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static(ctype));
     r
 }
 
@@ -256,7 +275,9 @@ impl App {
         let claims = self
             .signer
             .verify(token, tenant, self.clock.now())
-            .map_err(|e: TokenError| unauthorized(req, tenant, format!("AKV10032: Invalid token: {e}.")))?;
+            .map_err(|e: TokenError| {
+                unauthorized(req, tenant, format!("AKV10032: Invalid token: {e}."))
+            })?;
         let Some(id) = snap.identities.get(&claims.client_id) else {
             return Err(unauthorized(
                 req,
@@ -277,7 +298,14 @@ impl App {
         Ok(id.clone())
     }
 
-    fn audit_record(&self, req: &Req, info: &AuditInfo, status: u16, err: Option<&ApiError>, started: Instant) -> Value {
+    fn audit_record(
+        &self,
+        req: &Req,
+        info: &AuditInfo,
+        status: u16,
+        err: Option<&ApiError>,
+        started: Instant,
+    ) -> Value {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_millis())
@@ -314,7 +342,11 @@ impl App {
         })
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Full<Bytes>> {
         let started = Instant::now();
         let req = match read_request(req, peer, self.listen).await {
             Ok(r) => r,
@@ -337,25 +369,41 @@ impl App {
             Err(e) => Err(ApiError::from(e)),
             Ok(()) => {
                 let app = self.clone();
-                let (res, info2, req2) = tokio::task::spawn_blocking(move || {
+                let joined = tokio::task::spawn_blocking(move || {
                     let res = app.dispatch(&req, &mut info);
                     (res, info, req)
                 })
-                .await
-                .unwrap_or_else(|_| panic!("request handler panicked"));
-                info = info2;
-                return self.finish(req2, info, res, started).await;
+                .await;
+                return match joined {
+                    Ok((res, info, req)) => self.finish(req, info, res, started).await,
+                    Err(_) => {
+                        // A bug, not bad input: answer 500 without details.
+                        let e = ApiError::internal("internal error; see the vault's log");
+                        tracing::error!("request handler panicked");
+                        json_response(e.status, Some(&e.body()), &[], "-")
+                    }
+                };
             }
         };
         self.finish(req, info, result, started).await
     }
 
-    async fn finish(&self, req: Req, info: AuditInfo, res: Result<Resp, ApiError>, started: Instant) -> Response<Full<Bytes>> {
+    async fn finish(
+        &self,
+        req: Req,
+        info: AuditInfo,
+        res: Result<Resp, ApiError>,
+        started: Instant,
+    ) -> Response<Full<Bytes>> {
         let (status, err) = match &res {
             Ok(r) => (r.status, None),
             Err(e) => (e.status, Some(e)),
         };
-        let op = if info.operation.is_empty() { "Unknown" } else { info.operation.as_str() };
+        let op = if info.operation.is_empty() {
+            "Unknown"
+        } else {
+            info.operation.as_str()
+        };
         let rec = self.audit_record(&req, &info, status, err, started);
         if let Err(e) = self.audit.write(rec).await {
             self.metrics.audit_failure();
@@ -375,12 +423,20 @@ impl App {
         );
         match res {
             Ok(r) => json_response(r.status, r.body.as_ref(), &[], &req.correlation_id),
-            Err(e) => json_response(e.status, Some(&e.body()), &e.headers, &req.correlation_id),
+            Err(e) => {
+                let body = crate::admin::token_error_body(&e).unwrap_or_else(|| e.body());
+                json_response(e.status, Some(&body), &e.headers, &req.correlation_id)
+            }
         }
     }
 
     fn health(&self) -> Response<Full<Bytes>> {
-        let audit = self.audit.probe().err().map(|e| e.to_string()).or_else(|| self.audit.failure());
+        let audit = self
+            .audit
+            .probe()
+            .err()
+            .map(|e| e.to_string())
+            .or_else(|| self.audit.failure());
         match audit {
             None => json_response(200, Some(&json!({"status": "ok"})), &[], "-"),
             Some(why) => json_response(
@@ -404,19 +460,20 @@ impl App {
     /// Purges soft-deleted keys whose scheduled purge date has passed.
     pub fn purge_expired(&self) -> Result<Vec<String>, VaultError> {
         let now = self.clock.now();
-        self.store.mutate(|st, tx| -> Result<Vec<String>, VaultError> {
-            let due: Vec<String> = st
-                .keys
-                .values()
-                .filter(|e| e.state.scheduled_purge_date.is_some_and(|d| d <= now))
-                .map(|e| e.name.clone())
-                .collect();
-            for n in &due {
-                tx.delete_key(n)?;
-                st.keys.remove(n);
-            }
-            Ok(due)
-        })
+        self.store
+            .mutate(|st, tx| -> Result<Vec<String>, VaultError> {
+                let due: Vec<String> = st
+                    .keys
+                    .values()
+                    .filter(|e| e.state.scheduled_purge_date.is_some_and(|d| d <= now))
+                    .map(|e| e.name.clone())
+                    .collect();
+                for n in &due {
+                    tx.delete_key(n)?;
+                    st.keys.remove(n);
+                }
+                Ok(due)
+            })
     }
 }
 
@@ -438,7 +495,9 @@ pub async fn serve(
                 tick.tick().await;
                 let a = app.clone();
                 match tokio::task::spawn_blocking(move || a.purge_expired()).await {
-                    Ok(Ok(p)) if !p.is_empty() => tracing::info!(purged = ?p, "purged expired soft-deleted keys"),
+                    Ok(Ok(p)) if !p.is_empty() => {
+                        tracing::info!(purged = ?p, "purged expired soft-deleted keys")
+                    }
                     Ok(Err(e)) => tracing::error!(error = %e, "purge sweep failed"),
                     _ => {}
                 }

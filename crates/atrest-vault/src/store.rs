@@ -121,7 +121,9 @@ pub struct KeyEntry {
 
 impl KeyEntry {
     pub fn current(&self) -> &KeyVersion {
-        self.versions.last().expect("a key has at least one version")
+        self.versions
+            .last()
+            .expect("a key has at least one version")
     }
     pub fn version(&self, v: &str) -> Option<&KeyVersion> {
         if v.is_empty() {
@@ -161,7 +163,9 @@ fn seal_aad(name: &str, version: &str) -> Vec<u8> {
 
 impl Tx<'_> {
     pub fn put_version(&self, name: &str, v: &KeyVersion) -> Result<(), VaultError> {
-        let sealed = self.seal.seal(&seal_aad(name, &v.meta.version), v.key.pkcs8());
+        let sealed = self
+            .seal
+            .seal(&seal_aad(name, &v.meta.version), v.key.pkcs8());
         self.tx.execute(
             "INSERT OR REPLACE INTO key_versions(name, version, seq, meta, sealed) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![name, v.meta.version, v.meta.seq, serde_json::to_string(&v.meta)?, sealed],
@@ -240,7 +244,11 @@ const CANARY: &[u8] = b"atrest-vault unseal check v1";
 
 impl Store {
     /// Opens (or creates) `vault.db` in `dir` and unseals it.
-    pub fn open(dir: &Path, unseal: &Unseal, tenant_for_new: Option<&str>) -> Result<Self, VaultError> {
+    pub fn open(
+        dir: &Path,
+        unseal: &Unseal,
+        tenant_for_new: Option<&str>,
+    ) -> Result<Self, VaultError> {
         let conn = Connection::open(dir.join("vault.db"))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -278,9 +286,7 @@ impl Store {
                 let tx = conn.unchecked_transaction()?;
                 put_meta(&tx, "canary", &seal.seal(b"canary", CANARY))?;
                 let props = VaultProps {
-                    tenant_id: tenant_for_new
-                        .map(str::to_string)
-                        .unwrap_or_else(new_guid),
+                    tenant_id: tenant_for_new.map(str::to_string).unwrap_or_else(new_guid),
                     soft_delete_retention_days: 90,
                     purge_protection: false,
                     allow_rsa15: false,
@@ -354,7 +360,8 @@ impl Store {
 
 fn load_state(conn: &Connection, seal: &SealKey) -> Result<State, VaultError> {
     let props: VaultProps = serde_json::from_slice(
-        &get_meta(conn, "props")?.ok_or_else(|| VaultError::Unseal("vault properties missing".into()))?,
+        &get_meta(conn, "props")?
+            .ok_or_else(|| VaultError::Unseal("vault properties missing".into()))?,
     )?;
     let mut identities = BTreeMap::new();
     let mut stmt = conn.prepare("SELECT meta FROM identities")?;
@@ -379,8 +386,9 @@ fn load_state(conn: &Connection, seal: &SealKey) -> Result<State, VaultError> {
         let meta: VersionMeta = serde_json::from_str(&meta)?;
         next_seq = next_seq.max(meta.seq);
         let pkcs8 = seal.open(&seal_aad(&name, &version), &sealed)?;
-        let key = RsaKey::from_pkcs8(&pkcs8)
-            .map_err(|e| VaultError::Invalid(format!("stored key {name}/{version}: {}", e.message)))?;
+        let key = RsaKey::from_pkcs8(&pkcs8).map_err(|e| {
+            VaultError::Invalid(format!("stored key {name}/{version}: {}", e.message))
+        })?;
         keys.entry(name.clone())
             .or_insert_with(|| KeyEntry {
                 name: name.clone(),
@@ -412,7 +420,14 @@ fn load_state(conn: &Connection, seal: &SealKey) -> Result<State, VaultError> {
 pub fn new_guid() -> String {
     let b = random_bytes::<16>();
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 /// A key version id: 32 hex characters, as Azure's.

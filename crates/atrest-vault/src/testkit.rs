@@ -50,7 +50,8 @@ impl TestVault {
     pub fn start(bin: &Path, extra_args: &[&str]) -> TestVault {
         let data = tempfile::tempdir().expect("tempdir");
         let keydir = tempfile::tempdir().expect("tempdir");
-        crate::seal::MasterKey::create_key_file(&keydir.path().join("unseal.key")).expect("key file");
+        crate::seal::MasterKey::create_key_file(&keydir.path().join("unseal.key"))
+            .expect("key file");
         let mut v = TestVault {
             bin: bin.to_path_buf(),
             data,
@@ -97,7 +98,11 @@ impl TestVault {
                     break;
                 }
             }
-            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("vault exited during start: {st}");
             }
             assert!(Instant::now() < deadline, "vault did not start within 60 s");
@@ -123,7 +128,10 @@ impl TestVault {
     /// SIGTERM and wait for a clean exit; returns whether it exited 0.
     pub fn terminate(&mut self) -> bool {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
                 if let Ok(Some(st)) = c.try_wait() {
@@ -141,24 +149,43 @@ impl TestVault {
         AdminClient::new(&self.url, &self.ca, &self.admin_token).expect("admin client")
     }
 
-    pub fn admin_call(&self, m: Method, path: &str, body: Option<Value>) -> Result<Value, ClientError> {
+    pub fn admin_call(
+        &self,
+        m: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, ClientError> {
         block_on(self.admin().call(m, path, body))
     }
 
     /// Creates an identity with `perms` and returns a client for it.
     pub fn identity(&self, name: &str, perms: &[&str]) -> (VaultClient, String, String) {
-        let (id, secret) = block_on(self.admin().create_identity(name, perms)).expect("create identity");
+        let (id, secret) =
+            block_on(self.admin().create_identity(name, perms)).expect("create identity");
         let c = VaultClient::new(&self.url, &self.ca, &self.tenant, &id, &secret).expect("client");
         (c, id, secret)
     }
 
     /// One raw data-plane request with an explicit token (or none).
-    pub fn raw(&self, m: Method, path: &str, token: Option<&str>, body: Option<Vec<u8>>) -> RawResponse {
+    pub fn raw(
+        &self,
+        m: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> RawResponse {
         self.raw_from(None, m, path, token, body)
     }
 
     /// Same, from a chosen local address (firewall tests use 127.0.0.x).
-    pub fn raw_from(&self, local: Option<std::net::IpAddr>, m: Method, path: &str, token: Option<&str>, body: Option<Vec<u8>>) -> RawResponse {
+    pub fn raw_from(
+        &self,
+        local: Option<std::net::IpAddr>,
+        m: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> RawResponse {
         let http = http_client(&self.ca, local).expect("http");
         let sep = if path.contains('?') { '&' } else { '?' };
         let url = format!("{}{path}{sep}api-version=7.4", self.url);
@@ -166,8 +193,12 @@ impl TestVault {
     }
 
     pub fn advance_clock(&self, secs: i64) -> Value {
-        self.admin_call(Method::POST, "/clock", Some(json!({"advanceSeconds": secs})))
-            .expect("advance clock")
+        self.admin_call(
+            Method::POST,
+            "/clock",
+            Some(json!({"advanceSeconds": secs})),
+        )
+        .expect("advance clock")
     }
 
     pub fn audit_path(&self) -> PathBuf {
@@ -182,7 +213,12 @@ impl Drop for TestVault {
 }
 
 /// Runs the unwrapKey benchmark against a running vault.
-pub async fn bench_unwrap(conn: &Conn, concurrency: usize, seconds: u64, key_size: u32) -> Result<Value, CliError> {
+pub async fn bench_unwrap(
+    conn: &Conn,
+    concurrency: usize,
+    seconds: u64,
+    key_size: u32,
+) -> Result<Value, CliError> {
     let (url, ca, admin_token) = conn.resolve()?;
     let admin = AdminClient::new(&url, &ca, &admin_token)?;
     let tenant = admin.call(Method::GET, "/vault", None).await?["tenantId"]
@@ -191,12 +227,19 @@ pub async fn bench_unwrap(conn: &Conn, concurrency: usize, seconds: u64, key_siz
         .to_string();
     let suffix = hex::encode(crate::seal::random_bytes::<4>());
     let (id, secret) = admin
-        .create_identity(&format!("bench-{suffix}"), &["create", "wrapKey", "unwrapKey", "delete", "purge"])
+        .create_identity(
+            &format!("bench-{suffix}"),
+            &["create", "wrapKey", "unwrapKey", "delete", "purge"],
+        )
         .await?;
     let setup = VaultClient::new(&url, &ca, &tenant, &id, &secret)?;
     let key = format!("bench-{suffix}");
     setup
-        .call(Method::POST, &format!("/keys/{key}/create"), Some(json!({"kty": "RSA", "key_size": key_size})))
+        .call(
+            Method::POST,
+            &format!("/keys/{key}/create"),
+            Some(json!({"kty": "RSA", "key_size": key_size})),
+        )
         .await?;
     let dek = crate::seal::random_bytes::<32>();
     let (kid, wrapped) = setup.wrap_key(&key, None, "RSA-OAEP-256", &dek).await?;
@@ -230,7 +273,9 @@ pub async fn bench_unwrap(conn: &Conn, concurrency: usize, seconds: u64, key_siz
     let mut errors = 0;
     let mut wrong = 0;
     for t in tasks {
-        let (l, e, w) = t.await.map_err(|e| CliError::Usage(format!("bench task failed: {e}")))?;
+        let (l, e, w) = t
+            .await
+            .map_err(|e| CliError::Usage(format!("bench task failed: {e}")))?;
         lat.extend(l);
         errors += e;
         wrong += w;
@@ -244,9 +289,15 @@ pub async fn bench_unwrap(conn: &Conn, concurrency: usize, seconds: u64, key_siz
         lat[((lat.len() as f64 - 1.0) * p).round() as usize]
     };
     // Leave nothing behind.
-    let _ = setup.call(Method::DELETE, &format!("/keys/{key}"), None).await;
-    let _ = setup.call(Method::DELETE, &format!("/deletedkeys/{key}"), None).await;
-    let _ = admin.call(Method::DELETE, &format!("/identities/{id}"), None).await;
+    let _ = setup
+        .call(Method::DELETE, &format!("/keys/{key}"), None)
+        .await;
+    let _ = setup
+        .call(Method::DELETE, &format!("/deletedkeys/{key}"), None)
+        .await;
+    let _ = admin
+        .call(Method::DELETE, &format!("/identities/{id}"), None)
+        .await;
     Ok(json!({
         "benchmark": "vault_unwrapkey",
         "alg": "RSA-OAEP-256",

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -65,7 +65,11 @@ pub fn ensure_generated(dir: &Path, hostnames: &[String]) -> Result<TlsFiles, Va
     let ca_cert = ca_params.self_signed(&ca_key).map_err(tls_err)?;
     let issuer = Issuer::new(ca_params, ca_key);
 
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     for h in hostnames {
         if !names.contains(h) {
             names.push(h.clone());
@@ -90,7 +94,10 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, VaultErro
     let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut pem.as_slice()).collect();
     let certs = certs.map_err(tls_err)?;
     if certs.is_empty() {
-        return Err(VaultError::Tls(format!("no certificate in {}", path.display())));
+        return Err(VaultError::Tls(format!(
+            "no certificate in {}",
+            path.display()
+        )));
     }
     Ok(certs)
 }

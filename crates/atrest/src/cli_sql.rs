@@ -29,7 +29,9 @@ pub fn run(args: SqlArgs) -> Result<std::process::ExitCode> {
         Some(sql) => sql,
         None => {
             let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s).context("reading SQL from standard input")?;
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading SQL from standard input")?;
             s
         }
     };
@@ -43,7 +45,8 @@ pub fn run(args: SqlArgs) -> Result<std::process::ExitCode> {
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .map_err(StorageError::from_sqlite)?;
     if mode != "wal" && is_empty(&conn)? {
-        conn.pragma_update(None, "journal_mode", "wal").map_err(StorageError::from_sqlite)?;
+        conn.pragma_update(None, "journal_mode", "wal")
+            .map_err(StorageError::from_sqlite)?;
     }
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
