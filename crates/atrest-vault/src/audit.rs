@@ -184,10 +184,9 @@ pub struct VerifyReport {
 pub fn verify(path: &Path) -> Result<VerifyReport, VaultError> {
     let f = std::fs::File::open(path)?;
     let mut prev = "0".repeat(64);
-    let mut expected_seq = 1u64;
     let mut n = 0u64;
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let lineno = i as u64 + 1;
+    for (lineno, line) in (1u64..).zip(std::io::BufReader::new(f).lines()) {
+        let expected_seq = lineno;
         let line = line?;
         n = lineno;
         let fail = |m: &str| {
@@ -221,7 +220,6 @@ pub fn verify(path: &Path) -> Result<VerifyReport, VaultError> {
             ));
         }
         prev = claimed.to_string();
-        expected_seq += 1;
     }
     Ok(VerifyReport {
         lines: n,

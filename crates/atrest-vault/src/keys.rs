@@ -8,7 +8,7 @@ use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rsa::{
     KeyPair, KeyPairComponents, KeySize, OaepAlgorithm, OaepPrivateDecryptingKey,
     OaepPublicEncryptingKey, Pkcs1PrivateDecryptingKey, Pkcs1PublicEncryptingKey,
-    PrivateDecryptingKey, PublicEncryptingKey, OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256,
+    PrivateDecryptingKey, OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256,
 };
 use aws_lc_rs::signature::{self, KeyPair as _, RsaEncoding, RsaParameters};
 use serde_json::{json, Value};
@@ -108,6 +108,8 @@ pub struct RsaKey {
     keypair: KeyPair,
     oaep: OaepPrivateDecryptingKey,
     pkcs1: Pkcs1PrivateDecryptingKey,
+    oaep_pub: OaepPublicEncryptingKey,
+    pkcs1_pub: Pkcs1PublicEncryptingKey,
     public_der: Vec<u8>,
     n: Vec<u8>,
     e: Vec<u8>,
@@ -154,10 +156,14 @@ impl RsaKey {
                 "RSA keys of {bits} bits are not supported; use 2048, 3072 or 4096"
             )));
         }
-        let oaep = OaepPrivateDecryptingKey::new(
-            PrivateDecryptingKey::from_pkcs8(pkcs8).map_err(|_| bad_key("invalid RSA key"))?,
-        )
-        .map_err(|_| bad_key("invalid RSA key"))?;
+        let private =
+            PrivateDecryptingKey::from_pkcs8(pkcs8).map_err(|_| bad_key("invalid RSA key"))?;
+        let oaep_pub = OaepPublicEncryptingKey::new(private.public_key())
+            .map_err(|_| bad_key("invalid RSA key"))?;
+        let pkcs1_pub = Pkcs1PublicEncryptingKey::new(private.public_key())
+            .map_err(|_| bad_key("invalid RSA key"))?;
+        let oaep =
+            OaepPrivateDecryptingKey::new(private).map_err(|_| bad_key("invalid RSA key"))?;
         let pkcs1 = Pkcs1PrivateDecryptingKey::new(
             PrivateDecryptingKey::from_pkcs8(pkcs8).map_err(|_| bad_key("invalid RSA key"))?,
         )
@@ -170,6 +176,8 @@ impl RsaKey {
             keypair,
             oaep,
             pkcs1,
+            oaep_pub,
+            pkcs1_pub,
             public_der,
             n,
             e,
@@ -242,13 +250,10 @@ impl RsaKey {
     }
 
     pub fn encrypt(&self, alg: EncAlg, plaintext: &[u8]) -> Result<Vec<u8>, ApiError> {
-        let public = PublicEncryptingKey::from_der(&self.public_der)
-            .map_err(|_| ApiError::internal("public key parse failed"))?;
         let mut out = vec![0u8; self.modulus_len()];
         match alg.oaep() {
             Some(oaep_alg) => {
-                let key = OaepPublicEncryptingKey::new(public)
-                    .map_err(|_| ApiError::internal("public key setup failed"))?;
+                let key = &self.oaep_pub;
                 let max = key.max_plaintext_size(oaep_alg);
                 if plaintext.is_empty() || plaintext.len() > max {
                     return Err(ApiError::bad_parameter(format!(
@@ -265,8 +270,7 @@ impl RsaKey {
                 out.truncate(n);
             }
             None => {
-                let key = Pkcs1PublicEncryptingKey::new(public)
-                    .map_err(|_| ApiError::internal("public key setup failed"))?;
+                let key = &self.pkcs1_pub;
                 let max = key.max_plaintext_size();
                 if plaintext.is_empty() || plaintext.len() > max {
                     return Err(ApiError::bad_parameter(format!(

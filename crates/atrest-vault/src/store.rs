@@ -240,6 +240,12 @@ pub struct Store {
     master: MasterKey,
 }
 
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
 const CANARY: &[u8] = b"atrest-vault unseal check v1";
 
 impl Store {

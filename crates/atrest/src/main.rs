@@ -26,6 +26,8 @@ enum Command {
     Sql(cli_sql::SqlArgs),
     /// Print an atrest file's header as JSON (no key material).
     Inspect(cli_inspect::InspectArgs),
+    /// Run and administer the key vault (Azure Key Vault-compatible keys API).
+    Vault(atrest_vault::cli::VaultArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -43,6 +45,7 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> Result<std::process::ExitCode> {
     match cli.command {
         Command::Sql(args) => cli_sql::run(args),
+        Command::Vault(args) => Ok(atrest_vault::cli::run(args)?),
         Command::Inspect(args) => cli_inspect::run(args),
     }
 }
