@@ -653,7 +653,15 @@ impl<R: RawFile> EncryptedFile<R> {
                 }
                 if unit.class == class::WAL_FRAME_HEADER {
                     self.check_frame_generation(&unit, generation)?;
-                    frame_salts = Some((unit.index, generation));
+                    // Zero salts: SQLite wrote this header with its checksum
+                    // pending (to be rewritten at commit); the frame belongs
+                    // to the current generation.
+                    let body = if generation == 0 {
+                        self.current_salts()
+                    } else {
+                        generation
+                    };
+                    frame_salts = Some((unit.index, body));
                 }
                 buf[done..done + n].copy_from_slice(&self.scratch[unit.prefix + within..][..n]);
             }
@@ -676,7 +684,7 @@ impl<R: RawFile> EncryptedFile<R> {
     /// current generation has synced.
     fn check_frame_generation(&self, unit: &Unit, salts: u64) -> Result<(), Fail> {
         let durable = self.wal_durable();
-        if salts != self.current_salts() && unit.index < durable {
+        if salts != 0 && salts != self.current_salts() && unit.index < durable {
             return Err(Fail::with(
                 ffi::SQLITE_IOERR_DATA,
                 StorageError::Replayed {
