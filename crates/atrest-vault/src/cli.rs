@@ -59,6 +59,9 @@ pub enum VaultCommand {
     /// Audit log tools.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Data-plane key commands run as an identity (not as admin).
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Move a --test-clock vault's clock forward.
     Clock {
         #[command(flatten)]
@@ -213,6 +216,27 @@ pub enum PropsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Import (BYOK) an RSA key from PKCS#8 PEM/DER or PKCS#12 (.pfx) as a
+    /// new version of NAME, using an identity with the 'import' permission.
+    Import {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+        #[arg(long)]
+        file: PathBuf,
+        /// Environment variable holding the PKCS#12 password.
+        #[arg(long)]
+        password_env: Option<String>,
+        #[arg(long)]
+        client_id: String,
+        /// Environment variable holding the identity's client secret.
+        #[arg(long)]
+        client_secret_env: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Check the hash chain; exits 1 and names the first broken line.
     Verify {
@@ -266,6 +290,20 @@ impl Conn {
             _ => return Err(CliError::Usage("pass --admin-token-file FILE".into())),
         };
         Ok((url, ca, tok))
+    }
+    /// `(url, ca_pem)` for data-plane use (no admin credential needed).
+    pub fn resolve_data_plane(&self) -> Result<(String, Vec<u8>), CliError> {
+        let url = match (&self.url, &self.data) {
+            (Some(u), _) => u.clone(),
+            (None, Some(d)) => read_trim(&d.join("vault.url"))?,
+            _ => return Err(CliError::Usage("pass --data DIR or --url URL".into())),
+        };
+        let ca = match (&self.ca, &self.data) {
+            (Some(c), _) => std::fs::read(c)?,
+            (None, Some(d)) => std::fs::read(d.join("tls").join("ca.pem"))?,
+            _ => return Err(CliError::Usage("pass --ca FILE".into())),
+        };
+        Ok((url, ca))
     }
     fn admin(&self) -> Result<AdminClient, CliError> {
         let (u, ca, t) = self.resolve()?;
@@ -491,6 +529,38 @@ async fn admin_command(cmd: VaultCommand) -> Result<Value, CliError> {
                 .call(Method::PATCH, "/vault", Some(body))
                 .await?
         }
+        VaultCommand::Key(KeyCommand::Import {
+            conn,
+            name,
+            file,
+            password_env,
+            client_id,
+            client_secret_env,
+        }) => {
+            let (url, ca) = conn.resolve_data_plane()?;
+            let env = |v: &str| {
+                std::env::var(v)
+                    .map(zeroize::Zeroizing::new)
+                    .map_err(|_| CliError::Usage(format!("environment variable {v} is not set")))
+            };
+            let password = password_env.as_deref().map(env).transpose()?;
+            let secret = env(&client_secret_env)?;
+            let bytes = zeroize::Zeroizing::new(std::fs::read(&file)?);
+            let jwk = crate::import::file_to_jwk(&bytes, password.as_ref().map(|p| p.as_str()))
+                .map_err(|e| CliError::Usage(format!("{}: {}", file.display(), e.message)))?;
+            let tenant = discover_tenant(&url, &ca).await?;
+            let client = crate::VaultClient::new(&url, &ca, &tenant, &client_id, &secret)?;
+            let mut out = client
+                .call(
+                    Method::PUT,
+                    &format!("/keys/{name}"),
+                    Some(json!({"key": jwk})),
+                )
+                .await?;
+            // Only the public JWK comes back; print it.
+            out.as_object_mut().map(|o| o.remove("tags"));
+            out
+        }
         VaultCommand::Clock { conn, advance_secs } => {
             conn.admin()?
                 .call(
@@ -502,4 +572,33 @@ async fn admin_command(cmd: VaultCommand) -> Result<Value, CliError> {
         }
         _ => Value::Null,
     })
+}
+
+/// The tenant, read from the vault's 401 challenge as Azure SDKs do.
+pub async fn discover_tenant(url: &str, ca: &[u8]) -> Result<String, CliError> {
+    let http = crate::client::http_client(ca, None)?;
+    let r = crate::client::send(
+        &http,
+        Method::GET,
+        &format!("{url}/keys?api-version={}", crate::client::API_VERSION),
+        None,
+        None,
+    )
+    .await?;
+    let h = r
+        .headers
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| CliError::Usage("the vault sent no authentication challenge".into()))?;
+    let auth = h
+        .split("authorization=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .ok_or_else(|| CliError::Usage("malformed authentication challenge".into()))?;
+    Ok(auth
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string())
 }

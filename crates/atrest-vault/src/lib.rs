@@ -32,6 +32,7 @@ pub mod clock;
 pub mod der;
 pub mod error;
 pub mod firewall;
+pub mod import;
 pub mod keys;
 pub mod metrics;
 pub mod seal;

@@ -1,7 +1,7 @@
 //! Shared helpers for the vault integration tests: they start the real
 //! `atrest vault serve` binary and talk to it over HTTPS, verifying its
 //! certificate against the CA it generated.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub use atrest_vault::testkit::reqwest::Method;
 pub use atrest_vault::testkit::{block_on, TestVault};
