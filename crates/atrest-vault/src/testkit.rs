@@ -72,6 +72,8 @@ impl TestVault {
     }
 
     pub fn spawn(&mut self) {
+        // A killed vault leaves its old URL behind.
+        let _ = std::fs::remove_file(self.data.path().join("vault.url"));
         let mut cmd = Command::new(&self.bin);
         cmd.arg("vault")
             .arg("serve")
