@@ -797,7 +797,9 @@ impl<R: RawFile> EncryptedFile<R> {
         match self.shared.kind {
             FileKind::MainDb => {
                 let len = data.len();
-                if !(len.is_power_of_two() && (512..=65536).contains(&len) && off % len as u64 == 0)
+                if !(len.is_power_of_two()
+                    && (512..=65536).contains(&len)
+                    && off.is_multiple_of(len as u64))
                 {
                     return Err(Fail::with(
                         ffi::SQLITE_IOERR_WRITE,

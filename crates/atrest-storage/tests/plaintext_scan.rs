@@ -153,7 +153,10 @@ fn sort_spill_and_temp_tables() {
     let m = marker();
     let calls = std::sync::atomic::AtomicUsize::new(0);
     conn.create_collation("probe", move |a: &str, b: &str| {
-        if calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 20000 == 0 {
+        if calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(20000)
+        {
             let files = open_temp_files("atrest-tmp-");
             let mut s = seen2.lock().unwrap();
             s.0 += 1;

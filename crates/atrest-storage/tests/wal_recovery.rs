@@ -52,7 +52,7 @@ fn overwritten_frames_and_rewritten_checksums_recover() {
     let expected: i64 = (1..=200i64).map(|id| id % 97).sum::<i64>()
         + (1..=200i64)
             .filter(|id| id % 53 == 1)
-            .map(|id| (20 - (id - 1) / 10) as i64)
+            .map(|id| 20 - (id - 1) / 10)
             .sum::<i64>();
     assert_eq!(s, expected, "every committed update must survive recovery");
     let ok: String = conn
