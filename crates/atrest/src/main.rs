@@ -3,6 +3,7 @@
 //! One binary, one subcommand per job. Each subcommand lives in its own
 //! module (or crate) and this file only dispatches.
 
+mod cli_bench;
 mod cli_inspect;
 mod cli_sql;
 
@@ -26,6 +27,8 @@ enum Command {
     Sql(cli_sql::SqlArgs),
     /// Print an atrest file's header as JSON (no key material).
     Inspect(cli_inspect::InspectArgs),
+    /// Benchmarks (JSON plus summary lines on standard output).
+    Bench(cli_bench::BenchArgs),
     /// Run and administer the key vault (Azure Key Vault-compatible keys API).
     Vault(atrest_vault::cli::VaultArgs),
 }
@@ -47,6 +50,7 @@ fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Sql(args) => cli_sql::run(args),
         Command::Vault(args) => Ok(atrest_vault::cli::run(args)?),
         Command::Inspect(args) => cli_inspect::run(args),
+        Command::Bench(args) => cli_bench::run(args),
     }
 }
 

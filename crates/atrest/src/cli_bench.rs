@@ -1,0 +1,503 @@
+//! `atrest bench storage`: the same workloads on plain SQLite and on atrest,
+//! interleaved in one run, with the pure cost of the cipher for the pages
+//! actually moved measured alongside.
+//!
+//! Plain SQLite is the same bundled build on the `unix-excl` VFS, the one
+//! atrest's shim sits on, so the only difference measured is atrest itself
+//! (including the 28 reserved bytes per page it needs).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use atrest_crypto::{Dek, FileId, FileKind, SealContext, UnitKey};
+use atrest_storage::{Engine, EngineOptions, StatsSnapshot};
+use serde::Serialize;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+#[derive(clap::Subcommand)]
+pub enum BenchWhat {
+    /// Plain SQLite vs atrest: six workloads, cache-sized and cache-starved.
+    Storage(StorageBench),
+}
+
+#[derive(clap::Args)]
+pub struct StorageBench {
+    /// Rows in the cache-starved database (~190 bytes each on disk).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub starved_rows: u64,
+    /// Rows in the cache-sized database.
+    #[arg(long, default_value_t = 100_000)]
+    pub sized_rows: u64,
+    /// Times each workload runs on each engine (alternating); the median counts.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Operations per read/update workload.
+    #[arg(long, default_value_t = 20_000)]
+    pub ops: u64,
+    /// Scratch directory (default: a new temporary directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Skip the comparison with `openssl speed`.
+    #[arg(long)]
+    pub no_openssl: bool,
+}
+
+#[derive(Serialize)]
+struct WorkloadResult {
+    regime: &'static str,
+    workload: &'static str,
+    plain_seconds: f64,
+    atrest_seconds: f64,
+    overhead_pct: f64,
+    units_sealed: u64,
+    units_opened: u64,
+    bytes_sealed: u64,
+    bytes_opened: u64,
+    crypto_seconds: f64,
+    overhead_over_crypto: Option<f64>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    Plain,
+    Atrest,
+}
+
+struct Regime {
+    name: &'static str,
+    rows: u64,
+    cache_kib: i64,
+}
+
+pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
+    let BenchWhat::Storage(b) = args.what;
+    let tmp;
+    let dir = match &b.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let mut results = vec![];
+    for regime in [
+        Regime {
+            name: "cache-sized",
+            rows: b.sized_rows,
+            cache_kib: 512 * 1024,
+        },
+        Regime {
+            name: "cache-starved",
+            rows: b.starved_rows,
+            cache_kib: 2 * 1024,
+        },
+    ] {
+        results.extend(run_regime(&dir.join(regime.name), &regime, &b)?);
+    }
+    let crypto = crypto_throughput(!b.no_openssl)?;
+    let doc = serde_json::json!({ "workloads": &results, "page_crypto": crypto });
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    for r in &results {
+        println!(
+            "summary: regime={} workload={} plain={:.3}s atrest={:.3}s overhead={:+.1}% crypto={:.3}s overhead/crypto={}",
+            r.regime,
+            r.workload,
+            r.plain_seconds,
+            r.atrest_seconds,
+            r.overhead_pct,
+            r.crypto_seconds,
+            r.overhead_over_crypto.map(|x| format!("{x:.2}x")).unwrap_or_else(|| "n/a".into()),
+        );
+    }
+    println!(
+        "summary: page seal {:.0} MB/s, open {:.0} MB/s (4 KiB pages, one core){}",
+        crypto["seal_mb_per_s"].as_f64().unwrap_or(0.0),
+        crypto["open_mb_per_s"].as_f64().unwrap_or(0.0),
+        match crypto["openssl_aes_256_gcm_mb_per_s"].as_f64() {
+            Some(o) => format!(
+                "; openssl speed AES-256-GCM {o:.0} MB/s; seal/openssl = {:.0}%",
+                100.0 * crypto["seal_mb_per_s"].as_f64().unwrap_or(0.0) / o
+            ),
+            None => String::new(),
+        }
+    );
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// One database per side, opened and configured the same way.
+struct Db {
+    conn: ConnHolder,
+    engine: Option<Engine>,
+}
+
+enum ConnHolder {
+    Plain(rusqlite::Connection),
+    Atrest(atrest_storage::Connection),
+}
+
+impl std::ops::Deref for Db {
+    type Target = rusqlite::Connection;
+    fn deref(&self) -> &rusqlite::Connection {
+        match &self.conn {
+            ConnHolder::Plain(c) => c,
+            ConnHolder::Atrest(c) => c,
+        }
+    }
+}
+
+impl Db {
+    fn open(dir: &Path, side: Side, cache_kib: i64) -> Result<Db> {
+        let (conn, engine) = match side {
+            Side::Plain => {
+                std::fs::create_dir_all(dir)?;
+                let c = rusqlite::Connection::open_with_flags_and_vfs(
+                    dir.join("plain.db"),
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                        | rusqlite::OpenFlags::SQLITE_OPEN_CREATE,
+                    "unix-excl",
+                )?;
+                (ConnHolder::Plain(c), None)
+            }
+            Side::Atrest => {
+                let engine = Engine::open(&EngineOptions {
+                    data_dir: dir.join("atrest-data"),
+                    keystore_dir: Some(dir.join("atrest-keystore")),
+                })?;
+                let c = engine.connect("bench")?;
+                (ConnHolder::Atrest(c), Some(engine))
+            }
+        };
+        let db = Db { conn, engine };
+        db.pragma_update(None, "journal_mode", "wal")?;
+        db.pragma_update(None, "synchronous", "normal")?;
+        db.pragma_update(None, "cache_size", -cache_kib)?;
+        db.pragma_update(None, "temp_store", "file")?;
+        Ok(db)
+    }
+
+    fn stats(&self) -> StatsSnapshot {
+        self.engine.as_ref().map(|e| e.stats()).unwrap_or_default()
+    }
+}
+
+type Workload = fn(&Db, &Regime, &StorageBench, u64) -> Result<()>;
+
+fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<WorkloadResult>> {
+    std::fs::create_dir_all(dir)?;
+    let plain = Db::open(&dir.join("plain"), Side::Plain, regime.cache_kib)?;
+    let atrest = Db::open(&dir.join("atrest"), Side::Atrest, regime.cache_kib)?;
+    eprintln!("bench: {} ({} rows)", regime.name, regime.rows);
+
+    let workloads: [(&'static str, Workload, usize); 6] = [
+        ("bulk_insert", bulk_insert, 1),
+        ("index_build", index_build, b.repeat),
+        ("point_select", point_select, b.repeat),
+        ("range_scan", range_scan, b.repeat),
+        ("update_heavy", update_heavy, b.repeat),
+        ("mixed_oltp", mixed_oltp, b.repeat),
+    ];
+    let mut out = vec![];
+    for (name, work, reps) in workloads {
+        // Warm the page cache the same way on both sides before reads.
+        let mut times = [vec![], vec![]];
+        let mut moved = StatsSnapshot::default();
+        for rep in 0..reps {
+            // Alternate which side goes first to spread drift evenly.
+            let order = if rep % 2 == 0 {
+                [Side::Plain, Side::Atrest]
+            } else {
+                [Side::Atrest, Side::Plain]
+            };
+            for side in order {
+                let db = if side == Side::Plain { &plain } else { &atrest };
+                let before = db.stats();
+                let start = Instant::now();
+                work(db, regime, b, rep as u64)
+                    .with_context(|| format!("{name} on {}", side_name(side)))?;
+                let elapsed = start.elapsed();
+                times[side as usize].push(elapsed);
+                if side == Side::Atrest {
+                    moved = db.stats().since(&before);
+                }
+            }
+        }
+        let p = median(&mut times[0]);
+        let a = median(&mut times[1]);
+        let crypto = pure_crypto_cost(&moved)?;
+        let overhead = a - p;
+        out.push(WorkloadResult {
+            regime: regime.name,
+            workload: name,
+            plain_seconds: p,
+            atrest_seconds: a,
+            overhead_pct: 100.0 * overhead / p,
+            units_sealed: moved.units_sealed,
+            units_opened: moved.units_opened,
+            bytes_sealed: moved.bytes_sealed,
+            bytes_opened: moved.bytes_opened,
+            crypto_seconds: crypto,
+            overhead_over_crypto: (crypto > 1e-4).then(|| overhead / crypto),
+        });
+        eprintln!(
+            "bench: {} {name}: plain {p:.3}s atrest {a:.3}s",
+            regime.name
+        );
+    }
+    Ok(out)
+}
+
+fn side_name(s: Side) -> &'static str {
+    match s {
+        Side::Plain => "plain SQLite",
+        Side::Atrest => "atrest",
+    }
+}
+
+fn median(v: &mut [Duration]) -> f64 {
+    v.sort();
+    v[v.len() / 2].as_secs_f64()
+}
+
+/// A deterministic pseudo-random sequence, the same on both sides.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 17
+    }
+}
+
+fn payload(i: u64) -> String {
+    // ~150 bytes that compress poorly and differ per row.
+    let mut s = String::with_capacity(160);
+    let mut x = i.wrapping_mul(0x9E3779B97F4A7C15);
+    while s.len() < 150 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.push_str(&format!("{x:016x}"));
+    }
+    s.truncate(150);
+    s
+}
+
+fn bulk_insert(db: &Db, r: &Regime, _b: &StorageBench, _rep: u64) -> Result<()> {
+    db.execute_batch(
+        "CREATE TABLE t(id INTEGER PRIMARY KEY, k INTEGER NOT NULL, v TEXT NOT NULL)",
+    )?;
+    let mut rng = Lcg(1);
+    let mut i = 0;
+    while i < r.rows {
+        let tx = db.unchecked_transaction()?;
+        {
+            let mut st = tx.prepare_cached("INSERT INTO t(id, k, v) VALUES (?1, ?2, ?3)")?;
+            for _ in 0..10_000.min(r.rows - i) {
+                i += 1;
+                st.execute((i as i64, (rng.next() % 1_000_000) as i64, payload(i)))?;
+            }
+        }
+        tx.commit()?;
+    }
+    db.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
+    Ok(())
+}
+
+fn index_build(db: &Db, _r: &Regime, _b: &StorageBench, _rep: u64) -> Result<()> {
+    db.execute_batch(
+        "DROP INDEX IF EXISTS t_k; CREATE INDEX t_k ON t(k); PRAGMA wal_checkpoint(TRUNCATE);",
+    )?;
+    Ok(())
+}
+
+fn point_select(db: &Db, r: &Regime, b: &StorageBench, rep: u64) -> Result<()> {
+    let mut rng = Lcg(100 + rep);
+    let mut st = db.prepare_cached("SELECT length(v) FROM t WHERE id = ?1")?;
+    let mut total = 0i64;
+    for _ in 0..b.ops {
+        let id = 1 + rng.next() % r.rows;
+        total += st.query_row([id as i64], |row| row.get::<_, i64>(0))?;
+    }
+    anyhow::ensure!(total > 0);
+    Ok(())
+}
+
+fn range_scan(db: &Db, r: &Regime, b: &StorageBench, rep: u64) -> Result<()> {
+    let mut rng = Lcg(200 + rep);
+    let mut st =
+        db.prepare_cached("SELECT sum(length(v)) FROM t WHERE id BETWEEN ?1 AND ?1 + 999")?;
+    for _ in 0..(b.ops / 100).max(1) {
+        let id = 1 + rng.next() % r.rows;
+        let _: Option<i64> = st.query_row([id as i64], |row| row.get(0))?;
+    }
+    Ok(())
+}
+
+fn update_heavy(db: &Db, r: &Regime, b: &StorageBench, rep: u64) -> Result<()> {
+    let mut rng = Lcg(300 + rep);
+    let mut done = 0;
+    while done < b.ops {
+        let tx = db.unchecked_transaction()?;
+        {
+            let mut st = tx.prepare_cached("UPDATE t SET k = ?2, v = ?3 WHERE id = ?1")?;
+            for _ in 0..100 {
+                let id = 1 + rng.next() % r.rows;
+                st.execute((
+                    id as i64,
+                    (rng.next() % 1_000_000) as i64,
+                    payload(id + rep),
+                ))?;
+                done += 1;
+            }
+        }
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn mixed_oltp(db: &Db, r: &Regime, b: &StorageBench, rep: u64) -> Result<()> {
+    let mut rng = Lcg(400 + rep);
+    let mut next_id = r.rows as i64 + 1 + (rep as i64) * 10_000_000;
+    for _ in 0..(b.ops / 10).max(1) {
+        let tx = db.unchecked_transaction()?;
+        {
+            let mut sel = tx.prepare_cached("SELECT k, v FROM t WHERE id = ?1")?;
+            for _ in 0..10 {
+                let id = 1 + rng.next() % r.rows;
+                let _ = sel.query_row([id as i64], |row| row.get::<_, i64>(0));
+            }
+            let mut upd = tx.prepare_cached("UPDATE t SET k = k + 1 WHERE id = ?1")?;
+            for _ in 0..2 {
+                upd.execute([(1 + rng.next() % r.rows) as i64])?;
+            }
+            tx.prepare_cached("INSERT INTO t(id, k, v) VALUES (?1, ?2, ?3)")?
+                .execute((next_id, 7i64, payload(next_id as u64)))?;
+            tx.prepare_cached("DELETE FROM t WHERE id = ?1")?
+                .execute([next_id])?;
+            next_id += 1;
+        }
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// Seconds the cipher alone takes to seal and open as many units, of the
+/// same average sizes, as a workload moved.
+fn pure_crypto_cost(moved: &StatsSnapshot) -> Result<f64> {
+    let key = UnitKey::new(&Dek::generate()?, 0)?;
+    let ctx = SealContext {
+        file_id: FileId([1; 16]),
+        kind: FileKind::MainDb,
+        class: 1,
+        index: 1,
+        generation: 0,
+    };
+    let mut total = 0.0;
+    for (units, bytes, open) in [
+        (moved.units_sealed, moved.bytes_sealed, false),
+        (moved.units_opened, moved.bytes_opened, true),
+    ] {
+        if units == 0 {
+            continue;
+        }
+        let size = ((bytes / units) as usize).max(atrest_crypto::SEAL_OVERHEAD + 1);
+        // Time up to 200k units and scale: the cost per unit is flat.
+        let n = units.min(200_000);
+        let mut page = vec![0x5au8; size];
+        key.seal(&ctx, &mut page)?;
+        let sealed = page.clone();
+        let start = Instant::now();
+        for _ in 0..n {
+            if open {
+                page.copy_from_slice(&sealed);
+                key.open(&ctx, &mut page)?;
+            } else {
+                key.seal(&ctx, &mut page)?;
+            }
+        }
+        let mut t = start.elapsed().as_secs_f64();
+        if open {
+            // Subtract the copy that restores the ciphertext each round.
+            let start = Instant::now();
+            for _ in 0..n {
+                page.copy_from_slice(std::hint::black_box(&sealed));
+            }
+            t -= start.elapsed().as_secs_f64();
+        }
+        total += t * units as f64 / n as f64;
+    }
+    Ok(total)
+}
+
+/// Seal and open throughput on 4 KiB pages, and `openssl speed` beside it.
+fn crypto_throughput(with_openssl: bool) -> Result<serde_json::Value> {
+    let key = UnitKey::new(&Dek::generate()?, 0)?;
+    let ctx = SealContext {
+        file_id: FileId([1; 16]),
+        kind: FileKind::MainDb,
+        class: 1,
+        index: 1,
+        generation: 0,
+    };
+    let mut page = vec![0u8; 4096];
+    let rounds = 200_000u64;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        key.seal(&ctx, &mut page)?;
+    }
+    let seal = start.elapsed().as_secs_f64();
+    let sealed = page.clone();
+    let start = Instant::now();
+    for _ in 0..rounds {
+        page.copy_from_slice(&sealed);
+        key.open(&ctx, &mut page)?;
+    }
+    let open = start.elapsed().as_secs_f64();
+    let mb = |secs: f64| (rounds * 4096) as f64 / secs / 1e6;
+    let openssl = if with_openssl { openssl_speed() } else { None };
+    Ok(serde_json::json!({
+        "page_bytes": 4096,
+        "seal_mb_per_s": mb(seal),
+        "open_mb_per_s": mb(open),
+        "openssl_aes_256_gcm_mb_per_s": openssl,
+        "fips": atrest_crypto::fips_mode(),
+    }))
+}
+
+/// `openssl speed -evp aes-256-gcm` at 4 KiB, in MB/s (None if unavailable).
+fn openssl_speed() -> Option<f64> {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "speed",
+            "-evp",
+            "aes-256-gcm",
+            "-bytes",
+            "4096",
+            "-seconds",
+            "3",
+        ])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The result line: "AES-256-GCM   2712345.12k" (thousands of bytes/s).
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.to_ascii_uppercase().starts_with("AES-256-GCM"))?;
+    let kb: f64 = line
+        .split_whitespace()
+        .last()?
+        .trim_end_matches('k')
+        .parse()
+        .ok()?;
+    Some(kb * 1000.0 / 1e6)
+}
