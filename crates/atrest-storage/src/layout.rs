@@ -193,16 +193,8 @@ impl Geometry {
         match *self {
             Geometry::Pages { base, .. } => base + size,
             Geometry::Wal { base, .. } if size < WAL_HEADER as u64 => base,
-            Geometry::Wal { .. } => {
-                let u = self.unit_at(size);
-                if size == u.lstart {
-                    u.pstart
-                } else {
-                    // Keep the complete units before the cut.
-                    let first = self.unit_at(u.lstart);
-                    first.pstart
-                }
-            }
+            // Keep the complete units before the cut.
+            Geometry::Wal { .. } => self.unit_at(size).pstart,
             Geometry::Blocks { base } => {
                 let b = BLOCK_SIZE as u64;
                 let whole = size / b;
@@ -268,7 +260,8 @@ mod tests {
         assert_eq!(g.logical_size(two + 60), 32 + 2 * (24 + p as u64) + 24);
         assert_eq!(g.physical_size(0), HEADER_LEN);
         assert_eq!(g.physical_size(32 + 2 * (24 + p as u64)), two);
-        assert_eq!(g.logical_size(g.physical_size(32 + 24 + 10)), 32);
+        assert_eq!(g.logical_size(g.physical_size(32 + 24 + 10)), 32 + 24);
+        assert_eq!(g.logical_size(g.physical_size(32 + 10)), 32);
     }
 
     #[test]
