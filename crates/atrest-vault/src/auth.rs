@@ -27,6 +27,56 @@ pub struct Claims {
     pub tenant: String,
     pub client_id: String,
     pub exp: i64,
+    pub nbf: i64,
+}
+
+/// Tokens whose signature, audience and tenant were already checked, by
+/// SHA-256 of the token. Saves an ECDSA verification per request; expiry
+/// and not-before are still checked against the clock on every use, and
+/// the identity is still looked up (so revocation stays immediate).
+#[derive(Default)]
+pub struct VerifiedTokens {
+    map: std::sync::Mutex<std::collections::HashMap<[u8; 32], Claims>>,
+}
+
+const CACHE_MAX: usize = 10_000;
+
+impl VerifiedTokens {
+    pub fn verify(
+        &self,
+        signer: &TokenSigner,
+        token: &str,
+        tenant: &str,
+        now: i64,
+    ) -> Result<Claims, TokenError> {
+        let mut h = [0u8; 32];
+        h.copy_from_slice(
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()).as_ref(),
+        );
+        let cached = self.map.lock().expect("lock").get(&h).cloned();
+        let claims = match cached {
+            Some(c) => c,
+            None => {
+                let c = signer.verify(token, tenant, now)?;
+                let mut m = self.map.lock().expect("lock");
+                if m.len() >= CACHE_MAX {
+                    m.retain(|_, c| c.exp > now);
+                    if m.len() >= CACHE_MAX {
+                        m.clear();
+                    }
+                }
+                m.insert(h, c.clone());
+                return Ok(c);
+            }
+        };
+        if now >= claims.exp {
+            return Err(TokenError::Expired);
+        }
+        if now < claims.nbf {
+            return Err(TokenError::NotYetValid);
+        }
+        Ok(claims)
+    }
 }
 
 /// Why a token was refused (the 401 message).
@@ -143,6 +193,7 @@ impl TokenSigner {
             tenant: tid.to_string(),
             client_id: client_id.to_string(),
             exp,
+            nbf,
         })
     }
 }
@@ -207,6 +258,24 @@ mod tests {
         assert_eq!(
             s.verify("abc", "tenant-a", 1001),
             Err(TokenError::Malformed)
+        );
+    }
+
+    #[test]
+    fn cache_still_checks_expiry_and_refuses_forgeries() {
+        let s = signer();
+        let cache = VerifiedTokens::default();
+        let t = s.issue("iss", "tenant-a", "c", 1000, 600);
+        assert!(cache.verify(&s, &t, "tenant-a", 1001).is_ok());
+        assert!(cache.verify(&s, &t, "tenant-a", 1002).is_ok());
+        assert_eq!(
+            cache.verify(&s, &t, "tenant-a", 1600),
+            Err(TokenError::Expired)
+        );
+        let other = signer().issue("iss", "tenant-a", "c", 1000, 600);
+        assert_eq!(
+            cache.verify(&s, &other, "tenant-a", 1001),
+            Err(TokenError::BadSignature)
         );
     }
 

@@ -139,6 +139,7 @@ pub async fn serve(
         store,
         audit,
         signer,
+        verified_tokens: Default::default(),
         clock: clock::Clock::new(),
         admin_token_hash: auth::secret_hash(admin_token.trim()),
         test_clock: opts.test_clock,

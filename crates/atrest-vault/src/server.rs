@@ -34,6 +34,7 @@ pub struct App {
     pub store: Store,
     pub audit: AuditLog,
     pub signer: TokenSigner,
+    pub verified_tokens: crate::auth::VerifiedTokens,
     pub clock: Clock,
     pub admin_token_hash: String,
     pub test_clock: bool,
@@ -125,31 +126,8 @@ async fn read_request(
     req: Request<Incoming>,
     peer: SocketAddr,
     listen: SocketAddr,
-) -> Result<Req, ApiError> {
+) -> Result<Req, (Req, ApiError)> {
     let (parts, body) = req.into_parts();
-    if let Some(len) = parts
-        .headers
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        if len > MAX_BODY {
-            return Err(too_large());
-        }
-    }
-    let body = Limited::new(body, MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                too_large()
-            } else {
-                ApiError::bad_request("the request body could not be read")
-            }
-        })?
-        .to_bytes();
     let host = parts
         .uri
         .authority()
@@ -163,8 +141,9 @@ async fn read_request(
         })
         .and_then(|h| sanitize_host(&h))
         .unwrap_or_else(|| listen.to_string());
-    let path = parts.uri.path();
-    let segments: Vec<String> = path
+    let segments: Vec<String> = parts
+        .uri
+        .path()
         .trim_start_matches('/')
         .split('/')
         .map(url_decode)
@@ -185,16 +164,41 @@ async fn read_request(
         .filter(|v| v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
         .map(str::to_string)
         .unwrap_or_else(crate::store::new_guid);
-    Ok(Req {
+    let declared = parts
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let mut req = Req {
         method: parts.method,
         segments,
         query,
         headers: parts.headers,
-        body,
+        body: Bytes::new(),
         peer: peer.ip(),
         host,
         correlation_id,
-    })
+    };
+    if declared.is_some_and(|len| len > MAX_BODY) {
+        return Err((req, too_large()));
+    }
+    match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => {
+            req.body = b.to_bytes();
+            Ok(req)
+        }
+        Err(e) => {
+            let err = if e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                too_large()
+            } else {
+                ApiError::bad_request("the request body could not be read")
+            };
+            Err((req, err))
+        }
+    }
 }
 
 fn too_large() -> ApiError {
@@ -273,8 +277,8 @@ impl App {
             ));
         };
         let claims = self
-            .signer
-            .verify(token, tenant, self.clock.now())
+            .verified_tokens
+            .verify(&self.signer, token, tenant, self.clock.now())
             .map_err(|e: TokenError| {
                 unauthorized(req, tenant, format!("AKV10032: Invalid token: {e}."))
             })?;
@@ -350,7 +354,15 @@ impl App {
         let started = Instant::now();
         let req = match read_request(req, peer, self.listen).await {
             Ok(r) => r,
-            Err(e) => return json_response(e.status, Some(&e.body()), &[], "-"),
+            Err((req, e)) => {
+                // Refused before routing; still audited.
+                let info = AuditInfo {
+                    operation: "RequestRejected".into(),
+                    api_version: req.query.get("api-version").cloned(),
+                    ..Default::default()
+                };
+                return self.finish(req, info, Err(e), started).await;
+            }
         };
         let first = req.segments.first().map(String::as_str).unwrap_or("");
         match (first, req.segments.len()) {

@@ -501,6 +501,11 @@ fn malformed_input_gets_clear_4xx_never_5xx() {
     let r = v.raw(Method::POST, "/keys/k//wrapkey", t, Some(big));
     assert_eq!(r.status, 413, "{}", r.body);
     assert_eq!(r.error_code(), Some("RequestEntityTooLarge"));
+    // Refused before routing, but audited like everything else.
+    let audit = std::fs::read_to_string(v.audit_path()).unwrap();
+    let last: Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
+    assert_eq!(last["operationName"], "RequestRejected");
+    assert_eq!(last["properties"]["httpStatusCode"], 413);
     // Nothing above was a server error.
     let http = atrest_vault::client::http_client(&v.ca, None).unwrap();
     let m = block_on(async {
