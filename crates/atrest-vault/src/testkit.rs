@@ -67,6 +67,31 @@ impl TestVault {
         v
     }
 
+    /// Starts a second vault unsealed with the same master key as `other`
+    /// (a replica for backup/restore purposes), with its own data.
+    pub fn start_sharing_key(bin: &Path, other: &TestVault, extra_args: &[&str]) -> TestVault {
+        let data = tempfile::tempdir().expect("tempdir");
+        let keydir = tempfile::tempdir().expect("tempdir");
+        std::fs::copy(
+            other.keydir.path().join("unseal.key"),
+            keydir.path().join("unseal.key"),
+        )
+        .expect("copy key");
+        let mut v = TestVault {
+            bin: bin.to_path_buf(),
+            data,
+            keydir,
+            child: None,
+            url: String::new(),
+            ca: vec![],
+            admin_token: String::new(),
+            tenant: String::new(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        v.spawn();
+        v
+    }
+
     pub fn data_dir(&self) -> &Path {
         self.data.path()
     }

@@ -751,3 +751,81 @@ fn health_metrics_and_graceful_shutdown() {
     assert!(v.terminate(), "vault did not exit cleanly on SIGTERM");
     assert!(!v.data_dir().join("vault.url").exists());
 }
+
+#[test]
+fn backup_restores_only_into_the_same_tenant_and_key() {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_atrest"));
+    let a = start_with(&["--tenant", "tenant-a"]);
+    let replica = TestVault::start_sharing_key(bin, &a, &["--tenant", "tenant-a"]);
+    let other_key = start_with(&["--tenant", "tenant-a"]);
+    let other_tenant = TestVault::start_sharing_key(bin, &a, &["--tenant", "tenant-b"]);
+    let (_, id, secret) = a.identity("app", &["all"]);
+    let tok = token(&a, &id, &secret);
+    create_key(&a, &tok, "kek", json!({}));
+    a.raw(Method::POST, "/keys/kek/rotate", Some(&tok), None);
+    let w = a.raw(
+        Method::POST,
+        "/keys/kek//wrapkey",
+        Some(&tok),
+        body(&json!({"alg": "RSA-OAEP-256", "value": "AQIDBA"})),
+    );
+    let blob = a
+        .raw(Method::POST, "/keys/kek/backup", Some(&tok), None)
+        .body["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let restore = |v: &TestVault, blob: &str| {
+        let (_, id, secret) = v.identity("restorer", &["restore", "unwrapKey"]);
+        let tok = token(v, &id, &secret);
+        (
+            v.raw(
+                Method::POST,
+                "/keys/restore",
+                Some(&tok),
+                body(&json!({"value": blob})),
+            ),
+            tok,
+        )
+    };
+    let (r, _) = restore(&other_tenant, &blob);
+    assert_error(&r, 400, "BadParameter");
+    assert_eq!(r.inner_code(), Some("BackupTenantMismatch"), "{}", r.body);
+    let (r, _) = restore(&other_key, &blob);
+    assert_error(&r, 400, "BadParameter");
+    assert!(
+        r.message().contains("failed authentication"),
+        "{}",
+        r.message()
+    );
+    // A flipped bit in the sealed part is refused the same way.
+    let mut raw = atrest_vault::b64::decode(&blob).unwrap();
+    let n = raw.len() - 5;
+    raw[n] ^= 1;
+    let (r, _) = restore(&replica, &atrest_vault::b64::encode(&raw));
+    assert_eq!(r.status, 400, "{}", r.body);
+    let (r, rtok) = restore(&replica, &blob);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body["key"]["kid"].as_str().unwrap().rsplit('/').next(),
+        w.body["kid"].as_str().unwrap().rsplit('/').next()
+    );
+    let u = replica.raw(
+        Method::POST,
+        &format!(
+            "/keys/kek/{}/unwrapkey",
+            w.body["kid"].as_str().unwrap().rsplit('/').next().unwrap()
+        ),
+        Some(&rtok),
+        body(&json!({"alg": "RSA-OAEP-256", "value": w.body["value"]})),
+    );
+    assert_eq!(u.body["value"], "AQIDBA", "{}", u.body);
+    // Restoring over an existing name is refused.
+    let r = replica.raw(
+        Method::POST,
+        "/keys/restore",
+        Some(&rtok),
+        body(&json!({"value": blob})),
+    );
+    assert_error(&r, 409, "Conflict");
+}
