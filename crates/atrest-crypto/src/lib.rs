@@ -29,3 +29,22 @@ pub use wrap::SymmetricKek;
 pub fn fips_mode() -> bool {
     aws_lc_rs::try_fips_mode().is_ok()
 }
+
+#[cfg(test)]
+mod tests {
+    /// With `--features fips` the validated module must really be in use.
+    #[cfg(feature = "fips")]
+    #[test]
+    fn fips_module_is_active() {
+        assert!(
+            super::fips_mode(),
+            "built with the fips feature but AWS-LC is not in FIPS mode"
+        );
+    }
+
+    #[cfg(not(feature = "fips"))]
+    #[test]
+    fn default_build_reports_non_fips() {
+        assert!(!super::fips_mode());
+    }
+}
