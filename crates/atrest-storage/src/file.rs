@@ -41,6 +41,28 @@ pub struct Stats {
     pub units_opened: AtomicU64,
     pub bytes_sealed: AtomicU64,
     pub bytes_opened: AtomicU64,
+    /// Files opened through the VFS, by SQLite's file type.
+    pub opened_by_type: [AtomicU64; OPEN_TYPES.len()],
+}
+
+/// SQLite's file types, as counted in [`Stats::opened_by_type`].
+pub const OPEN_TYPES: [(&str, i32); 8] = [
+    ("main_db", ffi::SQLITE_OPEN_MAIN_DB),
+    ("main_journal", ffi::SQLITE_OPEN_MAIN_JOURNAL),
+    ("wal", ffi::SQLITE_OPEN_WAL),
+    ("super_journal", ffi::SQLITE_OPEN_SUPER_JOURNAL),
+    ("temp_db", ffi::SQLITE_OPEN_TEMP_DB),
+    ("temp_journal", ffi::SQLITE_OPEN_TEMP_JOURNAL),
+    ("transient_db", ffi::SQLITE_OPEN_TRANSIENT_DB),
+    ("subjournal", ffi::SQLITE_OPEN_SUBJOURNAL),
+];
+
+impl Stats {
+    pub fn count_open(&self, flags: i32) {
+        if let Some(i) = OPEN_TYPES.iter().position(|(_, f)| flags & f != 0) {
+            self.opened_by_type[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Stats {

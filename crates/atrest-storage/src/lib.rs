@@ -73,12 +73,14 @@ pub struct EngineOptions {
 }
 
 /// Counters of the VFS, for benchmarks and metrics.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct StatsSnapshot {
     pub units_sealed: u64,
     pub units_opened: u64,
     pub bytes_sealed: u64,
     pub bytes_opened: u64,
+    /// Files opened, by SQLite file type (main_db, wal, subjournal, ...).
+    pub files_opened: std::collections::BTreeMap<&'static str, u64>,
 }
 
 impl StatsSnapshot {
@@ -88,6 +90,11 @@ impl StatsSnapshot {
             units_opened: self.units_opened - earlier.units_opened,
             bytes_sealed: self.bytes_sealed - earlier.bytes_sealed,
             bytes_opened: self.bytes_opened - earlier.bytes_opened,
+            files_opened: self
+                .files_opened
+                .iter()
+                .map(|(k, v)| (*k, v - earlier.files_opened.get(k).copied().unwrap_or(0)))
+                .collect(),
         }
     }
 }
@@ -296,6 +303,11 @@ impl Engine {
             units_opened: s.units_opened.load(Ordering::Relaxed),
             bytes_sealed: s.bytes_sealed.load(Ordering::Relaxed),
             bytes_opened: s.bytes_opened.load(Ordering::Relaxed),
+            files_opened: file::OPEN_TYPES
+                .iter()
+                .zip(&s.opened_by_type)
+                .map(|((name, _), n)| (*name, n.load(Ordering::Relaxed)))
+                .collect(),
         }
     }
 
@@ -312,6 +324,24 @@ pub struct Connection {
     // Declared first: closed before the engine (and its VFS) can go.
     conn: rusqlite::Connection,
     _engine: Arc<EngineInner>,
+}
+
+impl Connection {
+    /// Attaches database `name` of the same data directory as `schema`,
+    /// creating it if missing, with room for tag and nonce in its pages.
+    pub fn attach(&self, engine: &Engine, name: &str, schema: &str) -> Result<(), StorageError> {
+        let path = engine.database_path(name)?;
+        self.conn
+            .execute("ATTACH DATABASE ?1 AS ?2", (path.to_string_lossy(), schema))
+            .map_err(StorageError::from_sqlite)?;
+        let mut reserve = RESERVED_BYTES as std::ffi::c_int;
+        self.conn
+            .file_control(
+                Some(schema),
+                rusqlite::FileControl::ReserveBytes(&mut reserve),
+            )
+            .map_err(StorageError::from_sqlite)
+    }
 }
 
 impl Deref for Connection {

@@ -332,6 +332,7 @@ unsafe extern "C" fn x_open(
         (*af).handle = ptr::null_mut();
     }
     let kind = kind_of(flags);
+    state.stats.count_open(flags);
     let mut flags = flags;
     // Anonymous temp files get a name in our temp directory, deleted at open.
     let temp_name = if z_name.is_null() {
