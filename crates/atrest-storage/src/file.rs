@@ -435,14 +435,16 @@ pub struct EncryptedFile<R: RawFile> {
     /// another operation needs the disk, so sequential writes at any
     /// alignment seal each block once.
     tail: Option<TailBlock>,
+    /// The tail block's plaintext (allocated once per handle).
+    tail_buf: Vec<u8>,
     /// Temp files only: logical size including the tail.
     temp_len: u64,
 }
 
+#[derive(Clone, Copy)]
 struct TailBlock {
     index: u64,
     len: usize,
-    buf: Vec<u8>,
 }
 
 impl<R: RawFile> EncryptedFile<R> {
@@ -453,6 +455,7 @@ impl<R: RawFile> EncryptedFile<R> {
             stats,
             scratch: Vec::new(),
             tail: None,
+            tail_buf: Vec::new(),
             temp_len: 0,
         }
     }
@@ -940,20 +943,20 @@ impl<R: RawFile> EncryptedFile<R> {
                 // What of this block is already on disk (or in the file's
                 // logical extent, for a block being rewritten).
                 let present = (self.temp_len.saturating_sub(unit.lstart) as usize).min(BLOCK_SIZE);
-                let mut buf = vec![0u8; BLOCK_SIZE + SEAL_OVERHEAD];
+                let mut buf = std::mem::take(&mut self.tail_buf);
+                buf.resize(BLOCK_SIZE + SEAL_OVERHEAD, 0);
                 if present > 0 && !(within == 0 && n >= present) {
-                    let mut old = vec![0u8; present];
-                    self.read(&mut old, unit.lstart)?;
-                    buf[..present].copy_from_slice(&old);
+                    self.read(&mut buf[..present], unit.lstart)?;
                 }
+                buf[present..].fill(0);
+                self.tail_buf = buf;
                 self.tail = Some(TailBlock {
                     index: unit.index,
                     len: present,
-                    buf,
                 });
             }
             let tail = self.tail.as_mut().expect("tail set above");
-            tail.buf[within..within + n].copy_from_slice(&data[done..done + n]);
+            self.tail_buf[within..within + n].copy_from_slice(&data[done..done + n]);
             tail.len = tail.len.max(within + n);
             done += n;
             self.temp_len = self.temp_len.max(pos + n as u64);
@@ -966,7 +969,7 @@ impl<R: RawFile> EncryptedFile<R> {
 
     /// Seals and writes the pending tail block of a temp file, if any.
     fn flush_tail(&mut self) -> Result<(), Fail> {
-        let Some(mut tail) = self.tail.take() else {
+        let Some(tail) = self.tail.take() else {
             return Ok(());
         };
         let unit = Unit {
@@ -977,11 +980,11 @@ impl<R: RawFile> EncryptedFile<R> {
         let ctx = self.ctx(&unit, 0);
         self.shared
             .key
-            .seal(&ctx, &mut tail.buf[..plen])
+            .seal(&ctx, &mut self.tail_buf[..plen])
             .map_err(|e| crypto_fail(&self.shared.path, e))?;
         self.stats.sealed(plen);
         self.raw
-            .write_at(&tail.buf[..plen], unit.pstart)
+            .write_at(&self.tail_buf[..plen], unit.pstart)
             .map_err(Fail::io)
     }
 
