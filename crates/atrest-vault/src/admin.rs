@@ -234,7 +234,7 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
         (["vault"], "PATCH") => {
             info.operation = "AdminVaultUpdate".into();
             let body = req.json()?;
-            app.store.mutate(|st, tx| {
+            app.mutate(req, info, |st, tx| {
                 let p = &mut st.props;
                 if let Some(d) = body.get("softDeleteRetentionDays") {
                     let d = d.as_u64().filter(|d| (7..=90).contains(d)).ok_or_else(|| {
@@ -315,7 +315,7 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
                     .unwrap_or(false),
                 key_permissions: perms,
             };
-            app.store.mutate(|st, tx| {
+            app.mutate(req, info, |st, tx| {
                 tx.put_identity(&id)?;
                 st.identities.insert(id.client_id.clone(), id.clone());
                 let mut out = identity_json(&id, &st.props.tenant_id);
@@ -330,7 +330,7 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
         (["identities", cid], "DELETE") => {
             info.operation = "AdminIdentityDelete".into();
             let cid = cid.to_string();
-            app.store.mutate(|st, tx| {
+            app.mutate(req, info, |st, tx| {
                 if st.identities.remove(&cid).is_none() {
                     return Err(ApiError::not_found(format!(
                         "identity {cid} does not exist"
@@ -347,7 +347,7 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
             info.operation = "AdminPolicySet".into();
             let body = req.json()?;
             let cid = cid.to_string();
-            app.store.mutate(|st, tx| {
+            app.mutate(req, info, |st, tx| {
                 let tenant = st.props.tenant_id.clone();
                 let id = st
                     .identities
@@ -392,7 +392,7 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
                 parse_rule(&r).map_err(ApiError::bad_parameter)?;
                 rules.push(r);
             }
-            app.store.mutate(|st, tx| {
+            app.mutate(req, info, |st, tx| {
                 st.props.firewall.default_action = action.into();
                 st.props.firewall.ip_rules = rules;
                 tx.put_props(&st.props)?;
@@ -409,7 +409,7 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
             info.key_name = Some(name.to_string());
             let name = name.to_string();
             let lock = m == "PUT";
-            app.store.mutate(|st, tx| {
+            app.mutate(req, info, |st, tx| {
                 let e = st
                     .keys
                     .get_mut(&name)

@@ -217,8 +217,8 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
     let name = name.unwrap_or_default();
     let version = version.unwrap_or_default();
     match op {
-        Op::Create => create(app, req, &name),
-        Op::Import => import(app, req, &name),
+        Op::Create => create(app, req, info, &name),
+        Op::Import => import(app, req, info, &name),
         Op::Get => {
             let snap = app.store.snapshot();
             let e = live_key(&snap, &name)?;
@@ -230,16 +230,16 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
         Op::List => list_keys(app, req, false),
         Op::ListDeleted => list_keys(app, req, true),
         Op::ListVersions => list_versions(app, req, &name),
-        Op::Update => update(app, req, &name, &version),
+        Op::Update => update(app, req, info, &name, &version),
         Op::Rotate => rotate(app, req, &name, info),
-        Op::Delete => delete(app, req, &name),
+        Op::Delete => delete(app, req, info, &name),
         Op::GetDeleted => {
             let snap = app.store.snapshot();
             let e = deleted_key(&snap, &name)?;
             Ok(Resp::ok(deleted_bundle(req, &snap.props, e)))
         }
-        Op::Recover => recover(app, req, &name),
-        Op::Purge => purge(app, &name),
+        Op::Recover => recover(app, req, info, &name),
+        Op::Purge => purge(app, req, info, &name),
         Op::Backup => crate::backup::backup(app, &name),
         Op::Restore => crate::backup::restore(app, req, info),
         Op::GetRotationPolicy => {
@@ -253,7 +253,7 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
             p["id"] = json!(format!("{}/keys/{name}/rotationpolicy", req.base()));
             Ok(Resp::ok(p))
         }
-        Op::SetRotationPolicy => set_rotation_policy(app, req, &name),
+        Op::SetRotationPolicy => set_rotation_policy(app, req, info, &name),
         Op::Encrypt | Op::Decrypt | Op::Wrap | Op::Unwrap | Op::Sign | Op::Verify => {
             crypto_op(app, req, op, &name, &version, info)
         }
@@ -464,13 +464,14 @@ fn new_meta(st: &mut State, now: i64, s: &Settings, kty: &str) -> VersionMeta {
 fn add_version(
     app: &App,
     req: &Req,
+    info: &mut AuditInfo,
     name: &str,
     key: RsaKey,
     s: &Settings,
 ) -> Result<Resp, ApiError> {
     let now = app.clock.now();
     let key = Arc::new(key);
-    app.store.mutate(|st, tx| {
+    app.mutate(req, info, |st, tx| {
         if st.keys.get(name).is_some_and(KeyEntry::is_deleted) {
             return Err(deleted_conflict(name));
         }
@@ -493,7 +494,7 @@ fn add_version(
     })
 }
 
-fn create(app: &App, req: &Req, name: &str) -> Result<Resp, ApiError> {
+fn create(app: &App, req: &Req, info: &mut AuditInfo, name: &str) -> Result<Resp, ApiError> {
     let body = req.json()?;
     let kty = body.get("kty").and_then(Value::as_str).unwrap_or("");
     match kty {
@@ -537,10 +538,10 @@ fn create(app: &App, req: &Req, name: &str) -> Result<Resp, ApiError> {
         return Err(deleted_conflict(name));
     }
     let key = RsaKey::generate(bits)?;
-    add_version(app, req, name, key, &s)
+    add_version(app, req, info, name, key, &s)
 }
 
-fn import(app: &App, req: &Req, name: &str) -> Result<Resp, ApiError> {
+fn import(app: &App, req: &Req, info: &mut AuditInfo, name: &str) -> Result<Resp, ApiError> {
     let body = req.json()?;
     let key = match body.get("key") {
         Some(jwk @ Value::Object(_)) => RsaKey::from_jwk(jwk)?,
@@ -551,14 +552,20 @@ fn import(app: &App, req: &Req, name: &str) -> Result<Resp, ApiError> {
         }
     };
     let s = settings(&body)?;
-    add_version(app, req, name, key, &s)
+    add_version(app, req, info, name, key, &s)
 }
 
-fn update(app: &App, req: &Req, name: &str, version: &str) -> Result<Resp, ApiError> {
+fn update(
+    app: &App,
+    req: &Req,
+    info: &mut AuditInfo,
+    name: &str,
+    version: &str,
+) -> Result<Resp, ApiError> {
     let body = req.json()?;
     let s = settings(&body)?;
     let now = app.clock.now();
-    app.store.mutate(|st, tx| {
+    app.mutate(req, info, |st, tx| {
         let props = st.props.clone();
         let e = match st.keys.get_mut(name) {
             Some(e) if !e.is_deleted() => e,
@@ -614,16 +621,16 @@ fn rotate(app: &App, req: &Req, name: &str, info: &mut AuditInfo) -> Result<Resp
     };
     drop(snap);
     let key = RsaKey::generate(bits)?;
-    let r = add_version(app, req, name, key, &s)?;
+    let r = add_version(app, req, info, name, key, &s)?;
     if let Some(k) = r.body.as_ref().and_then(|b| b["key"]["kid"].as_str()) {
         info.key_version = k.rsplit('/').next().map(str::to_string);
     }
     Ok(r)
 }
 
-fn delete(app: &App, req: &Req, name: &str) -> Result<Resp, ApiError> {
+fn delete(app: &App, req: &Req, info: &mut AuditInfo, name: &str) -> Result<Resp, ApiError> {
     let now = app.clock.now();
-    app.store.mutate(|st, tx| {
+    app.mutate(req, info, |st, tx| {
         let days = st.props.soft_delete_retention_days as i64;
         let props = st.props.clone();
         let e = match st.keys.get_mut(name) {
@@ -643,8 +650,8 @@ fn delete(app: &App, req: &Req, name: &str) -> Result<Resp, ApiError> {
     })
 }
 
-fn recover(app: &App, req: &Req, name: &str) -> Result<Resp, ApiError> {
-    app.store.mutate(|st, tx| {
+fn recover(app: &App, req: &Req, info: &mut AuditInfo, name: &str) -> Result<Resp, ApiError> {
+    app.mutate(req, info, |st, tx| {
         let props = st.props.clone();
         let e = match st.keys.get_mut(name) {
             Some(e) if e.is_deleted() => e,
@@ -663,8 +670,8 @@ fn recover(app: &App, req: &Req, name: &str) -> Result<Resp, ApiError> {
     })
 }
 
-fn purge(app: &App, name: &str) -> Result<Resp, ApiError> {
-    app.store.mutate(|st, tx| {
+fn purge(app: &App, req: &Req, info: &mut AuditInfo, name: &str) -> Result<Resp, ApiError> {
+    app.mutate(req, info, |st, tx| {
         match st.keys.get(name) {
             Some(e) if e.is_deleted() => {}
             _ => return Err(ApiError::new(404, "KeyNotFound", format!("Deleted Key not found: {name}"))),
@@ -681,14 +688,19 @@ fn purge(app: &App, name: &str) -> Result<Resp, ApiError> {
     })
 }
 
-fn set_rotation_policy(app: &App, req: &Req, name: &str) -> Result<Resp, ApiError> {
+fn set_rotation_policy(
+    app: &App,
+    req: &Req,
+    info: &mut AuditInfo,
+    name: &str,
+) -> Result<Resp, ApiError> {
     let body = req.json()?;
     if let Some(la) = body.get("lifetimeActions") {
         if !la.is_array() {
             return Err(ApiError::bad_parameter("lifetimeActions must be an array"));
         }
     }
-    app.store.mutate(|st, tx| {
+    app.mutate(req, info, |st, tx| {
         let e = match st.keys.get_mut(name) {
             Some(e) if !e.is_deleted() => e,
             _ => return Err(ApiError::key_not_found(name)),

@@ -156,6 +156,21 @@ impl AuditLog {
         self.failure.lock().expect("lock").clone()
     }
 
+    /// Same as `write`, from a blocking (non-async) thread.
+    pub fn write_blocking(&self, rec: Value) -> Result<(), VaultError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .lock()
+            .expect("lock")
+            .send((rec, tx))
+            .map_err(|_| VaultError::Audit("audit writer stopped".into()))?;
+        match rx.blocking_recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(m)) => Err(VaultError::Audit(m)),
+            Err(_) => Err(VaultError::Audit("audit writer stopped".into())),
+        }
+    }
+
     /// Appends a record durably; the request may answer only on Ok.
     pub async fn write(&self, rec: Value) -> Result<(), VaultError> {
         let (tx, rx) = tokio::sync::oneshot::channel();

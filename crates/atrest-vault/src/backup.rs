@@ -101,7 +101,7 @@ pub fn restore(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiEr
         return Err(bad());
     }
     let rotation_policy = doc.get("rotationPolicy").cloned().filter(|p| !p.is_null());
-    app.store.mutate(|st, tx| {
+    app.mutate(req, info, |st, tx| {
         if let Some(e) = st.keys.get(&name) {
             return Err(if e.is_deleted() {
                 ApiError::conflict(format!(

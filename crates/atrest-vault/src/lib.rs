@@ -135,7 +135,9 @@ pub async fn serve(
 
     let listener = tokio::net::TcpListener::bind(opts.listen).await?;
     let local = listener.local_addr()?;
+    let tenant = store.snapshot().props.tenant_id.clone();
     let app = Arc::new(server::App {
+        tenant,
         store,
         audit,
         signer,

@@ -34,6 +34,9 @@ pub struct App {
     pub store: Store,
     pub audit: AuditLog,
     pub signer: TokenSigner,
+    /// Fixed at creation; kept here so audit records can be built while a
+    /// mutation holds the state lock.
+    pub tenant: String,
     pub verified_tokens: crate::auth::VerifiedTokens,
     pub clock: Clock,
     pub admin_token_hash: String,
@@ -105,6 +108,9 @@ pub struct AuditInfo {
     pub key_name: Option<String>,
     pub key_version: Option<String>,
     pub api_version: Option<String>,
+    pub started: Option<Instant>,
+    /// Set when the record was already written (before a commit).
+    pub audited: bool,
 }
 
 fn sanitize_host(h: &str) -> Option<String> {
@@ -265,6 +271,36 @@ pub fn unauthorized(req: &Req, tenant: &str, message: String) -> ApiError {
 }
 
 impl App {
+    /// Runs a state change whose audit record is written before it commits:
+    /// if the record cannot be written the change is rolled back and the
+    /// request is refused (fail-closed for mutations, not just answers).
+    pub fn mutate(
+        &self,
+        req: &Req,
+        info: &mut AuditInfo,
+        f: impl FnOnce(&mut crate::store::State, &crate::store::Tx<'_>) -> Result<Resp, ApiError>,
+    ) -> Result<Resp, ApiError> {
+        let started = info.started.unwrap_or_else(Instant::now);
+        self.store
+            .mutate_hooked(f, |resp: &Resp| -> Result<(), ApiError> {
+                if info.key_version.is_none() {
+                    info.key_version = resp
+                        .body
+                        .as_ref()
+                        .and_then(|b| b["key"]["kid"].as_str())
+                        .and_then(|k| k.rsplit('/').next())
+                        .map(str::to_string);
+                }
+                let rec = self.audit_record(req, info, resp.status, None, started);
+                self.audit.write_blocking(rec).map_err(|e| {
+                    self.metrics.audit_failure();
+                    ApiError::from(e)
+                })?;
+                info.audited = true;
+                Ok(())
+            })
+    }
+
     /// Authenticates a data-plane request and applies the firewall.
     pub fn authenticate(&self, req: &Req, info: &mut AuditInfo) -> Result<Identity, ApiError> {
         let snap = self.store.snapshot();
@@ -316,7 +352,7 @@ impl App {
             .unwrap_or(0);
         let identity = info.identity.as_ref().map(|id| {
             json!({"claim": {"appid": id.client_id, "oid": id.client_id, "name": id.name,
-                              "tid": self.store.snapshot().props.tenant_id}})
+                              "tid": self.tenant}})
         });
         let key_id = info.key_name.as_ref().map(|n| match &info.key_version {
             Some(v) if !v.is_empty() => format!("{}/keys/{n}/{v}", req.base()),
@@ -374,6 +410,7 @@ impl App {
         }
         let mut info = AuditInfo {
             api_version: req.query.get("api-version").cloned(),
+            started: Some(started),
             ..Default::default()
         };
         // Fail closed: no audit log, no work at all.
@@ -417,7 +454,11 @@ impl App {
             info.operation.as_str()
         };
         let rec = self.audit_record(&req, &info, status, err, started);
-        if let Err(e) = self.audit.write(rec).await {
+        if let Err(e) = if info.audited {
+            Ok(())
+        } else {
+            self.audit.write(rec).await
+        } {
             self.metrics.audit_failure();
             let e = ApiError::from(e);
             self.metrics.record(op, e.status, started.elapsed());

@@ -345,6 +345,21 @@ impl Store {
     where
         E: From<VaultError>,
     {
+        self.mutate_hooked(f, |_| Ok(()))
+    }
+
+    /// Like `mutate`, with `before_commit` run after `f` succeeded and
+    /// before the transaction commits: if it fails, nothing is committed.
+    /// The server writes the audit record there, so a change whose audit
+    /// record cannot be written never happens.
+    pub fn mutate_hooked<T, E>(
+        &self,
+        f: impl FnOnce(&mut State, &Tx<'_>) -> Result<T, E>,
+        before_commit: impl FnOnce(&T) -> Result<(), E>,
+    ) -> Result<T, E>
+    where
+        E: From<VaultError>,
+    {
         let mut conn = self.conn.lock().expect("conn lock");
         let mut guard = self.state.write().expect("state lock");
         let mut next: State = (**guard).clone();
@@ -358,6 +373,7 @@ impl Store {
             };
             f(&mut next, &t)?
         };
+        before_commit(&out)?;
         tx.commit().map_err(|e| E::from(VaultError::from(e)))?;
         *guard = Arc::new(next);
         Ok(out)

@@ -567,3 +567,62 @@ fn cli_admin_commands_and_key_import() {
     let l: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(l["value"], json!([]));
 }
+
+#[test]
+fn audit_write_failing_after_the_precheck_rolls_the_change_back() {
+    // /dev/full opens fine (so the pre-check passes) but every write fails
+    // with ENOSPC: the failure happens at the real append.
+    if !std::path::Path::new("/dev/full").exists() {
+        assert!(std::env::var_os("CI").is_none(), "/dev/full is needed");
+        return;
+    }
+    let v = start();
+    let (_, id, secret) = v.identity("app", &["all"]);
+    let tok = token(&v, &id, &secret);
+    let r = v.raw(
+        Method::POST,
+        "/keys/k/create",
+        Some(&tok),
+        body(&json!({"kty": "RSA"})),
+    );
+    assert_eq!(r.status, 200);
+    let log = v.audit_path();
+    let saved = v.data_dir().join("audit.saved");
+    std::fs::rename(&log, &saved).unwrap();
+    std::os::unix::fs::symlink("/dev/full", &log).unwrap();
+    let r = v.raw(
+        Method::POST,
+        "/keys/k2/create",
+        Some(&tok),
+        body(&json!({"kty": "RSA"})),
+    );
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.error_code(), Some("AuditLogUnavailable"));
+    let r = v.raw(Method::DELETE, "/keys/k", Some(&tok), None);
+    assert_eq!(r.status, 503, "{}", r.body);
+    let r = v.raw(
+        Method::POST,
+        "/keys/k//wrapkey",
+        Some(&tok),
+        body(&json!({"alg": "RSA-OAEP-256", "value": "AAAA"})),
+    );
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.get("value").is_none());
+    std::fs::remove_file(&log).unwrap();
+    std::fs::rename(&saved, &log).unwrap();
+    // Neither the create nor the delete happened.
+    assert_eq!(v.raw(Method::GET, "/keys/k2", Some(&tok), None).status, 404);
+    assert_eq!(v.raw(Method::GET, "/keys/k", Some(&tok), None).status, 200);
+    let out = run_cli(&[
+        "vault",
+        "audit",
+        "verify",
+        "--data",
+        v.data_dir().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
