@@ -365,7 +365,8 @@ fn malformed_input_gets_clear_4xx_never_5xx() {
     let tok = token(&v, &id, &secret);
     create_key(&v, &tok, "k", json!({}));
     let t = Some(tok.as_str());
-    let cases: Vec<(Method, &str, Option<Vec<u8>>, u16, &str)> = vec![
+    type Case<'a> = (Method, &'a str, Option<Vec<u8>>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             Method::POST,
             "/keys/k//wrapkey",
