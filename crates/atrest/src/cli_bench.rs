@@ -392,10 +392,8 @@ fn mixed_oltp(db: &Db, r: &Regime, b: &StorageBench, rep: u64) -> Result<()> {
     Ok(())
 }
 
-/// Seconds the cipher alone takes to seal and open as many units, of the
-/// same average sizes, as a workload moved.
-fn pure_crypto_cost(moved: &StatsSnapshot) -> Result<f64> {
-    let key = UnitKey::new(&Dek::generate()?, 0)?;
+/// A fresh page key and a database-page context, as the VFS uses them.
+fn bench_key() -> Result<(UnitKey, SealContext)> {
     let ctx = SealContext {
         file_id: FileId([1; 16]),
         kind: FileKind::MainDb,
@@ -403,6 +401,13 @@ fn pure_crypto_cost(moved: &StatsSnapshot) -> Result<f64> {
         index: 1,
         generation: 0,
     };
+    Ok((UnitKey::new(&Dek::generate()?, 0)?, ctx))
+}
+
+/// Seconds the cipher alone takes to seal and open as many units, of the
+/// same average sizes, as a workload moved.
+fn pure_crypto_cost(moved: &StatsSnapshot) -> Result<f64> {
+    let (key, ctx) = bench_key()?;
     let mut total = 0.0;
     for (units, bytes, open) in [
         (moved.units_sealed, moved.bytes_sealed, false),
@@ -442,14 +447,7 @@ fn pure_crypto_cost(moved: &StatsSnapshot) -> Result<f64> {
 
 /// Seal and open throughput on 4 KiB pages, and `openssl speed` beside it.
 fn crypto_throughput(with_openssl: bool) -> Result<serde_json::Value> {
-    let key = UnitKey::new(&Dek::generate()?, 0)?;
-    let ctx = SealContext {
-        file_id: FileId([1; 16]),
-        kind: FileKind::MainDb,
-        class: 1,
-        index: 1,
-        generation: 0,
-    };
+    let (key, ctx) = bench_key()?;
     let mut page = vec![0u8; 4096];
     let rounds = 200_000u64;
     let start = Instant::now();
