@@ -207,6 +207,24 @@ async fn read_request(
     }
 }
 
+/// Requests that cannot change state (so never call `App::mutate`).
+fn read_only(req: &Req) -> bool {
+    let s = &req.segments;
+    match req.method {
+        Method::GET => true,
+        Method::POST => {
+            (s.len() == 4
+                && s[0] == "keys"
+                && matches!(
+                    s[3].to_ascii_lowercase().as_str(),
+                    "wrapkey" | "unwrapkey" | "encrypt" | "decrypt" | "sign" | "verify"
+                ))
+                || (s.len() >= 3 && s[1] == "oauth2")
+        }
+        _ => false,
+    }
+}
+
 fn too_large() -> ApiError {
     ApiError::new(
         413,
@@ -416,7 +434,21 @@ impl App {
         // Fail closed: no audit log, no work at all.
         let result = match self.audit.probe() {
             Err(e) => Err(ApiError::from(e)),
+            Ok(()) if read_only(&req) => {
+                // Reads and crypto operations run on the async worker: no
+                // thread hand-off, and they never wait on a commit.
+                let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.dispatch(&req, &mut info)
+                }))
+                .unwrap_or_else(|_| {
+                    tracing::error!("request handler panicked");
+                    Err(ApiError::internal("internal error; see the vault's log"))
+                });
+                return self.finish(req, info, res, started).await;
+            }
             Ok(()) => {
+                // State changes block on SQLite and on the audit sync inside
+                // their transaction: keep them off the async workers.
                 let app = self.clone();
                 let joined = tokio::task::spawn_blocking(move || {
                     let res = app.dispatch(&req, &mut info);

@@ -144,6 +144,9 @@ fn kill9_during_burst_loses_no_acknowledged_operation() {
     // Acknowledged operations: (key, version, deleted).
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String, bool)>::new()));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attempted_deletes = std::sync::Arc::new(std::sync::Mutex::new(
+        std::collections::HashSet::<String>::new(),
+    ));
     let mut workers = vec![];
     for w in 0..4 {
         let (url, ca, tenant, id, secret) = (
@@ -155,6 +158,7 @@ fn kill9_during_burst_loses_no_acknowledged_operation() {
         );
         let acked = acked.clone();
         let stop = stop.clone();
+        let attempted = attempted_deletes.clone();
         workers.push(std::thread::spawn(move || {
             let c = atrest_vault::VaultClient::new(&url, &ca, &tenant, &id, &secret).unwrap();
             let mut i = 0;
@@ -182,6 +186,8 @@ fn kill9_during_burst_loses_no_acknowledged_operation() {
                     Err(_) => break,
                 }
                 if i % 3 == 0 {
+                    // Sent but maybe not acknowledged: either outcome is fine.
+                    attempted.lock().unwrap().insert(name.clone());
                     match block_on(c.call(Method::DELETE, &format!("/keys/{name}"), None)) {
                         Ok(r) => acked.lock().unwrap().push((name.clone(), ver(&r), true)),
                         Err(_) => break,
@@ -219,6 +225,25 @@ fn kill9_during_burst_loses_no_acknowledged_operation() {
                 r.status, 200,
                 "acknowledged delete of {name} lost: {}",
                 r.body
+            );
+        } else if attempted_deletes.lock().unwrap().contains(name) {
+            let live = v.raw(
+                Method::GET,
+                &format!("/keys/{name}/{version}"),
+                Some(&tok),
+                None,
+            );
+            let gone = v.raw(
+                Method::GET,
+                &format!("/deletedkeys/{name}"),
+                Some(&tok),
+                None,
+            );
+            assert!(
+                live.status == 200 || gone.status == 200,
+                "acknowledged {name}/{version} lost (delete was in flight): {} / {}",
+                live.body,
+                gone.body
             );
         } else {
             let r = v.raw(
