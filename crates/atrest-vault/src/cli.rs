@@ -104,6 +104,10 @@ pub struct ServeArgs {
     /// Access token lifetime in seconds.
     #[arg(long, default_value_t = 3600)]
     pub token_lifetime_secs: i64,
+    /// Admin credential file (created if missing); default DATA/admin-token.
+    /// Keep it outside the data directory in production.
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// Where the running vault is and how to authenticate as admin.
@@ -367,6 +371,7 @@ pub fn run(args: VaultArgs) -> Result<ExitCode, CliError> {
                 tls_key: a.tls_key,
                 test_clock: a.test_clock,
                 token_lifetime_secs: a.token_lifetime_secs,
+                admin_token_file: a.admin_token_file,
             };
             runtime()?.block_on(crate::serve(opts, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)

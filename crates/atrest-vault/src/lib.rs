@@ -63,6 +63,8 @@ pub struct ServeOptions {
     pub tls_key: Option<PathBuf>,
     pub test_clock: bool,
     pub token_lifetime_secs: i64,
+    /// Where the admin credential is kept (default `DATA/admin-token`).
+    pub admin_token_file: Option<PathBuf>,
 }
 
 fn write_atomic(path: &Path, contents: &[u8], private: bool) -> Result<(), VaultError> {
@@ -111,7 +113,13 @@ pub async fn serve(
         .ok_or_else(|| VaultError::Unseal("stored token signing key is invalid".into()))?;
     drop(signer_key);
 
-    let admin_file = data.join("admin-token");
+    // The admin credential: by default beside the data (convenient), or
+    // elsewhere with --admin-token-file (then a copy of the data directory
+    // carries no way to administer the vault).
+    let admin_file = opts
+        .admin_token_file
+        .clone()
+        .unwrap_or_else(|| data.join("admin-token"));
     if !admin_file.exists() {
         let tok = zeroize::Zeroizing::new(b64::encode(&seal::random_bytes::<32>()));
         write_atomic(&admin_file, tok.as_bytes(), true)?;
@@ -121,8 +129,29 @@ pub async fn serve(
     let tls_cfg = match (&opts.tls_cert, &opts.tls_key) {
         (Some(c), Some(k)) => tls::server_config(c, k)?,
         (None, None) => {
-            let f = tls::ensure_generated(&data, &opts.hostnames)?;
-            tls::server_config(&f.cert, &f.key)?
+            // Certificates are public files; the server's private key lives
+            // only sealed in the database, so a copy of the data directory
+            // cannot impersonate the vault.
+            let dir = data.join("tls");
+            let chain_path = dir.join("server.pem");
+            let (chain, key) = match (
+                store.sealed_get("tls_server_key")?,
+                std::fs::read(&chain_path),
+            ) {
+                (Some(k), Ok(c)) => (c, k),
+                _ => {
+                    let g = tls::generate(&opts.hostnames)?;
+                    std::fs::create_dir_all(&dir)?;
+                    write_atomic(&dir.join("ca.pem"), g.ca_pem.as_bytes(), false)?;
+                    write_atomic(&chain_path, g.chain_pem.as_bytes(), false)?;
+                    store.sealed_put("tls_server_key", g.key_pem.as_bytes())?;
+                    (
+                        g.chain_pem.into_bytes(),
+                        zeroize::Zeroizing::new(g.key_pem.as_bytes().to_vec()),
+                    )
+                }
+            };
+            tls::server_config_pem(&chain, &key)?
         }
         _ => {
             return Err(VaultError::Tls(

@@ -339,6 +339,25 @@ impl Store {
         Ok(v)
     }
 
+    /// Reads a sealed named secret, if present.
+    pub fn sealed_get(
+        &self,
+        name: &str,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, VaultError> {
+        let conn = self.conn.lock().expect("conn lock");
+        let aad = format!("atrest-vault/meta/{name}");
+        get_meta(&conn, name)?
+            .map(|b| self.seal.open(aad.as_bytes(), &b))
+            .transpose()
+    }
+
+    /// Stores (replaces) a sealed named secret.
+    pub fn sealed_put(&self, name: &str, value: &[u8]) -> Result<(), VaultError> {
+        let conn = self.conn.lock().expect("conn lock");
+        let aad = format!("atrest-vault/meta/{name}");
+        put_meta(&conn, name, &self.seal.seal(aad.as_bytes(), value))
+    }
+
     /// Runs `f` on a copy of the state inside one SQLite transaction; on
     /// success commits and publishes the copy. On error nothing changes.
     pub fn mutate<T, E>(&self, f: impl FnOnce(&mut State, &Tx<'_>) -> Result<T, E>) -> Result<T, E>

@@ -4,7 +4,7 @@
 //! certificate once and is dropped, so a stolen data directory cannot mint
 //! new certificates clients would trust.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use rcgen::{
@@ -23,38 +23,17 @@ fn tls_err(e: impl std::fmt::Display) -> VaultError {
     VaultError::Tls(e.to_string())
 }
 
-pub struct TlsFiles {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+/// A freshly generated CA and server certificate.
+pub struct Generated {
+    pub ca_pem: String,
+    /// Server certificate followed by the CA certificate.
+    pub chain_pem: String,
+    pub key_pem: zeroize::Zeroizing<String>,
 }
 
-fn write_private(path: &Path, contents: &[u8]) -> Result<(), VaultError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    Ok(())
-}
-
-/// Creates `dir/tls/{ca.pem,server.pem,server.key}` unless they exist.
-pub fn ensure_generated(dir: &Path, hostnames: &[String]) -> Result<TlsFiles, VaultError> {
-    let tls = dir.join("tls");
-    let files = TlsFiles {
-        ca: tls.join("ca.pem"),
-        cert: tls.join("server.pem"),
-        key: tls.join("server.key"),
-    };
-    if files.cert.exists() && files.key.exists() {
-        return Ok(files);
-    }
-    std::fs::create_dir_all(&tls)?;
+/// Generates a CA (ECDSA P-256, path length 0) and a server certificate
+/// for localhost, 127.0.0.1, ::1 and `hostnames`. The CA key is dropped.
+pub fn generate(hostnames: &[String]) -> Result<Generated, VaultError> {
     let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(tls_err)?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -82,11 +61,11 @@ pub fn ensure_generated(dir: &Path, hostnames: &[String]) -> Result<TlsFiles, Va
     params.distinguished_name = dn;
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let cert = params.signed_by(&server_key, &issuer).map_err(tls_err)?;
-
-    std::fs::write(&files.ca, ca_cert.pem())?;
-    std::fs::write(&files.cert, format!("{}{}", cert.pem(), ca_cert.pem()))?;
-    write_private(&files.key, server_key.serialize_pem().as_bytes())?;
-    Ok(files)
+    Ok(Generated {
+        ca_pem: ca_cert.pem(),
+        chain_pem: format!("{}{}", cert.pem(), ca_cert.pem()),
+        key_pem: zeroize::Zeroizing::new(server_key.serialize_pem()),
+    })
 }
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, VaultError> {
@@ -102,12 +81,29 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, VaultErro
     Ok(certs)
 }
 
+/// Server configuration from operator-supplied PEM files.
 pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, VaultError> {
-    let certs = load_certs(cert)?;
-    let pem = std::fs::read(key)?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut pem.as_slice())
+    let chain = std::fs::read(cert)?;
+    let key = zeroize::Zeroizing::new(std::fs::read(key)?);
+    server_config_pem(&chain, &key)
+}
+
+/// Server configuration from a PEM chain and a PEM private key.
+pub fn server_config_pem(
+    chain_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<rustls::ServerConfig, VaultError> {
+    let certs: Result<Vec<CertificateDer<'static>>, _> =
+        rustls_pemfile::certs(&mut &chain_pem[..]).collect();
+    let certs = certs.map_err(tls_err)?;
+    if certs.is_empty() {
+        return Err(VaultError::Tls(
+            "no certificate in the certificate chain".into(),
+        ));
+    }
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
         .map_err(tls_err)?
-        .ok_or_else(|| VaultError::Tls(format!("no private key in {}", key.display())))?;
+        .ok_or_else(|| VaultError::Tls("no private key in the key file".into()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(tls_err)?
@@ -141,17 +137,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn generates_once_and_loads() {
-        let d = tempfile::tempdir().unwrap();
-        let f = ensure_generated(d.path(), &["vault.example".into()]).unwrap();
-        let before = std::fs::read(&f.cert).unwrap();
-        let f2 = ensure_generated(d.path(), &[]).unwrap();
-        assert_eq!(before, std::fs::read(&f2.cert).unwrap());
-        server_config(&f.cert, &f.key).unwrap();
-        client_config(&std::fs::read(&f.ca).unwrap()).unwrap();
+    fn generated_chain_verifies_and_loads() {
+        let g = generate(&["vault.example".into()]).unwrap();
+        server_config_pem(g.chain_pem.as_bytes(), g.key_pem.as_bytes()).unwrap();
+        client_config(g.ca_pem.as_bytes()).unwrap();
         assert!(client_config(b"").is_err());
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&f.key).unwrap().permissions().mode();
-        assert_eq!(mode & 0o077, 0);
+        assert!(server_config_pem(g.chain_pem.as_bytes(), b"").is_err());
+        assert!(g.chain_pem.matches("BEGIN CERTIFICATE").count() == 2);
     }
 }

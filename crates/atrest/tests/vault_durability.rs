@@ -391,6 +391,16 @@ fn private_keys_are_not_in_the_data_directory_in_clear() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.body["key"].get("d").is_none());
+    // The generated TLS server key is sealed in the database, not a file.
+    assert!(v.data_dir().join("tls/ca.pem").exists());
+    let tls_files: Vec<_> = std::fs::read_dir(v.data_dir().join("tls"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    for f in &tls_files {
+        let text = std::fs::read_to_string(v.data_dir().join("tls").join(f)).unwrap();
+        assert!(!text.contains("PRIVATE KEY"), "{f:?} holds a private key");
+    }
     let d = atrest_vault::b64::decode(jwk["d"].as_str().unwrap()).unwrap();
     let p = atrest_vault::b64::decode(jwk["p"].as_str().unwrap()).unwrap();
     for entry in std::fs::read_dir(v.data_dir()).unwrap() {
@@ -650,4 +660,51 @@ fn audit_write_failing_after_the_precheck_rolls_the_change_back() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+#[test]
+fn operator_supplied_certificate_and_external_admin_credential() {
+    let data = tempfile::tempdir().unwrap();
+    let ext = tempfile::tempdir().unwrap();
+    let g = atrest_vault::tls::generate(&["vault.test".into()]).unwrap();
+    let chain = ext.path().join("chain.pem");
+    let key = ext.path().join("key.pem");
+    std::fs::write(&chain, &g.chain_pem).unwrap();
+    std::fs::write(&key, g.key_pem.as_bytes()).unwrap();
+    let unseal = ext.path().join("unseal.key");
+    assert!(
+        run_cli(&["vault", "init-key", "--out", unseal.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let admin = ext.path().join("admin-token");
+    let mut c = serve(
+        data.path(),
+        &[
+            "--unseal-key-file",
+            unseal.to_str().unwrap(),
+            "--tls-cert",
+            chain.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--admin-token-file",
+            admin.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let url = wait_url(data.path(), &mut c).unwrap();
+    // Nothing administrative or TLS-private was written beside the data.
+    assert!(!data.path().join("admin-token").exists());
+    assert!(!data.path().join("tls").exists());
+    let token = std::fs::read_to_string(&admin).unwrap();
+    let a = atrest_vault::AdminClient::new(&url, g.ca_pem.as_bytes(), &token).unwrap();
+    let props = block_on(a.call(Method::GET, "/vault", None)).unwrap();
+    assert!(props["tenantId"].is_string());
+    // A client trusting another CA refuses the connection.
+    let other = atrest_vault::tls::generate(&[]).unwrap();
+    let b = atrest_vault::AdminClient::new(&url, other.ca_pem.as_bytes(), &token).unwrap();
+    let e = block_on(b.call(Method::GET, "/vault", None)).unwrap_err();
+    assert!(e.is_outage(), "{e}");
+    c.kill().unwrap();
+    c.wait().unwrap();
 }
