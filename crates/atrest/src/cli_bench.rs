@@ -445,30 +445,39 @@ fn pure_crypto_cost(moved: &StatsSnapshot) -> Result<f64> {
     Ok(total)
 }
 
-/// Seal and open throughput on 4 KiB pages, and `openssl speed` beside it.
+/// Seal and open throughput on 4 KiB pages, and `openssl speed` beside it:
+/// three interleaved rounds, best of each (throughput under noise).
 fn crypto_throughput(with_openssl: bool) -> Result<serde_json::Value> {
     let (key, ctx) = bench_key()?;
     let mut page = vec![0u8; 4096];
-    let rounds = 200_000u64;
-    let start = Instant::now();
-    for _ in 0..rounds {
-        key.seal(&ctx, &mut page)?;
-    }
-    let seal = start.elapsed().as_secs_f64();
-    let sealed = page.clone();
-    let start = Instant::now();
-    for _ in 0..rounds {
-        page.copy_from_slice(&sealed);
-        key.open(&ctx, &mut page)?;
-    }
-    let open = start.elapsed().as_secs_f64();
+    let rounds = 300_000u64;
     let mb = |secs: f64| (rounds * 4096) as f64 / secs / 1e6;
-    let openssl = if with_openssl { openssl_speed() } else { None };
+    let (mut seal_best, mut open_best, mut openssl_best) = (0f64, 0f64, None::<f64>);
+    for _ in 0..3 {
+        let start = Instant::now();
+        for _ in 0..rounds {
+            key.seal(&ctx, &mut page)?;
+        }
+        seal_best = seal_best.max(mb(start.elapsed().as_secs_f64()));
+        let sealed = page.clone();
+        let start = Instant::now();
+        for _ in 0..rounds {
+            page.copy_from_slice(&sealed);
+            key.open(&ctx, &mut page)?;
+        }
+        open_best = open_best.max(mb(start.elapsed().as_secs_f64()));
+        if with_openssl {
+            if let Some(o) = openssl_speed() {
+                openssl_best = Some(openssl_best.map_or(o, |b: f64| b.max(o)));
+            }
+        }
+    }
     Ok(serde_json::json!({
         "page_bytes": 4096,
-        "seal_mb_per_s": mb(seal),
-        "open_mb_per_s": mb(open),
-        "openssl_aes_256_gcm_mb_per_s": openssl,
+        "seal_mb_per_s": seal_best,
+        "open_mb_per_s": open_best,
+        "openssl_aes_256_gcm_mb_per_s": openssl_best,
+        "method": "3 interleaved rounds, best of each",
         "fips": atrest_crypto::fips_mode(),
     }))
 }
