@@ -16,6 +16,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use aws_lc_rs::digest;
+use aws_lc_rs::hmac;
 use serde_json::Value;
 
 use crate::error::VaultError;
@@ -65,18 +66,34 @@ fn chain_head(path: &Path) -> Result<(u64, String), VaultError> {
 }
 
 /// Builds a chained line from a record (an object without seq/prevHash/hash).
-fn chain_line(mut rec: Value, seq: u64, prev: &str) -> (String, String) {
+fn chain_line(
+    mut rec: Value,
+    seq: u64,
+    prev: &str,
+    mac_key: Option<&hmac::Key>,
+) -> (String, String) {
     let obj = rec.as_object_mut().expect("audit record is an object");
     obj.insert("seq".into(), Value::from(seq));
     obj.insert("prevHash".into(), Value::from(prev));
     let body = serde_json::to_string(&rec).expect("serialize");
     let hash = sha256_hex(body.as_bytes());
-    let line = format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]);
+    let mac = mac_key
+        .map(|k| {
+            format!(
+                ",\"mac\":\"{}\"",
+                hex::encode(hmac::sign(k, hash.as_bytes()))
+            )
+        })
+        .unwrap_or_default();
+    let line = format!("{},\"hash\":\"{hash}\"{mac}}}\n", &body[..body.len() - 1]);
     (line, hash)
 }
 
 impl AuditLog {
-    pub fn open(path: &Path) -> Result<Self, VaultError> {
+    /// Opens (appends to) the log. With `mac_key`, each line also carries
+    /// `mac` = HMAC-SHA256(key, hash): without the key (derived from the
+    /// master key) nobody can rewrite the chain after an edit.
+    pub fn open(path: &Path, mac_key: Option<hmac::Key>) -> Result<Self, VaultError> {
         let (mut seq, mut prev) = chain_head(path)?;
         let (tx, rx) = mpsc::channel::<(Value, Reply)>();
         let failure = Arc::new(Mutex::new(None));
@@ -94,7 +111,7 @@ impl AuditLog {
                     let mut buf = String::new();
                     for (rec, _) in &batch {
                         s += 1;
-                        let (line, hash) = chain_line(rec.clone(), s, &h);
+                        let (line, hash) = chain_line(rec.clone(), s, &h, mac_key.as_ref());
                         buf.push_str(&line);
                         h = hash;
                     }
@@ -196,7 +213,8 @@ pub struct VerifyReport {
 }
 
 /// Checks the whole chain of a log file.
-pub fn verify(path: &Path) -> Result<VerifyReport, VaultError> {
+/// With `mac_key` the MAC of every line is checked too.
+pub fn verify(path: &Path, mac_key: Option<&hmac::Key>) -> Result<VerifyReport, VaultError> {
     let f = std::fs::File::open(path)?;
     let mut prev = "0".repeat(64);
     let mut n = 0u64;
@@ -215,7 +233,28 @@ pub fn verify(path: &Path) -> Result<VerifyReport, VaultError> {
             return fail("no hash field");
         };
         let body = format!("{}}}", &line[..pos]);
-        let claimed = line[pos + marker.len()..].trim_end_matches("\"}");
+        let rest = &line[pos + marker.len()..];
+        let Some(end) = rest.find('"') else {
+            return fail("malformed hash field");
+        };
+        let claimed = &rest[..end];
+        let tail = &rest[end..];
+        if let Some(key) = mac_key {
+            let mac = tail
+                .strip_prefix("\",\"mac\":\"")
+                .and_then(|t| t.strip_suffix("\"}"))
+                .and_then(|m| hex::decode(m).ok());
+            match mac {
+                Some(m) if hmac::verify(key, claimed.as_bytes(), &m).is_ok() => {}
+                _ => {
+                    return fail(
+                        "MAC missing or wrong: the line was written or rewritten without the vault's key",
+                    )
+                }
+            }
+        } else if tail != "\"}" && !tail.starts_with("\",\"mac\":\"") {
+            return fail("malformed line ending");
+        }
         if sha256_hex(body.as_bytes()) != claimed {
             return fail("hash does not match the line's content (line edited)");
         }
@@ -247,11 +286,46 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn key() -> hmac::Key {
+        hmac::Key::new(hmac::HMAC_SHA256, &[9u8; 32])
+    }
+
+    #[test]
+    fn rewritten_chain_passes_hashes_but_fails_macs() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.log");
+        write_n(&p, 4);
+        assert_eq!(verify(&p, Some(&key())).unwrap().error, None);
+        // An attacker edits line 2 and recomputes every hash after it.
+        let text = std::fs::read_to_string(&p).unwrap();
+        let mut prev = "0".repeat(64);
+        let mut out = String::new();
+        for (i, l) in text.lines().enumerate() {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("hash");
+            o.remove("mac");
+            o.remove("seq");
+            o.remove("prevHash");
+            if i == 1 {
+                o.insert("i".into(), json!(99));
+            }
+            let (line, h) = chain_line(v, i as u64 + 1, &prev, None);
+            out.push_str(&line);
+            prev = h;
+        }
+        std::fs::write(&p, out).unwrap();
+        assert_eq!(verify(&p, None).unwrap().error, None);
+        let wrong = hmac::Key::new(hmac::HMAC_SHA256, &[8u8; 32]);
+        assert_eq!(verify(&p, Some(&key())).unwrap().error.unwrap().0, 1);
+        assert_eq!(verify(&p, Some(&wrong)).unwrap().error.unwrap().0, 1);
+    }
+
     fn write_n(path: &Path, n: usize) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let log = AuditLog::open(path).unwrap();
+        let log = AuditLog::open(path, Some(key())).unwrap();
         rt.block_on(async {
             for i in 0..n {
                 log.write(json!({"operationName": "KeyGet", "i": i}))
@@ -267,7 +341,7 @@ mod tests {
         let p = d.path().join("audit.log");
         write_n(&p, 3);
         write_n(&p, 2);
-        let r = verify(&p).unwrap();
+        let r = verify(&p, None).unwrap();
         assert_eq!(
             r,
             VerifyReport {
@@ -287,22 +361,22 @@ mod tests {
 
         let edited = text.replacen("\"i\":2", "\"i\":9", 1);
         std::fs::write(&p, edited).unwrap();
-        assert_eq!(verify(&p).unwrap().error.unwrap().0, 3);
+        assert_eq!(verify(&p, None).unwrap().error.unwrap().0, 3);
 
         let removed = [lines[0], lines[2], lines[3]].join("\n");
         std::fs::write(&p, removed).unwrap();
-        assert_eq!(verify(&p).unwrap().error.unwrap().0, 2);
+        assert_eq!(verify(&p, None).unwrap().error.unwrap().0, 2);
 
         let reordered = [lines[0], lines[2], lines[1], lines[3]].join("\n");
         std::fs::write(&p, reordered).unwrap();
-        assert_eq!(verify(&p).unwrap().error.unwrap().0, 2);
+        assert_eq!(verify(&p, None).unwrap().error.unwrap().0, 2);
     }
 
     #[test]
     fn unwritable_log_fails_the_write() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("audit.log");
-        let log = AuditLog::open(&p).unwrap();
+        let log = AuditLog::open(&p, None).unwrap();
         std::fs::create_dir(&p).unwrap();
         assert!(log.probe().is_err());
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -314,6 +388,6 @@ mod tests {
         std::fs::remove_dir(&p).unwrap();
         rt.block_on(log.write(json!({"a": 2}))).unwrap();
         assert!(log.failure().is_none());
-        assert_eq!(verify(&p).unwrap().lines, 1);
+        assert_eq!(verify(&p, None).unwrap().lines, 1);
     }
 }

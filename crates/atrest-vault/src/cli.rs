@@ -242,12 +242,18 @@ pub enum KeyCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Check the hash chain; exits 1 and names the first broken line.
+    /// Check the hash chain (and, given the unseal key or passphrase, every
+    /// line's MAC); exits 1 and names the first broken line.
     Verify {
-        #[arg(long, conflicts_with = "data")]
+        #[arg(long)]
         file: Option<PathBuf>,
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Check MACs with the vault's key file (needs --data for the check value).
+        #[arg(long, requires = "data", conflicts_with = "passphrase_env")]
+        unseal_key_file: Option<PathBuf>,
+        #[arg(long, requires = "data")]
+        passphrase_env: Option<String>,
     },
 }
 
@@ -384,16 +390,41 @@ pub fn run(args: VaultArgs) -> Result<ExitCode, CliError> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        VaultCommand::Audit(AuditCommand::Verify { file, data }) => {
-            let path = match (file, data) {
+        VaultCommand::Audit(AuditCommand::Verify {
+            file,
+            data,
+            unseal_key_file,
+            passphrase_env,
+        }) => {
+            let path = match (file, &data) {
                 (Some(f), _) => f,
                 (None, Some(d)) => d.join("audit.log"),
                 _ => return Err(CliError::Usage("pass --file FILE or --data DIR".into())),
             };
-            let r = crate::audit::verify(&path)?;
+            let unseal = match (unseal_key_file, passphrase_env) {
+                (Some(k), _) => Some(Unseal::KeyFile(k)),
+                (None, Some(v)) => Some(Unseal::Passphrase(zeroize::Zeroizing::new(
+                    std::env::var(&v).map_err(|_| {
+                        CliError::Usage(format!("environment variable {v} is not set"))
+                    })?,
+                ))),
+                _ => None,
+            };
+            let key = match (&unseal, &data) {
+                (Some(u), Some(d)) => {
+                    Some(crate::store::unseal_existing(d, u)?.derive_hmac(crate::AUDIT_MAC_LABEL))
+                }
+                _ => None,
+            };
+            let r = crate::audit::verify(&path, key.as_ref())?;
             match r.error {
                 None => {
-                    println!("ok: {} lines, hash chain intact", r.lines);
+                    let macs = if key.is_some() {
+                        "MACs verified"
+                    } else {
+                        "MACs not checked (pass --unseal-key-file or --passphrase-env)"
+                    };
+                    println!("ok: {} lines, hash chain intact, {macs}", r.lines);
                     Ok(ExitCode::SUCCESS)
                 }
                 Some((line, why)) => {

@@ -50,6 +50,9 @@ pub use client::{AdminClient, ClientError, VaultClient};
 pub use error::{ApiError, VaultError};
 pub use store::Unseal;
 
+/// HKDF label of the audit log's MAC key.
+pub const AUDIT_MAC_LABEL: &str = "atrest-vault audit mac v1";
+
 /// How to run a vault.
 pub struct ServeOptions {
     pub data: PathBuf,
@@ -159,7 +162,10 @@ pub async fn serve(
             ))
         }
     };
-    let audit = audit::AuditLog::open(&data.join("audit.log"))?;
+    let audit = audit::AuditLog::open(
+        &data.join("audit.log"),
+        Some(store.master().derive_hmac(AUDIT_MAC_LABEL)),
+    )?;
     audit.probe()?;
 
     let listener = tokio::net::TcpListener::bind(opts.listen).await?;

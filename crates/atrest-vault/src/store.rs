@@ -248,6 +248,30 @@ impl std::fmt::Debug for Store {
 
 const CANARY: &[u8] = b"atrest-vault unseal check v1";
 
+/// The master key of an existing vault, checked against its database,
+/// without loading the vault (for offline tools such as `audit verify`).
+pub fn unseal_existing(dir: &Path, unseal: &Unseal) -> Result<MasterKey, VaultError> {
+    let conn = Connection::open_with_flags(
+        dir.join("vault.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    let salt = get_meta(&conn, "kdf_salt")?
+        .ok_or_else(|| VaultError::Unseal("not a vault database".into()))?;
+    let master = match unseal {
+        Unseal::KeyFile(p) => MasterKey::from_key_file(p)?,
+        Unseal::Passphrase(pw) => MasterKey::from_passphrase(pw.as_bytes(), &salt),
+    };
+    let canary = get_meta(&conn, "canary")?
+        .ok_or_else(|| VaultError::Unseal("not a vault database".into()))?;
+    master
+        .derive("atrest-vault seal v1")
+        .open(b"canary", &canary)
+        .map_err(|_| {
+            VaultError::Unseal("the unseal key or passphrase does not match this vault".into())
+        })?;
+    Ok(master)
+}
+
 impl Store {
     /// Opens (or creates) `vault.db` in `dir` and unseals it.
     pub fn open(

@@ -49,6 +49,63 @@ fn audit_verify_names_an_edited_or_removed_line() {
     let out = run_cli(&["vault", "audit", "verify", "--file", copy.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("line 3"));
+    // A smarter attacker edits line 6 and recomputes every hash after it:
+    // the plain hash chain then checks out, the MACs do not.
+    let mut prev = "0".repeat(64);
+    let mut rewritten = String::new();
+    for (i, l) in lines.iter().enumerate() {
+        let full: Value = serde_json::from_str(l).unwrap();
+        let mut v = full.clone();
+        let o = v.as_object_mut().unwrap();
+        o.remove("hash");
+        o.remove("mac");
+        o.insert("prevHash".into(), json!(prev));
+        if i == 5 {
+            o.insert("callerIpAddress".into(), json!("10.9.9.9"));
+        }
+        let body = serde_json::to_string(&v).unwrap();
+        let h = atrest_vault::auth::secret_hash(&body);
+        rewritten.push_str(&format!("{},\"hash\":\"{h}\"}}\n", &body[..body.len() - 1]));
+        prev = h;
+    }
+    std::fs::write(&copy, &rewritten).unwrap();
+    let out = run_cli(&["vault", "audit", "verify", "--file", copy.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "hash-only check cannot see a full rewrite"
+    );
+    let key = v.keydir.path().join("unseal.key");
+    let out = run_cli(&[
+        "vault",
+        "audit",
+        "verify",
+        "--file",
+        copy.to_str().unwrap(),
+        "--data",
+        &data,
+        "--unseal-key-file",
+        key.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("line 1") && stdout.contains("MAC"),
+        "{stdout}"
+    );
+    let out = run_cli(&[
+        "vault",
+        "audit",
+        "verify",
+        "--data",
+        &data,
+        "--unseal-key-file",
+        key.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("MACs verified"),
+        "{stdout}"
+    );
     // Swap lines 4 and 5.
     let mut swapped: Vec<&str> = lines.clone();
     swapped.swap(3, 4);
