@@ -436,9 +436,9 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
                     ApiError::bad_parameter("advanceSeconds must be a non-negative integer")
                 })?;
             app.clock.advance(secs);
-            let purged = app.purge_expired()?;
+            let m = app.maintenance()?;
             Ok(Resp::ok(
-                json!({"now": app.clock.now(), "offset": app.clock.offset(), "purged": purged}),
+                json!({"now": app.clock.now(), "offset": app.clock.offset(), "purged": m.purged, "rotated": m.rotated}),
             ))
         }
         _ => Err(ApiError::new(

@@ -614,9 +614,11 @@ fn rotate(app: &App, req: &Req, name: &str, info: &mut AuditInfo) -> Result<Resp
     let snap = app.store.snapshot();
     let cur = live_key(&snap, name)?.current();
     let bits = cur.key.bits() as u32;
+    let policy = live_key(&snap, name)?.state.rotation_policy.clone();
     let s = Settings {
         tags: Some(cur.meta.tags.clone()),
         key_ops: Some(cur.meta.key_ops.clone()),
+        exp: crate::lifecycle::policy_exp(policy.as_ref(), app.clock.now()).map(Some),
         ..Default::default()
     };
     drop(snap);
@@ -695,11 +697,7 @@ fn set_rotation_policy(
     name: &str,
 ) -> Result<Resp, ApiError> {
     let body = req.json()?;
-    if let Some(la) = body.get("lifetimeActions") {
-        if !la.is_array() {
-            return Err(ApiError::bad_parameter("lifetimeActions must be an array"));
-        }
-    }
+    crate::lifecycle::validate_policy(&body)?;
     app.mutate(req, info, |st, tx| {
         let e = match st.keys.get_mut(name) {
             Some(e) if !e.is_deleted() => e,

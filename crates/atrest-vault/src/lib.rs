@@ -34,6 +34,7 @@ pub mod error;
 pub mod firewall;
 pub mod import;
 pub mod keys;
+pub mod lifecycle;
 pub mod metrics;
 pub mod seal;
 pub mod server;

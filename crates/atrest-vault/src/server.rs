@@ -542,23 +542,10 @@ impl App {
         }
     }
 
-    /// Purges soft-deleted keys whose scheduled purge date has passed.
-    pub fn purge_expired(&self) -> Result<Vec<String>, VaultError> {
-        let now = self.clock.now();
-        self.store
-            .mutate(|st, tx| -> Result<Vec<String>, VaultError> {
-                let due: Vec<String> = st
-                    .keys
-                    .values()
-                    .filter(|e| e.state.scheduled_purge_date.is_some_and(|d| d <= now))
-                    .map(|e| e.name.clone())
-                    .collect();
-                for n in &due {
-                    tx.delete_key(n)?;
-                    st.keys.remove(n);
-                }
-                Ok(due)
-            })
+    /// One lifecycle pass: purge expired soft-deleted keys, execute
+    /// rotation policies.
+    pub fn maintenance(&self) -> Result<crate::lifecycle::Maintenance, VaultError> {
+        crate::lifecycle::run(self)
     }
 }
 
@@ -579,11 +566,11 @@ pub async fn serve(
             loop {
                 tick.tick().await;
                 let a = app.clone();
-                match tokio::task::spawn_blocking(move || a.purge_expired()).await {
-                    Ok(Ok(p)) if !p.is_empty() => {
-                        tracing::info!(purged = ?p, "purged expired soft-deleted keys")
+                match tokio::task::spawn_blocking(move || a.maintenance()).await {
+                    Ok(Ok(m)) if !m.purged.is_empty() || !m.rotated.is_empty() => {
+                        tracing::info!(purged = ?m.purged, rotated = ?m.rotated, "key lifecycle")
                     }
-                    Ok(Err(e)) => tracing::error!(error = %e, "purge sweep failed"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "key lifecycle pass failed"),
                     _ => {}
                 }
             }

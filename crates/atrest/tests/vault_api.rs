@@ -830,3 +830,45 @@ fn backup_restores_only_into_the_same_tenant_and_key() {
     );
     assert_error(&r, 409, "Conflict");
 }
+
+#[test]
+fn rotation_policy_rotates_on_schedule_with_expiry_and_is_audited() {
+    let v = start();
+    let (_, id, secret) = v.identity("app", &["all"]);
+    let tok = token(&v, &id, &secret);
+    create_key(&v, &tok, "k", json!({"tags": {"team": "db"}}));
+    let bad = v.raw(Method::PUT, "/keys/k/rotationpolicy", Some(&tok), body(&json!({"lifetimeActions": [{"trigger": {"timeAfterCreate": "monthly"}, "action": {"type": "Rotate"}}]})));
+    assert_error(&bad, 400, "BadParameter");
+    let policy = json!({
+        "lifetimeActions": [{"trigger": {"timeAfterCreate": "P30D"}, "action": {"type": "Rotate"}}],
+        "attributes": {"expiryTime": "P90D"},
+    });
+    let r = v.raw(
+        Method::PUT,
+        "/keys/k/rotationpolicy",
+        Some(&tok),
+        body(&policy),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = v.raw(Method::GET, "/keys/k/rotationpolicy", Some(&tok), None);
+    assert_eq!(r.body["attributes"]["expiryTime"], "P90D");
+    assert_eq!(v.advance_clock(29 * 86_400)["rotated"], json!([]));
+    let m = v.advance_clock(2 * 86_400);
+    assert_eq!(m["rotated"], json!(["k"]), "{m}");
+    let tok = token(&v, &id, &secret);
+    let versions = v.raw(Method::GET, "/keys/k/versions", Some(&tok), None);
+    assert_eq!(versions.body["value"].as_array().unwrap().len(), 2);
+    let cur = v.raw(Method::GET, "/keys/k", Some(&tok), None);
+    let a = &cur.body["attributes"];
+    assert_eq!(
+        a["exp"].as_i64().unwrap() - a["created"].as_i64().unwrap(),
+        90 * 86_400
+    );
+    assert_eq!(cur.body["tags"]["team"], "db");
+    // Not again until another 30 days have passed.
+    assert_eq!(v.advance_clock(86_400)["rotated"], json!([]));
+    let audit = std::fs::read_to_string(v.audit_path()).unwrap();
+    assert!(audit.lines().any(
+        |l| l.contains("\"operationName\":\"KeyRotate\"") && l.contains("\"appid\":\"system\"")
+    ));
+}
