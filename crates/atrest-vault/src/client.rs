@@ -272,16 +272,24 @@ impl VaultClient {
     }
 
     /// Calls `path` (e.g. `/keys/k1/create`) with a fresh or cached token.
+    /// A 401 (token expired early, vault restarted with a new signing key)
+    /// is retried once with a new token; a second 401 is returned.
     pub async fn call(
         &self,
         method: Method,
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, ClientError> {
-        let tok = self.token().await?;
         let sep = if path.contains('?') { '&' } else { '?' };
         let url = format!("{}{path}{sep}api-version={API_VERSION}", self.base);
         let body = body.map(|b| serde_json::to_vec(&b).expect("serialize"));
+        let tok = self.token().await?;
+        let first = send(&self.http, method.clone(), &url, Some(&tok), body.clone()).await?;
+        if first.status != 401 {
+            return first.into_result();
+        }
+        self.reset_token().await;
+        let tok = self.token().await?;
         send(&self.http, method, &url, Some(&tok), body)
             .await?
             .into_result()

@@ -53,6 +53,20 @@ fn vault_client_get_wrap_unwrap_and_private_key_never_returned() {
     assert_eq!(&un[..], &dek);
     let new = block_on(db.get_key("kek", None)).unwrap();
     assert_ne!(new["key"]["kid"].as_str().unwrap(), kid);
+    // The server's clock passes the token's expiry while the client still
+    // holds it: the client fetches a new token once and carries on.
+    v.advance_clock(7200);
+    let again = block_on(db.get_key("kek", None)).unwrap();
+    assert_eq!(again["key"]["kid"], new["key"]["kid"]);
+    // Revoking the identity is a refusal, retried once, then reported.
+    let (_, gone_id, gone_secret) = v.identity("gone", &["get"]);
+    let gone =
+        atrest_vault::VaultClient::new(&v.url, &v.ca, &v.tenant, &gone_id, &gone_secret).unwrap();
+    block_on(gone.get_key("kek", None)).unwrap();
+    v.admin_call(Method::DELETE, &format!("/identities/{gone_id}"), None)
+        .unwrap();
+    let e = block_on(gone.get_key("kek", None)).unwrap_err();
+    assert!(e.is_refusal(), "{e}");
     // A refusal is a refusal, not an outage.
     let e = block_on(db.call(Method::DELETE, "/keys/kek", None)).unwrap_err();
     assert!(e.is_refusal() && !e.is_outage(), "{e}");
