@@ -49,6 +49,12 @@ fn seq(v: &[u8]) -> Result<Vec<Tlv<'_>>, ApiError> {
     children(v).map_err(|_| bad("the key file is malformed (DER)"))
 }
 
+/// The i-th child, or a clear error instead of a panic on short input.
+fn at<'a>(v: &'a [Tlv<'a>], i: usize) -> Result<&'a Tlv<'a>, ApiError> {
+    v.get(i)
+        .ok_or_else(|| bad("the key file is malformed (missing element)"))
+}
+
 fn int_u64(t: &Tlv<'_>) -> Result<u64, ApiError> {
     if t.tag != 0x02 || t.value.is_empty() || t.value.len() > 8 {
         return Err(bad("the key file is malformed (integer)"));
@@ -189,9 +195,9 @@ pub fn pkcs12_to_pkcs8(pfx: &[u8], password: &str) -> Result<Zeroizing<Vec<u8>>,
         .get(2)
         .ok_or_else(|| bad("the PKCS#12 file has no MAC; refusing an unauthenticated key file"))?;
     let md = seq(mac.value)?;
-    let digest_info = seq(md[0].value)?;
-    let mac_alg = seq(digest_info[0].value)?;
-    let (dalg, halg) = match mac_alg[0].value {
+    let digest_info = seq(at(&md, 0)?.value)?;
+    let mac_alg = seq(at(&digest_info, 0)?.value)?;
+    let (dalg, halg) = match at(&mac_alg, 0)?.value {
         OID_SHA256 => (&digest::SHA256, hmac::HMAC_SHA256),
         OID_SHA1 => (
             &digest::SHA1_FOR_LEGACY_USE_ONLY,
@@ -212,7 +218,7 @@ pub fn pkcs12_to_pkcs8(pfx: &[u8], password: &str) -> Result<Zeroizing<Vec<u8>>,
         return Err(bad("unreasonable PKCS#12 MAC iteration count"));
     }
     let mac_key = pkcs12_kdf(dalg, password, mac_salt, iters, dalg.output_len());
-    let expected = digest_info[1].value;
+    let expected = at(&digest_info, 1)?.value;
     hmac::verify(&hmac::Key::new(halg, &mac_key), auth_safe, expected)
         .map_err(|_| bad("the PKCS#12 MAC does not verify: wrong password or altered file"))?;
 
@@ -235,13 +241,13 @@ pub fn pkcs12_to_pkcs8(pfx: &[u8], password: &str) -> Result<Zeroizing<Vec<u8>>,
             }
             if b[0].value == OID_SHROUDED_BAG {
                 let epki = seq(val.value)?;
-                let alg = seq(epki[0].value)?;
-                if alg[0].value != OID_PBES2 {
+                let alg = seq(at(&epki, 0)?.value)?;
+                if at(&alg, 0)?.value != OID_PBES2 {
                     return Err(bad(
                         "legacy PKCS#12 key encryption (3DES/RC2) is not supported; re-export with: openssl pkcs12 -export -keypbe AES-256-CBC -macalg sha256",
                     ));
                 }
-                return decrypt_pbes2(alg[1].value, epki[1].value, password);
+                return decrypt_pbes2(at(&alg, 1)?.value, at(&epki, 1)?.value, password);
             }
         }
     }
@@ -379,5 +385,27 @@ mod tests {
         let n = altered.len() / 2;
         altered[n] ^= 1;
         assert_eq!(file_to_jwk(&altered, Some("pw")).unwrap_err().status, 400);
+        // Malformed input never panics: every truncation, and bit flips
+        // spread over the file, give a clear error (or, for flips in
+        // ignored certificate data, the same key).
+        for len in 0..pfx.len() {
+            let r = file_to_jwk(&pfx[..len], Some("pw"));
+            assert!(
+                r.is_err() || r.as_ref().ok() == Some(&a),
+                "truncated to {len}"
+            );
+        }
+        for i in (0..pfx.len()).step_by(5) {
+            let mut m = pfx.clone();
+            m[i] ^= 0x41;
+            if let Ok(j) = file_to_jwk(&m, Some("pw")) {
+                assert_eq!(j, a, "flip at {i} changed the key");
+            }
+        }
+        for i in (0..der.len()).step_by(3) {
+            let mut m = der.clone();
+            m[i] ^= 0x41;
+            let _ = file_to_jwk(&m, None);
+        }
     }
 }

@@ -886,3 +886,75 @@ fn rotation_policy_rotates_on_schedule_with_expiry_and_is_audited() {
         |l| l.contains("\"operationName\":\"KeyRotate\"") && l.contains("\"appid\":\"system\"")
     ));
 }
+
+#[test]
+fn garbage_on_every_route_never_gets_5xx() {
+    let v = start();
+    let (_, id, secret) = v.identity("app", &["all"]);
+    let tok = token(&v, &id, &secret);
+    create_key(&v, &tok, "k", json!({}));
+    let routes: &[(Method, &str)] = &[
+        (Method::POST, "/keys/k/create"),
+        (Method::PUT, "/keys/k"),
+        (Method::PATCH, "/keys/k"),
+        (Method::PATCH, "/keys/k/ffff"),
+        (Method::POST, "/keys/k/rotate"),
+        (Method::POST, "/keys/k/backup"),
+        (Method::POST, "/keys/restore"),
+        (Method::PUT, "/keys/k/rotationpolicy"),
+        (Method::POST, "/keys/k//wrapkey"),
+        (Method::POST, "/keys/k//unwrapkey"),
+        (Method::POST, "/keys/k//encrypt"),
+        (Method::POST, "/keys/k//decrypt"),
+        (Method::POST, "/keys/k//sign"),
+        (Method::POST, "/keys/k//verify"),
+        (Method::GET, "/keys?maxresults=abc&$skiptoken=zz"),
+        (Method::GET, "/keys/k/versions?$skiptoken=-1"),
+        (Method::POST, "/deletedkeys/k/recover"),
+        (Method::DELETE, "/deletedkeys/k"),
+        (Method::GET, "/keys/%00/x"),
+        (Method::GET, "/keys/k/x/y/z/w"),
+        (Method::POST, &"/keys/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa/create"),
+    ];
+    let bodies: Vec<Vec<u8>> = vec![
+        vec![],
+        b"{".to_vec(),
+        b"null".to_vec(),
+        b"[]".to_vec(),
+        b"{\"value\": 5, \"alg\": 7, \"digest\": []}".to_vec(),
+        b"{\"alg\": \"RSA-OAEP-256\", \"value\": \"\"}".to_vec(),
+        b"{\"key\": {\"kty\": \"RSA\", \"n\": 1}}".to_vec(),
+        b"{\"attributes\": [], \"tags\": \"x\", \"key_ops\": {}}".to_vec(),
+        b"{\"lifetimeActions\": [{}], \"attributes\": {\"expiryTime\": 5}}".to_vec(),
+        b"{\"value\": \"QVRSVkIxAAA\"}".to_vec(),
+        (0..=255u8).collect(),
+        "{\"value\": \"\u{1F600}\"}".as_bytes().to_vec(),
+    ];
+    for (m, path) in routes {
+        for b in &bodies {
+            let r = v.raw(m.clone(), path, Some(&tok), Some(b.clone()));
+            assert!(
+                r.status < 500,
+                "{m} {path} {:?}: {} {}",
+                String::from_utf8_lossy(b),
+                r.status,
+                r.body
+            );
+            if r.status >= 400 {
+                assert!(
+                    r.body["error"]["message"].is_string(),
+                    "{m} {path}: {}",
+                    r.body
+                );
+            }
+        }
+    }
+    // The vault is still healthy and the key usable.
+    let w = v.raw(
+        Method::POST,
+        "/keys/k//wrapkey",
+        Some(&tok),
+        body(&json!({"alg": "RSA-OAEP-256", "value": "AQID"})),
+    );
+    assert_eq!(w.status, 200, "{}", w.body);
+}
