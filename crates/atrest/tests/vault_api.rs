@@ -914,7 +914,7 @@ fn garbage_on_every_route_never_gets_5xx() {
         (Method::DELETE, "/deletedkeys/k"),
         (Method::GET, "/keys/%00/x"),
         (Method::GET, "/keys/k/x/y/z/w"),
-        (Method::POST, &"/keys/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa/create"),
+        (Method::POST, "/keys/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa/create"),
     ];
     let bodies: Vec<Vec<u8>> = vec![
         vec![],
