@@ -368,8 +368,9 @@ fn update_heavy(db: &Db, r: &Regime, b: &StorageBench, rep: u64) -> Result<()> {
 
 fn mixed_oltp(db: &Db, r: &Regime, b: &StorageBench, rep: u64) -> Result<()> {
     let mut rng = Lcg(400 + rep);
-    let mut next_id = r.rows as i64 + 1 + (rep as i64) * 10_000_000;
-    for _ in 0..(b.ops / 10).max(1) {
+    let first_new = r.rows as i64 + 1 + (rep as i64) * 10_000_000;
+    for t in 0..(b.ops / 10).max(1) {
+        let next_id = first_new + t as i64;
         let tx = db.unchecked_transaction()?;
         {
             let mut sel = tx.prepare_cached("SELECT k, v FROM t WHERE id = ?1")?;
@@ -385,7 +386,6 @@ fn mixed_oltp(db: &Db, r: &Regime, b: &StorageBench, rep: u64) -> Result<()> {
                 .execute((next_id, 7i64, payload(next_id as u64)))?;
             tx.prepare_cached("DELETE FROM t WHERE id = ?1")?
                 .execute([next_id])?;
-            next_id += 1;
         }
         tx.commit()?;
     }
