@@ -190,6 +190,43 @@ fn sort_spill_and_temp_tables() {
         s.2
     );
 
+    // A materialized CTE bigger than the cache spills to a transient
+    // database file; look at it from inside the query that reads it.
+    let hits = Arc::new(Mutex::new(None::<(usize, Vec<String>)>));
+    let hits2 = Arc::clone(&hits);
+    let m2 = marker();
+    conn.create_collation("probe_once", move |a: &str, b: &str| {
+        let mut h = hits2.lock().unwrap();
+        if h.is_none() {
+            let files = open_temp_files("atrest-tmp-");
+            let bad = files
+                .iter()
+                .filter(|(_, bytes)| find(bytes, m2.as_bytes()).is_some())
+                .map(|(name, _)| name.clone())
+                .collect();
+            *h = Some((files.len(), bad));
+        }
+        a.cmp(b)
+    })
+    .unwrap();
+    let before = engine.stats();
+    let n: i64 = conn
+        .query_row(
+            "WITH m AS MATERIALIZED (SELECT body FROM t) SELECT count(*) FROM m WHERE body > '' COLLATE probe_once",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 20000);
+    let (files, bad) = hits.lock().unwrap().clone().expect("collation ran");
+    assert!(
+        files > 0,
+        "the materialized view did not spill to a temp file"
+    );
+    assert!(bad.is_empty(), "marker in plaintext in {bad:?}");
+    let used = engine.stats().since(&before);
+    assert!(used.files_opened["transient_db"] >= 1, "{used:?}");
+
     // A temp table bigger than the cache lives in a temp database file.
     conn.execute_batch(
         "CREATE TEMP TABLE tt AS SELECT * FROM t; CREATE INDEX temp.tt_b ON tt(body);",
