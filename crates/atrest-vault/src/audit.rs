@@ -21,13 +21,35 @@ use serde_json::Value;
 
 use crate::error::VaultError;
 
-type Reply = tokio::sync::oneshot::Sender<Result<(), String>>;
+/// Where the writer sends the outcome of one record.
+enum Reply {
+    Async(tokio::sync::oneshot::Sender<Result<(), String>>),
+    Blocking(mpsc::SyncSender<Result<(), String>>),
+}
+
+impl Reply {
+    fn send(self, r: Result<(), String>) {
+        match self {
+            Reply::Async(t) => {
+                let _ = t.send(r);
+            }
+            Reply::Blocking(t) => {
+                let _ = t.send(r);
+            }
+        }
+    }
+}
+
+/// How long a request waits for its record to be on disk before it is
+/// refused: a stalled disk must not hang requests silently.
+pub const DEFAULT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct AuditLog {
     path: PathBuf,
     tx: Mutex<mpsc::Sender<(Value, Reply)>>,
     /// Why the last write failed, if it did (shown by health).
     failure: Arc<Mutex<Option<String>>>,
+    timeout: std::time::Duration,
 }
 
 fn sha256_hex(b: &[u8]) -> String {
@@ -37,6 +59,14 @@ fn sha256_hex(b: &[u8]) -> String {
 /// Returns `(seq, hash)` of the last line, or `(0, zeros)` for a new log.
 fn chain_head(path: &Path) -> Result<(u64, String), VaultError> {
     let genesis = (0, "0".repeat(64));
+    if let Ok(m) = std::fs::metadata(path) {
+        if !m.is_file() {
+            return Err(VaultError::Audit(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
+        }
+    }
     let f = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(genesis),
@@ -138,7 +168,7 @@ impl AuditLog {
                         }
                     };
                     for (_, reply) in batch {
-                        let _ = reply.send(res.clone());
+                        reply.send(res.clone());
                     }
                 }
             })?;
@@ -146,6 +176,7 @@ impl AuditLog {
             path: path.to_path_buf(),
             tx: Mutex::new(tx),
             failure,
+            timeout: DEFAULT_WRITE_TIMEOUT,
         })
     }
 
@@ -154,10 +185,30 @@ impl AuditLog {
     }
 
     /// Cheap pre-check before doing any work: the log must be appendable.
+    pub fn with_timeout(mut self, t: std::time::Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    fn stalled(&self) -> VaultError {
+        let msg = format!(
+            "the audit writer has not confirmed a write to {} within {} s (disk stalled?)",
+            self.path.display(),
+            self.timeout.as_secs_f32()
+        );
+        tracing::error!(error = %msg, "audit write timed out; refusing requests");
+        *self.failure.lock().expect("lock") = Some(msg.clone());
+        VaultError::Audit(msg)
+    }
+
     pub fn probe(&self) -> Result<(), VaultError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_NONBLOCK: a FIFO or similar in the log's place must make the
+        // probe fail, not block an async worker.
         match std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .custom_flags(libc::O_NONBLOCK)
             .open(&self.path)
         {
             Ok(_) => Ok(()),
@@ -175,16 +226,19 @@ impl AuditLog {
 
     /// Same as `write`, from a blocking (non-async) thread.
     pub fn write_blocking(&self, rec: Value) -> Result<(), VaultError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (tx, rx) = mpsc::sync_channel(1);
         self.tx
             .lock()
             .expect("lock")
-            .send((rec, tx))
+            .send((rec, Reply::Blocking(tx)))
             .map_err(|_| VaultError::Audit("audit writer stopped".into()))?;
-        match rx.blocking_recv() {
+        match rx.recv_timeout(self.timeout) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(m)) => Err(VaultError::Audit(m)),
-            Err(_) => Err(VaultError::Audit("audit writer stopped".into())),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(self.stalled()),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(VaultError::Audit("audit writer stopped".into()))
+            }
         }
     }
 
@@ -194,12 +248,13 @@ impl AuditLog {
         self.tx
             .lock()
             .expect("lock")
-            .send((rec, tx))
+            .send((rec, Reply::Async(tx)))
             .map_err(|_| VaultError::Audit("audit writer stopped".into()))?;
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(m)) => Err(VaultError::Audit(m)),
-            Err(_) => Err(VaultError::Audit("audit writer stopped".into())),
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(m))) => Err(VaultError::Audit(m)),
+            Ok(Err(_)) => Err(VaultError::Audit("audit writer stopped".into())),
+            Err(_) => Err(self.stalled()),
         }
     }
 }
@@ -285,6 +340,7 @@ pub fn verify(path: &Path, mac_key: Option<&hmac::Key>) -> Result<VerifyReport, 
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::os::unix::fs::OpenOptionsExt;
 
     fn key() -> hmac::Key {
         hmac::Key::new(hmac::HMAC_SHA256, &[9u8; 32])
@@ -323,6 +379,7 @@ mod tests {
 
     fn write_n(path: &Path, n: usize) {
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .unwrap();
         let log = AuditLog::open(path, Some(key())).unwrap();
@@ -373,6 +430,41 @@ mod tests {
     }
 
     #[test]
+    fn stalled_writer_times_out_instead_of_hanging() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.log");
+        let log = AuditLog::open(&p, None)
+            .unwrap()
+            .with_timeout(std::time::Duration::from_millis(300));
+        // Then a FIFO without a reader takes the log's place: opening it
+        // for writing blocks forever, like a hung disk.
+        let st = std::process::Command::new("mkfifo")
+            .arg(&p)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert!(log.probe().is_err(), "probe must not block on a FIFO");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        let err = rt.block_on(log.write(json!({"a": 1}))).unwrap_err();
+        assert!(t0.elapsed() < std::time::Duration::from_secs(3));
+        assert!(err.to_string().contains("stalled"), "{err}");
+        assert!(log.failure().unwrap().contains("stalled"));
+        let err = log.write_blocking(json!({"a": 2})).unwrap_err();
+        assert!(err.to_string().contains("stalled"), "{err}");
+        // Unblock the writer thread so it can finish.
+        let _reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&p)
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    #[test]
     fn unwritable_log_fails_the_write() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("audit.log");
@@ -380,6 +472,7 @@ mod tests {
         std::fs::create_dir(&p).unwrap();
         assert!(log.probe().is_err());
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .unwrap();
         let err = rt.block_on(log.write(json!({"a": 1}))).unwrap_err();
