@@ -16,7 +16,7 @@ use atrest_crypto::{
 use rusqlite::ffi;
 
 use crate::keyring::Keyring;
-use crate::layout::{class, Geometry, Unit, BLOCK_SIZE, HEADER_LEN, WAL_HEADER};
+use crate::layout::{class, Geometry, Unit, HEADER_LEN, JOURNAL_BLOCK, TEMP_BLOCK, WAL_HEADER};
 use crate::StorageError;
 
 /// Seals reserved in the header at a time. A process that dies loses at
@@ -350,7 +350,7 @@ impl SharedFile {
             file_id,
             dek_id: dek.id(),
             unit_size: if kind == FileKind::Journal || kind == FileKind::SuperJournal {
-                BLOCK_SIZE as u32
+                JOURNAL_BLOCK as u32
             } else {
                 0
             },
@@ -489,7 +489,14 @@ impl<R: RawFile> EncryptedFile<R> {
                 page_size: self.wal_page_size()?,
                 base,
             },
-            _ => Geometry::Blocks { base },
+            FileKind::Temp => Geometry::Blocks {
+                base,
+                block: TEMP_BLOCK,
+            },
+            _ => Geometry::Blocks {
+                base,
+                block: JOURNAL_BLOCK,
+            },
         })
     }
 
@@ -931,20 +938,23 @@ impl<R: RawFile> EncryptedFile<R> {
             let end = self.temp_len;
             self.write_temp(&zeros, end)?;
         }
-        let geo = Geometry::Blocks { base: 0 };
+        let geo = Geometry::Blocks {
+            base: 0,
+            block: TEMP_BLOCK,
+        };
         let mut done = 0usize;
         while done < data.len() {
             let pos = off + done as u64;
             let unit = geo.unit_at(pos);
             let within = (pos - unit.lstart) as usize;
-            let n = (data.len() - done).min(BLOCK_SIZE - within);
+            let n = (data.len() - done).min(TEMP_BLOCK - within);
             if self.tail.as_ref().is_none_or(|t| t.index != unit.index) {
                 self.flush_tail()?;
                 // What of this block is already on disk (or in the file's
                 // logical extent, for a block being rewritten).
-                let present = (self.temp_len.saturating_sub(unit.lstart) as usize).min(BLOCK_SIZE);
+                let present = (self.temp_len.saturating_sub(unit.lstart) as usize).min(TEMP_BLOCK);
                 let mut buf = std::mem::take(&mut self.tail_buf);
-                buf.resize(BLOCK_SIZE + SEAL_OVERHEAD, 0);
+                buf.resize(TEMP_BLOCK + SEAL_OVERHEAD, 0);
                 if present > 0 && !(within == 0 && n >= present) {
                     self.read(&mut buf[..present], unit.lstart)?;
                 }
@@ -960,7 +970,7 @@ impl<R: RawFile> EncryptedFile<R> {
             tail.len = tail.len.max(within + n);
             done += n;
             self.temp_len = self.temp_len.max(pos + n as u64);
-            if tail.len == BLOCK_SIZE && within + n == BLOCK_SIZE {
+            if tail.len == TEMP_BLOCK && within + n == TEMP_BLOCK {
                 self.flush_tail()?;
             }
         }
@@ -974,7 +984,11 @@ impl<R: RawFile> EncryptedFile<R> {
         };
         let unit = Unit {
             llen: tail.len,
-            ..Geometry::Blocks { base: 0 }.unit_at(tail.index * BLOCK_SIZE as u64)
+            ..Geometry::Blocks {
+                base: 0,
+                block: TEMP_BLOCK,
+            }
+            .unit_at(tail.index * TEMP_BLOCK as u64)
         };
         let plen = unit.plen();
         let ctx = self.ctx(&unit, 0);
@@ -989,6 +1003,7 @@ impl<R: RawFile> EncryptedFile<R> {
     }
 
     fn write_blocks(&mut self, geo: Geometry, data: &[u8], off: u64) -> Result<(), Fail> {
+        let block = geo.unit_len();
         let phys = self.raw.size().map_err(Fail::io)?;
         let logical = geo.logical_size(phys);
         if off > logical {
@@ -1005,11 +1020,11 @@ impl<R: RawFile> EncryptedFile<R> {
             let unit = geo.unit_at(pos);
             let present = block_len(&unit, phys);
             let within = (pos - unit.lstart) as usize;
-            let n = (data.len() - done).min(BLOCK_SIZE - within);
+            let n = (data.len() - done).min(block - within);
             let new_len = present.max(within + n);
             let plen = new_len + SEAL_OVERHEAD;
-            if self.scratch.len() < BLOCK_SIZE + SEAL_OVERHEAD {
-                self.scratch.resize(BLOCK_SIZE + SEAL_OVERHEAD, 0);
+            if self.scratch.len() < block + SEAL_OVERHEAD {
+                self.scratch.resize(block + SEAL_OVERHEAD, 0);
             }
             if present > 0 && !(within == 0 && n >= present) {
                 let old = Unit {
@@ -1062,8 +1077,8 @@ impl<R: RawFile> EncryptedFile<R> {
 
     fn truncate_units(&mut self, size: u64) -> Result<(), Fail> {
         let geo = self.geometry()?;
-        if let Geometry::Blocks { .. } = geo {
-            let tail = (size % BLOCK_SIZE as u64) as usize;
+        if let Geometry::Blocks { block, .. } = geo {
+            let tail = (size % block as u64) as usize;
             let phys = self.raw.size().map_err(Fail::io)?;
             if geo.logical_size(phys) <= size {
                 return Ok(());
@@ -1134,7 +1149,7 @@ fn block_len(unit: &Unit, phys: u64) -> usize {
     if phys < unit.pstart + SEAL_OVERHEAD as u64 + 1 {
         return 0;
     }
-    ((phys - unit.pstart) as usize - SEAL_OVERHEAD).min(BLOCK_SIZE)
+    ((phys - unit.pstart) as usize - SEAL_OVERHEAD).min(unit.llen)
 }
 
 #[cfg(test)]

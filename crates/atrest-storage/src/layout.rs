@@ -13,15 +13,22 @@
 //!   so they are sealed too, with 28 bytes appended and the frame's salts
 //!   in clear in front (8 bytes; random values that tell a frame of an older
 //!   WAL generation from a damaged one). Pages are sealed in place;
-//! * journals and temp files: blocks of [`BLOCK_SIZE`] logical bytes, each
+//! * journals and temp files: blocks of [`JOURNAL_BLOCK`] (journals: one
+//!   aligned 4 KiB page on disk each) or [`TEMP_BLOCK`] logical bytes, each
 //!   with 28 bytes appended; the last block may be short.
 
 use atrest_crypto::{HEADER_SLOT_SIZE, SEAL_OVERHEAD};
 
 /// Two header slots.
 pub const HEADER_LEN: u64 = 2 * HEADER_SLOT_SIZE as u64;
-/// Logical bytes per block of a journal or temp file.
-pub const BLOCK_SIZE: usize = 4096;
+/// Logical bytes per block of a journal or super-journal: with its tag and
+/// nonce a block is exactly 4 KiB on disk, page-aligned, so one block write
+/// never spans two pages of the OS page cache. (A write spanning two can be
+/// cut in half by SIGKILL: Linux checks for fatal signals between pages.)
+pub const JOURNAL_BLOCK: usize = 4096 - SEAL_OVERHEAD;
+/// Logical bytes per block of a temp file (never read after a crash, so
+/// alignment does not matter; 4 KiB keeps temp-database pages whole).
+pub const TEMP_BLOCK: usize = 4096;
 /// SQLite's WAL header and frame header sizes.
 pub const WAL_HEADER: usize = 32;
 pub const WAL_FRAME_HEADER: usize = 24;
@@ -78,10 +85,18 @@ impl Unit {
 pub enum Geometry {
     Pages { page_size: usize, base: u64 },
     Wal { page_size: usize, base: u64 },
-    Blocks { base: u64 },
+    Blocks { base: u64, block: usize },
 }
 
 impl Geometry {
+    /// Logical bytes per unit (the page size for pages and WAL pages).
+    pub fn unit_len(&self) -> usize {
+        match *self {
+            Geometry::Pages { page_size, .. } | Geometry::Wal { page_size, .. } => page_size,
+            Geometry::Blocks { block, .. } => block,
+        }
+    }
+
     /// The unit holding logical byte `off`. For blocks this is the full-size
     /// block; the caller shortens the last one from the physical size.
     pub fn unit_at(&self, off: u64) -> Unit {
@@ -139,14 +154,14 @@ impl Geometry {
                     }
                 }
             }
-            Geometry::Blocks { base } => {
-                let b = BLOCK_SIZE as u64;
+            Geometry::Blocks { base, block } => {
+                let b = block as u64;
                 let i = off / b;
                 Unit {
                     class: class::BLOCK,
                     index: i,
                     lstart: i * b,
-                    llen: BLOCK_SIZE,
+                    llen: block,
                     pstart: base + i * (b + SEAL_OVERHEAD as u64),
                     prefix: 0,
                     appended: true,
@@ -176,12 +191,12 @@ impl Geometry {
                 };
                 WAL_HEADER as u64 + whole * lframe + partial
             }
-            Geometry::Blocks { base } => {
+            Geometry::Blocks { base, block } => {
                 let rest = phys.saturating_sub(base);
-                let pblock = (BLOCK_SIZE + SEAL_OVERHEAD) as u64;
+                let pblock = (block + SEAL_OVERHEAD) as u64;
                 let whole = rest / pblock;
                 let tail = rest % pblock;
-                whole * BLOCK_SIZE as u64 + tail.saturating_sub(SEAL_OVERHEAD as u64)
+                whole * block as u64 + tail.saturating_sub(SEAL_OVERHEAD as u64)
             }
         }
     }
@@ -195,8 +210,8 @@ impl Geometry {
             Geometry::Wal { base, .. } if size < WAL_HEADER as u64 => base,
             // Keep the complete units before the cut.
             Geometry::Wal { .. } => self.unit_at(size).pstart,
-            Geometry::Blocks { base } => {
-                let b = BLOCK_SIZE as u64;
+            Geometry::Blocks { base, block } => {
+                let b = block as u64;
                 let whole = size / b;
                 let tail = size % b;
                 base + whole * (b + SEAL_OVERHEAD as u64)
@@ -266,11 +281,27 @@ mod tests {
 
     #[test]
     fn blocks_round_trip_sizes() {
-        let g = Geometry::Blocks { base: 0 };
-        for size in [0u64, 1, 4095, 4096, 4097, 3 * 4096 + 17] {
-            assert_eq!(g.logical_size(g.physical_size(size)), size, "{size}");
+        for block in [JOURNAL_BLOCK, TEMP_BLOCK] {
+            let g = Geometry::Blocks { base: 0, block };
+            for size in [0u64, 1, 4067, 4068, 4069, 4095, 4096, 4097, 3 * 4096 + 17] {
+                assert_eq!(
+                    g.logical_size(g.physical_size(size)),
+                    size,
+                    "{block} {size}"
+                );
+            }
+            let u = g.unit_at(block as u64 * 2 + 5);
+            assert_eq!((u.index, u.pstart), (2, 2 * (block + SEAL_OVERHEAD) as u64));
         }
-        let u = g.unit_at(4096 * 2 + 5);
-        assert_eq!((u.index, u.pstart), (2, 2 * 4124));
+        // Journal blocks sit on 4 KiB boundaries after the 8 KiB header.
+        let g = Geometry::Blocks {
+            base: HEADER_LEN,
+            block: JOURNAL_BLOCK,
+        };
+        for k in 0..5 {
+            let u = g.unit_at(k * JOURNAL_BLOCK as u64);
+            assert_eq!(u.pstart % 4096, 0);
+            assert_eq!(u.plen(), 4096);
+        }
     }
 }
