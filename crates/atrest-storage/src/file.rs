@@ -225,6 +225,7 @@ impl SharedFile {
             };
             match cand.verify(&dek) {
                 Ok(header) => {
+                    check_parent(&header, parent, &path)?;
                     // Count every reserved seal as used: a crash may have used them.
                     let used = header.seals_reserved;
                     return Self::from_header(header, dek, path, used);
@@ -375,6 +376,41 @@ impl SharedFile {
         }
         Ok(shared)
     }
+}
+
+/// A journal or WAL must belong to the database it is opened for: one from
+/// another database (same KEK, so it unwraps fine) must not be replayed
+/// into this one. Without an open parent (a child journal that SQLite opens
+/// through a super-journal only to read its name) there is nothing to
+/// compare with.
+fn check_parent(header: &FileHeader, parent: Option<&SharedFile>, path: &str) -> Result<(), Fail> {
+    let (
+        KeySource::Parent {
+            parent_file_id,
+            parent_dek_id,
+            ..
+        },
+        Some(parent),
+    ) = (&header.key_source, parent)
+    else {
+        return Ok(());
+    };
+    if *parent_file_id != parent.file_id || *parent_dek_id != parent.key.dek_id() {
+        return Err(Fail::with(
+            ffi::SQLITE_CANTOPEN,
+            StorageError::Header {
+                path: path.to_string(),
+                reason: format!(
+                    "this {} belongs to database file {parent_file_id}, not to {} (file {}): \
+                     it was copied here from another database; move it away",
+                    header.kind.name(),
+                    parent.path,
+                    parent.file_id
+                ),
+            },
+        ));
+    }
+    Ok(())
 }
 
 fn crypto_fail(path: &str, e: atrest_crypto::CryptoError) -> Fail {

@@ -185,6 +185,58 @@ fn an_altered_wal_frame_is_detected_and_named() {
 }
 
 #[test]
+fn a_wal_or_journal_from_another_database_is_refused() {
+    let fx = Fixture::new();
+    let engine = fx.engine();
+    wal_db(&engine, "src");
+    build(&engine, "dst", 50);
+    let before = fs::read(fx.data().join("dst.db")).unwrap();
+    // The other database's WAL (same service key, valid on its own).
+    fs::copy(fx.data().join("src.db-wal"), fx.data().join("dst.db-wal")).unwrap();
+    let err = engine
+        .connect("dst")
+        .and_then(|c| {
+            c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))
+                .map_err(StorageError::from_sqlite)
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("copied here from another database"), "{err}");
+    assert_eq!(
+        fs::read(fx.data().join("dst.db")).unwrap(),
+        before,
+        "nothing replayed into dst"
+    );
+
+    // The same for a rollback journal.
+    fs::remove_file(fx.data().join("dst.db-wal")).unwrap();
+    let src = engine.connect("src").unwrap();
+    src.pragma_update(None, "journal_mode", "delete").unwrap();
+    src.execute_batch("PRAGMA cache_size = 2; BEGIN; UPDATE t SET v = v || 'x';")
+        .unwrap();
+    fs::copy(
+        fx.data().join("src.db-journal"),
+        fx.data().join("dst.db-journal"),
+    )
+    .unwrap();
+    src.execute_batch("ROLLBACK").unwrap();
+    let err = engine
+        .connect("dst")
+        .and_then(|c| {
+            c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))
+                .map_err(StorageError::from_sqlite)
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("copied here from another database"), "{err}");
+    assert_eq!(
+        fs::read(fx.data().join("dst.db")).unwrap(),
+        before,
+        "nothing played back into dst"
+    );
+}
+
+#[test]
 fn damaged_headers_and_foreign_files_are_clear_errors() {
     let fx = Fixture::new();
     let engine = fx.engine();
