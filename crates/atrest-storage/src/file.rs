@@ -126,6 +126,12 @@ struct Meta {
     wal_salts: Option<u64>,
     wal_frames_written: u64,
     warned_usage: bool,
+    /// The slot the current header was last written to (or read from), and
+    /// whether a sync has made it durable since. A new header goes to the
+    /// other slot only when this one is durable, so some valid slot is
+    /// always on disk whatever a crash tears.
+    slot: u64,
+    slot_synced: bool,
 }
 
 fn now_unix() -> u64 {
@@ -167,6 +173,8 @@ impl SharedFile {
                 wal_salts: None,
                 wal_frames_written: 0,
                 warned_usage: false,
+                slot: 0,
+                slot_synced: true,
             }),
         }))
     }
@@ -199,11 +207,12 @@ impl SharedFile {
         // Newest verifiable slot wins; the other may be torn or older.
         let mut candidates: Vec<_> = decoded
             .into_iter()
-            .filter_map(|d| d.ok().flatten())
+            .enumerate()
+            .filter_map(|(i, d)| Some((i as u64, d.ok().flatten()?)))
             .collect();
-        candidates.sort_by_key(|u| std::cmp::Reverse(u.claims().sequence));
+        candidates.sort_by_key(|(_, u)| std::cmp::Reverse(u.claims().sequence));
         let mut last_err = None;
-        for cand in candidates {
+        for (slot, cand) in candidates {
             let claims = cand.claims().clone();
             if claims.kind != kind {
                 last_err = Some(StorageError::Header {
@@ -228,7 +237,7 @@ impl SharedFile {
                     check_parent(&header, parent, &path)?;
                     // Count every reserved seal as used: a crash may have used them.
                     let used = header.seals_reserved;
-                    return Self::from_header(header, dek, path, used);
+                    return Self::from_header(header, dek, path, used, (slot, true));
                 }
                 Err(e) => {
                     last_err = Some(StorageError::Header {
@@ -250,6 +259,7 @@ impl SharedFile {
         dek: Dek,
         path: String,
         sealed: u64,
+        (slot, slot_synced): (u64, bool),
     ) -> Result<Arc<Self>, Fail> {
         let key = UnitKey::new(&dek, sealed).map_err(|e| crypto_fail(&path, e))?;
         Ok(Arc::new(Self {
@@ -266,6 +276,8 @@ impl SharedFile {
                 header: Some(header),
                 dek,
                 warned_usage: false,
+                slot,
+                slot_synced,
             }),
         }))
     }
@@ -370,7 +382,7 @@ impl SharedFile {
                 raw.sync(ffi::SQLITE_SYNC_NORMAL).map_err(Fail::io)?;
             }
         }
-        let shared = Self::from_header(header, dek, path, 0)?;
+        let shared = Self::from_header(header, dek, path, 0, (0, kind == FileKind::MainDb))?;
         if !writable {
             shared.meta.lock().unwrap().header = None;
         }
@@ -628,7 +640,12 @@ impl<R: RawFile> EncryptedFile<R> {
             tracing::warn!(file = %shared.path, sealed = shared.key.sealed_count(),
                 "data encryption key is past half of its usage limit; rotate it (docs/CRYPTO.md)");
         }
-        self.write_header_locked(&mut meta)
+        self.write_header_locked(&mut meta)?;
+        // The reservation must be durable before seals beyond the old one
+        // can reach the disk, or a crash could make the count too low.
+        self.raw.sync(ffi::SQLITE_SYNC_NORMAL).map_err(Fail::io)?;
+        meta.slot_synced = true;
+        Ok(())
     }
 
     /// Writes the next header slot (the other slot stays as it was).
@@ -637,11 +654,38 @@ impl<R: RawFile> EncryptedFile<R> {
             return Ok(());
         };
         header.sequence += 1;
-        let slot = header
+        let bytes = header
             .encode(&meta.dek)
             .map_err(|e| crypto_fail(&self.shared.path, e))?;
-        let off = (header.sequence % 2) * HEADER_SLOT_SIZE as u64;
-        self.raw.write_at(&slot, off).map_err(Fail::io)
+        let slot = if meta.slot_synced {
+            1 - meta.slot
+        } else {
+            meta.slot
+        };
+        self.raw
+            .write_at(&bytes, slot * HEADER_SLOT_SIZE as u64)
+            .map_err(Fail::io)?;
+        meta.slot = slot;
+        meta.slot_synced = false;
+        Ok(())
+    }
+
+    /// Called when SQLite closes this handle: records the exact number of
+    /// seals made so far, so that reopening does not count the unused rest
+    /// of the reservation as used. No sync needed: if this write is lost,
+    /// the slot before it over-counts, which is the safe direction.
+    pub fn close(&mut self) -> Result<(), Fail> {
+        let shared = Arc::clone(&self.shared);
+        let mut meta = shared.meta.lock().unwrap();
+        let used = shared.key.sealed_count();
+        match meta.header.as_mut() {
+            Some(h) if used < h.seals_reserved => {
+                h.seals_reserved = used;
+                shared.seals_reserved.store(used, Ordering::Relaxed);
+            }
+            _ => return Ok(()),
+        }
+        self.write_header_locked(&mut meta)
     }
 
     /// SQLite's xRead. `Ok(false)` is a short read (rest zero-filled).
@@ -1159,6 +1203,7 @@ impl<R: RawFile> EncryptedFile<R> {
     pub fn sync(&mut self, flags: i32) -> Result<(), Fail> {
         self.flush_tail()?;
         self.raw.sync(flags).map_err(Fail::io)?;
+        self.shared.meta.lock().unwrap().slot_synced = true;
         if self.shared.kind == FileKind::Wal {
             let shared = Arc::clone(&self.shared);
             let mut meta = shared.meta.lock().unwrap();

@@ -540,7 +540,11 @@ unsafe extern "C" fn x_close(f: *mut ffi::sqlite3_file) -> c_int {
     // handle back from the Box leaked in x_open and close the underlying file.
     unsafe {
         let af = f as *mut AtrestFile;
-        let h = Box::from_raw((*af).handle);
+        let mut h = Box::from_raw((*af).handle);
+        if let Err(fail) = h.file.close() {
+            // The file closes anyway; the next open only over-counts seals.
+            let _ = report(fail);
+        }
         (*af).handle = ptr::null_mut();
         let sub = Underlying::of(f);
         let rc = match (*(*sub).pMethods).xClose {
