@@ -403,9 +403,12 @@ impl Store {
     where
         E: From<VaultError>,
     {
+        // The connection mutex serialises mutations; readers keep using the
+        // published snapshot meanwhile and are never blocked by a commit
+        // (or by the audit sync before it). The write lock is held only to
+        // swap in the new state.
         let mut conn = self.conn.lock().expect("conn lock");
-        let mut guard = self.state.write().expect("state lock");
-        let mut next: State = (**guard).clone();
+        let mut next: State = (*self.snapshot()).clone();
         let tx = conn
             .transaction()
             .map_err(|e| E::from(VaultError::from(e)))?;
@@ -418,7 +421,7 @@ impl Store {
         };
         before_commit(&out)?;
         tx.commit().map_err(|e| E::from(VaultError::from(e)))?;
-        *guard = Arc::new(next);
+        *self.state.write().expect("state lock") = Arc::new(next);
         Ok(out)
     }
 }
