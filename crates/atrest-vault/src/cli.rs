@@ -36,6 +36,19 @@ pub struct VaultArgs {
 pub enum VaultCommand {
     /// Run the vault server (HTTPS).
     Serve(ServeArgs),
+    /// Re-seal the vault under a new unseal key or passphrase (vault stopped).
+    Rekey {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, conflicts_with = "passphrase_env")]
+        unseal_key_file: Option<PathBuf>,
+        #[arg(long)]
+        passphrase_env: Option<String>,
+        #[arg(long, conflicts_with = "new_passphrase_env")]
+        new_unseal_key_file: Option<PathBuf>,
+        #[arg(long)]
+        new_passphrase_env: Option<String>,
+    },
     /// Write a new random unseal key file (keep it outside the data directory).
     InitKey {
         #[arg(long)]
@@ -382,6 +395,35 @@ pub fn run(args: VaultArgs) -> Result<ExitCode, CliError> {
             runtime()?.block_on(crate::serve(opts, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
+        VaultCommand::Rekey {
+            data,
+            unseal_key_file,
+            passphrase_env,
+            new_unseal_key_file,
+            new_passphrase_env,
+        } => {
+            let pick = |file: Option<PathBuf>,
+                        env: Option<String>,
+                        what: &str|
+             -> Result<Unseal, CliError> {
+                match (file, env) {
+                    (Some(f), None) => Ok(Unseal::KeyFile(f)),
+                    (None, Some(v)) => Ok(Unseal::Passphrase(zeroize::Zeroizing::new(
+                        std::env::var(&v).map_err(|_| {
+                            CliError::Usage(format!("environment variable {v} is not set"))
+                        })?,
+                    ))),
+                    _ => Err(CliError::Usage(format!(
+                        "pass the {what} key file or passphrase variable"
+                    ))),
+                }
+            };
+            let old = pick(unseal_key_file, passphrase_env, "current")?;
+            let new = pick(new_unseal_key_file, new_passphrase_env, "new")?;
+            let n = crate::store::rekey(&data, &old, &new)?;
+            eprintln!("re-sealed {n} key versions and the vault's secrets under the new key; take new backups (old ones no longer restore)");
+            Ok(ExitCode::SUCCESS)
+        }
         VaultCommand::InitKey { out } => {
             crate::seal::MasterKey::create_key_file(&out)?;
             eprintln!(
@@ -411,9 +453,7 @@ pub fn run(args: VaultArgs) -> Result<ExitCode, CliError> {
                 _ => None,
             };
             let key = match (&unseal, &data) {
-                (Some(u), Some(d)) => {
-                    Some(crate::store::unseal_existing(d, u)?.derive_hmac(crate::AUDIT_MAC_LABEL))
-                }
+                (Some(u), Some(d)) => Some(crate::store::audit_mac_key_existing(d, u)?),
                 _ => None,
             };
             let r = crate::audit::verify(&path, key.as_ref())?;

@@ -51,8 +51,9 @@ pub use client::{AdminClient, ClientError, VaultClient};
 pub use error::{ApiError, VaultError};
 pub use store::Unseal;
 
-/// HKDF label of the audit log's MAC key.
-pub const AUDIT_MAC_LABEL: &str = "atrest-vault audit mac v1";
+/// Name of the audit log's MAC key, a random secret sealed in the database
+/// (not derived from the master key, so a rekey keeps old lines verifiable).
+pub const AUDIT_MAC_SECRET: &str = "audit_mac_key";
 
 /// How to run a vault.
 pub struct ServeOptions {
@@ -108,6 +109,16 @@ pub async fn serve(
             ));
         }
     }
+    // One process per data directory (and no rekey under a running vault):
+    // an advisory lock held for the server's lifetime.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(data.join("vault.lock"))?;
+    lock.try_lock().map_err(|_| {
+        VaultError::Unseal("another atrest vault process is using this data directory".into())
+    })?;
     let url_file = data.join("vault.url");
     let _ = std::fs::remove_file(&url_file);
 
@@ -165,7 +176,10 @@ pub async fn serve(
     };
     let audit = audit::AuditLog::open(
         &data.join("audit.log"),
-        Some(store.master().derive_hmac(AUDIT_MAC_LABEL)),
+        Some(aws_lc_rs::hmac::Key::new(
+            aws_lc_rs::hmac::HMAC_SHA256,
+            &store.sealed_secret(AUDIT_MAC_SECRET, || seal::random_bytes::<32>().to_vec())?,
+        )),
     )?;
     audit.probe()?;
 
@@ -198,5 +212,6 @@ pub async fn serve(
     );
     server::serve(app, listener, tls_cfg, shutdown).await;
     let _ = std::fs::remove_file(&url_file);
+    drop(lock);
     Ok(())
 }

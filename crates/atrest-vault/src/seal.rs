@@ -90,12 +90,6 @@ impl MasterKey {
         MasterKey::from_bytes(out)
     }
 
-    /// An HMAC-SHA256 key for `label` (the audit log's MACs).
-    pub fn derive_hmac(&self, label: &str) -> aws_lc_rs::hmac::Key {
-        let k = self.derive(label);
-        aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &k.0[..])
-    }
-
     /// A purpose key: HKDF-SHA256(master, info=label).
     pub fn derive(&self, label: &str) -> SealKey {
         struct Len32;

@@ -248,6 +248,84 @@ impl std::fmt::Debug for Store {
 
 const CANARY: &[u8] = b"atrest-vault unseal check v1";
 
+/// Sealed named secrets kept in `meta` (re-sealed by `rekey`).
+const META_SECRETS: &[&str] = &["jwt_signing_key", "tls_server_key", "audit_mac_key"];
+
+/// The audit MAC key of an existing vault (for `audit verify`).
+pub fn audit_mac_key_existing(
+    dir: &Path,
+    unseal: &Unseal,
+) -> Result<aws_lc_rs::hmac::Key, VaultError> {
+    let master = unseal_existing(dir, unseal)?;
+    let conn = Connection::open_with_flags(
+        dir.join("vault.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    let sealed = get_meta(&conn, crate::AUDIT_MAC_SECRET)?
+        .ok_or_else(|| VaultError::Unseal("this vault has no audit MAC key".into()))?;
+    let key = master.derive("atrest-vault seal v1").open(
+        format!("atrest-vault/meta/{}", crate::AUDIT_MAC_SECRET).as_bytes(),
+        &sealed,
+    )?;
+    Ok(aws_lc_rs::hmac::Key::new(
+        aws_lc_rs::hmac::HMAC_SHA256,
+        &key,
+    ))
+}
+
+/// Re-seals everything under a new master key, in one transaction, with
+/// the vault stopped (refused while a server holds the directory's lock).
+/// Returns how many key versions were re-sealed. Backups made before the
+/// rekey cannot be restored afterwards (their key derives from the master
+/// key): take new ones.
+pub fn rekey(dir: &Path, old: &Unseal, new: &Unseal) -> Result<usize, VaultError> {
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("vault.lock"))?;
+    lock.try_lock()
+        .map_err(|_| VaultError::Unseal("the vault is running; stop it before rekeying".into()))?;
+    let old_master = unseal_existing(dir, old)?;
+    let old_seal = old_master.derive("atrest-vault seal v1");
+    let mut conn = Connection::open(dir.join("vault.db"))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)?;
+    let new_master = match new {
+        Unseal::KeyFile(p) => MasterKey::from_key_file(p)?,
+        Unseal::Passphrase(pw) => {
+            let salt = random_bytes::<16>().to_vec();
+            put_meta(&tx, "kdf_salt", &salt)?;
+            MasterKey::from_passphrase(pw.as_bytes(), &salt)
+        }
+    };
+    let new_seal = new_master.derive("atrest-vault seal v1");
+    let rows: Vec<(String, String, Vec<u8>)> = {
+        let mut stmt = tx.prepare("SELECT name, version, sealed FROM key_versions")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    for (name, version, sealed) in &rows {
+        let aad = seal_aad(name, version);
+        let plain = old_seal.open(&aad, sealed)?;
+        tx.execute(
+            "UPDATE key_versions SET sealed = ?1 WHERE name = ?2 AND version = ?3",
+            params![new_seal.seal(&aad, &plain), name, version],
+        )?;
+    }
+    for name in META_SECRETS {
+        let aad = format!("atrest-vault/meta/{name}");
+        if let Some(b) = get_meta(&tx, name)? {
+            let plain = old_seal.open(aad.as_bytes(), &b)?;
+            put_meta(&tx, name, &new_seal.seal(aad.as_bytes(), &plain))?;
+        }
+    }
+    put_meta(&tx, "canary", &new_seal.seal(b"canary", CANARY))?;
+    tx.commit()?;
+    drop(lock);
+    Ok(rows.len())
+}
+
 /// The master key of an existing vault, checked against its database,
 /// without loading the vault (for offline tools such as `audit verify`).
 pub fn unseal_existing(dir: &Path, unseal: &Unseal) -> Result<MasterKey, VaultError> {

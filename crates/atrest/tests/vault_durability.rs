@@ -765,3 +765,100 @@ fn operator_supplied_certificate_and_external_admin_credential() {
     c.kill().unwrap();
     c.wait().unwrap();
 }
+
+#[test]
+fn rekey_reseals_everything_under_a_new_master_key() {
+    let mut v = start();
+    let (_, id, secret) = v.identity("app", &["all"]);
+    let tok = token(&v, &id, &secret);
+    let r = v.raw(
+        Method::POST,
+        "/keys/k/create",
+        Some(&tok),
+        body(&json!({"kty": "RSA"})),
+    );
+    assert_eq!(r.status, 200);
+    let w = v.raw(
+        Method::POST,
+        "/keys/k//wrapkey",
+        Some(&tok),
+        body(&json!({"alg": "RSA-OAEP-256", "value": "c2VjcmV0"})),
+    );
+    let version = w.body["kid"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let data = v.data_dir().to_str().unwrap().to_string();
+    let old = v.keydir.path().join("unseal.key");
+    let newdir = tempfile::tempdir().unwrap();
+    let new = newdir.path().join("new.key");
+    assert!(
+        run_cli(&["vault", "init-key", "--out", new.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let rekey = |old: &std::path::Path| {
+        run_cli(&[
+            "vault",
+            "rekey",
+            "--data",
+            &data,
+            "--unseal-key-file",
+            old.to_str().unwrap(),
+            "--new-unseal-key-file",
+            new.to_str().unwrap(),
+        ])
+    };
+    // Refused while the vault runs.
+    let out = rekey(&old);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("running"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(v.terminate());
+    let out = rekey(&old);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The old key no longer opens the vault.
+    let mut c = serve(
+        v.data_dir(),
+        &["--unseal-key-file", old.to_str().unwrap()],
+        &[],
+    );
+    let err = wait_url(v.data_dir(), &mut c).unwrap_err();
+    assert!(err.contains("does not match"), "{err}");
+    // The new one does, and everything still works.
+    std::fs::copy(&new, &old).unwrap();
+    v.spawn();
+    let (_, id2, secret2) = v.identity("after", &["unwrapKey"]);
+    let tok2 = token(&v, &id2, &secret2);
+    let u = v.raw(
+        Method::POST,
+        &format!("/keys/k/{version}/unwrapkey"),
+        Some(&tok2),
+        body(&json!({"alg": "RSA-OAEP-256", "value": w.body["value"]})),
+    );
+    assert_eq!(u.body["value"], "c2VjcmV0", "{}", u.body);
+    let out = run_cli(&[
+        "vault",
+        "audit",
+        "verify",
+        "--data",
+        &data,
+        "--unseal-key-file",
+        new.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("MACs verified"),
+        "{stdout}"
+    );
+}
