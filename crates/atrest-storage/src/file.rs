@@ -1333,6 +1333,40 @@ mod tests {
         EncryptedFile::new(raw, shared, Arc::new(Stats::default()))
     }
 
+    /// Page 1 of a database declaring fewer reserved bytes than tag and
+    /// nonce need is refused before anything is written.
+    #[test]
+    fn a_page_without_room_for_the_tag_is_refused() {
+        let keyring = Keyring::new(Arc::new(TestProtector(
+            SymmetricKek::new(&[9; 32]).unwrap(),
+        )));
+        let mut raw = MemFile::default();
+        let shared = SharedFile::open(
+            &mut raw,
+            FileKind::MainDb,
+            "m.db".into(),
+            &keyring,
+            None,
+            true,
+        )
+        .unwrap();
+        let mut f = EncryptedFile::new(raw, shared, Arc::new(Stats::default()));
+        let before = f.raw.0.len();
+        let mut page = vec![0u8; 4096];
+        page[16..18].copy_from_slice(&4096u16.to_be_bytes());
+        page[20] = 8; // SQLite's reserved-bytes field: too few.
+        let fail = f.write(&page, 0).unwrap_err();
+        assert_eq!(fail.rc, ffi::SQLITE_IOERR_WRITE);
+        let msg = fail.detail.unwrap().to_string();
+        assert!(
+            msg.contains("has 8 reserved bytes") && msg.contains("atrest needs 28"),
+            "{msg}"
+        );
+        assert_eq!(f.raw.0.len(), before, "nothing written");
+        page[20] = 28;
+        f.write(&page, 0).unwrap();
+    }
+
     #[test]
     fn temp_file_matches_a_plain_model() {
         let shared = SharedFile::temp("mem".into()).unwrap();

@@ -274,13 +274,36 @@ impl Engine {
     pub fn connect_path(&self, path: &Path) -> Result<Connection, StorageError> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | OpenFlags::SQLITE_OPEN_URI;
-        let conn = rusqlite::Connection::open_with_flags_and_vfs(
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = rusqlite::Connection::open_with_flags_and_vfs(
             path,
             flags,
             self.inner.vfs_name.as_str(),
         )
+        .map_err(StorageError::from_sqlite)?;
+        // SQLite (built with SQLITE_USE_URI) would let `ATTACH 'file:x?vfs=unix'`
+        // or `VACUUM INTO` such a URI write a plaintext file through another
+        // VFS. ATTACH from SQL is refused (SQLite does not show the
+        // authorizer its file name); `Connection::attach` opens the door for
+        // its own statement. URI targets of VACUUM INTO are refused.
+        let attach_allowed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let allowed = Arc::clone(&attach_allowed);
+        conn.authorizer(Some(move |ctx: rusqlite::hooks::AuthContext<'_>| {
+            use rusqlite::hooks::{AuthAction, Authorization};
+            let is_uri = |f: &str| f.trim_start().to_ascii_lowercase().starts_with("file:");
+            match ctx.action {
+                AuthAction::Attach { filename } if is_uri(filename) => Authorization::Deny,
+                AuthAction::Attach { .. } => Authorization::Allow,
+                AuthAction::Unknown { code, .. } if code == rusqlite::ffi::SQLITE_ATTACH => {
+                    if allowed.load(Ordering::Relaxed) {
+                        Authorization::Allow
+                    } else {
+                        Authorization::Deny
+                    }
+                }
+                _ => Authorization::Allow,
+            }
+        }))
         .map_err(StorageError::from_sqlite)?;
         // Reserve room for tag and nonce in every page before the first write.
         let mut reserve = RESERVED_BYTES as std::ffi::c_int;
@@ -292,6 +315,7 @@ impl Engine {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         Ok(Connection {
             conn,
+            attach_allowed,
             _engine: Arc::clone(&self.inner),
         })
     }
@@ -323,6 +347,8 @@ impl Engine {
 pub struct Connection {
     // Declared first: closed before the engine (and its VFS) can go.
     conn: rusqlite::Connection,
+    /// Lets `attach` past the authorizer for its own ATTACH statement.
+    attach_allowed: Arc<std::sync::atomic::AtomicBool>,
     _engine: Arc<EngineInner>,
 }
 
@@ -331,9 +357,12 @@ impl Connection {
     /// creating it if missing, with room for tag and nonce in its pages.
     pub fn attach(&self, engine: &Engine, name: &str, schema: &str) -> Result<(), StorageError> {
         let path = engine.database_path(name)?;
-        self.conn
-            .execute("ATTACH DATABASE ?1 AS ?2", (path.to_string_lossy(), schema))
-            .map_err(StorageError::from_sqlite)?;
+        self.attach_allowed.store(true, Ordering::Relaxed);
+        let attached = self
+            .conn
+            .execute("ATTACH DATABASE ?1 AS ?2", (path.to_string_lossy(), schema));
+        self.attach_allowed.store(false, Ordering::Relaxed);
+        attached.map_err(StorageError::from_sqlite)?;
         let mut reserve = RESERVED_BYTES as std::ffi::c_int;
         self.conn
             .file_control(

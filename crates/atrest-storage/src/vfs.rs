@@ -371,7 +371,15 @@ unsafe extern "C" fn x_open(
         .to_string_lossy()
         .into_owned();
     let mut raw = Underlying(sub);
-    let writable = flags & ffi::SQLITE_OPEN_READWRITE != 0;
+    // What the unix VFS actually opened: it falls back to read-only.
+    let opened = if out_flags.is_null() {
+        flags
+    } else {
+        // SAFETY: SQLite passed a valid out pointer, which the underlying
+        // xOpen just filled in.
+        unsafe { *out_flags }
+    };
+    let writable = opened & ffi::SQLITE_OPEN_READWRITE != 0;
     let shared = if kind == FileKind::Temp {
         SharedFile::temp(path)
     } else {

@@ -3,7 +3,6 @@
 
 mod common;
 
-use atrest_storage::StorageError;
 use common::*;
 
 #[test]
@@ -55,19 +54,35 @@ fn a_two_database_commit_uses_a_sealed_super_journal() {
 }
 
 #[test]
-fn attaching_without_the_reserve_is_refused_clearly() {
+fn sql_cannot_write_around_the_cipher_through_a_uri() {
     let fx = Fixture::new();
     let engine = fx.engine();
     let conn = engine.connect("a").unwrap();
-    let path = engine.database_path("raw").unwrap();
-    conn.execute("ATTACH DATABASE ?1 AS raw", [path.to_str().unwrap()])
+    conn.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES ('secret row');")
         .unwrap();
-    let err = conn.execute_batch("CREATE TABLE raw.t(x)").unwrap_err();
-    let msg = StorageError::from_sqlite(err).to_string();
-    assert!(
-        msg.contains("reserved bytes") && msg.contains("atrest needs 28"),
-        "{msg}"
-    );
+    let leak = fx.dir.path().join("leak.db");
+    for sql in [
+        format!("ATTACH 'file:{}?vfs=unix' AS leak", leak.display()),
+        format!("ATTACH 'FILE:{}?vfs=unix' AS leak", leak.display()),
+        format!("VACUUM INTO 'file:{}?vfs=unix'", leak.display()),
+    ] {
+        let err = conn.execute_batch(&sql).unwrap_err().to_string();
+        assert!(
+            err.contains("not authorized") || err.contains("authorization denied"),
+            "{sql}: {err}"
+        );
+        assert!(!leak.exists(), "{sql} wrote a file");
+    }
+    // A bound file name cannot be checked, so it is refused too.
+    assert!(conn
+        .execute("ATTACH ?1 AS p", [leak.to_str().unwrap()])
+        .is_err());
+    // A plain path goes through atrest and is encrypted.
+    let plain = fx.data().join("copy.db");
+    conn.execute_batch(&format!("VACUUM INTO '{}'", plain.display()))
+        .unwrap();
+    let bytes = std::fs::read(&plain).unwrap();
+    assert!(find(&bytes, b"secret row").is_none() && find(&bytes, b"SQLite format 3").is_none());
 }
 
 #[test]
