@@ -122,9 +122,9 @@ pub struct SharedFile {
 struct Meta {
     header: Option<FileHeader>,
     dek: Dek,
-    /// WAL: salts of the current generation and frames written under them.
+    /// WAL: salts of the current generation, and what of it is complete.
     wal_salts: Option<u64>,
-    wal_frames_written: u64,
+    wal: WalProgress,
     warned_usage: bool,
     /// The slot the current header was last written to (or read from), and
     /// whether a sync has made it durable since. A new header goes to the
@@ -132,6 +132,19 @@ struct Meta {
     /// always on disk whatever a crash tears.
     slot: u64,
     slot_synced: bool,
+}
+
+/// Which frames of the current WAL generation are complete commits: a
+/// commit frame counts once both its header (with the generation's salts)
+/// and its page are written, in whichever order SQLite wrote them.
+#[derive(Default, Clone, Copy)]
+struct WalProgress {
+    /// Frames up to (not including) this one end in a complete commit.
+    committed: u64,
+    /// A commit frame whose header is written but whose page is not yet.
+    pending_commit: Option<u64>,
+    /// One past the highest frame whose page has been written.
+    pages_written: u64,
 }
 
 fn now_unix() -> u64 {
@@ -171,7 +184,7 @@ impl SharedFile {
                 header: None,
                 dek,
                 wal_salts: None,
-                wal_frames_written: 0,
+                wal: WalProgress::default(),
                 warned_usage: false,
                 slot: 0,
                 slot_synced: true,
@@ -272,7 +285,7 @@ impl SharedFile {
             seals_reserved: AtomicU64::new(header.seals_reserved),
             meta: Mutex::new(Meta {
                 wal_salts: None,
-                wal_frames_written: 0,
+                wal: WalProgress::default(),
                 header: Some(header),
                 dek,
                 warned_usage: false,
@@ -589,7 +602,7 @@ impl<R: RawFile> EncryptedFile<R> {
         let mut meta = self.shared.meta.lock().unwrap();
         if meta.wal_salts != Some(salts) {
             meta.wal_salts = Some(salts);
-            meta.wal_frames_written = 0;
+            meta.wal = WalProgress::default();
         }
     }
 
@@ -896,16 +909,36 @@ impl<R: RawFile> EncryptedFile<R> {
                 clear.copy_from_slice(&body[8..16]);
             }
             let generation = self.unit_generation(&unit, Some(&self.scratch[..plen]));
+            // Bytes 4..8 of a frame header: the database size after a commit,
+            // 0 for frames that do not end a transaction. Read before sealing.
+            let commit_frame = unit.class == class::WAL_FRAME_HEADER
+                && self.scratch[unit.prefix + 4..unit.prefix + 8] != [0; 4];
             let sealed = unit.prefix..plen;
             self.seal(&unit, generation, sealed)?;
             self.raw
                 .write_at(&self.scratch[..plen], unit.pstart)
                 .map_err(Fail::io)?;
-            if unit.class == class::WAL_FRAME_HEADER {
-                let mut meta = self.shared.meta.lock().unwrap();
-                if meta.wal_salts == Some(generation) {
-                    meta.wal_frames_written = meta.wal_frames_written.max(unit.index + 1);
+            match unit.class {
+                class::WAL_FRAME_HEADER => {
+                    let mut meta = self.shared.meta.lock().unwrap();
+                    if commit_frame && meta.wal_salts == Some(generation) {
+                        if meta.wal.pages_written > unit.index {
+                            meta.wal.committed = meta.wal.committed.max(unit.index + 1);
+                        } else {
+                            meta.wal.pending_commit = Some(unit.index);
+                        }
+                    }
                 }
+                class::WAL_FRAME_PAGE => {
+                    let mut meta = self.shared.meta.lock().unwrap();
+                    let w = &mut meta.wal;
+                    w.pages_written = w.pages_written.max(unit.index + 1);
+                    if w.pending_commit == Some(unit.index) {
+                        w.committed = w.committed.max(unit.index + 1);
+                        w.pending_commit = None;
+                    }
+                }
+                _ => {}
             }
             done += n;
         }
@@ -1180,7 +1213,7 @@ impl<R: RawFile> EncryptedFile<R> {
         if self.shared.kind == FileKind::Wal && size == 0 {
             let mut meta = self.shared.meta.lock().unwrap();
             meta.wal_salts = None;
-            meta.wal_frames_written = 0;
+            meta.wal = WalProgress::default();
         }
         Ok(())
     }
@@ -1198,18 +1231,26 @@ impl<R: RawFile> EncryptedFile<R> {
         Ok(geo.logical_size(phys))
     }
 
-    /// SQLite's xSync. For a WAL, records afterwards how many frames are
-    /// now durable, so that a later loss of them reads as tampering.
+    /// SQLite's xSync. For a WAL, records afterwards how many frames this
+    /// sync made durable (complete commits written before it), so that a
+    /// later loss of them reads as tampering, not as a torn tail.
     pub fn sync(&mut self, flags: i32) -> Result<(), Fail> {
         self.flush_tail()?;
+        let before = {
+            let meta = self.shared.meta.lock().unwrap();
+            (meta.wal_salts, meta.wal.committed)
+        };
         self.raw.sync(flags).map_err(Fail::io)?;
         self.shared.meta.lock().unwrap().slot_synced = true;
         if self.shared.kind == FileKind::Wal {
             let shared = Arc::clone(&self.shared);
             let mut meta = shared.meta.lock().unwrap();
-            let (Some(salts), written) = (meta.wal_salts, meta.wal_frames_written) else {
+            let (Some(salts), written) = before else {
                 return Ok(());
             };
+            if meta.wal_salts != Some(salts) {
+                return Ok(()); // a new generation began meanwhile
+            }
             let changed = meta
                 .header
                 .as_ref()

@@ -60,3 +60,86 @@ fn overwritten_frames_and_rewritten_checksums_recover() {
         .unwrap();
     assert_eq!(ok, "ok");
 }
+
+/// The WAL's durable mark covers complete, synced commits only: frames of a
+/// rolled-back transaction past it may be damaged (they read as an
+/// uncommitted tail, as SQLite itself treats them), frames before it may not.
+#[test]
+fn the_durable_mark_covers_committed_frames_only() {
+    let fx = Fixture::new();
+    let engine = fx.engine();
+    {
+        let conn = engine.connect("d").unwrap();
+        conn.pragma_update(None, "journal_mode", "wal").unwrap();
+        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        conn.pragma_update(None, "cache_size", 5).unwrap();
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .unwrap();
+        conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, p BLOB);")
+            .unwrap();
+        conn.execute("INSERT INTO t VALUES (1, zeroblob(100))", [])
+            .unwrap();
+        // A big transaction spills frames to the WAL, then rolls back.
+        conn.execute_batch("BEGIN;").unwrap();
+        for i in 10..400 {
+            conn.execute("INSERT INTO t VALUES (?1, zeroblob(3000))", [i])
+                .unwrap();
+        }
+        conn.execute_batch("ROLLBACK;").unwrap();
+        conn.execute("INSERT INTO t VALUES (2, zeroblob(100))", [])
+            .unwrap();
+    }
+    let wal = fx.data().join("d.db-wal");
+    let bytes = std::fs::read(&wal).unwrap();
+    let frame = |i: usize| atrest_storage::HEADER_LEN as usize + 60 + i * (60 + 4096);
+    let physical_frames = (bytes.len() - frame(0)) / (60 + 4096);
+    let durable = atrest_storage::inspect(&wal).unwrap()["wal_durable_frames"]
+        .as_u64()
+        .unwrap() as usize;
+    assert!(
+        durable >= 2,
+        "committed frames must be marked durable ({durable})"
+    );
+    assert!(
+        durable + 20 < physical_frames,
+        "rolled-back frames must not count: durable {durable} of {physical_frames} frames"
+    );
+    let db = std::fs::read(fx.data().join("d.db")).unwrap();
+
+    // Damage past the mark: a rolled-back frame. Reads as the log's end.
+    let mut past = bytes.clone();
+    past[frame(durable + 10) + 200] ^= 1;
+    std::fs::write(&wal, &past).unwrap();
+    let conn = engine.connect("d").unwrap();
+    let ids: Vec<i64> = conn
+        .prepare("SELECT id FROM t ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(ids, vec![1, 2]);
+    drop(conn);
+
+    // Damage before the mark: a committed frame. Reported, not skipped.
+    std::fs::write(fx.data().join("d.db"), &db).unwrap();
+    let mut before = bytes.clone();
+    before[frame(durable - 1) + 30] ^= 1;
+    std::fs::write(&wal, &before).unwrap();
+    let err = engine
+        .connect("d")
+        .and_then(|c| {
+            c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))
+                .map_err(atrest_storage::StorageError::from_sqlite)
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("WAL frame {durable} header"))
+            && err.contains("failed authentication"),
+        "{err}"
+    );
+}
