@@ -12,6 +12,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 CONC=${CONC:-16}
 SECS=${SECS:-10}
+# PIN=1 puts the vault on CPU 0 and the clients on CPU 1 (taskset), so the
+# two do not disturb each other's caches and scheduling.
+PIN=${PIN:-0}
+srv_pin=(); cli_pin=()
+if [ "$PIN" = 1 ]; then srv_pin=(taskset -c 0); cli_pin=(taskset -c 1); fi
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 cargo build --release -q -p atrest
 BIN="$TARGET_DIR/release/atrest"
@@ -21,7 +26,7 @@ pid=""
 cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$tmp"; }
 trap cleanup EXIT
 "$BIN" vault init-key --out "$tmp/unseal.key" 2>/dev/null
-ATREST_LOG=warn "$BIN" vault serve --data "$tmp/data" --listen 127.0.0.1:0 --unseal-key-file "$tmp/unseal.key" 2>/dev/null &
+ATREST_LOG=warn "${srv_pin[@]}" "$BIN" vault serve --data "$tmp/data" --listen 127.0.0.1:0 --unseal-key-file "$tmp/unseal.key" 2>/dev/null &
 pid=$!
 for _ in $(seq 1 300); do [ -s "$tmp/data/vault.url" ] && break; sleep 0.1; done
 
@@ -33,7 +38,7 @@ echo "openssl rsa2048 private ops/s: ${ossl} total on ${cores} cores, ${ossl1} o
 
 echo "== vault unwrapKey over HTTPS (client and server share this machine)"
 cpu0=$(awk '{print $14+$15}' "/proc/$pid/stat")
-out=$("$BIN" vault bench --data "$tmp/data" --concurrency "$CONC" --seconds "$SECS")
+out=$("${cli_pin[@]}" "$BIN" vault bench --data "$tmp/data" --concurrency "$CONC" --seconds "$SECS")
 cpu1=$(awk '{print $14+$15}' "/proc/$pid/stat")
 echo "$out"
 ops=$(echo "$out" | head -1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["ops_per_sec"])')
