@@ -704,6 +704,28 @@ impl<R: RawFile> EncryptedFile<R> {
     /// SQLite's xRead. `Ok(false)` is a short read (rest zero-filled).
     pub fn read(&mut self, buf: &mut [u8], off: u64) -> Result<bool, Fail> {
         self.flush_tail()?;
+        match self.read_units(buf, off) {
+            // A *partial* read of page 1 is SQLite peeking at the database
+            // header before it has recovered from a crash (hot journal, WAL).
+            // A page written in several page-cache pages can be torn by a
+            // kill; report "no header yet" so that recovery runs. The full
+            // read of page 1 that follows is verified as strictly as any.
+            Err(fail)
+                if fail.rc == ffi::SQLITE_IOERR_DATA
+                    && self.shared.kind == FileKind::MainDb
+                    && off + buf.len() as u64
+                        <= self.shared.page_size.load(Ordering::Relaxed) as u64
+                    && buf.len() < self.shared.page_size.load(Ordering::Relaxed) =>
+            {
+                tracing::warn!(file = %self.shared.path, "page 1 does not authenticate yet; letting SQLite recover");
+                buf.fill(0);
+                Ok(false)
+            }
+            other => other,
+        }
+    }
+
+    fn read_units(&mut self, buf: &mut [u8], off: u64) -> Result<bool, Fail> {
         let geo = self.geometry()?;
         let phys = match geo {
             // A temp file is private to this handle: its size is known.

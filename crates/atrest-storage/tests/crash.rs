@@ -29,6 +29,13 @@ fn child_main() {
     })
     .unwrap();
     let conn = engine.connect("crash").unwrap();
+    // "delete-16k": rollback journal with 16 KiB pages, whose writes span
+    // several page-cache pages and can be torn by the kill.
+    let (mode, page_size) = match mode.strip_suffix("-16k") {
+        Some(m) => (m.to_string(), 16384),
+        None => (mode, 4096),
+    };
+    conn.pragma_update(None, "page_size", page_size).unwrap();
     conn.pragma_update(None, "journal_mode", &mode).unwrap();
     // A tiny cache makes transactions spill pages before commit.
     conn.pragma_update(None, "cache_size", 8).unwrap();
@@ -186,4 +193,9 @@ fn sigkill_during_writes_wal_mode() {
 #[test]
 fn sigkill_during_writes_rollback_journal_mode() {
     run_mode("delete");
+}
+
+#[test]
+fn sigkill_during_writes_rollback_journal_mode_16k_pages() {
+    run_mode("delete-16k");
 }
