@@ -21,14 +21,17 @@ use serde_json::Value;
 
 use crate::error::VaultError;
 
+/// Where a record landed: its `seq` and `hash`.
+pub type Pos = (u64, String);
+
 /// Where the writer sends the outcome of one record.
 enum Reply {
-    Async(tokio::sync::oneshot::Sender<Result<(), String>>),
-    Blocking(mpsc::SyncSender<Result<(), String>>),
+    Async(tokio::sync::oneshot::Sender<Result<Pos, String>>),
+    Blocking(mpsc::SyncSender<Result<Pos, String>>),
 }
 
 impl Reply {
-    fn send(self, r: Result<(), String>) {
+    fn send(self, r: Result<Pos, String>) {
         match self {
             Reply::Async(t) => {
                 let _ = t.send(r);
@@ -139,10 +142,12 @@ impl AuditLog {
                     }
                     let (mut s, mut h) = (seq, prev.clone());
                     let mut buf = String::new();
+                    let mut positions = Vec::with_capacity(batch.len());
                     for (rec, _) in &batch {
                         s += 1;
                         let (line, hash) = chain_line(rec.clone(), s, &h, mac_key.as_ref());
                         buf.push_str(&line);
+                        positions.push((s, hash.clone()));
                         h = hash;
                     }
                     let res = (|| -> std::io::Result<()> {
@@ -153,7 +158,7 @@ impl AuditLog {
                         f.write_all(buf.as_bytes())?;
                         f.sync_data()
                     })();
-                    let res = match res {
+                    let res: Result<(), String> = match res {
                         Ok(()) => {
                             seq = s;
                             prev = h;
@@ -167,8 +172,8 @@ impl AuditLog {
                             Err(msg)
                         }
                     };
-                    for (_, reply) in batch {
-                        reply.send(res.clone());
+                    for ((_, reply), pos) in batch.into_iter().zip(positions) {
+                        reply.send(res.clone().map(|()| pos));
                     }
                 }
             })?;
@@ -225,7 +230,7 @@ impl AuditLog {
     }
 
     /// Same as `write`, from a blocking (non-async) thread.
-    pub fn write_blocking(&self, rec: Value) -> Result<(), VaultError> {
+    pub fn write_blocking(&self, rec: Value) -> Result<Pos, VaultError> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.tx
             .lock()
@@ -233,7 +238,7 @@ impl AuditLog {
             .send((rec, Reply::Blocking(tx)))
             .map_err(|_| VaultError::Audit("audit writer stopped".into()))?;
         match rx.recv_timeout(self.timeout) {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(pos)) => Ok(pos),
             Ok(Err(m)) => Err(VaultError::Audit(m)),
             Err(mpsc::RecvTimeoutError::Timeout) => Err(self.stalled()),
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -251,7 +256,7 @@ impl AuditLog {
             .send((rec, Reply::Async(tx)))
             .map_err(|_| VaultError::Audit("audit writer stopped".into()))?;
         match tokio::time::timeout(self.timeout, rx).await {
-            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Ok(_))) => Ok(()),
             Ok(Ok(Err(m))) => Err(VaultError::Audit(m)),
             Ok(Err(_)) => Err(VaultError::Audit("audit writer stopped".into())),
             Err(_) => Err(self.stalled()),
@@ -268,8 +273,18 @@ pub struct VerifyReport {
 }
 
 /// Checks the whole chain of a log file.
-/// With `mac_key` the MAC of every line is checked too.
+/// With `mac_key` the MAC of every line is checked too; with `head` (the
+/// position the vault recorded with its last state change) a log cut
+/// short or rewritten before that point is caught as well.
 pub fn verify(path: &Path, mac_key: Option<&hmac::Key>) -> Result<VerifyReport, VaultError> {
+    verify_with_head(path, mac_key, None)
+}
+
+pub fn verify_with_head(
+    path: &Path,
+    mac_key: Option<&hmac::Key>,
+    head: Option<&Pos>,
+) -> Result<VerifyReport, VaultError> {
     let f = std::fs::File::open(path)?;
     let mut prev = "0".repeat(64);
     let mut n = 0u64;
@@ -328,7 +343,25 @@ pub fn verify(path: &Path, mac_key: Option<&hmac::Key>) -> Result<VerifyReport, 
                 v["seq"]
             ));
         }
+        if let Some((hseq, hhash)) = head {
+            if *hseq == lineno && hhash != claimed {
+                return fail(
+                    "this line is not the one the vault recorded at this position (log rewritten)",
+                );
+            }
+        }
         prev = claimed.to_string();
+    }
+    if let Some((hseq, _)) = head {
+        if *hseq > n {
+            return Ok(VerifyReport {
+                lines: n,
+                error: Some((
+                    n + 1,
+                    format!("the log ends after line {n} but the vault recorded line {hseq}: lines were cut off the end"),
+                )),
+            });
+        }
     }
     Ok(VerifyReport {
         lines: n,

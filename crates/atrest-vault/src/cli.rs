@@ -456,7 +456,11 @@ pub fn run(args: VaultArgs) -> Result<ExitCode, CliError> {
                 (Some(u), Some(d)) => Some(crate::store::audit_mac_key_existing(d, u)?),
                 _ => None,
             };
-            let r = crate::audit::verify(&path, key.as_ref())?;
+            let head = match (&unseal, &data) {
+                (Some(u), Some(d)) => crate::store::audit_head_existing(d, u)?,
+                _ => None,
+            };
+            let r = crate::audit::verify_with_head(&path, key.as_ref(), head.as_ref())?;
             match r.error {
                 None => {
                     let macs = if key.is_some() {

@@ -183,10 +183,13 @@ pub fn run(app: &App) -> Result<Maintenance, VaultError> {
                     }
                     Ok(due)
                 },
-                |due| match due {
-                    true => app
-                        .audit
-                        .write_blocking(system_record(app, "KeyPurge", &name, None)),
+                |due, tx| match due {
+                    true => {
+                        let (seq, hash) = app
+                            .audit
+                            .write_blocking(system_record(app, "KeyPurge", &name, None))?;
+                        tx.put_audit_head(seq, &hash)
+                    }
                     false => Ok(()),
                 },
             )?;
@@ -244,10 +247,15 @@ pub fn run(app: &App) -> Result<Maintenance, VaultError> {
                 st.keys.get_mut(&name).expect("checked").versions.push(v);
                 Ok(Some(version))
             },
-            |v| match v {
+            |v, tx| match v {
                 Some(v) => {
-                    app.audit
-                        .write_blocking(system_record(app, "KeyRotate", &name, Some(v)))
+                    let (seq, hash) = app.audit.write_blocking(system_record(
+                        app,
+                        "KeyRotate",
+                        &name,
+                        Some(v),
+                    ))?;
+                    tx.put_audit_head(seq, &hash)
                 }
                 None => Ok(()),
             },

@@ -300,7 +300,7 @@ impl App {
     ) -> Result<Resp, ApiError> {
         let started = info.started.unwrap_or_else(Instant::now);
         self.store
-            .mutate_hooked(f, |resp: &Resp| -> Result<(), ApiError> {
+            .mutate_hooked(f, |resp: &Resp, tx| -> Result<(), ApiError> {
                 if info.key_version.is_none() {
                     info.key_version = resp
                         .body
@@ -310,10 +310,13 @@ impl App {
                         .map(str::to_string);
                 }
                 let rec = self.audit_record(req, info, resp.status, None, started);
-                self.audit.write_blocking(rec).map_err(|e| {
+                let (seq, hash) = self.audit.write_blocking(rec).map_err(|e| {
                     self.metrics.audit_failure();
                     ApiError::from(e)
                 })?;
+                // In the same transaction: the vault remembers where its
+                // log must reach, so a log cut short is caught by verify.
+                tx.put_audit_head(seq, &hash)?;
                 info.audited = true;
                 Ok(())
             })

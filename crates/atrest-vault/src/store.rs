@@ -162,6 +162,14 @@ fn seal_aad(name: &str, version: &str) -> Vec<u8> {
 }
 
 impl Tx<'_> {
+    /// Records the audit log position of this change, sealed (so it cannot
+    /// be moved back to hide a truncated log), in the same transaction.
+    pub fn put_audit_head(&self, seq: u64, hash: &str) -> Result<(), VaultError> {
+        let v = serde_json::to_vec(&serde_json::json!({"seq": seq, "hash": hash}))?;
+        let aad = "atrest-vault/meta/audit_head";
+        put_meta(self.tx, "audit_head", &self.seal.seal(aad.as_bytes(), &v))
+    }
+
     pub fn put_version(&self, name: &str, v: &KeyVersion) -> Result<(), VaultError> {
         let sealed = self
             .seal
@@ -249,7 +257,12 @@ impl std::fmt::Debug for Store {
 const CANARY: &[u8] = b"atrest-vault unseal check v1";
 
 /// Sealed named secrets kept in `meta` (re-sealed by `rekey`).
-const META_SECRETS: &[&str] = &["jwt_signing_key", "tls_server_key", "audit_mac_key"];
+const META_SECRETS: &[&str] = &[
+    "jwt_signing_key",
+    "tls_server_key",
+    "audit_mac_key",
+    "audit_head",
+];
 
 /// The audit MAC key of an existing vault (for `audit verify`).
 pub fn audit_mac_key_existing(
@@ -271,6 +284,28 @@ pub fn audit_mac_key_existing(
         aws_lc_rs::hmac::HMAC_SHA256,
         &key,
     ))
+}
+
+/// The audit position recorded with the last state change, if any.
+pub fn audit_head_existing(
+    dir: &Path,
+    unseal: &Unseal,
+) -> Result<Option<(u64, String)>, VaultError> {
+    let master = unseal_existing(dir, unseal)?;
+    let conn = Connection::open_with_flags(
+        dir.join("vault.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    let Some(sealed) = get_meta(&conn, "audit_head")? else {
+        return Ok(None);
+    };
+    let v = master
+        .derive("atrest-vault seal v1")
+        .open(b"atrest-vault/meta/audit_head", &sealed)?;
+    let v: serde_json::Value = serde_json::from_slice(&v)?;
+    Ok(v["seq"]
+        .as_u64()
+        .zip(v["hash"].as_str().map(str::to_string)))
 }
 
 /// Re-seals everything under a new master key, in one transaction, with
@@ -466,7 +501,7 @@ impl Store {
     where
         E: From<VaultError>,
     {
-        self.mutate_hooked(f, |_| Ok(()))
+        self.mutate_hooked(f, |_, _| Ok(()))
     }
 
     /// Like `mutate`, with `before_commit` run after `f` succeeded and
@@ -476,7 +511,7 @@ impl Store {
     pub fn mutate_hooked<T, E>(
         &self,
         f: impl FnOnce(&mut State, &Tx<'_>) -> Result<T, E>,
-        before_commit: impl FnOnce(&T) -> Result<(), E>,
+        before_commit: impl FnOnce(&T, &Tx<'_>) -> Result<(), E>,
     ) -> Result<T, E>
     where
         E: From<VaultError>,
@@ -495,9 +530,10 @@ impl Store {
                 tx: &tx,
                 seal: &self.seal,
             };
-            f(&mut next, &t)?
+            let out = f(&mut next, &t)?;
+            before_commit(&out, &t)?;
+            out
         };
-        before_commit(&out)?;
         tx.commit().map_err(|e| E::from(VaultError::from(e)))?;
         *self.state.write().expect("state lock") = Arc::new(next);
         Ok(out)

@@ -106,6 +106,29 @@ fn audit_verify_names_an_edited_or_removed_line() {
         out.status.success() && stdout.contains("MACs verified"),
         "{stdout}"
     );
+    // Cutting lines off the end keeps the chain consistent, but the vault
+    // sealed the position of its last change into its database.
+    let truncated = lines[..lines.len() - 2].join("\n") + "\n";
+    std::fs::write(&copy, &truncated).unwrap();
+    let out = run_cli(&["vault", "audit", "verify", "--file", copy.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "without the key a truncation is invisible"
+    );
+    let out = run_cli(&[
+        "vault",
+        "audit",
+        "verify",
+        "--file",
+        copy.to_str().unwrap(),
+        "--data",
+        &data,
+        "--unseal-key-file",
+        key.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("cut off the end"), "{stdout}");
     // Swap lines 4 and 5.
     let mut swapped: Vec<&str> = lines.clone();
     swapped.swap(3, 4);
