@@ -60,7 +60,11 @@ impl StorageError {
                 | Some(rusqlite::ErrorCode::NotADatabase)
         );
         if io_like {
-            if let Some(detail) = crate::take_last_error() {
+            let rc = match &err {
+                rusqlite::Error::SqliteFailure(e, _) => e.extended_code,
+                _ => 0,
+            };
+            if let Some(detail) = crate::take_last_error(rc) {
                 return detail;
             }
         }

@@ -304,20 +304,18 @@ impl SharedFile {
         writable: bool,
     ) -> Result<Arc<Self>, Fail> {
         let file_id = FileId::random().map_err(|e| crypto_fail(&path, e))?;
-        let (dek, key_source) = if !writable {
-            // An empty file opened read-only: nothing to read, nothing to
-            // write; a throwaway key keeps the code paths uniform.
-            let dek = Dek::generate().map_err(|e| crypto_fail(&path, e))?;
-            let w = keyring.protector().current_kek();
-            (
-                dek,
-                KeySource::Kek(atrest_crypto::WrappedDek {
-                    kek: w,
-                    algorithm: atrest_crypto::WrapAlgorithm::A256Gcm,
-                    bytes: vec![],
-                }),
-            )
-        } else if kind == FileKind::MainDb {
+        if !writable {
+            // Its key would have to be made now and could not be stored: a
+            // later read-write open would seal pages under a lost key.
+            return Err(Fail::with(
+                ffi::SQLITE_CANTOPEN,
+                StorageError::Unsupported {
+                    path,
+                    what: "the file is empty and opened read-only; create it with a read-write open first".into(),
+                },
+            ));
+        }
+        let (dek, key_source) = if kind == FileKind::MainDb {
             let (dek, wrapped) = keyring.new_wrapped_dek().map_err(|e| {
                 Fail::with(
                     ffi::SQLITE_CANTOPEN,
@@ -386,7 +384,7 @@ impl SharedFile {
             wal_salts: 0,
             wal_durable_frames: 0,
         };
-        if writable {
+        {
             let mut slots = header.encode(&dek).map_err(|e| crypto_fail(&path, e))?;
             slots.resize(HEADER_LEN as usize, 0);
             raw.write_at(&slots, 0).map_err(Fail::io)?;
@@ -395,11 +393,7 @@ impl SharedFile {
                 raw.sync(ffi::SQLITE_SYNC_NORMAL).map_err(Fail::io)?;
             }
         }
-        let shared = Self::from_header(header, dek, path, 0, (0, kind == FileKind::MainDb))?;
-        if !writable {
-            shared.meta.lock().unwrap().header = None;
-        }
-        Ok(shared)
+        Self::from_header(header, dek, path, 0, (0, kind == FileKind::MainDb))
     }
 }
 

@@ -26,10 +26,6 @@ impl Keyring {
         }
     }
 
-    pub fn protector(&self) -> &dyn KeyProtector {
-        &*self.protector
-    }
-
     /// A new DEK wrapped under the protector's current KEK.
     pub fn new_wrapped_dek(&self) -> Result<(Dek, WrappedDek), ProtectorError> {
         let dek = Dek::generate().map_err(|e| ProtectorError::Other(e.to_string()))?;

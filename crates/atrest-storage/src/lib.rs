@@ -43,16 +43,22 @@ pub const RESERVED_BYTES: usize = SEAL_OVERHEAD;
 const DATA_DIR_META: &str = "atrest.json";
 
 thread_local! {
-    static LAST_ERROR: RefCell<Option<StorageError>> = const { RefCell::new(None) };
+    /// The last failure the VFS reported on this thread, with its SQLite code.
+    static LAST_ERROR: RefCell<Option<(i32, StorageError)>> = const { RefCell::new(None) };
 }
 
-pub(crate) fn set_last_error(e: StorageError) {
-    LAST_ERROR.with(|slot| *slot.borrow_mut() = Some(e));
+pub(crate) fn set_last_error(rc: i32, e: StorageError) {
+    LAST_ERROR.with(|slot| *slot.borrow_mut() = Some((rc, e)));
 }
 
-/// The detailed error the VFS recorded on this thread, if any (cleared).
-pub fn take_last_error() -> Option<StorageError> {
-    LAST_ERROR.with(|slot| slot.borrow_mut().take())
+/// The detailed error the VFS recorded on this thread for SQLite code
+/// `rc`, if any. Taking it clears it; a detail for another code (a failure
+/// SQLite handled itself) is dropped rather than attached to this one.
+pub fn take_last_error(rc: i32) -> Option<StorageError> {
+    LAST_ERROR.with(|slot| match slot.borrow_mut().take() {
+        Some((code, e)) if code == rc => Some(e),
+        _ => None,
+    })
 }
 
 /// What a data directory records about itself (no secrets).

@@ -286,7 +286,7 @@ fn report(fail: Fail) -> c_int {
             }
             _ => tracing::warn!(error = %detail, "storage failure"),
         }
-        crate::set_last_error(detail);
+        crate::set_last_error(fail.rc, detail);
     }
     fail.rc
 }
