@@ -14,15 +14,19 @@ use crate::file::SharedFile;
 pub struct Keyring {
     protector: Arc<dyn KeyProtector>,
     cache: Mutex<HashMap<DekId, Dek>>,
-    open_files: Mutex<HashMap<String, Weak<SharedFile>>>,
 }
+
+/// Files open in this process, by path. Process-wide, not per engine: two
+/// engines on one data directory must still share one state per file (one
+/// seal counter, one header writer).
+static OPEN_FILES: std::sync::LazyLock<Mutex<HashMap<String, Weak<SharedFile>>>> =
+    std::sync::LazyLock::new(Mutex::default);
 
 impl Keyring {
     pub fn new(protector: Arc<dyn KeyProtector>) -> Self {
         Self {
             protector,
             cache: Mutex::default(),
-            open_files: Mutex::default(),
         }
     }
 
@@ -56,7 +60,7 @@ impl Keyring {
         path: &str,
         open: impl FnOnce() -> Result<Arc<SharedFile>, E>,
     ) -> Result<Arc<SharedFile>, E> {
-        let mut files = self.open_files.lock().unwrap();
+        let mut files = OPEN_FILES.lock().unwrap();
         if let Some(existing) = files.get(path).and_then(Weak::upgrade) {
             return Ok(existing);
         }
@@ -67,15 +71,11 @@ impl Keyring {
 
     /// An open file's shared state, if some handle has it open.
     pub fn find_open(&self, path: &str) -> Option<Arc<SharedFile>> {
-        self.open_files
-            .lock()
-            .unwrap()
-            .get(path)
-            .and_then(Weak::upgrade)
+        OPEN_FILES.lock().unwrap().get(path).and_then(Weak::upgrade)
     }
 
     /// Forgets a deleted file so a new file at that path starts afresh.
     pub fn forget(&self, path: &str) {
-        self.open_files.lock().unwrap().remove(path);
+        OPEN_FILES.lock().unwrap().remove(path);
     }
 }
