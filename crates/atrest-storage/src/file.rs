@@ -1363,13 +1363,14 @@ mod tests {
         }
     }
 
-    fn journal_file() -> EncryptedFile<MemFile> {
+    /// A database file over memory, with the keyring that made it.
+    fn db_file() -> (Keyring, EncryptedFile<MemFile>) {
         let keyring = Keyring::new(Arc::new(TestProtector(
             SymmetricKek::new(&[9; 32]).unwrap(),
         )));
-        let mut db = MemFile::default();
-        let parent = SharedFile::open(
-            &mut db,
+        let mut raw = MemFile::default();
+        let shared = SharedFile::open(
+            &mut raw,
             FileKind::MainDb,
             "m.db".into(),
             &keyring,
@@ -1377,13 +1378,19 @@ mod tests {
             true,
         )
         .unwrap();
+        let file = EncryptedFile::new(raw, shared, Arc::new(Stats::default()));
+        (keyring, file)
+    }
+
+    fn journal_file() -> EncryptedFile<MemFile> {
+        let (keyring, db) = db_file();
         let mut raw = MemFile::default();
         let shared = SharedFile::open(
             &mut raw,
             FileKind::Journal,
             "m.db-journal".into(),
             &keyring,
-            Some(&parent),
+            Some(db.shared()),
             true,
         )
         .unwrap();
@@ -1394,20 +1401,7 @@ mod tests {
     /// nonce need is refused before anything is written.
     #[test]
     fn a_page_without_room_for_the_tag_is_refused() {
-        let keyring = Keyring::new(Arc::new(TestProtector(
-            SymmetricKek::new(&[9; 32]).unwrap(),
-        )));
-        let mut raw = MemFile::default();
-        let shared = SharedFile::open(
-            &mut raw,
-            FileKind::MainDb,
-            "m.db".into(),
-            &keyring,
-            None,
-            true,
-        )
-        .unwrap();
-        let mut f = EncryptedFile::new(raw, shared, Arc::new(Stats::default()));
+        let (_keyring, mut f) = db_file();
         let before = f.raw.0.len();
         let mut page = vec![0u8; 4096];
         page[16..18].copy_from_slice(&4096u16.to_be_bytes());

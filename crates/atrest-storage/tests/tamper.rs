@@ -164,13 +164,7 @@ fn an_altered_wal_frame_is_detected_and_named() {
         bad[pos] ^= 0x10;
         let path = fx.data().join(format!("{name}.db-wal"));
         fs::write(&path, &bad).unwrap();
-        let err = engine
-            .connect(&name)
-            .and_then(|c| {
-                c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))
-                    .map_err(StorageError::from_sqlite)
-            })
-            .unwrap_err();
+        let err = count_rows(&engine, &name).unwrap_err();
         expect_tampered(err, &path, unit);
     }
 
@@ -184,6 +178,14 @@ fn an_altered_wal_frame_is_detected_and_named() {
     assert_eq!(n, 20);
 }
 
+/// Opens database `name` and counts its rows.
+fn count_rows(engine: &Engine, name: &str) -> Result<i64, StorageError> {
+    engine
+        .connect(name)?
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .map_err(StorageError::from_sqlite)
+}
+
 #[test]
 fn a_wal_or_journal_from_another_database_is_refused() {
     let fx = Fixture::new();
@@ -193,14 +195,7 @@ fn a_wal_or_journal_from_another_database_is_refused() {
     let before = fs::read(fx.data().join("dst.db")).unwrap();
     // The other database's WAL (same service key, valid on its own).
     fs::copy(fx.data().join("src.db-wal"), fx.data().join("dst.db-wal")).unwrap();
-    let err = engine
-        .connect("dst")
-        .and_then(|c| {
-            c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))
-                .map_err(StorageError::from_sqlite)
-        })
-        .unwrap_err()
-        .to_string();
+    let err = count_rows(&engine, "dst").unwrap_err().to_string();
     assert!(err.contains("copied here from another database"), "{err}");
     assert_eq!(
         fs::read(fx.data().join("dst.db")).unwrap(),
@@ -220,14 +215,7 @@ fn a_wal_or_journal_from_another_database_is_refused() {
     )
     .unwrap();
     src.execute_batch("ROLLBACK").unwrap();
-    let err = engine
-        .connect("dst")
-        .and_then(|c| {
-            c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))
-                .map_err(StorageError::from_sqlite)
-        })
-        .unwrap_err()
-        .to_string();
+    let err = count_rows(&engine, "dst").unwrap_err().to_string();
     assert!(err.contains("copied here from another database"), "{err}");
     assert_eq!(
         fs::read(fx.data().join("dst.db")).unwrap(),
@@ -248,11 +236,7 @@ fn damaged_headers_and_foreign_files_are_clear_errors() {
     bad[20] ^= 1;
     bad[4096 + 20] ^= 1;
     fs::write(fx.data().join("hbad.db"), &bad).unwrap();
-    let err = engine.connect("hbad").and_then(|c| {
-        c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))
-            .map_err(StorageError::from_sqlite)
-    });
-    let msg = err.unwrap_err().to_string();
+    let msg = count_rows(&engine, "hbad").unwrap_err().to_string();
     assert!(msg.contains("hbad.db") && msg.contains("header"), "{msg}");
 
     // A plain SQLite database is not silently accepted.
@@ -321,10 +305,7 @@ fn wrong_or_missing_service_key_is_a_clear_error_and_data_survives() {
     fs::set_permissions(&forged, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let before = fs::read(fx.data().join("k.db")).unwrap();
     let engine = Engine::open(&fx.opts).unwrap();
-    let msg = match engine.connect("k").and_then(|c| {
-        c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))
-            .map_err(StorageError::from_sqlite)
-    }) {
+    let msg = match count_rows(&engine, "k") {
         Ok(_) => panic!("read with the wrong key"),
         Err(e) => e.to_string(),
     };
