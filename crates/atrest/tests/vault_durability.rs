@@ -200,18 +200,7 @@ fn unwritable_audit_log_refuses_operations_and_health_says_why() {
         v.raw(Method::GET, "/keys/new", Some(&tok), None).status,
         404
     );
-    let out = run_cli(&[
-        "vault",
-        "audit",
-        "verify",
-        "--data",
-        v.data_dir().to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_audit_verifies(v.data_dir());
 }
 
 #[test]
@@ -339,18 +328,7 @@ fn kill9_during_burst_loses_no_acknowledged_operation() {
             );
         }
     }
-    let out = run_cli(&[
-        "vault",
-        "audit",
-        "verify",
-        "--data",
-        v.data_dir().to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_audit_verifies(v.data_dir());
 }
 
 fn wait_url(data: &std::path::Path, child: &mut std::process::Child) -> Result<String, String> {
@@ -728,18 +706,7 @@ fn audit_write_failing_after_the_precheck_rolls_the_change_back() {
     // Neither the create nor the delete happened.
     assert_eq!(v.raw(Method::GET, "/keys/k2", Some(&tok), None).status, 404);
     assert_eq!(v.raw(Method::GET, "/keys/k", Some(&tok), None).status, 200);
-    let out = run_cli(&[
-        "vault",
-        "audit",
-        "verify",
-        "--data",
-        v.data_dir().to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_audit_verifies(v.data_dir());
 }
 
 #[test]

@@ -56,16 +56,5 @@ fn azure_python_sdk_full_lifecycle() {
     assert_eq!(wraps[0]["identity"]["claim"]["appid"], wrap_id.as_str());
     assert!(audit.contains("\"operationName\":\"KeyUnwrap\""));
     assert!(audit.contains("\"operationName\":\"TokenIssue\""));
-    let verify = run_cli(&[
-        "vault",
-        "audit",
-        "verify",
-        "--data",
-        v.data_dir().to_str().unwrap(),
-    ]);
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    assert_audit_verifies(v.data_dir());
 }

@@ -32,6 +32,16 @@ pub fn assert_error(r: &atrest_vault::client::RawResponse, status: u16, code: &s
     assert!(!r.message().is_empty(), "error without message: {}", r.body);
 }
 
+/// `atrest vault audit verify --data DIR` must succeed.
+pub fn assert_audit_verifies(data: &std::path::Path) {
+    let out = run_cli(&["vault", "audit", "verify", "--data", data.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 pub fn run_cli(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_atrest"))
         .args(args)
