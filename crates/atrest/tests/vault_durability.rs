@@ -75,19 +75,7 @@ fn audit_verify_names_an_edited_or_removed_line() {
         "hash-only check cannot see a full rewrite"
     );
     let key = v.keydir.path().join("unseal.key");
-    let out = run_cli(&[
-        "vault",
-        "audit",
-        "verify",
-        "--file",
-        copy.to_str().unwrap(),
-        "--data",
-        &data,
-        "--unseal-key-file",
-        key.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let stdout = verify_fails_with_key(&copy, &data, &key);
     assert!(
         stdout.contains("line 1") && stdout.contains("MAC"),
         "{stdout}"
@@ -115,19 +103,7 @@ fn audit_verify_names_an_edited_or_removed_line() {
         out.status.success(),
         "without the key a truncation is invisible"
     );
-    let out = run_cli(&[
-        "vault",
-        "audit",
-        "verify",
-        "--file",
-        copy.to_str().unwrap(),
-        "--data",
-        &data,
-        "--unseal-key-file",
-        key.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let stdout = verify_fails_with_key(&copy, &data, &key);
     assert!(stdout.contains("cut off the end"), "{stdout}");
     // Swap lines 4 and 5.
     let mut swapped: Vec<&str> = lines.clone();
@@ -851,4 +827,23 @@ fn rekey_reseals_everything_under_a_new_master_key() {
         out.status.success() && stdout.contains("MACs verified"),
         "{stdout}"
     );
+}
+
+/// `audit verify` of `file` with the vault's key must fail (exit 1); returns
+/// what it printed.
+fn verify_fails_with_key(file: &std::path::Path, data: &str, key: &std::path::Path) -> String {
+    let out = run_cli(&[
+        "vault",
+        "audit",
+        "verify",
+        "--file",
+        file.to_str().unwrap(),
+        "--data",
+        data,
+        "--unseal-key-file",
+        key.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    stdout
 }
