@@ -174,6 +174,28 @@ impl Keystore {
             keystore: self.dir.clone(),
         })
     }
+
+    /// Destroys service key `id` (crypto-shredding: every DEK it wrapped
+    /// becomes unrecoverable). The file is overwritten before it is
+    /// unlinked; on flash or copy-on-write file systems old blocks may
+    /// survive, which is why the keystore belongs on its own volume.
+    pub fn destroy_service_key(&self, id: ServiceKeyId) -> Result<(), KeystoreError> {
+        let path = self.key_path(id);
+        match OpenOptions::new().write(true).open(&path) {
+            Ok(mut f) => {
+                f.write_all(&[0u8; FILE_LEN]).map_err(|e| io(&path, e))?;
+                f.sync_all().map_err(|e| io(&path, e))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(&path, e)),
+        }
+        fs::remove_file(&path).map_err(|e| io(&path, e))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(&self.dir, e))?;
+        tracing::info!(key = %id.to_hex(), keystore = %self.dir.display(), "destroyed service key");
+        Ok(())
+    }
 }
 
 /// Wraps DEKs under one service key with AES-256-GCM.
@@ -265,6 +287,20 @@ fn check_mode(path: &Path, want: u32) -> Result<(), KeystoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn destroyed_key_is_gone_and_its_wraps_unrecoverable() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = Keystore::open(dir.path().join("ks")).unwrap();
+        let id = ks.create_service_key().unwrap();
+        let other = ks.create_service_key().unwrap();
+        ks.destroy_service_key(id).unwrap();
+        assert!(!ks.key_path(id).exists());
+        assert!(matches!(ks.service_protector(id), Err(KeystoreError::NotFound { .. })));
+        // Other keys are untouched; destroying twice is not an error.
+        ks.service_protector(other).unwrap();
+        ks.destroy_service_key(id).unwrap();
+    }
 
     #[test]
     fn create_load_wrap_unwrap() {

@@ -34,11 +34,17 @@ pub struct Generated {
 /// Generates a CA (ECDSA P-256, path length 0) and a server certificate
 /// for localhost, 127.0.0.1, ::1 and `hostnames`. The CA key is dropped.
 pub fn generate(hostnames: &[String]) -> Result<Generated, VaultError> {
+    generate_named("atrest vault", hostnames)
+}
+
+/// As [`generate`], for a server called `common_name` (its CA is
+/// "`common_name` local CA").
+pub fn generate_named(common_name: &str, hostnames: &[String]) -> Result<Generated, VaultError> {
     let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(tls_err)?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "atrest vault local CA");
+    dn.push(DnType::CommonName, format!("{common_name} local CA"));
     ca_params.distinguished_name = dn;
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca_params.self_signed(&ca_key).map_err(tls_err)?;
@@ -57,7 +63,7 @@ pub fn generate(hostnames: &[String]) -> Result<Generated, VaultError> {
     let server_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(tls_err)?;
     let mut params = CertificateParams::new(names).map_err(tls_err)?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "atrest vault");
+    dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let cert = params.signed_by(&server_key, &issuer).map_err(tls_err)?;
