@@ -357,13 +357,10 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
         Some(d) => d.clone(),
         None => Keystore::default_dir()?,
     };
-    let keystore_dir = if keystore_dir.is_absolute() {
-        keystore_dir
-    } else {
-        std::env::current_dir()
-            .map_err(|e| io(Path::new("."), e))?
-            .join(keystore_dir)
-    };
+    // An absolute, normalized path: the configuration must keep naming
+    // the same keystore whatever the working directory of `start`.
+    Keystore::open(&keystore_dir)?;
+    let keystore_dir = keystore_dir.canonicalize().map_err(|e| io(&keystore_dir, e))?;
 
     if keystore_dir.starts_with(dir) {
         return Err(ResourceError::Invalid(

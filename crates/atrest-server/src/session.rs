@@ -422,6 +422,7 @@ impl Worker {
         conn.progress_handler(1000, Some(move || s.should_stop().is_some()))
             .map_err(from_sqlite)?;
         register_functions(&conn, &shared, &cfg)?;
+        rusqlite::vtab::series::load_module(&conn).map_err(from_sqlite)?;
         Ok(Worker {
             cfg,
             shared,

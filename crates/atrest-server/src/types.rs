@@ -297,6 +297,21 @@ fn as_text(ty: PgType, v: ValueRef<'_>) -> Result<String, TypeError> {
     }
 }
 
+/// The bytes of a bytea value. Text in a bytea column is read the way
+/// PostgreSQL reads a bytea literal: `\x` hex or escape format (a client
+/// that wrote `'\x0102'` into a bytea column meant two bytes).
+fn as_bytes(v: ValueRef<'_>) -> Result<std::borrow::Cow<'_, [u8]>, TypeError> {
+    match v {
+        ValueRef::Blob(b) => Ok(std::borrow::Cow::Borrowed(b)),
+        ValueRef::Text(t) => Ok(std::str::from_utf8(t)
+            .ok()
+            .and_then(parse_bytea_text)
+            .map(std::borrow::Cow::Owned)
+            .unwrap_or(std::borrow::Cow::Borrowed(t))),
+        _ => Err(mismatch(PgType::Bytea, v)),
+    }
+}
+
 /// The text of a numeric value (no exponent, as PostgreSQL prints numeric).
 fn numeric_text(v: ValueRef<'_>) -> Result<String, TypeError> {
     match v {
@@ -361,13 +376,7 @@ fn encode_text(v: ValueRef<'_>, ty: PgType) -> Result<String, TypeError> {
         PgType::Int2 | PgType::Int4 | PgType::Int8 => as_i64(ty, v)?.to_string(),
         PgType::Float4 | PgType::Float8 => float_text(as_f64(ty, v)?),
         PgType::Numeric => numeric_text(v)?,
-        PgType::Bytea => {
-            let bytes: &[u8] = match v {
-                ValueRef::Blob(b) | ValueRef::Text(b) => b,
-                _ => return Err(mismatch(ty, v)),
-            };
-            format!("\\x{}", hex::encode(bytes))
-        }
+        PgType::Bytea => format!("\\x{}", hex::encode(as_bytes(v)?)),
         _ => as_text(ty, v)?,
     })
 }
@@ -381,10 +390,7 @@ fn encode_binary(out: &mut BytesMut, v: ValueRef<'_>, ty: PgType) -> Result<(), 
         PgType::Float4 => out.put_f32(as_f64(ty, v)? as f32),
         PgType::Float8 => out.put_f64(as_f64(ty, v)?),
         PgType::Numeric => numeric_binary(out, &numeric_text(v)?)?,
-        PgType::Bytea => match v {
-            ValueRef::Blob(b) | ValueRef::Text(b) => out.put_slice(b),
-            _ => return Err(mismatch(ty, v)),
-        },
+        PgType::Bytea => out.put_slice(&as_bytes(v)?),
         PgType::Jsonb => {
             out.put_u8(1);
             out.put_slice(as_text(ty, v)?.as_bytes());
@@ -856,6 +862,9 @@ mod tests {
         assert_eq!(field(ValueRef::Integer(3), PgType::Float8, true).unwrap(), 3f64.to_be_bytes());
         assert_eq!(field(ValueRef::Blob(&[0, 255]), PgType::Bytea, false).unwrap(), b"\\x00ff");
         assert_eq!(field(ValueRef::Integer(7), PgType::Text, false).unwrap(), b"7");
+        // A bytea literal stored as text reads back as its bytes.
+        assert_eq!(field(ValueRef::Text(b"\\x0102"), PgType::Bytea, true).unwrap(), [1, 2]);
+        assert_eq!(field(ValueRef::Text(b"ab"), PgType::Bytea, false).unwrap(), b"\\x6162");
         let mut null = BytesMut::new();
         encode_field(&mut null, ValueRef::Null, PgType::Int8, true).unwrap();
         assert_eq!(&null[..], (-1i32).to_be_bytes());

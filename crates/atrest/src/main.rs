@@ -5,6 +5,7 @@
 
 mod cli_bench;
 mod cli_inspect;
+mod cli_server;
 mod cli_sql;
 
 use anyhow::Result;
@@ -31,11 +32,14 @@ enum Command {
     Bench(cli_bench::BenchArgs),
     /// Run and administer the key vault (Azure Key Vault-compatible keys API).
     Vault(atrest_vault::cli::VaultArgs),
+    /// Create, run and delete a database server (PostgreSQL protocol).
+    Server(cli_server::ServerArgs),
 }
 
 fn main() -> std::process::ExitCode {
-    init_logging();
     let cli = Cli::parse();
+    // A server says what it does (where it listens, state changes) by default.
+    init_logging(if matches!(cli.command, Command::Server(_)) { "info" } else { "warn" });
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -51,15 +55,17 @@ fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Vault(args) => Ok(atrest_vault::cli::run(args)?),
         Command::Inspect(args) => cli_inspect::run(args),
         Command::Bench(args) => cli_bench::run(args),
+        Command::Server(args) => cli_server::run(args),
     }
 }
 
-/// Logs go to stderr, filtered by `ATREST_LOG` (default: warnings).
-fn init_logging() {
+/// Logs go to stderr, filtered by `ATREST_LOG` (default: `default`).
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ATREST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

@@ -1,0 +1,271 @@
+//! `atrest server ...`: create, start, inspect and delete a database server.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use atrest_server::listener::{self, StartOptions};
+use atrest_server::resource::{self, CreateOptions, Limits, PlaintextPolicy};
+use clap::{Args, Subcommand, ValueEnum};
+
+#[derive(Args)]
+pub struct ServerArgs {
+    #[command(subcommand)]
+    command: ServerCommand,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Plaintext {
+    Loopback,
+    Never,
+    Always,
+}
+
+#[derive(Subcommand)]
+enum ServerCommand {
+    /// Create a server: its directory, identity, TLS certificate, first
+    /// role, service key and default database "postgres".
+    Create {
+        /// Server name: 3-63 lowercase letters, digits and hyphens.
+        #[arg(long)]
+        name: String,
+        /// The server directory (new or empty).
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "atrest")]
+        admin_user: String,
+        /// File holding the admin password; generated if omitted.
+        #[arg(long)]
+        admin_password_file: Option<PathBuf>,
+        /// Keystore for the service key (default: $ATREST_KEYSTORE or
+        /// ~/.local/share/atrest/keystore); must be outside --data.
+        #[arg(long, env = "ATREST_KEYSTORE")]
+        keystore: Option<PathBuf>,
+        /// TLS certificate chain (PEM); a certificate and local CA are
+        /// generated if omitted.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Extra host names for a generated certificate.
+        #[arg(long = "hostname")]
+        hostnames: Vec<String>,
+        /// Who may connect without TLS.
+        #[arg(long, value_enum, default_value = "loopback")]
+        allow_plaintext: Plaintext,
+        /// Default listen address for `start`.
+        #[arg(long, default_value = "127.0.0.1:5432")]
+        listen: String,
+        #[arg(long, default_value_t = 100)]
+        max_connections: usize,
+        /// Infrastructure double encryption (fixed for the server's life).
+        #[arg(long)]
+        infrastructure_encryption: bool,
+    },
+    /// Serve a server until SIGTERM or SIGINT.
+    Start {
+        #[arg(long)]
+        data: PathBuf,
+        /// Listen address (default: the one given at create).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Serve /metrics (Prometheus), /status and /healthz here.
+        #[arg(long)]
+        metrics_listen: Option<String>,
+        #[arg(long)]
+        max_connections: Option<usize>,
+        /// Statement timeout in ms (0: none).
+        #[arg(long)]
+        statement_timeout_ms: Option<u64>,
+        #[arg(long)]
+        idle_session_timeout_ms: Option<u64>,
+        #[arg(long)]
+        idle_in_transaction_timeout_ms: Option<u64>,
+        #[arg(long)]
+        lock_timeout_ms: Option<u64>,
+        /// On SIGTERM, how long open transactions may run before rollback.
+        #[arg(long)]
+        shutdown_grace_ms: Option<u64>,
+        #[arg(long)]
+        max_message_bytes: Option<usize>,
+    },
+    /// Show name, state, encryption scenario, keys and last state change.
+    Status {
+        #[arg(long)]
+        data: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a server: its databases, directory and service key.
+    Delete {
+        #[arg(long)]
+        data: PathBuf,
+        /// Confirm: the data is unrecoverable afterwards.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
+    match args.command {
+        ServerCommand::Create {
+            name,
+            data,
+            admin_user,
+            admin_password_file,
+            keystore,
+            tls_cert,
+            tls_key,
+            hostnames,
+            allow_plaintext,
+            listen,
+            max_connections,
+            infrastructure_encryption,
+        } => {
+            let admin_password = match admin_password_file {
+                Some(p) => {
+                    let text = std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading the admin password from {}", p.display()))?;
+                    Some(zeroize::Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string()))
+                }
+                None => None,
+            };
+            let created = resource::create(&CreateOptions {
+                name,
+                dir: data,
+                admin_user: admin_user.clone(),
+                admin_password,
+                keystore_dir: keystore,
+                tls_cert,
+                tls_key,
+                hostnames,
+                allow_plaintext: match allow_plaintext {
+                    Plaintext::Loopback => PlaintextPolicy::Loopback,
+                    Plaintext::Never => PlaintextPolicy::Never,
+                    Plaintext::Always => PlaintextPolicy::Always,
+                },
+                limits: Limits {
+                    max_connections,
+                    ..Limits::default()
+                },
+                default_listen: Some(listen),
+                infrastructure_encryption,
+            })?;
+            let c = &created.config;
+            println!("created server {} ({})", c.name, c.server_id);
+            println!("  encryption: {} ({})", c.encryption.scenario, c.encryption.service_key);
+            println!("  keystore:   {}", c.encryption.keystore_dir.display());
+            println!("  identity:   {} (certificate sha256 {})", c.identity.client_id, c.identity.thumbprint_sha256);
+            println!("  admin user: {admin_user}");
+            if let Some(p) = &created.admin_password_file {
+                println!("  admin password stored in {} (mode 0600); delete it once you have it", p.display());
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        ServerCommand::Start {
+            data,
+            listen,
+            metrics_listen,
+            max_connections,
+            statement_timeout_ms,
+            idle_session_timeout_ms,
+            idle_in_transaction_timeout_ms,
+            lock_timeout_ms,
+            shutdown_grace_ms,
+            max_message_bytes,
+        } => {
+            let config = resource::load_config(&data)?;
+            let mut limits = config.limits.clone();
+            if let Some(v) = max_connections {
+                limits.max_connections = v;
+            }
+            if let Some(v) = statement_timeout_ms {
+                limits.statement_timeout_ms = v;
+            }
+            if let Some(v) = idle_session_timeout_ms {
+                limits.idle_session_timeout_ms = v;
+            }
+            if let Some(v) = idle_in_transaction_timeout_ms {
+                limits.idle_in_transaction_session_timeout_ms = v;
+            }
+            if let Some(v) = lock_timeout_ms {
+                limits.lock_timeout_ms = v;
+            }
+            if let Some(v) = shutdown_grace_ms {
+                limits.shutdown_grace_ms = v;
+            }
+            if let Some(v) = max_message_bytes {
+                limits.max_message_bytes = v;
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(async move {
+                let running = listener::start(StartOptions {
+                    dir: data,
+                    listen,
+                    metrics_listen,
+                    limits: Some(limits),
+                })
+                .await?;
+                eprintln!(
+                    "atrest server {} listening on {}{}",
+                    config.name,
+                    running.listen,
+                    running
+                        .metrics
+                        .map(|m| format!(", metrics on http://{m}/metrics"))
+                        .unwrap_or_default()
+                );
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                let signal = tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = tokio::signal::ctrl_c() => "SIGINT",
+                };
+                eprintln!("atrest server {}: {signal}, shutting down", config.name);
+                running.stop(&format!("shutdown ({signal})")).await;
+                eprintln!("atrest server {}: stopped", config.name);
+                anyhow::Ok(())
+            })?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        ServerCommand::Status { data, json } => {
+            let st = resource::status(&data)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                let s = |k: &str| st[k].as_str().unwrap_or("-").to_string();
+                println!("name:        {}", s("name"));
+                println!("state:       {} since {} ({})", s("state"), s("since"), s("reason"));
+                if let Some(note) = st["note"].as_str() {
+                    println!("note:        {note}");
+                }
+                if let Some(l) = st["listen"].as_str() {
+                    println!("listening:   {l}");
+                }
+                println!("encryption:  {}", st["encryption"]["scenario"].as_str().unwrap_or("-"));
+                println!("service key: {}", st["encryption"]["service_key"].as_str().unwrap_or("-"));
+                println!(
+                    "infrastructure encryption: {}",
+                    st["encryption"]["infrastructure_encryption"]
+                );
+                println!("identity:    {}", st["identity"]["client_id"].as_str().unwrap_or("-"));
+                if let Some(dbs) = st["databases"].as_array() {
+                    let names: Vec<&str> = dbs.iter().filter_map(|d| d["name"].as_str()).collect();
+                    println!("databases:   {}", names.join(", "));
+                }
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        ServerCommand::Delete { data, yes } => {
+            if !yes {
+                bail!("deleting a server destroys its data and service key; repeat with --yes to confirm");
+            }
+            let name = resource::load_config(&data)?.name;
+            resource::delete(&data)?;
+            println!("deleted server {name}");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+    }
+}
