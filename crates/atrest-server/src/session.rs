@@ -1521,11 +1521,14 @@ fn register_functions(
     conn.create_scalar_function("current_database", 0, det, move |_| Ok(db.clone()))
         .map_err(from_sqlite)?;
     let user = shared.user.clone();
-    for f in ["current_user", "session_user", "user"] {
+    for f in ["current_user", "session_user", "current_role", "user"] {
         let u = user.clone();
         conn.create_scalar_function(f, 0, det, move |_| Ok(u.clone()))
             .map_err(from_sqlite)?;
     }
+    let db2 = shared.database.clone();
+    conn.create_scalar_function("current_catalog", 0, det, move |_| Ok(db2.clone()))
+        .map_err(from_sqlite)?;
     conn.create_scalar_function("current_schema", 0, det, |_| Ok("public".to_string()))
         .map_err(from_sqlite)?;
     let pid = shared.pid;

@@ -569,6 +569,9 @@ fn cast_type(pg: &str) -> &'static str {
     }
 }
 
+/// SQL functions PostgreSQL lets you call without parentheses.
+const BARE_FUNCTIONS: &[&str] = &["current_user", "session_user", "current_role", "current_catalog", "current_schema"];
+
 /// Rewrites the PostgreSQL spellings SQLite lacks:
 /// - `expr::type` (expr a literal, identifier, parameter, or a
 ///   parenthesised or called expression) to `CAST(expr AS type)`;
@@ -582,7 +585,15 @@ pub fn rewrite(st: &Statement) -> String {
         .any(|t| t.kind == Tok::Punct && &text[t.start..t.end] == "::");
     let is_create_table = st.word(0).as_deref() == Some("CREATE")
         && st.words_from(1).iter().take(3).any(|w| w == "TABLE");
-    if !has_cast && !is_create_table {
+    let is_bare_function = |i: usize| {
+        let t = toks[i];
+        t.kind == Tok::Word
+            && BARE_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(&text[t.start..t.end]))
+            && !toks.get(i + 1).is_some_and(|n| &text[n.start..n.end] == "(")
+            && !(i > 0 && &text[toks[i - 1].start..toks[i - 1].end] == ".")
+    };
+    let has_bare = (0..toks.len()).any(is_bare_function);
+    if !has_cast && !is_create_table && !has_bare {
         return text.clone();
     }
     // Edits as (start, end, replacement), applied right to left.
@@ -599,6 +610,12 @@ pub fn rewrite(st: &Statement) -> String {
             {
                 edits.push((t.start, t.end, "INTEGER".into()));
             }
+        }
+    }
+    for i in 0..toks.len() {
+        if is_bare_function(i) {
+            let t = toks[i];
+            edits.push((t.start, t.end, format!("{}()", &text[t.start..t.end])));
         }
     }
     let mut i = 0;
@@ -863,6 +880,7 @@ mod tests {
             r("CREATE TABLE t (id serial PRIMARY KEY, n bigserial)"),
             "CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER)"
         );
+        assert_eq!(r("SELECT current_user, t.current_user, current_schema()"), "SELECT current_user(), t.current_user, current_schema()");
         // Untouched when there is nothing to rewrite, including "serial" as data.
         assert_eq!(r("INSERT INTO t VALUES ('serial')"), "INSERT INTO t VALUES ('serial')");
     }
