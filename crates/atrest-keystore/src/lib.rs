@@ -296,7 +296,10 @@ mod tests {
         let other = ks.create_service_key().unwrap();
         ks.destroy_service_key(id).unwrap();
         assert!(!ks.key_path(id).exists());
-        assert!(matches!(ks.service_protector(id), Err(KeystoreError::NotFound { .. })));
+        assert!(matches!(
+            ks.service_protector(id),
+            Err(KeystoreError::NotFound { .. })
+        ));
         // Other keys are untouched; destroying twice is not an error.
         ks.service_protector(other).unwrap();
         ks.destroy_service_key(id).unwrap();

@@ -14,7 +14,9 @@ use bytes::{Buf, BytesMut};
 use futures::{SinkExt, StreamExt};
 use pgwire::error::PgWireError;
 use pgwire::messages::response::{GssEncResponse, ReadyForQuery, SslResponse, TransactionStatus};
-use pgwire::messages::startup::{Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey};
+use pgwire::messages::startup::{
+    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
+};
 use pgwire::messages::{
     DecodeContext, PgWireBackendMessage as B, PgWireFrontendMessage as F, ProtocolVersion,
     SslNegotiationMetaMessage,
@@ -50,11 +52,18 @@ impl Decoder for PgCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<F>, PgWireError> {
         // Refuse oversized messages before buffering them.
-        let len_at = if self.ctx.awaiting_frontend_startup { 0 } else { 1 };
+        let len_at = if self.ctx.awaiting_frontend_startup {
+            0
+        } else {
+            1
+        };
         if src.len() >= len_at + 4 {
             let len = (&src[len_at..len_at + 4]).get_i32();
             if len < 4 || len as usize > self.max_message {
-                return Err(PgWireError::MessageTooLarge(self.max_message, len.max(0) as usize));
+                return Err(PgWireError::MessageTooLarge(
+                    self.max_message,
+                    len.max(0) as usize,
+                ));
             }
         }
         loop {
@@ -75,7 +84,8 @@ impl Encoder<B> for PgCodec {
     type Error = io::Error;
 
     fn encode(&mut self, item: B, dst: &mut BytesMut) -> Result<(), io::Error> {
-        item.encode(dst).map_err(|e| io::Error::other(e.to_string()))
+        item.encode(dst)
+            .map_err(|e| io::Error::other(e.to_string()))
     }
 }
 
@@ -86,7 +96,11 @@ pub enum Stream {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
@@ -95,7 +109,11 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
@@ -145,20 +163,28 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ServerCtx>) {
             return;
         }
     };
-    ctx.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
+    ctx.metrics
+        .connections_active
+        .fetch_add(1, Ordering::Relaxed);
     let shared = Arc::clone(&session.shared);
     tracing::info!(%peer, pid = shared.pid, user = %shared.user, database = %shared.database, "session started");
     let _ = conn.flush().await;
     run_session(conn, session, &ctx).await;
     shared.terminate();
     ctx.unregister(shared.pid);
-    ctx.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
+    ctx.metrics
+        .connections_active
+        .fetch_sub(1, Ordering::Relaxed);
     tracing::info!(%peer, pid = shared.pid, "session ended");
 }
 
 /// TLS negotiation, the startup packet, cancel requests and SCRAM.
 /// Returns the authenticated connection and its started session.
-async fn startup(tcp: TcpStream, peer: SocketAddr, ctx: &Arc<ServerCtx>) -> Option<(Conn, session::SessionHandle)> {
+async fn startup(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ctx: &Arc<ServerCtx>,
+) -> Option<(Conn, session::SessionHandle)> {
     let mut conn: Conn = Framed::new(Stream::Plain(tcp), PgCodec::new(16 * 1024));
     let mut tls = false;
     let startup = loop {
@@ -182,7 +208,9 @@ async fn startup(tcp: TcpStream, peer: SocketAddr, ctx: &Arc<ServerCtx>) -> Opti
                     tracing::warn!(%peer, "data received before the TLS handshake");
                     return None;
                 }
-                let Stream::Plain(tcp) = parts.io else { return None };
+                let Stream::Plain(tcp) = parts.io else {
+                    return None;
+                };
                 let tls_stream = match ctx.tls.accept(tcp).await {
                     Ok(s) => s,
                     Err(e) => {
@@ -197,7 +225,9 @@ async fn startup(tcp: TcpStream, peer: SocketAddr, ctx: &Arc<ServerCtx>) -> Opti
                 tls = true;
             }
             F::SslNegotiation(SslNegotiationMetaMessage::PostgresGss(_)) => {
-                conn.send(B::GssEncResponse(GssEncResponse::Refuse)).await.ok()?;
+                conn.send(B::GssEncResponse(GssEncResponse::Refuse))
+                    .await
+                    .ok()?;
             }
             F::CancelRequest(c) => {
                 let secret = match c.secret_key {
@@ -211,7 +241,11 @@ async fn startup(tcp: TcpStream, peer: SocketAddr, ctx: &Arc<ServerCtx>) -> Opti
             }
             F::Startup(s) => break s,
             _ => {
-                send_fatal(&mut conn, &PgError::fatal("08P01", "expected a startup packet")).await;
+                send_fatal(
+                    &mut conn,
+                    &PgError::fatal("08P01", "expected a startup packet"),
+                )
+                .await;
                 return None;
             }
         }
@@ -222,16 +256,43 @@ async fn startup(tcp: TcpStream, peer: SocketAddr, ctx: &Arc<ServerCtx>) -> Opti
 
     let reject = |code: &'static str, msg: String| PgError::fatal(code, msg);
     if startup.protocol_number_major != 3 {
-        send_fatal(&mut conn, &reject("0A000", format!("unsupported frontend protocol {}.{}: atrest speaks 3.0", startup.protocol_number_major, startup.protocol_number_minor))).await;
+        send_fatal(
+            &mut conn,
+            &reject(
+                "0A000",
+                format!(
+                    "unsupported frontend protocol {}.{}: atrest speaks 3.0",
+                    startup.protocol_number_major, startup.protocol_number_minor
+                ),
+            ),
+        )
+        .await;
         return None;
     }
-    let unsupported: Vec<String> = startup.parameters.keys().filter(|k| k.starts_with("_pq_.")).cloned().collect();
+    let unsupported: Vec<String> = startup
+        .parameters
+        .keys()
+        .filter(|k| k.starts_with("_pq_."))
+        .cloned()
+        .collect();
     if startup.protocol_number_minor > 0 || !unsupported.is_empty() {
-        conn.send(B::NegotiateProtocolVersion(NegotiateProtocolVersion::new(0, unsupported))).await.ok()?;
+        conn.send(B::NegotiateProtocolVersion(NegotiateProtocolVersion::new(
+            0,
+            unsupported,
+        )))
+        .await
+        .ok()?;
     }
     let user = startup.parameters.get("user").cloned().unwrap_or_default();
     if user.is_empty() {
-        send_fatal(&mut conn, &reject("28000", "no PostgreSQL user name specified in startup packet".into())).await;
+        send_fatal(
+            &mut conn,
+            &reject(
+                "28000",
+                "no PostgreSQL user name specified in startup packet".into(),
+            ),
+        )
+        .await;
         return None;
     }
     let database = startup
@@ -240,8 +301,16 @@ async fn startup(tcp: TcpStream, peer: SocketAddr, ctx: &Arc<ServerCtx>) -> Opti
         .filter(|d| !d.is_empty())
         .cloned()
         .unwrap_or_else(|| user.clone());
-    if startup.parameters.get("replication").is_some_and(|r| r != "false" && r != "0") {
-        send_fatal(&mut conn, &reject("0A000", "replication connections are not supported".into())).await;
+    if startup
+        .parameters
+        .get("replication")
+        .is_some_and(|r| r != "false" && r != "0")
+    {
+        send_fatal(
+            &mut conn,
+            &reject("0A000", "replication connections are not supported".into()),
+        )
+        .await;
         return None;
     }
     let loopback = peer.ip().is_loopback();
@@ -254,8 +323,11 @@ async fn startup(tcp: TcpStream, peer: SocketAddr, ctx: &Arc<ServerCtx>) -> Opti
         ctx.metrics.rejected("tls_required");
         send_fatal(
             &mut conn,
-            &reject("28000", format!("connection from {} requires TLS", peer.ip()))
-                .hint("Connect with sslmode=require (or verify-full with the server's CA)."),
+            &reject(
+                "28000",
+                format!("connection from {} requires TLS", peer.ip()),
+            )
+            .hint("Connect with sslmode=require (or verify-full with the server's CA)."),
         )
         .await;
         return None;
@@ -264,7 +336,11 @@ async fn startup(tcp: TcpStream, peer: SocketAddr, ctx: &Arc<ServerCtx>) -> Opti
         Phase::Ready => {}
         Phase::Stopping => {
             ctx.metrics.rejected("shutting_down");
-            send_fatal(&mut conn, &reject("57P03", "the database system is shutting down".into())).await;
+            send_fatal(
+                &mut conn,
+                &reject("57P03", "the database system is shutting down".into()),
+            )
+            .await;
             return None;
         }
     }
@@ -279,35 +355,54 @@ async fn startup(tcp: TcpStream, peer: SocketAddr, ctx: &Arc<ServerCtx>) -> Opti
         Binding::Plain
     };
     let role = ctx.role(&user);
-    let verifier = role.as_ref().and_then(|r| ScramVerifier::parse(&r.verifier));
+    let verifier = role
+        .as_ref()
+        .and_then(|r| ScramVerifier::parse(&r.verifier));
     let superuser = role.as_ref().is_some_and(|r| r.superuser);
     let mut scram = ScramServer::new(&user, verifier, binding.clone(), ctx.mock_key.as_bytes());
-    conn.send(B::Authentication(Authentication::SASL(scram::mechanisms(&binding)))).await.ok()?;
+    conn.send(B::Authentication(Authentication::SASL(scram::mechanisms(
+        &binding,
+    ))))
+    .await
+    .ok()?;
     let auth_fail = |e: scram::AuthFailure| PgError::fatal(e.code, e.message);
     let first = match conn.next().await {
         Some(Ok(F::PasswordMessageFamily(p))) => match p.into_sasl_initial_response() {
             Ok(r) => r,
             Err(e) => {
-                send_fatal(&mut conn, &PgError::fatal("08P01", format!("expected SASLInitialResponse: {e}"))).await;
+                send_fatal(
+                    &mut conn,
+                    &PgError::fatal("08P01", format!("expected SASLInitialResponse: {e}")),
+                )
+                .await;
                 return None;
             }
         },
         _ => return None,
     };
-    let server_first = match scram.client_first(&first.auth_method, first.data.as_deref().unwrap_or(&[])) {
-        Ok(s) => s,
-        Err(e) => {
-            ctx.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-            send_fatal(&mut conn, &auth_fail(e)).await;
-            return None;
-        }
-    };
-    conn.send(B::Authentication(Authentication::SASLContinue(server_first.into_bytes().into()))).await.ok()?;
+    let server_first =
+        match scram.client_first(&first.auth_method, first.data.as_deref().unwrap_or(&[])) {
+            Ok(s) => s,
+            Err(e) => {
+                ctx.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+                send_fatal(&mut conn, &auth_fail(e)).await;
+                return None;
+            }
+        };
+    conn.send(B::Authentication(Authentication::SASLContinue(
+        server_first.into_bytes().into(),
+    )))
+    .await
+    .ok()?;
     let fin = match conn.next().await {
         Some(Ok(F::PasswordMessageFamily(p))) => match p.into_sasl_response() {
             Ok(r) => r,
             Err(e) => {
-                send_fatal(&mut conn, &PgError::fatal("08P01", format!("expected SASLResponse: {e}"))).await;
+                send_fatal(
+                    &mut conn,
+                    &PgError::fatal("08P01", format!("expected SASLResponse: {e}")),
+                )
+                .await;
                 return None;
             }
         },
@@ -322,15 +417,27 @@ async fn startup(tcp: TcpStream, peer: SocketAddr, ctx: &Arc<ServerCtx>) -> Opti
             return None;
         }
     };
-    conn.feed(B::Authentication(Authentication::SASLFinal(server_final.into_bytes().into()))).await.ok()?;
-    conn.feed(B::Authentication(Authentication::Ok)).await.ok()?;
+    conn.feed(B::Authentication(Authentication::SASLFinal(
+        server_final.into_bytes().into(),
+    )))
+    .await
+    .ok()?;
+    conn.feed(B::Authentication(Authentication::Ok))
+        .await
+        .ok()?;
 
     // Admission: connection limit, then the session and its database.
     let Some((pid, secret)) = ctx.admit() else {
         ctx.metrics.rejected("too_many_connections");
         send_fatal(
             &mut conn,
-            &reject("53300", format!("sorry, too many clients already (max_connections = {})", ctx.limits.max_connections)),
+            &reject(
+                "53300",
+                format!(
+                    "sorry, too many clients already (max_connections = {})",
+                    ctx.limits.max_connections
+                ),
+            ),
         )
         .await;
         return None;
@@ -343,7 +450,11 @@ async fn startup(tcp: TcpStream, peer: SocketAddr, ctx: &Arc<ServerCtx>) -> Opti
         metrics: Arc::clone(&ctx.metrics),
         user: user.clone(),
         superuser,
-        application_name: startup.parameters.get("application_name").cloned().unwrap_or_default(),
+        application_name: startup
+            .parameters
+            .get("application_name")
+            .cloned()
+            .unwrap_or_default(),
         scenario: ctx.config.encryption.scenario.clone(),
         server_name: ctx.config.name.clone(),
     };
@@ -355,12 +466,25 @@ async fn startup(tcp: TcpStream, peer: SocketAddr, ctx: &Arc<ServerCtx>) -> Opti
             return None;
         }
     };
-    ctx.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+    ctx.metrics
+        .connections_total
+        .fetch_add(1, Ordering::Relaxed);
     for (k, v) in params {
-        conn.feed(B::ParameterStatus(ParameterStatus::new(k, v))).await.ok()?;
+        conn.feed(B::ParameterStatus(ParameterStatus::new(k, v)))
+            .await
+            .ok()?;
     }
-    conn.feed(B::BackendKeyData(BackendKeyData::new(pid, SecretKey::I32(secret)))).await.ok()?;
-    conn.feed(B::ReadyForQuery(ReadyForQuery::new(TransactionStatus::Idle))).await.ok()?;
+    conn.feed(B::BackendKeyData(BackendKeyData::new(
+        pid,
+        SecretKey::I32(secret),
+    )))
+    .await
+    .ok()?;
+    conn.feed(B::ReadyForQuery(ReadyForQuery::new(
+        TransactionStatus::Idle,
+    )))
+    .await
+    .ok()?;
     Some((conn, handle))
 }
 
@@ -393,7 +517,11 @@ async fn run_session(conn: Conn, mut session: session::SessionHandle, ctx: &Arc<
                 if *shutdown.borrow() && !shared.in_transaction() {
                     let _ = sink
                         .send(B::ErrorResponse(
-                            PgError::fatal("57P01", "terminating connection due to administrator command").to_response(),
+                            PgError::fatal(
+                                "57P01",
+                                "terminating connection due to administrator command",
+                            )
+                            .to_response(),
                         ))
                         .await;
                     break End::Fatal;
@@ -434,7 +562,9 @@ async fn run_session(conn: Conn, mut session: session::SessionHandle, ctx: &Arc<
         let msg = match msg {
             Ok(m) => m,
             Err(e) => {
-                let _ = sink.send(B::ErrorResponse(describe_decode_error(&e).to_response())).await;
+                let _ = sink
+                    .send(B::ErrorResponse(describe_decode_error(&e).to_response()))
+                    .await;
                 break End::Fatal;
             }
         };
@@ -450,7 +580,13 @@ async fn run_session(conn: Conn, mut session: session::SessionHandle, ctx: &Arc<
             F::Flush(_) => Job::Flush,
             F::CopyData(_) | F::CopyDone(_) | F::CopyFail(_) => continue,
             other => {
-                let e = PgError::fatal("08P01", format!("unexpected message during a session: {}", message_name(&other)));
+                let e = PgError::fatal(
+                    "08P01",
+                    format!(
+                        "unexpected message during a session: {}",
+                        message_name(&other)
+                    ),
+                );
                 let _ = sink.send(B::ErrorResponse(e.to_response())).await;
                 break End::Fatal;
             }

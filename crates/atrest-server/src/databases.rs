@@ -188,8 +188,10 @@ impl Databases {
     pub fn connect(&self, name: &str) -> Result<(DatabaseLease, Connection), PgError> {
         let mut open = self.open.lock().expect("databases poisoned");
         if validate_database_name(name).is_err() || !self.exists(name) {
-            return Err(PgError::fatal("3D000", format!("database \"{name}\" does not exist"))
-                .hint("Connect to \"postgres\" and run CREATE DATABASE, or check the name."));
+            return Err(
+                PgError::fatal("3D000", format!("database \"{name}\" does not exist"))
+                    .hint("Connect to \"postgres\" and run CREATE DATABASE, or check the name."),
+            );
         }
         let conn = self.engine.connect(name).map_err(|e| {
             let mut pe = storage_error(e);
@@ -214,7 +216,10 @@ impl Databases {
         validate_database_name(name).map_err(|m| PgError::new("42602", m))?;
         let _open = self.open.lock().expect("databases poisoned");
         if self.exists(name) {
-            return Err(PgError::new("42P04", format!("database \"{name}\" already exists")));
+            return Err(PgError::new(
+                "42P04",
+                format!("database \"{name}\" already exists"),
+            ));
         }
         let conn = self.engine.connect(name).map_err(storage_error)?;
         conn.pragma_update(None, "journal_mode", "wal")
@@ -224,17 +229,27 @@ impl Databases {
     }
 
     /// Drops a database no session uses; `current` is the caller's own.
-    pub fn drop_database(&self, name: &str, if_exists: bool, current: &str) -> Result<bool, PgError> {
+    pub fn drop_database(
+        &self,
+        name: &str,
+        if_exists: bool,
+        current: &str,
+    ) -> Result<bool, PgError> {
         let mut open = self.open.lock().expect("databases poisoned");
         if !self.exists(name) {
             if if_exists {
                 return Ok(false);
             }
-            return Err(PgError::new("3D000", format!("database \"{name}\" does not exist")));
+            return Err(PgError::new(
+                "3D000",
+                format!("database \"{name}\" does not exist"),
+            ));
         }
         if name == current {
-            return Err(PgError::new("55006", "cannot drop the currently open database")
-                .hint("Connect to another database (e.g. postgres) first."));
+            return Err(
+                PgError::new("55006", "cannot drop the currently open database")
+                    .hint("Connect to another database (e.g. postgres) first."),
+            );
         }
         if let Some(db) = open.get(name) {
             let n = db.sessions();
@@ -253,7 +268,10 @@ impl Databases {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    return Err(PgError::new("58030", format!("could not remove {}: {e}", p.display())))
+                    return Err(PgError::new(
+                        "58030",
+                        format!("could not remove {}: {e}", p.display()),
+                    ))
                 }
             }
         }
@@ -304,7 +322,11 @@ mod tests {
         let gate = WriteGate::default();
         gate.acquire(1, None, &|| None).unwrap();
         let cancel = AtomicBool::new(false);
-        let stop = || cancel.swap(true, Ordering::Relaxed).then_some(StopReason::Cancel);
+        let stop = || {
+            cancel
+                .swap(true, Ordering::Relaxed)
+                .then_some(StopReason::Cancel)
+        };
         let e = gate.acquire(2, None, &stop).unwrap_err();
         assert_eq!(e.code, "57014");
         assert!(gate.inner.lock().unwrap().queue.is_empty());

@@ -129,7 +129,9 @@ fn from_plain_sqlite(e: rusqlite::Error) -> PgError {
             f.extended_code,
             msg.clone().unwrap_or_else(|| f.to_string()),
         ),
-        rusqlite::Error::SqlInputError { error, msg, offset, .. } => (
+        rusqlite::Error::SqlInputError {
+            error, msg, offset, ..
+        } => (
             error.code,
             error.extended_code,
             format!("{msg} (at byte {offset} of the statement)"),
@@ -213,8 +215,10 @@ mod tests {
 
     fn run(sql: &str) -> PgError {
         let c = rusqlite::Connection::open_in_memory().unwrap();
-        c.execute_batch("CREATE TABLE t(a INTEGER PRIMARY KEY, b TEXT NOT NULL, c INT CHECK (c > 0));")
-            .unwrap();
+        c.execute_batch(
+            "CREATE TABLE t(a INTEGER PRIMARY KEY, b TEXT NOT NULL, c INT CHECK (c > 0));",
+        )
+        .unwrap();
         c.execute("INSERT INTO t VALUES (1, 'x', 1)", []).unwrap();
         from_sqlite(c.execute_batch(sql).unwrap_err())
     }
@@ -237,7 +241,10 @@ mod tests {
         let e = PgError::in_failed_transaction();
         let r = e.to_response();
         assert!(r.fields.contains(&(b'C', "25P02".into())));
-        assert!(r.fields.iter().any(|(k, v)| *k == b'H' && v.contains("ROLLBACK")));
+        assert!(r
+            .fields
+            .iter()
+            .any(|(k, v)| *k == b'H' && v.contains("ROLLBACK")));
         assert!(r.fields.contains(&(b'S', "ERROR".into())));
     }
 }

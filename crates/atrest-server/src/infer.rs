@@ -32,7 +32,11 @@ pub fn param_types(conn: &rusqlite::Connection, text: &str, n: usize) -> Vec<PgT
         if t.kind != Tok::Param {
             return None;
         }
-        s(t).strip_prefix('$')?.parse::<usize>().ok().filter(|k| *k >= 1 && *k <= n).map(|k| k - 1)
+        s(t).strip_prefix('$')?
+            .parse::<usize>()
+            .ok()
+            .filter(|k| *k >= 1 && *k <= n)
+            .map(|k| k - 1)
     };
     let is_op = |i: usize| {
         tokens.get(i).is_some_and(|t| {
@@ -57,7 +61,7 @@ pub fn param_types(conn: &rusqlite::Connection, text: &str, n: usize) -> Vec<PgT
         let Some(k) = param_at(i) else { continue };
         // col <op> $k
         let back = op_span(i.wrapping_sub(1), false);
-        if back > 0 && i >= back + 1 {
+        if back > 0 && i > back {
             let c = &tokens[i - back - 1];
             if matches!(c.kind, Tok::Word | Tok::QuotedIdent) {
                 if let Some(ty) = column_type(&unquote(s(c))) {
@@ -121,9 +125,11 @@ fn table_columns(conn: &rusqlite::Connection, table: &str) -> Vec<(String, Strin
     let Ok(mut st) = conn.prepare("SELECT name, type FROM pragma_table_info(?1)") else {
         return vec![];
     };
-    st.query_map([table], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-        .map(|it| it.filter_map(Result::ok).collect())
-        .unwrap_or_default()
+    st.query_map([table], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })
+    .map(|it| it.filter_map(Result::ok).collect())
+    .unwrap_or_default()
 }
 
 fn declared_type(conn: &rusqlite::Connection, table: &str, col: &str) -> Option<PgType> {
@@ -134,7 +140,13 @@ fn declared_type(conn: &rusqlite::Connection, table: &str, col: &str) -> Option<
 }
 
 /// INSERT INTO t [(c1, c2, ...)] VALUES ($1, $2, ...), (...)
-fn infer_insert(conn: &rusqlite::Connection, text: &str, tokens: &[Token], n: usize, out: &mut [PgType]) {
+fn infer_insert(
+    conn: &rusqlite::Connection,
+    text: &str,
+    tokens: &[Token],
+    n: usize,
+    out: &mut [PgType],
+) {
     let s = |t: &Token| &text[t.start..t.end];
     let Some(into) = tokens
         .iter()
@@ -158,9 +170,15 @@ fn infer_insert(conn: &rusqlite::Connection, text: &str, tokens: &[Token], n: us
             }
         }
     } else {
-        cols = table_columns(conn, &table).into_iter().map(|(n, _)| n).collect();
+        cols = table_columns(conn, &table)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
     }
-    if !tokens.get(i).is_some_and(|t| s(t).eq_ignore_ascii_case("VALUES")) {
+    if !tokens
+        .get(i)
+        .is_some_and(|t| s(t).eq_ignore_ascii_case("VALUES"))
+    {
         return;
     }
     // Each tuple: position p of the tuple maps to cols[p].
@@ -179,7 +197,8 @@ fn infer_insert(conn: &rusqlite::Connection, text: &str, tokens: &[Token], n: us
             p if depth == 1 && t.kind == Tok::Param => {
                 if let Some(k) = p.strip_prefix('$').and_then(|d| d.parse::<usize>().ok()) {
                     if k >= 1 && k <= n && out[k - 1] == PgType::Text {
-                        if let Some(ty) = cols.get(pos).and_then(|c| declared_type(conn, &table, c)) {
+                        if let Some(ty) = cols.get(pos).and_then(|c| declared_type(conn, &table, c))
+                        {
                             out[k - 1] = ty;
                         }
                     }
@@ -206,7 +225,10 @@ mod tests {
         .unwrap();
         let t = |sql: &str, n| param_types(&c, sql, n);
         assert_eq!(t("SELECT * FROM acct WHERE id = $1", 1), [PgType::Int8]);
-        assert_eq!(t("SELECT * FROM acct WHERE $1 <= balance", 1), [PgType::Int4]);
+        assert_eq!(
+            t("SELECT * FROM acct WHERE $1 <= balance", 1),
+            [PgType::Int4]
+        );
         assert_eq!(
             t("UPDATE acct SET rate = $1, ok = $2 WHERE owner <> $3", 3),
             [PgType::Float8, PgType::Bool, PgType::Text]
@@ -217,9 +239,19 @@ mod tests {
         );
         assert_eq!(
             t("INSERT INTO acct VALUES ($1, $2, $3, $4, $5, $6)", 6),
-            [PgType::Int8, PgType::Text, PgType::Int4, PgType::Float8, PgType::Bool, PgType::Bytea]
+            [
+                PgType::Int8,
+                PgType::Text,
+                PgType::Int4,
+                PgType::Float8,
+                PgType::Bool,
+                PgType::Bytea
+            ]
         );
-        assert_eq!(t("SELECT * FROM acct LIMIT $1 OFFSET $2", 2), [PgType::Int8, PgType::Int8]);
+        assert_eq!(
+            t("SELECT * FROM acct LIMIT $1 OFFSET $2", 2),
+            [PgType::Int8, PgType::Int8]
+        );
         // Unknown context: text.
         assert_eq!(t("SELECT $1", 1), [PgType::Text]);
     }

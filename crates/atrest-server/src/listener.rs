@@ -146,21 +146,29 @@ pub enum StartError {
     #[error("cannot open the encrypted databases: {0}")]
     Storage(#[from] atrest_storage::StorageError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("TLS configuration: {0}")]
     Tls(String),
     #[error("database {name}: {message}")]
     Database { name: String, message: String },
 }
 
-fn load_tls(dir: &Path, config: &ServerConfig) -> Result<(TlsAcceptor, Option<Vec<u8>>), StartError> {
+fn load_tls(
+    dir: &Path,
+    config: &ServerConfig,
+) -> Result<(TlsAcceptor, Option<Vec<u8>>), StartError> {
     let cert = resource::resolve(dir, &config.tls.cert);
     let key = resource::resolve(dir, &config.tls.key);
-    let chain = std::fs::read(&cert).map_err(|e| StartError::Tls(format!("{}: {e}", cert.display())))?;
+    let chain =
+        std::fs::read(&cert).map_err(|e| StartError::Tls(format!("{}: {e}", cert.display())))?;
     let keypem = zeroize::Zeroizing::new(
         std::fs::read(&key).map_err(|e| StartError::Tls(format!("{}: {e}", key.display())))?,
     );
-    let mut cfg = atrest_vault::tls::server_config_pem(&chain, &keypem).map_err(|e| StartError::Tls(e.to_string()))?;
+    let mut cfg = atrest_vault::tls::server_config_pem(&chain, &keypem)
+        .map_err(|e| StartError::Tls(e.to_string()))?;
     cfg.alpn_protocols = vec![b"postgresql".to_vec()];
     let leaf = rustls_pemfile::certs(&mut chain.as_slice())
         .next()
@@ -230,7 +238,11 @@ type Started = (
     tokio::task::JoinHandle<()>,
 );
 
-async fn start_locked(dir: &Path, config: ServerConfig, opts: &StartOptions) -> Result<Started, StartError> {
+async fn start_locked(
+    dir: &Path,
+    config: ServerConfig,
+    opts: &StartOptions,
+) -> Result<Started, StartError> {
     let limits = opts.limits.clone().unwrap_or_else(|| config.limits.clone());
     let roles = Roles::load(dir)?;
     // The service key must be there and readable before anything listens.
@@ -239,7 +251,8 @@ async fn start_locked(dir: &Path, config: ServerConfig, opts: &StartOptions) -> 
         data_dir: dir.join(resource::DATA_SUBDIR),
         keystore_dir: Some(config.encryption.keystore_dir.clone()),
     })?;
-    if engine.info().map(|i| i.service_key.as_str()) != Some(config.encryption.service_key.as_str()) {
+    if engine.info().map(|i| i.service_key.as_str()) != Some(config.encryption.service_key.as_str())
+    {
         return Err(StartError::Resource(ResourceError::Corrupt {
             path: dir.join(resource::DATA_SUBDIR),
             reason: format!(
@@ -253,22 +266,30 @@ async fn start_locked(dir: &Path, config: ServerConfig, opts: &StartOptions) -> 
     // start, not at the first query.
     let databases = Arc::new(Databases::new(engine));
     for name in databases.names() {
-        let (_lease, conn) = databases
-            .connect(&name)
-            .map_err(|e| StartError::Database {
-                name: name.clone(),
-                message: e.message,
-            })?;
-        conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get::<_, i64>(0))
-            .map_err(atrest_storage::StorageError::from_sqlite)?;
+        let (_lease, conn) = databases.connect(&name).map_err(|e| StartError::Database {
+            name: name.clone(),
+            message: e.message,
+        })?;
+        conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map_err(atrest_storage::StorageError::from_sqlite)?;
     }
     let (tls, channel_binding) = load_tls(dir, &config)?;
-    let addr = opts.listen.clone().unwrap_or_else(|| config.default_listen.clone());
-    let listener = TcpListener::bind(&addr).await.map_err(|e| StartError::Listen {
+    let addr = opts
+        .listen
+        .clone()
+        .unwrap_or_else(|| config.default_listen.clone());
+    let listener = TcpListener::bind(&addr)
+        .await
+        .map_err(|e| StartError::Listen {
+            addr: addr.clone(),
+            source: e,
+        })?;
+    let listen = listener.local_addr().map_err(|e| StartError::Listen {
         addr: addr.clone(),
         source: e,
     })?;
-    let listen = listener.local_addr().map_err(|e| StartError::Listen { addr: addr.clone(), source: e })?;
     let metrics_listener = match &opts.metrics_listen {
         Some(a) => Some(TcpListener::bind(a).await.map_err(|e| StartError::Listen {
             addr: a.clone(),
@@ -316,7 +337,11 @@ async fn start_locked(dir: &Path, config: ServerConfig, opts: &StartOptions) -> 
     Ok((listen, metrics_addr, ctx, stop_tx, done))
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>, mut stop: tokio::sync::oneshot::Receiver<()>) {
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<ServerCtx>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -386,7 +411,11 @@ async fn serve_http(listener: TcpListener, ctx: Arc<ServerCtx>) {
                                 Phase::Ready => "Ready",
                                 Phase::Stopping => "Stopping",
                             };
-                            (200, "text/plain; version=0.0.4", c.metrics.render(&c.databases.engine().stats(), state))
+                            (
+                                200,
+                                "text/plain; version=0.0.4",
+                                c.metrics.render(&c.databases.engine().stats(), state),
+                            )
                         }
                         "/status" => match resource::status(&c.dir) {
                             Ok(mut v) => {

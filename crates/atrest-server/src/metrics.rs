@@ -26,7 +26,12 @@ impl Metrics {
     }
 
     pub fn error(&self, class: &'static str) {
-        *self.errors.lock().expect("metrics").entry(class).or_default() += 1;
+        *self
+            .errors
+            .lock()
+            .expect("metrics")
+            .entry(class)
+            .or_default() += 1;
     }
 
     pub fn rejected(&self, reason: &'static str) {
@@ -119,7 +124,10 @@ impl Metrics {
             "# HELP atrest_connections_rejected_total Connections refused, by reason.\n# TYPE atrest_connections_rejected_total counter"
         );
         for (reason, n) in self.connections_rejected.lock().expect("metrics").iter() {
-            let _ = writeln!(s, "atrest_connections_rejected_total{{reason=\"{reason}\"}} {n}");
+            let _ = writeln!(
+                s,
+                "atrest_connections_rejected_total{{reason=\"{reason}\"}} {n}"
+            );
         }
         let _ = writeln!(
             s,
@@ -147,7 +155,9 @@ mod tests {
         let text = m.render(&stats, "Ready");
         assert!(text.contains("atrest_queries_total 2"));
         assert!(text.contains("atrest_errors_total{class=\"23\"} 1"));
-        assert!(text.contains("atrest_connections_rejected_total{reason=\"too_many_connections\"} 1"));
+        assert!(
+            text.contains("atrest_connections_rejected_total{reason=\"too_many_connections\"} 1")
+        );
         assert!(text.contains("atrest_bytes_encrypted_total 4096"));
         assert!(text.contains("atrest_server_state{state=\"Ready\"} 1"));
     }

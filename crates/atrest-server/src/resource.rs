@@ -230,7 +230,14 @@ fn uuid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 /// Writes `bytes` to `path` atomically and durably with `mode`.
@@ -247,7 +254,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Resource
     f.sync_all().map_err(|e| io(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| io(path, e))?;
     if let Some(dir) = path.parent() {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(dir, e))?;
     }
     Ok(())
 }
@@ -325,8 +334,12 @@ pub struct Created {
 /// Creates a server resource in an empty or absent directory.
 pub fn create(opts: &CreateOptions) -> Result<Created, ResourceError> {
     validate_name(&opts.name)?;
-    validate_database_name(&opts.admin_user)
-        .map_err(|_| ResourceError::Invalid(format!("invalid admin user name {:?}: use letters, digits and '_'", opts.admin_user)))?;
+    validate_database_name(&opts.admin_user).map_err(|_| {
+        ResourceError::Invalid(format!(
+            "invalid admin user name {:?}: use letters, digits and '_'",
+            opts.admin_user
+        ))
+    })?;
     if opts.infrastructure_encryption {
         return Err(ResourceError::Invalid(
             "infrastructure double encryption is not available yet in this build".into(),
@@ -360,7 +373,9 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
     // An absolute, normalized path: the configuration must keep naming
     // the same keystore whatever the working directory of `start`.
     Keystore::open(&keystore_dir)?;
-    let keystore_dir = keystore_dir.canonicalize().map_err(|e| io(&keystore_dir, e))?;
+    let keystore_dir = keystore_dir
+        .canonicalize()
+        .map_err(|e| io(&keystore_dir, e))?;
 
     if keystore_dir.starts_with(dir) {
         return Err(ResourceError::Invalid(
@@ -371,38 +386,41 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
     // TLS.
     let tls_dir = dir.join("tls");
     private_dir(&tls_dir)?;
-    let tls = match (&opts.tls_cert, &opts.tls_key) {
-        (Some(cert), Some(key)) => {
-            let chain = fs::read(cert).map_err(|e| io(cert, e))?;
-            let keypem = zeroize::Zeroizing::new(fs::read(key).map_err(|e| io(key, e))?);
-            atrest_vault::tls::server_config_pem(&chain, &keypem)
-                .map_err(|e| ResourceError::Tls(e.to_string()))?;
-            fs::copy(cert, tls_dir.join("server.crt")).map_err(|e| io(cert, e))?;
-            write_atomic(&tls_dir.join("server.key"), &keypem, 0o600)?;
-            TlsConfig {
-                cert: "tls/server.crt".into(),
-                key: "tls/server.key".into(),
-                ca: None,
+    let tls =
+        match (&opts.tls_cert, &opts.tls_key) {
+            (Some(cert), Some(key)) => {
+                let chain = fs::read(cert).map_err(|e| io(cert, e))?;
+                let keypem = zeroize::Zeroizing::new(fs::read(key).map_err(|e| io(key, e))?);
+                atrest_vault::tls::server_config_pem(&chain, &keypem)
+                    .map_err(|e| ResourceError::Tls(e.to_string()))?;
+                fs::copy(cert, tls_dir.join("server.crt")).map_err(|e| io(cert, e))?;
+                write_atomic(&tls_dir.join("server.key"), &keypem, 0o600)?;
+                TlsConfig {
+                    cert: "tls/server.crt".into(),
+                    key: "tls/server.key".into(),
+                    ca: None,
+                }
             }
-        }
-        (None, None) => {
-            let g = atrest_vault::tls::generate_named(&format!("atrest server {}", opts.name), &opts.hostnames)
+            (None, None) => {
+                let g = atrest_vault::tls::generate_named(
+                    &format!("atrest server {}", opts.name),
+                    &opts.hostnames,
+                )
                 .map_err(|e| ResourceError::Tls(e.to_string()))?;
-            write_atomic(&tls_dir.join("server.crt"), g.chain_pem.as_bytes(), 0o644)?;
-            write_atomic(&tls_dir.join("server.key"), g.key_pem.as_bytes(), 0o600)?;
-            write_atomic(&tls_dir.join("ca.crt"), g.ca_pem.as_bytes(), 0o644)?;
-            TlsConfig {
-                cert: "tls/server.crt".into(),
-                key: "tls/server.key".into(),
-                ca: Some("tls/ca.crt".into()),
+                write_atomic(&tls_dir.join("server.crt"), g.chain_pem.as_bytes(), 0o644)?;
+                write_atomic(&tls_dir.join("server.key"), g.key_pem.as_bytes(), 0o600)?;
+                write_atomic(&tls_dir.join("ca.crt"), g.ca_pem.as_bytes(), 0o644)?;
+                TlsConfig {
+                    cert: "tls/server.crt".into(),
+                    key: "tls/server.key".into(),
+                    ca: Some("tls/ca.crt".into()),
+                }
             }
-        }
-        _ => {
-            return Err(ResourceError::Invalid(
-                "give both --tls-cert and --tls-key, or neither (a certificate is then generated)".into(),
-            ))
-        }
-    };
+            _ => return Err(ResourceError::Invalid(
+                "give both --tls-cert and --tls-key, or neither (a certificate is then generated)"
+                    .into(),
+            )),
+        };
 
     // Identity for the key vault: a key pair whose private half never
     // leaves DIR/identity, and a self-signed certificate for the vault
@@ -415,13 +433,20 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
         .map_err(|e| ResourceError::Tls(e.to_string()))?;
     let mut dn = rcgen::DistinguishedName::new();
-    dn.push(rcgen::DnType::CommonName, format!("atrest-server:{}", opts.name));
+    dn.push(
+        rcgen::DnType::CommonName,
+        format!("atrest-server:{}", opts.name),
+    );
     dn.push(rcgen::DnType::OrganizationalUnitName, client_id.clone());
     params.distinguished_name = dn;
     let cert = params
         .self_signed(&key)
         .map_err(|e| ResourceError::Tls(e.to_string()))?;
-    write_atomic(&id_dir.join("identity.key"), key.serialize_pem().as_bytes(), 0o600)?;
+    write_atomic(
+        &id_dir.join("identity.key"),
+        key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
     write_atomic(&id_dir.join("identity.crt"), cert.pem().as_bytes(), 0o644)?;
     let thumbprint = hex::encode(digest::digest(&digest::SHA256, cert.der()).as_ref());
 
@@ -430,7 +455,9 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
     let password = match &opts.admin_password {
         Some(p) => {
             if p.is_empty() {
-                return Err(ResourceError::Invalid("the admin password file is empty".into()));
+                return Err(ResourceError::Invalid(
+                    "the admin password file is empty".into(),
+                ));
             }
             generated = false;
             p.clone()
@@ -684,10 +711,17 @@ pub fn lock(dir: &Path) -> Result<ServerLock, ResourceError> {
         .map_err(|e| io(&path, e))?;
     // flock(LOCK_EX | LOCK_NB): released when the process ends, however.
     if f.try_lock().is_err() {
-        let pid = fs::read_to_string(&path).unwrap_or_default().trim().to_string();
+        let pid = fs::read_to_string(&path)
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         return Err(ResourceError::Running {
             path: dir.to_path_buf(),
-            pid: if pid.is_empty() { "unknown".into() } else { pid },
+            pid: if pid.is_empty() {
+                "unknown".into()
+            } else {
+                pid
+            },
         });
     }
     f.set_len(0).map_err(|e| io(&path, e))?;
@@ -728,7 +762,12 @@ pub fn status(dir: &Path) -> Result<serde_json::Value, ResourceError> {
     let mut state = load_state(dir)?;
     let pid = running_pid(dir);
     let mut note = None;
-    if pid.is_none() && matches!(state.state, State::Ready | State::Starting | State::Stopping) {
+    if pid.is_none()
+        && matches!(
+            state.state,
+            State::Ready | State::Starting | State::Stopping
+        )
+    {
         note = Some(format!(
             "state.json says {} but no server process holds the directory: the process ended without a clean shutdown; start it again",
             state.state
@@ -818,7 +857,10 @@ mod tests {
         let ks = t.path().join("ks");
         let created = create(&opts(&dir, &ks)).unwrap();
         let pw_file = created.admin_password_file.unwrap();
-        assert_eq!(fs::metadata(&pw_file).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&pw_file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let pw = fs::read_to_string(&pw_file).unwrap();
         // The roles file holds a verifier, not the password.
         let roles_text = fs::read_to_string(dir.join(ROLES_FILE)).unwrap();
@@ -828,19 +870,32 @@ mod tests {
         assert_eq!(st["state"], "Stopped");
         assert_eq!(st["reason"], "created");
         assert_eq!(st["databases"][0]["name"], "postgres");
-        assert!(st["encryption"]["service_key"].as_str().unwrap().starts_with("service:"));
+        assert!(st["encryption"]["service_key"]
+            .as_str()
+            .unwrap()
+            .starts_with("service:"));
         // A second create into the same directory is refused.
-        assert!(matches!(create(&opts(&dir, &ks)), Err(ResourceError::Invalid(_))));
+        assert!(matches!(
+            create(&opts(&dir, &ks)),
+            Err(ResourceError::Invalid(_))
+        ));
         // While locked (running), delete is refused.
         let l = lock(&dir).unwrap();
-        assert_eq!(running_pid(&dir).as_deref(), Some(std::process::id().to_string().as_str()));
+        assert_eq!(
+            running_pid(&dir).as_deref(),
+            Some(std::process::id().to_string().as_str())
+        );
         assert!(matches!(delete(&dir), Err(ResourceError::Running { .. })));
         drop(l);
         let key_files = || fs::read_dir(&ks).unwrap().count();
         assert_eq!(key_files(), 1);
         delete(&dir).unwrap();
         assert!(!dir.exists());
-        assert_eq!(key_files(), 0, "the service key is destroyed with the server");
+        assert_eq!(
+            key_files(),
+            0,
+            "the service key is destroyed with the server"
+        );
     }
 
     #[test]

@@ -168,7 +168,12 @@ pub struct ScramServer {
 impl ScramServer {
     /// `verifier` is `None` for a role that does not exist; `mock_key` is a
     /// per-server secret that makes the fake salt stable per role name.
-    pub fn new(user: &str, verifier: Option<ScramVerifier>, binding: Binding, mock_key: &[u8]) -> Self {
+    pub fn new(
+        user: &str,
+        verifier: Option<ScramVerifier>,
+        binding: Binding,
+        mock_key: &[u8],
+    ) -> Self {
         let fake_salt = hmac_sha256(mock_key, user.as_bytes())[..16].to_vec();
         let mock = ScramVerifier {
             iterations: DEFAULT_ITERATIONS,
@@ -210,8 +215,12 @@ impl ScramServer {
         }
         let msg = std::str::from_utf8(data).map_err(|_| protocol("not UTF-8"))?;
         // gs2-header: cbind-flag "," [authzid] ","
-        let (flag, rest) = msg.split_once(',').ok_or_else(|| protocol("no gs2 header"))?;
-        let (authzid, bare) = rest.split_once(',').ok_or_else(|| protocol("no gs2 header"))?;
+        let (flag, rest) = msg
+            .split_once(',')
+            .ok_or_else(|| protocol("no gs2 header"))?;
+        let (authzid, bare) = rest
+            .split_once(',')
+            .ok_or_else(|| protocol("no gs2 header"))?;
         if !authzid.is_empty() {
             return Err(protocol("authorization identities are not supported"));
         }
@@ -221,7 +230,9 @@ impl ScramServer {
             (f, true) => {
                 return Err(AuthFailure {
                     code: "08P01",
-                    message: format!("SCRAM-SHA-256-PLUS selected but channel binding flag is {f:?}"),
+                    message: format!(
+                        "SCRAM-SHA-256-PLUS selected but channel binding flag is {f:?}"
+                    ),
                 })
             }
             ("n", false) => {}
@@ -280,7 +291,8 @@ impl ScramServer {
             return Err(protocol("unexpected response"));
         };
         let msg = std::str::from_utf8(data).map_err(|_| protocol("not UTF-8"))?;
-        let (without_proof, proof_b64) = msg.rsplit_once(",p=").ok_or_else(|| protocol("no proof"))?;
+        let (without_proof, proof_b64) =
+            msg.rsplit_once(",p=").ok_or_else(|| protocol("no proof"))?;
         let mut cbind = None;
         let mut got_nonce = None;
         for attr in without_proof.split(',') {
@@ -309,7 +321,9 @@ impl ScramServer {
         if got_nonce != Some(nonce.as_str()) {
             return Err(protocol("nonce mismatch"));
         }
-        let proof = B64.decode(proof_b64).map_err(|_| protocol("proof is not base64"))?;
+        let proof = B64
+            .decode(proof_b64)
+            .map_err(|_| protocol("proof is not base64"))?;
         let Some(v) = self.verifier.as_ref() else {
             return Err(self.failed());
         };
@@ -419,8 +433,16 @@ mod tests {
     fn client_final_for(password: &str, server_first: &str, bare: &str, cbind: &[u8]) -> String {
         let mut it = server_first.split(',');
         let nonce = it.next().unwrap().strip_prefix("r=").unwrap();
-        let salt = B64.decode(it.next().unwrap().strip_prefix("s=").unwrap()).unwrap();
-        let iters: u32 = it.next().unwrap().strip_prefix("i=").unwrap().parse().unwrap();
+        let salt = B64
+            .decode(it.next().unwrap().strip_prefix("s=").unwrap())
+            .unwrap();
+        let iters: u32 = it
+            .next()
+            .unwrap()
+            .strip_prefix("i=")
+            .unwrap()
+            .parse()
+            .unwrap();
         let salted = salted_password(password, &salt, iters);
         let client_key = hmac_sha256(&salted, b"Client Key");
         let stored = sha256(&client_key);
@@ -461,22 +483,38 @@ mod tests {
         let hash = vec![7u8; 32];
         // Right binding data: accepted.
         let mut s = ScramServer::new("u", Some(v.clone()), Binding::Tls(hash.clone()), b"k");
-        let first = s.client_first(MECH_PLUS, b"p=tls-server-end-point,,n=,r=x").unwrap();
+        let first = s
+            .client_first(MECH_PLUS, b"p=tls-server-end-point,,n=,r=x")
+            .unwrap();
         let mut cb = b"p=tls-server-end-point,,".to_vec();
         cb.extend_from_slice(&hash);
-        assert!(s.client_final(client_final_for("pw", &first, "n=,r=x", &cb).as_bytes()).is_ok());
+        assert!(s
+            .client_final(client_final_for("pw", &first, "n=,r=x", &cb).as_bytes())
+            .is_ok());
         // Another certificate's hash (a relaying proxy): refused.
         let mut s = ScramServer::new("u", Some(v.clone()), Binding::Tls(hash.clone()), b"k");
-        let first = s.client_first(MECH_PLUS, b"p=tls-server-end-point,,n=,r=x").unwrap();
+        let first = s
+            .client_first(MECH_PLUS, b"p=tls-server-end-point,,n=,r=x")
+            .unwrap();
         let mut cb = b"p=tls-server-end-point,,".to_vec();
         cb.extend_from_slice(&[8u8; 32]);
-        let e = s.client_final(client_final_for("pw", &first, "n=,r=x", &cb).as_bytes()).unwrap_err();
+        let e = s
+            .client_final(client_final_for("pw", &first, "n=,r=x", &cb).as_bytes())
+            .unwrap_err();
         assert_eq!(e.code, "28000");
         // -PLUS over plaintext is not offered; 'y' over TLS is a downgrade.
         let mut s = ScramServer::new("u", Some(v.clone()), Binding::Plain, b"k");
-        assert_eq!(s.client_first(MECH_PLUS, b"p=tls-server-end-point,,n=,r=x").unwrap_err().code, "28000");
+        assert_eq!(
+            s.client_first(MECH_PLUS, b"p=tls-server-end-point,,n=,r=x")
+                .unwrap_err()
+                .code,
+            "28000"
+        );
         let mut s = ScramServer::new("u", Some(v), Binding::Tls(hash), b"k");
-        assert_eq!(s.client_first(MECH, b"y,,n=,r=x").unwrap_err().code, "28000");
+        assert_eq!(
+            s.client_first(MECH, b"y,,n=,r=x").unwrap_err().code,
+            "28000"
+        );
     }
 
     #[test]
@@ -495,7 +533,13 @@ mod tests {
         let v = ScramVerifier::from_password("pw", 4096);
         let mut s = ScramServer::new("u", Some(v), Binding::Plain, b"k");
         assert_eq!(s.client_first(MECH, b"garbage").unwrap_err().code, "08P01");
-        assert_eq!(s.client_first(MECH, b"n,,n=,x=1").unwrap_err().code, "08P01");
-        assert_eq!(s.client_first(MECH, &[0xff, 0xfe]).unwrap_err().code, "08P01");
+        assert_eq!(
+            s.client_first(MECH, b"n,,n=,x=1").unwrap_err().code,
+            "08P01"
+        );
+        assert_eq!(
+            s.client_first(MECH, &[0xff, 0xfe]).unwrap_err().code,
+            "08P01"
+        );
     }
 }

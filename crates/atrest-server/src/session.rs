@@ -13,12 +13,16 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use pgwire::messages::data::{DataRow, FieldDescription, NoData, ParameterDescription, RowDescription};
+use pgwire::messages::data::{
+    DataRow, FieldDescription, NoData, ParameterDescription, RowDescription,
+};
 use pgwire::messages::extendedquery::{
     Bind, BindComplete, Close, CloseComplete, Describe, Execute, Parse, ParseComplete,
     PortalSuspended,
 };
-use pgwire::messages::response::{CommandComplete, EmptyQueryResponse, ReadyForQuery, TransactionStatus};
+use pgwire::messages::response::{
+    CommandComplete, EmptyQueryResponse, ReadyForQuery, TransactionStatus,
+};
 use pgwire::messages::startup::ParameterStatus;
 use pgwire::messages::PgWireBackendMessage as B;
 use rusqlite::types::{Value, ValueRef};
@@ -83,9 +87,12 @@ impl SessionShared {
     /// Cancels the running statement, if any (a CancelRequest).
     pub fn cancel(&self) {
         if self.busy.load(Ordering::SeqCst) {
-            let _ = self
-                .stop
-                .compare_exchange(STOP_NONE, STOP_CANCEL, Ordering::SeqCst, Ordering::SeqCst);
+            let _ = self.stop.compare_exchange(
+                STOP_NONE,
+                STOP_CANCEL,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
         }
     }
 
@@ -175,7 +182,14 @@ pub const REPORTED: &[&str] = &[
 ];
 
 impl Settings {
-    fn new(user: &str, app: &str, limits: &Limits, superuser: bool, scenario: &str, server: &str) -> Self {
+    fn new(
+        user: &str,
+        app: &str,
+        limits: &Limits,
+        superuser: bool,
+        scenario: &str,
+        server: &str,
+    ) -> Self {
         let mut v = BTreeMap::new();
         let mut put = |k: &str, val: String| {
             v.insert(k.to_ascii_lowercase(), val);
@@ -204,13 +218,19 @@ impl Settings {
             "idle_in_transaction_session_timeout",
             limits.idle_in_transaction_session_timeout_ms.to_string(),
         );
-        put("idle_session_timeout", limits.idle_session_timeout_ms.to_string());
+        put(
+            "idle_session_timeout",
+            limits.idle_session_timeout_ms.to_string(),
+        );
         put("extra_float_digits", "1".into());
         put("bytea_output", "hex".into());
         put("client_min_messages", "notice".into());
         put("atrest.encryption_scenario", scenario.to_string());
         put("atrest.server_name", server.to_string());
-        put("atrest.storage_engine", format!("SQLite {}", rusqlite::version()));
+        put(
+            "atrest.storage_engine",
+            format!("SQLite {}", rusqlite::version()),
+        );
         Settings { values: v }
     }
 
@@ -224,7 +244,10 @@ impl Settings {
 
     /// The canonical spelling of a reported parameter.
     fn reported_name(name: &str) -> Option<&'static str> {
-        REPORTED.iter().find(|r| r.eq_ignore_ascii_case(name)).copied()
+        REPORTED
+            .iter()
+            .find(|r| r.eq_ignore_ascii_case(name))
+            .copied()
     }
 
     /// Startup ParameterStatus values.
@@ -239,7 +262,9 @@ impl Settings {
 /// Parses a PostgreSQL duration setting into milliseconds.
 fn parse_duration_ms(v: &str) -> Option<u64> {
     let v = v.trim();
-    let split = v.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(v.len());
+    let split = v
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(v.len());
     let (num, unit) = v.split_at(split);
     let n: f64 = num.parse().ok()?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
@@ -309,7 +334,9 @@ enum Tx {
     /// Opened by the extended protocol until Sync (or a multi-statement query).
     Implicit,
     /// An error happened inside a transaction: only ROLLBACK helps.
-    Failed { explicit: bool },
+    Failed {
+        explicit: bool,
+    },
 }
 
 /// Everything a session thread needs.
@@ -417,7 +444,8 @@ impl Worker {
         conn.set_prepared_statement_cache_capacity(256);
         conn.busy_handler(Some(busy_handler)).map_err(from_sqlite)?;
         // PostgreSQL enforces foreign keys; so do we.
-        conn.pragma_update(None, "foreign_keys", "on").map_err(from_sqlite)?;
+        conn.pragma_update(None, "foreign_keys", "on")
+            .map_err(from_sqlite)?;
         let s = Arc::clone(&shared);
         conn.progress_handler(1000, Some(move || s.should_stop().is_some()))
             .map_err(from_sqlite)?;
@@ -443,12 +471,20 @@ impl Worker {
 
     fn run(&mut self, jobs: std::sync::mpsc::Receiver<Job>) {
         while let Ok(job) = jobs.recv() {
-            self.shared.last_active_ms.store(now_ms() as i64, Ordering::Relaxed);
+            self.shared
+                .last_active_ms
+                .store(now_ms() as i64, Ordering::Relaxed);
             self.handle(job);
             self.push_out();
-            let _ = self.out_tx.blocking_send(if self.closed { Out::Closed } else { Out::Done });
-            self.shared.tx_status.store(self.status_byte(), Ordering::Relaxed);
-            self.shared.last_active_ms.store(now_ms() as i64, Ordering::Relaxed);
+            let _ = self
+                .out_tx
+                .blocking_send(if self.closed { Out::Closed } else { Out::Done });
+            self.shared
+                .tx_status
+                .store(self.status_byte(), Ordering::Relaxed);
+            self.shared
+                .last_active_ms
+                .store(now_ms() as i64, Ordering::Relaxed);
             if self.closed {
                 break;
             }
@@ -578,7 +614,10 @@ impl Worker {
         let has_tx_control = commands.iter().any(|c| {
             matches!(
                 c,
-                Command::Begin { .. } | Command::Commit | Command::Rollback | Command::Savepoint { .. }
+                Command::Begin { .. }
+                    | Command::Commit
+                    | Command::Rollback
+                    | Command::Savepoint { .. }
             )
         });
         let implicit = statements.len() > 1 && self.tx == Tx::Idle && !has_tx_control;
@@ -745,7 +784,8 @@ impl Worker {
             if !returns_rows(&portal.stmt) {
                 self.send(B::NoData(NoData::new()));
             } else if let Some(types) = portal.types.clone() {
-                let desc = row_description(&columns_of(&portal.stmt), &types, &|c| portal.binary(c));
+                let desc =
+                    row_description(&columns_of(&portal.stmt), &types, &|c| portal.binary(c));
                 self.send(B::RowDescription(desc));
             } else {
                 // Answered with the first row's types when Execute comes.
@@ -763,7 +803,8 @@ impl Worker {
         match self.result_types(&portal.stmt, Some(&portal.params)) {
             Ok(types) => {
                 let types = types.unwrap_or_default();
-                let desc = row_description(&columns_of(&portal.stmt), &types, &|c| portal.binary(c));
+                let desc =
+                    row_description(&columns_of(&portal.stmt), &types, &|c| portal.binary(c));
                 portal.types = Some(types);
                 self.send(B::RowDescription(desc));
             }
@@ -782,7 +823,11 @@ impl Worker {
             ));
         };
         self.cfg.metrics.query();
-        let max_rows = if e.max_rows > 0 { e.max_rows as usize } else { 0 };
+        let max_rows = if e.max_rows > 0 {
+            e.max_rows as usize
+        } else {
+            0
+        };
         let ok = self.execute_portal(&mut portal, max_rows, describe, true);
         if ok {
             self.portals.insert(name, portal);
@@ -824,7 +869,12 @@ impl Worker {
     // Statements
 
     /// Checks a statement and learns what it needs and returns.
-    fn analyze(&mut self, st: &Statement, command: Command, oids: &[u32]) -> Result<Prepared, PgError> {
+    fn analyze(
+        &mut self,
+        st: &Statement,
+        command: Command,
+        oids: &[u32],
+    ) -> Result<Prepared, PgError> {
         let sql = match &command {
             Command::Sql(text) => {
                 let stmt = self.conn.prepare_cached(text).map_err(from_sqlite)?;
@@ -833,7 +883,9 @@ impl Worker {
                 let mut pg_params = 0usize;
                 for i in 1..=count {
                     let pg = match stmt.parameter_name(i) {
-                        Some(n) if n.starts_with('$') => n[1..].parse::<usize>().ok().filter(|k| *k >= 1),
+                        Some(n) if n.starts_with('$') => {
+                            n[1..].parse::<usize>().ok().filter(|k| *k >= 1)
+                        }
                         Some(n) => {
                             return Err(PgError::syntax(format!(
                                 "parameter {n} is not supported; use $1, $2, ..."
@@ -847,7 +899,12 @@ impl Worker {
                 }
                 let columns = stmt
                     .columns()
-                    .map(|c| (c.name().to_string(), c.decl_type().and_then(PgType::from_decltype)))
+                    .map(|c| {
+                        (
+                            c.name().to_string(),
+                            c.decl_type().and_then(PgType::from_decltype),
+                        )
+                    })
                     .collect();
                 let w0 = st.word(0).unwrap_or_default();
                 Some(SqlInfo {
@@ -894,7 +951,11 @@ impl Worker {
     /// Result column types without running a statement for real: declared
     /// types; for expressions, the first row of a read-only statement
     /// (run and thrown away); else text. `None`: returns no rows.
-    fn result_types(&mut self, stmt: &Prepared, params: Option<&[Value]>) -> Result<Option<Vec<PgType>>, PgError> {
+    fn result_types(
+        &mut self,
+        stmt: &Prepared,
+        params: Option<&[Value]>,
+    ) -> Result<Option<Vec<PgType>>, PgError> {
         if !returns_rows(stmt) {
             return Ok(None);
         }
@@ -912,19 +973,32 @@ impl Worker {
                         info.columns
                             .iter()
                             .enumerate()
-                            .map(|(i, (_, t))| t.unwrap_or_else(|| PgType::of_value(row.get_ref_unwrap(i))))
+                            .map(|(i, (_, t))| {
+                                t.unwrap_or_else(|| PgType::of_value(row.get_ref_unwrap(i)))
+                            })
                             .collect(),
                     ));
                 }
             }
-            return Ok(Some(info.columns.iter().map(|(_, t)| t.unwrap_or(PgType::Text)).collect()));
+            return Ok(Some(
+                info.columns
+                    .iter()
+                    .map(|(_, t)| t.unwrap_or(PgType::Text))
+                    .collect(),
+            ));
         }
         Ok(Some(vec![PgType::Text; cols.len()]))
     }
 
     /// Runs a portal: builtins, or SQL through SQLite, sending rows and the
     /// command tag. Returns false after an error (already sent).
-    fn execute_portal(&mut self, portal: &mut Portal, max_rows: usize, describe: bool, extended: bool) -> bool {
+    fn execute_portal(
+        &mut self,
+        portal: &mut Portal,
+        max_rows: usize,
+        describe: bool,
+        extended: bool,
+    ) -> bool {
         // A suspended portal continues where it stopped.
         if portal.remaining.is_some() {
             self.continue_portal(portal, max_rows);
@@ -932,7 +1006,15 @@ impl Worker {
         }
         if portal.done {
             // PostgreSQL answers an exhausted portal with an empty result.
-            let tag = format!("{} 0", portal.stmt.sql.as_ref().map(|s| s.verb.as_str()).unwrap_or("SELECT"));
+            let tag = format!(
+                "{} 0",
+                portal
+                    .stmt
+                    .sql
+                    .as_ref()
+                    .map(|s| s.verb.as_str())
+                    .unwrap_or("SELECT")
+            );
             self.send(B::CommandComplete(CommandComplete::new(tag)));
             return true;
         }
@@ -966,7 +1048,11 @@ impl Worker {
 
     fn continue_portal(&mut self, portal: &mut Portal, max_rows: usize) {
         let rows = portal.remaining.as_mut().expect("suspended");
-        let n = if max_rows == 0 { rows.len() } else { max_rows.min(rows.len()) };
+        let n = if max_rows == 0 {
+            rows.len()
+        } else {
+            max_rows.min(rows.len())
+        };
         let chunk: Vec<DataRow> = rows.drain(..n).collect();
         let more = !rows.is_empty();
         for r in chunk {
@@ -992,10 +1078,12 @@ impl Worker {
 
     fn disarm(&self) {
         self.shared.deadline_ms.store(0, Ordering::SeqCst);
-        let _ = self
-            .shared
-            .stop
-            .compare_exchange(STOP_CANCEL, STOP_NONE, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = self.shared.stop.compare_exchange(
+            STOP_CANCEL,
+            STOP_NONE,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
         self.shared.busy.store(false, Ordering::SeqCst);
     }
 
@@ -1012,7 +1100,9 @@ impl Worker {
         self.lease
             .db
             .gate
-            .acquire(self.shared.pid, self.lock_timeout(), &|| shared.should_stop())?;
+            .acquire(self.shared.pid, self.lock_timeout(), &|| {
+                shared.should_stop()
+            })?;
         self.holds_gate = true;
         Ok(())
     }
@@ -1026,7 +1116,13 @@ impl Worker {
         }
     }
 
-    fn run_sql(&mut self, portal: &mut Portal, max_rows: usize, describe: bool, extended: bool) -> Result<(), PgError> {
+    fn run_sql(
+        &mut self,
+        portal: &mut Portal,
+        max_rows: usize,
+        describe: bool,
+        extended: bool,
+    ) -> Result<(), PgError> {
         let stmt = Arc::clone(&portal.stmt);
         let info = stmt.sql.as_ref().expect("sql");
         // The extended protocol runs statements in an implicit transaction
@@ -1054,7 +1150,11 @@ impl Worker {
             self.continue_portal(portal, max_rows);
         } else {
             let changes = self.conn.changes() as usize;
-            let n = if info.columns.is_empty() { changes } else { count };
+            let n = if info.columns.is_empty() {
+                changes
+            } else {
+                count
+            };
             let tag = match info.verb.as_str() {
                 "INSERT" => format!("INSERT 0 {n}"),
                 "UPDATE" | "DELETE" => format!("{} {n}", info.verb),
@@ -1110,7 +1210,9 @@ impl Worker {
         };
         if describe || !extended {
             let names: Vec<String> = info.columns.iter().map(|(n, _)| n.clone()).collect();
-            out.push(B::RowDescription(row_description(&names, &types, &|c| portal.binary(c))));
+            out.push(B::RowDescription(row_description(&names, &types, &|c| {
+                portal.binary(c)
+            })));
         }
         portal.types = Some(types.clone());
         let binary: Vec<bool> = (0..ncols).map(|c| portal.binary(c)).collect();
@@ -1160,7 +1262,9 @@ impl Worker {
         let r = if self.conn.is_autocommit() {
             Ok(())
         } else {
-            self.conn.execute_batch("COMMIT").map_err(|e| sqlite_error(&self.shared, e))
+            self.conn
+                .execute_batch("COMMIT")
+                .map_err(|e| sqlite_error(&self.shared, e))
         };
         if r.is_err() && !self.conn.is_autocommit() {
             let _ = self.conn.execute_batch("ROLLBACK");
@@ -1195,21 +1299,27 @@ impl Worker {
             (b'C', code.to_string()),
             (b'M', msg.to_string()),
         ];
-        self.send(B::NoticeResponse(pgwire::messages::response::NoticeResponse::new(fields)));
+        self.send(B::NoticeResponse(
+            pgwire::messages::response::NoticeResponse::new(fields),
+        ));
     }
 
     fn run_builtin(&mut self, command: Command, describe: bool) -> Result<(), PgError> {
         match command {
             Command::Begin { read_only } => {
                 match self.tx {
-                    Tx::Explicit => self.warn("25001", "there is already a transaction in progress"),
+                    Tx::Explicit => {
+                        self.warn("25001", "there is already a transaction in progress")
+                    }
                     Tx::Implicit => self.tx = Tx::Explicit,
                     _ => {
                         self.begin(Tx::Explicit)?;
                         if read_only {
                             // SQLite has no read-only transactions; enforce
                             // it with the connection's query_only flag.
-                            self.conn.pragma_update(None, "query_only", "on").map_err(from_sqlite)?;
+                            self.conn
+                                .pragma_update(None, "query_only", "on")
+                                .map_err(from_sqlite)?;
                         }
                     }
                 }
@@ -1257,8 +1367,11 @@ impl Worker {
                 if self.conn.is_autocommit() {
                     // SQLite already rolled the transaction back (an
                     // interrupt, a full disk): no savepoint survives.
-                    return Err(PgError::new("3B001", "the transaction was rolled back; no savepoint exists")
-                        .hint("ROLLBACK and start again."));
+                    return Err(PgError::new(
+                        "3B001",
+                        "the transaction was rolled back; no savepoint exists",
+                    )
+                    .hint("ROLLBACK and start again."));
                 }
                 self.conn.execute_batch(&sql).map_err(from_sqlite)?;
                 if kind == SavepointKind::RollbackTo {
@@ -1278,7 +1391,12 @@ impl Worker {
             }
             Command::Reset { name } => {
                 if name == "all" {
-                    for n in ["statement_timeout", "lock_timeout", "application_name", "timezone"] {
+                    for n in [
+                        "statement_timeout",
+                        "lock_timeout",
+                        "application_name",
+                        "timezone",
+                    ] {
                         self.set(n, None)?;
                     }
                 } else {
@@ -1288,7 +1406,10 @@ impl Worker {
             }
             Command::Discard => {
                 if self.tx != Tx::Idle {
-                    return Err(PgError::new("25001", "DISCARD ALL cannot run inside a transaction block"));
+                    return Err(PgError::new(
+                        "25001",
+                        "DISCARD ALL cannot run inside a transaction block",
+                    ));
                 }
                 self.stmts.retain(|k, _| k.is_empty());
                 self.portals.clear();
@@ -1296,9 +1417,17 @@ impl Worker {
             }
             Command::Show { name } => {
                 let rows: Vec<(String, String)> = if name == "all" {
-                    self.settings.values.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+                    self.settings
+                        .values
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
                 } else {
-                    let key = if name == "time zone" { "timezone".to_string() } else { name.clone() };
+                    let key = if name == "time zone" {
+                        "timezone".to_string()
+                    } else {
+                        name.clone()
+                    };
                     match self.settings.get(&key) {
                         Some(v) => vec![(name.clone(), v.clone())],
                         None => {
@@ -1317,7 +1446,9 @@ impl Worker {
                         vec![name.clone()]
                     };
                     let types = vec![PgType::Text; cols.len()];
-                    self.send(B::RowDescription(row_description(&cols, &types, &|_| false)));
+                    self.send(B::RowDescription(row_description(&cols, &types, &|_| {
+                        false
+                    })));
                 }
                 let n = rows.len();
                 for (k, v) in rows {
@@ -1335,17 +1466,27 @@ impl Worker {
             }
             Command::CreateDatabase { name } => {
                 if self.tx != Tx::Idle && self.tx != Tx::Implicit {
-                    return Err(PgError::new("25001", "CREATE DATABASE cannot run inside a transaction block"));
+                    return Err(PgError::new(
+                        "25001",
+                        "CREATE DATABASE cannot run inside a transaction block",
+                    ));
                 }
                 self.cfg.databases.create(&name)?;
                 self.complete("CREATE DATABASE");
             }
             Command::DropDatabase { name, if_exists } => {
                 if self.tx != Tx::Idle && self.tx != Tx::Implicit {
-                    return Err(PgError::new("25001", "DROP DATABASE cannot run inside a transaction block"));
+                    return Err(PgError::new(
+                        "25001",
+                        "DROP DATABASE cannot run inside a transaction block",
+                    ));
                 }
                 let current = self.shared.database.clone();
-                if !self.cfg.databases.drop_database(&name, if_exists, &current)? {
+                if !self
+                    .cfg
+                    .databases
+                    .drop_database(&name, if_exists, &current)?
+                {
                     let msg = format!("database \"{name}\" does not exist, skipping");
                     let fields = vec![
                         (b'S', "NOTICE".to_string()),
@@ -1353,7 +1494,9 @@ impl Worker {
                         (b'C', "00000".to_string()),
                         (b'M', msg),
                     ];
-                    self.send(B::NoticeResponse(pgwire::messages::response::NoticeResponse::new(fields)));
+                    self.send(B::NoticeResponse(
+                        pgwire::messages::response::NoticeResponse::new(fields),
+                    ));
                 }
                 self.complete("DROP DATABASE");
             }
@@ -1387,11 +1530,16 @@ impl Worker {
             None => default.get(&key).cloned().unwrap_or_default(),
         };
         let stored = match key.as_str() {
-            "statement_timeout" | "lock_timeout" | "idle_in_transaction_session_timeout"
+            "statement_timeout"
+            | "lock_timeout"
+            | "idle_in_transaction_session_timeout"
             | "idle_session_timeout" => parse_duration_ms(&value)
                 .ok_or_else(|| {
-                    PgError::new("22023", format!("invalid value for parameter \"{key}\": \"{value}\""))
-                        .hint("Use a number of milliseconds or a unit: 500ms, 5s, 2min.")
+                    PgError::new(
+                        "22023",
+                        format!("invalid value for parameter \"{key}\": \"{value}\""),
+                    )
+                    .hint("Use a number of milliseconds or a unit: 500ms, 5s, 2min.")
                 })?
                 .to_string(),
             "client_encoding" => {
@@ -1406,22 +1554,39 @@ impl Worker {
             }
             "standard_conforming_strings" => {
                 if !matches!(value.to_ascii_lowercase().as_str(), "on" | "true" | "1") {
-                    return Err(PgError::new("0A000", "standard_conforming_strings cannot be turned off"));
+                    return Err(PgError::new(
+                        "0A000",
+                        "standard_conforming_strings cannot be turned off",
+                    ));
                 }
                 "on".into()
             }
-            "server_version" | "server_version_num" | "server_encoding" | "is_superuser"
-            | "session_authorization" | "integer_datetimes" | "max_connections" => {
-                return Err(PgError::new("55P02", format!("parameter \"{key}\" cannot be changed")));
+            "server_version"
+            | "server_version_num"
+            | "server_encoding"
+            | "is_superuser"
+            | "session_authorization"
+            | "integer_datetimes"
+            | "max_connections" => {
+                return Err(PgError::new(
+                    "55P02",
+                    format!("parameter \"{key}\" cannot be changed"),
+                ));
             }
             k if k.starts_with("atrest.") => {
-                return Err(PgError::new("55P02", format!("parameter \"{key}\" cannot be changed")));
+                return Err(PgError::new(
+                    "55P02",
+                    format!("parameter \"{key}\" cannot be changed"),
+                ));
             }
             _ => value,
         };
         self.settings.values.insert(key.clone(), stored.clone());
         if let Some(reported) = Settings::reported_name(&key) {
-            self.send(B::ParameterStatus(ParameterStatus::new(reported.to_string(), stored)));
+            self.send(B::ParameterStatus(ParameterStatus::new(
+                reported.to_string(),
+                stored,
+            )));
         }
         Ok(())
     }
@@ -1450,7 +1615,12 @@ fn portal_name(n: &Option<String>) -> String {
 fn stmt_ends_transaction(c: &Command) -> bool {
     matches!(
         c,
-        Command::Commit | Command::Rollback | Command::Savepoint { kind: SavepointKind::RollbackTo, .. }
+        Command::Commit
+            | Command::Rollback
+            | Command::Savepoint {
+                kind: SavepointKind::RollbackTo,
+                ..
+            }
     )
 }
 
@@ -1471,7 +1641,11 @@ fn columns_of(stmt: &Prepared) -> Vec<String> {
     }
 }
 
-fn row_description(cols: &[String], types: &[PgType], binary: &dyn Fn(usize) -> bool) -> RowDescription {
+fn row_description(
+    cols: &[String],
+    types: &[PgType],
+    binary: &dyn Fn(usize) -> bool,
+) -> RowDescription {
     RowDescription::new(
         cols.iter()
             .zip(types)
@@ -1491,10 +1665,17 @@ fn row_description(cols: &[String], types: &[PgType], binary: &dyn Fn(usize) -> 
     )
 }
 
-fn bind_all(s: &mut rusqlite::CachedStatement<'_>, info: &SqlInfo, params: &[Value]) -> Result<(), PgError> {
+fn bind_all(
+    s: &mut rusqlite::CachedStatement<'_>,
+    info: &SqlInfo,
+    params: &[Value],
+) -> Result<(), PgError> {
     for (i, pg) in info.param_map.iter().enumerate() {
         let v = params.get(*pg).ok_or_else(|| {
-            PgError::protocol(format!("statement needs parameter ${}, which was not supplied", pg + 1))
+            PgError::protocol(format!(
+                "statement needs parameter ${}, which was not supplied",
+                pg + 1
+            ))
         })?;
         s.raw_bind_parameter(i + 1, v).map_err(from_sqlite)?;
     }
@@ -1538,11 +1719,19 @@ fn register_functions(
         .map_err(from_sqlite)?;
     conn.create_scalar_function("gen_random_uuid", 0, plain, |_| {
         let mut b = [0u8; 16];
-        aws_lc_rs::rand::fill(&mut b).map_err(|_| rusqlite::Error::UserFunctionError("RNG failure".into()))?;
+        aws_lc_rs::rand::fill(&mut b)
+            .map_err(|_| rusqlite::Error::UserFunctionError("RNG failure".into()))?;
         b[6] = (b[6] & 0x0f) | 0x40;
         b[8] = (b[8] & 0x3f) | 0x80;
         let h = hex::encode(b);
-        Ok(format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]))
+        Ok(format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        ))
     })
     .map_err(from_sqlite)?;
     let s = Arc::clone(shared);
@@ -1556,7 +1745,9 @@ fn register_functions(
                     Some("interrupted".into()),
                 ));
             }
-            std::thread::sleep(Duration::from_millis(5).min(until.saturating_duration_since(Instant::now())));
+            std::thread::sleep(
+                Duration::from_millis(5).min(until.saturating_duration_since(Instant::now())),
+            );
         }
         Ok(None::<i64>)
     })

@@ -154,8 +154,7 @@ pub fn tokenize(sql: &str) -> Result<Vec<Token>, LexError> {
             }
             b'?' | b':' | b'@'
                 if c != b':'
-                    || b
-                        .get(i + 1)
+                    || b.get(i + 1)
                         .is_some_and(|n| n.is_ascii_alphabetic() || *n == b'_') =>
             {
                 i += 1;
@@ -305,7 +304,7 @@ pub fn split(sql: &str) -> Result<Vec<Statement>, LexError> {
         } else if t.kind == Tok::Punct && s == ")" {
             depth -= 1;
         }
-        if t.kind == Tok::Word && cur.len() >= 1 {
+        if t.kind == Tok::Word && !cur.is_empty() {
             let first = &sql[cur[0].start..cur[0].end];
             if first.eq_ignore_ascii_case("CREATE")
                 && cur
@@ -336,28 +335,49 @@ pub fn split(sql: &str) -> Result<Vec<Statement>, LexError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// `BEGIN`, `START TRANSACTION` (with modes, which are accepted).
-    Begin { read_only: bool },
+    Begin {
+        read_only: bool,
+    },
     /// `COMMIT`, `END`.
     Commit,
     /// `ROLLBACK`, `ABORT` (not `ROLLBACK TO`).
     Rollback,
     /// `SAVEPOINT`, `RELEASE`, `ROLLBACK TO`: SQLite runs them, the server
     /// tracks them.
-    Savepoint { kind: SavepointKind, sql: String },
+    Savepoint {
+        kind: SavepointKind,
+        sql: String,
+    },
     /// `SET [SESSION|LOCAL] name {=|TO} value`, `SET TIME ZONE x`.
-    Set { name: String, value: Option<String> },
+    Set {
+        name: String,
+        value: Option<String>,
+    },
     /// `RESET name`, `RESET ALL` (name `ALL`).
-    Reset { name: String },
+    Reset {
+        name: String,
+    },
     /// `SHOW name`, `SHOW ALL`.
-    Show { name: String },
+    Show {
+        name: String,
+    },
     /// `DISCARD ALL` and friends.
     Discard,
-    CreateDatabase { name: String },
-    DropDatabase { name: String, if_exists: bool },
+    CreateDatabase {
+        name: String,
+    },
+    DropDatabase {
+        name: String,
+        if_exists: bool,
+    },
     /// Accepted and ignored for compatibility (`LISTEN`, `UNLISTEN`, `CHECKPOINT`...).
-    Ignored { tag: String },
+    Ignored {
+        tag: String,
+    },
     /// Refused with feature_not_supported and a reason.
-    Unsupported { what: String },
+    Unsupported {
+        what: String,
+    },
     /// Everything else: SQL for SQLite (rewritten).
     Sql(String),
 }
@@ -450,7 +470,8 @@ pub fn classify(st: &Statement) -> Command {
             },
         },
         "DROP" if w1 == "DATABASE" => {
-            let if_exists = st.word(2).as_deref() == Some("IF") && st.word(3).as_deref() == Some("EXISTS");
+            let if_exists =
+                st.word(2).as_deref() == Some("IF") && st.word(3).as_deref() == Some("EXISTS");
             let at = if if_exists { 4 } else { 2 };
             match ident(st, at) {
                 Some(name) => Command::DropDatabase { name, if_exists },
@@ -461,7 +482,8 @@ pub fn classify(st: &Statement) -> Command {
         }
         "LISTEN" | "UNLISTEN" | "CHECKPOINT" => Command::Ignored { tag: w0 },
         "COPY" => Command::Unsupported {
-            what: "COPY is not supported; use INSERT (several rows per statement) or psql's \\i".into(),
+            what: "COPY is not supported; use INSERT (several rows per statement) or psql's \\i"
+                .into(),
         },
         "NOTIFY" | "DECLARE" | "FETCH" | "MOVE" | "CLOSE" | "LOCK" | "PREPARE" | "EXECUTE"
         | "DEALLOCATE" | "GRANT" | "REVOKE" | "TRUNCATE" | "CLUSTER" | "COMMENT" => {
@@ -524,8 +546,7 @@ fn classify_set(st: &Statement) -> Command {
     let mut i = at;
     while let Some(t) = st.tokens.get(i) {
         let s = &st.text[t.start..t.end];
-        if t.kind == Tok::Punct && s == "=" || t.kind == Tok::Word && s.eq_ignore_ascii_case("TO")
-        {
+        if t.kind == Tok::Punct && s == "=" || t.kind == Tok::Word && s.eq_ignore_ascii_case("TO") {
             break;
         }
         name.push_str(&s.to_ascii_lowercase());
@@ -547,9 +568,36 @@ fn classify_set(st: &Statement) -> Command {
 
 fn is_keyword(w: &str) -> bool {
     const KW: &[&str] = &[
-        "SELECT", "WHERE", "AND", "OR", "NOT", "ON", "IN", "AS", "BY", "THEN", "ELSE", "WHEN",
-        "CASE", "RETURNING", "VALUES", "SET", "FROM", "JOIN", "HAVING", "IS", "LIKE", "BETWEEN",
-        "DISTINCT", "ALL", "ANY", "EXISTS", "USING", "WITH", "LIMIT", "OFFSET",
+        "SELECT",
+        "WHERE",
+        "AND",
+        "OR",
+        "NOT",
+        "ON",
+        "IN",
+        "AS",
+        "BY",
+        "THEN",
+        "ELSE",
+        "WHEN",
+        "CASE",
+        "RETURNING",
+        "VALUES",
+        "SET",
+        "FROM",
+        "JOIN",
+        "HAVING",
+        "IS",
+        "LIKE",
+        "BETWEEN",
+        "DISTINCT",
+        "ALL",
+        "ANY",
+        "EXISTS",
+        "USING",
+        "WITH",
+        "LIMIT",
+        "OFFSET",
     ];
     KW.iter().any(|k| k.eq_ignore_ascii_case(w))
 }
@@ -570,7 +618,13 @@ fn cast_type(pg: &str) -> &'static str {
 }
 
 /// SQL functions PostgreSQL lets you call without parentheses.
-const BARE_FUNCTIONS: &[&str] = &["current_user", "session_user", "current_role", "current_catalog", "current_schema"];
+const BARE_FUNCTIONS: &[&str] = &[
+    "current_user",
+    "session_user",
+    "current_role",
+    "current_catalog",
+    "current_schema",
+];
 
 /// Rewrites the PostgreSQL spellings SQLite lacks:
 /// - `expr::type` (expr a literal, identifier, parameter, or a
@@ -588,9 +642,13 @@ pub fn rewrite(st: &Statement) -> String {
     let is_bare_function = |i: usize| {
         let t = toks[i];
         t.kind == Tok::Word
-            && BARE_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(&text[t.start..t.end]))
-            && !toks.get(i + 1).is_some_and(|n| &text[n.start..n.end] == "(")
-            && !(i > 0 && &text[toks[i - 1].start..toks[i - 1].end] == ".")
+            && BARE_FUNCTIONS
+                .iter()
+                .any(|f| f.eq_ignore_ascii_case(&text[t.start..t.end]))
+            && toks
+                .get(i + 1)
+                .is_none_or(|n| &text[n.start..n.end] != "(")
+            && (i == 0 || &text[toks[i - 1].start..toks[i - 1].end] != ".")
     };
     let has_bare = (0..toks.len()).any(is_bare_function);
     if !has_cast && !is_create_table && !has_bare {
@@ -612,9 +670,8 @@ pub fn rewrite(st: &Statement) -> String {
             }
         }
     }
-    for i in 0..toks.len() {
+    for (i, t) in toks.iter().enumerate() {
         if is_bare_function(i) {
-            let t = toks[i];
             edits.push((t.start, t.end, format!("{}()", &text[t.start..t.end])));
         }
     }
@@ -727,11 +784,7 @@ pub fn rewrite(st: &Statement) -> String {
         }
         let operand = &text[toks[j].start..toks[i - 1].end];
         let ty = cast_type(&text[type_start..type_end]);
-        edits.push((
-            toks[j].start,
-            type_end,
-            format!("CAST({operand} AS {ty})"),
-        ));
+        edits.push((toks[j].start, type_end, format!("CAST({operand} AS {ty})")));
         i = k;
     }
     // Nested casts (a::int::text) produce overlapping edits; apply only
@@ -765,8 +818,10 @@ pub fn tag_verb(st: &Statement) -> String {
                     (Tok::Punct, ")") => depth -= 1,
                     (Tok::Word, w) if depth == 0 => {
                         let u = w.to_ascii_uppercase();
-                        if matches!(u.as_str(), "SELECT" | "INSERT" | "UPDATE" | "DELETE" | "VALUES")
-                        {
+                        if matches!(
+                            u.as_str(),
+                            "SELECT" | "INSERT" | "UPDATE" | "DELETE" | "VALUES"
+                        ) {
                             return if u == "VALUES" { "SELECT".into() } else { u };
                         }
                     }
@@ -810,57 +865,103 @@ mod tests {
     fn splits_at_top_level_semicolons_only() {
         let v = split("SELECT 'a;b'; SELECT \"x;\" FROM t; -- c;\n SELECT $$;$$; ;;").unwrap();
         let texts: Vec<_> = v.iter().map(|s| s.text.as_str()).collect();
-        assert_eq!(texts, ["SELECT 'a;b'", "SELECT \"x;\" FROM t", "SELECT $$;$$"]);
+        assert_eq!(
+            texts,
+            ["SELECT 'a;b'", "SELECT \"x;\" FROM t", "SELECT $$;$$"]
+        );
         assert!(split(" ; ;\n-- only a comment\n").unwrap().is_empty());
-        let trig = "CREATE TRIGGER tr AFTER INSERT ON t BEGIN UPDATE u SET n = n + 1; END; SELECT 1";
+        let trig =
+            "CREATE TRIGGER tr AFTER INSERT ON t BEGIN UPDATE u SET n = n + 1; END; SELECT 1";
         assert_eq!(split(trig).unwrap().len(), 2);
         assert_eq!(split("SELECT /* a /* nested */ ; */ 1").unwrap().len(), 1);
     }
 
     #[test]
     fn unterminated_quotes_are_errors() {
-        assert!(matches!(split("SELECT 'abc"), Err(LexError::UnterminatedString(7))));
-        assert!(matches!(split("SELECT \"abc"), Err(LexError::UnterminatedIdent(_))));
-        assert!(matches!(split("SELECT /* x"), Err(LexError::UnterminatedComment(_))));
-        assert!(matches!(split("SELECT $a$ x"), Err(LexError::UnterminatedDollar(_))));
+        assert!(matches!(
+            split("SELECT 'abc"),
+            Err(LexError::UnterminatedString(7))
+        ));
+        assert!(matches!(
+            split("SELECT \"abc"),
+            Err(LexError::UnterminatedIdent(_))
+        ));
+        assert!(matches!(
+            split("SELECT /* x"),
+            Err(LexError::UnterminatedComment(_))
+        ));
+        assert!(matches!(
+            split("SELECT $a$ x"),
+            Err(LexError::UnterminatedDollar(_))
+        ));
     }
 
     #[test]
     fn classifies_transaction_and_session_commands() {
         assert_eq!(classify(&one("BEGIN")), Command::Begin { read_only: false });
         assert_eq!(
-            classify(&one("start transaction isolation level serializable, read only")),
+            classify(&one(
+                "start transaction isolation level serializable, read only"
+            )),
             Command::Begin { read_only: true }
         );
         assert_eq!(classify(&one("end")), Command::Commit);
         assert_eq!(classify(&one("ROLLBACK WORK")), Command::Rollback);
         assert!(matches!(
             classify(&one("rollback to savepoint s1")),
-            Command::Savepoint { kind: SavepointKind::RollbackTo, .. }
+            Command::Savepoint {
+                kind: SavepointKind::RollbackTo,
+                ..
+            }
         ));
         assert_eq!(
             classify(&one("SET statement_timeout = '5s'")),
-            Command::Set { name: "statement_timeout".into(), value: Some("5s".into()) }
+            Command::Set {
+                name: "statement_timeout".into(),
+                value: Some("5s".into())
+            }
         );
         assert_eq!(
             classify(&one("set session application_name to 'my app'")),
-            Command::Set { name: "application_name".into(), value: Some("my app".into()) }
+            Command::Set {
+                name: "application_name".into(),
+                value: Some("my app".into())
+            }
         );
         assert_eq!(
             classify(&one("SET TIME ZONE 'UTC'")),
-            Command::Set { name: "timezone".into(), value: Some("UTC".into()) }
+            Command::Set {
+                name: "timezone".into(),
+                value: Some("UTC".into())
+            }
         );
-        assert_eq!(classify(&one("SHOW server_version")), Command::Show { name: "server_version".into() });
+        assert_eq!(
+            classify(&one("SHOW server_version")),
+            Command::Show {
+                name: "server_version".into()
+            }
+        );
         assert_eq!(
             classify(&one("create database \"Sales\"")),
-            Command::CreateDatabase { name: "Sales".into() }
+            Command::CreateDatabase {
+                name: "Sales".into()
+            }
         );
         assert_eq!(
             classify(&one("DROP DATABASE IF EXISTS x")),
-            Command::DropDatabase { name: "x".into(), if_exists: true }
+            Command::DropDatabase {
+                name: "x".into(),
+                if_exists: true
+            }
         );
-        assert!(matches!(classify(&one("COPY t FROM STDIN")), Command::Unsupported { .. }));
-        assert_eq!(classify(&one("TRUNCATE TABLE t")), Command::Sql("DELETE FROM t".into()));
+        assert!(matches!(
+            classify(&one("COPY t FROM STDIN")),
+            Command::Unsupported { .. }
+        ));
+        assert_eq!(
+            classify(&one("TRUNCATE TABLE t")),
+            Command::Sql("DELETE FROM t".into())
+        );
     }
 
     #[test]
@@ -870,25 +971,52 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(r("SELECT 1::int8"), "SELECT CAST(1 AS INTEGER)");
-        assert_eq!(r("SELECT $1::text, 'x'::bytea"), "SELECT CAST($1 AS TEXT), CAST('x' AS BLOB)");
-        assert_eq!(r("SELECT t.a::double precision FROM t"), "SELECT CAST(t.a AS REAL) FROM t");
-        assert_eq!(r("SELECT (a + 1)::numeric(10,2) FROM t"), "SELECT CAST((a + 1) AS NUMERIC) FROM t");
-        assert_eq!(r("SELECT count(*)::int FROM t"), "SELECT CAST(count(*) AS INTEGER) FROM t");
-        assert_eq!(r("SELECT x FROM t WHERE a = (1)::int"), "SELECT x FROM t WHERE a = CAST((1) AS INTEGER)");
+        assert_eq!(
+            r("SELECT $1::text, 'x'::bytea"),
+            "SELECT CAST($1 AS TEXT), CAST('x' AS BLOB)"
+        );
+        assert_eq!(
+            r("SELECT t.a::double precision FROM t"),
+            "SELECT CAST(t.a AS REAL) FROM t"
+        );
+        assert_eq!(
+            r("SELECT (a + 1)::numeric(10,2) FROM t"),
+            "SELECT CAST((a + 1) AS NUMERIC) FROM t"
+        );
+        assert_eq!(
+            r("SELECT count(*)::int FROM t"),
+            "SELECT CAST(count(*) AS INTEGER) FROM t"
+        );
+        assert_eq!(
+            r("SELECT x FROM t WHERE a = (1)::int"),
+            "SELECT x FROM t WHERE a = CAST((1) AS INTEGER)"
+        );
         assert_eq!(r("SELECT '::'::text"), "SELECT CAST('::' AS TEXT)");
         assert_eq!(
             r("CREATE TABLE t (id serial PRIMARY KEY, n bigserial)"),
             "CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER)"
         );
-        assert_eq!(r("SELECT current_user, t.current_user, current_schema()"), "SELECT current_user(), t.current_user, current_schema()");
+        assert_eq!(
+            r("SELECT current_user, t.current_user, current_schema()"),
+            "SELECT current_user(), t.current_user, current_schema()"
+        );
         // Untouched when there is nothing to rewrite, including "serial" as data.
-        assert_eq!(r("INSERT INTO t VALUES ('serial')"), "INSERT INTO t VALUES ('serial')");
+        assert_eq!(
+            r("INSERT INTO t VALUES ('serial')"),
+            "INSERT INTO t VALUES ('serial')"
+        );
     }
 
     #[test]
     fn tag_verbs() {
-        assert_eq!(tag_verb(&one("with x as (select 1) insert into t select * from x")), "INSERT");
-        assert_eq!(tag_verb(&one("CREATE UNIQUE INDEX i ON t(a)")), "CREATE INDEX");
+        assert_eq!(
+            tag_verb(&one("with x as (select 1) insert into t select * from x")),
+            "INSERT"
+        );
+        assert_eq!(
+            tag_verb(&one("CREATE UNIQUE INDEX i ON t(a)")),
+            "CREATE INDEX"
+        );
         assert_eq!(tag_verb(&one("create temp table t(a)")), "CREATE TABLE");
         assert_eq!(tag_verb(&one("values (1)")), "SELECT");
     }

@@ -270,7 +270,9 @@ fn as_bool(ty: PgType, v: ValueRef<'_>) -> Result<bool, TypeError> {
     match v {
         ValueRef::Integer(i) => Ok(i != 0),
         ValueRef::Real(f) => Ok(f != 0.0),
-        ValueRef::Text(t) => parse_bool(std::str::from_utf8(t).unwrap_or("")).ok_or_else(|| mismatch(ty, v)),
+        ValueRef::Text(t) => {
+            parse_bool(std::str::from_utf8(t).unwrap_or("")).ok_or_else(|| mismatch(ty, v))
+        }
         _ => Err(mismatch(ty, v)),
     }
 }
@@ -290,7 +292,11 @@ fn as_text(ty: PgType, v: ValueRef<'_>) -> Result<String, TypeError> {
         ValueRef::Text(t) | ValueRef::Blob(t) => String::from_utf8(t.to_vec()).map_err(|_| {
             terr(
                 "22021",
-                format!("a {} value is not valid UTF-8 for type {}", sqlite_kind(v), ty.name()),
+                format!(
+                    "a {} value is not valid UTF-8 for type {}",
+                    sqlite_kind(v),
+                    ty.name()
+                ),
             )
         }),
         ValueRef::Null => Err(mismatch(ty, v)),
@@ -410,7 +416,8 @@ fn encode_binary(out: &mut BytesMut, v: ValueRef<'_>, ty: PgType) -> Result<(), 
         }
         PgType::Timestamp | PgType::Timestamptz => {
             let s = as_text(ty, v)?;
-            let us = parse_timestamp(&s, ty == PgType::Timestamptz).ok_or_else(|| bad_text(ty, &s))?;
+            let us =
+                parse_timestamp(&s, ty == PgType::Timestamptz).ok_or_else(|| bad_text(ty, &s))?;
             out.put_i64(us);
         }
         _ => out.put_slice(as_text(ty, v)?.as_bytes()),
@@ -484,7 +491,8 @@ fn decode_binary(raw: &[u8], ty: PgType, oid: u32) -> Result<Value, TypeError> {
         }
     };
     let utf8 = |b: &[u8]| -> Result<String, TypeError> {
-        String::from_utf8(b.to_vec()).map_err(|_| terr("22021", "parameter is not valid UTF-8".into()))
+        String::from_utf8(b.to_vec())
+            .map_err(|_| terr("22021", "parameter is not valid UTF-8".into()))
     };
     Ok(match ty {
         PgType::Bool => {
@@ -548,7 +556,10 @@ fn decode_binary(raw: &[u8], ty: PgType, oid: u32) -> Result<Value, TypeError> {
             }
         }
         PgType::Unknown if oid != 0 && oid != 705 => {
-            return Err(terr("0A000", format!("unsupported parameter type oid {oid}")))
+            return Err(terr(
+                "0A000",
+                format!("unsupported parameter type oid {oid}"),
+            ))
         }
         _ => Value::Text(utf8(raw)?),
     })
@@ -671,7 +682,10 @@ fn parse_timestamp(s: &str, with_zone: bool) -> Option<i64> {
                     let digits: String = off[1..].chars().filter(|c| c.is_ascii_digit()).collect();
                     let (hh, mm) = match digits.len() {
                         2 => (digits.parse::<i64>().ok()?, 0),
-                        4 => (digits[..2].parse::<i64>().ok()?, digits[2..].parse::<i64>().ok()?),
+                        4 => (
+                            digits[..2].parse::<i64>().ok()?,
+                            digits[2..].parse::<i64>().ok()?,
+                        ),
                         _ => return None,
                     };
                     sign * (hh * 3600 + mm * 60)
@@ -757,7 +771,12 @@ fn numeric_binary(out: &mut BytesMut, s: &str) -> Result<(), TypeError> {
     let mut digits: Vec<i16> = digits_str
         .as_bytes()
         .chunks(4)
-        .map(|c| std::str::from_utf8(c).expect("ascii").parse::<i16>().expect("digits"))
+        .map(|c| {
+            std::str::from_utf8(c)
+                .expect("ascii")
+                .parse::<i16>()
+                .expect("digits")
+        })
         .collect();
     let mut weight = ((int.len() + ipad) / 4) as i16 - 1;
     // Strip leading and trailing zero groups.
@@ -782,7 +801,8 @@ fn numeric_binary(out: &mut BytesMut, s: &str) -> Result<(), TypeError> {
 }
 
 fn numeric_from_binary(raw: &[u8]) -> Option<String> {
-    let rd = |i: usize| -> Option<i16> { Some(i16::from_be_bytes([*raw.get(i)?, *raw.get(i + 1)?])) };
+    let rd =
+        |i: usize| -> Option<i16> { Some(i16::from_be_bytes([*raw.get(i)?, *raw.get(i + 1)?])) };
     let ndigits = rd(0)? as usize;
     let weight = rd(2)? as i64;
     let sign = rd(4)? as u16;
@@ -793,7 +813,9 @@ fn numeric_from_binary(raw: &[u8]) -> Option<String> {
     if sign == 0xC000 {
         return Some("NaN".into());
     }
-    let digits: Vec<i64> = (0..ndigits).map(|i| rd(8 + 2 * i).map(|d| d as i64)).collect::<Option<_>>()?;
+    let digits: Vec<i64> = (0..ndigits)
+        .map(|i| rd(8 + 2 * i).map(|d| d as i64))
+        .collect::<Option<_>>()?;
     let mut int = String::new();
     for w in 0..=weight.max(-1) {
         let d = digits.get(w as usize).copied().unwrap_or(0);
@@ -820,7 +842,11 @@ fn numeric_from_binary(raw: &[u8]) -> Option<String> {
         pos += 1;
     }
     frac.truncate(dscale);
-    let mut s = if sign == 0x4000 { "-".to_string() } else { String::new() };
+    let mut s = if sign == 0x4000 {
+        "-".to_string()
+    } else {
+        String::new()
+    };
     s.push_str(&int);
     if dscale > 0 {
         s.push('.');
@@ -846,25 +872,64 @@ mod tests {
         assert_eq!(PgType::from_decltype("INTEGER"), Some(PgType::Int8));
         assert_eq!(PgType::from_decltype("int"), Some(PgType::Int4));
         assert_eq!(PgType::from_decltype("varchar(20)"), Some(PgType::Varchar));
-        assert_eq!(PgType::from_decltype("double precision"), Some(PgType::Float8));
-        assert_eq!(PgType::from_decltype("numeric(10,2)"), Some(PgType::Numeric));
-        assert_eq!(PgType::from_decltype("timestamp with time zone"), Some(PgType::Timestamptz));
-        assert_eq!(PgType::from_decltype("UNSIGNED BIG INT"), Some(PgType::Int8));
+        assert_eq!(
+            PgType::from_decltype("double precision"),
+            Some(PgType::Float8)
+        );
+        assert_eq!(
+            PgType::from_decltype("numeric(10,2)"),
+            Some(PgType::Numeric)
+        );
+        assert_eq!(
+            PgType::from_decltype("timestamp with time zone"),
+            Some(PgType::Timestamptz)
+        );
+        assert_eq!(
+            PgType::from_decltype("UNSIGNED BIG INT"),
+            Some(PgType::Int8)
+        );
         assert_eq!(PgType::from_decltype(""), None);
     }
 
     #[test]
     fn text_and_binary_encodings() {
-        assert_eq!(field(ValueRef::Integer(42), PgType::Int8, false).unwrap(), b"42");
-        assert_eq!(field(ValueRef::Integer(42), PgType::Int4, true).unwrap(), 42i32.to_be_bytes());
-        assert_eq!(field(ValueRef::Integer(1), PgType::Bool, false).unwrap(), b"t");
-        assert_eq!(field(ValueRef::Real(1.5), PgType::Float8, false).unwrap(), b"1.5");
-        assert_eq!(field(ValueRef::Integer(3), PgType::Float8, true).unwrap(), 3f64.to_be_bytes());
-        assert_eq!(field(ValueRef::Blob(&[0, 255]), PgType::Bytea, false).unwrap(), b"\\x00ff");
-        assert_eq!(field(ValueRef::Integer(7), PgType::Text, false).unwrap(), b"7");
+        assert_eq!(
+            field(ValueRef::Integer(42), PgType::Int8, false).unwrap(),
+            b"42"
+        );
+        assert_eq!(
+            field(ValueRef::Integer(42), PgType::Int4, true).unwrap(),
+            42i32.to_be_bytes()
+        );
+        assert_eq!(
+            field(ValueRef::Integer(1), PgType::Bool, false).unwrap(),
+            b"t"
+        );
+        assert_eq!(
+            field(ValueRef::Real(1.5), PgType::Float8, false).unwrap(),
+            b"1.5"
+        );
+        assert_eq!(
+            field(ValueRef::Integer(3), PgType::Float8, true).unwrap(),
+            3f64.to_be_bytes()
+        );
+        assert_eq!(
+            field(ValueRef::Blob(&[0, 255]), PgType::Bytea, false).unwrap(),
+            b"\\x00ff"
+        );
+        assert_eq!(
+            field(ValueRef::Integer(7), PgType::Text, false).unwrap(),
+            b"7"
+        );
         // A bytea literal stored as text reads back as its bytes.
-        assert_eq!(field(ValueRef::Text(b"\\x0102"), PgType::Bytea, true).unwrap(), [1, 2]);
-        assert_eq!(field(ValueRef::Text(b"ab"), PgType::Bytea, false).unwrap(), b"\\x6162");
+        assert_eq!(
+            field(ValueRef::Text(b"\\x0102"), PgType::Bytea, true).unwrap(),
+            [1, 2]
+        );
+        assert_eq!(
+            field(ValueRef::Text(b"ab"), PgType::Bytea, false).unwrap(),
+            b"\\x6162"
+        );
         let mut null = BytesMut::new();
         encode_field(&mut null, ValueRef::Null, PgType::Int8, true).unwrap();
         assert_eq!(&null[..], (-1i32).to_be_bytes());
@@ -886,43 +951,110 @@ mod tests {
         assert_eq!(d, 1i32.to_be_bytes());
         let back = decode_param(Some(&d), 1082, true).unwrap();
         assert_eq!(back, Value::Text("2000-01-02".into()));
-        let ts = field(ValueRef::Text(b"2026-11-22 10:30:00.25"), PgType::Timestamp, true).unwrap();
+        let ts = field(
+            ValueRef::Text(b"2026-11-22 10:30:00.25"),
+            PgType::Timestamp,
+            true,
+        )
+        .unwrap();
         let back = decode_param(Some(&ts), 1114, true).unwrap();
         assert_eq!(back, Value::Text("2026-11-22 10:30:00.250000".into()));
-        let tz = field(ValueRef::Text(b"2026-11-22T10:30:00+02:00"), PgType::Timestamptz, true).unwrap();
-        let utc = field(ValueRef::Text(b"2026-11-22 08:30:00Z"), PgType::Timestamptz, true).unwrap();
+        let tz = field(
+            ValueRef::Text(b"2026-11-22T10:30:00+02:00"),
+            PgType::Timestamptz,
+            true,
+        )
+        .unwrap();
+        let utc = field(
+            ValueRef::Text(b"2026-11-22 08:30:00Z"),
+            PgType::Timestamptz,
+            true,
+        )
+        .unwrap();
         assert_eq!(tz, utc);
-        assert_eq!(field(ValueRef::Text(b"1969-12-31"), PgType::Date, true).unwrap(), (-10958i32).to_be_bytes());
-        assert_eq!(field(ValueRef::Text(b"2023-02-30"), PgType::Date, true).unwrap_err().code, "22P02");
+        assert_eq!(
+            field(ValueRef::Text(b"1969-12-31"), PgType::Date, true).unwrap(),
+            (-10958i32).to_be_bytes()
+        );
+        assert_eq!(
+            field(ValueRef::Text(b"2023-02-30"), PgType::Date, true)
+                .unwrap_err()
+                .code,
+            "22P02"
+        );
     }
 
     #[test]
     fn numeric_binary_round_trips() {
-        for s in ["0", "1", "-1", "12345.678", "0.0001", "-0.5", "10000", "99999999999999999999.12", "1.10"] {
+        for s in [
+            "0",
+            "1",
+            "-1",
+            "12345.678",
+            "0.0001",
+            "-0.5",
+            "10000",
+            "99999999999999999999.12",
+            "1.10",
+        ] {
             let mut out = BytesMut::new();
             numeric_binary(&mut out, s).unwrap();
             let back = numeric_from_binary(&out).unwrap();
-            let expect = if s == "-0.5" { "-0.5".to_string() } else { s.to_string() };
+            let expect = if s == "-0.5" {
+                "-0.5".to_string()
+            } else {
+                s.to_string()
+            };
             assert_eq!(back, expect, "{s}");
         }
         // PostgreSQL's own encoding of 12345.678: 3 digits, weight 1, dscale 3.
         let mut out = BytesMut::new();
         numeric_binary(&mut out, "12345.678").unwrap();
-        assert_eq!(&out[..], [0, 3, 0, 1, 0, 0, 0, 3, 0, 1, 0x09, 0x29, 0x1a, 0x7c]);
+        assert_eq!(
+            &out[..],
+            [0, 3, 0, 1, 0, 0, 0, 3, 0, 1, 0x09, 0x29, 0x1a, 0x7c]
+        );
     }
 
     #[test]
     fn params_decode_or_fail_clearly() {
-        assert_eq!(decode_param(Some(b"12"), 23, false).unwrap(), Value::Integer(12));
-        assert_eq!(decode_param(Some(b"true"), 16, false).unwrap(), Value::Integer(1));
-        assert_eq!(decode_param(Some(b"\\x0102"), 17, false).unwrap(), Value::Blob(vec![1, 2]));
-        assert_eq!(decode_param(Some(b"a\\\\b\\001"), 17, false).unwrap(), Value::Blob(b"a\\b\x01".to_vec()));
+        assert_eq!(
+            decode_param(Some(b"12"), 23, false).unwrap(),
+            Value::Integer(12)
+        );
+        assert_eq!(
+            decode_param(Some(b"true"), 16, false).unwrap(),
+            Value::Integer(1)
+        );
+        assert_eq!(
+            decode_param(Some(b"\\x0102"), 17, false).unwrap(),
+            Value::Blob(vec![1, 2])
+        );
+        assert_eq!(
+            decode_param(Some(b"a\\\\b\\001"), 17, false).unwrap(),
+            Value::Blob(b"a\\b\x01".to_vec())
+        );
         assert_eq!(decode_param(None, 23, true).unwrap(), Value::Null);
-        assert_eq!(decode_param(Some(b"x1"), 20, false).unwrap_err().code, "22P02");
-        assert_eq!(decode_param(Some(b"99999"), 21, false).unwrap_err().code, "22003");
-        assert_eq!(decode_param(Some(&[0, 0, 1]), 23, true).unwrap_err().code, "08P01");
-        assert_eq!(decode_param(Some(b"x"), 600, true).unwrap_err().code, "0A000");
+        assert_eq!(
+            decode_param(Some(b"x1"), 20, false).unwrap_err().code,
+            "22P02"
+        );
+        assert_eq!(
+            decode_param(Some(b"99999"), 21, false).unwrap_err().code,
+            "22003"
+        );
+        assert_eq!(
+            decode_param(Some(&[0, 0, 1]), 23, true).unwrap_err().code,
+            "08P01"
+        );
+        assert_eq!(
+            decode_param(Some(b"x"), 600, true).unwrap_err().code,
+            "0A000"
+        );
         let u = decode_param(Some(&[0x12; 16]), 2950, true).unwrap();
-        assert_eq!(u, Value::Text("12121212-1212-1212-1212-121212121212".into()));
+        assert_eq!(
+            u,
+            Value::Text("12121212-1212-1212-1212-121212121212".into())
+        );
     }
 }

@@ -124,9 +124,12 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
         } => {
             let admin_password = match admin_password_file {
                 Some(p) => {
-                    let text = std::fs::read_to_string(&p)
-                        .with_context(|| format!("reading the admin password from {}", p.display()))?;
-                    Some(zeroize::Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string()))
+                    let text = std::fs::read_to_string(&p).with_context(|| {
+                        format!("reading the admin password from {}", p.display())
+                    })?;
+                    Some(zeroize::Zeroizing::new(
+                        text.trim_end_matches(['\n', '\r']).to_string(),
+                    ))
                 }
                 None => None,
             };
@@ -153,12 +156,21 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             })?;
             let c = &created.config;
             println!("created server {} ({})", c.name, c.server_id);
-            println!("  encryption: {} ({})", c.encryption.scenario, c.encryption.service_key);
+            println!(
+                "  encryption: {} ({})",
+                c.encryption.scenario, c.encryption.service_key
+            );
             println!("  keystore:   {}", c.encryption.keystore_dir.display());
-            println!("  identity:   {} (certificate sha256 {})", c.identity.client_id, c.identity.thumbprint_sha256);
+            println!(
+                "  identity:   {} (certificate sha256 {})",
+                c.identity.client_id, c.identity.thumbprint_sha256
+            );
             println!("  admin user: {admin_user}");
             if let Some(p) = &created.admin_password_file {
-                println!("  admin password stored in {} (mode 0600); delete it once you have it", p.display());
+                println!(
+                    "  admin password stored in {} (mode 0600); delete it once you have it",
+                    p.display()
+                );
             }
             Ok(std::process::ExitCode::SUCCESS)
         }
@@ -218,7 +230,8 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                         .map(|m| format!(", metrics on http://{m}/metrics"))
                         .unwrap_or_default()
                 );
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 let signal = tokio::select! {
                     _ = term.recv() => "SIGTERM",
                     _ = tokio::signal::ctrl_c() => "SIGINT",
@@ -237,20 +250,34 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             } else {
                 let s = |k: &str| st[k].as_str().unwrap_or("-").to_string();
                 println!("name:        {}", s("name"));
-                println!("state:       {} since {} ({})", s("state"), s("since"), s("reason"));
+                println!(
+                    "state:       {} since {} ({})",
+                    s("state"),
+                    s("since"),
+                    s("reason")
+                );
                 if let Some(note) = st["note"].as_str() {
                     println!("note:        {note}");
                 }
                 if let Some(l) = st["listen"].as_str() {
                     println!("listening:   {l}");
                 }
-                println!("encryption:  {}", st["encryption"]["scenario"].as_str().unwrap_or("-"));
-                println!("service key: {}", st["encryption"]["service_key"].as_str().unwrap_or("-"));
+                println!(
+                    "encryption:  {}",
+                    st["encryption"]["scenario"].as_str().unwrap_or("-")
+                );
+                println!(
+                    "service key: {}",
+                    st["encryption"]["service_key"].as_str().unwrap_or("-")
+                );
                 println!(
                     "infrastructure encryption: {}",
                     st["encryption"]["infrastructure_encryption"]
                 );
-                println!("identity:    {}", st["identity"]["client_id"].as_str().unwrap_or("-"));
+                println!(
+                    "identity:    {}",
+                    st["identity"]["client_id"].as_str().unwrap_or("-")
+                );
                 if let Some(dbs) = st["databases"].as_array() {
                     let names: Vec<&str> = dbs.iter().filter_map(|d| d["name"].as_str()).collect();
                     println!("databases:   {}", names.join(", "));

@@ -39,7 +39,11 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // A server says what it does (where it listens, state changes) by default.
-    init_logging(if matches!(cli.command, Command::Server(_)) { "info" } else { "warn" });
+    init_logging(if matches!(cli.command, Command::Server(_)) {
+        "info"
+    } else {
+        "warn"
+    });
     match run(cli) {
         Ok(code) => code,
         Err(err) => {

@@ -35,7 +35,9 @@ SELECT m FROM t2;
 
 fn assert_no_marker(dir: &std::path::Path) {
     let files = files_under(dir);
-    assert!(files.iter().any(|(p, _)| p.extension().is_some_and(|e| e == "db")));
+    assert!(files
+        .iter()
+        .any(|(p, _)| p.extension().is_some_and(|e| e == "db")));
     for (path, bytes) in &files {
         for needle in [MARKER.as_bytes(), PASSWORD.as_bytes()] {
             assert!(
@@ -71,7 +73,10 @@ fn psql_session_leaves_no_plaintext_at_rest() {
     // And the data is all there after a restart.
     s.start(&[]);
     assert_eq!(
-        s.sql("postgres", &format!("SELECT count(*) FROM notes WHERE body LIKE '{MARKER}%'")),
+        s.sql(
+            "postgres",
+            &format!("SELECT count(*) FROM notes WHERE body LIKE '{MARKER}%'")
+        ),
         "2000"
     );
     assert_eq!(s.sql("second", "SELECT m FROM t2"), MARKER);
@@ -94,20 +99,35 @@ fn tls_with_channel_binding_and_plaintext_policy() {
     // holds the certificate the client checked.
     let out = psql(format!(
         "{} channel_binding=require",
-        s.conninfo("postgres", "verify-full").replace("host=127.0.0.1", "host=localhost")
+        s.conninfo("postgres", "verify-full")
+            .replace("host=127.0.0.1", "host=localhost")
     ));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
     // Loopback may use plaintext under the default policy.
     let out = psql(s.conninfo("postgres", "disable"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Channel binding cannot be had without TLS.
-    let out = psql(format!("{} channel_binding=require", s.conninfo("postgres", "disable")));
+    let out = psql(format!(
+        "{} channel_binding=require",
+        s.conninfo("postgres", "disable")
+    ));
     assert!(!out.status.success());
     // Wrong password and unknown user: the same refusal.
     for user in ["atrest", "nobody"] {
         let out = Command::new(tool("psql"))
-            .arg(s.conninfo("postgres", "require").replace("user=atrest", &format!("user={user}")))
+            .arg(
+                s.conninfo("postgres", "require")
+                    .replace("user=atrest", &format!("user={user}")),
+            )
             .args(["-X", "-c", "SELECT 1"])
             .env("PGPASSWORD", "wrong password")
             .output()
@@ -115,7 +135,9 @@ fn tls_with_channel_binding_and_plaintext_policy() {
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
-            err.contains(&format!("password authentication failed for user \"{user}\"")),
+            err.contains(&format!(
+                "password authentication failed for user \"{user}\""
+            )),
             "{err}"
         );
     }
@@ -150,13 +172,20 @@ fn lifecycle_status_metrics_and_delete() {
             args.push("--json");
         }
         let out = atrest(&args);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let st: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
     assert_eq!(st["state"], "Stopped");
     assert_eq!(st["encryption"]["scenario"], "service-managed");
-    assert!(st["encryption"]["service_key"].as_str().unwrap().starts_with("service:"));
+    assert!(st["encryption"]["service_key"]
+        .as_str()
+        .unwrap()
+        .starts_with("service:"));
     assert!(st["identity"]["client_id"].as_str().unwrap().len() == 36);
 
     s.start(&[]);
@@ -169,10 +198,15 @@ fn lifecycle_status_metrics_and_delete() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is running"));
     // Delete refuses while running, and without --yes.
-    assert!(!atrest(&["server", "delete", "--data", &dir, "--yes"]).status.success());
+    assert!(!atrest(&["server", "delete", "--data", &dir, "--yes"])
+        .status
+        .success());
     // Metrics count what happened.
     s.sql("postgres", "CREATE TABLE m (x text)");
-    s.sql("postgres", "INSERT INTO m SELECT printf('%.*c', 1000, 'y') FROM generate_series(1, 100)");
+    s.sql(
+        "postgres",
+        "INSERT INTO m SELECT printf('%.*c', 1000, 'y') FROM generate_series(1, 100)",
+    );
     assert!(s.metric("atrest_queries_total") >= 2.0);
     assert!(s.metric("atrest_connections_total") >= 2.0);
     assert!(s.metric("atrest_bytes_encrypted_total") >= 100_000.0);
@@ -189,7 +223,10 @@ fn lifecycle_status_metrics_and_delete() {
         .iter()
         .map(|h| h["state"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(&states[states.len() - 4..], ["Starting", "Ready", "Stopping", "Stopped"]);
+    assert_eq!(
+        &states[states.len() - 4..],
+        ["Starting", "Ready", "Stopping", "Stopped"]
+    );
     let activity = std::fs::read_to_string(s.dir.join("activity.log")).unwrap();
     assert!(activity.lines().count() >= 5);
 
@@ -198,17 +235,26 @@ fn lifecycle_status_metrics_and_delete() {
     s.kill9();
     let st: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
     assert_eq!(st["state"], "Stopped");
-    assert!(st["note"].as_str().unwrap().contains("without a clean shutdown"));
+    assert!(st["note"]
+        .as_str()
+        .unwrap()
+        .contains("without a clean shutdown"));
     // ...and it starts again with the data intact.
     s.start(&[]);
     assert_eq!(s.sql("postgres", "SELECT count(*) FROM m"), "100");
     assert!(s.stop().success());
 
-    assert!(!atrest(&["server", "delete", "--data", &dir]).status.success());
+    assert!(!atrest(&["server", "delete", "--data", &dir])
+        .status
+        .success());
     let keys_before = std::fs::read_dir(&s.keystore).unwrap().count();
     assert_eq!(keys_before, 1);
     let out = atrest(&["server", "delete", "--data", &dir, "--yes"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!s.dir.exists());
     assert_eq!(
         std::fs::read_dir(&s.keystore).unwrap().count(),

@@ -7,7 +7,10 @@ use std::process::Command;
 use server_common::*;
 
 fn run_case(server: &TestServer, case: &str) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/server_py/psycopg_suite.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/server_py/psycopg_suite.py"
+    );
     let out = Command::new(python())
         .args([script, case])
         .env("ATREST_PORT", server.port.to_string())
@@ -91,14 +94,20 @@ fn client_disconnecting_mid_query_loses_only_its_transaction() {
 
 #[test]
 fn idle_in_transaction_sessions_are_ended() {
-    case("idle_in_transaction_timeout", &["--idle-in-transaction-timeout-ms", "300"]);
+    case(
+        "idle_in_transaction_timeout",
+        &["--idle-in-transaction-timeout-ms", "300"],
+    );
 }
 
 #[test]
 fn sigterm_rolls_back_open_transactions_and_keeps_committed_data() {
     let mut s = TestServer::create(&[]);
     s.start(&["--shutdown-grace-ms", "500"]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/server_py/psycopg_suite.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/server_py/psycopg_suite.py"
+    );
     let mut child = Command::new(python())
         .args([script, "sigterm_open_transaction"])
         .env("ATREST_PORT", s.port.to_string())

@@ -135,7 +135,11 @@ impl TestServer {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("server exited ({st}) during start:\n{}", self.log_text());
             }
-            assert!(Instant::now() < deadline, "server did not become Ready:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "server did not become Ready:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -204,7 +208,11 @@ impl TestServer {
                 self.child = None;
                 return st;
             }
-            assert!(Instant::now() < deadline, "server did not exit:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -221,7 +229,8 @@ impl TestServer {
     }
 
     pub fn state(&self) -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(self.dir.join("state.json")).unwrap()).unwrap()
+        serde_json::from_str(&std::fs::read_to_string(self.dir.join("state.json")).unwrap())
+            .unwrap()
     }
 
     /// GET a path of the metrics endpoint (plain HTTP/1.0).

@@ -1,0 +1,222 @@
+//! Bad input: garbage on the socket, truncated and oversized packets, a
+//! megabyte of SQL, errors inside transactions. Each gets a clear error or
+//! a closed connection; the server keeps serving and loses nothing.
+
+mod server_common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use server_common::*;
+
+/// Sends `bytes`, then reads until the server closes (or 5 s pass).
+fn send_raw(port: u16, bytes: &[u8], close_write: bool) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(bytes).unwrap();
+    if close_write {
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let mut out = vec![];
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = vec![];
+    body.extend_from_slice(&196608u32.to_be_bytes());
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    p.extend(body);
+    p
+}
+
+fn error_fields(reply: &[u8]) -> String {
+    // 'E' len fields...: return the message text for assertions.
+    assert_eq!(
+        reply.first(),
+        Some(&b'E'),
+        "expected an ErrorResponse, got {reply:?}"
+    );
+    String::from_utf8_lossy(&reply[5..]).replace('\0', "|")
+}
+
+fn assert_still_serving(s: &TestServer) {
+    assert_eq!(s.sql("postgres", "SELECT count(*) FROM kept"), "3");
+    assert!(!s.log_text().contains("panicked"), "{}", s.log_text());
+}
+
+fn server() -> TestServer {
+    let mut s = TestServer::create(&[]);
+    s.start(&["--max-message-bytes", "2000000"]);
+    s.sql(
+        "postgres",
+        "CREATE TABLE kept (x int); INSERT INTO kept VALUES (1), (2), (3)",
+    );
+    s
+}
+
+#[test]
+fn garbage_and_malformed_packets_are_refused_cleanly() {
+    let mut s = server();
+    // An HTTP request on the PostgreSQL port.
+    let reply = send_raw(s.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", true);
+    assert!(reply.is_empty() || reply[0] == b'E', "{reply:?}");
+    // Random bytes.
+    let noise: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let reply = send_raw(s.port, &noise, true);
+    assert!(reply.is_empty() || reply[0] == b'E');
+    // A truncated startup packet (claims 100 bytes, sends 10, hangs up).
+    let mut p = 100u32.to_be_bytes().to_vec();
+    p.extend_from_slice(&196608u32.to_be_bytes());
+    p.extend_from_slice(b"us");
+    let reply = send_raw(s.port, &p, true);
+    assert!(
+        reply.is_empty() || error_fields(&reply).contains("08P01"),
+        "{reply:?}"
+    );
+    // A startup packet claiming 2 GB.
+    let reply = send_raw(s.port, &0x7fff_fff0u32.to_be_bytes(), false);
+    let text = error_fields(&reply);
+    assert!(text.contains("54000") || text.contains("08P01"), "{text}");
+    // Protocol 2.0 and an unknown user.
+    let mut p = startup_packet(&[("user", "atrest")]);
+    p[4..8].copy_from_slice(&131072u32.to_be_bytes());
+    let reply = send_raw(s.port, &p, false);
+    assert!(reply.is_empty() || reply[0] == b'E');
+    // No user at all.
+    let reply = send_raw(s.port, &startup_packet(&[("database", "postgres")]), false);
+    assert!(error_fields(&reply).contains("no PostgreSQL user name"));
+    // A replication connection.
+    let reply = send_raw(
+        s.port,
+        &startup_packet(&[("user", "atrest"), ("replication", "true")]),
+        false,
+    );
+    assert!(error_fields(&reply).contains("replication"));
+    // A SASL response that is not SCRAM.
+    let mut p = startup_packet(&[("user", "atrest"), ("database", "postgres")]);
+    let mut resp = vec![b'p'];
+    let body = b"SCRAM-SHA-256\0\xff\xff\xff\xffgarbage";
+    resp.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    resp.extend_from_slice(body);
+    p.extend(resp);
+    let reply = send_raw(s.port, &p, false);
+    assert!(!reply.is_empty());
+    // A cancel request with a wrong secret for a session that does not exist.
+    let mut c = 16u32.to_be_bytes().to_vec();
+    c.extend_from_slice(&80877102u32.to_be_bytes());
+    c.extend_from_slice(&1000i32.to_be_bytes());
+    c.extend_from_slice(&12345i32.to_be_bytes());
+    assert!(send_raw(s.port, &c, false).is_empty());
+    assert_still_serving(&s);
+    assert!(s.stop().success());
+}
+
+#[test]
+fn a_megabyte_of_sql_works_and_too_much_is_refused() {
+    let mut s = server();
+    let big = "x".repeat(1 << 20);
+    let file = s.tmp.path().join("big.sql");
+    std::fs::write(
+        &file,
+        format!("CREATE TABLE big (v text); INSERT INTO big VALUES ('{big}'); SELECT length(v) FROM big;"),
+    )
+    .unwrap();
+    let out = s.psql("postgres", &["-f", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1048576");
+    // Over the configured limit (2 MB here): the connection is closed
+    // with a clear error, and nothing else is affected.
+    let huge = "y".repeat(3 << 20);
+    std::fs::write(&file, format!("SELECT length('{huge}');")).unwrap();
+    let out = s.psql("postgres", &["-f", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exceeds the server's limit"), "{err}");
+    assert_eq!(s.sql("postgres", "SELECT length(v) FROM big"), "1048576");
+    assert_still_serving(&s);
+    assert!(s.stop().success());
+}
+
+#[test]
+fn syntax_error_inside_a_transaction_rolls_it_back() {
+    let mut s = server();
+    let file = s.tmp.path().join("tx.sql");
+    std::fs::write(
+        &file,
+        "BEGIN;\nINSERT INTO kept VALUES (100);\nSELEC oops;\nINSERT INTO kept VALUES (101);\nCOMMIT;\nSELECT count(*) FROM kept;\n",
+    )
+    .unwrap();
+    let out = Command::new(tool("psql"))
+        .arg(s.conninfo("postgres", "require"))
+        .args(["-X", "-A", "-t", "-f", file.to_str().unwrap()])
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stderr.contains("syntax error"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "current transaction is aborted, commands ignored until end of transaction block"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("ROLLBACK") || stdout.trim().ends_with('3'),
+        "{stdout}"
+    );
+    assert_eq!(
+        s.sql("postgres", "SELECT count(*) FROM kept WHERE x >= 100"),
+        "0"
+    );
+    // Multi-statement simple queries are one implicit transaction.
+    let out = s.psql(
+        "postgres",
+        &[
+            "-c",
+            "INSERT INTO kept VALUES (200); INSERT INTO nope VALUES (1)",
+        ],
+    );
+    assert!(!out.status.success());
+    assert_eq!(
+        s.sql("postgres", "SELECT count(*) FROM kept WHERE x = 200"),
+        "0"
+    );
+    assert_still_serving(&s);
+    assert!(s.stop().success());
+}
+
+#[test]
+fn a_killed_server_keeps_every_committed_transaction() {
+    let mut s = server();
+    for i in 0..20 {
+        s.sql(
+            "postgres",
+            &format!("INSERT INTO kept VALUES ({})", 1000 + i),
+        );
+    }
+    s.kill9();
+    s.start(&[]);
+    assert_eq!(
+        s.sql("postgres", "SELECT count(*) FROM kept WHERE x >= 1000"),
+        "20"
+    );
+    assert_eq!(s.sql("postgres", "PRAGMA integrity_check"), "ok");
+    assert!(s.stop().success());
+}
