@@ -5,6 +5,10 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# Real PostgreSQL clients drive the server tests: psql, and pgbench (which
+# Debian ships with the server package).
+psql --version >/dev/null 2>&1 || need_apt+=(postgresql-client)
+pgbench --version >/dev/null 2>&1 || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

@@ -135,3 +135,13 @@ fn sigterm_rolls_back_open_transactions_and_keeps_committed_data() {
     run_case(&s, "after_sigterm");
     assert!(s.stop().success());
 }
+
+#[test]
+fn writers_wait_in_line_time_out_clearly_and_snapshot_conflicts_are_retryable() {
+    case("write_lock_wait_and_snapshot_conflicts", &[]);
+}
+
+#[test]
+fn idle_sessions_are_ended() {
+    case("idle_session_timeout", &["--idle-session-timeout-ms", "300"]);
+}

@@ -302,6 +302,45 @@ def case_session_surface():
         expect_error(psycopg.OperationalError, lambda: connect("sales"))
 
 
+def case_write_lock_wait_and_snapshot_conflicts():
+    """Writers queue for the write lock (no spurious errors), give up after
+    lock_timeout with 55P03 naming the holder, and a transaction that read
+    an older snapshot and then writes gets 40001 (retryable)."""
+    with connect() as a, connect() as b:
+        a.autocommit = b.autocommit = True
+        a.execute("CREATE TABLE w (id int PRIMARY KEY, v int)")
+        a.execute("INSERT INTO w VALUES (1, 0)")
+        a.execute("BEGIN")
+        a.execute("UPDATE w SET v = 1 WHERE id = 1")
+        # b waits for a, then proceeds once a commits.
+        threading.Timer(0.5, lambda: a.execute("COMMIT")).start()
+        start = time.time()
+        b.execute("UPDATE w SET v = v + 10 WHERE id = 1")
+        assert time.time() - start >= 0.4
+        assert b.execute("SELECT v FROM w").fetchone() == (11,)
+        # With a short lock_timeout the wait ends in a clear error.
+        a.execute("BEGIN")
+        a.execute("UPDATE w SET v = 2 WHERE id = 1")
+        b.execute("SET lock_timeout = '200ms'")
+        e = expect_error(errors.LockNotAvailable, lambda: b.execute("UPDATE w SET v = 3 WHERE id = 1"), "55P03")
+        assert "write lock" in str(e) and "holds it" in str(e), str(e)
+        a.execute("COMMIT")
+        # Read, another session commits a write, then write: 40001.
+        b.execute("BEGIN")
+        assert b.execute("SELECT v FROM w").fetchone() == (2,)
+        a.execute("UPDATE w SET v = 4 WHERE id = 1")
+        expect_error(errors.SerializationFailure, lambda: b.execute("UPDATE w SET v = 5 WHERE id = 1"), "40001")
+        b.execute("ROLLBACK")
+        assert b.execute("SELECT v FROM w").fetchone() == (4,)
+
+
+def case_idle_session_timeout():
+    with connect() as conn:
+        conn.autocommit = True
+        time.sleep(1.0)
+        expect_error(psycopg.Error, lambda: conn.execute("SELECT 1"), "57P05")
+
+
 def case_connection_limit():
     held = [connect() for _ in range(3)]
     e = expect_error(psycopg.OperationalError, lambda: connect())
