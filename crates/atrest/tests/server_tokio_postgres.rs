@@ -88,6 +88,22 @@ fn tokio_postgres_prepared_binary_transactions_and_errors() {
         let q: i32 = client.query_one("SELECT qty FROM items WHERE id = 1", &[]).await.unwrap().get(0);
         assert_eq!(q, 11);
 
+        // A portal read in pieces (Execute with a row limit, PortalSuspended).
+        let tx = client.transaction().await.unwrap();
+        let stmt = tx.prepare("SELECT value FROM generate_series(1, 25)").await.unwrap();
+        let portal = tx.bind(&stmt, &[]).await.unwrap();
+        let mut got = vec![];
+        loop {
+            let rows = tx.query_portal(&portal, 10).await.unwrap();
+            if rows.is_empty() {
+                break;
+            }
+            assert!(rows.len() <= 10);
+            got.extend(rows.iter().map(|r| r.get::<_, i64>(0)));
+        }
+        assert_eq!(got, (1..=25).collect::<Vec<i64>>());
+        tx.commit().await.unwrap();
+
         // Errors carry SQLSTATEs.
         let e = client.execute("INSERT INTO items (id, name) VALUES ($1, $2)", &[&1i64, &"dup"]).await.unwrap_err();
         assert_eq!(e.code(), Some(&SqlState::UNIQUE_VIOLATION), "{e:?}");
