@@ -427,7 +427,9 @@ async fn startup(
         .ok()?;
 
     // Admission: connection limit, then the session and its database.
-    let Some((pid, secret)) = ctx.admit() else {
+    let Some(shared) =
+        ctx.admit(|pid, secret| Arc::new(SessionShared::new(pid, secret, &user, &database)))
+    else {
         ctx.metrics.rejected("too_many_connections");
         send_fatal(
             &mut conn,
@@ -442,8 +444,7 @@ async fn startup(
         .await;
         return None;
     };
-    let shared = Arc::new(SessionShared::new(pid, secret, &user, &database));
-    ctx.register(Arc::clone(&shared));
+    let (pid, secret) = (shared.pid, shared.secret);
     let cfg = SessionConfig {
         databases: Arc::clone(&ctx.databases),
         limits: ctx.limits.clone(),

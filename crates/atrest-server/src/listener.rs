@@ -59,20 +59,22 @@ impl ServerCtx {
         self.roles.read().expect("roles").roles.get(user).cloned()
     }
 
-    /// A pid and cancel secret for a new session, unless the server is full.
-    pub fn admit(&self) -> Option<(i32, i32)> {
-        let sessions = self.sessions.lock().expect("sessions");
+    /// Admits a new session unless the server is full: gives it a pid and
+    /// a cancel secret and registers it, in one step (no race past the limit).
+    pub fn admit(
+        &self,
+        make: impl FnOnce(i32, i32) -> Arc<SessionShared>,
+    ) -> Option<Arc<SessionShared>> {
+        let mut sessions = self.sessions.lock().expect("sessions");
         if sessions.len() >= self.limits.max_connections {
             return None;
         }
         let pid = self.next_pid.fetch_add(1, Ordering::Relaxed);
         let mut b = [0u8; 4];
         aws_lc_rs::rand::fill(&mut b).expect("system RNG");
-        Some((pid, i32::from_ne_bytes(b)))
-    }
-
-    pub fn register(&self, s: Arc<SessionShared>) {
-        self.sessions.lock().expect("sessions").insert(s.pid, s);
+        let shared = make(pid, i32::from_ne_bytes(b));
+        sessions.insert(pid, Arc::clone(&shared));
+        Some(shared)
     }
 
     pub fn unregister(&self, pid: i32) {

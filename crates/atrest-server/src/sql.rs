@@ -645,9 +645,7 @@ pub fn rewrite(st: &Statement) -> String {
             && BARE_FUNCTIONS
                 .iter()
                 .any(|f| f.eq_ignore_ascii_case(&text[t.start..t.end]))
-            && toks
-                .get(i + 1)
-                .is_none_or(|n| &text[n.start..n.end] != "(")
+            && toks.get(i + 1).is_none_or(|n| &text[n.start..n.end] != "(")
             && (i == 0 || &text[toks[i - 1].start..toks[i - 1].end] != ".")
     };
     let has_bare = (0..toks.len()).any(is_bare_function);

@@ -143,5 +143,8 @@ fn writers_wait_in_line_time_out_clearly_and_snapshot_conflicts_are_retryable() 
 
 #[test]
 fn idle_sessions_are_ended() {
-    case("idle_session_timeout", &["--idle-session-timeout-ms", "300"]);
+    case(
+        "idle_session_timeout",
+        &["--idle-session-timeout-ms", "300"],
+    );
 }
