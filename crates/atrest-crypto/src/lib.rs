@@ -20,7 +20,8 @@ pub use error::CryptoError;
 pub use header::{FileHeader, FileKind, KeySource, UnverifiedHeader, HEADER_SLOT_SIZE};
 pub use keys::{random_id, Dek, DekId, FileId};
 pub use protector::{
-    KekRef, KeyProtector, ProtectorError, ProtectorKind, WrapAlgorithm, WrappedDek,
+    KekRef, KeyProtector, ProtectorError, ProtectorKind, RoutingProtector, WrapAlgorithm,
+    WrappedDek,
 };
 pub use seal::{CipherId, SealContext, UnitKey, SEAL_OVERHEAD, SEAL_USAGE_LIMIT, SEAL_USAGE_WARN};
 pub use wrap::SymmetricKek;

@@ -115,3 +115,44 @@ pub trait KeyProtector: Send + Sync + fmt::Debug {
     /// this protector cannot use.
     fn unwrap(&self, dek_id: DekId, wrapped: &WrappedDek) -> Result<Dek, ProtectorError>;
 }
+
+/// Wraps with one KEK and unwraps with any of several: what a server uses
+/// while it moves its DEKs from one KEK to another (service key to customer
+/// key, one key version to the next). Files not yet rewrapped stay readable
+/// as long as their old KEK is; once every file is rewrapped the old
+/// protectors are never asked again.
+#[derive(Debug)]
+pub struct RoutingProtector {
+    current: std::sync::Arc<dyn KeyProtector>,
+    previous: Vec<std::sync::Arc<dyn KeyProtector>>,
+}
+
+impl RoutingProtector {
+    pub fn new(
+        current: std::sync::Arc<dyn KeyProtector>,
+        previous: Vec<std::sync::Arc<dyn KeyProtector>>,
+    ) -> Self {
+        RoutingProtector { current, previous }
+    }
+}
+
+impl KeyProtector for RoutingProtector {
+    fn current_kek(&self) -> KekRef {
+        self.current.current_kek()
+    }
+
+    fn wrap(&self, dek: &Dek) -> Result<WrappedDek, ProtectorError> {
+        self.current.wrap(dek)
+    }
+
+    fn unwrap(&self, dek_id: DekId, wrapped: &WrappedDek) -> Result<Dek, ProtectorError> {
+        let mut last = None;
+        for p in std::iter::once(&self.current).chain(self.previous.iter()) {
+            match p.unwrap(dek_id, wrapped) {
+                Err(e @ ProtectorError::NotMine { .. }) => last = Some(e),
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| ProtectorError::Other("no protector".into())))
+    }
+}

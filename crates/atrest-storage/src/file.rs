@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use atrest_crypto::{
     CipherId, Dek, FileHeader, FileId, FileKind, KeySource, SealContext, SymmetricKek, UnitKey,
-    HEADER_SLOT_SIZE, SEAL_OVERHEAD, SEAL_USAGE_WARN,
+    WrappedDek, HEADER_SLOT_SIZE, SEAL_OVERHEAD, SEAL_USAGE_WARN,
 };
 use rusqlite::ffi;
 
@@ -675,6 +675,66 @@ impl<R: RawFile> EncryptedFile<R> {
         meta.slot = slot;
         meta.slot_synced = false;
         Ok(())
+    }
+
+    /// Records this file's DEK under a new wrapping without touching a
+    /// page: a database's DEK wrapped under the keyring's current KEK, or,
+    /// for a WAL or journal, its parent's new wrapping (`parent_wrapped`).
+    /// The header goes to both slots, each made durable before the next is
+    /// written: at every moment some slot is valid (old or new wrapping),
+    /// and afterwards no slot holds the old one. Returns the wrapping now
+    /// recorded.
+    pub fn rewrap(
+        &mut self,
+        keyring: &Keyring,
+        parent_wrapped: Option<WrappedDek>,
+    ) -> Result<WrappedDek, Fail> {
+        let shared = Arc::clone(&self.shared);
+        let mut meta = shared.meta.lock().unwrap();
+        let key_fail = |e| {
+            Fail::with(
+                ffi::SQLITE_IOERR,
+                StorageError::Key {
+                    path: shared.path.clone(),
+                    source: e,
+                },
+            )
+        };
+        let new_source = match (&meta.header, parent_wrapped) {
+            (None, _) => return Err(Fail::io(ffi::SQLITE_MISUSE)),
+            (Some(h), None) => match &h.key_source {
+                KeySource::Kek(_) => KeySource::Kek(keyring.wrap(&meta.dek).map_err(key_fail)?),
+                KeySource::Parent { .. } => return Err(Fail::io(ffi::SQLITE_MISUSE)),
+            },
+            (Some(h), Some(pw)) => match &h.key_source {
+                KeySource::Parent {
+                    parent_file_id,
+                    parent_dek_id,
+                    wrapped,
+                    ..
+                } => KeySource::Parent {
+                    parent_file_id: *parent_file_id,
+                    parent_dek_id: *parent_dek_id,
+                    parent_wrapped: pw,
+                    wrapped: wrapped.clone(),
+                },
+                KeySource::Kek(_) => return Err(Fail::io(ffi::SQLITE_MISUSE)),
+            },
+        };
+        if !meta.slot_synced {
+            self.raw.sync(ffi::SQLITE_SYNC_NORMAL).map_err(Fail::io)?;
+            meta.slot_synced = true;
+        }
+        meta.header.as_mut().expect("checked").key_source = new_source.clone();
+        for _ in 0..2 {
+            self.write_header_locked(&mut meta)?;
+            self.raw.sync(ffi::SQLITE_SYNC_NORMAL).map_err(Fail::io)?;
+            meta.slot_synced = true;
+        }
+        Ok(match new_source {
+            KeySource::Kek(w) => w,
+            KeySource::Parent { parent_wrapped, .. } => parent_wrapped,
+        })
     }
 
     /// Called when SQLite closes this handle: records the exact number of

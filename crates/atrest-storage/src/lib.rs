@@ -242,6 +242,28 @@ impl Engine {
         &self.inner.data_dir
     }
 
+    /// New files, and [`Connection::rewrap`], use `p` from now on; files
+    /// wrapped under another KEK still open while their DEKs are cached.
+    pub fn set_protector(&self, p: Arc<dyn KeyProtector>) {
+        self.inner.keyring.set_protector(p);
+    }
+
+    pub fn protector(&self) -> Arc<dyn KeyProtector> {
+        self.inner.keyring.protector()
+    }
+
+    /// Forgets every unwrapped DEK (zeroized). Files opened afterwards
+    /// need the protector again; close connections first, since open
+    /// files keep their derived page keys until closed.
+    pub fn forget_keys(&self) -> usize {
+        self.inner.keyring.forget_keys()
+    }
+
+    /// How many DEKs are held unwrapped in memory.
+    pub fn cached_keys(&self) -> usize {
+        self.inner.keyring.cached_keys()
+    }
+
     /// Where temp files (sorts, temp tables) are made; they are unlinked
     /// as soon as they are opened.
     pub fn temp_dir(&self) -> &Path {
@@ -359,6 +381,19 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// Rewraps this database's DEK under the engine's current KEK (see
+    /// [`Engine::set_protector`]), in its header and its WAL's: online,
+    /// crash-safe (some header slot is valid at every moment), and no page
+    /// is re-encrypted. Returns the KEK now recorded.
+    pub fn rewrap(&self) -> Result<atrest_crypto::KekRef, StorageError> {
+        // Open the WAL (if any) so its header is rewrapped too.
+        self.conn
+            .query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))
+            .map_err(StorageError::from_sqlite)?;
+        let w = crate::vfs::rewrap_database(&self.conn, &self._engine.keyring)?;
+        Ok(w.kek)
+    }
+
     /// Attaches database `name` of the same data directory as `schema`,
     /// creating it if missing, with room for tag and nonce in its pages.
     pub fn attach(&self, engine: &Engine, name: &str, schema: &str) -> Result<(), StorageError> {
