@@ -140,6 +140,45 @@ pub struct EncryptionConfig {
     pub keystore_dir: PathBuf,
     /// Infrastructure double encryption; fixed at create.
     pub infrastructure_encryption: bool,
+    /// The customer-managed key protecting the DEKs, if one is set.
+    #[serde(default)]
+    pub customer_key: Option<CustomerKeyConfig>,
+    /// Protectors whose wrappings may still be on disk: set while a
+    /// rewrap (key switch or rotation) runs; empty once it completed.
+    #[serde(default)]
+    pub rewrap_from: Vec<String>,
+}
+
+/// A customer-managed key and how the server reaches it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CustomerKeyConfig {
+    /// The key, pinned to a version.
+    pub key: crate::cmk::KeyUrl,
+    pub login: crate::cmk::VaultLogin,
+    pub since: String,
+}
+
+/// The key monitor of a server with a customer-managed key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct MonitorConfig {
+    /// How often access to the key is checked (at most 600 s).
+    pub interval_ms: u64,
+    /// How long the vault may be unreachable before the server goes
+    /// Inaccessible. A refusal has no grace.
+    pub outage_grace_ms: u64,
+    /// Return to Ready by itself once the key is accessible again.
+    pub auto_revalidate: bool,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            interval_ms: 30_000,
+            outage_grace_ms: 120_000,
+            auto_revalidate: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,6 +204,21 @@ pub struct ServerConfig {
     pub allow_plaintext: PlaintextPolicy,
     pub limits: Limits,
     pub default_listen: String,
+    #[serde(default)]
+    pub monitor: MonitorConfig,
+    /// URLs that get an HTTP POST (JSON) on every state change.
+    #[serde(default)]
+    pub webhooks: Vec<String>,
+}
+
+impl ServerConfig {
+    pub fn save(&self, dir: &Path) -> Result<(), ResourceError> {
+        write_atomic(
+            &dir.join(CONFIG_FILE),
+            &serde_json::to_vec_pretty(self).expect("serializable"),
+            0o644,
+        )
+    }
 }
 
 /// A server's lifecycle state.
@@ -179,6 +233,9 @@ pub enum State {
     Stopping,
     /// Being deleted.
     Dropping,
+    /// The customer-managed key cannot be used: keys zeroized, every
+    /// connection refused; only revalidation or delete.
+    Inaccessible,
 }
 
 impl std::fmt::Display for State {
@@ -520,6 +577,8 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
             service_key,
             keystore_dir,
             infrastructure_encryption: false,
+            customer_key: None,
+            rewrap_from: vec![],
         },
         tls,
         allow_plaintext: opts.allow_plaintext,
@@ -528,6 +587,8 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
             .default_listen
             .clone()
             .unwrap_or_else(|| "127.0.0.1:5432".into()),
+        monitor: MonitorConfig::default(),
+        webhooks: vec![],
     };
     write_atomic(
         &dir.join(CONFIG_FILE),
@@ -800,7 +861,12 @@ pub fn status(dir: &Path) -> Result<serde_json::Value, ResourceError> {
             "service_key": config.encryption.service_key,
             "keystore": config.encryption.keystore_dir,
             "infrastructure_encryption": config.encryption.infrastructure_encryption,
-            "customer_key": serde_json::Value::Null,
+            "customer_key": config.encryption.customer_key.as_ref().map(|c| serde_json::json!({
+                "key": c.key.kid(),
+                "tenant": c.login.tenant,
+                "since": c.since,
+            })),
+            "rewrap_in_progress_from": config.encryption.rewrap_from,
         },
         "identity": config.identity,
         "tls": {
