@@ -181,6 +181,13 @@ pub fn describe(e: &ClientError, key: &KeyUrl, client_id: &str) -> String {
     match e {
         ClientError::Api { status, code, inner, message } => {
             let inner = inner.as_deref().unwrap_or("");
+            let token_refused = message.starts_with("AADSTS")
+                || matches!(code.as_str(), "invalid_client" | "unauthorized_client" | "invalid_grant");
+            if token_refused {
+                return format!(
+                    "the vault does not accept the server's identity {client_id} (deleted, or its certificate is not registered); register it and grant get, wrapKey and unwrapKey: {message}"
+                );
+            }
             let what = match (*status, code.as_str(), inner) {
                 (403, _, "ForbiddenByFirewall") => format!(
                     "the vault's firewall denies this server's address; add it to the firewall rules or let the server's identity through as a trusted service ({message})"

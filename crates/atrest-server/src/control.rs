@@ -28,10 +28,7 @@ impl Alerts {
     pub fn new(urls: &[String]) -> Alerts {
         Alerts {
             urls: urls.to_vec(),
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap_or_default(),
+            client: webhook_client(),
             pending: Arc::default(),
         }
     }
@@ -81,6 +78,25 @@ impl Alerts {
         })
         .await;
     }
+}
+
+/// An HTTP client for webhooks: rustls on aws-lc-rs, trusting the system
+/// CA bundle for https URLs.
+fn webhook_client() -> reqwest::Client {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Ok(pem) = std::fs::read("/etc/ssl/certs/ca-certificates.crt") {
+        for c in rustls_pemfile::certs(&mut pem.as_slice()).flatten() {
+            let _ = roots.add(c);
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(atrest_vault::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+    let mut b = reqwest::Client::builder().timeout(Duration::from_secs(10));
+    if let Ok(cfg) = tls {
+        b = b.use_preconfigured_tls(cfg);
+    }
+    b.build().expect("webhook HTTP client")
 }
 
 /// Re-checks the customer key on an interval; moves to Inaccessible on a

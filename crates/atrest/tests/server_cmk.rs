@@ -4,9 +4,8 @@
 
 mod server_common;
 
-use std::io::{BufRead, Read, Write};
+use std::io::Read;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use atrest_vault::testkit::reqwest::Method;
@@ -186,8 +185,6 @@ fn switch_to_customer_key_then_every_loss_cause_goes_inaccessible_and_back() {
     st.server.sql("postgres", "CREATE TABLE t (v text); INSERT INTO t VALUES ('before')");
     st.server.sql("postgres", "CREATE DATABASE other");
     st.server.sql("other", "CREATE TABLE o (x int); INSERT INTO o VALUES (7)");
-    let service_key = st.server.state();
-    let _ = service_key;
     let cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(st.server.dir.join("server.json")).unwrap()).unwrap();
     let service_hex = cfg["encryption"]["service_key"].as_str().unwrap().strip_prefix("service:").unwrap().to_string();
@@ -202,8 +199,6 @@ fn switch_to_customer_key_then_every_loss_cause_goes_inaccessible_and_back() {
     assert_eq!(st.server.sql("postgres", "SELECT v FROM t"), "before");
     st.server.sql("postgres", "INSERT INTO t VALUES ('after')");
     assert!(st.server.stop().success());
-    let status = st.server.state();
-    let _ = status;
 
     // A short check interval for the loss tests.
     let dir = st.server.dir.to_str().unwrap().to_string();
