@@ -33,9 +33,8 @@ pub struct KeyUrl {
 
 impl KeyUrl {
     pub fn parse(url: &str) -> Result<KeyUrl, String> {
-        let bad = || {
-            format!("{url:?} is not a key URL; expected https://VAULT/keys/NAME[/VERSION]")
-        };
+        let bad =
+            || format!("{url:?} is not a key URL; expected https://VAULT/keys/NAME[/VERSION]");
         let rest = url.strip_prefix("https://").ok_or_else(bad)?;
         let (host, path) = rest.split_once('/').ok_or_else(bad)?;
         let mut parts = path.trim_end_matches('/').split('/');
@@ -96,14 +95,18 @@ pub struct VaultAccess {
 
 impl std::fmt::Debug for VaultAccess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VaultAccess").field("client_id", &self.client_id).finish()
+        f.debug_struct("VaultAccess")
+            .field("client_id", &self.client_id)
+            .finish()
     }
 }
 
 impl VaultAccess {
     pub fn new(client: VaultClient, client_id: &str) -> std::io::Result<Arc<VaultAccess>> {
         let (tx, rx) = mpsc::channel::<Job>();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         std::thread::Builder::new()
             .name("vault-access".into())
             .spawn(move || {
@@ -149,12 +152,23 @@ impl VaultAccess {
         self.call(move |c| async move { c.get_key(&name, version.as_deref()).await })
     }
 
-    pub fn wrap(&self, key: &KeyUrl, plaintext: Zeroizing<Vec<u8>>) -> Result<(String, Vec<u8>), ClientError> {
+    pub fn wrap(
+        &self,
+        key: &KeyUrl,
+        plaintext: Zeroizing<Vec<u8>>,
+    ) -> Result<(String, Vec<u8>), ClientError> {
         let (name, version) = (key.name.clone(), key.version.clone());
-        self.call(move |c| async move { c.wrap_key(&name, version.as_deref(), WRAP_ALG, &plaintext).await })
+        self.call(move |c| async move {
+            c.wrap_key(&name, version.as_deref(), WRAP_ALG, &plaintext)
+                .await
+        })
     }
 
-    pub fn unwrap(&self, key: &KeyUrl, wrapped: Vec<u8>) -> Result<Zeroizing<Vec<u8>>, ClientError> {
+    pub fn unwrap(
+        &self,
+        key: &KeyUrl,
+        wrapped: Vec<u8>,
+    ) -> Result<Zeroizing<Vec<u8>>, ClientError> {
         let name = key.name.clone();
         let version = key.version.clone().unwrap_or_default();
         self.call(move |c| async move { c.unwrap_key(&name, &version, WRAP_ALG, &wrapped).await })
@@ -162,7 +176,13 @@ impl VaultAccess {
 
     /// Registers (or removes) this server as depending on a key version,
     /// so the vault refuses to purge or disable it without force.
-    pub fn set_dependent(&self, key: &KeyUrl, server_id: &str, server_name: &str, on: bool) -> Result<(), ClientError> {
+    pub fn set_dependent(
+        &self,
+        key: &KeyUrl,
+        server_id: &str,
+        server_name: &str,
+        on: bool,
+    ) -> Result<(), ClientError> {
         let path = format!(
             "/keys/{}/{}/dependents/{server_id}",
             key.name,
@@ -170,8 +190,14 @@ impl VaultAccess {
         );
         let body = serde_json::json!({"name": server_name, "description": "atrest server: its data encryption keys are wrapped by this key version"});
         self.call(move |c| async move {
-            let method = if on { reqwest::Method::PUT } else { reqwest::Method::DELETE };
-            c.call(method, &path, if on { Some(body) } else { None }).await.map(|_| ())
+            let method = if on {
+                reqwest::Method::PUT
+            } else {
+                reqwest::Method::DELETE
+            };
+            c.call(method, &path, if on { Some(body) } else { None })
+                .await
+                .map(|_| ())
         })
     }
 }
@@ -179,10 +205,18 @@ impl VaultAccess {
 /// What went wrong with a customer key, in words that say what to fix.
 pub fn describe(e: &ClientError, key: &KeyUrl, client_id: &str) -> String {
     match e {
-        ClientError::Api { status, code, inner, message } => {
+        ClientError::Api {
+            status,
+            code,
+            inner,
+            message,
+        } => {
             let inner = inner.as_deref().unwrap_or("");
             let token_refused = message.starts_with("AADSTS")
-                || matches!(code.as_str(), "invalid_client" | "unauthorized_client" | "invalid_grant");
+                || matches!(
+                    code.as_str(),
+                    "invalid_client" | "unauthorized_client" | "invalid_grant"
+                );
             if token_refused {
                 return format!(
                     "the vault does not accept the server's identity {client_id} (deleted, or its certificate is not registered); register it and grant get, wrapKey and unwrapKey: {message}"
@@ -255,7 +289,10 @@ pub fn validate(access: &VaultAccess, key: &KeyUrl) -> Result<ValidKey, Invalid>
             "key {pinned} is {kty}; a customer-managed key must be RSA 2048 or 3072"
         )));
     }
-    let n = bundle["key"]["n"].as_str().and_then(atrest_vault::b64::decode).unwrap_or_default();
+    let n = bundle["key"]["n"]
+        .as_str()
+        .and_then(atrest_vault::b64::decode)
+        .unwrap_or_default();
     let bits = n.iter().skip_while(|b| **b == 0).count() * 8;
     if bits != 2048 && bits != 3072 {
         return Err(Invalid(format!(
@@ -264,7 +301,9 @@ pub fn validate(access: &VaultAccess, key: &KeyUrl) -> Result<ValidKey, Invalid>
     }
     let attrs = &bundle["attributes"];
     if attrs["enabled"].as_bool() != Some(true) {
-        return Err(Invalid(format!("key {pinned} is disabled; enable it in the vault")));
+        return Err(Invalid(format!(
+            "key {pinned} is disabled; enable it in the vault"
+        )));
     }
     let now = now_secs();
     if let Some(nbf) = attrs["nbf"].as_i64() {
@@ -303,18 +342,24 @@ pub fn validate(access: &VaultAccess, key: &KeyUrl) -> Result<ValidKey, Invalid>
     aws_lc_rs::rand::fill(&mut probe).map_err(|_| Invalid("system RNG failure".into()))?;
     let (_, wrapped) = access.wrap(&pinned, probe.clone()).map_err(|e| {
         Invalid(match e.status() {
-            Some(403) => format!("the identity {client_id} lacks the wrapKey permission on key {pinned}; grant it"),
+            Some(403) => format!(
+                "the identity {client_id} lacks the wrapKey permission on key {pinned}; grant it"
+            ),
             _ => describe(&e, &pinned, &client_id),
         })
     })?;
     let back = access.unwrap(&pinned, wrapped).map_err(|e| {
         Invalid(match e.status() {
-            Some(403) => format!("the identity {client_id} lacks the unwrapKey permission on key {pinned}; grant it"),
+            Some(403) => format!(
+                "the identity {client_id} lacks the unwrapKey permission on key {pinned}; grant it"
+            ),
             _ => describe(&e, &pinned, &client_id),
         })
     })?;
     if *back != *probe {
-        return Err(Invalid(format!("key {pinned} unwrapped a test value to something else")));
+        return Err(Invalid(format!(
+            "key {pinned} unwrapped a test value to something else"
+        )));
     }
     Ok(ValidKey { key: pinned, bits })
 }
@@ -384,9 +429,9 @@ impl KeyProtector for VaultProtector {
 
     fn unwrap(&self, dek_id: DekId, wrapped: &WrappedDek) -> Result<Dek, ProtectorError> {
         let theirs = KeyUrl::parse(&wrapped.kek.key_id).ok();
-        let mine = theirs
-            .as_ref()
-            .filter(|k| k.vault == self.key.vault && k.name == self.key.name && k.version.is_some());
+        let mine = theirs.as_ref().filter(|k| {
+            k.vault == self.key.vault && k.name == self.key.name && k.version.is_some()
+        });
         let (Some(key), ProtectorKind::CustomerVault, WrapAlgorithm::RsaOaep256) =
             (mine, wrapped.kek.kind, wrapped.algorithm)
         else {
@@ -424,7 +469,13 @@ mod tests {
         assert_eq!(k.kid(), "https://vault.local:8443/keys/tde/abc123");
         let k = KeyUrl::parse("https://v/keys/tde/").unwrap();
         assert_eq!(k.version, None);
-        for bad in ["http://v/keys/k", "https://v/secrets/k", "https://v/keys/", "https://v/keys/k/v/x", "tde"] {
+        for bad in [
+            "http://v/keys/k",
+            "https://v/secrets/k",
+            "https://v/keys/",
+            "https://v/keys/k/v/x",
+            "tde",
+        ] {
             assert!(KeyUrl::parse(bad).is_err(), "{bad}");
         }
     }

@@ -21,7 +21,7 @@ pub const ADMIN_SOCKET: &str = "admin.sock";
 pub struct Alerts {
     urls: Vec<String>,
     client: reqwest::Client,
-    pending: Arc<tokio::sync::Mutex<tokio::task::JoinSet<()>>>,
+    pending: std::sync::Mutex<tokio::task::JoinSet<()>>,
 }
 
 impl Alerts {
@@ -29,7 +29,7 @@ impl Alerts {
         Alerts {
             urls: urls.to_vec(),
             client: webhook_client(),
-            pending: Arc::default(),
+            pending: std::sync::Mutex::default(),
         }
     }
 
@@ -45,38 +45,33 @@ impl Alerts {
             "time": resource::now_rfc3339(),
             "customer_key": config.encryption.customer_key.as_ref().map(|c| c.key.kid()),
         });
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        if tokio::runtime::Handle::try_current().is_err() {
             return;
-        };
+        }
+        let mut pending = self.pending.lock().expect("alerts");
         for url in &self.urls {
             let (client, url, body) = (self.client.clone(), url.clone(), body.clone());
-            let pending = Arc::clone(&self.pending);
-            handle.spawn(async move {
-                pending.lock().await.spawn(async move {
-                    let mut delay = Duration::from_millis(250);
-                    for attempt in 1..=6 {
-                        match client.post(&url).json(&body).send().await {
-                            Ok(r) if r.status().is_success() => return,
-                            Ok(r) => tracing::warn!(%url, status = %r.status(), attempt, "webhook refused the alert"),
-                            Err(e) => tracing::warn!(%url, error = %e, attempt, "webhook unreachable"),
-                        }
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(30));
+            pending.spawn(async move {
+                let mut delay = Duration::from_millis(250);
+                for attempt in 1..=6 {
+                    match client.post(&url).json(&body).send().await {
+                        Ok(r) if r.status().is_success() => return,
+                        Ok(r) => tracing::warn!(%url, status = %r.status(), attempt, "webhook refused the alert"),
+                        Err(e) => tracing::warn!(%url, error = %e, attempt, "webhook unreachable"),
                     }
-                    tracing::error!(%url, "alert not delivered after 6 attempts");
-                });
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+                tracing::error!(%url, "alert not delivered after 6 attempts");
             });
         }
     }
 
     /// Waits (bounded) for alerts still being delivered.
     pub async fn drain(&self, limit: Duration) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        let mut set = self.pending.lock().await;
-        let _ = tokio::time::timeout(limit, async {
-            while set.join_next().await.is_some() {}
-        })
-        .await;
+        let mut set = std::mem::take(&mut *self.pending.lock().expect("alerts"));
+        let _ =
+            tokio::time::timeout(limit, async { while set.join_next().await.is_some() {} }).await;
     }
 }
 
@@ -119,7 +114,11 @@ pub async fn monitor(ctx: Arc<ServerCtx>) {
             Phase::Stopping => return,
             Phase::Inaccessible => {
                 if cfg.auto_revalidate || last_loss_was_outage {
-                    if ctx.revalidate("revalidated automatically: the key is accessible again").await.is_ok() {
+                    if ctx
+                        .revalidate("revalidated automatically: the key is accessible again")
+                        .await
+                        .is_ok()
+                    {
                         outage_since = None;
                         last_loss_was_outage = false;
                     }
@@ -183,7 +182,8 @@ pub fn serve_admin(ctx: Arc<ServerCtx>) -> Result<(), StartError> {
     let path = ctx.dir.join(ADMIN_SOCKET);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(StartError::Admin)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(StartError::Admin)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(StartError::Admin)?;
     tokio::spawn(async move {
         loop {
             let Ok((sock, _)) = listener.accept().await else {
@@ -226,10 +226,14 @@ pub fn parse_target(req: &Value) -> Result<Target, String> {
 async fn admin_op(ctx: &Arc<ServerCtx>, req: Value) -> Value {
     match req["op"].as_str().unwrap_or("") {
         "revalidate" => match ctx.phase() {
-            Phase::Inaccessible | Phase::Ready => match ctx.revalidate("revalidated by the administrator").await {
-                Ok(()) => json!({"ok": true, "state": "Ready"}),
-                Err(e) => json!({"error": format!("revalidation failed: {e}"), "state": "Inaccessible"}),
-            },
+            Phase::Inaccessible | Phase::Ready => {
+                match ctx.revalidate("revalidated by the administrator").await {
+                    Ok(()) => json!({"ok": true, "state": "Ready"}),
+                    Err(e) => {
+                        json!({"error": format!("revalidation failed: {e}"), "state": "Inaccessible"})
+                    }
+                }
+            }
             Phase::Stopping => json!({"error": "the server is shutting down"}),
         },
         "set-key" => {
@@ -248,7 +252,11 @@ async fn admin_op(ctx: &Arc<ServerCtx>, req: Value) -> Value {
                 if let Ok((_, access)) = &out {
                     let mut k = c.keys.lock().expect("keys");
                     k.access = access.clone();
-                    k.key = config.encryption.customer_key.as_ref().map(|ck| ck.key.clone());
+                    k.key = config
+                        .encryption
+                        .customer_key
+                        .as_ref()
+                        .map(|ck| ck.key.clone());
                     k.probe = match (&k.access, &k.key) {
                         (Some(a), Some(key)) => keys::Probe::make(a, key).ok().map(Arc::new),
                         _ => None,
@@ -264,7 +272,9 @@ async fn admin_op(ctx: &Arc<ServerCtx>, req: Value) -> Value {
                 Err(e) => json!({"error": e.to_string()}),
             }
         }
-        "status" => json!({"ok": true, "phase": format!("{:?}", ctx.phase()), "sessions": ctx.session_count()}),
+        "status" => {
+            json!({"ok": true, "phase": format!("{:?}", ctx.phase()), "sessions": ctx.session_count()})
+        }
         other => json!({"error": format!("unknown operation {other:?}")}),
     }
 }
@@ -273,13 +283,21 @@ async fn admin_op(ctx: &Arc<ServerCtx>, req: Value) -> Value {
 /// server is listening there.
 pub fn admin_request(dir: &std::path::Path, req: &Value) -> Option<Result<Value, String>> {
     let path = dir.join(ADMIN_SOCKET);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
     rt.block_on(async {
         let mut sock = UnixStream::connect(&path).await.ok()?;
         let r = async {
-            sock.write_all(format!("{req}\n").as_bytes()).await.map_err(|e| e.to_string())?;
+            sock.write_all(format!("{req}\n").as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
             let mut line = String::new();
-            BufReader::new(&mut sock).read_line(&mut line).await.map_err(|e| e.to_string())?;
+            BufReader::new(&mut sock)
+                .read_line(&mut line)
+                .await
+                .map_err(|e| e.to_string())?;
             let v: Value = serde_json::from_str(&line).map_err(|e| format!("bad answer: {e}"))?;
             match v["error"].as_str() {
                 Some(e) => Err(e.to_string()),

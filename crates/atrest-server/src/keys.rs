@@ -29,16 +29,29 @@ pub enum Target {
 pub const SERVICE: &str = "service";
 
 /// Opens the vault as this server's identity (its certificate credential).
-pub fn vault_access(dir: &Path, config: &ServerConfig, login: &VaultLogin, key: &KeyUrl) -> Result<Arc<VaultAccess>, String> {
+pub fn vault_access(
+    dir: &Path,
+    config: &ServerConfig,
+    login: &VaultLogin,
+    key: &KeyUrl,
+) -> Result<Arc<VaultAccess>, String> {
     let ca_path = resource::resolve(dir, &login.ca);
-    let ca = std::fs::read(&ca_path).map_err(|e| format!("reading the vault CA {}: {e}", ca_path.display()))?;
+    let ca = std::fs::read(&ca_path)
+        .map_err(|e| format!("reading the vault CA {}: {e}", ca_path.display()))?;
     let http = atrest_vault::client::http_client(&ca, None).map_err(|e| e.to_string())?;
     let key_path = dir.join("identity/identity.key");
     let pem = Zeroizing::new(
-        std::fs::read(&key_path).map_err(|e| format!("reading the server identity {}: {e}", key_path.display()))?,
+        std::fs::read(&key_path)
+            .map_err(|e| format!("reading the server identity {}: {e}", key_path.display()))?,
     );
-    let client = VaultClient::with_certificate(http, &key.vault, &login.tenant, &config.identity.client_id, &pem)
-        .map_err(|e| e.to_string())?;
+    let client = VaultClient::with_certificate(
+        http,
+        &key.vault,
+        &login.tenant,
+        &config.identity.client_id,
+        &pem,
+    )
+    .map_err(|e| e.to_string())?;
     VaultAccess::new(client, &config.identity.client_id).map_err(|e| e.to_string())
 }
 
@@ -50,12 +63,17 @@ pub fn service_protector(config: &ServerConfig) -> Result<Arc<dyn KeyProtector>,
         .and_then(ServiceKeyId::parse)
         .ok_or_else(|| format!("{} is not a service key id", config.encryption.service_key))?;
     let ks = Keystore::open(&config.encryption.keystore_dir).map_err(|e| e.to_string())?;
-    Ok(Arc::new(ks.service_protector(id).map_err(|e| e.to_string())?))
+    Ok(Arc::new(
+        ks.service_protector(id).map_err(|e| e.to_string())?,
+    ))
 }
 
 /// The protector the engine uses for `config`: its key, plus those in
 /// `rewrap_from` while a rewrap is unfinished.
-pub fn engine_protector(config: &ServerConfig, access: Option<&Arc<VaultAccess>>) -> Result<Arc<dyn KeyProtector>, String> {
+pub fn engine_protector(
+    config: &ServerConfig,
+    access: Option<&Arc<VaultAccess>>,
+) -> Result<Arc<dyn KeyProtector>, String> {
     let build = |name: &str| -> Result<Arc<dyn KeyProtector>, String> {
         if name == SERVICE {
             return service_protector(config);
@@ -90,7 +108,11 @@ pub struct SwitchReport {
 
 /// Rewraps every database under the engine's current protector, then
 /// records the rewrap as complete.
-pub fn rewrap_all(dir: &Path, config: &mut ServerConfig, databases: &Databases) -> Result<usize, String> {
+pub fn rewrap_all(
+    dir: &Path,
+    config: &mut ServerConfig,
+    databases: &Databases,
+) -> Result<usize, String> {
     let names = databases.names();
     for name in &names {
         let (_lease, conn) = databases
@@ -131,13 +153,21 @@ pub fn switch(
         Some(c) => c.key.kid(),
         None => SERVICE.to_string(),
     };
-    let new_name = new_ck.as_ref().map(|c| c.key.kid()).unwrap_or_else(|| SERVICE.into());
+    let new_name = new_ck
+        .as_ref()
+        .map(|c| c.key.kid())
+        .unwrap_or_else(|| SERVICE.into());
     let old_ck = config.encryption.customer_key.clone();
     if old_name != new_name && !config.encryption.rewrap_from.contains(&old_name) {
         config.encryption.rewrap_from.push(old_name.clone());
     }
     config.encryption.customer_key = new_ck.clone();
-    config.encryption.scenario = if new_ck.is_some() { "customer-managed" } else { "service-managed" }.into();
+    config.encryption.scenario = if new_ck.is_some() {
+        "customer-managed"
+    } else {
+        "service-managed"
+    }
+    .into();
     // The old key may live in the same vault (rotation): one access serves both.
     let access_for_old = access.clone().or_else(|| {
         old_ck
@@ -148,7 +178,9 @@ pub fn switch(
     config.save(dir).map_err(|e| e.to_string())?;
     databases.engine().set_protector(protector);
     let n = rewrap_all(dir, config, databases)?;
-    databases.engine().set_protector(engine_protector(config, access.as_ref())?);
+    databases
+        .engine()
+        .set_protector(engine_protector(config, access.as_ref())?);
     // Tell the vault which key version this server depends on now.
     if let Some(c) = &new_ck {
         if let Some(a) = &access {
@@ -227,26 +259,36 @@ impl Probe {
 
 /// One check of the key: get (enabled, active, not expired) and an unwrap.
 pub fn check(access: &VaultAccess, key: &KeyUrl, probe: &Probe) -> Result<(), Loss> {
-    let bundle = access.get_key(key).map_err(|e| loss(e, key, &access.client_id))?;
+    let bundle = access
+        .get_key(key)
+        .map_err(|e| loss(e, key, &access.client_id))?;
     let attrs = &bundle["attributes"];
     if attrs["enabled"].as_bool() != Some(true) {
-        return Err(Loss::Refused(format!("key {key} is disabled; enable it in the vault")));
+        return Err(Loss::Refused(format!(
+            "key {key} is disabled; enable it in the vault"
+        )));
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     if attrs["exp"].as_i64().is_some_and(|exp| exp <= now) {
-        return Err(Loss::Refused(format!("key {key} has expired; set a future expiry date in the vault")));
+        return Err(Loss::Refused(format!(
+            "key {key} has expired; set a future expiry date in the vault"
+        )));
     }
     if attrs["nbf"].as_i64().is_some_and(|nbf| nbf > now) {
-        return Err(Loss::Refused(format!("key {key} is not active yet (activation date in the future)")));
+        return Err(Loss::Refused(format!(
+            "key {key} is not active yet (activation date in the future)"
+        )));
     }
     let back = access
         .unwrap(key, probe.wrapped.clone())
         .map_err(|e| loss(e, key, &access.client_id))?;
     if *back != *probe.plain {
-        return Err(Loss::Refused(format!("key {key} no longer unwraps what it wrapped")));
+        return Err(Loss::Refused(format!(
+            "key {key} no longer unwraps what it wrapped"
+        )));
     }
     Ok(())
 }

@@ -17,9 +17,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::databases::Databases;
 use crate::metrics::Metrics;
-use crate::resource::{
-    self, Endpoints, Limits, ResourceError, Role, Roles, ServerConfig, State,
-};
+use crate::resource::{self, Endpoints, Limits, ResourceError, Role, Roles, ServerConfig, State};
 use crate::session::SessionShared;
 
 /// Whether new sessions are admitted.
@@ -119,7 +117,13 @@ impl ServerCtx {
         self.phase.store(2, Ordering::SeqCst);
         tracing::error!(%reason, "customer-managed key inaccessible");
         self.transition(State::Inaccessible, &reason);
-        let sessions: Vec<_> = self.sessions.lock().expect("sessions").values().cloned().collect();
+        let sessions: Vec<_> = self
+            .sessions
+            .lock()
+            .expect("sessions")
+            .values()
+            .cloned()
+            .collect();
         for s in &sessions {
             s.terminate();
         }
@@ -129,7 +133,11 @@ impl ServerCtx {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let n = self.databases.engine().forget_keys();
-        tracing::info!(keys = n, sessions = sessions.len(), "sessions ended, data encryption keys zeroized");
+        tracing::info!(
+            keys = n,
+            sessions = sessions.len(),
+            "sessions ended, data encryption keys zeroized"
+        );
     }
 
     /// Inaccessible to Ready: the key must answer, and every database's
@@ -166,7 +174,8 @@ impl ServerCtx {
             (k.access.clone(), k.key.clone())
         };
         if let (Some(access), Some(key)) = (access, key) {
-            let probe = crate::keys::Probe::make(&access, &key).map_err(|l| l.reason().to_string())?;
+            let probe =
+                crate::keys::Probe::make(&access, &key).map_err(|l| l.reason().to_string())?;
             crate::keys::check(&access, &key, &probe).map_err(|l| l.reason().to_string())?;
             self.keys.lock().expect("keys").probe = Some(Arc::new(probe));
         }
@@ -175,8 +184,10 @@ impl ServerCtx {
                 .databases
                 .connect(&name)
                 .map_err(|e| format!("database {name}: {}", e.message))?;
-            conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get::<_, i64>(0))
-                .map_err(|e| format!("database {name}: {}", crate::error::from_sqlite(e).message))?;
+            conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(|e| format!("database {name}: {}", crate::error::from_sqlite(e).message))?;
         }
         Ok(())
     }
@@ -331,7 +342,9 @@ impl Running {
         let _ = self.stop_tx.send(());
         let _ = self.done.await;
         let _ = resource::set_state(&self.ctx.dir, State::Stopped, reason, None);
-        self.ctx.alerts.notify(&self.ctx.config, State::Stopped, reason);
+        self.ctx
+            .alerts
+            .notify(&self.ctx.config, State::Stopped, reason);
         self.ctx.alerts.drain(Duration::from_secs(10)).await;
         let _ = std::fs::remove_file(self.ctx.dir.join(crate::control::ADMIN_SOCKET));
     }
@@ -345,8 +358,10 @@ pub async fn start(opts: StartOptions) -> Result<Running, StartError> {
     })?;
     let config = resource::load_config(&dir)?;
     let lock = resource::lock(&dir)?;
+    let alerts = crate::control::Alerts::new(&config.webhooks);
     resource::set_state(&dir, State::Starting, "start requested", None)?;
-    let result = start_locked(&dir, config, &opts).await;
+    alerts.notify(&config, State::Starting, "start requested");
+    let result = start_locked(&dir, config.clone(), &opts, alerts).await;
     match result {
         Ok((listen, metrics, ctx, stop_tx, done)) => Ok(Running {
             listen,
@@ -357,7 +372,11 @@ pub async fn start(opts: StartOptions) -> Result<Running, StartError> {
             _lock: lock,
         }),
         Err(e) => {
-            let _ = resource::set_state(&dir, State::Stopped, &format!("start failed: {e}"), None);
+            let reason = format!("start failed: {e}");
+            let _ = resource::set_state(&dir, State::Stopped, &reason, None);
+            let alerts = crate::control::Alerts::new(&config.webhooks);
+            alerts.notify(&config, State::Stopped, &reason);
+            alerts.drain(Duration::from_secs(10)).await;
             Err(e)
         }
     }
@@ -375,6 +394,7 @@ async fn start_locked(
     dir: &Path,
     config: ServerConfig,
     opts: &StartOptions,
+    alerts: crate::control::Alerts,
 ) -> Result<Started, StartError> {
     let limits = opts.limits.clone().unwrap_or_else(|| config.limits.clone());
     let roles = Roles::load(dir)?;
@@ -421,13 +441,16 @@ async fn start_locked(
     let databases = Arc::new(Databases::new(engine));
     if key_failure.is_none() {
         for name in databases.names() {
-            let opened = databases
-                .connect(&name)
-                .map_err(|e| e.message)
-                .and_then(|(_lease, conn)| {
-                    conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get::<_, i64>(0))
+            let opened =
+                databases
+                    .connect(&name)
+                    .map_err(|e| e.message)
+                    .and_then(|(_lease, conn)| {
+                        conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+                            r.get::<_, i64>(0)
+                        })
                         .map_err(|e| crate::error::from_sqlite(e).message)
-                });
+                    });
             if let Err(message) = opened {
                 if config.encryption.customer_key.is_none() {
                     return Err(StartError::Database { name, message });
@@ -495,7 +518,6 @@ async fn start_locked(
         listen: Some(listen.to_string()),
         metrics: metrics_addr.map(|a| a.to_string()),
     };
-    let alerts = crate::control::Alerts::new(&config.webhooks);
     let has_cmk = config.encryption.customer_key.is_some();
     let ctx = Arc::new(ServerCtx {
         dir: dir.to_path_buf(),

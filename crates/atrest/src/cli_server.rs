@@ -346,8 +346,11 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                 serde_json::json!({"op": "set-key", "service": true})
             } else {
                 let ca_src = vault_ca.expect("required");
-                let dir = data.canonicalize().with_context(|| format!("{}", data.display()))?;
-                let ca = std::fs::read(&ca_src).with_context(|| format!("reading {}", ca_src.display()))?;
+                let dir = data
+                    .canonicalize()
+                    .with_context(|| format!("{}", data.display()))?;
+                let ca = std::fs::read(&ca_src)
+                    .with_context(|| format!("reading {}", ca_src.display()))?;
                 resource::write_atomic(&dir.join("vault-ca.pem"), &ca, 0o644)?;
                 serde_json::json!({"op": "set-key", "key": key, "tenant": tenant, "ca": "vault-ca.pem"})
             };
@@ -370,8 +373,14 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
         ServerCommand::Revalidate { data } => {
-            match atrest_server::control::admin_request(&data, &serde_json::json!({"op": "revalidate"})) {
-                None => bail!("the server in {} is not running; start it (it checks its key at start)", data.display()),
+            match atrest_server::control::admin_request(
+                &data,
+                &serde_json::json!({"op": "revalidate"}),
+            ) {
+                None => bail!(
+                    "the server in {} is not running; start it (it checks its key at start)",
+                    data.display()
+                ),
                 Some(Err(e)) => bail!("{e}"),
                 Some(Ok(_)) => {
                     println!("revalidated: the server is Ready");
@@ -412,7 +421,12 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             }
             let dir = data.canonicalize()?;
             config.save(&dir)?;
-            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"monitor": config.monitor, "webhooks": config.webhooks}))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"monitor": config.monitor, "webhooks": config.webhooks})
+                )?
+            );
             Ok(std::process::ExitCode::SUCCESS)
         }
         ServerCommand::Delete { data, yes } => {
@@ -433,7 +447,9 @@ fn key_op(data: &std::path::Path, req: serde_json::Value) -> Result<serde_json::
     if let Some(r) = atrest_server::control::admin_request(data, &req) {
         return r.map_err(|e| anyhow::anyhow!(e));
     }
-    let dir = data.canonicalize().with_context(|| format!("{}", data.display()))?;
+    let dir = data
+        .canonicalize()
+        .with_context(|| format!("{}", data.display()))?;
     let _lock = resource::lock(&dir)?;
     let mut config = resource::load_config(&dir)?;
     let target = atrest_server::control::parse_target(&req).map_err(|e| anyhow::anyhow!(e))?;
@@ -451,10 +467,11 @@ fn key_op(data: &std::path::Path, req: serde_json::Value) -> Result<serde_json::
         None => None,
     };
     engine.set_protector(
-        atrest_server::keys::engine_protector(&config, access.as_ref()).map_err(|e| anyhow::anyhow!(e))?,
+        atrest_server::keys::engine_protector(&config, access.as_ref())
+            .map_err(|e| anyhow::anyhow!(e))?,
     );
     let databases = atrest_server::databases::Databases::new(engine);
-    let (report, _) =
-        atrest_server::keys::switch(&dir, &mut config, &databases, target).map_err(|e| anyhow::anyhow!(e))?;
+    let (report, _) = atrest_server::keys::switch(&dir, &mut config, &databases, target)
+        .map_err(|e| anyhow::anyhow!(e))?;
     Ok(serde_json::json!({"ok": true, "report": report}))
 }
