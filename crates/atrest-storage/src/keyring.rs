@@ -5,15 +5,19 @@
 //! companion files (journal, WAL) never calls the protector again.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use atrest_crypto::{Dek, DekId, KeyProtector, ProtectorError, WrappedDek};
+use atrest_keystore::InfraProtector;
 
 use crate::file::SharedFile;
 
 pub struct Keyring {
     protector: Arc<dyn KeyProtector>,
     cache: Mutex<HashMap<DekId, Dek>>,
+    /// The infrastructure layer's master key, when the data directory has
+    /// that layer. Replaced (never removed) by a rotation.
+    infra: RwLock<Option<Arc<InfraProtector>>>,
 }
 
 /// Files open in this process, by path. Process-wide, not per engine: two
@@ -23,11 +27,22 @@ static OPEN_FILES: std::sync::LazyLock<Mutex<HashMap<String, Weak<SharedFile>>>>
     std::sync::LazyLock::new(Mutex::default);
 
 impl Keyring {
-    pub fn new(protector: Arc<dyn KeyProtector>) -> Self {
+    pub fn new(protector: Arc<dyn KeyProtector>, infra: Option<Arc<InfraProtector>>) -> Self {
         Self {
             protector,
             cache: Mutex::default(),
+            infra: RwLock::new(infra),
         }
+    }
+
+    /// The infrastructure protector, if the layer is on.
+    pub fn infra(&self) -> Option<Arc<InfraProtector>> {
+        self.infra.read().unwrap().clone()
+    }
+
+    /// Switches the infrastructure layer to a new master key version.
+    pub fn set_infra(&self, protector: Arc<InfraProtector>) {
+        *self.infra.write().unwrap() = Some(protector);
     }
 
     /// A new DEK wrapped under the protector's current KEK.
