@@ -169,6 +169,7 @@ impl Db {
                 let engine = Engine::open(&EngineOptions {
                     data_dir: dir.join("atrest-data"),
                     keystore_dir: Some(dir.join("atrest-keystore")),
+                    ..Default::default()
                 })?;
                 let c = engine.connect("bench")?;
                 (ConnHolder::Atrest(c), Some(engine))
