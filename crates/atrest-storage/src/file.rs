@@ -1818,6 +1818,34 @@ mod tests {
         assert!(back.iter().all(|&b| b == 0xC5));
     }
 
+    /// A file whose header names other layers than the data directory
+    /// uses is refused, in both directions (same data-layer key, so only
+    /// the layers differ).
+    #[test]
+    fn a_file_with_other_layers_than_the_keyring_is_refused() {
+        let (_dir, infra) = infra_protector();
+        for (create_with, open_with) in [(Some(infra.clone()), None), (None, Some(infra))] {
+            let (_k, f) = db_file_with(create_with);
+            let mut raw = MemFile(f.raw.0.clone());
+            let keyring = Keyring::new(
+                Arc::new(TestProtector(SymmetricKek::new(&[9; 32]).unwrap())),
+                open_with,
+            );
+            let fail = SharedFile::open(
+                &mut raw,
+                FileKind::MainDb,
+                "m.db".into(),
+                &keyring,
+                None,
+                true,
+            )
+            .err()
+            .expect("layers differ");
+            let msg = fail.detail.unwrap().to_string();
+            assert!(msg.contains("layer") && msg.contains("m.db"), "{msg}");
+        }
+    }
+
     /// With the infrastructure layer, page 1 must reserve 68 bytes: 28 is
     /// refused (the data layer's trailer alone does not fit both).
     #[test]
