@@ -17,6 +17,8 @@ pub enum ProtectorKind {
     Service = 1,
     /// A customer-managed RSA key in the key vault.
     CustomerVault = 2,
+    /// The infrastructure master key of the second layer (its own keystore).
+    Infrastructure = 3,
 }
 
 impl ProtectorKind {
@@ -24,6 +26,7 @@ impl ProtectorKind {
         match v {
             1 => Some(Self::Service),
             2 => Some(Self::CustomerVault),
+            3 => Some(Self::Infrastructure),
             _ => None,
         }
     }
@@ -31,6 +34,7 @@ impl ProtectorKind {
         match self {
             Self::Service => "service-managed",
             Self::CustomerVault => "customer-managed",
+            Self::Infrastructure => "infrastructure",
         }
     }
 }
@@ -43,6 +47,8 @@ pub enum WrapAlgorithm {
     A256Gcm = 1,
     /// RSA-OAEP with SHA-256 (customer keys in the vault).
     RsaOaep256 = 2,
+    /// XChaCha20-Poly1305 with a random 192-bit nonce (infrastructure layer).
+    XChaCha20Poly1305 = 3,
 }
 
 impl WrapAlgorithm {
@@ -50,6 +56,7 @@ impl WrapAlgorithm {
         match v {
             1 => Some(Self::A256Gcm),
             2 => Some(Self::RsaOaep256),
+            3 => Some(Self::XChaCha20Poly1305),
             _ => None,
         }
     }
@@ -57,6 +64,7 @@ impl WrapAlgorithm {
         match self {
             Self::A256Gcm => "A256GCM",
             Self::RsaOaep256 => "RSA-OAEP-256",
+            Self::XChaCha20Poly1305 => "XChaCha20-Poly1305",
         }
     }
 }

@@ -403,9 +403,10 @@ async fn start_locked(
     let engine = Engine::open(&EngineOptions {
         data_dir: dir.join(resource::DATA_SUBDIR),
         keystore_dir: Some(config.encryption.keystore_dir.clone()),
+        infrastructure_encryption: Some(config.encryption.infrastructure_encryption),
+        infra_keystore_dir: config.encryption.infra_keystore_dir.clone(),
     })?;
-    if engine.info().map(|i| i.service_key.as_str()) != Some(config.encryption.service_key.as_str())
-    {
+    if engine.info().map(|i| i.service_key) != Some(config.encryption.service_key.clone()) {
         return Err(StartError::Resource(ResourceError::Corrupt {
             path: dir.join(resource::DATA_SUBDIR),
             reason: format!(

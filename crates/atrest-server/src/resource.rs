@@ -140,6 +140,9 @@ pub struct EncryptionConfig {
     pub keystore_dir: PathBuf,
     /// Infrastructure double encryption; fixed at create.
     pub infrastructure_encryption: bool,
+    /// The infrastructure layer's own keystore (when the layer is on).
+    #[serde(default)]
+    pub infra_keystore_dir: Option<PathBuf>,
     /// The customer-managed key protecting the DEKs, if one is set.
     #[serde(default)]
     pub customer_key: Option<CustomerKeyConfig>,
@@ -378,6 +381,9 @@ pub struct CreateOptions {
     pub limits: Limits,
     pub default_listen: Option<String>,
     pub infrastructure_encryption: bool,
+    /// The infrastructure layer's keystore (default: next to the service
+    /// keystore, never the same directory).
+    pub infra_keystore_dir: Option<PathBuf>,
 }
 
 /// What create made.
@@ -397,11 +403,6 @@ pub fn create(opts: &CreateOptions) -> Result<Created, ResourceError> {
             opts.admin_user
         ))
     })?;
-    if opts.infrastructure_encryption {
-        return Err(ResourceError::Invalid(
-            "infrastructure double encryption is not available yet in this build".into(),
-        ));
-    }
     let dir = &opts.dir;
     if dir.exists() {
         let mut entries = fs::read_dir(dir).map_err(|e| io(dir, e))?;
@@ -546,10 +547,31 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
 
     // The encrypted engine: its service key, and the default database
     // (WAL mode is recorded in the database file).
+    let infra_keystore_dir = if opts.infrastructure_encryption {
+        let d = match &opts.infra_keystore_dir {
+            Some(d) => d.clone(),
+            None => atrest_keystore::InfraKeystore::default_dir()?,
+        };
+        if d.starts_with(dir) {
+            return Err(ResourceError::Invalid(
+                "the infrastructure keystore must not be inside the server directory".into(),
+            ));
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&d)
+            .map_err(|e| io(&d, e))?;
+        Some(d.canonicalize().map_err(|e| io(&d, e))?)
+    } else {
+        None
+    };
     let data_dir = dir.join(DATA_SUBDIR);
     let engine = Engine::open(&EngineOptions {
         data_dir: data_dir.clone(),
         keystore_dir: Some(keystore_dir.clone()),
+        infrastructure_encryption: Some(opts.infrastructure_encryption),
+        infra_keystore_dir: infra_keystore_dir.clone(),
     })?;
     let service_key = engine
         .info()
@@ -576,7 +598,8 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
             scenario: "service-managed".into(),
             service_key,
             keystore_dir,
-            infrastructure_encryption: false,
+            infrastructure_encryption: opts.infrastructure_encryption,
+            infra_keystore_dir,
             customer_key: None,
             rewrap_from: vec![],
         },
@@ -854,13 +877,14 @@ pub fn status(dir: &Path) -> Result<serde_json::Value, ResourceError> {
         "encryption": {
             "scenario": config.encryption.scenario,
             "layers": if config.encryption.infrastructure_encryption {
-                vec!["data: AES-256-GCM, per-file DEK", "infrastructure: second layer"]
+                vec!["data: AES-256-GCM (AWS-LC), per-file DEK", "infrastructure: XChaCha20-Poly1305 (RustCrypto), per-file key, own keystore"]
             } else {
-                vec!["data: AES-256-GCM, per-file DEK"]
+                vec!["data: AES-256-GCM (AWS-LC), per-file DEK"]
             },
             "service_key": config.encryption.service_key,
             "keystore": config.encryption.keystore_dir,
             "infrastructure_encryption": config.encryption.infrastructure_encryption,
+            "infra_keystore": config.encryption.infra_keystore_dir,
             "customer_key": config.encryption.customer_key.as_ref().map(|c| serde_json::json!({
                 "key": c.key.kid(),
                 "tenant": c.login.tenant,

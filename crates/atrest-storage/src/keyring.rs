@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use atrest_crypto::{Dek, DekId, KeyProtector, ProtectorError, WrappedDek};
+use atrest_keystore::InfraProtector;
 
 use crate::file::SharedFile;
 
@@ -16,6 +17,9 @@ pub struct Keyring {
     /// key version); DEKs cached so far stay valid.
     protector: RwLock<Arc<dyn KeyProtector>>,
     cache: Mutex<HashMap<DekId, Dek>>,
+    /// The infrastructure layer's master key, when the data directory has
+    /// that layer. Replaced (never removed) by a rotation.
+    infra: RwLock<Option<Arc<InfraProtector>>>,
 }
 
 /// Files open in this process, by path. Process-wide, not per engine: two
@@ -25,10 +29,11 @@ static OPEN_FILES: std::sync::LazyLock<Mutex<HashMap<String, Weak<SharedFile>>>>
     std::sync::LazyLock::new(Mutex::default);
 
 impl Keyring {
-    pub fn new(protector: Arc<dyn KeyProtector>) -> Self {
+    pub fn new(protector: Arc<dyn KeyProtector>, infra: Option<Arc<InfraProtector>>) -> Self {
         Self {
             protector: RwLock::new(protector),
             cache: Mutex::default(),
+            infra: RwLock::new(infra),
         }
     }
 
@@ -57,6 +62,16 @@ impl Keyring {
     /// `dek` wrapped under the current protector's KEK.
     pub fn wrap(&self, dek: &Dek) -> Result<WrappedDek, ProtectorError> {
         self.protector().wrap(dek)
+    }
+
+    /// The infrastructure protector, if the layer is on.
+    pub fn infra(&self) -> Option<Arc<InfraProtector>> {
+        self.infra.read().unwrap().clone()
+    }
+
+    /// Switches the infrastructure layer to a new master key version.
+    pub fn set_infra(&self, protector: Arc<InfraProtector>) {
+        *self.infra.write().unwrap() = Some(protector);
     }
 
     /// A new DEK wrapped under the protector's current KEK.

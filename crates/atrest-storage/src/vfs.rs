@@ -381,7 +381,7 @@ unsafe extern "C" fn x_open(
     };
     let writable = opened & ffi::SQLITE_OPEN_READWRITE != 0;
     let shared = if kind == FileKind::Temp {
-        SharedFile::temp(path)
+        SharedFile::temp(path, state.keyring.infra().is_some())
     } else {
         let parent = parent_path(kind, &path).and_then(|p| state.keyring.find_open(&p));
         state.keyring.shared_file(&path, || {

@@ -57,9 +57,14 @@ enum ServerCommand {
         listen: String,
         #[arg(long, default_value_t = 100)]
         max_connections: usize,
-        /// Infrastructure double encryption (fixed for the server's life).
+        /// Infrastructure double encryption: a second, independent layer
+        /// (XChaCha20-Poly1305, its own keystore). Fixed for the server's life.
         #[arg(long)]
         infrastructure_encryption: bool,
+        /// The infrastructure layer's keystore (default: $ATREST_INFRA_KEYSTORE
+        /// or next to the service keystore).
+        #[arg(long, env = "ATREST_INFRA_KEYSTORE")]
+        infra_keystore: Option<PathBuf>,
     },
     /// Serve a server until SIGTERM or SIGINT.
     Start {
@@ -171,6 +176,7 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             listen,
             max_connections,
             infrastructure_encryption,
+            infra_keystore,
         } => {
             let admin_password = match admin_password_file {
                 Some(p) => {
@@ -203,6 +209,7 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                 },
                 default_listen: Some(listen),
                 infrastructure_encryption,
+                infra_keystore_dir: infra_keystore,
             })?;
             let c = &created.config;
             println!("created server {} ({})", c.name, c.server_id);
@@ -211,6 +218,12 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                 c.encryption.scenario, c.encryption.service_key
             );
             println!("  keystore:   {}", c.encryption.keystore_dir.display());
+            if let Some(ik) = &c.encryption.infra_keystore_dir {
+                println!(
+                    "  infrastructure encryption: on (keystore {})",
+                    ik.display()
+                );
+            }
             println!(
                 "  identity:   {} (certificate sha256 {})",
                 c.identity.client_id, c.identity.thumbprint_sha256
@@ -456,6 +469,8 @@ fn key_op(data: &std::path::Path, req: serde_json::Value) -> Result<serde_json::
     let engine = atrest_storage::Engine::open(&atrest_storage::EngineOptions {
         data_dir: dir.join(resource::DATA_SUBDIR),
         keystore_dir: Some(config.encryption.keystore_dir.clone()),
+        infrastructure_encryption: Some(config.encryption.infrastructure_encryption),
+        infra_keystore_dir: config.encryption.infra_keystore_dir.clone(),
     })?;
     // Open with whatever protects the files now (a previous switch may be
     // unfinished), then switch.
