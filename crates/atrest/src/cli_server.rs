@@ -150,6 +150,9 @@ enum ServerCommand {
         /// Remove every webhook first.
         #[arg(long)]
         clear_webhooks: bool,
+        /// Refused: infrastructure encryption is chosen at create only.
+        #[arg(long)]
+        infrastructure_encryption: Option<bool>,
     },
     /// Delete a server: its databases, directory and service key.
     Delete {
@@ -408,9 +411,18 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             auto_revalidate,
             webhooks,
             clear_webhooks,
+            infrastructure_encryption,
         } => {
-            let _lock = resource::lock(&data)?;
             let mut config = resource::load_config(&data)?;
+            if let Some(want) = infrastructure_encryption {
+                let have = config.encryption.infrastructure_encryption;
+                bail!(
+                    "infrastructure double encryption is fixed at create: this server was created {}, and that cannot be changed{}",
+                    if have { "with it" } else { "without it" },
+                    if want == have { " (it already is as asked)" } else { "; create a new server and move the data" }
+                );
+            }
+            let _lock = resource::lock(&data)?;
             if let Some(v) = key_check_interval_ms {
                 if v == 0 || v > 600_000 {
                     bail!("--key-check-interval-ms must be between 1 and 600000 (Azure checks at least every 10 minutes)");
