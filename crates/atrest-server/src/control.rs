@@ -99,6 +99,7 @@ fn webhook_client() -> reqwest::Client {
 /// Inaccessible, retries by itself after an outage (or always, with
 /// auto_revalidate).
 pub async fn monitor(ctx: Arc<ServerCtx>) {
+    // Settings as at start; `configure` changes apply at the next start.
     let cfg = ctx.config.monitor.clone();
     let interval = Duration::from_millis(cfg.interval_ms.clamp(100, 600_000));
     let grace = Duration::from_millis(cfg.outage_grace_ms);

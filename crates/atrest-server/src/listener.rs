@@ -519,7 +519,6 @@ async fn start_locked(
         listen: Some(listen.to_string()),
         metrics: metrics_addr.map(|a| a.to_string()),
     };
-    let has_cmk = config.encryption.customer_key.is_some();
     let ctx = Arc::new(ServerCtx {
         dir: dir.to_path_buf(),
         mock_key: roles.mock_key.clone(),
@@ -556,9 +555,8 @@ async fn start_locked(
             ctx.transition(State::Inaccessible, &format!("at start: {reason}"));
         }
     }
-    if has_cmk {
-        tokio::spawn(crate::control::monitor(Arc::clone(&ctx)));
-    }
+    // Always: a customer key can be set while the server runs.
+    tokio::spawn(crate::control::monitor(Arc::clone(&ctx)));
     tracing::info!(%listen, metrics = ?metrics_addr, server = %ctx.config.name, "atrest server listening");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let c = Arc::clone(&ctx);

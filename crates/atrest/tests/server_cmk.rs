@@ -777,3 +777,33 @@ fn webhooks_get_one_alert_per_state_change() {
         "{inacc}"
     );
 }
+
+#[test]
+fn with_both_layers_revocation_goes_inaccessible_the_same_way() {
+    let infra = tempfile::tempdir().unwrap();
+    let infra_ks = infra.path().join("infra-keystore");
+    let mut st = setup(&["--infrastructure-encryption", "--infra-keystore", infra_ks.to_str().unwrap()]);
+    let dir = st.server.dir.to_str().unwrap().to_string();
+    assert!(atrest(&["server", "configure", "--data", &dir, "--key-check-interval-ms", "200"]).status.success());
+    st.server.start(&[]);
+    st.server.sql("postgres", "CREATE TABLE t (v text); INSERT INTO t VALUES ('both layers')");
+    let out = st.set_key(&st.key_url);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: Value =
+        serde_json::from_slice(&atrest(&["server", "status", "--data", &dir, "--json"]).stdout).unwrap();
+    assert_eq!(status["encryption"]["scenario"], "customer-managed");
+    assert_eq!(status["encryption"]["infrastructure_encryption"], true);
+    set_perms(&st.vault, &st.client_id, &["get", "wrapKey"]);
+    let state = wait_state(&st.server, "Inaccessible", Duration::from_secs(5));
+    assert!(state["reason"].as_str().unwrap().contains("permission"));
+    let (code, msg) = connect_error(st.server.port);
+    assert_eq!(code, "57P03");
+    assert!(msg.contains("customer-managed key is not accessible"));
+    set_perms(&st.vault, &st.client_id, &["get", "wrapKey", "unwrapKey"]);
+    assert!(atrest(&["server", "revalidate", "--data", &dir]).status.success());
+    assert_eq!(st.server.sql("postgres", "SELECT v FROM t"), "both layers");
+    for (path, bytes) in files_under(&st.server.dir) {
+        assert!(!contains(&bytes, b"both layers"), "{}", path.display());
+    }
+    assert!(st.server.stop().success());
+}
