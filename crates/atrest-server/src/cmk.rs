@@ -444,7 +444,7 @@ impl KeyProtector for VaultProtector {
             .access
             .unwrap(key, wrapped.bytes.clone())
             .map_err(|e| self.to_protector_error(e, key))?;
-        if plain.len() != 48 || &plain[..16] != &dek_id.0 {
+        if plain.len() != 48 || plain[..16] != dek_id.0 {
             return Err(ProtectorError::WrongKey {
                 kek: wrapped.kek.clone(),
                 hint: "the wrapped key belongs to another file (header altered or copied)".into(),

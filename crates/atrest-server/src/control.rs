@@ -114,15 +114,14 @@ pub async fn monitor(ctx: Arc<ServerCtx>) {
         match ctx.phase() {
             Phase::Stopping => return,
             Phase::Inaccessible => {
-                if cfg.auto_revalidate || last_loss_was_outage {
-                    if ctx
+                if (cfg.auto_revalidate || last_loss_was_outage)
+                    && ctx
                         .revalidate("revalidated automatically: the key is accessible again")
                         .await
                         .is_ok()
-                    {
-                        outage_since = None;
-                        last_loss_was_outage = false;
-                    }
+                {
+                    outage_since = None;
+                    last_loss_was_outage = false;
                 }
             }
             Phase::Ready => {

@@ -251,7 +251,14 @@ impl Databases {
                     .hint("Connect to another database (e.g. postgres) first."),
             );
         }
-        if let Some(db) = open.get(name) {
+        if let Some(db) = open.get(name).cloned() {
+            // Like PostgreSQL, give sessions that are ending up to 5 s.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while db.sessions() > 0 && std::time::Instant::now() < deadline {
+                drop(open);
+                std::thread::sleep(Duration::from_millis(10));
+                open = self.open.lock().expect("databases poisoned");
+            }
             let n = db.sessions();
             if n > 0 {
                 return Err(PgError::new(

@@ -859,6 +859,40 @@ pub fn status(dir: &Path) -> Result<serde_json::Value, ResourceError> {
         state.listen = None;
         state.metrics = None;
     }
+    // Resource health: the state with its reason, and the last failed key
+    // check and key event from the activity log.
+    let mut last_failed_check = serde_json::Value::Null;
+    let mut last_key_event = serde_json::Value::Null;
+    if let Ok(text) = fs::read_to_string(dir.join(ACTIVITY_LOG)) {
+        for line in text.lines().rev() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            match v["event"].as_str() {
+                Some("key_check_failed") if last_failed_check.is_null() => last_failed_check = v,
+                Some("key_switched") if last_key_event.is_null() => last_key_event = v,
+                _ => {}
+            }
+            if !last_failed_check.is_null() && !last_key_event.is_null() {
+                break;
+            }
+        }
+    }
+    let effective = if note.is_some() {
+        State::Stopped
+    } else {
+        state.state
+    };
+    let health = serde_json::json!({
+        "available": effective == State::Ready,
+        "summary": match effective {
+            State::Ready => "Available".to_string(),
+            State::Inaccessible => format!("Unavailable: the customer-managed key is inaccessible ({})", state.reason),
+            other => format!("Unavailable: {other}"),
+        },
+        "last_failed_key_check": last_failed_check,
+        "last_key_change": last_key_event,
+    });
     let dbs: Vec<_> = databases(dir)
         .into_iter()
         .map(|(n, size)| serde_json::json!({"name": n, "bytes": size}))
@@ -898,6 +932,7 @@ pub fn status(dir: &Path) -> Result<serde_json::Value, ResourceError> {
             "ca": config.tls.ca.as_ref().map(|c| resolve(dir, c)),
             "allow_plaintext": config.allow_plaintext,
         },
+        "health": health,
         "databases": dbs,
         "history": state.history,
     }))

@@ -26,6 +26,8 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// Plain SQLite vs atrest: six workloads, cache-sized and cache-starved.
     Storage(StorageBench),
+    /// Customer-managed keys: rewrap time for many DEKs, key monitor TPS cost.
+    Cmk(crate::cli_bench_cmk::CmkBench),
 }
 
 #[derive(clap::Args)]
@@ -95,7 +97,10 @@ struct Regime {
 }
 
 pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
-    let BenchWhat::Storage(b) = args.what;
+    let b = match args.what {
+        BenchWhat::Storage(b) => b,
+        BenchWhat::Cmk(c) => return crate::cli_bench_cmk::run(c),
+    };
     let tmp;
     let dir = match &b.dir {
         Some(d) => d.clone(),

@@ -4,6 +4,7 @@
 //! module (or crate) and this file only dispatches.
 
 mod cli_bench;
+mod cli_bench_cmk;
 mod cli_inspect;
 mod cli_server;
 mod cli_sql;

@@ -452,6 +452,21 @@ fn switch_to_customer_key_then_every_loss_cause_goes_inaccessible_and_back() {
         let status = atrest(&["server", "status", "--data", &dir, "--json"]);
         let status: Value = serde_json::from_slice(&status.stdout).unwrap();
         assert_eq!(status["state"], "Inaccessible");
+        assert_eq!(status["health"]["available"], false);
+        assert!(status["health"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("customer-managed key is inaccessible"));
+        let check = &status["health"]["last_failed_key_check"];
+        assert_eq!(check["key"], kid, "{status}");
+        assert!(
+            check["reason"]
+                .as_str()
+                .unwrap()
+                .to_lowercase()
+                .contains(why),
+            "{status}"
+        );
         // Revalidation before the fix fails and keeps it Inaccessible.
         let out = atrest(&["server", "revalidate", "--data", &dir]);
         assert!(
@@ -782,15 +797,36 @@ fn webhooks_get_one_alert_per_state_change() {
 fn with_both_layers_revocation_goes_inaccessible_the_same_way() {
     let infra = tempfile::tempdir().unwrap();
     let infra_ks = infra.path().join("infra-keystore");
-    let mut st = setup(&["--infrastructure-encryption", "--infra-keystore", infra_ks.to_str().unwrap()]);
+    let mut st = setup(&[
+        "--infrastructure-encryption",
+        "--infra-keystore",
+        infra_ks.to_str().unwrap(),
+    ]);
     let dir = st.server.dir.to_str().unwrap().to_string();
-    assert!(atrest(&["server", "configure", "--data", &dir, "--key-check-interval-ms", "200"]).status.success());
+    assert!(atrest(&[
+        "server",
+        "configure",
+        "--data",
+        &dir,
+        "--key-check-interval-ms",
+        "200"
+    ])
+    .status
+    .success());
     st.server.start(&[]);
-    st.server.sql("postgres", "CREATE TABLE t (v text); INSERT INTO t VALUES ('both layers')");
+    st.server.sql(
+        "postgres",
+        "CREATE TABLE t (v text); INSERT INTO t VALUES ('both layers')",
+    );
     let out = st.set_key(&st.key_url);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let status: Value =
-        serde_json::from_slice(&atrest(&["server", "status", "--data", &dir, "--json"]).stdout).unwrap();
+        serde_json::from_slice(&atrest(&["server", "status", "--data", &dir, "--json"]).stdout)
+            .unwrap();
     assert_eq!(status["encryption"]["scenario"], "customer-managed");
     assert_eq!(status["encryption"]["infrastructure_encryption"], true);
     set_perms(&st.vault, &st.client_id, &["get", "wrapKey"]);
@@ -800,7 +836,9 @@ fn with_both_layers_revocation_goes_inaccessible_the_same_way() {
     assert_eq!(code, "57P03");
     assert!(msg.contains("customer-managed key is not accessible"));
     set_perms(&st.vault, &st.client_id, &["get", "wrapKey", "unwrapKey"]);
-    assert!(atrest(&["server", "revalidate", "--data", &dir]).status.success());
+    assert!(atrest(&["server", "revalidate", "--data", &dir])
+        .status
+        .success());
     assert_eq!(st.server.sql("postgres", "SELECT v FROM t"), "both layers");
     for (path, bytes) in files_under(&st.server.dir) {
         assert!(!contains(&bytes, b"both layers"), "{}", path.display());

@@ -314,18 +314,35 @@ fn create_refuses_bad_input_and_changes_nothing() {
 fn infrastructure_encryption_is_chosen_at_create_and_covers_everything() {
     let t = tempfile::tempdir().unwrap();
     let infra_ks = t.path().join("infra-keystore");
-    let mut s = TestServer::create(&["--infrastructure-encryption", "--infra-keystore", infra_ks.to_str().unwrap()]);
+    let mut s = TestServer::create(&[
+        "--infrastructure-encryption",
+        "--infra-keystore",
+        infra_ks.to_str().unwrap(),
+    ]);
     let dir = s.dir.to_str().unwrap().to_string();
     let st: serde_json::Value =
-        serde_json::from_slice(&atrest(&["server", "status", "--data", &dir, "--json"]).stdout).unwrap();
+        serde_json::from_slice(&atrest(&["server", "status", "--data", &dir, "--json"]).stdout)
+            .unwrap();
     assert_eq!(st["encryption"]["infrastructure_encryption"], true);
-    assert!(st["encryption"]["layers"].to_string().contains("XChaCha20-Poly1305"), "{st}");
-    assert!(std::fs::read_dir(&infra_ks).unwrap().count() >= 1, "the infra key lives in its own keystore");
+    assert!(
+        st["encryption"]["layers"]
+            .to_string()
+            .contains("XChaCha20-Poly1305"),
+        "{st}"
+    );
+    assert!(
+        std::fs::read_dir(&infra_ks).unwrap().count() >= 1,
+        "the infra key lives in its own keystore"
+    );
     s.start(&[]);
     let file = s.tmp.path().join("script.sql");
     std::fs::write(&file, script()).unwrap();
     let out = s.psql("postgres", &["-f", file.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_no_marker(&s.dir);
     // Every database file says both layers protect it.
     let out = atrest(&["inspect", &format!("{dir}/data/postgres.db")]);
@@ -333,12 +350,26 @@ fn infrastructure_encryption_is_chosen_at_create_and_covers_everything() {
     assert!(inspected.contains("infrastructure"), "{inspected}");
     assert!(s.stop().success());
     // It cannot be turned off later (nor on for a server without it).
-    let out = atrest(&["server", "configure", "--data", &dir, "--infrastructure-encryption", "false"]);
+    let out = atrest(&[
+        "server",
+        "configure",
+        "--data",
+        &dir,
+        "--infrastructure-encryption",
+        "false",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("fixed at create"));
     let mut plain = TestServer::create(&[]);
     let pdir = plain.dir.to_str().unwrap().to_string();
-    let out = atrest(&["server", "configure", "--data", &pdir, "--infrastructure-encryption", "true"]);
+    let out = atrest(&[
+        "server",
+        "configure",
+        "--data",
+        &pdir,
+        "--infrastructure-encryption",
+        "true",
+    ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("fixed at create"));
     // The data is all there after a restart.
     s.start(&[]);
