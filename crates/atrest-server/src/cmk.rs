@@ -132,9 +132,11 @@ impl VaultAccess {
         let client = Arc::clone(&self.client);
         let job: Job = Box::new(move |rt| {
             let r = rt.block_on(async move {
-                tokio::time::timeout(std::time::Duration::from_secs(30), f(client))
+                // A vault that does not answer is an outage, reported
+                // quickly enough for the monitor's grace period to count.
+                tokio::time::timeout(std::time::Duration::from_secs(5), f(client))
                     .await
-                    .unwrap_or_else(|_| Err(ClientError::Transport("no answer within 30 s".into())))
+                    .unwrap_or_else(|_| Err(ClientError::Transport("no answer within 5 s".into())))
             });
             let _ = tx.send(r);
         });

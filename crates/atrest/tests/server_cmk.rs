@@ -845,3 +845,86 @@ fn with_both_layers_revocation_goes_inaccessible_the_same_way() {
     }
     assert!(st.server.stop().success());
 }
+
+#[test]
+fn an_outage_gets_its_grace_period_and_the_server_comes_back_by_itself() {
+    let mut st = setup(&[]);
+    let dir = st.server.dir.to_str().unwrap().to_string();
+    assert!(st.set_key(&st.key_url).status.success());
+    let out = atrest(&[
+        "server",
+        "configure",
+        "--data",
+        &dir,
+        "--key-check-interval-ms",
+        "300",
+        "--outage-grace-ms",
+        "4000",
+    ]);
+    assert!(out.status.success());
+    st.server.start(&[]);
+    st.server.sql(
+        "postgres",
+        "CREATE TABLE t (x int); INSERT INTO t VALUES (1)",
+    );
+    // The vault stops answering (paused, so it comes back at the same address).
+    let pid = st.vault.child.as_ref().expect("vault running").id();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let t0 = Instant::now();
+    // Within the grace period it keeps serving.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(st.server.state()["state"], "Ready");
+    assert_eq!(st.server.sql("postgres", "SELECT count(*) FROM t"), "1");
+    let state = wait_state(&st.server, "Inaccessible", Duration::from_secs(30));
+    assert!(
+        t0.elapsed() >= Duration::from_millis(4000),
+        "Inaccessible before the grace period ended"
+    );
+    assert!(
+        state["reason"].as_str().unwrap().contains("unreachable"),
+        "{state}"
+    );
+    let activity = std::fs::read_to_string(st.server.dir.join("activity.log")).unwrap();
+    assert!(activity.contains("\"outage\":true"), "{activity}");
+    // The vault answers again: the server revalidates by itself.
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    wait_state(&st.server, "Ready", Duration::from_secs(30));
+    assert_eq!(st.server.sql("postgres", "SELECT count(*) FROM t"), "1");
+    assert!(st.server.stop().success());
+}
+
+#[test]
+fn auto_revalidation_brings_the_server_back_after_a_refusal_is_fixed() {
+    let mut st = setup(&[]);
+    let dir = st.server.dir.to_str().unwrap().to_string();
+    assert!(st.set_key(&st.key_url).status.success());
+    let out = atrest(&[
+        "server",
+        "configure",
+        "--data",
+        &dir,
+        "--key-check-interval-ms",
+        "200",
+        "--auto-revalidate",
+        "true",
+    ]);
+    assert!(out.status.success());
+    st.server.start(&[]);
+    set_perms(&st.vault, &st.client_id, &["get"]);
+    wait_state(&st.server, "Inaccessible", Duration::from_secs(5));
+    set_perms(&st.vault, &st.client_id, &["get", "wrapKey", "unwrapKey"]);
+    let state = wait_state(&st.server, "Ready", Duration::from_secs(10));
+    assert!(
+        state["reason"].as_str().unwrap().contains("automatically"),
+        "{state}"
+    );
+    assert!(st.server.stop().success());
+}
