@@ -9,10 +9,12 @@
 use std::collections::BTreeSet;
 
 use serde_json::{json, Value};
+use zeroize::Zeroizing;
 
 use crate::api::ALL_KEY_OPS;
 use crate::auth::{secret_hash, secret_matches};
 use crate::b64;
+use crate::certauth::{self, AssertionError, CertificateCredential, ASSERTION_TYPE};
 use crate::error::ApiError;
 use crate::firewall::parse_rule;
 use crate::seal::random_bytes;
@@ -52,7 +54,8 @@ pub fn identity_endpoints(app: &App, req: &Req, info: &mut AuditInfo) -> Result<
                 "response_types_supported": ["token"],
                 "subject_types_supported": ["pairwise"],
                 "id_token_signing_alg_values_supported": ["ES256"],
-                "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
+                "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic", "private_key_jwt"],
+                "token_endpoint_auth_signing_alg_values_supported": ["ES256"],
                 "grant_types_supported": ["client_credentials"],
                 "tenant_region_scope": null,
             })))
@@ -126,33 +129,142 @@ fn token(app: &App, req: &Req, info: &mut AuditInfo, base: &str) -> Result<Resp,
             s.split_once(':')
                 .map(|(a, b)| (a.to_string(), b.to_string()))
         });
-    let (client_id, secret) = match (form.get("client_id"), form.get("client_secret"), basic) {
-        (Some(c), Some(s), _) => (c.clone(), s.clone()),
-        (_, _, Some((c, s))) => (c, s),
-        _ => {
-            return Err(aad_error(
-                400,
-                "invalid_request",
-                "AADSTS900144: client_id and client_secret are required.",
-            ))
-        }
-    };
+    let assertion_type = form.get("client_assertion_type");
+    let assertion = form.get("client_assertion");
+    let secret_given = form.contains_key("client_secret") || basic.is_some();
     let snap = app.store.snapshot();
-    let Some(id) = snap.identities.get(&client_id) else {
-        return Err(aad_error(
+    let not_found = || {
+        aad_error(
             400,
             "unauthorized_client",
             "AADSTS700016: Application not found in the directory of this tenant.",
-        ));
+        )
     };
-    info.identity = Some(id.clone());
-    if !secret_matches(&secret, &id.secret_sha256) {
-        return Err(aad_error(
-            401,
-            "invalid_client",
-            "AADSTS7000215: Invalid client secret provided.",
-        ));
-    }
+    let client_id = if assertion_type.is_some() || assertion.is_some() {
+        // private_key_jwt (certificate credential).
+        info.credential = Some("clientAssertion");
+        if secret_given {
+            return Err(aad_error(
+                400,
+                "invalid_request",
+                "AADSTS90023: send either a client secret or a client assertion, not both.",
+            ));
+        }
+        if assertion_type.map(String::as_str) != Some(ASSERTION_TYPE) {
+            return Err(aad_error(
+                400,
+                "invalid_request",
+                &format!("AADSTS90023: client_assertion_type must be {ASSERTION_TYPE}."),
+            ));
+        }
+        let Some(assertion) = assertion.filter(|a| !a.is_empty()) else {
+            return Err(aad_error(
+                400,
+                "invalid_request",
+                "AADSTS900144: client_assertion is required with client_assertion_type.",
+            ));
+        };
+        let claimed = certauth::unverified_issuer(assertion).ok_or_else(|| {
+            aad_error(
+                400,
+                "invalid_request",
+                "AADSTS50027: the client assertion is not a well-formed JWT (no iss).",
+            )
+        })?;
+        // client_id is optional; when sent it must be the assertion's issuer.
+        if let Some(c) = form.get("client_id") {
+            if !c.eq_ignore_ascii_case(&claimed) {
+                return Err(aad_error(
+                    401,
+                    "invalid_client",
+                    "AADSTS700021: the client assertion's iss does not match the client_id parameter.",
+                ));
+            }
+        }
+        let Some(id) = snap.identities.get(&claimed.to_ascii_lowercase()) else {
+            return Err(not_found());
+        };
+        info.identity = Some(id.clone());
+        let Some(cred) = &id.certificate else {
+            return Err(aad_error(
+                401,
+                "invalid_client",
+                &format!(
+                    "AADSTS700027: identity {} has no certificate credential; it authenticates with its client secret.",
+                    id.client_id
+                ),
+            ));
+        };
+        let path_v1 = req.segments.get(2).is_some_and(|s| s == "token");
+        let mut audiences = vec![format!("{base}/oauth2/v2.0/token")];
+        if path_v1 {
+            audiences.push(format!("{base}/oauth2/token"));
+        }
+        let now = app.clock.now();
+        let refused = |e: AssertionError| {
+            let code = match e {
+                AssertionError::BadSignature | AssertionError::WrongCertificate => "AADSTS700027",
+                AssertionError::Expired { .. }
+                | AssertionError::NotYetValid { .. }
+                | AssertionError::TooLong
+                | AssertionError::CertificateNotValid { .. } => "AADSTS700024",
+                AssertionError::Replayed => "AADSTS700025",
+                AssertionError::ReplayCacheFull => "AADSTS90033",
+                _ => "AADSTS50027",
+            };
+            let status = if matches!(e, AssertionError::ReplayCacheFull) {
+                503
+            } else {
+                401
+            };
+            aad_error(status, "invalid_client", &format!("{code}: {e}."))
+        };
+        let claims = certauth::verify_assertion(assertion, cred, &id.client_id, &audiences, now)
+            .map_err(refused)?;
+        app.assertion_replay
+            .check_and_remember(&claims, now)
+            .map_err(refused)?;
+        id.client_id.clone()
+    } else {
+        info.credential = Some("clientSecret");
+        let (client_id, secret) = match (form.get("client_id"), form.get("client_secret"), basic) {
+            (Some(c), Some(s), _) => (c.clone(), Zeroizing::new(s.clone())),
+            (_, _, Some((c, s))) => (c, Zeroizing::new(s)),
+            _ => {
+                return Err(aad_error(
+                    400,
+                    "invalid_request",
+                    "AADSTS900144: client_id and client_secret (or client_assertion_type and client_assertion) are required.",
+                ))
+            }
+        };
+        let Some(id) = snap
+            .identities
+            .get(&client_id)
+            .or_else(|| snap.identities.get(&client_id.to_ascii_lowercase()))
+        else {
+            return Err(not_found());
+        };
+        info.identity = Some(id.clone());
+        if id.certificate.is_some() {
+            return Err(aad_error(
+                401,
+                "invalid_client",
+                &format!(
+                    "AADSTS7000215: identity {} has a certificate credential and no secret; authenticate with a client assertion signed by its key (client_assertion_type={ASSERTION_TYPE}).",
+                    id.client_id
+                ),
+            ));
+        }
+        if id.secret_sha256.is_empty() || !secret_matches(&secret, &id.secret_sha256) {
+            return Err(aad_error(
+                401,
+                "invalid_client",
+                "AADSTS7000215: Invalid client secret provided.",
+            ));
+        }
+        id.client_id.clone()
+    };
     let now = app.clock.now();
     let tok = app.signer.issue(
         &format!("{base}/v2.0"),
@@ -196,7 +308,27 @@ fn identity_json(id: &Identity, tenant: &str) -> Value {
         "created": id.created,
         "bypassFirewall": id.bypass_firewall,
         "permissions": {"keys": id.key_permissions},
+        "credentialType": if id.certificate.is_some() { "certificate" } else { "secret" },
+        "certificateThumbprint": id.certificate.as_ref().map(|c| c.thumbprint_sha256.clone()),
+        "certificateSubject": id.certificate.as_ref().map(|c| c.subject.clone()),
+        "certificateNotAfter": id.certificate.as_ref().map(|c| c.not_after),
     })
+}
+
+/// A client id given by the caller: a GUID (8-4-4-4-12 hex), lowercased.
+pub fn parse_client_id(s: &str) -> Result<String, ApiError> {
+    let groups: Vec<&str> = s.split('-').collect();
+    let ok = groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()));
+    if !ok {
+        return Err(ApiError::bad_parameter(format!(
+            "clientId '{s}' is not a GUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"
+        )));
+    }
+    Ok(s.to_ascii_lowercase())
 }
 
 fn parse_permissions(v: &Value) -> Result<BTreeSet<String>, ApiError> {
@@ -302,12 +434,39 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
                 Some(p) => parse_permissions(p)?,
                 None => BTreeSet::new(),
             };
-            let secret = b64::encode(&random_bytes::<32>());
+            let client_id = match body.get("clientId") {
+                None | Some(Value::Null) => new_guid(),
+                Some(Value::String(c)) => parse_client_id(c)?,
+                Some(_) => return Err(ApiError::bad_parameter("clientId must be a GUID string")),
+            };
+            let certificate = match body.get("certificate") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(pem)) => Some(
+                    CertificateCredential::from_pem(pem)
+                        .map_err(|e| ApiError::bad_parameter(e.to_string()))?,
+                ),
+                Some(_) => return Err(ApiError::bad_parameter("certificate must be a PEM string")),
+            };
+            if let Some(c) = &certificate {
+                if c.not_after <= now {
+                    return Err(ApiError::bad_parameter(
+                        certauth::CertificateError::Expired.to_string(),
+                    ));
+                }
+            }
+            // With a certificate there is no secret at all.
+            let secret = certificate
+                .is_none()
+                .then(|| Zeroizing::new(b64::encode(&random_bytes::<32>())));
             let id = Identity {
-                client_id: new_guid(),
+                client_id,
                 name,
                 kind: kind.into(),
-                secret_sha256: secret_hash(&secret),
+                secret_sha256: secret
+                    .as_deref()
+                    .map(|s| secret_hash(s))
+                    .unwrap_or_default(),
+                certificate,
                 created: now,
                 bypass_firewall: body
                     .get("bypassFirewall")
@@ -316,11 +475,20 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
                 key_permissions: perms,
             };
             app.mutate(req, info, |st, tx| {
+                if st.identities.contains_key(&id.client_id) {
+                    return Err(ApiError::conflict(format!(
+                        "an identity with client id {} already exists",
+                        id.client_id
+                    ))
+                    .inner("IdentityExists"));
+                }
                 tx.put_identity(&id)?;
                 st.identities.insert(id.client_id.clone(), id.clone());
                 let mut out = identity_json(&id, &st.props.tenant_id);
-                // Shown once; only its hash is stored.
-                out["clientSecret"] = json!(secret);
+                if let Some(secret) = &secret {
+                    // Shown once; only its hash is stored.
+                    out["clientSecret"] = json!(secret.as_str());
+                }
                 Ok(Resp {
                     status: 201,
                     body: Some(out),

@@ -139,7 +139,8 @@ pub struct Conn {
 
 #[derive(Debug, Subcommand)]
 pub enum IdentityCommand {
-    /// Create an identity; prints its client id and secret (shown once).
+    /// Create an identity; prints its client id and secret (shown once), or
+    /// with --certificate only its client id and certificate thumbprint.
     Create {
         #[command(flatten)]
         conn: Conn,
@@ -147,6 +148,13 @@ pub enum IdentityCommand {
         /// A managed identity (for a database server) instead of a service principal.
         #[arg(long)]
         managed: bool,
+        /// Authenticate with this public certificate (PEM, EC P-256) instead
+        /// of a generated secret; the private key stays with its owner.
+        #[arg(long)]
+        certificate: Option<PathBuf>,
+        /// Use this client id (a GUID) instead of a generated one.
+        #[arg(long)]
+        client_id: Option<String>,
         /// Comma-separated key permissions, e.g. get,wrapKey,unwrapKey (or all).
         #[arg(long, value_delimiter = ',')]
         permissions: Vec<String>,
@@ -517,20 +525,27 @@ async fn admin_command(cmd: VaultCommand) -> Result<Value, CliError> {
             conn,
             name,
             managed,
+            certificate,
+            client_id,
             permissions,
             bypass_firewall,
         }) => {
+            let mut body = json!({
+                "name": name,
+                "kind": if managed { "managedIdentity" } else { "servicePrincipal" },
+                "permissions": {"keys": permissions},
+                "bypassFirewall": bypass_firewall,
+            });
+            if let Some(f) = certificate {
+                let pem = std::fs::read_to_string(&f)
+                    .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", f.display())))?;
+                body["certificate"] = json!(pem);
+            }
+            if let Some(c) = client_id {
+                body["clientId"] = json!(c);
+            }
             conn.admin()?
-                .call(
-                    Method::POST,
-                    "/identities",
-                    Some(json!({
-                        "name": name,
-                        "kind": if managed { "managedIdentity" } else { "servicePrincipal" },
-                        "permissions": {"keys": permissions},
-                        "bypassFirewall": bypass_firewall,
-                    })),
-                )
+                .call(Method::POST, "/identities", Some(body))
                 .await?
         }
         VaultCommand::Identity(IdentityCommand::List { conn }) => {

@@ -38,6 +38,8 @@ pub enum ClientError {
     Protocol(String),
     #[error("tls setup: {0}")]
     Tls(String),
+    #[error("client credential: {0}")]
+    Credential(String),
 }
 
 impl ClientError {
@@ -163,13 +165,29 @@ pub async fn send(
     })
 }
 
+/// The vault's token endpoint for `tenant`, exactly as its OpenID
+/// discovery document advertises it (`token_endpoint`) when reached at
+/// `base`: also the `aud` a client assertion must carry.
+pub fn token_endpoint(base: &str, tenant: &str) -> String {
+    format!("{}/{tenant}/oauth2/v2.0/token", base.trim_end_matches('/'))
+}
+
+/// How a `VaultClient` proves its identity at the token endpoint.
+enum Credential {
+    /// A client secret (`client_secret_post`).
+    Secret(Zeroizing<String>),
+    /// A certificate's private key: a fresh signed client assertion
+    /// (`private_key_jwt`) for every token request.
+    Certificate(crate::certauth::AssertionSigner),
+}
+
 /// A data-plane client for one identity.
 pub struct VaultClient {
     http: reqwest::Client,
     base: String,
     tenant: String,
     client_id: String,
-    secret: Zeroizing<String>,
+    credential: Credential,
     token: tokio::sync::Mutex<Option<(String, Instant)>>,
 }
 
@@ -213,9 +231,36 @@ impl VaultClient {
             base: base.trim_end_matches('/').to_string(),
             tenant: tenant.to_string(),
             client_id: client_id.to_string(),
-            secret: Zeroizing::new(client_secret.to_string()),
+            credential: Credential::Secret(Zeroizing::new(client_secret.to_string())),
             token: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// A client for an identity registered with a certificate: it signs a
+    /// fresh ES256 client assertion (5-minute lifetime, random `jti`) with
+    /// `key_pkcs8_pem` (an EC P-256 PKCS#8 PEM, `-----BEGIN PRIVATE KEY-----`)
+    /// for each token request. No secret is sent.
+    pub fn with_certificate(
+        http: reqwest::Client,
+        base: &str,
+        tenant: &str,
+        client_id: &str,
+        key_pkcs8_pem: &[u8],
+    ) -> Result<Self, ClientError> {
+        let signer = crate::certauth::AssertionSigner::from_pkcs8_pem(key_pkcs8_pem)
+            .map_err(|e| ClientError::Credential(e.to_string()))?;
+        Ok(VaultClient {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            tenant: tenant.to_string(),
+            client_id: client_id.to_string(),
+            credential: Credential::Certificate(signer),
+            token: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.client_id
     }
 
     pub fn base(&self) -> &str {
@@ -230,18 +275,38 @@ impl VaultClient {
                 return Ok(t.clone());
             }
         }
-        let url = format!("{}/{}/oauth2/v2.0/token", self.base, self.tenant);
-        let form = url::form_urlencoded::Serializer::new(String::new())
-            .append_pair("grant_type", "client_credentials")
-            .append_pair("client_id", &self.client_id)
-            .append_pair("client_secret", &self.secret)
-            .append_pair("scope", "https://vault.azure.net/.default")
-            .finish();
+        let url = token_endpoint(&self.base, &self.tenant);
+        let form = {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", "client_credentials")
+                .append_pair("client_id", &self.client_id)
+                .append_pair("scope", "https://vault.azure.net/.default");
+            match &self.credential {
+                Credential::Secret(s) => {
+                    form.append_pair("client_secret", s);
+                }
+                Credential::Certificate(signer) => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs() as i64)
+                        .unwrap_or(0);
+                    let a = signer.assertion(
+                        &self.client_id,
+                        &url,
+                        now,
+                        crate::certauth::CLIENT_ASSERTION_LIFETIME_SECS,
+                    );
+                    form.append_pair("client_assertion_type", crate::certauth::ASSERTION_TYPE)
+                        .append_pair("client_assertion", &a);
+                }
+            }
+            Zeroizing::new(form.finish())
+        };
         let resp = self
             .http
             .post(url)
             .header("content-type", "application/x-www-form-urlencoded")
-            .body(form)
+            .body(form.as_str().to_owned())
             .send()
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?;
@@ -400,6 +465,38 @@ impl AdminClient {
         Ok((
             v["clientId"].as_str().unwrap_or_default().to_string(),
             v["clientSecret"].as_str().unwrap_or_default().to_string(),
+        ))
+    }
+
+    /// Creates an identity that authenticates with a certificate (no
+    /// secret is generated): `certificate_pem` is its public X.509
+    /// certificate with an EC P-256 key; `client_id` a GUID to use (None:
+    /// the vault generates one). Returns `(client_id, certificate_thumbprint)`
+    /// (SHA-256 of the certificate, hex). 409 if the client id is taken.
+    pub async fn create_identity_with_certificate(
+        &self,
+        name: &str,
+        client_id: Option<&str>,
+        certificate_pem: &str,
+        managed: bool,
+        permissions: &[&str],
+    ) -> Result<(String, String), ClientError> {
+        let mut body = json!({
+            "name": name,
+            "kind": if managed { "managedIdentity" } else { "servicePrincipal" },
+            "certificate": certificate_pem,
+            "permissions": {"keys": permissions},
+        });
+        if let Some(c) = client_id {
+            body["clientId"] = json!(c);
+        }
+        let v = self.call(Method::POST, "/identities", Some(body)).await?;
+        Ok((
+            v["clientId"].as_str().unwrap_or_default().to_string(),
+            v["certificateThumbprint"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
         ))
     }
 }

@@ -26,6 +26,7 @@ pub mod audit;
 pub mod auth;
 pub mod b64;
 pub mod backup;
+pub mod certauth;
 pub mod cli;
 pub mod client;
 pub mod clock;
@@ -47,7 +48,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use client::{AdminClient, ClientError, VaultClient};
+pub use client::{token_endpoint, AdminClient, ClientError, VaultClient};
 pub use error::{ApiError, VaultError};
 pub use store::Unseal;
 
@@ -192,6 +193,7 @@ pub async fn serve(
         audit,
         signer,
         verified_tokens: Default::default(),
+        assertion_replay: Default::default(),
         clock: clock::Clock::new(),
         admin_token_hash: auth::secret_hash(admin_token.trim()),
         test_clock: opts.test_clock,

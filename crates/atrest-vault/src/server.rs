@@ -38,6 +38,8 @@ pub struct App {
     /// mutation holds the state lock.
     pub tenant: String,
     pub verified_tokens: crate::auth::VerifiedTokens,
+    /// `jti`s of accepted client assertions (single use).
+    pub assertion_replay: crate::certauth::ReplayCache,
     pub clock: Clock,
     pub admin_token_hash: String,
     pub test_clock: bool,
@@ -111,6 +113,14 @@ pub struct AuditInfo {
     pub started: Option<Instant>,
     /// Set when the record was already written (before a commit).
     pub audited: bool,
+    /// How the caller authenticated at the token endpoint
+    /// (`clientSecret` or `clientAssertion`).
+    pub credential: Option<&'static str>,
+    /// The operation overrode a safety check (`force=true`).
+    pub forced: bool,
+    /// Extra audit properties (e.g. the dependents a forced operation
+    /// overrode).
+    pub extra: Option<Value>,
 }
 
 fn sanitize_host(h: &str) -> Option<String> {
@@ -379,7 +389,7 @@ impl App {
             Some(v) if !v.is_empty() => format!("{}/keys/{n}/{v}", req.base()),
             _ => format!("{}/keys/{n}", req.base()),
         });
-        json!({
+        let mut rec = json!({
             "time": timefmt::rfc3339(self.clock.now(), now_ms),
             "resourceId": req.base(),
             "operationName": info.operation,
@@ -400,7 +410,17 @@ impl App {
                 "httpStatusCode": status,
                 "clientInfo": req.headers.get("user-agent").and_then(|v| v.to_str().ok()).map(|s| s.chars().take(200).collect::<String>()),
             }
-        })
+        });
+        if let Some(c) = info.credential {
+            rec["properties"]["credentialType"] = json!(c);
+        }
+        if info.forced {
+            rec["properties"]["forced"] = json!(true);
+        }
+        if let Some(x) = &info.extra {
+            rec["properties"]["details"] = x.clone();
+        }
+        rec
     }
 
     async fn handle(

@@ -76,8 +76,13 @@ pub struct Identity {
     /// "servicePrincipal" or "managedIdentity".
     pub kind: String,
     /// SHA-256 of the client secret (the secret is 256 random bits, so a
-    /// fast hash is enough).
+    /// fast hash is enough). Empty for an identity with a certificate.
+    #[serde(default)]
     pub secret_sha256: String,
+    /// The registered certificate (no secret then): the identity proves
+    /// itself with a signed client assertion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<crate::certauth::CertificateCredential>,
     pub created: i64,
     pub bypass_firewall: bool,
     pub key_permissions: BTreeSet<String>,
