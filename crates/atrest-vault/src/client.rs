@@ -418,6 +418,52 @@ impl VaultClient {
             .map(Zeroizing::new)
             .ok_or_else(|| ClientError::Protocol("unwrapKey value is not base64url".into()))
     }
+
+    /// Registers that this identity's server `dependent_id` (a GUID)
+    /// depends on key version `name/version`: while registered, the vault
+    /// refuses to disable the version or purge the key (409 `KeyInUse`)
+    /// unless forced. Idempotent. Needs the `get` permission on the key.
+    pub async fn register_dependent(
+        &self,
+        name: &str,
+        version: &str,
+        dependent_id: &str,
+        server_name: &str,
+        description: &str,
+    ) -> Result<Value, ClientError> {
+        self.call(
+            Method::PUT,
+            &format!("/keys/{name}/{version}/dependents/{dependent_id}"),
+            Some(json!({"name": server_name, "description": description})),
+        )
+        .await
+    }
+
+    /// Removes this identity's registration (after rewrapping to another key).
+    pub async fn unregister_dependent(
+        &self,
+        name: &str,
+        version: &str,
+        dependent_id: &str,
+    ) -> Result<(), ClientError> {
+        self.call(
+            Method::DELETE,
+            &format!("/keys/{name}/{version}/dependents/{dependent_id}"),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The dependents of one key version (`{"value": [...]}`).
+    pub async fn list_dependents(&self, name: &str, version: &str) -> Result<Value, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/keys/{name}/{version}/dependents"),
+            None,
+        )
+        .await
+    }
 }
 
 /// The admin API client.

@@ -171,12 +171,20 @@ pub fn run(app: &App) -> Result<Maintenance, VaultError> {
     for e in snap.keys.values() {
         if e.state.scheduled_purge_date.is_some_and(|d| d <= now) {
             let name = e.name.clone();
+            // A key that servers still depend on is held back (past its
+            // purge date) until they unregister or someone purges it with
+            // force=true.
+            let deps = snap.key_dependents(&name);
+            if !deps.is_empty() {
+                tracing::warn!(key = %name, dependents = deps.len(), "scheduled purge held: the key has registered dependents");
+                continue;
+            }
             let purged = app.store.mutate_hooked(
                 |st, tx| -> Result<bool, VaultError> {
-                    let due = st
-                        .keys
-                        .get(&name)
-                        .is_some_and(|e| e.state.scheduled_purge_date.is_some_and(|d| d <= now));
+                    let due =
+                        st.keys.get(&name).is_some_and(|e| {
+                            e.state.scheduled_purge_date.is_some_and(|d| d <= now)
+                        }) && st.key_dependents(&name).is_empty();
                     if due {
                         tx.delete_key(&name)?;
                         st.keys.remove(&name);
