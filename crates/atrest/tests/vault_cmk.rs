@@ -530,3 +530,313 @@ fn certificate_registration_rules_and_persistence() {
     )
     .is_err());
 }
+
+fn key_version(v: &TestVault, c: &VaultClient, name: &str) -> String {
+    let _ = v;
+    let k = block_on(c.get_key(name, None)).unwrap();
+    k["key"]["kid"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn audit_records(v: &TestVault) -> Vec<Value> {
+    std::fs::read_to_string(v.audit_path())
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
+#[test]
+fn dependents_hold_back_purge_and_disable() {
+    let v = start();
+    let (officer, _, _) = v.identity(
+        "officer",
+        &[
+            "create", "get", "update", "delete", "purge", "recover", "list",
+        ],
+    );
+    for k in ["cmk", "other"] {
+        block_on(officer.call(
+            Method::POST,
+            &format!("/keys/{k}/create"),
+            Some(json!({"kty": "RSA", "key_size": 2048})),
+        ))
+        .unwrap();
+    }
+    let ver = key_version(&v, &officer, "cmk");
+    let db1 = cert_identity(&v, "db1", &["get", "wrapKey", "unwrapKey"]);
+    let c1 = VaultClient::with_certificate(
+        http_client(&v.ca, None).unwrap(),
+        &v.url,
+        &v.tenant,
+        &db1.client_id,
+        db1.key_pem.as_bytes(),
+    )
+    .unwrap();
+    let (c2, c2_id, _) = v.identity("db2", &["get"]);
+    let (nope, _, _) = v.identity("no-get", &["wrapKey", "unwrapKey", "list"]);
+    let s1 = atrest_vault::store::new_guid();
+    let s2 = atrest_vault::store::new_guid();
+
+    // Without get: refused, nothing registered.
+    let e = block_on(nope.register_dependent("cmk", &ver, &s1, "db1", "x")).unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    assert_eq!(e.inner_code(), Some("AccessDenied"));
+    // Bad ids, versions, bodies.
+    let e = block_on(c1.register_dependent("cmk", &ver, "not-a-guid", "db1", "")).unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    let e = block_on(c1.register_dependent("cmk", "0123", &s1, "db1", "")).unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    let e = block_on(c1.register_dependent("absent", &ver, &s1, "db1", "")).unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    let e = block_on(c1.register_dependent("cmk", &ver, &s1, "", "")).unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+
+    // Register (idempotent) and list.
+    let d = block_on(c1.register_dependent("cmk", &ver, &s1, "db1", "orders database")).unwrap();
+    assert_eq!(d["id"], s1.as_str());
+    assert_eq!(d["clientId"], db1.client_id.as_str());
+    let again =
+        block_on(c1.register_dependent("cmk", &ver, &s1, "db1", "orders database")).unwrap();
+    assert_eq!(again, d);
+    block_on(c2.register_dependent("cmk", &ver, &s2, "db2", "")).unwrap();
+    let list = block_on(c1.list_dependents("cmk", &ver)).unwrap();
+    let items = list["value"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "{list}");
+    let mine = items.iter().find(|i| i["id"] == s1.as_str()).unwrap();
+    for f in ["id", "name", "description", "clientId", "registered"] {
+        assert!(!mine[f].is_null(), "{f} missing: {mine}");
+    }
+    assert_eq!(mine["description"], "orders database");
+    // Another identity cannot take over or remove someone else's registration.
+    let e = block_on(c2.register_dependent("cmk", &ver, &s1, "evil", "")).unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    let e = block_on(c2.unregister_dependent("cmk", &ver, &s1)).unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    assert_eq!(e.inner_code(), Some("DependentOwnedByAnother"));
+    assert_eq!(
+        block_on(c1.list_dependents("cmk", &ver)).unwrap()["value"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // Disabling the version is refused, naming both servers.
+    let disable = |force: bool| {
+        block_on(officer.call(
+            Method::PATCH,
+            &format!("/keys/cmk/{ver}{}", if force { "?force=true" } else { "" }),
+            Some(json!({"attributes": {"enabled": false}})),
+        ))
+    };
+    let e = disable(false).unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert_eq!(e.code(), Some("Conflict"));
+    assert_eq!(e.inner_code(), Some("KeyInUse"));
+    let msg = e.to_string();
+    for needle in [
+        s1.as_str(),
+        s2.as_str(),
+        "db1",
+        "db2",
+        "force=true",
+        "Rewrap",
+    ] {
+        assert!(msg.contains(needle), "'{needle}' not in {msg}");
+    }
+    // Through PATCH /keys/cmk (current version) too.
+    let e = block_on(officer.call(
+        Method::PATCH,
+        "/keys/cmk",
+        Some(json!({"attributes": {"enabled": false}})),
+    ))
+    .unwrap_err();
+    assert_eq!(e.inner_code(), Some("KeyInUse"), "{e}");
+    // Other updates are fine; the key still works for the server.
+    block_on(officer.call(
+        Method::PATCH,
+        &format!("/keys/cmk/{ver}"),
+        Some(json!({"tags": {"owner": "dba"}})),
+    ))
+    .unwrap();
+    assert!(block_on(c1.wrap_key("cmk", Some(&ver), "RSA-OAEP-256", &[1; 32])).is_ok());
+
+    // Soft delete stays allowed; purge is refused with both named.
+    block_on(officer.call(Method::DELETE, "/keys/cmk", None)).unwrap();
+    let e = block_on(officer.call(Method::DELETE, "/deletedkeys/cmk", None)).unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert_eq!(e.inner_code(), Some("KeyInUse"));
+    for needle in [s1.as_str(), s2.as_str(), "db1", "db2"] {
+        assert!(e.to_string().contains(needle), "{e}");
+    }
+    // Nor does the retention period purge it behind the servers' backs.
+    let offset = v.advance_clock(91 * 86_400)["offset"].as_i64().unwrap();
+    // Assertions are checked against the vault's (moved) clock: the
+    // server's clock must follow, or its assertions are expired.
+    assert_eq!(
+        block_on(
+            VaultClient::with_certificate(
+                http_client(&v.ca, None).unwrap(),
+                &v.url,
+                &v.tenant,
+                &db1.client_id,
+                db1.key_pem.as_bytes(),
+            )
+            .unwrap()
+            .token()
+        )
+        .unwrap_err()
+        .status(),
+        Some(401)
+    );
+    let c1 = VaultClient::with_certificate(
+        http_client(&v.ca, None).unwrap(),
+        &v.url,
+        &v.tenant,
+        &db1.client_id,
+        db1.key_pem.as_bytes(),
+    )
+    .unwrap()
+    .with_clock_offset(offset);
+    let r = block_on(officer.call(Method::GET, "/deletedkeys/cmk", None)).unwrap();
+    assert_eq!(
+        r["recoveryId"]
+            .as_str()
+            .unwrap()
+            .ends_with("/deletedkeys/cmk"),
+        true
+    );
+    // The dependents can still be listed (by admin) while it is deleted.
+    let l = v
+        .admin_call(Method::GET, "/keys/cmk/dependents", None)
+        .unwrap();
+    assert_eq!(l["value"].as_array().unwrap().len(), 2, "{l}");
+    block_on(officer.call(Method::POST, "/deletedkeys/cmk/recover", None)).unwrap();
+
+    // Unregister by the owner, and by admin for the other: then disable and
+    // purge work.
+    block_on(c1.unregister_dependent("cmk", &ver, &s1)).unwrap();
+    let e = block_on(c1.unregister_dependent("cmk", &ver, &s1)).unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    assert_eq!(disable(false).unwrap_err().inner_code(), Some("KeyInUse"));
+    v.admin_call(
+        Method::DELETE,
+        &format!("/keys/cmk/{ver}/dependents/{s2}"),
+        None,
+    )
+    .unwrap();
+    let l = block_on(c2.list_dependents("cmk", &ver)).unwrap();
+    assert_eq!(l["value"].as_array().unwrap().len(), 0, "{l}");
+    let k = disable(false).unwrap();
+    assert_eq!(k["attributes"]["enabled"], false);
+    block_on(officer.call(Method::DELETE, "/keys/cmk", None)).unwrap();
+    block_on(officer.call(Method::DELETE, "/deletedkeys/cmk", None)).unwrap();
+
+    // Force: disable and purge with dependents registered, audited as forced.
+    let over = key_version(&v, &officer, "other");
+    let s3 = atrest_vault::store::new_guid();
+    block_on(c2.register_dependent("other", &over, &s3, "db3", "")).unwrap();
+    let e = block_on(officer.call(
+        Method::PATCH,
+        &format!("/keys/other/{over}?force=maybe"),
+        Some(json!({"attributes": {"enabled": false}})),
+    ))
+    .unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    let k = block_on(officer.call(
+        Method::PATCH,
+        &format!("/keys/other/{over}?force=true"),
+        Some(json!({"attributes": {"enabled": false}})),
+    ))
+    .unwrap();
+    assert_eq!(k["attributes"]["enabled"], false);
+    block_on(officer.call(Method::DELETE, "/keys/other", None)).unwrap();
+    assert_eq!(
+        block_on(officer.call(Method::DELETE, "/deletedkeys/other", None))
+            .unwrap_err()
+            .inner_code(),
+        Some("KeyInUse")
+    );
+    block_on(officer.call(Method::DELETE, "/deletedkeys/other?force=true", None)).unwrap();
+    assert!(v
+        .admin_call(Method::GET, "/keys/other/dependents", None)
+        .is_err());
+    let recs = audit_records(&v);
+    let forced: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["properties"]["forced"] == true)
+        .collect();
+    let ops: Vec<&str> = forced
+        .iter()
+        .map(|r| r["operationName"].as_str().unwrap())
+        .collect();
+    assert_eq!(ops, vec!["KeyUpdate", "KeyPurge"], "{forced:?}");
+    assert!(forced
+        .iter()
+        .all(|r| r["properties"]["details"].to_string().contains(&s3)));
+    // Unforced ones are not marked.
+    assert!(recs.iter().any(|r| r["operationName"] == "KeyPurge"
+        && r["properties"]["forced"].is_null()
+        && r["resultType"] == "Success"));
+    let _ = c2_id;
+    assert_audit_verifies(v.data_dir());
+}
+
+#[test]
+fn dependents_survive_restart_and_cli_lists_them() {
+    let mut v = start();
+    let (officer, oid, osecret) = v.identity("officer", &["create", "get", "delete", "purge"]);
+    block_on(officer.call(
+        Method::POST,
+        "/keys/cmk/create",
+        Some(json!({"kty": "RSA", "key_size": 2048})),
+    ))
+    .unwrap();
+    let ver = key_version(&v, &officer, "cmk");
+    let sid = atrest_vault::store::new_guid();
+    block_on(officer.register_dependent("cmk", &ver, &sid, "db-persist", "kept")).unwrap();
+    v.terminate();
+    v.spawn();
+    // New process, new port: a new client for the same identity.
+    let officer = VaultClient::new(&v.url, &v.ca, &v.tenant, &oid, &osecret).unwrap();
+    let out = run_cli(&[
+        "vault",
+        "key",
+        "dependents",
+        "--data",
+        v.data_dir().to_str().unwrap(),
+        "cmk",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&sid) && stdout.contains("db-persist"),
+        "{stdout}"
+    );
+    // The registration is still enforced.
+    block_on(officer.call(Method::DELETE, "/keys/cmk", None)).unwrap();
+    let e = block_on(officer.call(Method::DELETE, "/deletedkeys/cmk", None)).unwrap_err();
+    assert_eq!(e.inner_code(), Some("KeyInUse"), "{e}");
+    let out = run_cli(&[
+        "vault",
+        "key",
+        "dependent-remove",
+        "--data",
+        v.data_dir().to_str().unwrap(),
+        "cmk",
+        &ver,
+        &sid,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    block_on(officer.call(Method::DELETE, "/deletedkeys/cmk", None)).unwrap();
+}
