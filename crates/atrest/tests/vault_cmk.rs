@@ -578,7 +578,7 @@ fn dependents_hold_back_purge_and_disable() {
         db1.key_pem.as_bytes(),
     )
     .unwrap();
-    let (c2, c2_id, _) = v.identity("db2", &["get"]);
+    let (c2, _, _) = v.identity("db2", &["get"]);
     let (nope, _, _) = v.identity("no-get", &["wrapKey", "unwrapKey", "list"]);
     let s1 = atrest_vault::store::new_guid();
     let s2 = atrest_vault::store::new_guid();
@@ -781,7 +781,6 @@ fn dependents_hold_back_purge_and_disable() {
     assert!(recs.iter().any(|r| r["operationName"] == "KeyPurge"
         && r["properties"]["forced"].is_null()
         && r["resultType"] == "Success"));
-    let _ = c2_id;
     assert_audit_verifies(v.data_dir());
 }
 
