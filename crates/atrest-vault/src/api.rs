@@ -924,15 +924,21 @@ pub fn unregister_dependent(
         if !st.keys.contains_key(name) {
             return Err(ApiError::key_not_found(name));
         }
-        let missing = || {
-            ApiError::not_found(format!(
-                "no dependent {dep_id} is registered on key {name}/{version}"
-            ))
-            .inner("DependentNotFound")
+        // Idempotent: removing a registration that is not there (already
+        // removed, or a retry) is 204 as well.
+        let done = || Resp {
+            status: 204,
+            body: None,
         };
-        let versions = st.dependents.get_mut(name).ok_or_else(missing)?;
-        let ds = versions.get_mut(version).ok_or_else(missing)?;
-        let d = ds.get(&dep_id).ok_or_else(missing)?;
+        let Some(versions) = st.dependents.get_mut(name) else {
+            return Ok(done());
+        };
+        let Some(ds) = versions.get_mut(version) else {
+            return Ok(done());
+        };
+        let Some(d) = ds.get(&dep_id) else {
+            return Ok(done());
+        };
         if let Some(c) = caller {
             if c.client_id != d.client_id {
                 return Err(ApiError::forbidden(

@@ -719,7 +719,9 @@ fn dependents_hold_back_purge_and_disable() {
     // Unregister by the owner, and by admin for the other: then disable and
     // purge work.
     block_on(c1.unregister_dependent("cmk", &ver, &s1)).unwrap();
-    let e = block_on(c1.unregister_dependent("cmk", &ver, &s1)).unwrap_err();
+    // Again: idempotent.
+    block_on(c1.unregister_dependent("cmk", &ver, &s1)).unwrap();
+    let e = block_on(c1.unregister_dependent("absent", &ver, &s1)).unwrap_err();
     assert_eq!(e.status(), Some(404), "{e}");
     assert_eq!(disable(false).unwrap_err().inner_code(), Some("KeyInUse"));
     v.admin_call(
