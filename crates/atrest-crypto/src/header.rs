@@ -20,7 +20,10 @@ use crate::{
 /// Bytes per header slot; a file has two.
 pub const HEADER_SLOT_SIZE: usize = 4096;
 const MAGIC: &[u8; 8] = b"ATRESTH1";
+/// Format 1: data layer only. Format 2: the header names an infrastructure
+/// layer too (older builds refuse it instead of misreading its pages).
 const VERSION: u16 = 1;
+const VERSION_INFRA: u16 = 2;
 const MAC_LEN: usize = 32;
 const PREFIX_LEN: usize = 8 + 2 + 4;
 
@@ -89,6 +92,57 @@ impl KeySource {
     }
 }
 
+/// Which encryption layers protect a file's units. Recorded in the header
+/// (and so covered by its MAC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Layers {
+    /// The data layer (AES-256-GCM under the file's DEK): always on.
+    pub data: bool,
+    /// The infrastructure layer (XChaCha20-Poly1305 under the file's
+    /// infrastructure DEK).
+    pub infrastructure: bool,
+}
+
+impl Layers {
+    pub const DATA_ONLY: Layers = Layers {
+        data: true,
+        infrastructure: false,
+    };
+    pub const DATA_AND_INFRA: Layers = Layers {
+        data: true,
+        infrastructure: true,
+    };
+    fn bits(self) -> u8 {
+        u8::from(self.data) | (u8::from(self.infrastructure) << 1)
+    }
+    fn from_bits(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(Self::DATA_ONLY),
+            3 => Some(Self::DATA_AND_INFRA),
+            _ => None,
+        }
+    }
+    /// Names for `atrest inspect`: `["data"]` or `["data", "infrastructure"]`.
+    pub fn names(self) -> Vec<&'static str> {
+        let mut v = vec![];
+        if self.data {
+            v.push("data");
+        }
+        if self.infrastructure {
+            v.push("infrastructure");
+        }
+        v
+    }
+}
+
+/// A file's infrastructure-layer key, as stored in its header: wrapped
+/// (XChaCha20-Poly1305) under an infrastructure master key version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InfraKeyRecord {
+    pub dek_id: DekId,
+    pub wrapped: WrappedDek,
+}
+
 /// One decoded header slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileHeader {
@@ -108,6 +162,19 @@ pub struct FileHeader {
     pub wal_salts: u64,
     /// WAL only: frames known to be synced under `wal_salts`.
     pub wal_durable_frames: u64,
+    /// The infrastructure layer's key, if that layer protects the file.
+    pub infra: Option<InfraKeyRecord>,
+}
+
+impl FileHeader {
+    /// The layers protecting this file's units.
+    pub fn layers(&self) -> Layers {
+        if self.infra.is_some() {
+            Layers::DATA_AND_INFRA
+        } else {
+            Layers::DATA_ONLY
+        }
+    }
 }
 
 mod tag {
@@ -126,6 +193,9 @@ mod tag {
     pub const SEALS_RESERVED: u16 = 13;
     pub const WAL_SALTS: u16 = 14;
     pub const WAL_DURABLE: u16 = 15;
+    pub const LAYERS: u16 = 16;
+    pub const INFRA_DEK_ID: u16 = 17;
+    pub const INFRA_WRAPPED: u16 = 18;
 }
 
 impl FileHeader {
@@ -168,6 +238,20 @@ impl FileHeader {
             tag::WAL_DURABLE,
             &self.wal_durable_frames.to_be_bytes(),
         );
+        if let Some(infra) = &self.infra {
+            put(&mut body, tag::LAYERS, &[self.layers().bits()]);
+            put(&mut body, tag::INFRA_DEK_ID, &infra.dek_id.0);
+            put(
+                &mut body,
+                tag::INFRA_WRAPPED,
+                &encode_wrapped(&infra.wrapped),
+            );
+        }
+        let version = if self.infra.is_some() {
+            VERSION_INFRA
+        } else {
+            VERSION
+        };
 
         if PREFIX_LEN + body.len() + MAC_LEN > HEADER_SLOT_SIZE {
             return Err(CryptoError::InvalidHeader(format!(
@@ -177,7 +261,7 @@ impl FileHeader {
         }
         let mut slot = vec![0u8; HEADER_SLOT_SIZE];
         slot[..8].copy_from_slice(MAGIC);
-        slot[8..10].copy_from_slice(&VERSION.to_be_bytes());
+        slot[8..10].copy_from_slice(&version.to_be_bytes());
         slot[10..14].copy_from_slice(&(body.len() as u32).to_be_bytes());
         slot[PREFIX_LEN..PREFIX_LEN + body.len()].copy_from_slice(&body);
         let signed_end = PREFIX_LEN + body.len();
@@ -198,9 +282,9 @@ impl FileHeader {
             ));
         }
         let version = u16::from_be_bytes([slot[8], slot[9]]);
-        if version != VERSION {
+        if version != VERSION && version != VERSION_INFRA {
             return Err(CryptoError::InvalidHeader(format!(
-                "header format version {version} is not supported (this build reads {VERSION})"
+                "header format version {version} is not supported (this build reads {VERSION} and {VERSION_INFRA})"
             )));
         }
         let body_len = u32::from_be_bytes(slot[10..14].try_into().unwrap()) as usize;
@@ -211,6 +295,11 @@ impl FileHeader {
         }
         let signed_end = PREFIX_LEN + body_len;
         let header = parse_body(&slot[PREFIX_LEN..signed_end])?;
+        if (version == VERSION_INFRA) != header.infra.is_some() {
+            return Err(CryptoError::InvalidHeader(
+                "header format version does not match the layers it names".into(),
+            ));
+        }
         Ok(Some(UnverifiedHeader {
             header,
             signed: slot[..signed_end].to_vec(),
@@ -357,7 +446,29 @@ fn parse_body(body: &[u8]) -> Result<FileHeader, CryptoError> {
             wrapped: get(tag::PARENT_KEY_WRAPPED, "wrapped key")?.to_vec(),
         }
     };
+    let layers = match f.get(&tag::LAYERS) {
+        None => Layers::DATA_ONLY,
+        Some([b]) => Layers::from_bits(*b).ok_or_else(|| bad("layers"))?,
+        Some(_) => return Err(bad("layers")),
+    };
+    let infra = if layers.infrastructure {
+        let w = decode_wrapped(get(tag::INFRA_WRAPPED, "infrastructure wrapped key")?)?;
+        if w.kek.kind != ProtectorKind::Infrastructure
+            || w.algorithm != WrapAlgorithm::XChaCha20Poly1305
+        {
+            return Err(bad("infrastructure wrapped key"));
+        }
+        Some(InfraKeyRecord {
+            dek_id: DekId(id16(tag::INFRA_DEK_ID, "infrastructure dek id")?),
+            wrapped: w,
+        })
+    } else if f.contains_key(&tag::INFRA_WRAPPED) || f.contains_key(&tag::INFRA_DEK_ID) {
+        return Err(bad("layers"));
+    } else {
+        None
+    };
     Ok(FileHeader {
+        infra,
         sequence: u64f(tag::SEQUENCE, "sequence")?,
         kind,
         cipher,
@@ -396,7 +507,62 @@ mod tests {
             seals_reserved: 1 << 20,
             wal_salts: 0,
             wal_durable_frames: 0,
+            infra: None,
         }
+    }
+
+    fn sample_infra(dek: &Dek) -> FileHeader {
+        FileHeader {
+            infra: Some(InfraKeyRecord {
+                dek_id: DekId([4; 16]),
+                wrapped: WrappedDek {
+                    kek: KekRef {
+                        kind: ProtectorKind::Infrastructure,
+                        key_id: "infra:abcd/v1".into(),
+                    },
+                    algorithm: WrapAlgorithm::XChaCha20Poly1305,
+                    bytes: vec![6; 72],
+                },
+            }),
+            ..sample(dek)
+        }
+    }
+
+    #[test]
+    fn infra_layer_round_trips_and_is_covered_by_the_mac() {
+        let dek = Dek::generate().unwrap();
+        let h = sample_infra(&dek);
+        assert_eq!(h.layers(), Layers::DATA_AND_INFRA);
+        let slot = h.encode(&dek).unwrap();
+        assert_eq!(&slot[8..10], &2u16.to_be_bytes());
+        let back = FileHeader::decode_unverified(&slot)
+            .unwrap()
+            .unwrap()
+            .verify(&dek)
+            .unwrap();
+        assert_eq!(back, h);
+        assert_eq!(back.layers().names(), ["data", "infrastructure"]);
+        let used =
+            PREFIX_LEN + u32::from_be_bytes(slot[10..14].try_into().unwrap()) as usize + MAC_LEN;
+        for pos in 0..used {
+            let mut bad = slot.clone();
+            bad[pos] ^= 0x01;
+            let ok = FileHeader::decode_unverified(&bad)
+                .ok()
+                .flatten()
+                .map(|u| u.verify(&dek).is_ok())
+                .unwrap_or(false);
+            assert!(!ok, "flip at {pos} went unnoticed");
+        }
+        // A data-only header keeps format 1 and names one layer.
+        let plain = sample(&dek).encode(&dek).unwrap();
+        assert_eq!(&plain[8..10], &1u16.to_be_bytes());
+        let u = FileHeader::decode_unverified(&plain).unwrap().unwrap();
+        assert_eq!(u.claims().layers(), Layers::DATA_ONLY);
+        // Claiming format 1 while naming the infra layer is refused.
+        let mut v1 = slot.clone();
+        v1[8..10].copy_from_slice(&1u16.to_be_bytes());
+        assert!(FileHeader::decode_unverified(&v1).is_err());
     }
 
     #[test]

@@ -3,24 +3,33 @@
 //! authenticated, self-describing header every atrest file starts with.
 //!
 //! This crate does no I/O. It decides *what* bytes go to disk and checks
-//! what comes back; the storage crate decides *where*. Every primitive comes
-//! from aws-lc-rs (the `fips` feature switches to the FIPS 140-3 module).
+//! what comes back; the storage crate decides *where*. Every primitive of the
+//! data layer comes from aws-lc-rs (the `fips` feature switches to the FIPS
+//! 140-3 module); the infrastructure layer ([`InfraUnitKey`], [`InfraKek`])
+//! deliberately uses another implementation, RustCrypto's XChaCha20-Poly1305.
 //!
 //! What it is not: a key store (see `atrest-keystore`), a VFS (see
 //! `atrest-storage`), or a general-purpose crypto toolkit.
 
 mod error;
 mod header;
+mod infra;
 mod keys;
 mod protector;
 mod seal;
 mod wrap;
 
 pub use error::CryptoError;
-pub use header::{FileHeader, FileKind, KeySource, UnverifiedHeader, HEADER_SLOT_SIZE};
+pub use header::{
+    FileHeader, FileKind, InfraKeyRecord, KeySource, Layers, UnverifiedHeader, HEADER_SLOT_SIZE,
+};
+pub use infra::{
+    os_random, InfraDek, InfraKek, InfraUnitKey, INFRA_CIPHER_ID, INFRA_OVERHEAD, INFRA_WRAPPED_LEN,
+};
 pub use keys::{random_id, Dek, DekId, FileId};
 pub use protector::{
-    KekRef, KeyProtector, ProtectorError, ProtectorKind, WrapAlgorithm, WrappedDek,
+    KekRef, KeyProtector, ProtectorError, ProtectorKind, RoutingProtector, WrapAlgorithm,
+    WrappedDek,
 };
 pub use seal::{CipherId, SealContext, UnitKey, SEAL_OVERHEAD, SEAL_USAGE_LIMIT, SEAL_USAGE_WARN};
 pub use wrap::SymmetricKek;

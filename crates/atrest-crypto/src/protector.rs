@@ -17,6 +17,8 @@ pub enum ProtectorKind {
     Service = 1,
     /// A customer-managed RSA key in the key vault.
     CustomerVault = 2,
+    /// The infrastructure master key of the second layer (its own keystore).
+    Infrastructure = 3,
 }
 
 impl ProtectorKind {
@@ -24,6 +26,7 @@ impl ProtectorKind {
         match v {
             1 => Some(Self::Service),
             2 => Some(Self::CustomerVault),
+            3 => Some(Self::Infrastructure),
             _ => None,
         }
     }
@@ -31,6 +34,7 @@ impl ProtectorKind {
         match self {
             Self::Service => "service-managed",
             Self::CustomerVault => "customer-managed",
+            Self::Infrastructure => "infrastructure",
         }
     }
 }
@@ -43,6 +47,8 @@ pub enum WrapAlgorithm {
     A256Gcm = 1,
     /// RSA-OAEP with SHA-256 (customer keys in the vault).
     RsaOaep256 = 2,
+    /// XChaCha20-Poly1305 with a random 192-bit nonce (infrastructure layer).
+    XChaCha20Poly1305 = 3,
 }
 
 impl WrapAlgorithm {
@@ -50,6 +56,7 @@ impl WrapAlgorithm {
         match v {
             1 => Some(Self::A256Gcm),
             2 => Some(Self::RsaOaep256),
+            3 => Some(Self::XChaCha20Poly1305),
             _ => None,
         }
     }
@@ -57,6 +64,7 @@ impl WrapAlgorithm {
         match self {
             Self::A256Gcm => "A256GCM",
             Self::RsaOaep256 => "RSA-OAEP-256",
+            Self::XChaCha20Poly1305 => "XChaCha20-Poly1305",
         }
     }
 }
@@ -114,4 +122,45 @@ pub trait KeyProtector: Send + Sync + fmt::Debug {
     /// Unwraps a DEK that names `dek_id`; fails if `wrapped` names a KEK
     /// this protector cannot use.
     fn unwrap(&self, dek_id: DekId, wrapped: &WrappedDek) -> Result<Dek, ProtectorError>;
+}
+
+/// Wraps with one KEK and unwraps with any of several: what a server uses
+/// while it moves its DEKs from one KEK to another (service key to customer
+/// key, one key version to the next). Files not yet rewrapped stay readable
+/// as long as their old KEK is; once every file is rewrapped the old
+/// protectors are never asked again.
+#[derive(Debug)]
+pub struct RoutingProtector {
+    current: std::sync::Arc<dyn KeyProtector>,
+    previous: Vec<std::sync::Arc<dyn KeyProtector>>,
+}
+
+impl RoutingProtector {
+    pub fn new(
+        current: std::sync::Arc<dyn KeyProtector>,
+        previous: Vec<std::sync::Arc<dyn KeyProtector>>,
+    ) -> Self {
+        RoutingProtector { current, previous }
+    }
+}
+
+impl KeyProtector for RoutingProtector {
+    fn current_kek(&self) -> KekRef {
+        self.current.current_kek()
+    }
+
+    fn wrap(&self, dek: &Dek) -> Result<WrappedDek, ProtectorError> {
+        self.current.wrap(dek)
+    }
+
+    fn unwrap(&self, dek_id: DekId, wrapped: &WrappedDek) -> Result<Dek, ProtectorError> {
+        let mut last = None;
+        for p in std::iter::once(&self.current).chain(self.previous.iter()) {
+            match p.unwrap(dek_id, wrapped) {
+                Err(e @ ProtectorError::NotMine { .. }) => last = Some(e),
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| ProtectorError::Other("no protector".into())))
+    }
 }

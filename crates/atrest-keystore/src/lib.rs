@@ -6,6 +6,10 @@
 //! directory of mode 0700. [`ServiceProtector`] wraps and unwraps DEKs under
 //! such a key; it is the default, always-on layer of atrest.
 //!
+//! The infrastructure keystore ([`InfraKeystore`], module `infra`) is a
+//! second, separate directory of the same kind holding the infrastructure
+//! master keys of the second encryption layer.
+//!
 //! What it is not: a vault. Service keys never leave this machine's keystore
 //! and have no access policy beyond file permissions; customer-managed keys
 //! live in `atrest vault`.
@@ -47,6 +51,12 @@ pub enum KeystoreError {
         "no home directory to put the default keystore in; set ATREST_KEYSTORE or pass --keystore"
     )]
     NoDefaultLocation,
+    #[error("infrastructure master key file {path} is damaged (checksum mismatch); restore it from a backup of the infrastructure keystore")]
+    InfraCorrupt { path: PathBuf },
+    #[error("infrastructure master key {id} was not found in infrastructure keystore {dir}; point --infra-keystore (or ATREST_INFRA_KEYSTORE) at the infrastructure keystore this data directory was created with")]
+    InfraNotFound { id: String, dir: PathBuf },
+    #[error("no home directory to put the default infrastructure keystore in; set ATREST_INFRA_KEYSTORE or pass --infra-keystore")]
+    InfraNoDefaultLocation,
 }
 
 /// The identifier of one service key.
@@ -261,14 +271,18 @@ impl KeyProtector for ServiceProtector {
     }
 }
 
-fn io(path: &Path, source: std::io::Error) -> KeystoreError {
+pub use infra::{InfraKeyId, InfraKeystore, InfraProtector};
+
+mod infra;
+
+pub(crate) fn io(path: &Path, source: std::io::Error) -> KeystoreError {
     KeystoreError::Io {
         path: path.to_path_buf(),
         source,
     }
 }
 
-fn check_mode(path: &Path, want: u32) -> Result<(), KeystoreError> {
+pub(crate) fn check_mode(path: &Path, want: u32) -> Result<(), KeystoreError> {
     let mode = fs::metadata(path)
         .map_err(|e| io(path, e))?
         .permissions()

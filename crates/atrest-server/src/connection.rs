@@ -334,6 +334,11 @@ async fn startup(
     }
     match ctx.phase() {
         Phase::Ready => {}
+        Phase::Inaccessible => {
+            ctx.metrics.rejected("inaccessible");
+            send_fatal(&mut conn, &ctx.inaccessible_error()).await;
+            return None;
+        }
         Phase::Stopping => {
             ctx.metrics.rejected("shutting_down");
             send_fatal(
@@ -502,6 +507,7 @@ async fn run_session(conn: Conn, mut session: session::SessionHandle, ctx: &Arc<
     let mut eof = false;
     let mut terminated = false;
     let mut shutdown = ctx.shutdown_watch();
+    let mut kick = ctx.kick_watch();
     let end = 'outer: loop {
         // The next message: pipelined ones first.
         let msg = match pending.pop_front() {
@@ -549,6 +555,10 @@ async fn run_session(conn: Conn, mut session: session::SessionHandle, ctx: &Arc<
                         break End::Fatal;
                     }
                     _ = shutdown.changed() => continue 'outer,
+                    _ = kick.changed() => {
+                        let _ = sink.send(B::ErrorResponse(ctx.inaccessible_error().to_response())).await;
+                        break End::Fatal;
+                    }
                     _ = ctx.grace_over() => {
                         let _ = sink.send(B::ErrorResponse(
                             PgError::fatal("57P01", "terminating connection due to administrator command")
@@ -633,6 +643,14 @@ async fn run_session(conn: Conn, mut session: session::SessionHandle, ctx: &Arc<
                 _ = ctx.grace_over(), if !terminated => {
                     terminated = true;
                     shared.terminate();
+                }
+                _ = kick.changed(), if !terminated => {
+                    // The key became inaccessible mid-statement: stop it;
+                    // the session then ends with the key's error.
+                    shared.terminate();
+                    let _ = sink.send(B::ErrorResponse(ctx.inaccessible_error().to_response())).await;
+                    let _ = sink.flush().await;
+                    break 'outer End::Fatal;
                 }
             }
         }

@@ -113,7 +113,9 @@ pub fn storage_error(e: StorageError) -> PgError {
         StorageError::Tampered { .. } | StorageError::Replayed { .. } | StorageError::Header { .. } => {
             PgError::new("XX001", msg)
         }
-        StorageError::Key { .. } | StorageError::Keystore(_) => PgError::new("58000", msg)
+        StorageError::InfraFixedAtCreate { .. } => PgError::new("55000", msg),
+        StorageError::Layers { .. } => PgError::new("XX001", msg),
+        StorageError::Key { .. } | StorageError::InfraKey { .. } | StorageError::Keystore(_) => PgError::new("58000", msg)
             .hint("The server cannot get a data encryption key; check the keystore or key vault named in the message."),
         StorageError::Crypto { .. } => PgError::new("XX000", msg),
         StorageError::Reserve { .. } | StorageError::Unsupported { .. } => PgError::new("0A000", msg),

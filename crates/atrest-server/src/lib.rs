@@ -15,10 +15,13 @@
 //!
 //! Encryption happens below, in `atrest-storage`; nothing here sees a key.
 
+pub mod cmk;
 pub mod connection;
+pub mod control;
 pub mod databases;
 pub mod error;
 pub mod infer;
+pub mod keys;
 pub mod listener;
 pub mod metrics;
 pub mod resource;

@@ -25,6 +25,8 @@ use crate::session::SessionShared;
 pub enum Phase {
     Ready,
     Stopping,
+    /// The customer key cannot be used: every connection is refused.
+    Inaccessible,
 }
 
 /// What every connection of a running server shares.
@@ -44,15 +46,150 @@ pub struct ServerCtx {
     phase: AtomicU8,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
     grace_tx: tokio::sync::watch::Sender<Option<Instant>>,
+    /// Bumped to end every session at once (the key became inaccessible).
+    kick_tx: tokio::sync::watch::Sender<u64>,
+    /// Why the server is Inaccessible.
+    inaccessible: Mutex<Option<String>>,
+    /// The live configuration (key operations change it).
+    pub live: Mutex<ServerConfig>,
+    /// The customer key in use and how to reach it.
+    pub keys: Mutex<KeyRuntime>,
+    /// Serializes key operations (switch, revalidate, monitor).
+    pub key_op: tokio::sync::Mutex<()>,
+    pub endpoints: Endpoints,
+    pub alerts: crate::control::Alerts,
+}
+
+/// The customer key a running server uses.
+#[derive(Default)]
+pub struct KeyRuntime {
+    pub access: Option<Arc<crate::cmk::VaultAccess>>,
+    pub key: Option<crate::cmk::KeyUrl>,
+    pub probe: Option<Arc<crate::keys::Probe>>,
 }
 
 impl ServerCtx {
     pub fn phase(&self) -> Phase {
-        if self.phase.load(Ordering::SeqCst) == 0 {
-            Phase::Ready
-        } else {
-            Phase::Stopping
+        match self.phase.load(Ordering::SeqCst) {
+            0 => Phase::Ready,
+            2 => Phase::Inaccessible,
+            _ => Phase::Stopping,
         }
+    }
+
+    /// The error every connection gets while Inaccessible.
+    pub fn inaccessible_error(&self) -> crate::error::PgError {
+        let reason = self
+            .inaccessible
+            .lock()
+            .expect("inaccessible")
+            .clone()
+            .unwrap_or_default();
+        crate::error::PgError::fatal(
+            "57P03",
+            format!(
+                "server {} is Inaccessible: its customer-managed key is not accessible: {reason}",
+                self.config.name
+            ),
+        )
+        .hint("Restore the server identity's access to the key in the vault (get, wrapKey, unwrapKey; key enabled, not expired, not deleted; firewall), then run `atrest server revalidate`.")
+    }
+
+    pub fn kick_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.kick_tx.subscribe()
+    }
+
+    /// Records a state change (state.json, activity log) and alerts.
+    pub fn transition(&self, state: State, reason: &str) {
+        if let Err(e) = resource::set_state(&self.dir, state, reason, Some(&self.endpoints)) {
+            tracing::error!(error = %e, "cannot record the state change");
+        }
+        self.alerts.notify(&self.config, state, reason);
+    }
+
+    /// Moves to Inaccessible: refuses new connections, ends every session,
+    /// then zeroizes the unwrapped DEKs.
+    pub async fn go_inaccessible(self: &Arc<Self>, reason: String) {
+        if self.phase() == Phase::Inaccessible {
+            return;
+        }
+        *self.inaccessible.lock().expect("inaccessible") = Some(reason.clone());
+        self.phase.store(2, Ordering::SeqCst);
+        tracing::error!(%reason, "customer-managed key inaccessible");
+        self.transition(State::Inaccessible, &reason);
+        let sessions: Vec<_> = self
+            .sessions
+            .lock()
+            .expect("sessions")
+            .values()
+            .cloned()
+            .collect();
+        for s in &sessions {
+            s.terminate();
+        }
+        self.kick_tx.send_modify(|g| *g += 1);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.session_count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let n = self.databases.engine().forget_keys();
+        tracing::info!(
+            keys = n,
+            sessions = sessions.len(),
+            "sessions ended, data encryption keys zeroized"
+        );
+    }
+
+    /// Inaccessible to Ready: the key must answer, and every database's
+    /// DEK must unwrap again.
+    pub async fn revalidate(self: &Arc<Self>, reason: &str) -> Result<(), String> {
+        let _guard = self.key_op.lock().await;
+        let ctx = Arc::clone(self);
+        let r = tokio::task::spawn_blocking(move || ctx.reopen_keys())
+            .await
+            .map_err(|e| e.to_string())?;
+        match r {
+            Ok(()) => {
+                if self.phase() == Phase::Inaccessible {
+                    *self.inaccessible.lock().expect("inaccessible") = None;
+                    self.phase.store(0, Ordering::SeqCst);
+                    self.transition(State::Ready, reason);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let _ = resource::log_activity(
+                    &self.dir,
+                    &serde_json::json!({"time": resource::now_rfc3339(), "event": "revalidation_failed", "reason": e}),
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// Checks the key (a fresh probe) and unwraps every database's DEK.
+    pub fn reopen_keys(&self) -> Result<(), String> {
+        let (access, key) = {
+            let k = self.keys.lock().expect("keys");
+            (k.access.clone(), k.key.clone())
+        };
+        if let (Some(access), Some(key)) = (access, key) {
+            let probe =
+                crate::keys::Probe::make(&access, &key).map_err(|l| l.reason().to_string())?;
+            crate::keys::check(&access, &key, &probe).map_err(|l| l.reason().to_string())?;
+            self.keys.lock().expect("keys").probe = Some(Arc::new(probe));
+        }
+        for name in self.databases.names() {
+            let (_lease, conn) = self
+                .databases
+                .connect(&name)
+                .map_err(|e| format!("database {name}: {}", e.message))?;
+            conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(|e| format!("database {name}: {}", crate::error::from_sqlite(e).message))?;
+        }
+        Ok(())
     }
 
     pub fn role(&self, user: &str) -> Option<Role> {
@@ -156,6 +293,8 @@ pub enum StartError {
     Tls(String),
     #[error("database {name}: {message}")]
     Database { name: String, message: String },
+    #[error("admin socket: {0}")]
+    Admin(std::io::Error),
 }
 
 fn load_tls(
@@ -203,6 +342,11 @@ impl Running {
         let _ = self.stop_tx.send(());
         let _ = self.done.await;
         let _ = resource::set_state(&self.ctx.dir, State::Stopped, reason, None);
+        self.ctx
+            .alerts
+            .notify(&self.ctx.config, State::Stopped, reason);
+        self.ctx.alerts.drain(Duration::from_secs(10)).await;
+        let _ = std::fs::remove_file(self.ctx.dir.join(crate::control::ADMIN_SOCKET));
     }
 }
 
@@ -214,8 +358,10 @@ pub async fn start(opts: StartOptions) -> Result<Running, StartError> {
     })?;
     let config = resource::load_config(&dir)?;
     let lock = resource::lock(&dir)?;
+    let alerts = crate::control::Alerts::new(&config.webhooks);
     resource::set_state(&dir, State::Starting, "start requested", None)?;
-    let result = start_locked(&dir, config, &opts).await;
+    alerts.notify(&config, State::Starting, "start requested");
+    let result = start_locked(&dir, config.clone(), &opts, alerts).await;
     match result {
         Ok((listen, metrics, ctx, stop_tx, done)) => Ok(Running {
             listen,
@@ -226,7 +372,11 @@ pub async fn start(opts: StartOptions) -> Result<Running, StartError> {
             _lock: lock,
         }),
         Err(e) => {
-            let _ = resource::set_state(&dir, State::Stopped, &format!("start failed: {e}"), None);
+            let reason = format!("start failed: {e}");
+            let _ = resource::set_state(&dir, State::Stopped, &reason, None);
+            let alerts = crate::control::Alerts::new(&config.webhooks);
+            alerts.notify(&config, State::Stopped, &reason);
+            alerts.drain(Duration::from_secs(10)).await;
             Err(e)
         }
     }
@@ -244,6 +394,7 @@ async fn start_locked(
     dir: &Path,
     config: ServerConfig,
     opts: &StartOptions,
+    alerts: crate::control::Alerts,
 ) -> Result<Started, StartError> {
     let limits = opts.limits.clone().unwrap_or_else(|| config.limits.clone());
     let roles = Roles::load(dir)?;
@@ -252,9 +403,10 @@ async fn start_locked(
     let engine = Engine::open(&EngineOptions {
         data_dir: dir.join(resource::DATA_SUBDIR),
         keystore_dir: Some(config.encryption.keystore_dir.clone()),
+        infrastructure_encryption: Some(config.encryption.infrastructure_encryption),
+        infra_keystore_dir: config.encryption.infra_keystore_dir.clone(),
     })?;
-    if engine.info().map(|i| i.service_key.as_str()) != Some(config.encryption.service_key.as_str())
-    {
+    if engine.info().map(|i| i.service_key) != Some(config.encryption.service_key.clone()) {
         return Err(StartError::Resource(ResourceError::Corrupt {
             path: dir.join(resource::DATA_SUBDIR),
             reason: format!(
@@ -264,18 +416,77 @@ async fn start_locked(
             ),
         }));
     }
+    // A customer key: reach the vault as this server's identity. The
+    // engine's protector follows the configuration (and, while a rewrap is
+    // unfinished, the keys it came from).
+    let mut key_failure: Option<String> = None;
+    let mut runtime = KeyRuntime::default();
+    if let Some(ck) = &config.encryption.customer_key {
+        match crate::keys::vault_access(dir, &config, &ck.login, &ck.key) {
+            Ok(a) => {
+                runtime.access = Some(a);
+                runtime.key = Some(ck.key.clone());
+            }
+            Err(e) => key_failure = Some(format!("cannot reach the vault: {e}")),
+        }
+    }
+    if config.encryption.customer_key.is_some() || !config.encryption.rewrap_from.is_empty() {
+        match crate::keys::engine_protector(&config, runtime.access.as_ref()) {
+            Ok(p) => engine.set_protector(p),
+            Err(e) => key_failure = key_failure.or(Some(e)),
+        }
+    }
     // Unwrap every database's DEK now: a missing or wrong key is found at
-    // start, not at the first query.
+    // start, not at the first query. With a customer key a refusal means
+    // Inaccessible, not a failed start.
     let databases = Arc::new(Databases::new(engine));
-    for name in databases.names() {
-        let (_lease, conn) = databases.connect(&name).map_err(|e| StartError::Database {
-            name: name.clone(),
-            message: e.message,
-        })?;
-        conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
-            r.get::<_, i64>(0)
-        })
-        .map_err(atrest_storage::StorageError::from_sqlite)?;
+    if key_failure.is_none() {
+        for name in databases.names() {
+            let opened =
+                databases
+                    .connect(&name)
+                    .map_err(|e| e.message)
+                    .and_then(|(_lease, conn)| {
+                        conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+                            r.get::<_, i64>(0)
+                        })
+                        .map_err(|e| crate::error::from_sqlite(e).message)
+                    });
+            if let Err(message) = opened {
+                if config.encryption.customer_key.is_none() {
+                    return Err(StartError::Database { name, message });
+                }
+                key_failure = Some(format!("database {name}: {message}"));
+                break;
+            }
+        }
+    }
+    let mut config = config;
+    if key_failure.is_none() && !config.encryption.rewrap_from.is_empty() {
+        // A key switch was interrupted: finish it before serving.
+        let from = config.encryption.rewrap_from.clone();
+        match crate::keys::rewrap_all(dir, &mut config, &databases) {
+            Ok(n) => {
+                tracing::info!(?from, databases = n, "finished an interrupted rewrap");
+                if let Ok(p) = crate::keys::engine_protector(&config, runtime.access.as_ref()) {
+                    databases.engine().set_protector(p);
+                }
+            }
+            Err(e) => key_failure = Some(format!("finishing the rewrap: {e}")),
+        }
+    }
+    if key_failure.is_none() {
+        if let (Some(a), Some(k)) = (&runtime.access, &runtime.key) {
+            let (a, k) = (Arc::clone(a), k.clone());
+            match tokio::task::spawn_blocking(move || crate::keys::Probe::make(&a, &k)).await {
+                Ok(Ok(p)) => runtime.probe = Some(Arc::new(p)),
+                Ok(Err(l)) => key_failure = Some(l.reason().to_string()),
+                Err(e) => key_failure = Some(e.to_string()),
+            }
+        }
+    }
+    if key_failure.is_some() {
+        databases.engine().forget_keys();
     }
     let (tls, channel_binding) = load_tls(dir, &config)?;
     let addr = opts
@@ -302,9 +513,16 @@ async fn start_locked(
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let (shutdown_tx, _) = tokio::sync::watch::channel(false);
     let (grace_tx, _) = tokio::sync::watch::channel(None);
+    let (kick_tx, _) = tokio::sync::watch::channel(0u64);
+    let endpoints = Endpoints {
+        pid: Some(std::process::id()),
+        listen: Some(listen.to_string()),
+        metrics: metrics_addr.map(|a| a.to_string()),
+    };
     let ctx = Arc::new(ServerCtx {
         dir: dir.to_path_buf(),
         mock_key: roles.mock_key.clone(),
+        live: Mutex::new(config.clone()),
         config,
         limits,
         databases,
@@ -317,21 +535,28 @@ async fn start_locked(
         phase: AtomicU8::new(0),
         shutdown_tx,
         grace_tx,
+        kick_tx,
+        inaccessible: Mutex::new(None),
+        keys: Mutex::new(runtime),
+        key_op: tokio::sync::Mutex::new(()),
+        endpoints,
+        alerts,
     });
     if let Some(ml) = metrics_listener {
         let c = Arc::clone(&ctx);
         tokio::spawn(serve_http(ml, c));
     }
-    resource::set_state(
-        dir,
-        State::Ready,
-        "started",
-        Some(&Endpoints {
-            pid: Some(std::process::id()),
-            listen: Some(listen.to_string()),
-            metrics: metrics_addr.map(|a| a.to_string()),
-        }),
-    )?;
+    crate::control::serve_admin(Arc::clone(&ctx))?;
+    match key_failure {
+        None => ctx.transition(State::Ready, "started"),
+        Some(reason) => {
+            *ctx.inaccessible.lock().expect("inaccessible") = Some(reason.clone());
+            ctx.phase.store(2, Ordering::SeqCst);
+            ctx.transition(State::Inaccessible, &format!("at start: {reason}"));
+        }
+    }
+    // Always: a customer key can be set while the server runs.
+    tokio::spawn(crate::control::monitor(Arc::clone(&ctx)));
     tracing::info!(%listen, metrics = ?metrics_addr, server = %ctx.config.name, "atrest server listening");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let c = Arc::clone(&ctx);
@@ -366,15 +591,13 @@ async fn accept_loop(
     // transactions the grace period, then roll them back.
     ctx.phase.store(1, Ordering::SeqCst);
     let grace = Duration::from_millis(ctx.limits.shutdown_grace_ms);
-    let _ = resource::set_state(
-        &ctx.dir,
+    ctx.transition(
         State::Stopping,
         &format!(
             "shutdown requested; {} session(s) open, {} ms for open transactions",
             ctx.session_count(),
             grace.as_millis()
         ),
-        None,
     );
     let _ = ctx.grace_tx.send(Some(Instant::now() + grace));
     let _ = ctx.shutdown_tx.send(true);
@@ -412,6 +635,7 @@ async fn serve_http(listener: TcpListener, ctx: Arc<ServerCtx>) {
                             let state = match c.phase() {
                                 Phase::Ready => "Ready",
                                 Phase::Stopping => "Stopping",
+                                Phase::Inaccessible => "Inaccessible",
                             };
                             (
                                 200,

@@ -140,6 +140,48 @@ pub struct EncryptionConfig {
     pub keystore_dir: PathBuf,
     /// Infrastructure double encryption; fixed at create.
     pub infrastructure_encryption: bool,
+    /// The infrastructure layer's own keystore (when the layer is on).
+    #[serde(default)]
+    pub infra_keystore_dir: Option<PathBuf>,
+    /// The customer-managed key protecting the DEKs, if one is set.
+    #[serde(default)]
+    pub customer_key: Option<CustomerKeyConfig>,
+    /// Protectors whose wrappings may still be on disk: set while a
+    /// rewrap (key switch or rotation) runs; empty once it completed.
+    #[serde(default)]
+    pub rewrap_from: Vec<String>,
+}
+
+/// A customer-managed key and how the server reaches it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CustomerKeyConfig {
+    /// The key, pinned to a version.
+    pub key: crate::cmk::KeyUrl,
+    pub login: crate::cmk::VaultLogin,
+    pub since: String,
+}
+
+/// The key monitor of a server with a customer-managed key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct MonitorConfig {
+    /// How often access to the key is checked (at most 600 s).
+    pub interval_ms: u64,
+    /// How long the vault may be unreachable before the server goes
+    /// Inaccessible. A refusal has no grace.
+    pub outage_grace_ms: u64,
+    /// Return to Ready by itself once the key is accessible again.
+    pub auto_revalidate: bool,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            interval_ms: 30_000,
+            outage_grace_ms: 120_000,
+            auto_revalidate: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,6 +207,21 @@ pub struct ServerConfig {
     pub allow_plaintext: PlaintextPolicy,
     pub limits: Limits,
     pub default_listen: String,
+    #[serde(default)]
+    pub monitor: MonitorConfig,
+    /// URLs that get an HTTP POST (JSON) on every state change.
+    #[serde(default)]
+    pub webhooks: Vec<String>,
+}
+
+impl ServerConfig {
+    pub fn save(&self, dir: &Path) -> Result<(), ResourceError> {
+        write_atomic(
+            &dir.join(CONFIG_FILE),
+            &serde_json::to_vec_pretty(self).expect("serializable"),
+            0o644,
+        )
+    }
 }
 
 /// A server's lifecycle state.
@@ -179,6 +236,9 @@ pub enum State {
     Stopping,
     /// Being deleted.
     Dropping,
+    /// The customer-managed key cannot be used: keys zeroized, every
+    /// connection refused; only revalidation or delete.
+    Inaccessible,
 }
 
 impl std::fmt::Display for State {
@@ -321,6 +381,9 @@ pub struct CreateOptions {
     pub limits: Limits,
     pub default_listen: Option<String>,
     pub infrastructure_encryption: bool,
+    /// The infrastructure layer's keystore (default: next to the service
+    /// keystore, never the same directory).
+    pub infra_keystore_dir: Option<PathBuf>,
 }
 
 /// What create made.
@@ -340,11 +403,6 @@ pub fn create(opts: &CreateOptions) -> Result<Created, ResourceError> {
             opts.admin_user
         ))
     })?;
-    if opts.infrastructure_encryption {
-        return Err(ResourceError::Invalid(
-            "infrastructure double encryption is not available yet in this build".into(),
-        ));
-    }
     let dir = &opts.dir;
     if dir.exists() {
         let mut entries = fs::read_dir(dir).map_err(|e| io(dir, e))?;
@@ -489,10 +547,31 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
 
     // The encrypted engine: its service key, and the default database
     // (WAL mode is recorded in the database file).
+    let infra_keystore_dir = if opts.infrastructure_encryption {
+        let d = match &opts.infra_keystore_dir {
+            Some(d) => d.clone(),
+            None => atrest_keystore::InfraKeystore::default_dir()?,
+        };
+        if d.starts_with(dir) {
+            return Err(ResourceError::Invalid(
+                "the infrastructure keystore must not be inside the server directory".into(),
+            ));
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&d)
+            .map_err(|e| io(&d, e))?;
+        Some(d.canonicalize().map_err(|e| io(&d, e))?)
+    } else {
+        None
+    };
     let data_dir = dir.join(DATA_SUBDIR);
     let engine = Engine::open(&EngineOptions {
         data_dir: data_dir.clone(),
         keystore_dir: Some(keystore_dir.clone()),
+        infrastructure_encryption: Some(opts.infrastructure_encryption),
+        infra_keystore_dir: infra_keystore_dir.clone(),
     })?;
     let service_key = engine
         .info()
@@ -519,7 +598,10 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
             scenario: "service-managed".into(),
             service_key,
             keystore_dir,
-            infrastructure_encryption: false,
+            infrastructure_encryption: opts.infrastructure_encryption,
+            infra_keystore_dir,
+            customer_key: None,
+            rewrap_from: vec![],
         },
         tls,
         allow_plaintext: opts.allow_plaintext,
@@ -528,6 +610,8 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
             .default_listen
             .clone()
             .unwrap_or_else(|| "127.0.0.1:5432".into()),
+        monitor: MonitorConfig::default(),
+        webhooks: vec![],
     };
     write_atomic(
         &dir.join(CONFIG_FILE),
@@ -793,14 +877,20 @@ pub fn status(dir: &Path) -> Result<serde_json::Value, ResourceError> {
         "encryption": {
             "scenario": config.encryption.scenario,
             "layers": if config.encryption.infrastructure_encryption {
-                vec!["data: AES-256-GCM, per-file DEK", "infrastructure: second layer"]
+                vec!["data: AES-256-GCM (AWS-LC), per-file DEK", "infrastructure: XChaCha20-Poly1305 (RustCrypto), per-file key, own keystore"]
             } else {
-                vec!["data: AES-256-GCM, per-file DEK"]
+                vec!["data: AES-256-GCM (AWS-LC), per-file DEK"]
             },
             "service_key": config.encryption.service_key,
             "keystore": config.encryption.keystore_dir,
             "infrastructure_encryption": config.encryption.infrastructure_encryption,
-            "customer_key": serde_json::Value::Null,
+            "infra_keystore": config.encryption.infra_keystore_dir,
+            "customer_key": config.encryption.customer_key.as_ref().map(|c| serde_json::json!({
+                "key": c.key.kid(),
+                "tenant": c.login.tenant,
+                "since": c.since,
+            })),
+            "rewrap_in_progress_from": config.encryption.rewrap_from,
         },
         "identity": config.identity,
         "tls": {

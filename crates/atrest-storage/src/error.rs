@@ -22,6 +22,24 @@ pub enum StorageError {
         #[source]
         source: ProtectorError,
     },
+    #[error("{path}: cannot get its infrastructure-layer key: {source}")]
+    InfraKey {
+        path: String,
+        #[source]
+        source: ProtectorError,
+    },
+    #[error("{path} is protected by the {file} layer(s), but this data directory uses {data_dir}: the file comes from another data directory or was altered; restore it from a backup of this one")]
+    Layers {
+        path: String,
+        file: String,
+        data_dir: String,
+    },
+    #[error("data directory {path} was created with infrastructure double encryption {recorded}; it is fixed at create and cannot be turned {requested} (create a new data directory and copy the data into it)")]
+    InfraFixedAtCreate {
+        path: String,
+        recorded: &'static str,
+        requested: &'static str,
+    },
     #[error("{path}: {source}")]
     Crypto {
         path: String,

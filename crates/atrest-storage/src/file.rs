@@ -10,13 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use atrest_crypto::{
-    CipherId, Dek, FileHeader, FileId, FileKind, KeySource, SealContext, SymmetricKek, UnitKey,
-    HEADER_SLOT_SIZE, SEAL_OVERHEAD, SEAL_USAGE_WARN,
+    CipherId, CryptoError, Dek, FileHeader, FileId, FileKind, InfraDek, InfraKeyRecord,
+    InfraUnitKey, KeySource, SealContext, SymmetricKek, UnitKey, WrappedDek, HEADER_SLOT_SIZE,
+    INFRA_OVERHEAD, SEAL_OVERHEAD, SEAL_USAGE_WARN,
 };
 use rusqlite::ffi;
 
 use crate::keyring::Keyring;
-use crate::layout::{class, Geometry, Unit, HEADER_LEN, JOURNAL_BLOCK, TEMP_BLOCK, WAL_HEADER};
+use crate::layout::{class, journal_block, Geometry, Unit, HEADER_LEN, TEMP_BLOCK, WAL_HEADER};
 use crate::StorageError;
 
 /// Seals reserved in the header at a time. A process that dies loses at
@@ -41,6 +42,11 @@ pub struct Stats {
     pub units_opened: AtomicU64,
     pub bytes_sealed: AtomicU64,
     pub bytes_opened: AtomicU64,
+    /// The infrastructure layer's units and bytes, counted apart.
+    pub infra_units_sealed: AtomicU64,
+    pub infra_units_opened: AtomicU64,
+    pub infra_bytes_sealed: AtomicU64,
+    pub infra_bytes_opened: AtomicU64,
     /// Files opened through the VFS, by SQLite's file type.
     pub opened_by_type: [AtomicU64; OPEN_TYPES.len()],
 }
@@ -73,6 +79,16 @@ impl Stats {
     fn opened(&self, n: usize) {
         self.units_opened.fetch_add(1, Ordering::Relaxed);
         self.bytes_opened.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    fn infra_sealed(&self, n: usize) {
+        self.infra_units_sealed.fetch_add(1, Ordering::Relaxed);
+        self.infra_bytes_sealed
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+    fn infra_opened(&self, n: usize) {
+        self.infra_units_opened.fetch_add(1, Ordering::Relaxed);
+        self.infra_bytes_opened
+            .fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
@@ -113,6 +129,10 @@ pub struct SharedFile {
     /// Physical offset of the first unit (0 for header-less temp files).
     pub base: u64,
     key: UnitKey,
+    /// The infrastructure layer's key, when that layer protects the file.
+    infra: Option<InfraUnitKey>,
+    /// Bytes of tags and nonces per unit: 28, or 68 with the infrastructure layer.
+    pub ov: usize,
     /// Page size of a database or WAL, 0 while unknown.
     page_size: AtomicUsize,
     seals_reserved: AtomicU64,
@@ -122,6 +142,11 @@ pub struct SharedFile {
 struct Meta {
     header: Option<FileHeader>,
     dek: Dek,
+    /// The unwrapped infrastructure DEK (for rewrapping at rotation).
+    infra_dek: Option<InfraDek>,
+    /// The header changed in memory (infrastructure rewrap) and must be
+    /// written at the next sync or close.
+    header_dirty: bool,
     /// WAL: salts of the current generation, and what of it is complete.
     wal_salts: Option<u64>,
     wal: WalProgress,
@@ -169,10 +194,20 @@ fn companion_binding(parent: FileId, file: FileId, kind: FileKind) -> Vec<u8> {
 
 impl SharedFile {
     /// A temp file: random key, never stored, no header.
-    pub fn temp(path: String) -> Result<Arc<Self>, Fail> {
+    pub fn temp(path: String, infra: bool) -> Result<Arc<Self>, Fail> {
         let dek = Dek::generate().map_err(|e| crypto_fail(&path, e))?;
         let key = UnitKey::new(&dek, 0).map_err(|e| crypto_fail(&path, e))?;
+        // A throwaway infrastructure key too, from the OS CSPRNG.
+        let infra = if infra {
+            Some(InfraUnitKey::new(
+                &InfraDek::generate().map_err(|e| crypto_fail(&path, e))?,
+            ))
+        } else {
+            None
+        };
         Ok(Arc::new(Self {
+            ov: overhead(infra.is_some()),
+            infra,
             file_id: FileId::random().map_err(|e| crypto_fail(&path, e))?,
             path,
             kind: FileKind::Temp,
@@ -183,6 +218,8 @@ impl SharedFile {
             meta: Mutex::new(Meta {
                 header: None,
                 dek,
+                infra_dek: None,
+                header_dirty: false,
                 wal_salts: None,
                 wal: WalProgress::default(),
                 warned_usage: false,
@@ -248,9 +285,17 @@ impl SharedFile {
             match cand.verify(&dek) {
                 Ok(header) => {
                     check_parent(&header, parent, &path)?;
+                    let infra_dek = open_infra(keyring, &header, &path)?;
                     // Count every reserved seal as used: a crash may have used them.
                     let used = header.seals_reserved;
-                    return Self::from_header(header, dek, path, used, (slot, true));
+                    let shared =
+                        Self::from_header(header, dek, infra_dek, path, used, (slot, true))?;
+                    if writable {
+                        // A file still wrapped under an older infrastructure
+                        // master key version is rewrapped at its next sync.
+                        shared.rewrap_infra(keyring)?;
+                    }
+                    return Ok(shared);
                 }
                 Err(e) => {
                     last_err = Some(StorageError::Header {
@@ -270,12 +315,16 @@ impl SharedFile {
     fn from_header(
         header: FileHeader,
         dek: Dek,
+        infra_dek: Option<InfraDek>,
         path: String,
         sealed: u64,
         (slot, slot_synced): (u64, bool),
     ) -> Result<Arc<Self>, Fail> {
         let key = UnitKey::new(&dek, sealed).map_err(|e| crypto_fail(&path, e))?;
+        let infra = infra_dek.as_ref().map(InfraUnitKey::new);
         Ok(Arc::new(Self {
+            ov: overhead(infra.is_some()),
+            infra,
             path,
             kind: header.kind,
             file_id: header.file_id,
@@ -288,6 +337,8 @@ impl SharedFile {
                 wal: WalProgress::default(),
                 header: Some(header),
                 dek,
+                infra_dek,
+                header_dirty: false,
                 warned_usage: false,
                 slot,
                 slot_synced,
@@ -367,6 +418,20 @@ impl SharedFile {
                 },
             )
         };
+        let (infra_dek, infra) = match keyring.infra() {
+            Some(protector) => {
+                let idek = InfraDek::generate().map_err(|e| crypto_fail(&path, e))?;
+                let wrapped = protector
+                    .wrap(&idek, file_id, kind)
+                    .map_err(|source| infra_key_fail(&path, source))?;
+                let record = InfraKeyRecord {
+                    dek_id: idek.id(),
+                    wrapped,
+                };
+                (Some(idek), Some(record))
+            }
+            None => (None, None),
+        };
         let header = FileHeader {
             sequence: 0,
             kind,
@@ -374,10 +439,11 @@ impl SharedFile {
             file_id,
             dek_id: dek.id(),
             unit_size: if kind == FileKind::Journal || kind == FileKind::SuperJournal {
-                JOURNAL_BLOCK as u32
+                journal_block(overhead(infra.is_some())) as u32
             } else {
                 0
             },
+            infra,
             created_unix: now_unix(),
             key_source,
             seals_reserved: SEAL_LEASE,
@@ -393,8 +459,178 @@ impl SharedFile {
                 raw.sync(ffi::SQLITE_SYNC_NORMAL).map_err(Fail::io)?;
             }
         }
-        Self::from_header(header, dek, path, 0, (0, kind == FileKind::MainDb))
+        Self::from_header(
+            header,
+            dek,
+            infra_dek,
+            path,
+            0,
+            (0, kind == FileKind::MainDb),
+        )
     }
+
+    /// If the file's infrastructure DEK is wrapped under another master key
+    /// version than the keyring's current one, rewraps it (in memory; the
+    /// header is written at the next sync or close of a handle). Returns
+    /// whether it did. The data layer's keys are not touched.
+    pub fn rewrap_infra(&self, keyring: &Keyring) -> Result<bool, Fail> {
+        let Some(protector) = keyring.infra() else {
+            return Ok(false);
+        };
+        let mut meta = self.meta.lock().unwrap();
+        let Meta {
+            header: Some(header),
+            infra_dek: Some(idek),
+            ..
+        } = &mut *meta
+        else {
+            return Ok(false);
+        };
+        let Some(record) = header.infra.as_mut() else {
+            return Ok(false);
+        };
+        if record.wrapped.kek == protector.current_kek() {
+            return Ok(false);
+        }
+        record.wrapped = protector
+            .wrap(idek, self.file_id, self.kind)
+            .map_err(|source| infra_key_fail(&self.path, source))?;
+        meta.header_dirty = true;
+        Ok(true)
+    }
+
+    /// Whether a rewrapped header still waits to be written.
+    pub fn header_dirty(&self) -> bool {
+        self.meta.lock().unwrap().header_dirty
+    }
+
+    /// Seals one unit with every layer of the file: the data layer over
+    /// all but the last 40 bytes, then the infrastructure layer over all.
+    fn seal_unit(&self, ctx: &SealContext, unit: &mut [u8], stats: &Stats) -> Result<(), Fail> {
+        let n = unit.len();
+        match &self.infra {
+            None => {
+                self.key
+                    .seal(ctx, unit)
+                    .map_err(|e| crypto_fail(&self.path, e))?;
+                stats.sealed(n);
+            }
+            Some(infra) => {
+                if n < self.ov {
+                    return Err(crypto_fail(
+                        &self.path,
+                        CryptoError::UnitTooShort {
+                            len: n,
+                            min: self.ov,
+                        },
+                    ));
+                }
+                self.key
+                    .seal(ctx, &mut unit[..n - INFRA_OVERHEAD])
+                    .map_err(|e| crypto_fail(&self.path, e))?;
+                stats.sealed(n - INFRA_OVERHEAD);
+                infra
+                    .seal(ctx, unit)
+                    .map_err(|e| crypto_fail(&self.path, e))?;
+                stats.infra_sealed(n);
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens one unit through every layer, outermost first. On success the
+    /// unit's last `ov` bytes are zero.
+    fn open_unit(
+        &self,
+        ctx: &SealContext,
+        unit: &mut [u8],
+        stats: &Stats,
+    ) -> Result<(), CryptoError> {
+        let n = unit.len();
+        match &self.infra {
+            None => {
+                self.key.open(ctx, unit)?;
+                stats.opened(n);
+            }
+            Some(infra) => {
+                if n < self.ov {
+                    return Err(CryptoError::UnitTooShort {
+                        len: n,
+                        min: self.ov,
+                    });
+                }
+                infra.open(ctx, unit)?;
+                stats.infra_opened(n);
+                self.key.open(ctx, &mut unit[..n - INFRA_OVERHEAD])?;
+                stats.opened(n - INFRA_OVERHEAD);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Tag and nonce bytes per unit with or without the infrastructure layer.
+pub fn overhead(infra: bool) -> usize {
+    SEAL_OVERHEAD + if infra { INFRA_OVERHEAD } else { 0 }
+}
+
+fn infra_key_fail(path: &str, source: atrest_crypto::ProtectorError) -> Fail {
+    Fail::with(
+        ffi::SQLITE_CANTOPEN,
+        StorageError::InfraKey {
+            path: path.to_string(),
+            source,
+        },
+    )
+}
+
+/// Checks that a verified header names the layers the data directory
+/// uses, and unwraps its infrastructure DEK.
+fn open_infra(
+    keyring: &Keyring,
+    header: &FileHeader,
+    path: &str,
+) -> Result<Option<InfraDek>, Fail> {
+    let want = keyring.infra().is_some();
+    if header.layers().infrastructure != want {
+        return Err(Fail::with(
+            ffi::SQLITE_CANTOPEN,
+            StorageError::Layers {
+                path: path.to_string(),
+                file: header.layers().names().join(" + "),
+                data_dir: if want {
+                    "data + infrastructure"
+                } else {
+                    "data"
+                }
+                .into(),
+            },
+        ));
+    }
+    unwrap_infra_dek(keyring, header, path).map_err(|e| Fail::with(ffi::SQLITE_CANTOPEN, e))
+}
+
+/// Unwraps the infrastructure DEK a verified header names, if any.
+pub fn unwrap_infra_dek(
+    keyring: &Keyring,
+    header: &FileHeader,
+    path: &str,
+) -> Result<Option<InfraDek>, StorageError> {
+    let Some(record) = &header.infra else {
+        return Ok(None);
+    };
+    let protector = keyring.infra().ok_or_else(|| StorageError::Layers {
+        path: path.to_string(),
+        file: header.layers().names().join(" + "),
+        data_dir: "data".into(),
+    })?;
+    protector
+        .unwrap(record.dek_id, &record.wrapped, header.file_id, header.kind)
+        .map(Some)
+        .map_err(|source| StorageError::InfraKey {
+            path: path.to_string(),
+            source,
+        })
 }
 
 /// A journal or WAL must belong to the database it is opened for: one from
@@ -479,6 +715,104 @@ pub fn unwrap_file_dek(
     }
 }
 
+/// Rewraps the infrastructure DEK of a file that no handle has open, under
+/// the keyring's current infrastructure master key version. Returns
+/// `Ok(false)` if it already was, or if the file is not an atrest file with
+/// a header (nothing to rewrap).
+///
+/// Crash safety is the header's two slots: the file is synced first (so the
+/// newest slot is durable), then the rewrapped header, with a higher
+/// sequence number, goes to the *other* slot and is synced. A crash at any
+/// point leaves a valid slot wrapping under the old or the new version.
+pub fn rewrap_infra_at_rest(
+    path: &std::path::Path,
+    keyring: &Keyring,
+) -> Result<bool, StorageError> {
+    use std::os::unix::fs::FileExt;
+    let name = path.display().to_string();
+    let io_err = |e: std::io::Error| StorageError::DataDir {
+        path: name.clone(),
+        reason: e.to_string(),
+    };
+    let Some(protector) = keyring.infra() else {
+        return Ok(false);
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io_err)?;
+    let mut slots = vec![0u8; HEADER_LEN as usize];
+    let n = f.read_at(&mut slots, 0).map_err(io_err)?;
+    if n < 14
+        || &slots[..8] != b"ATRESTH1"
+            && &slots[HEADER_SLOT_SIZE..HEADER_SLOT_SIZE + 8] != b"ATRESTH1"
+    {
+        return Ok(false); // not an atrest file (a stray file): nothing to do
+    }
+    let mut best: Option<(u64, FileHeader, Dek)> = None;
+    let mut last_err = None;
+    for (i, slot) in slots.chunks(HEADER_SLOT_SIZE).enumerate() {
+        let Ok(Some(cand)) = FileHeader::decode_unverified(slot) else {
+            continue;
+        };
+        let claims = cand.claims().clone();
+        if best
+            .as_ref()
+            .is_some_and(|(_, b, _)| b.sequence >= claims.sequence)
+        {
+            continue;
+        }
+        match unwrap_file_dek(keyring, &claims, &name).and_then(|dek| {
+            cand.verify(&dek)
+                .map(|h| (h, dek))
+                .map_err(|e| StorageError::Header {
+                    path: name.clone(),
+                    reason: e.to_string(),
+                })
+        }) {
+            Ok((h, dek)) => best = Some((i as u64, h, dek)),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    let Some((slot, mut header, dek)) = best else {
+        return Err(last_err.unwrap_or_else(|| StorageError::Header {
+            path: name.clone(),
+            reason: "no header slot verifies".into(),
+        }));
+    };
+    let Some(idek) = unwrap_infra_dek(keyring, &header, &name)? else {
+        return Err(StorageError::Layers {
+            path: name.clone(),
+            file: header.layers().names().join(" + "),
+            data_dir: "data + infrastructure".into(),
+        });
+    };
+    if header.infra.as_ref().map(|r| &r.wrapped.kek) == Some(&protector.current_kek()) {
+        return Ok(false);
+    }
+    let wrapped = protector
+        .wrap(&idek, header.file_id, header.kind)
+        .map_err(|source| StorageError::InfraKey {
+            path: name.clone(),
+            source,
+        })?;
+    header.infra = Some(InfraKeyRecord {
+        dek_id: idek.id(),
+        wrapped,
+    });
+    header.sequence += 1;
+    let bytes = header.encode(&dek).map_err(|source| StorageError::Crypto {
+        path: name.clone(),
+        source,
+    })?;
+    f.sync_all().map_err(io_err)?;
+    f.write_all_at(&bytes, (1 - slot) * HEADER_SLOT_SIZE as u64)
+        .map_err(io_err)?;
+    f.sync_all().map_err(io_err)?;
+    Ok(true)
+}
+
 /// One open handle.
 pub struct EncryptedFile<R: RawFile> {
     raw: R,
@@ -535,22 +869,27 @@ impl<R: RawFile> EncryptedFile<R> {
 
     fn geometry(&mut self) -> Result<Geometry, Fail> {
         let base = self.shared.base;
+        let ov = self.shared.ov;
         Ok(match self.shared.kind {
             FileKind::MainDb => Geometry::Pages {
                 page_size: self.page_size()?,
                 base,
+                ov,
             },
             FileKind::Wal => Geometry::Wal {
                 page_size: self.wal_page_size()?,
                 base,
+                ov,
             },
             FileKind::Temp => Geometry::Blocks {
                 base,
                 block: TEMP_BLOCK,
+                ov,
             },
             _ => Geometry::Blocks {
                 base,
-                block: JOURNAL_BLOCK,
+                block: journal_block(ov),
+                ov,
             },
         })
     }
@@ -573,14 +912,15 @@ impl<R: RawFile> EncryptedFile<R> {
         let unit = Geometry::Wal {
             page_size: 512,
             base: self.shared.base,
+            ov: self.shared.ov,
         }
         .unit_at(0);
-        let mut buf = [0u8; WAL_HEADER + SEAL_OVERHEAD];
+        let mut buf = vec![0u8; unit.plen()];
         if !self.raw.read_at(&mut buf, unit.pstart).map_err(Fail::io)? {
             return Ok(512); // no header yet: nothing to map
         }
         let ctx = self.ctx(&unit, 0);
-        if self.shared.key.open(&ctx, &mut buf).is_err() {
+        if self.shared.open_unit(&ctx, &mut buf, &self.stats).is_err() {
             return Err(Fail::tampered(self.path(), &unit));
         }
         self.learn_wal_header(&buf[..WAL_HEADER]);
@@ -622,10 +962,7 @@ impl<R: RawFile> EncryptedFile<R> {
     ) -> Result<(), Fail> {
         let ctx = self.ctx(unit, generation);
         self.shared
-            .key
-            .seal(&ctx, &mut self.scratch[sealed.clone()])
-            .map_err(|e| crypto_fail(&self.shared.path, e))?;
-        self.stats.sealed(sealed.len());
+            .seal_unit(&ctx, &mut self.scratch[sealed], &self.stats)?;
         if self.shared.key.sealed_count() >= self.shared.seals_reserved.load(Ordering::Relaxed) {
             self.extend_seal_lease()?;
         }
@@ -674,7 +1011,68 @@ impl<R: RawFile> EncryptedFile<R> {
             .map_err(Fail::io)?;
         meta.slot = slot;
         meta.slot_synced = false;
+        meta.header_dirty = false;
         Ok(())
+    }
+
+    /// Records this file's DEK under a new wrapping without touching a
+    /// page: a database's DEK wrapped under the keyring's current KEK, or,
+    /// for a WAL or journal, its parent's new wrapping (`parent_wrapped`).
+    /// The header goes to both slots, each made durable before the next is
+    /// written: at every moment some slot is valid (old or new wrapping),
+    /// and afterwards no slot holds the old one. Returns the wrapping now
+    /// recorded.
+    pub fn rewrap(
+        &mut self,
+        keyring: &Keyring,
+        parent_wrapped: Option<WrappedDek>,
+    ) -> Result<WrappedDek, Fail> {
+        let shared = Arc::clone(&self.shared);
+        let mut meta = shared.meta.lock().unwrap();
+        let key_fail = |e| {
+            Fail::with(
+                ffi::SQLITE_IOERR,
+                StorageError::Key {
+                    path: shared.path.clone(),
+                    source: e,
+                },
+            )
+        };
+        let new_source = match (&meta.header, parent_wrapped) {
+            (None, _) => return Err(Fail::io(ffi::SQLITE_MISUSE)),
+            (Some(h), None) => match &h.key_source {
+                KeySource::Kek(_) => KeySource::Kek(keyring.wrap(&meta.dek).map_err(key_fail)?),
+                KeySource::Parent { .. } => return Err(Fail::io(ffi::SQLITE_MISUSE)),
+            },
+            (Some(h), Some(pw)) => match &h.key_source {
+                KeySource::Parent {
+                    parent_file_id,
+                    parent_dek_id,
+                    wrapped,
+                    ..
+                } => KeySource::Parent {
+                    parent_file_id: *parent_file_id,
+                    parent_dek_id: *parent_dek_id,
+                    parent_wrapped: pw,
+                    wrapped: wrapped.clone(),
+                },
+                KeySource::Kek(_) => return Err(Fail::io(ffi::SQLITE_MISUSE)),
+            },
+        };
+        if !meta.slot_synced {
+            self.raw.sync(ffi::SQLITE_SYNC_NORMAL).map_err(Fail::io)?;
+            meta.slot_synced = true;
+        }
+        meta.header.as_mut().expect("checked").key_source = new_source.clone();
+        for _ in 0..2 {
+            self.write_header_locked(&mut meta)?;
+            self.raw.sync(ffi::SQLITE_SYNC_NORMAL).map_err(Fail::io)?;
+            meta.slot_synced = true;
+        }
+        Ok(match new_source {
+            KeySource::Kek(w) => w,
+            KeySource::Parent { parent_wrapped, .. } => parent_wrapped,
+        })
     }
 
     /// Called when SQLite closes this handle: records the exact number of
@@ -685,11 +1083,13 @@ impl<R: RawFile> EncryptedFile<R> {
         let shared = Arc::clone(&self.shared);
         let mut meta = shared.meta.lock().unwrap();
         let used = shared.key.sealed_count();
+        let dirty = meta.header_dirty;
         match meta.header.as_mut() {
             Some(h) if used < h.seals_reserved => {
                 h.seals_reserved = used;
                 shared.seals_reserved.store(used, Ordering::Relaxed);
             }
+            Some(_) if dirty => {}
             _ => return Ok(()),
         }
         self.write_header_locked(&mut meta)
@@ -759,7 +1159,7 @@ impl<R: RawFile> EncryptedFile<R> {
                     return self.short_read(&unit, buf, done);
                 }
                 let ctx = self.ctx(&unit, generation);
-                if self.shared.key.open(&ctx, dst).is_err() {
+                if self.shared.open_unit(&ctx, dst, &self.stats).is_err() {
                     if frame_salts.is_some_and(|(f, _)| f == unit.index) {
                         // A torn page after an intact frame header: see below.
                         self.unsynced_frame(&unit)?;
@@ -769,7 +1169,6 @@ impl<R: RawFile> EncryptedFile<R> {
                     }
                     return Err(Fail::tampered(self.path(), &unit));
                 }
-                self.stats.opened(n);
             } else {
                 let plen = unit.plen();
                 if self.scratch.len() < plen {
@@ -791,8 +1190,7 @@ impl<R: RawFile> EncryptedFile<R> {
                 let sealed = unit.prefix..plen;
                 if self
                     .shared
-                    .key
-                    .open(&ctx, &mut self.scratch[sealed.clone()])
+                    .open_unit(&ctx, &mut self.scratch[sealed], &self.stats)
                     .is_err()
                 {
                     if unit.class == class::WAL_FRAME_HEADER {
@@ -807,7 +1205,6 @@ impl<R: RawFile> EncryptedFile<R> {
                     }
                     return Err(Fail::tampered(self.path(), &unit));
                 }
-                self.stats.opened(sealed.len());
                 if unit.class == class::WAL_HEADER && within == 0 && n == WAL_HEADER {
                     let hdr: [u8; WAL_HEADER] = self.scratch[..WAL_HEADER].try_into().unwrap();
                     self.learn_wal_header(&hdr);
@@ -911,8 +1308,7 @@ impl<R: RawFile> EncryptedFile<R> {
                 let ctx = self.ctx(&unit, generation);
                 if self
                     .shared
-                    .key
-                    .open(&ctx, &mut self.scratch[unit.prefix..plen])
+                    .open_unit(&ctx, &mut self.scratch[unit.prefix..plen], &self.stats)
                     .is_err()
                 {
                     return Err(Fail::tampered(self.path(), &unit));
@@ -997,14 +1393,14 @@ impl<R: RawFile> EncryptedFile<R> {
                 }
                 if off == 0 {
                     let reserve = data[20];
-                    if (reserve as usize) < SEAL_OVERHEAD {
+                    if (reserve as usize) < self.shared.ov {
                         return Err(Fail::with(
                             ffi::SQLITE_IOERR_WRITE,
                             StorageError::Reserve {
                                 path: self.path().to_string(),
                                 page: 1,
                                 have: reserve,
-                                need: SEAL_OVERHEAD,
+                                need: self.shared.ov,
                             },
                         ));
                     }
@@ -1070,6 +1466,7 @@ impl<R: RawFile> EncryptedFile<R> {
         let geo = Geometry::Blocks {
             base: 0,
             block: TEMP_BLOCK,
+            ov: self.shared.ov,
         };
         let mut done = 0usize;
         while done < data.len() {
@@ -1083,7 +1480,7 @@ impl<R: RawFile> EncryptedFile<R> {
                 // logical extent, for a block being rewritten).
                 let present = (self.temp_len.saturating_sub(unit.lstart) as usize).min(TEMP_BLOCK);
                 let mut buf = std::mem::take(&mut self.tail_buf);
-                buf.resize(TEMP_BLOCK + SEAL_OVERHEAD, 0);
+                buf.resize(TEMP_BLOCK + self.shared.ov, 0);
                 if present > 0 && !(within == 0 && n >= present) {
                     self.read(&mut buf[..present], unit.lstart)?;
                 }
@@ -1116,16 +1513,14 @@ impl<R: RawFile> EncryptedFile<R> {
             ..Geometry::Blocks {
                 base: 0,
                 block: TEMP_BLOCK,
+                ov: self.shared.ov,
             }
             .unit_at(tail.index * TEMP_BLOCK as u64)
         };
         let plen = unit.plen();
         let ctx = self.ctx(&unit, 0);
         self.shared
-            .key
-            .seal(&ctx, &mut self.tail_buf[..plen])
-            .map_err(|e| crypto_fail(&self.shared.path, e))?;
-        self.stats.sealed(plen);
+            .seal_unit(&ctx, &mut self.tail_buf[..plen], &self.stats)?;
         self.raw
             .write_at(&self.tail_buf[..plen], unit.pstart)
             .map_err(Fail::io)
@@ -1151,9 +1546,10 @@ impl<R: RawFile> EncryptedFile<R> {
             let within = (pos - unit.lstart) as usize;
             let n = (data.len() - done).min(block - within);
             let new_len = present.max(within + n);
-            let plen = new_len + SEAL_OVERHEAD;
-            if self.scratch.len() < block + SEAL_OVERHEAD {
-                self.scratch.resize(block + SEAL_OVERHEAD, 0);
+            let ov = self.shared.ov;
+            let plen = new_len + ov;
+            if self.scratch.len() < block + ov {
+                self.scratch.resize(block + ov, 0);
             }
             if present > 0 && !(within == 0 && n >= present) {
                 let old = Unit {
@@ -1167,13 +1563,11 @@ impl<R: RawFile> EncryptedFile<R> {
                 let ctx = self.ctx(&old, 0);
                 if self
                     .shared
-                    .key
-                    .open(&ctx, &mut self.scratch[..oplen])
+                    .open_unit(&ctx, &mut self.scratch[..oplen], &self.stats)
                     .is_err()
                 {
                     return Err(Fail::tampered(self.path(), &old));
                 }
-                self.stats.opened(oplen);
             }
             if present < within {
                 self.scratch[present..within].fill(0);
@@ -1252,6 +1646,15 @@ impl<R: RawFile> EncryptedFile<R> {
     /// later loss of them reads as tampering, not as a torn tail.
     pub fn sync(&mut self, flags: i32) -> Result<(), Fail> {
         self.flush_tail()?;
+        {
+            // A header rewrapped in memory (infrastructure key rotation)
+            // becomes durable with this sync.
+            let shared = Arc::clone(&self.shared);
+            let mut meta = shared.meta.lock().unwrap();
+            if meta.header_dirty {
+                self.write_header_locked(&mut meta)?;
+            }
+        }
         let before = {
             let meta = self.shared.meta.lock().unwrap();
             (meta.wal_salts, meta.wal.committed)
@@ -1284,10 +1687,10 @@ impl<R: RawFile> EncryptedFile<R> {
 
 /// Logical bytes of a block present in a file of `phys` bytes.
 fn block_len(unit: &Unit, phys: u64) -> usize {
-    if phys < unit.pstart + SEAL_OVERHEAD as u64 + 1 {
+    if phys < unit.pstart + unit.ov as u64 + 1 {
         return 0;
     }
-    ((phys - unit.pstart) as usize - SEAL_OVERHEAD).min(unit.llen)
+    ((phys - unit.pstart) as usize - unit.ov).min(unit.llen)
 }
 
 #[cfg(test)]
@@ -1363,11 +1766,26 @@ mod tests {
         }
     }
 
+    /// An infrastructure protector over a fresh keystore in a temp dir.
+    fn infra_protector() -> (tempfile::TempDir, Arc<atrest_keystore::InfraProtector>) {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = atrest_keystore::InfraKeystore::open(dir.path().join("iks")).unwrap();
+        let id = ks.create_master_key().unwrap();
+        (dir, Arc::new(ks.protector(id, 1).unwrap()))
+    }
+
     /// A database file over memory, with the keyring that made it.
     fn db_file() -> (Keyring, EncryptedFile<MemFile>) {
-        let keyring = Keyring::new(Arc::new(TestProtector(
-            SymmetricKek::new(&[9; 32]).unwrap(),
-        )));
+        db_file_with(None)
+    }
+
+    fn db_file_with(
+        infra: Option<Arc<atrest_keystore::InfraProtector>>,
+    ) -> (Keyring, EncryptedFile<MemFile>) {
+        let keyring = Keyring::new(
+            Arc::new(TestProtector(SymmetricKek::new(&[9; 32]).unwrap())),
+            infra,
+        );
         let mut raw = MemFile::default();
         let shared = SharedFile::open(
             &mut raw,
@@ -1383,7 +1801,13 @@ mod tests {
     }
 
     fn journal_file() -> EncryptedFile<MemFile> {
-        let (keyring, db) = db_file();
+        journal_file_with(None)
+    }
+
+    fn journal_file_with(
+        infra: Option<Arc<atrest_keystore::InfraProtector>>,
+    ) -> EncryptedFile<MemFile> {
+        let (keyring, db) = db_file_with(infra);
         let mut raw = MemFile::default();
         let shared = SharedFile::open(
             &mut raw,
@@ -1420,7 +1844,7 @@ mod tests {
 
     #[test]
     fn temp_file_matches_a_plain_model() {
-        let shared = SharedFile::temp("mem".into()).unwrap();
+        let shared = SharedFile::temp("mem".into(), false).unwrap();
         model_check(EncryptedFile::new(
             MemFile::default(),
             shared,
@@ -1431,6 +1855,78 @@ mod tests {
     #[test]
     fn journal_file_matches_a_plain_model() {
         model_check(journal_file());
+    }
+
+    #[test]
+    fn journal_and_temp_files_with_the_infrastructure_layer_match_a_plain_model() {
+        let (_dir, infra) = infra_protector();
+        let j = journal_file_with(Some(infra));
+        assert_eq!(j.shared.ov, 68);
+        model_check(j);
+        let shared = SharedFile::temp("mem".into(), true).unwrap();
+        assert_eq!(shared.ov, 68);
+        let stats = Arc::new(Stats::default());
+        let mut t = EncryptedFile::new(MemFile::default(), shared, Arc::clone(&stats));
+        t.write(&[0xC5; 10_000], 0).unwrap();
+        t.sync(0).unwrap();
+        // Both layers sealed every block; each temp block is 4096 + 68 on disk.
+        let units = stats.units_sealed.load(Ordering::Relaxed);
+        assert_eq!(units, stats.infra_units_sealed.load(Ordering::Relaxed));
+        assert_eq!(t.raw.0.len(), 2 * (4096 + 68) + (10_000 - 8192) + 68);
+        let mut back = vec![0u8; 10_000];
+        assert!(t.read(&mut back, 0).unwrap());
+        assert!(back.iter().all(|&b| b == 0xC5));
+    }
+
+    /// A file whose header names other layers than the data directory
+    /// uses is refused, in both directions (same data-layer key, so only
+    /// the layers differ).
+    #[test]
+    fn a_file_with_other_layers_than_the_keyring_is_refused() {
+        let (_dir, infra) = infra_protector();
+        for (create_with, open_with) in [(Some(infra.clone()), None), (None, Some(infra))] {
+            let (_k, f) = db_file_with(create_with);
+            let mut raw = MemFile(f.raw.0.clone());
+            let keyring = Keyring::new(
+                Arc::new(TestProtector(SymmetricKek::new(&[9; 32]).unwrap())),
+                open_with,
+            );
+            let fail = SharedFile::open(
+                &mut raw,
+                FileKind::MainDb,
+                "m.db".into(),
+                &keyring,
+                None,
+                true,
+            )
+            .err()
+            .expect("layers differ");
+            let msg = fail.detail.unwrap().to_string();
+            assert!(msg.contains("layer") && msg.contains("m.db"), "{msg}");
+        }
+    }
+
+    /// With the infrastructure layer, page 1 must reserve 68 bytes: 28 is
+    /// refused (the data layer's trailer alone does not fit both).
+    #[test]
+    fn with_the_infrastructure_layer_a_page_needs_68_reserved_bytes() {
+        let (_dir, infra) = infra_protector();
+        let (_keyring, mut f) = db_file_with(Some(infra));
+        let mut page = vec![0u8; 4096];
+        page[16..18].copy_from_slice(&4096u16.to_be_bytes());
+        page[20] = 28;
+        let msg = f.write(&page, 0).unwrap_err().detail.unwrap().to_string();
+        assert!(msg.contains("atrest needs 68"), "{msg}");
+        page[20] = 68;
+        page[100..110].copy_from_slice(b"0123456789");
+        f.write(&page, 0).unwrap();
+        let disk = f.raw.0[HEADER_LEN as usize..].to_vec();
+        assert!(!disk.windows(10).any(|w| w == b"0123456789"));
+        let mut back = vec![0u8; 4096];
+        f.read(&mut back, 0).unwrap();
+        assert_eq!(back, page, "reads back with zeroed reserved bytes");
+        assert_eq!(f.stats.infra_units_opened.load(Ordering::Relaxed), 1);
+        assert_eq!(f.stats.units_opened.load(Ordering::Relaxed), 1);
     }
 
     /// Random writes, reads and truncations (write-back tail block for temp

@@ -5,15 +5,21 @@
 //! companion files (journal, WAL) never calls the protector again.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use atrest_crypto::{Dek, DekId, KeyProtector, ProtectorError, WrappedDek};
+use atrest_keystore::InfraProtector;
 
 use crate::file::SharedFile;
 
 pub struct Keyring {
-    protector: Arc<dyn KeyProtector>,
+    /// Replaced when the server switches keys (service to customer, a new
+    /// key version); DEKs cached so far stay valid.
+    protector: RwLock<Arc<dyn KeyProtector>>,
     cache: Mutex<HashMap<DekId, Dek>>,
+    /// The infrastructure layer's master key, when the data directory has
+    /// that layer. Replaced (never removed) by a rotation.
+    infra: RwLock<Option<Arc<InfraProtector>>>,
 }
 
 /// Files open in this process, by path. Process-wide, not per engine: two
@@ -23,17 +29,55 @@ static OPEN_FILES: std::sync::LazyLock<Mutex<HashMap<String, Weak<SharedFile>>>>
     std::sync::LazyLock::new(Mutex::default);
 
 impl Keyring {
-    pub fn new(protector: Arc<dyn KeyProtector>) -> Self {
+    pub fn new(protector: Arc<dyn KeyProtector>, infra: Option<Arc<InfraProtector>>) -> Self {
         Self {
-            protector,
+            protector: RwLock::new(protector),
             cache: Mutex::default(),
+            infra: RwLock::new(infra),
         }
+    }
+
+    pub fn protector(&self) -> Arc<dyn KeyProtector> {
+        Arc::clone(&self.protector.read().unwrap())
+    }
+
+    /// New DEKs (and rewraps) go to `p` from now on.
+    pub fn set_protector(&self, p: Arc<dyn KeyProtector>) {
+        *self.protector.write().unwrap() = p;
+    }
+
+    /// Drops every cached DEK (each is zeroized as it drops). The next
+    /// open of any file asks the protector again.
+    pub fn forget_keys(&self) -> usize {
+        let mut cache = self.cache.lock().unwrap();
+        let n = cache.len();
+        cache.clear();
+        n
+    }
+
+    pub fn cached_keys(&self) -> usize {
+        self.cache.lock().unwrap().len()
+    }
+
+    /// `dek` wrapped under the current protector's KEK.
+    pub fn wrap(&self, dek: &Dek) -> Result<WrappedDek, ProtectorError> {
+        self.protector().wrap(dek)
+    }
+
+    /// The infrastructure protector, if the layer is on.
+    pub fn infra(&self) -> Option<Arc<InfraProtector>> {
+        self.infra.read().unwrap().clone()
+    }
+
+    /// Switches the infrastructure layer to a new master key version.
+    pub fn set_infra(&self, protector: Arc<InfraProtector>) {
+        *self.infra.write().unwrap() = Some(protector);
     }
 
     /// A new DEK wrapped under the protector's current KEK.
     pub fn new_wrapped_dek(&self) -> Result<(Dek, WrappedDek), ProtectorError> {
         let dek = Dek::generate().map_err(|e| ProtectorError::Other(e.to_string()))?;
-        let wrapped = self.protector.wrap(&dek)?;
+        let wrapped = self.protector().wrap(&dek)?;
         self.cache.lock().unwrap().insert(dek.id(), dek.clone());
         Ok((dek, wrapped))
     }
@@ -43,7 +87,7 @@ impl Keyring {
         if let Some(dek) = self.cache.lock().unwrap().get(&dek_id) {
             return Ok(dek.clone());
         }
-        let dek = self.protector.unwrap(dek_id, wrapped)?;
+        let dek = self.protector().unwrap(dek_id, wrapped)?;
         if dek.id() != dek_id {
             return Err(ProtectorError::Other(
                 "unwrapped key carries another id".into(),

@@ -16,6 +16,12 @@
 //! * journals and temp files: blocks of [`JOURNAL_BLOCK`] (journals: one
 //!   aligned 4 KiB page on disk each) or [`TEMP_BLOCK`] logical bytes, each
 //!   with 28 bytes appended; the last block may be short.
+//!
+//! The 28 bytes are the *overhead* of the data layer. With the
+//! infrastructure layer on, each unit carries 40 more (its Poly1305 tag and
+//! XChaCha20 nonce) after the data layer's: the overhead is 68, a journal
+//! block holds `4096 - 68` logical bytes, and SQLite's reserve is 68. The
+//! overhead is a property of the file (its header names its layers).
 
 use atrest_crypto::{HEADER_SLOT_SIZE, SEAL_OVERHEAD};
 
@@ -25,7 +31,8 @@ pub const HEADER_LEN: u64 = 2 * HEADER_SLOT_SIZE as u64;
 /// nonce a block is exactly 4 KiB on disk, page-aligned, so one block write
 /// never spans two pages of the OS page cache. (A write spanning two can be
 /// cut in half by SIGKILL: Linux checks for fatal signals between pages.)
-pub const JOURNAL_BLOCK: usize = 4096 - SEAL_OVERHEAD;
+#[allow(dead_code)] // the data-layer-only size; files use `journal_block(ov)`
+pub const JOURNAL_BLOCK: usize = journal_block(SEAL_OVERHEAD);
 /// Logical bytes per block of a temp file (never read after a crash, so
 /// alignment does not matter; 4 KiB keeps temp-database pages whole).
 pub const TEMP_BLOCK: usize = 4096;
@@ -34,8 +41,18 @@ pub const WAL_HEADER: usize = 32;
 pub const WAL_FRAME_HEADER: usize = 24;
 /// Clear salts in front of each sealed frame header.
 pub const WAL_SALT_PREFIX: usize = 8;
-const WAL_HEADER_PHYS: u64 = (WAL_HEADER + SEAL_OVERHEAD) as u64;
-const WAL_FRAME_HEADER_PHYS: u64 = (WAL_SALT_PREFIX + WAL_FRAME_HEADER + SEAL_OVERHEAD) as u64;
+
+/// Logical bytes per journal block for a file whose units carry `ov` bytes
+/// of tags and nonces: one aligned 4 KiB page on disk.
+pub const fn journal_block(ov: usize) -> usize {
+    4096 - ov
+}
+const fn wal_header_phys(ov: usize) -> u64 {
+    (WAL_HEADER + ov) as u64
+}
+const fn wal_frame_header_phys(ov: usize) -> u64 {
+    (WAL_SALT_PREFIX + WAL_FRAME_HEADER + ov) as u64
+}
 
 /// What a unit is; bound into its AAD.
 pub mod class {
@@ -62,11 +79,14 @@ pub struct Unit {
     /// True if tag and nonce follow the logical bytes; false if they sit
     /// in the unit's own last 28 bytes (pages).
     pub appended: bool,
+    /// Bytes of tags and nonces the unit carries (28, or 68 with the
+    /// infrastructure layer).
+    pub ov: usize,
 }
 
 impl Unit {
     pub fn plen(&self) -> usize {
-        self.prefix + self.llen + if self.appended { SEAL_OVERHEAD } else { 0 }
+        self.prefix + self.llen + if self.appended { self.ov } else { 0 }
     }
     /// A human name for error messages: "page 3", "WAL frame 7 header".
     pub fn describe(&self) -> String {
@@ -83,9 +103,21 @@ impl Unit {
 /// The unit layout of one file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Geometry {
-    Pages { page_size: usize, base: u64 },
-    Wal { page_size: usize, base: u64 },
-    Blocks { base: u64, block: usize },
+    Pages {
+        page_size: usize,
+        base: u64,
+        ov: usize,
+    },
+    Wal {
+        page_size: usize,
+        base: u64,
+        ov: usize,
+    },
+    Blocks {
+        base: u64,
+        block: usize,
+        ov: usize,
+    },
 }
 
 impl Geometry {
@@ -101,7 +133,11 @@ impl Geometry {
     /// block; the caller shortens the last one from the physical size.
     pub fn unit_at(&self, off: u64) -> Unit {
         match *self {
-            Geometry::Pages { page_size, base } => {
+            Geometry::Pages {
+                page_size,
+                base,
+                ov,
+            } => {
                 let p = page_size as u64;
                 let i = off / p;
                 Unit {
@@ -112,9 +148,14 @@ impl Geometry {
                     pstart: base + i * p,
                     prefix: 0,
                     appended: false,
+                    ov,
                 }
             }
-            Geometry::Wal { page_size, base } => {
+            Geometry::Wal {
+                page_size,
+                base,
+                ov,
+            } => {
                 if off < WAL_HEADER as u64 {
                     return Unit {
                         class: class::WAL_HEADER,
@@ -124,14 +165,15 @@ impl Geometry {
                         pstart: base,
                         prefix: 0,
                         appended: true,
+                        ov,
                     };
                 }
                 let lframe = (WAL_FRAME_HEADER + page_size) as u64;
-                let pframe = WAL_FRAME_HEADER_PHYS + page_size as u64;
+                let pframe = wal_frame_header_phys(ov) + page_size as u64;
                 let f = (off - WAL_HEADER as u64) / lframe;
                 let r = (off - WAL_HEADER as u64) % lframe;
                 let lstart = WAL_HEADER as u64 + f * lframe;
-                let pstart = base + WAL_HEADER_PHYS + f * pframe;
+                let pstart = base + wal_header_phys(ov) + f * pframe;
                 if r < WAL_FRAME_HEADER as u64 {
                     Unit {
                         class: class::WAL_FRAME_HEADER,
@@ -141,6 +183,7 @@ impl Geometry {
                         pstart,
                         prefix: WAL_SALT_PREFIX,
                         appended: true,
+                        ov,
                     }
                 } else {
                     Unit {
@@ -148,13 +191,14 @@ impl Geometry {
                         index: f,
                         lstart: lstart + WAL_FRAME_HEADER as u64,
                         llen: page_size,
-                        pstart: pstart + WAL_FRAME_HEADER_PHYS,
+                        pstart: pstart + wal_frame_header_phys(ov),
                         prefix: 0,
                         appended: false,
+                        ov,
                     }
                 }
             }
-            Geometry::Blocks { base, block } => {
+            Geometry::Blocks { base, block, ov } => {
                 let b = block as u64;
                 let i = off / b;
                 Unit {
@@ -162,9 +206,10 @@ impl Geometry {
                     index: i,
                     lstart: i * b,
                     llen: block,
-                    pstart: base + i * (b + SEAL_OVERHEAD as u64),
+                    pstart: base + i * (b + ov as u64),
                     prefix: 0,
                     appended: true,
+                    ov,
                 }
             }
         }
@@ -175,28 +220,32 @@ impl Geometry {
     pub fn logical_size(&self, phys: u64) -> u64 {
         match *self {
             Geometry::Pages { base, .. } => phys.saturating_sub(base),
-            Geometry::Wal { page_size, base } => {
-                if phys < base + WAL_HEADER_PHYS {
+            Geometry::Wal {
+                page_size,
+                base,
+                ov,
+            } => {
+                if phys < base + wal_header_phys(ov) {
                     return 0;
                 }
-                let rest = phys - base - WAL_HEADER_PHYS;
-                let pframe = WAL_FRAME_HEADER_PHYS + page_size as u64;
+                let rest = phys - base - wal_header_phys(ov);
+                let pframe = wal_frame_header_phys(ov) + page_size as u64;
                 let lframe = (WAL_FRAME_HEADER + page_size) as u64;
                 let whole = rest / pframe;
                 let tail = rest % pframe;
-                let partial = if tail >= WAL_FRAME_HEADER_PHYS {
+                let partial = if tail >= wal_frame_header_phys(ov) {
                     WAL_FRAME_HEADER as u64
                 } else {
                     0
                 };
                 WAL_HEADER as u64 + whole * lframe + partial
             }
-            Geometry::Blocks { base, block } => {
+            Geometry::Blocks { base, block, ov } => {
                 let rest = phys.saturating_sub(base);
-                let pblock = (block + SEAL_OVERHEAD) as u64;
+                let pblock = (block + ov) as u64;
                 let whole = rest / pblock;
                 let tail = rest % pblock;
-                whole * block as u64 + tail.saturating_sub(SEAL_OVERHEAD as u64)
+                whole * block as u64 + tail.saturating_sub(ov as u64)
             }
         }
     }
@@ -210,16 +259,11 @@ impl Geometry {
             Geometry::Wal { base, .. } if size < WAL_HEADER as u64 => base,
             // Keep the complete units before the cut.
             Geometry::Wal { .. } => self.unit_at(size).pstart,
-            Geometry::Blocks { base, block } => {
+            Geometry::Blocks { base, block, ov } => {
                 let b = block as u64;
                 let whole = size / b;
                 let tail = size % b;
-                base + whole * (b + SEAL_OVERHEAD as u64)
-                    + if tail > 0 {
-                        tail + SEAL_OVERHEAD as u64
-                    } else {
-                        0
-                    }
+                base + whole * (b + ov as u64) + if tail > 0 { tail + ov as u64 } else { 0 }
             }
         }
     }
@@ -234,6 +278,7 @@ mod tests {
         let g = Geometry::Pages {
             page_size: 4096,
             base: HEADER_LEN,
+            ov: SEAL_OVERHEAD,
         };
         let u = g.unit_at(8192 + 100);
         assert_eq!(
@@ -250,6 +295,7 @@ mod tests {
         let g = Geometry::Wal {
             page_size: p,
             base: HEADER_LEN,
+            ov: SEAL_OVERHEAD,
         };
         let h = g.unit_at(0);
         assert_eq!(
@@ -282,7 +328,11 @@ mod tests {
     #[test]
     fn blocks_round_trip_sizes() {
         for block in [JOURNAL_BLOCK, TEMP_BLOCK] {
-            let g = Geometry::Blocks { base: 0, block };
+            let g = Geometry::Blocks {
+                base: 0,
+                block,
+                ov: SEAL_OVERHEAD,
+            };
             for size in [0u64, 1, 4067, 4068, 4069, 4095, 4096, 4097, 3 * 4096 + 17] {
                 assert_eq!(
                     g.logical_size(g.physical_size(size)),
@@ -294,14 +344,36 @@ mod tests {
             assert_eq!((u.index, u.pstart), (2, 2 * (block + SEAL_OVERHEAD) as u64));
         }
         // Journal blocks sit on 4 KiB boundaries after the 8 KiB header.
-        let g = Geometry::Blocks {
-            base: HEADER_LEN,
-            block: JOURNAL_BLOCK,
-        };
-        for k in 0..5 {
-            let u = g.unit_at(k * JOURNAL_BLOCK as u64);
-            assert_eq!(u.pstart % 4096, 0);
-            assert_eq!(u.plen(), 4096);
+        for ov in [SEAL_OVERHEAD, SEAL_OVERHEAD + atrest_crypto::INFRA_OVERHEAD] {
+            let g = Geometry::Blocks {
+                base: HEADER_LEN,
+                block: journal_block(ov),
+                ov,
+            };
+            for k in 0..5 {
+                let u = g.unit_at(k * journal_block(ov) as u64);
+                assert_eq!(u.pstart % 4096, 0);
+                assert_eq!(u.plen(), 4096);
+            }
         }
+    }
+
+    #[test]
+    fn wal_units_tile_the_file_with_both_layers() {
+        let ov = SEAL_OVERHEAD + atrest_crypto::INFRA_OVERHEAD;
+        let p = 4096usize;
+        let g = Geometry::Wal {
+            page_size: p,
+            base: HEADER_LEN,
+            ov,
+        };
+        assert_eq!(g.unit_at(0).plen(), 32 + 68);
+        let fh = g.unit_at(32);
+        assert_eq!((fh.pstart, fh.plen()), (HEADER_LEN + 100, 8 + 24 + 68));
+        let pg = g.unit_at(32 + 24);
+        assert_eq!((pg.pstart, pg.plen()), (HEADER_LEN + 200, p));
+        let two = HEADER_LEN + 100 + 2 * (100 + p as u64);
+        assert_eq!(g.logical_size(two), 32 + 2 * (24 + p as u64));
+        assert_eq!(g.physical_size(32 + 2 * (24 + p as u64)), two);
     }
 }

@@ -23,13 +23,14 @@ use std::ops::Deref;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
-use atrest_crypto::{FileHeader, KeyProtector, KeySource, SEAL_OVERHEAD};
-use atrest_keystore::{Keystore, ServiceKeyId};
+use atrest_crypto::{FileHeader, KeyProtector, KeySource, INFRA_OVERHEAD, SEAL_OVERHEAD};
+use atrest_keystore::{InfraProtector, Keystore, ServiceKeyId};
 use rusqlite::OpenFlags;
 use serde::{Deserialize, Serialize};
 
+pub use atrest_keystore::{InfraKeyId, InfraKeystore};
 pub use error::StorageError;
 pub use layout::HEADER_LEN;
 
@@ -39,6 +40,9 @@ use vfs::RegisteredVfs;
 
 /// Reserved bytes per page that atrest asks SQLite for: AES-GCM tag and nonce.
 pub const RESERVED_BYTES: usize = SEAL_OVERHEAD;
+/// Reserved bytes per page with the infrastructure layer on: the data
+/// layer's 28 plus XChaCha20-Poly1305's tag (16) and nonce (24).
+pub const RESERVED_BYTES_INFRA: usize = SEAL_OVERHEAD + INFRA_OVERHEAD;
 
 const DATA_DIR_META: &str = "atrest.json";
 
@@ -68,14 +72,57 @@ pub struct DataDirInfo {
     /// `service:<hex>`: the service KEK in the keystore.
     pub service_key: String,
     pub created_unix: u64,
+    /// Infrastructure double encryption: a second layer under the data
+    /// layer, chosen when the data directory is created and fixed for its
+    /// life. Absent in older data directories: off.
+    #[serde(default)]
+    pub infrastructure_encryption: bool,
+    /// `infra:<hex>/v<version>`: the infrastructure master key version
+    /// new files are wrapped under (in the infrastructure keystore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub infrastructure_key: Option<String>,
 }
 
-/// How to open an engine.
-#[derive(Debug, Clone)]
+/// How to open an engine. Build with `..Default::default()` so that new
+/// fields keep their defaults.
+#[derive(Debug, Clone, Default)]
 pub struct EngineOptions {
     pub data_dir: PathBuf,
     /// Where service keys live; `None` for [`Keystore::default_dir`].
     pub keystore_dir: Option<PathBuf>,
+    /// Infrastructure double encryption. `Some(true)` creates a new data
+    /// directory with the second layer; `Some(false)` without. It is fixed
+    /// at create: opening an existing data directory with the other value
+    /// is refused ([`StorageError::InfraFixedAtCreate`]). `None` takes
+    /// whatever the data directory has (off for a new one).
+    pub infrastructure_encryption: Option<bool>,
+    /// Where infrastructure master keys live; `None` for
+    /// [`InfraKeystore::default_dir`]. Must differ from the service keystore.
+    pub infra_keystore_dir: Option<PathBuf>,
+}
+
+impl EngineOptions {
+    /// Options for `data_dir` with default keystores and settings.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// What [`Engine::rotate_infrastructure_key`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct InfraRotation {
+    /// The master key version files were wrapped under, and the new one.
+    pub from: String,
+    pub to: String,
+    /// Files whose header now wraps their infrastructure DEK under `to`
+    /// (durably: written to the other header slot and synced).
+    pub rewrapped: Vec<String>,
+    /// Files open in this process: rewrapped in memory, written with their
+    /// next sync or close.
+    pub pending: Vec<String>,
 }
 
 /// Counters of the VFS, for benchmarks and metrics.
@@ -85,6 +132,12 @@ pub struct StatsSnapshot {
     pub units_opened: u64,
     pub bytes_sealed: u64,
     pub bytes_opened: u64,
+    /// The infrastructure layer's seals and opens (0 without that layer).
+    /// Units of the data layer above count the same units once more.
+    pub infra_units_sealed: u64,
+    pub infra_units_opened: u64,
+    pub infra_bytes_sealed: u64,
+    pub infra_bytes_opened: u64,
     /// Files opened, by SQLite file type (main_db, wal, subjournal, ...).
     pub files_opened: std::collections::BTreeMap<&'static str, u64>,
 }
@@ -96,6 +149,10 @@ impl StatsSnapshot {
             units_opened: self.units_opened - earlier.units_opened,
             bytes_sealed: self.bytes_sealed - earlier.bytes_sealed,
             bytes_opened: self.bytes_opened - earlier.bytes_opened,
+            infra_units_sealed: self.infra_units_sealed - earlier.infra_units_sealed,
+            infra_units_opened: self.infra_units_opened - earlier.infra_units_opened,
+            infra_bytes_sealed: self.infra_bytes_sealed - earlier.infra_bytes_sealed,
+            infra_bytes_opened: self.infra_bytes_opened - earlier.infra_bytes_opened,
             files_opened: self
                 .files_opened
                 .iter()
@@ -113,7 +170,9 @@ struct EngineInner {
     temp_dir: PathBuf,
     stats: Arc<Stats>,
     keyring: Arc<Keyring>,
-    info: Option<DataDirInfo>,
+    info: RwLock<Option<DataDirInfo>>,
+    /// SQLite's reserved bytes per page: 28, or 68 with the infrastructure layer.
+    reserve: usize,
 }
 
 /// An open data directory.
@@ -129,6 +188,43 @@ fn dir_error(path: &Path, reason: impl ToString) -> StorageError {
         path: path.display().to_string(),
         reason: reason.to_string(),
     }
+}
+
+/// Writes `atrest.json` atomically (temp file, sync, rename, sync dir).
+fn write_info(dir: &Path, info: &DataDirInfo) -> Result<(), StorageError> {
+    let meta_path = dir.join(DATA_DIR_META);
+    let tmp = meta_path.with_extension("json.tmp");
+    fs::write(&tmp, serde_json::to_vec_pretty(info).expect("serializable"))
+        .and_then(|_| fs::File::open(&tmp)?.sync_all())
+        .and_then(|_| fs::rename(&tmp, &meta_path))
+        .and_then(|_| fs::File::open(dir)?.sync_all())
+        .map_err(|e| dir_error(&meta_path, e))
+}
+
+/// The infrastructure keystore is kept apart: not inside the data
+/// directory, and neither inside nor around the service keystore.
+fn check_infra_dir(data: &Path, service: &Path, infra: &Path) -> Result<(), StorageError> {
+    let abs = |p: &Path| {
+        let p = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        p.canonicalize().unwrap_or(p)
+    };
+    let (data, service, infra) = (abs(data), abs(service), abs(infra));
+    if infra.starts_with(&data) {
+        return Err(dir_error(
+            &data,
+            "the infrastructure keystore must not be inside the data directory it protects",
+        ));
+    }
+    if infra.starts_with(&service) || service.starts_with(&infra) {
+        return Err(dir_error(
+            &infra,
+            format!(
+                "the infrastructure keystore must be kept apart from the service keystore {}; set --infra-keystore (ATREST_INFRA_KEYSTORE) to another directory",
+                service.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn create_private_dir(path: &Path) -> Result<(), StorageError> {
@@ -157,11 +253,26 @@ impl Engine {
                 "the keystore must not be inside the data directory it protects (a copy of the directory would carry its key)",
             ));
         }
+        let infra_dir = match &opts.infra_keystore_dir {
+            Some(d) => d.clone(),
+            None => InfraKeystore::default_dir()?,
+        };
         let meta_path = dir.join(DATA_DIR_META);
         let info = if meta_path.exists() {
             let text = fs::read_to_string(&meta_path).map_err(|e| dir_error(&meta_path, e))?;
-            serde_json::from_str::<DataDirInfo>(&text)
-                .map_err(|e| dir_error(&meta_path, format!("unreadable: {e}")))?
+            let info = serde_json::from_str::<DataDirInfo>(&text)
+                .map_err(|e| dir_error(&meta_path, format!("unreadable: {e}")))?;
+            if let Some(requested) = opts.infrastructure_encryption {
+                if requested != info.infrastructure_encryption {
+                    let word = |on: bool| if on { "on" } else { "off" };
+                    return Err(StorageError::InfraFixedAtCreate {
+                        path: dir.display().to_string(),
+                        recorded: word(info.infrastructure_encryption),
+                        requested: word(requested),
+                    });
+                }
+            }
+            info
         } else {
             let has_data = fs::read_dir(dir)
                 .map_err(|e| dir_error(dir, e))?
@@ -173,8 +284,18 @@ impl Engine {
                     format!("holds databases but no {DATA_DIR_META}; restore that file (it names the service key)"),
                 ));
             }
+            let infra_on = opts.infrastructure_encryption.unwrap_or(false);
+            if infra_on {
+                check_infra_dir(dir, &keystore_dir, &infra_dir)?;
+            }
             let keystore = Keystore::open(&keystore_dir)?;
             let id = keystore.create_service_key()?;
+            let infrastructure_key = if infra_on {
+                let iks = InfraKeystore::open(&infra_dir)?;
+                Some(iks.create_master_key()?.kek_ref(1).key_id)
+            } else {
+                None
+            };
             let info = DataDirInfo {
                 format: 1,
                 service_key: id.kek_ref().key_id,
@@ -182,37 +303,75 @@ impl Engine {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
+                infrastructure_encryption: infra_on,
+                infrastructure_key,
             };
-            let tmp = meta_path.with_extension("json.tmp");
-            fs::write(
-                &tmp,
-                serde_json::to_vec_pretty(&info).expect("serializable"),
-            )
-            .and_then(|_| fs::File::open(&tmp)?.sync_all())
-            .and_then(|_| fs::rename(&tmp, &meta_path))
-            .and_then(|_| fs::File::open(dir)?.sync_all())
-            .map_err(|e| dir_error(&meta_path, e))?;
+            write_info(dir, &info)?;
             info
         };
         let id = ServiceKeyId::parse(&info.service_key)
             .ok_or_else(|| dir_error(&meta_path, "service_key is not a service key id"))?;
         let protector = Keystore::open(&keystore_dir)?.service_protector(id)?;
-        Self::open_with_protector(dir, Arc::new(protector), Some(info))
+        let infra = if info.infrastructure_encryption {
+            check_infra_dir(dir, &keystore_dir, &infra_dir)?;
+            let (iid, version) = info
+                .infrastructure_key
+                .as_deref()
+                .and_then(InfraKeyId::parse)
+                .ok_or_else(|| {
+                    dir_error(
+                        &meta_path,
+                        "infrastructure_encryption is on but infrastructure_key names no infrastructure master key",
+                    )
+                })?;
+            Some(Arc::new(
+                InfraKeystore::open(&infra_dir)?.protector(iid, version)?,
+            ))
+        } else {
+            None
+        };
+        Self::open_with_protectors(dir, Arc::new(protector), infra, Some(info))
     }
 
-    /// Opens a data directory with a given protector (the vault, or tests).
+    /// Opens a data directory with a given protector (the vault, or tests),
+    /// without the infrastructure layer.
     pub fn open_with_protector(
         data_dir: &Path,
         protector: Arc<dyn KeyProtector>,
         info: Option<DataDirInfo>,
     ) -> Result<Engine, StorageError> {
+        Self::open_with_protectors(data_dir, protector, None, info)
+    }
+
+    /// Opens a data directory with a given data-layer protector and, when
+    /// the data directory has the infrastructure layer, its protector.
+    pub fn open_with_protectors(
+        data_dir: &Path,
+        protector: Arc<dyn KeyProtector>,
+        infra: Option<Arc<InfraProtector>>,
+        info: Option<DataDirInfo>,
+    ) -> Result<Engine, StorageError> {
+        if info
+            .as_ref()
+            .is_some_and(|i| i.infrastructure_encryption != infra.is_some())
+        {
+            return Err(dir_error(
+                data_dir,
+                "the infrastructure layer's protector does not match the data directory's setting",
+            ));
+        }
         create_private_dir(data_dir)?;
         let data_dir = data_dir
             .canonicalize()
             .map_err(|e| dir_error(data_dir, e))?;
         let temp_dir = data_dir.join("tmp");
         create_private_dir(&temp_dir)?;
-        let keyring = Arc::new(Keyring::new(protector));
+        let reserve = if infra.is_some() {
+            RESERVED_BYTES_INFRA
+        } else {
+            RESERVED_BYTES
+        };
+        let keyring = Arc::new(Keyring::new(protector, infra));
         let stats = Arc::new(Stats::default());
         let vfs_name = format!(
             "atrest-{}-{}",
@@ -233,7 +392,8 @@ impl Engine {
                 temp_dir,
                 stats,
                 keyring,
-                info,
+                info: RwLock::new(info),
+                reserve,
             }),
         })
     }
@@ -242,14 +402,112 @@ impl Engine {
         &self.inner.data_dir
     }
 
+    /// New files, and [`Connection::rewrap`], use `p` from now on; files
+    /// wrapped under another KEK still open while their DEKs are cached.
+    pub fn set_protector(&self, p: Arc<dyn KeyProtector>) {
+        self.inner.keyring.set_protector(p);
+    }
+
+    pub fn protector(&self) -> Arc<dyn KeyProtector> {
+        self.inner.keyring.protector()
+    }
+
+    /// Forgets every unwrapped DEK (zeroized). Files opened afterwards
+    /// need the protector again; close connections first, since open
+    /// files keep their derived page keys until closed.
+    pub fn forget_keys(&self) -> usize {
+        self.inner.keyring.forget_keys()
+    }
+
+    /// How many DEKs are held unwrapped in memory.
+    pub fn cached_keys(&self) -> usize {
+        self.inner.keyring.cached_keys()
+    }
+
     /// Where temp files (sorts, temp tables) are made; they are unlinked
     /// as soon as they are opened.
     pub fn temp_dir(&self) -> &Path {
         &self.inner.temp_dir
     }
 
-    pub fn info(&self) -> Option<&DataDirInfo> {
-        self.inner.info.as_ref()
+    /// What `atrest.json` records (as of the last rotation by this engine).
+    pub fn info(&self) -> Option<DataDirInfo> {
+        self.inner.info.read().unwrap().clone()
+    }
+
+    /// Whether the infrastructure layer protects this data directory.
+    pub fn infrastructure_encryption(&self) -> bool {
+        self.inner.keyring.infra().is_some()
+    }
+
+    /// SQLite's reserved bytes per page in this data directory.
+    pub fn reserved_bytes(&self) -> usize {
+        self.inner.reserve
+    }
+
+    /// Rotates the infrastructure master key: adds a new version to the
+    /// infrastructure keystore, records it in `atrest.json`, and rewraps
+    /// every file's infrastructure DEK under it. The data layer's keys
+    /// (service or customer KEK, DEKs) are not touched, nor is any page.
+    ///
+    /// Crash-safe: each header is rewritten into its *other* slot, after
+    /// the current one has been synced, so a crash leaves one valid slot
+    /// wrapping under the old or the new version; older versions stay in
+    /// the keystore until removed with [`InfraKeystore::remove_version`].
+    /// Files open in this process are rewrapped in memory and written with
+    /// their next sync or close. Another process must not have the data
+    /// directory open meanwhile (one process owns a data directory).
+    pub fn rotate_infrastructure_key(&self) -> Result<InfraRotation, StorageError> {
+        let keyring = &self.inner.keyring;
+        let dir = &self.inner.data_dir;
+        let old = keyring.infra().ok_or_else(|| {
+            dir_error(
+                dir,
+                "has no infrastructure layer (it is chosen when a data directory is created)",
+            )
+        })?;
+        let ks = old.keystore().clone();
+        let version = ks.add_version(old.id())?;
+        let new = Arc::new(ks.protector(old.id(), version)?);
+        let to = new.current_kek().key_id;
+        {
+            let mut info = self.inner.info.write().unwrap();
+            if let Some(info) = info.as_mut() {
+                info.infrastructure_key = Some(to.clone());
+                write_info(dir, info)?;
+            }
+        }
+        keyring.set_infra(Arc::clone(&new));
+        let mut report = InfraRotation {
+            from: old.current_kek().key_id,
+            to,
+            rewrapped: vec![],
+            pending: vec![],
+        };
+        let mut paths: Vec<PathBuf> = fs::read_dir(dir)
+            .map_err(|e| dir_error(dir, e))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && p.file_name().is_some_and(|n| n != DATA_DIR_META))
+            .collect();
+        paths.sort();
+        for path in paths {
+            let name = path.display().to_string();
+            if let Some(shared) = keyring.find_open(&name) {
+                if shared.rewrap_infra(keyring).map_err(|f| {
+                    f.detail
+                        .unwrap_or_else(|| dir_error(&path, "rewrap failed"))
+                })? || shared.header_dirty()
+                {
+                    report.pending.push(name);
+                }
+            } else if file::rewrap_infra_at_rest(&path, keyring)? {
+                report.rewrapped.push(name);
+            }
+        }
+        tracing::info!(from = %report.from, to = %report.to, rewrapped = report.rewrapped.len(),
+            pending = report.pending.len(), "rotated the infrastructure master key");
+        Ok(report)
     }
 
     /// The path of database `name` in this data directory.
@@ -311,8 +569,8 @@ impl Engine {
             }
         }))
         .map_err(StorageError::from_sqlite)?;
-        // Reserve room for tag and nonce in every page before the first write.
-        let mut reserve = RESERVED_BYTES as std::ffi::c_int;
+        // Reserve room for tags and nonces in every page before the first write.
+        let mut reserve = self.inner.reserve as std::ffi::c_int;
         conn.file_control(
             Some(rusqlite::MAIN_DB),
             rusqlite::FileControl::ReserveBytes(&mut reserve),
@@ -333,6 +591,10 @@ impl Engine {
             units_opened: s.units_opened.load(Ordering::Relaxed),
             bytes_sealed: s.bytes_sealed.load(Ordering::Relaxed),
             bytes_opened: s.bytes_opened.load(Ordering::Relaxed),
+            infra_units_sealed: s.infra_units_sealed.load(Ordering::Relaxed),
+            infra_units_opened: s.infra_units_opened.load(Ordering::Relaxed),
+            infra_bytes_sealed: s.infra_bytes_sealed.load(Ordering::Relaxed),
+            infra_bytes_opened: s.infra_bytes_opened.load(Ordering::Relaxed),
             files_opened: file::OPEN_TYPES
                 .iter()
                 .zip(&s.opened_by_type)
@@ -359,6 +621,19 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// Rewraps this database's DEK under the engine's current KEK (see
+    /// [`Engine::set_protector`]), in its header and its WAL's: online,
+    /// crash-safe (some header slot is valid at every moment), and no page
+    /// is re-encrypted. Returns the KEK now recorded.
+    pub fn rewrap(&self) -> Result<atrest_crypto::KekRef, StorageError> {
+        // Open the WAL (if any) so its header is rewrapped too.
+        self.conn
+            .query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))
+            .map_err(StorageError::from_sqlite)?;
+        let w = crate::vfs::rewrap_database(&self.conn, &self._engine.keyring)?;
+        Ok(w.kek)
+    }
+
     /// Attaches database `name` of the same data directory as `schema`,
     /// creating it if missing, with room for tag and nonce in its pages.
     pub fn attach(&self, engine: &Engine, name: &str, schema: &str) -> Result<(), StorageError> {
@@ -369,7 +644,7 @@ impl Connection {
             .execute("ATTACH DATABASE ?1 AS ?2", (path.to_string_lossy(), schema));
         self.attach_allowed.store(false, Ordering::Relaxed);
         attached.map_err(StorageError::from_sqlite)?;
-        let mut reserve = RESERVED_BYTES as std::ffi::c_int;
+        let mut reserve = engine.inner.reserve as std::ffi::c_int;
         self.conn
             .file_control(
                 Some(schema),
@@ -442,6 +717,14 @@ fn inspect_file(path: &Path, keyring: Option<&Keyring>) -> Result<serde_json::Va
             .map(|_| true)
             .unwrap_or(false)
     });
+    let infra_unwraps = match (keyring, &h.infra) {
+        (Some(k), Some(_)) => Some(
+            file::unwrap_infra_dek(k, &h, &path.display().to_string())
+                .map(|d| d.is_some())
+                .unwrap_or(false),
+        ),
+        _ => None,
+    };
     let wrapped_json = |w: &atrest_crypto::WrappedDek| {
         serde_json::json!({
             "kek_kind": w.kek.kind.name(),
@@ -469,10 +752,17 @@ fn inspect_file(path: &Path, keyring: Option<&Keyring>) -> Result<serde_json::Va
     };
     Ok(serde_json::json!({
         "path": path.display().to_string(),
-        "format_version": 1,
+        "format_version": if h.infra.is_some() { 2 } else { 1 },
         "kind": h.kind.name(),
         "cipher": h.cipher.name(),
-        "layers": ["data"],
+        "layers": h.layers().names(),
+        "infrastructure_layer": h.infra.as_ref().map(|i| serde_json::json!({
+            "cipher": "XChaCha20-Poly1305",
+            "implementation": "RustCrypto chacha20poly1305",
+            "dek_id": i.dek_id.to_hex(),
+            "wrapped_dek": wrapped_json(&i.wrapped),
+            "unwraps": infra_unwraps,
+        })),
         "file_id": h.file_id.to_hex(),
         "dek_id": h.dek_id.to_hex(),
         "unit_size": h.unit_size,

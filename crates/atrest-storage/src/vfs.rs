@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::ptr;
 use std::sync::Arc;
 
-use atrest_crypto::FileKind;
+use atrest_crypto::{FileKind, WrappedDek};
 use rusqlite::ffi;
 
 use crate::file::{EncryptedFile, Fail, RawFile, SharedFile, Stats};
@@ -381,7 +381,7 @@ unsafe extern "C" fn x_open(
     };
     let writable = opened & ffi::SQLITE_OPEN_READWRITE != 0;
     let shared = if kind == FileKind::Temp {
-        SharedFile::temp(path)
+        SharedFile::temp(path, state.keyring.infra().is_some())
     } else {
         let parent = parent_path(kind, &path).and_then(|p| state.keyring.find_open(&p));
         state.keyring.shared_file(&path, || {
@@ -670,12 +670,123 @@ unsafe extern "C" fn x_check_reserved_lock(f: *mut ffi::sqlite3_file, out: *mut 
     }
 }
 
+/// Our own file-control opcode: rewrap this file's key (see
+/// [`rewrap_database`]). SQLite leaves opcodes above 100 to VFSes.
+const ATREST_FCNTL_REWRAP: c_int = 0x4154_5201;
+
+/// The argument of [`ATREST_FCNTL_REWRAP`].
+struct RewrapRequest<'a> {
+    keyring: &'a Keyring,
+    parent_wrapped: Option<WrappedDek>,
+    result: Option<Result<WrappedDek, Fail>>,
+}
+
+/// Rewraps the DEK of the main database of `conn` under the keyring's
+/// current KEK, then the copy of that wrapping in its WAL's header, through
+/// SQLite's own open file handles (opening the files a second time would
+/// let a close drop SQLite's POSIX locks). Online: other connections keep
+/// reading and writing; no page is touched.
+pub fn rewrap_database(
+    conn: &rusqlite::Connection,
+    keyring: &Keyring,
+) -> Result<WrappedDek, StorageError> {
+    let main = CString::new("main").expect("static name");
+    let fail = |r: Option<Result<WrappedDek, Fail>>,
+                rc: c_int|
+     -> Result<WrappedDek, StorageError> {
+        match r {
+            Some(Ok(w)) => Ok(w),
+            Some(Err(f)) => Err(f.detail.unwrap_or(StorageError::Io {
+                path: "main database".into(),
+                code: f.rc,
+            })),
+            None => Err(StorageError::Unsupported {
+                path: "main database".into(),
+                what: format!("the database is not an atrest file (file control answered {rc})"),
+            }),
+        }
+    };
+    let mut req = RewrapRequest {
+        keyring,
+        parent_wrapped: None,
+        result: None,
+    };
+    // SAFETY: `conn.handle()` is the live sqlite3* of `conn`, used only for
+    // the duration of these calls on this thread; `req` outlives the call
+    // and our x_file_control casts `arg` back to exactly this type.
+    let rc = unsafe {
+        ffi::sqlite3_file_control(
+            conn.handle(),
+            main.as_ptr(),
+            ATREST_FCNTL_REWRAP,
+            &mut req as *mut RewrapRequest as *mut c_void,
+        )
+    };
+    let wrapped = fail(req.result.take(), rc)?;
+    // The WAL (when open) carries a copy of the database's wrapping.
+    let mut journal: *mut ffi::sqlite3_file = ptr::null_mut();
+    // SAFETY: SQLITE_FCNTL_JOURNAL_POINTER is answered by SQLite itself
+    // with the pager's journal or WAL file object (or null), which stays
+    // valid while `conn` is open and unused by other threads.
+    let rc = unsafe {
+        ffi::sqlite3_file_control(
+            conn.handle(),
+            main.as_ptr(),
+            ffi::SQLITE_FCNTL_JOURNAL_POINTER,
+            &mut journal as *mut *mut ffi::sqlite3_file as *mut c_void,
+        )
+    };
+    // SAFETY: a non-null journal pointer is an sqlite3_file SQLite opened
+    // through our VFS; pMethods is null while it is closed.
+    let open_methods = unsafe {
+        (!journal.is_null())
+            .then(|| (*journal).pMethods)
+            .filter(|m| !m.is_null())
+    };
+    if rc == ffi::SQLITE_OK {
+        if let Some(methods) = open_methods {
+            let mut req = RewrapRequest {
+                keyring,
+                parent_wrapped: Some(wrapped.clone()),
+                result: None,
+            };
+            // SAFETY: calling the file's own xFileControl (ours) with our
+            // opcode and a request that outlives the call.
+            let rc = unsafe {
+                ((*methods).xFileControl.expect("xFileControl"))(
+                    journal,
+                    ATREST_FCNTL_REWRAP,
+                    &mut req as *mut RewrapRequest as *mut c_void,
+                )
+            };
+            fail(req.result.take(), rc)?;
+        }
+    }
+    Ok(wrapped)
+}
+
 unsafe extern "C" fn x_file_control(
     f: *mut ffi::sqlite3_file,
     op: c_int,
     arg: *mut c_void,
 ) -> c_int {
     match op {
+        ATREST_FCNTL_REWRAP => {
+            // SAFETY: only `rewrap_database` sends this opcode, with a
+            // `RewrapRequest` that outlives the call; `f` is one of ours.
+            let (req, h) = unsafe { (&mut *(arg as *mut RewrapRequest), handle(f)) };
+            let kind = h.file.shared().kind;
+            if !matches!(kind, FileKind::MainDb | FileKind::Wal | FileKind::Journal) {
+                return ffi::SQLITE_NOTFOUND;
+            }
+            let r = h.file.rewrap(req.keyring, req.parent_wrapped.take());
+            let rc = match &r {
+                Ok(_) => ffi::SQLITE_OK,
+                Err(fail) => fail.rc,
+            };
+            req.result = Some(r);
+            rc
+        }
         // The unix VFS would grow the file with zero bytes, which would then
         // read as pages that fail authentication: ignore size hints.
         ffi::SQLITE_FCNTL_SIZE_HINT | ffi::SQLITE_FCNTL_CHUNK_SIZE => ffi::SQLITE_OK,

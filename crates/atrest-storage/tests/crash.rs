@@ -10,9 +10,12 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use atrest_storage::{Engine, EngineOptions};
+use atrest_storage::Engine;
+use common::{options, Scenario};
 
-const KILLS_PER_MODE: usize = 50;
+/// Kills per journal mode and scenario: 3 modes x 2 scenarios x 25 keeps
+/// the 150 kills the suite had with one scenario (the CI budget).
+const KILLS_PER_MODE: usize = 25;
 
 /// The child: writes transactions forever, printing each committed id.
 fn child_main() {
@@ -23,11 +26,15 @@ fn child_main() {
         .unwrap()
         .parse()
         .unwrap();
-    let engine = Engine::open(&EngineOptions {
-        data_dir: data.into(),
-        keystore_dir: Some(keystore.into()),
-    })
-    .unwrap();
+    let sc = match std::env::var("ATREST_CRASH_INFRA").as_deref() {
+        Ok("1") => Scenario::ServiceKeyAndInfra,
+        _ => Scenario::ServiceKey,
+    };
+    let root = std::path::PathBuf::from(&data);
+    let root = root.parent().unwrap();
+    assert_eq!(std::path::PathBuf::from(keystore), root.join("keystore"));
+    let engine = Engine::open(&options(root, sc)).unwrap();
+    assert_eq!(engine.infrastructure_encryption(), sc.infra());
     let conn = engine.connect("crash").unwrap();
     // "delete-16k": rollback journal with 16 KiB pages, whose writes span
     // several page-cache pages and can be torn by the kill.
@@ -74,12 +81,9 @@ fn child_main() {
     }
 }
 
-fn run_mode(mode: &str) {
+fn run_mode(mode: &str, sc: Scenario) {
     let fx_dir = tempfile::tempdir().unwrap();
-    let opts = EngineOptions {
-        data_dir: fx_dir.path().join("data"),
-        keystore_dir: Some(fx_dir.path().join("keystore")),
-    };
+    let opts = options(fx_dir.path(), sc);
     drop(Engine::open(&opts).unwrap());
     let exe = std::env::current_exe().unwrap();
     let mut committed: Vec<(i64, i64)> = vec![];
@@ -97,6 +101,7 @@ fn run_mode(mode: &str) {
             .env("ATREST_CRASH_DATA", &opts.data_dir)
             .env("ATREST_CRASH_KEYSTORE", opts.keystore_dir.as_ref().unwrap())
             .env("ATREST_CRASH_MODE", mode)
+            .env("ATREST_CRASH_INFRA", if sc.infra() { "1" } else { "0" })
             .env("ATREST_CRASH_START", next_start.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -172,7 +177,7 @@ fn run_mode(mode: &str) {
         committed.len()
     );
     eprintln!(
-        "{mode}: {KILLS_PER_MODE} kills, {} transactions ({total} rows) verified",
+        "{mode} ({sc:?}): {KILLS_PER_MODE} kills, {} transactions ({total} rows) verified",
         committed.len()
     );
 }
@@ -185,17 +190,20 @@ fn sigkill_child_entry() {
     }
 }
 
-#[test]
-fn sigkill_during_writes_wal_mode() {
-    run_mode("wal");
+fn sigkill_during_writes_wal_mode(sc: Scenario) {
+    run_mode("wal", sc);
 }
 
-#[test]
-fn sigkill_during_writes_rollback_journal_mode() {
-    run_mode("delete");
+fn sigkill_during_writes_rollback_journal_mode(sc: Scenario) {
+    run_mode("delete", sc);
 }
 
-#[test]
-fn sigkill_during_writes_rollback_journal_mode_16k_pages() {
-    run_mode("delete-16k");
+fn sigkill_during_writes_rollback_journal_mode_16k_pages(sc: Scenario) {
+    run_mode("delete-16k", sc);
 }
+
+scenarios!(
+    sigkill_during_writes_wal_mode,
+    sigkill_during_writes_rollback_journal_mode,
+    sigkill_during_writes_rollback_journal_mode_16k_pages,
+);

@@ -5,9 +5,8 @@ mod common;
 
 use common::*;
 
-#[test]
-fn a_two_database_commit_uses_a_sealed_super_journal() {
-    let fx = Fixture::new();
+fn a_two_database_commit_uses_a_sealed_super_journal(sc: Scenario) {
+    let fx = Fixture::with(sc);
     let engine = fx.engine();
     {
         let conn = engine.connect("a").unwrap();
@@ -53,9 +52,8 @@ fn a_two_database_commit_uses_a_sealed_super_journal() {
     }
 }
 
-#[test]
-fn sql_cannot_write_around_the_cipher_through_a_uri() {
-    let fx = Fixture::new();
+fn sql_cannot_write_around_the_cipher_through_a_uri(sc: Scenario) {
+    let fx = Fixture::with(sc);
     let engine = fx.engine();
     let conn = engine.connect("a").unwrap();
     conn.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES ('secret row');")
@@ -85,9 +83,8 @@ fn sql_cannot_write_around_the_cipher_through_a_uri() {
     assert!(find(&bytes, b"secret row").is_none() && find(&bytes, b"SQLite format 3").is_none());
 }
 
-#[test]
-fn a_spilled_statement_journal_is_sealed_and_rolls_back_correctly() {
-    let fx = Fixture::new();
+fn a_spilled_statement_journal_is_sealed_and_rolls_back_correctly(sc: Scenario) {
+    let fx = Fixture::with(sc);
     let engine = fx.engine();
     let conn = engine.connect("s").unwrap();
     conn.pragma_update(None, "journal_mode", "delete").unwrap();
@@ -140,3 +137,9 @@ fn a_spilled_statement_journal_is_sealed_and_rolls_back_correctly() {
         .unwrap();
     assert_eq!(ok, "ok");
 }
+
+scenarios!(
+    a_two_database_commit_uses_a_sealed_super_journal,
+    sql_cannot_write_around_the_cipher_through_a_uri,
+    a_spilled_statement_journal_is_sealed_and_rolls_back_correctly,
+);

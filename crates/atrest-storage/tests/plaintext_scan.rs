@@ -72,9 +72,8 @@ fn fill(conn: &rusqlite::Connection, rows: usize) {
     tx.commit().unwrap();
 }
 
-#[test]
-fn table_index_and_wal_before_checkpoint() {
-    let fx = Fixture::new();
+fn table_index_and_wal_before_checkpoint(sc: Scenario) {
+    let fx = Fixture::with(sc);
     let engine = fx.engine();
     let conn = engine.connect("wal").unwrap();
     conn.pragma_update(None, "journal_mode", "wal").unwrap();
@@ -102,9 +101,8 @@ fn table_index_and_wal_before_checkpoint() {
     assert_no_plaintext(&fx, "after checkpoint");
 }
 
-#[test]
-fn rollback_journal_mid_transaction() {
-    let fx = Fixture::new();
+fn rollback_journal_mid_transaction(sc: Scenario) {
+    let fx = Fixture::with(sc);
     let engine = fx.engine();
     let conn = engine.connect("journal").unwrap();
     conn.pragma_update(None, "journal_mode", "delete").unwrap();
@@ -137,9 +135,8 @@ fn rollback_journal_mid_transaction() {
     );
 }
 
-#[test]
-fn sort_spill_and_temp_tables() {
-    let fx = Fixture::new();
+fn sort_spill_and_temp_tables(sc: Scenario) {
+    let fx = Fixture::with(sc);
     let engine = fx.engine();
     let conn = engine.connect("sort").unwrap();
     conn.pragma_update(None, "temp_store", "file").unwrap();
@@ -241,9 +238,8 @@ fn sort_spill_and_temp_tables() {
     assert_eq!(n, 20000);
 }
 
-#[test]
-fn every_page_size_round_trips_encrypted() {
-    let fx = Fixture::new();
+fn every_page_size_round_trips_encrypted(sc: Scenario) {
+    let fx = Fixture::with(sc);
     let engine = fx.engine();
     let mut size = 512;
     while size <= 65536 {
@@ -257,7 +253,11 @@ fn every_page_size_round_trips_encrypted() {
                 let ps: i64 = conn
                     .query_row("PRAGMA page_size", [], |r| r.get(0))
                     .unwrap();
-                assert_eq!(ps, size);
+                // SQLite needs 480 usable bytes per page: with 68 reserved
+                // bytes (both layers), 512-byte pages are not possible and
+                // SQLite keeps a larger page size.
+                let want = if sc.infra() { size.max(1024) } else { size };
+                assert_eq!(ps, want);
             }
             let conn = engine.connect(&name).unwrap();
             let ok: String = conn
@@ -274,9 +274,8 @@ fn every_page_size_round_trips_encrypted() {
     assert_no_plaintext(&fx, "all page sizes");
 }
 
-#[test]
-fn vacuum_works_and_page_size_change_is_refused_without_loss() {
-    let fx = Fixture::new();
+fn vacuum_works_and_page_size_change_is_refused_without_loss(sc: Scenario) {
+    let fx = Fixture::with(sc);
     let engine = fx.engine();
     let conn = engine.connect("v").unwrap();
     conn.pragma_update(None, "journal_mode", "delete").unwrap();
@@ -320,9 +319,8 @@ fn vacuum_works_and_page_size_change_is_refused_without_loss() {
     assert_no_plaintext(&fx, "after vacuum");
 }
 
-#[test]
-fn mmap_does_not_bypass_the_cipher() {
-    let fx = Fixture::new();
+fn mmap_does_not_bypass_the_cipher(sc: Scenario) {
+    let fx = Fixture::with(sc);
     let engine = fx.engine();
     let conn = engine.connect("m").unwrap();
     conn.pragma_update(None, "mmap_size", 1i64 << 30).unwrap();
@@ -346,3 +344,12 @@ fn mmap_does_not_bypass_the_cipher() {
     );
     assert_no_plaintext(&fx, "mmap");
 }
+
+scenarios!(
+    table_index_and_wal_before_checkpoint,
+    rollback_journal_mid_transaction,
+    sort_spill_and_temp_tables,
+    every_page_size_round_trips_encrypted,
+    vacuum_works_and_page_size_change_is_refused_without_loss,
+    mmap_does_not_bypass_the_cipher,
+);

@@ -66,9 +66,8 @@ fn expect_tampered(err: StorageError, path: &Path, unit: &str) {
     );
 }
 
-#[test]
-fn a_flipped_bit_in_any_page_is_detected_and_named() {
-    let fx = Fixture::new();
+fn a_flipped_bit_in_any_page_is_detected_and_named(sc: Scenario) {
+    let fx = Fixture::with(sc);
     let engine = fx.engine();
     build(&engine, "orig", 600);
     let orig = fs::read(fx.data().join("orig.db")).unwrap();
@@ -87,9 +86,8 @@ fn a_flipped_bit_in_any_page_is_detected_and_named() {
     }
 }
 
-#[test]
-fn pages_moved_within_or_between_databases_are_detected() {
-    let fx = Fixture::new();
+fn pages_moved_within_or_between_databases_are_detected(sc: Scenario) {
+    let fx = Fixture::with(sc);
     let engine = fx.engine();
     build(&engine, "a", 600);
     build(&engine, "b", 600);
@@ -142,20 +140,21 @@ fn wal_db(engine: &Engine, name: &str) {
     }
 }
 
-#[test]
-fn an_altered_wal_frame_is_detected_and_named() {
-    let fx = Fixture::new();
+fn an_altered_wal_frame_is_detected_and_named(sc: Scenario) {
+    let fx = Fixture::with(sc);
     let engine = fx.engine();
     wal_db(&engine, "w");
     let db = fs::read(fx.data().join("w.db")).unwrap();
     let wal = fs::read(fx.data().join("w.db-wal")).unwrap();
-    // WAL layout: header, sealed WAL header (60), then frames of 60 + page.
-    let frame = |i: usize| HEADER_LEN as usize + 60 + i * (60 + PAGE);
+    // WAL layout: header, sealed WAL header (32 + ov), then frames of
+    // (8 + 24 + ov) + page: 60 with the data layer, 100 with both layers.
+    let fh = 32 + fx.ov();
+    let frame = |i: usize| HEADER_LEN as usize + fh + i * (fh + PAGE);
     assert!(wal.len() >= frame(10), "WAL should hold at least 10 frames");
 
     for (case, pos, unit) in [
         ("hdr", frame(3) + 30, "WAL frame 4 header"),
-        ("body", frame(5) + 60 + 100, "WAL frame 6 page"),
+        ("body", frame(5) + fh + 100, "WAL frame 6 page"),
         ("salt", frame(2) + 1, "WAL frame 3 header"),
     ] {
         let name = format!("w{case}");
@@ -186,9 +185,8 @@ fn count_rows(engine: &Engine, name: &str) -> Result<i64, StorageError> {
         .map_err(StorageError::from_sqlite)
 }
 
-#[test]
-fn a_wal_or_journal_from_another_database_is_refused() {
-    let fx = Fixture::new();
+fn a_wal_or_journal_from_another_database_is_refused(sc: Scenario) {
+    let fx = Fixture::with(sc);
     let engine = fx.engine();
     wal_db(&engine, "src");
     build(&engine, "dst", 50);
@@ -224,9 +222,8 @@ fn a_wal_or_journal_from_another_database_is_refused() {
     );
 }
 
-#[test]
-fn damaged_headers_and_foreign_files_are_clear_errors() {
-    let fx = Fixture::new();
+fn damaged_headers_and_foreign_files_are_clear_errors(sc: Scenario) {
+    let fx = Fixture::with(sc);
     let engine = fx.engine();
     build(&engine, "h", 50);
     let orig = fs::read(fx.data().join("h.db")).unwrap();
@@ -256,9 +253,8 @@ fn damaged_headers_and_foreign_files_are_clear_errors() {
     assert!(msg.contains("not an atrest file"), "{msg}");
 }
 
-#[test]
-fn wrong_or_missing_service_key_is_a_clear_error_and_data_survives() {
-    let fx = Fixture::new();
+fn wrong_or_missing_service_key_is_a_clear_error_and_data_survives(sc: Scenario) {
+    let fx = Fixture::with(sc);
     build(&fx.engine(), "k", 100);
     let keystore = fx.opts.keystore_dir.clone().unwrap();
     let saved = fx.dir.path().join("keystore.saved");
@@ -279,6 +275,8 @@ fn wrong_or_missing_service_key_is_a_clear_error_and_data_survives() {
     let other_opts = atrest_storage::EngineOptions {
         data_dir: other.path().join("d"),
         keystore_dir: Some(keystore.clone()),
+        infrastructure_encryption: Some(false),
+        infra_keystore_dir: None,
     };
     drop(Engine::open(&other_opts).unwrap());
     let info: serde_json::Value =
@@ -326,3 +324,12 @@ fn wrong_or_missing_service_key_is_a_clear_error_and_data_survives() {
         .unwrap();
     assert_eq!(n, 100);
 }
+
+scenarios!(
+    a_flipped_bit_in_any_page_is_detected_and_named,
+    pages_moved_within_or_between_databases_are_detected,
+    an_altered_wal_frame_is_detected_and_named,
+    a_wal_or_journal_from_another_database_is_refused,
+    damaged_headers_and_foreign_files_are_clear_errors,
+    wrong_or_missing_service_key_is_a_clear_error_and_data_survives,
+);

@@ -8,9 +8,8 @@ use common::*;
 /// changes them again: SQLite overwrites those frames, writes later frame
 /// headers with zero salts and rewrites every checksum at commit. All of it
 /// must recover.
-#[test]
-fn overwritten_frames_and_rewritten_checksums_recover() {
-    let fx = Fixture::new();
+fn overwritten_frames_and_rewritten_checksums_recover(sc: Scenario) {
+    let fx = Fixture::with(sc);
     let engine = fx.engine();
     {
         let conn = engine.connect("w").unwrap();
@@ -64,9 +63,8 @@ fn overwritten_frames_and_rewritten_checksums_recover() {
 /// The WAL's durable mark covers complete, synced commits only: frames of a
 /// rolled-back transaction past it may be damaged (they read as an
 /// uncommitted tail, as SQLite itself treats them), frames before it may not.
-#[test]
-fn the_durable_mark_covers_committed_frames_only() {
-    let fx = Fixture::new();
+fn the_durable_mark_covers_committed_frames_only(sc: Scenario) {
+    let fx = Fixture::with(sc);
     let engine = fx.engine();
     {
         let conn = engine.connect("d").unwrap();
@@ -94,8 +92,9 @@ fn the_durable_mark_covers_committed_frames_only() {
     }
     let wal = fx.data().join("d.db-wal");
     let bytes = std::fs::read(&wal).unwrap();
-    let frame = |i: usize| atrest_storage::HEADER_LEN as usize + 60 + i * (60 + 4096);
-    let physical_frames = (bytes.len() - frame(0)) / (60 + 4096);
+    let fh = 32 + fx.ov();
+    let frame = |i: usize| atrest_storage::HEADER_LEN as usize + fh + i * (fh + 4096);
+    let physical_frames = (bytes.len() - frame(0)) / (fh + 4096);
     let durable = atrest_storage::inspect(&wal).unwrap()["wal_durable_frames"]
         .as_u64()
         .unwrap() as usize;
@@ -143,3 +142,8 @@ fn the_durable_mark_covers_committed_frames_only() {
         "{err}"
     );
 }
+
+scenarios!(
+    overwritten_frames_and_rewritten_checksums_recover,
+    the_durable_mark_covers_committed_frames_only,
+);

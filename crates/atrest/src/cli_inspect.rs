@@ -1,4 +1,7 @@
-//! `atrest inspect`: print a file's header as JSON (never key material).
+//! `atrest inspect`: print a file's header as JSON (never key material),
+//! including which encryption layers protect it (`layers`: data, and
+//! infrastructure when the data directory has infrastructure double
+//! encryption).
 
 use std::path::PathBuf;
 
@@ -15,6 +18,10 @@ pub struct InspectArgs {
     /// Keystore for --data.
     #[arg(long, env = "ATREST_KEYSTORE")]
     pub keystore: Option<PathBuf>,
+    /// Infrastructure keystore for --data (when the data directory has the
+    /// infrastructure layer).
+    #[arg(long, env = "ATREST_INFRA_KEYSTORE")]
+    pub infra_keystore: Option<PathBuf>,
 }
 
 pub fn run(args: InspectArgs) -> Result<std::process::ExitCode> {
@@ -22,6 +29,8 @@ pub fn run(args: InspectArgs) -> Result<std::process::ExitCode> {
         Some(data) => Engine::open(&EngineOptions {
             data_dir: data,
             keystore_dir: args.keystore,
+            infrastructure_encryption: None,
+            infra_keystore_dir: args.infra_keystore,
         })?
         .inspect(&args.file)?,
         None => atrest_storage::inspect(&args.file)?,

@@ -57,9 +57,14 @@ enum ServerCommand {
         listen: String,
         #[arg(long, default_value_t = 100)]
         max_connections: usize,
-        /// Infrastructure double encryption (fixed for the server's life).
+        /// Infrastructure double encryption: a second, independent layer
+        /// (XChaCha20-Poly1305, its own keystore). Fixed for the server's life.
         #[arg(long)]
         infrastructure_encryption: bool,
+        /// The infrastructure layer's keystore (default: $ATREST_INFRA_KEYSTORE
+        /// or next to the service keystore).
+        #[arg(long, env = "ATREST_INFRA_KEYSTORE")]
+        infra_keystore: Option<PathBuf>,
     },
     /// Serve a server until SIGTERM or SIGINT.
     Start {
@@ -96,6 +101,59 @@ enum ServerCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Protect the DEKs with a customer-managed key in the key vault (or,
+    /// with --service, with the service key again). Validates the key
+    /// first; rewraps every database online; works on a running server.
+    SetKey {
+        #[arg(long)]
+        data: PathBuf,
+        /// https://VAULT/keys/NAME[/VERSION] (latest version if omitted).
+        #[arg(long, required_unless_present = "service")]
+        key: Option<String>,
+        /// The vault's tenant (directory) id.
+        #[arg(long, required_unless_present = "service")]
+        tenant: Option<String>,
+        /// The vault's CA certificate (PEM); copied into the server directory.
+        #[arg(long, required_unless_present = "service")]
+        vault_ca: Option<PathBuf>,
+        /// Go back to the service-managed key.
+        #[arg(long, conflicts_with_all = ["key", "tenant", "vault_ca"])]
+        service: bool,
+    },
+    /// Rewrap every DEK under the latest version of the current customer key.
+    RotateKey {
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Re-check the customer key of a running server and, if it is
+    /// accessible again, return the server from Inaccessible to Ready.
+    Revalidate {
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Change the key monitor and alert settings (applied at next start).
+    Configure {
+        #[arg(long)]
+        data: PathBuf,
+        /// How often the key is checked (ms; at most 600000).
+        #[arg(long)]
+        key_check_interval_ms: Option<u64>,
+        /// How long the vault may be unreachable before Inaccessible (ms).
+        #[arg(long)]
+        outage_grace_ms: Option<u64>,
+        /// Return to Ready by itself once the key is accessible again.
+        #[arg(long)]
+        auto_revalidate: Option<bool>,
+        /// Add a webhook URL (HTTP POST, JSON, on every state change).
+        #[arg(long = "webhook")]
+        webhooks: Vec<String>,
+        /// Remove every webhook first.
+        #[arg(long)]
+        clear_webhooks: bool,
+        /// Refused: infrastructure encryption is chosen at create only.
+        #[arg(long)]
+        infrastructure_encryption: Option<bool>,
+    },
     /// Delete a server: its databases, directory and service key.
     Delete {
         #[arg(long)]
@@ -121,6 +179,7 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             listen,
             max_connections,
             infrastructure_encryption,
+            infra_keystore,
         } => {
             let admin_password = match admin_password_file {
                 Some(p) => {
@@ -153,6 +212,7 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                 },
                 default_listen: Some(listen),
                 infrastructure_encryption,
+                infra_keystore_dir: infra_keystore,
             })?;
             let c = &created.config;
             println!("created server {} ({})", c.name, c.server_id);
@@ -161,6 +221,12 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                 c.encryption.scenario, c.encryption.service_key
             );
             println!("  keystore:   {}", c.encryption.keystore_dir.display());
+            if let Some(ik) = &c.encryption.infra_keystore_dir {
+                println!(
+                    "  infrastructure encryption: on (keystore {})",
+                    ik.display()
+                );
+            }
             println!(
                 "  identity:   {} (certificate sha256 {})",
                 c.identity.client_id, c.identity.thumbprint_sha256
@@ -285,6 +351,109 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             }
             Ok(std::process::ExitCode::SUCCESS)
         }
+        ServerCommand::SetKey {
+            data,
+            key,
+            tenant,
+            vault_ca,
+            service,
+        } => {
+            let req = if service {
+                serde_json::json!({"op": "set-key", "service": true})
+            } else {
+                let ca_src = vault_ca.expect("required");
+                let dir = data
+                    .canonicalize()
+                    .with_context(|| format!("{}", data.display()))?;
+                let ca = std::fs::read(&ca_src)
+                    .with_context(|| format!("reading {}", ca_src.display()))?;
+                resource::write_atomic(&dir.join("vault-ca.pem"), &ca, 0o644)?;
+                serde_json::json!({"op": "set-key", "key": key, "tenant": tenant, "ca": "vault-ca.pem"})
+            };
+            let report = key_op(&data, req)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        ServerCommand::RotateKey { data } => {
+            let config = resource::load_config(&data)?;
+            let Some(ck) = config.encryption.customer_key else {
+                bail!("the server uses the service-managed key; set a customer key first (atrest server set-key)");
+            };
+            let latest = atrest_server::cmk::KeyUrl {
+                version: None,
+                ..ck.key.clone()
+            };
+            let req = serde_json::json!({"op": "set-key", "key": latest.kid(), "tenant": ck.login.tenant, "ca": ck.login.ca});
+            let report = key_op(&data, req)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        ServerCommand::Revalidate { data } => {
+            match atrest_server::control::admin_request(
+                &data,
+                &serde_json::json!({"op": "revalidate"}),
+            ) {
+                None => bail!(
+                    "the server in {} is not running; start it (it checks its key at start)",
+                    data.display()
+                ),
+                Some(Err(e)) => bail!("{e}"),
+                Some(Ok(_)) => {
+                    println!("revalidated: the server is Ready");
+                    Ok(std::process::ExitCode::SUCCESS)
+                }
+            }
+        }
+        ServerCommand::Configure {
+            data,
+            key_check_interval_ms,
+            outage_grace_ms,
+            auto_revalidate,
+            webhooks,
+            clear_webhooks,
+            infrastructure_encryption,
+        } => {
+            let mut config = resource::load_config(&data)?;
+            if let Some(want) = infrastructure_encryption {
+                let have = config.encryption.infrastructure_encryption;
+                bail!(
+                    "infrastructure double encryption is fixed at create: this server was created {}, and that cannot be changed{}",
+                    if have { "with it" } else { "without it" },
+                    if want == have { " (it already is as asked)" } else { "; create a new server and move the data" }
+                );
+            }
+            let _lock = resource::lock(&data)?;
+            if let Some(v) = key_check_interval_ms {
+                if v == 0 || v > 600_000 {
+                    bail!("--key-check-interval-ms must be between 1 and 600000 (Azure checks at least every 10 minutes)");
+                }
+                config.monitor.interval_ms = v;
+            }
+            if let Some(v) = outage_grace_ms {
+                config.monitor.outage_grace_ms = v;
+            }
+            if let Some(v) = auto_revalidate {
+                config.monitor.auto_revalidate = v;
+            }
+            if clear_webhooks {
+                config.webhooks.clear();
+            }
+            for w in webhooks {
+                if !w.starts_with("http://") && !w.starts_with("https://") {
+                    bail!("webhook {w:?} is not an http(s) URL");
+                }
+                config.webhooks.push(w);
+            }
+            let dir = data.canonicalize()?;
+            config.save(&dir)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"monitor": config.monitor, "webhooks": config.webhooks})
+                )?
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         ServerCommand::Delete { data, yes } => {
             if !yes {
                 bail!("deleting a server destroys its data and service key; repeat with --yes to confirm");
@@ -295,4 +464,41 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
     }
+}
+
+/// Runs a key operation on the running server (admin socket), or, when
+/// none runs, on the stopped server directly.
+fn key_op(data: &std::path::Path, req: serde_json::Value) -> Result<serde_json::Value> {
+    if let Some(r) = atrest_server::control::admin_request(data, &req) {
+        return r.map_err(|e| anyhow::anyhow!(e));
+    }
+    let dir = data
+        .canonicalize()
+        .with_context(|| format!("{}", data.display()))?;
+    let _lock = resource::lock(&dir)?;
+    let mut config = resource::load_config(&dir)?;
+    let target = atrest_server::control::parse_target(&req).map_err(|e| anyhow::anyhow!(e))?;
+    let engine = atrest_storage::Engine::open(&atrest_storage::EngineOptions {
+        data_dir: dir.join(resource::DATA_SUBDIR),
+        keystore_dir: Some(config.encryption.keystore_dir.clone()),
+        infrastructure_encryption: Some(config.encryption.infrastructure_encryption),
+        infra_keystore_dir: config.encryption.infra_keystore_dir.clone(),
+    })?;
+    // Open with whatever protects the files now (a previous switch may be
+    // unfinished), then switch.
+    let access = match &config.encryption.customer_key {
+        Some(ck) => Some(
+            atrest_server::keys::vault_access(&dir, &config, &ck.login, &ck.key)
+                .map_err(|e| anyhow::anyhow!(e))?,
+        ),
+        None => None,
+    };
+    engine.set_protector(
+        atrest_server::keys::engine_protector(&config, access.as_ref())
+            .map_err(|e| anyhow::anyhow!(e))?,
+    );
+    let databases = atrest_server::databases::Databases::new(engine);
+    let (report, _) = atrest_server::keys::switch(&dir, &mut config, &databases, target)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    Ok(serde_json::json!({"ok": true, "report": report}))
 }

@@ -16,6 +16,14 @@ pub struct SqlArgs {
     /// Keystore holding the service key [default: $ATREST_KEYSTORE or ~/.local/share/atrest/keystore].
     #[arg(long, env = "ATREST_KEYSTORE")]
     pub keystore: Option<PathBuf>,
+    /// Infrastructure keystore (infrastructure double encryption) [default: $ATREST_INFRA_KEYSTORE or ~/.local/share/atrest/infra-keystore].
+    #[arg(long, env = "ATREST_INFRA_KEYSTORE")]
+    pub infra_keystore: Option<PathBuf>,
+    /// Create the data directory with infrastructure double encryption (a
+    /// second, independent layer). Fixed at create: refused for an existing
+    /// data directory created without it.
+    #[arg(long)]
+    pub infrastructure_encryption: bool,
     /// Database name inside the data directory.
     #[arg(long, default_value = "main")]
     pub database: String,
@@ -38,6 +46,8 @@ pub fn run(args: SqlArgs) -> Result<std::process::ExitCode> {
     let engine = Engine::open(&EngineOptions {
         data_dir: args.data,
         keystore_dir: args.keystore,
+        infrastructure_encryption: args.infrastructure_encryption.then_some(true),
+        infra_keystore_dir: args.infra_keystore,
     })?;
     let conn = engine.connect(&args.database)?;
     // New databases start in WAL mode: readers never block the writer.

@@ -186,5 +186,14 @@ fn bench_prints_json_and_a_summary_per_workload() {
         .unwrap();
     assert!(bulk["units_sealed"].as_u64().unwrap() > 10);
     assert!(v["page_crypto"]["seal_mb_per_s"].as_f64().unwrap() > 0.0);
+    // Scenario 2 ran too, through both layers.
+    assert!(v["page_crypto"]["infra_seal_mb_per_s"].as_f64().unwrap() > 0.0);
+    assert!(bulk["scenario2_seconds"].as_f64().unwrap() > 0.0);
+    assert!(bulk["infra_units_sealed"].as_u64().unwrap() > 10);
+    assert_eq!(
+        bulk["infra_units_sealed"], bulk["scenario2_units_sealed"],
+        "every unit of scenario 2 went through both layers"
+    );
+    assert_eq!(stdout.matches(" s2_vs_s1=").count(), 12);
     assert_eq!(stdout.matches("summary: regime=").count(), 12);
 }

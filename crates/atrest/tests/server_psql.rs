@@ -308,19 +308,42 @@ fn create_refuses_bad_input_and_changes_nothing() {
         std::fs::metadata(&pw_file).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    // Infrastructure encryption is not in this build yet: a clear refusal.
-    let dir2 = t.path().join("srv2");
-    let out = atrest(&[
-        "server",
-        "create",
-        "--name",
-        "infra",
-        "--data",
-        dir2.to_str().unwrap(),
-        "--keystore",
-        ks.to_str().unwrap(),
-        "--infrastructure-encryption",
-    ]);
+}
+
+#[test]
+fn infrastructure_encryption_is_chosen_at_create_and_covers_everything() {
+    let t = tempfile::tempdir().unwrap();
+    let infra_ks = t.path().join("infra-keystore");
+    let mut s = TestServer::create(&["--infrastructure-encryption", "--infra-keystore", infra_ks.to_str().unwrap()]);
+    let dir = s.dir.to_str().unwrap().to_string();
+    let st: serde_json::Value =
+        serde_json::from_slice(&atrest(&["server", "status", "--data", &dir, "--json"]).stdout).unwrap();
+    assert_eq!(st["encryption"]["infrastructure_encryption"], true);
+    assert!(st["encryption"]["layers"].to_string().contains("XChaCha20-Poly1305"), "{st}");
+    assert!(std::fs::read_dir(&infra_ks).unwrap().count() >= 1, "the infra key lives in its own keystore");
+    s.start(&[]);
+    let file = s.tmp.path().join("script.sql");
+    std::fs::write(&file, script()).unwrap();
+    let out = s.psql("postgres", &["-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_no_marker(&s.dir);
+    // Every database file says both layers protect it.
+    let out = atrest(&["inspect", &format!("{dir}/data/postgres.db")]);
+    let inspected = String::from_utf8_lossy(&out.stdout);
+    assert!(inspected.contains("infrastructure"), "{inspected}");
+    assert!(s.stop().success());
+    // It cannot be turned off later (nor on for a server without it).
+    let out = atrest(&["server", "configure", "--data", &dir, "--infrastructure-encryption", "false"]);
     assert!(!out.status.success());
-    assert!(!dir2.exists());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fixed at create"));
+    let mut plain = TestServer::create(&[]);
+    let pdir = plain.dir.to_str().unwrap().to_string();
+    let out = atrest(&["server", "configure", "--data", &pdir, "--infrastructure-encryption", "true"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fixed at create"));
+    // The data is all there after a restart.
+    s.start(&[]);
+    assert_eq!(s.sql("second", "SELECT m FROM t2"), MARKER);
+    assert!(s.stop().success());
+    plain.start(&[]);
+    assert!(plain.stop().success());
 }

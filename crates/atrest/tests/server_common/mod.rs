@@ -120,7 +120,10 @@ impl TestServer {
         loop {
             if let Ok(text) = std::fs::read_to_string(self.dir.join("state.json")) {
                 let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-                if v["state"] == "Ready" && v["pid"] == self.child.as_ref().unwrap().id() {
+                // Serving: Ready, or Inaccessible (a customer key that
+                // cannot be used; the server still answers, with an error).
+                let serving = v["state"] == "Ready" || v["state"] == "Inaccessible";
+                if serving && v["pid"] == self.child.as_ref().unwrap().id() {
                     let port = |k: &str| {
                         v[k].as_str()
                             .and_then(|a| a.rsplit(':').next())

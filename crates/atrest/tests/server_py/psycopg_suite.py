@@ -417,6 +417,29 @@ def case_after_sigterm():
         assert conn.execute("SELECT x FROM s ORDER BY x").fetchall() == [(1,)]
 
 
+def case_hold_until_ended():
+    """Holds a session (with an open transaction) until the server ends it."""
+    conn = connect()
+    conn.execute("SELECT count(*) FROM sqlite_schema")
+    print("READY", flush=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            conn.execute("SELECT 1")
+        except psycopg.Error as e:
+            print("ENDED", e.sqlstate, str(e).splitlines()[0], flush=True)
+            return
+        time.sleep(0.05)
+    raise AssertionError("the session was never ended")
+
+
+def case_expect_inaccessible():
+    e = expect_error(psycopg.OperationalError, lambda: connect())
+    assert e.sqlstate == "57P03", (e.sqlstate, str(e))
+    assert "Inaccessible" in str(e) and "customer-managed key" in str(e), str(e)
+    print("REFUSED", str(e).splitlines()[0], flush=True)
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 if __name__ == "__main__":

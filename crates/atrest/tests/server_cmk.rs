@@ -1,0 +1,809 @@
+//! Customer-managed keys end to end, with a real vault process and a real
+//! server process: switch, every loss cause to Inaccessible and back,
+//! rotation with kills during the rewrap, crypto-shredding, webhooks.
+
+mod server_common;
+
+use std::io::{BufRead, Read, Write};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use atrest_vault::testkit::reqwest::Method;
+use atrest_vault::testkit::{block_on, TestVault};
+use serde_json::{json, Value};
+use server_common::*;
+
+struct Setup {
+    vault: TestVault,
+    server: TestServer,
+    /// Key administrator (all permissions) on the vault.
+    admin: atrest_vault::VaultClient,
+    client_id: String,
+    cert_pem: String,
+    key_url: String,
+    ca_file: std::path::PathBuf,
+}
+
+fn vault() -> TestVault {
+    let v = TestVault::start(std::path::Path::new(env!("CARGO_BIN_EXE_atrest")), &[]);
+    v.admin_call(
+        Method::PATCH,
+        "/vault",
+        Some(json!({"purgeProtection": true})),
+    )
+    .expect("purge protection on");
+    v
+}
+
+fn register_server_identity(v: &TestVault, client_id: &str, cert_pem: &str, perms: &[&str]) {
+    v.admin_call(
+        Method::POST,
+        "/identities",
+        Some(json!({
+            "name": "atrest-server", "kind": "managedIdentity", "clientId": client_id,
+            "certificate": cert_pem, "permissions": {"keys": perms},
+        })),
+    )
+    .expect("register the server's identity");
+}
+
+fn set_perms(v: &TestVault, client_id: &str, perms: &[&str]) {
+    v.admin_call(
+        Method::PUT,
+        &format!("/identities/{client_id}/policy"),
+        Some(json!({"permissions": {"keys": perms}})),
+    )
+    .expect("set policy");
+}
+
+fn setup(server_args: &[&str]) -> Setup {
+    let vault = vault();
+    let (admin, _, _) = vault.identity("key-admin", &["all"]);
+    block_on(admin.call(
+        Method::POST,
+        "/keys/tde/create",
+        Some(json!({"kty": "RSA", "key_size": 2048, "key_ops": ["wrapKey", "unwrapKey"]})),
+    ))
+    .expect("create key");
+    let server = TestServer::create(server_args);
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(server.dir.join("server.json")).unwrap())
+            .unwrap();
+    let client_id = config["identity"]["client_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cert_pem = std::fs::read_to_string(server.dir.join("identity/identity.crt")).unwrap();
+    register_server_identity(
+        &vault,
+        &client_id,
+        &cert_pem,
+        &["get", "wrapKey", "unwrapKey"],
+    );
+    let ca_file = server.tmp.path().join("vault-ca.pem");
+    std::fs::write(&ca_file, &vault.ca).unwrap();
+    let key_url = format!("{}/keys/tde", vault.url);
+    Setup {
+        vault,
+        server,
+        admin,
+        client_id,
+        cert_pem,
+        key_url,
+        ca_file,
+    }
+}
+
+impl Setup {
+    fn set_key(&self, key: &str) -> std::process::Output {
+        atrest(&[
+            "server",
+            "set-key",
+            "--data",
+            self.server.dir.to_str().unwrap(),
+            "--key",
+            key,
+            "--tenant",
+            &self.vault.tenant,
+            "--vault-ca",
+            self.ca_file.to_str().unwrap(),
+        ])
+    }
+
+    fn latest_version(&self) -> String {
+        let k = block_on(self.admin.get_key("tde", None)).unwrap();
+        k["key"]["kid"]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .to_string()
+    }
+}
+
+/// Header bytes (both slots) of every atrest file of the server.
+fn headers(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    files_under(&dir.join("data"))
+        .into_iter()
+        .filter(|(p, b)| b.len() >= 8192 && !p.ends_with("atrest.json"))
+        .map(|(p, b)| (p, b[..8192].to_vec()))
+        .collect()
+}
+
+fn wait_state(s: &TestServer, want: &str, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let st = s.state();
+        if st["state"] == want {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server not {want} within {limit:?}: {st}\n{}",
+            s.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn python_case(s: &TestServer, case: &str) -> std::process::Child {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/server_py/psycopg_suite.py"
+    );
+    Command::new(python())
+        .args([script, case])
+        .env("ATREST_PORT", s.port.to_string())
+        .env("ATREST_PASSWORD", PASSWORD)
+        .env("ATREST_CA", s.ca())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A new connection's SQLSTATE and message, through tokio-postgres.
+fn connect_error(port: u16) -> (String, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let r = tokio_postgres::connect(
+            &format!(
+                "host=127.0.0.1 port={port} user=atrest password='{PASSWORD}' dbname=postgres"
+            ),
+            tokio_postgres::NoTls,
+        )
+        .await;
+        let e = r.err().expect("the connection must be refused");
+        let db = e
+            .as_db_error()
+            .expect("a server error, not a transport error");
+        (db.code().code().to_string(), db.message().to_string())
+    })
+}
+
+#[test]
+fn switch_to_customer_key_then_every_loss_cause_goes_inaccessible_and_back() {
+    let mut st = setup(&[]);
+    // Validation refuses bad keys and changes nothing.
+    let before = std::fs::read(st.server.dir.join("server.json")).unwrap();
+    for (bad, why) in [
+        (format!("{}/keys/nope", st.vault.url), "does not exist"),
+        ("https://not-a-key".to_string(), "not a key URL"),
+    ] {
+        let out = st.set_key(&bad);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{err}");
+    }
+    block_on(st.admin.call(
+        Method::POST,
+        "/keys/small/create",
+        Some(json!({"kty": "RSA", "key_size": 4096})),
+    ))
+    .unwrap();
+    let out = st.set_key(&format!("{}/keys/small", st.vault.url));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("RSA 2048 or 3072"),
+        "{:?}",
+        out
+    );
+    set_perms(&st.vault, &st.client_id, &["get", "wrapKey"]);
+    let out = st.set_key(&st.key_url);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unwrapKey"),
+        "{:?}",
+        out
+    );
+    set_perms(&st.vault, &st.client_id, &["get", "wrapKey", "unwrapKey"]);
+    assert_eq!(
+        std::fs::read(st.server.dir.join("server.json")).unwrap(),
+        before
+    );
+
+    // Data under the service key, then the switch.
+    st.server.start(&[]);
+    st.server.sql(
+        "postgres",
+        "CREATE TABLE t (v text); INSERT INTO t VALUES ('before')",
+    );
+    st.server.sql("postgres", "CREATE DATABASE other");
+    st.server
+        .sql("other", "CREATE TABLE o (x int); INSERT INTO o VALUES (7)");
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(st.server.dir.join("server.json")).unwrap())
+            .unwrap();
+    let service_hex = cfg["encryption"]["service_key"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("service:")
+        .unwrap()
+        .to_string();
+    // Online: the running server switches.
+    let out = st.set_key(&st.key_url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let version = st.latest_version();
+    for (path, h) in headers(&st.server.dir) {
+        assert!(
+            !contains(&h, service_hex.as_bytes()),
+            "{} still holds a DEK wrapped by the service key",
+            path.display()
+        );
+        assert!(
+            contains(&h, version.as_bytes()),
+            "{} does not name the customer key",
+            path.display()
+        );
+    }
+    assert_eq!(st.server.sql("postgres", "SELECT v FROM t"), "before");
+    st.server.sql("postgres", "INSERT INTO t VALUES ('after')");
+    assert!(st.server.stop().success());
+
+    // A short check interval for the loss tests.
+    let dir = st.server.dir.to_str().unwrap().to_string();
+    assert!(atrest(&[
+        "server",
+        "configure",
+        "--data",
+        &dir,
+        "--key-check-interval-ms",
+        "300"
+    ])
+    .status
+    .success());
+    st.server.start(&[]);
+    assert_eq!(st.server.sql("postgres", "SELECT count(*) FROM t"), "2");
+    let kid = format!("{}/{version}", st.key_url);
+
+    type Step = Box<dyn Fn(&Setup)>;
+    let causes: Vec<(&str, &str, Step, Step)> = vec![
+        (
+            "unwrapKey revoked",
+            "permission",
+            Box::new(|s: &Setup| set_perms(&s.vault, &s.client_id, &["get", "wrapKey"])),
+            Box::new(|s: &Setup| {
+                set_perms(&s.vault, &s.client_id, &["get", "wrapKey", "unwrapKey"])
+            }),
+        ),
+        (
+            "get revoked",
+            "permission",
+            Box::new(|s: &Setup| set_perms(&s.vault, &s.client_id, &["wrapKey", "unwrapKey"])),
+            Box::new(|s: &Setup| {
+                set_perms(&s.vault, &s.client_id, &["get", "wrapKey", "unwrapKey"])
+            }),
+        ),
+        (
+            "key disabled",
+            "disabled",
+            Box::new(move |s: &Setup| {
+                let v = s.latest_version();
+                block_on(s.admin.call(
+                    Method::PATCH,
+                    &format!("/keys/tde/{v}?force=true"),
+                    Some(json!({"attributes": {"enabled": false}})),
+                ))
+                .unwrap();
+            }),
+            Box::new(|s: &Setup| {
+                let v = s.latest_version();
+                block_on(s.admin.call(
+                    Method::PATCH,
+                    &format!("/keys/tde/{v}"),
+                    Some(json!({"attributes": {"enabled": true}})),
+                ))
+                .unwrap();
+            }),
+        ),
+        (
+            "key expired",
+            "expired",
+            Box::new(|s: &Setup| {
+                let v = s.latest_version();
+                let past = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs()
+                    - 60;
+                block_on(s.admin.call(
+                    Method::PATCH,
+                    &format!("/keys/tde/{v}?force=true"),
+                    Some(json!({"attributes": {"exp": past}})),
+                ))
+                .unwrap();
+            }),
+            Box::new(|s: &Setup| {
+                let v = s.latest_version();
+                let future = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs()
+                    + 86_400 * 365;
+                block_on(s.admin.call(
+                    Method::PATCH,
+                    &format!("/keys/tde/{v}"),
+                    Some(json!({"attributes": {"exp": future}})),
+                ))
+                .unwrap();
+            }),
+        ),
+        (
+            "key deleted",
+            "does not exist",
+            Box::new(|s: &Setup| {
+                block_on(s.admin.call(Method::DELETE, "/keys/tde", None)).unwrap();
+            }),
+            Box::new(|s: &Setup| {
+                block_on(s.admin.call(Method::POST, "/deletedkeys/tde/recover", None)).unwrap();
+                // Recovery completes asynchronously in Azure; ours at once.
+            }),
+        ),
+        (
+            "identity deleted",
+            "identity",
+            Box::new(|s: &Setup| {
+                s.vault
+                    .admin_call(
+                        Method::DELETE,
+                        &format!("/identities/{}", s.client_id),
+                        None,
+                    )
+                    .unwrap();
+            }),
+            Box::new(|s: &Setup| {
+                register_server_identity(
+                    &s.vault,
+                    &s.client_id,
+                    &s.cert_pem,
+                    &["get", "wrapKey", "unwrapKey"],
+                )
+            }),
+        ),
+        (
+            "firewall deny",
+            "firewall",
+            Box::new(|s: &Setup| {
+                s.vault
+                    .admin_call(
+                        Method::PUT,
+                        "/firewall",
+                        Some(json!({"defaultAction": "Deny", "ipRules": ["10.9.9.9"]})),
+                    )
+                    .unwrap();
+            }),
+            Box::new(|s: &Setup| {
+                s.vault
+                    .admin_call(
+                        Method::PUT,
+                        "/firewall",
+                        Some(json!({"defaultAction": "Allow", "ipRules": []})),
+                    )
+                    .unwrap();
+            }),
+        ),
+    ];
+    for (i, (name, why, cause, fix)) in causes.iter().enumerate() {
+        // An open session, holding a transaction.
+        let mut held = python_case(&st.server, "hold_until_ended");
+        let mut out = held.stdout.take().unwrap();
+        let mut ready = [0u8; 6];
+        out.read_exact(&mut ready).unwrap();
+        assert_eq!(&ready, b"READY\n");
+
+        cause(&st);
+        let t0 = Instant::now();
+        let state = wait_state(
+            &st.server,
+            "Inaccessible",
+            Duration::from_millis(300 + 5000),
+        );
+        let took = t0.elapsed();
+        let reason = state["reason"].as_str().unwrap().to_lowercase();
+        assert!(
+            reason.contains(why),
+            "{name}: the reason names the cause ({why}): {reason}"
+        );
+
+        // The open session was ended with the key's error.
+        let mut rest = String::new();
+        out.read_to_string(&mut rest).unwrap();
+        assert!(held.wait().unwrap().success());
+        assert!(
+            rest.contains("ENDED 57P03") || rest.contains("ENDED None"),
+            "{name}: {rest}"
+        );
+        assert!(rest.contains("Inaccessible"), "{name}: {rest}");
+        // New connections get the documented SQLSTATE and message.
+        let (code, msg) = connect_error(st.server.port);
+        assert_eq!(code, "57P03", "{name}: {msg}");
+        assert!(
+            msg.contains("customer-managed key is not accessible"),
+            "{name}: {msg}"
+        );
+        // Status shows the cause.
+        let status = atrest(&["server", "status", "--data", &dir, "--json"]);
+        let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+        assert_eq!(status["state"], "Inaccessible");
+        // Revalidation before the fix fails and keeps it Inaccessible.
+        let out = atrest(&["server", "revalidate", "--data", &dir]);
+        assert!(
+            !out.status.success(),
+            "{name}: revalidation succeeded before the fix"
+        );
+        fix(&st);
+        let out = atrest(&["server", "revalidate", "--data", &dir]);
+        assert!(
+            out.status.success(),
+            "{name}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            st.server.log_text()
+        );
+        assert_eq!(st.server.state()["state"], "Ready");
+        // Same data, readable and writable.
+        st.server
+            .sql("postgres", &format!("INSERT INTO t VALUES ('after {i}')"));
+        assert_eq!(
+            st.server.sql("postgres", "SELECT count(*) FROM t"),
+            (3 + i).to_string()
+        );
+        assert_eq!(st.server.sql("other", "SELECT x FROM o"), "7");
+        eprintln!("{name}: Inaccessible after {took:?}");
+    }
+    let activity = std::fs::read_to_string(st.server.dir.join("activity.log")).unwrap();
+    assert!(
+        activity.contains("key_check_failed") && activity.contains(&kid),
+        "{activity}"
+    );
+    assert!(st.server.stop().success());
+}
+
+fn rand_below(n: u64) -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    (t.wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        >> 33)
+        % n.max(1)
+}
+
+#[test]
+fn rotation_rewraps_every_header_and_survives_kill9_during_the_rewrap() {
+    let mut st = setup(&[]);
+    let dir = st.server.dir.to_str().unwrap().to_string();
+    st.server.start(&[]);
+    let dbs = 25;
+    let mut script = String::new();
+    for i in 0..dbs {
+        script.push_str(&format!(
+            "CREATE DATABASE db{i};\n\\c db{i}\nCREATE TABLE t (x int); INSERT INTO t SELECT value FROM generate_series(1, {});\n",
+            i + 1
+        ));
+    }
+    let file = st.server.tmp.path().join("dbs.sql");
+    std::fs::write(&file, script).unwrap();
+    let out = st.server.psql("postgres", &["-f", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = st.set_key(&st.key_url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v1 = st.latest_version();
+    assert!(st.server.stop().success());
+
+    // Rotate the key in the vault: a new version.
+    block_on(st.admin.call(
+        Method::POST,
+        "/keys/tde/create",
+        Some(json!({"kty": "RSA", "key_size": 3072})),
+    ))
+    .unwrap();
+    let v2 = st.latest_version();
+    assert_ne!(v1, v2);
+    // Rewrap, killed at random moments, over and over.
+    let mut completed = 0;
+    for _ in 0..20 {
+        let mut child = Command::new(bin())
+            .args(["server", "rotate-key", "--data", &dir])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rand_below(800)));
+        let _ = child.kill();
+        if child.wait().unwrap().success() {
+            completed += 1;
+        }
+    }
+    eprintln!("{completed} of 20 rotations completed before the kill");
+    // The server finishes whatever rewrap was interrupted, and everything
+    // reads back.
+    st.server.start(&[]);
+    assert_eq!(
+        st.server.state()["state"],
+        "Ready",
+        "{}",
+        st.server.log_text()
+    );
+    for i in 0..dbs {
+        assert_eq!(
+            st.server.sql(&format!("db{i}"), "SELECT count(*) FROM t"),
+            (i + 1).to_string()
+        );
+    }
+    let out = atrest(&["server", "rotate-key", "--data", &dir]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (path, h) in headers(&st.server.dir) {
+        assert!(
+            contains(&h, v2.as_bytes()),
+            "{} is not wrapped by the new version",
+            path.display()
+        );
+        assert!(
+            !contains(&h, v1.as_bytes()),
+            "{} still holds the old version's wrapping",
+            path.display()
+        );
+    }
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(st.server.dir.join("server.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["encryption"]["rewrap_from"], json!([]));
+    // The old version can go: the server does not notice.
+    block_on(st.admin.call(
+        Method::PATCH,
+        &format!("/keys/tde/{v1}"),
+        Some(json!({"attributes": {"enabled": false}})),
+    ))
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(st.server.state()["state"], "Ready");
+    assert_eq!(st.server.sql("db3", "SELECT count(*) FROM t"), "4");
+    assert!(st.server.stop().success());
+    st.server.start(&[]);
+    assert_eq!(st.server.state()["state"], "Ready");
+    assert_eq!(st.server.sql("db24", "SELECT count(*) FROM t"), "25");
+    assert!(st.server.stop().success());
+}
+
+#[test]
+fn purging_the_key_shreds_the_data_and_says_why() {
+    let mut st = setup(&[]);
+    let dir = st.server.dir.to_str().unwrap().to_string();
+    st.server.start(&[]);
+    st.server.sql(
+        "postgres",
+        "CREATE TABLE secrets (s text); INSERT INTO secrets VALUES ('crown jewels')",
+    );
+    assert!(st.set_key(&st.key_url).status.success());
+    assert!(st.server.stop().success());
+    // The key administrator deletes and purges the key (purge protection
+    // makes that wait out the retention period; the test clock skips it).
+    block_on(st.admin.call(Method::DELETE, "/keys/tde", None)).unwrap();
+    st.vault.advance_clock(91 * 86_400);
+    // After the retention period the vault purges it by itself, or we do.
+    match block_on(
+        st.admin
+            .call(Method::DELETE, "/deletedkeys/tde?force=true", None),
+    ) {
+        Ok(_) => {}
+        Err(e) => assert_eq!(e.status(), Some(404), "{e}"),
+    }
+    let gone = block_on(st.admin.call(Method::GET, "/deletedkeys/tde", None)).unwrap_err();
+    assert_eq!(gone.status(), Some(404), "the key is purged");
+    st.vault.advance_clock(-91 * 86_400);
+    // The server starts Inaccessible and says why.
+    st.server.start(&[]);
+    let state = st.server.state();
+    assert_eq!(state["state"], "Inaccessible");
+    assert!(
+        state["reason"].as_str().unwrap().contains("does not exist"),
+        "{state}"
+    );
+    let (code, msg) = connect_error(st.server.port);
+    assert_eq!(code, "57P03");
+    assert!(
+        msg.contains("customer-managed key is not accessible"),
+        "{msg}"
+    );
+    assert!(st.server.stop().success());
+    // No other way in: the engine with the service keystore cannot unwrap,
+    // and the error names the key that is needed.
+    let out = atrest(&[
+        "sql",
+        "--data",
+        &format!("{dir}/data"),
+        "--database",
+        "postgres",
+        "--keystore",
+        st.server.keystore.to_str().unwrap(),
+        "-c",
+        "SELECT * FROM secrets",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("customer-managed key") && err.contains("/keys/tde/"),
+        "{err}"
+    );
+    for (path, bytes) in files_under(&st.server.dir) {
+        assert!(!contains(&bytes, b"crown jewels"), "{}", path.display());
+    }
+}
+
+/// A local HTTP receiver: records JSON bodies; answers 503 to the first
+/// request (to exercise retries), 200 afterwards.
+fn webhook_receiver() -> (u16, Arc<Mutex<Vec<Value>>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = Arc::clone(&got);
+    std::thread::spawn(move || {
+        let mut first = true;
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = r.read_exact(&mut body);
+            if first {
+                first = false;
+                let _ = s.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                continue;
+            }
+            if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                g.lock().unwrap().push(v);
+            }
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    (port, got)
+}
+
+#[test]
+fn webhooks_get_one_alert_per_state_change() {
+    let mut st = setup(&[]);
+    let dir = st.server.dir.to_str().unwrap().to_string();
+    assert!(st.set_key(&st.key_url).status.success());
+    let (port, got) = webhook_receiver();
+    let out = atrest(&[
+        "server",
+        "configure",
+        "--data",
+        &dir,
+        "--webhook",
+        &format!("http://127.0.0.1:{port}/alerts"),
+        "--key-check-interval-ms",
+        "200",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let history_before = st.server.state()["history"].as_array().unwrap().len();
+    st.server.start(&[]);
+    set_perms(&st.vault, &st.client_id, &["get"]);
+    wait_state(&st.server, "Inaccessible", Duration::from_secs(5));
+    set_perms(&st.vault, &st.client_id, &["get", "wrapKey", "unwrapKey"]);
+    assert!(atrest(&["server", "revalidate", "--data", &dir])
+        .status
+        .success());
+    assert!(st.server.stop().success());
+    let history: Vec<Value> =
+        st.server.state()["history"].as_array().unwrap()[history_before..].to_vec();
+    let states: Vec<&str> = history
+        .iter()
+        .map(|h| h["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        [
+            "Starting",
+            "Ready",
+            "Inaccessible",
+            "Ready",
+            "Stopping",
+            "Stopped"
+        ]
+    );
+    let got = got.lock().unwrap().clone();
+    let alert_states: Vec<&str> = got.iter().map(|a| a["state"].as_str().unwrap()).collect();
+    let mut sorted_alerts = alert_states.clone();
+    let mut sorted_states = states.clone();
+    sorted_alerts.sort();
+    sorted_states.sort();
+    assert_eq!(
+        sorted_alerts, sorted_states,
+        "one alert per state change: {got:?}"
+    );
+    for a in &got {
+        assert_eq!(a["server"], "test-server");
+        assert!(a["time"].as_str().unwrap().ends_with('Z'));
+        assert!(!a["reason"].as_str().unwrap().is_empty());
+    }
+    let inacc = got.iter().find(|a| a["state"] == "Inaccessible").unwrap();
+    assert!(
+        inacc["reason"].as_str().unwrap().contains("permission"),
+        "{inacc}"
+    );
+}
+
+#[test]
+fn with_both_layers_revocation_goes_inaccessible_the_same_way() {
+    let infra = tempfile::tempdir().unwrap();
+    let infra_ks = infra.path().join("infra-keystore");
+    let mut st = setup(&["--infrastructure-encryption", "--infra-keystore", infra_ks.to_str().unwrap()]);
+    let dir = st.server.dir.to_str().unwrap().to_string();
+    assert!(atrest(&["server", "configure", "--data", &dir, "--key-check-interval-ms", "200"]).status.success());
+    st.server.start(&[]);
+    st.server.sql("postgres", "CREATE TABLE t (v text); INSERT INTO t VALUES ('both layers')");
+    let out = st.set_key(&st.key_url);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: Value =
+        serde_json::from_slice(&atrest(&["server", "status", "--data", &dir, "--json"]).stdout).unwrap();
+    assert_eq!(status["encryption"]["scenario"], "customer-managed");
+    assert_eq!(status["encryption"]["infrastructure_encryption"], true);
+    set_perms(&st.vault, &st.client_id, &["get", "wrapKey"]);
+    let state = wait_state(&st.server, "Inaccessible", Duration::from_secs(5));
+    assert!(state["reason"].as_str().unwrap().contains("permission"));
+    let (code, msg) = connect_error(st.server.port);
+    assert_eq!(code, "57P03");
+    assert!(msg.contains("customer-managed key is not accessible"));
+    set_perms(&st.vault, &st.client_id, &["get", "wrapKey", "unwrapKey"]);
+    assert!(atrest(&["server", "revalidate", "--data", &dir]).status.success());
+    assert_eq!(st.server.sql("postgres", "SELECT v FROM t"), "both layers");
+    for (path, bytes) in files_under(&st.server.dir) {
+        assert!(!contains(&bytes, b"both layers"), "{}", path.display());
+    }
+    assert!(st.server.stop().success());
+}
