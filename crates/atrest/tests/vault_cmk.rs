@@ -675,8 +675,8 @@ fn dependents_hold_back_purge_and_disable() {
     for needle in [s1.as_str(), s2.as_str(), "db1", "db2"] {
         assert!(e.to_string().contains(needle), "{e}");
     }
-    // Nor does the retention period purge it behind the servers' backs.
-    let offset = v.advance_clock(91 * 86_400)["offset"].as_i64().unwrap();
+    // Moving the clock less than the retention period purges nothing.
+    let offset = v.advance_clock(30 * 86_400)["offset"].as_i64().unwrap();
     // Assertions are checked against the vault's (moved) clock: the
     // server's clock must follow, or its assertions are expired.
     assert_eq!(
@@ -779,6 +779,29 @@ fn dependents_hold_back_purge_and_disable() {
     assert!(forced
         .iter()
         .all(|r| r["properties"]["details"].to_string().contains(&s3)));
+    // The retention period ends in a purge even with dependents (the
+    // soft-delete window is the warning, as in Azure); the record names them.
+    block_on(officer.call(
+        Method::POST,
+        "/keys/sched/create",
+        Some(json!({"kty": "RSA", "key_size": 2048})),
+    ))
+    .unwrap();
+    let sv = key_version(&v, &officer, "sched");
+    let s4 = atrest_vault::store::new_guid();
+    block_on(c2.register_dependent("sched", &sv, &s4, "db4", "")).unwrap();
+    block_on(officer.call(Method::DELETE, "/keys/sched", None)).unwrap();
+    let r = v.advance_clock(91 * 86_400);
+    assert!(r["purged"].to_string().contains("sched"), "{r}");
+    let e = block_on(officer.call(Method::GET, "/deletedkeys/sched", None)).unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    assert!(v
+        .admin_call(Method::GET, "/keys/sched/dependents", None)
+        .is_err());
+    let recs = audit_records(&v);
+    assert!(recs.iter().any(|r| r["operationName"] == "KeyPurge"
+        && r["properties"]["keyName"] == "sched"
+        && r["properties"]["details"].to_string().contains(&s4)));
     // Unforced ones are not marked.
     assert!(recs.iter().any(|r| r["operationName"] == "KeyPurge"
         && r["properties"]["forced"].is_null()
