@@ -587,6 +587,22 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
                 Ok(Resp::ok(json!({"key": name, "locked": lock})))
             })
         }
+        (["keys", name, "dependents"], "GET") => {
+            info.operation = "AdminKeyDependentList".into();
+            info.key_name = Some(name.to_string());
+            crate::api::list_dependents(app, name, "")
+        }
+        (["keys", name, version, "dependents"], "GET") => {
+            info.operation = "AdminKeyDependentList".into();
+            info.key_name = Some(name.to_string());
+            crate::api::list_dependents(app, name, version)
+        }
+        (["keys", name, version, "dependents", dep], "DELETE") => {
+            info.operation = "AdminKeyDependentUnregister".into();
+            info.key_name = Some(name.to_string());
+            info.key_version = Some(version.to_string());
+            crate::api::unregister_dependent(app, req, info, None, name, version, dep)
+        }
         (["clock"], "POST") => {
             info.operation = "AdminClockAdvance".into();
             if !app.test_clock {

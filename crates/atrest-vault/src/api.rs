@@ -12,7 +12,8 @@ use crate::error::ApiError;
 use crate::keys::{EncAlg, RsaKey, SignAlg};
 use crate::server::{App, AuditInfo, Req, Resp};
 use crate::store::{
-    new_version, Identity, KeyEntry, KeyStateMeta, KeyVersion, State, VaultProps, VersionMeta,
+    new_version, Dependent, Dependents, Identity, KeyEntry, KeyStateMeta, KeyVersion, State,
+    VaultProps, VersionMeta,
 };
 
 pub const ALL_KEY_OPS: &[&str] = &[
@@ -51,6 +52,9 @@ pub enum Op {
     Verify,
     GetRotationPolicy,
     SetRotationPolicy,
+    RegisterDependent,
+    UnregisterDependent,
+    ListDependents,
 }
 
 impl Op {
@@ -76,6 +80,8 @@ impl Op {
             Op::Verify => "verify",
             Op::GetRotationPolicy => "getrotationpolicy",
             Op::SetRotationPolicy => "setrotationpolicy",
+            // Depending on a key needs only the right to read it.
+            Op::RegisterDependent | Op::UnregisterDependent | Op::ListDependents => "get",
         }
     }
     /// Azure's AuditEvent operationName.
@@ -103,6 +109,9 @@ impl Op {
             Op::Verify => "KeyVerify",
             Op::GetRotationPolicy => "KeyRotationPolicyGet",
             Op::SetRotationPolicy => "KeyRotationPolicySet",
+            Op::RegisterDependent => "KeyDependentRegister",
+            Op::UnregisterDependent => "KeyDependentUnregister",
+            Op::ListDependents => "KeyDependentList",
         }
     }
     /// The key operation (`key_ops` entry) a cryptographic op needs.
@@ -137,6 +146,10 @@ pub fn route(req: &Req) -> Result<(Op, Option<String>, Option<String>), ApiError
         (["keys", _, "backup"], "POST") => (Op::Backup, name(1), None),
         (["keys", _, "rotationpolicy"], "GET") => (Op::GetRotationPolicy, name(1), None),
         (["keys", _, "rotationpolicy"], "PUT") => (Op::SetRotationPolicy, name(1), None),
+        (["keys", _, "dependents"], "GET") => (Op::ListDependents, name(1), None),
+        (["keys", _, _, "dependents"], "GET") => (Op::ListDependents, name(1), name(2)),
+        (["keys", _, _, "dependents", _], "PUT") => (Op::RegisterDependent, name(1), name(2)),
+        (["keys", _, _, "dependents", _], "DELETE") => (Op::UnregisterDependent, name(1), name(2)),
         (["keys", _, _], "GET") => (Op::Get, name(1), name(2)),
         (["keys", _, _], "PATCH") => (Op::Update, name(1), name(2)),
         (["keys", _, _, op], "POST") => {
@@ -254,6 +267,12 @@ pub fn dispatch(app: &App, req: &Req, info: &mut AuditInfo) -> Result<Resp, ApiE
             Ok(Resp::ok(p))
         }
         Op::SetRotationPolicy => set_rotation_policy(app, req, info, &name),
+        Op::RegisterDependent => register_dependent(app, req, info, &id, &name, &version),
+        Op::UnregisterDependent => {
+            let dep = req.segments.get(4).cloned().unwrap_or_default();
+            unregister_dependent(app, req, info, Some(&id), &name, &version, &dep)
+        }
+        Op::ListDependents => list_dependents(app, &name, &version),
         Op::Encrypt | Op::Decrypt | Op::Wrap | Op::Unwrap | Op::Sign | Op::Verify => {
             crypto_op(app, req, op, &name, &version, info)
         }
@@ -565,6 +584,23 @@ fn update(
     let body = req.json()?;
     let s = settings(&body)?;
     let now = app.clock.now();
+    let force = forced(req)?;
+    if force && s.enabled == Some(false) {
+        // Audited as forced when it overrides registered dependents.
+        let snap = app.store.snapshot();
+        let target = snap.keys.get(name).and_then(|e| e.version(version));
+        if let Some(t) = target {
+            let deps = dependents_json(
+                snap.key_dependents(name)
+                    .into_iter()
+                    .filter(|(v, _)| *v == t.meta.version),
+            );
+            if !deps.is_empty() && t.meta.enabled {
+                info.forced = true;
+                info.extra = Some(json!({"overriddenDependents": deps}));
+            }
+        }
+    }
     app.mutate(req, info, |st, tx| {
         let props = st.props.clone();
         let e = match st.keys.get_mut(name) {
@@ -579,6 +615,15 @@ fn update(
                 .position(|v| v.meta.version == version)
                 .ok_or_else(|| version_not_found(name, version))?
         };
+        if s.enabled == Some(false) && e.versions[idx].meta.enabled {
+            let deps: Vec<(&str, &Dependent)> = dependents_of(&st.dependents, name)
+                .into_iter()
+                .filter(|(v, _)| *v == e.versions[idx].meta.version)
+                .collect();
+            if !deps.is_empty() && !force {
+                return Err(key_in_use(name, "disabled", &deps));
+            }
+        }
         let v = &mut e.versions[idx];
         let m = &mut v.meta;
         if let Some(b) = s.enabled {
@@ -673,6 +718,15 @@ fn recover(app: &App, req: &Req, info: &mut AuditInfo, name: &str) -> Result<Res
 }
 
 fn purge(app: &App, req: &Req, info: &mut AuditInfo, name: &str) -> Result<Resp, ApiError> {
+    let force = forced(req)?;
+    if force {
+        let snap = app.store.snapshot();
+        let deps = dependents_json(snap.key_dependents(name));
+        if !deps.is_empty() && snap.keys.get(name).is_some_and(KeyEntry::is_deleted) {
+            info.forced = true;
+            info.extra = Some(json!({"overriddenDependents": deps}));
+        }
+    }
     app.mutate(req, info, |st, tx| {
         match st.keys.get(name) {
             Some(e) if e.is_deleted() => {}
@@ -684,8 +738,14 @@ fn purge(app: &App, req: &Req, info: &mut AuditInfo, name: &str) -> Result<Resp,
                 "PurgeProtectionEnabled",
             ));
         }
+        let deps = st.key_dependents(name);
+        if !deps.is_empty() && !force {
+            return Err(key_in_use(name, "purged", &deps));
+        }
         tx.delete_key(name)?;
+        tx.delete_key_dependents(name)?;
         st.keys.remove(name);
+        st.dependents.remove(name);
         Ok(Resp { status: 204, body: None })
     })
 }
@@ -710,6 +770,224 @@ fn set_rotation_policy(
         p["id"] = json!(format!("{}/keys/{name}/rotationpolicy", req.base()));
         Ok(Resp::ok(p))
     })
+}
+
+/// `force=true` (or `false`/absent) in the query.
+fn forced(req: &Req) -> Result<bool, ApiError> {
+    match req.query.get("force").map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(ApiError::bad_parameter(format!(
+            "force must be true or false, not '{other}'"
+        ))),
+    }
+}
+
+fn dependents_of<'a>(d: &'a Dependents, name: &str) -> Vec<(&'a str, &'a Dependent)> {
+    d.get(name)
+        .into_iter()
+        .flat_map(|vs| {
+            vs.iter()
+                .flat_map(|(v, ds)| ds.values().map(move |d| (v.as_str(), d)))
+        })
+        .collect()
+}
+
+/// The dependent's JSON (`{"id","name","description","clientId","registered"}`).
+pub fn dependent_json(d: &Dependent) -> Value {
+    json!({
+        "id": d.id,
+        "name": d.name,
+        "description": d.description,
+        "clientId": d.client_id,
+        "registered": d.registered,
+    })
+}
+
+fn dependents_json<'a>(deps: impl IntoIterator<Item = (&'a str, &'a Dependent)>) -> Vec<Value> {
+    deps.into_iter()
+        .map(|(v, d)| {
+            let mut j = dependent_json(d);
+            j["version"] = json!(v);
+            j
+        })
+        .collect()
+}
+
+/// 409 `Conflict` / `KeyInUse`, naming every dependent and the way out.
+pub fn key_in_use(name: &str, what: &str, deps: &[(&str, &Dependent)]) -> ApiError {
+    let list: Vec<String> = deps
+        .iter()
+        .map(|(v, d)| {
+            format!(
+                "server '{}' (id {}, key version {v}, registered by client {})",
+                d.name, d.id, d.client_id
+            )
+        })
+        .collect();
+    ApiError::conflict(format!(
+        "Key {name} cannot be {what}: {} dependent(s) still use it: {}. Rewrap those servers to another key first (each then unregisters its dependency), or repeat the request with force=true to accept that they become inaccessible.",
+        deps.len(),
+        list.join("; ")
+    ))
+    .inner("KeyInUse")
+}
+
+fn guid(s: &str, what: &str) -> Result<String, ApiError> {
+    crate::admin::parse_client_id(s)
+        .map_err(|_| ApiError::bad_parameter(format!("{what} '{s}' is not a GUID")))
+}
+
+fn register_dependent(
+    app: &App,
+    req: &Req,
+    info: &mut AuditInfo,
+    caller: &Identity,
+    name: &str,
+    version: &str,
+) -> Result<Resp, ApiError> {
+    if version.is_empty() {
+        return Err(ApiError::bad_parameter(
+            "a dependent depends on one key version: /keys/{name}/{version}/dependents/{id}",
+        ));
+    }
+    let dep_id = guid(
+        req.segments.get(4).map(String::as_str).unwrap_or(""),
+        "the dependent id",
+    )?;
+    let body = req.json()?;
+    let dname = body
+        .get("name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty() && n.len() <= 256)
+        .ok_or_else(|| ApiError::bad_parameter("'name' (1-256 characters) is required"))?
+        .to_string();
+    let description = match body.get("description") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(d)) if d.len() <= 1024 => d.clone(),
+        Some(_) => {
+            return Err(ApiError::bad_parameter(
+                "'description' must be a string of at most 1024 characters",
+            ))
+        }
+    };
+    let now = app.clock.now();
+    let caller_id = caller.client_id.clone();
+    app.mutate(req, info, |st, tx| {
+        let e = live_key(st, name)?;
+        if e.version(version).is_none() || version.is_empty() {
+            return Err(version_not_found(name, version));
+        }
+        let slot = st
+            .dependents
+            .entry(name.to_string())
+            .or_default()
+            .entry(version.to_string())
+            .or_default();
+        let registered = match slot.get(&dep_id) {
+            Some(old) if old.client_id != caller_id => {
+                return Err(ApiError::conflict(format!(
+                    "dependent {dep_id} on key {name}/{version} was registered by another identity ({}); only it or an administrator can change it",
+                    old.client_id
+                ))
+                .inner("DependentOwnedByAnother"))
+            }
+            Some(old) => old.registered,
+            None => now,
+        };
+        let d = Dependent {
+            id: dep_id.clone(),
+            name: dname.clone(),
+            description: description.clone(),
+            client_id: caller_id.clone(),
+            registered,
+        };
+        tx.put_dependent(name, version, &d)?;
+        slot.insert(dep_id.clone(), d.clone());
+        Ok(Resp::ok(dependent_json(&d)))
+    })
+}
+
+/// Removes a registration: by the identity that made it (`caller`), or by
+/// an administrator (`caller` None).
+pub fn unregister_dependent(
+    app: &App,
+    req: &Req,
+    info: &mut AuditInfo,
+    caller: Option<&Identity>,
+    name: &str,
+    version: &str,
+    dep_id: &str,
+) -> Result<Resp, ApiError> {
+    let dep_id = guid(dep_id, "the dependent id")?;
+    app.mutate(req, info, |st, tx| {
+        if !st.keys.contains_key(name) {
+            return Err(ApiError::key_not_found(name));
+        }
+        // Idempotent: removing a registration that is not there (already
+        // removed, or a retry) is 204 as well.
+        let done = || Resp {
+            status: 204,
+            body: None,
+        };
+        let Some(versions) = st.dependents.get_mut(name) else {
+            return Ok(done());
+        };
+        let Some(ds) = versions.get_mut(version) else {
+            return Ok(done());
+        };
+        let Some(d) = ds.get(&dep_id) else {
+            return Ok(done());
+        };
+        if let Some(c) = caller {
+            if c.client_id != d.client_id {
+                return Err(ApiError::forbidden(
+                    format!(
+                        "dependent {dep_id} on key {name}/{version} was registered by another identity ({}); only it or an administrator can remove it",
+                        d.client_id
+                    ),
+                    "DependentOwnedByAnother",
+                ));
+            }
+        }
+        ds.remove(&dep_id);
+        if ds.is_empty() {
+            versions.remove(version);
+        }
+        if versions.is_empty() {
+            st.dependents.remove(name);
+        }
+        tx.delete_dependent(name, version, &dep_id)?;
+        Ok(Resp {
+            status: 204,
+            body: None,
+        })
+    })
+}
+
+/// `GET /keys/{name}/{version}/dependents` (or every version's, each item
+/// with its `version`, when `version` is empty).
+pub fn list_dependents(app: &App, name: &str, version: &str) -> Result<Resp, ApiError> {
+    let snap = app.store.snapshot();
+    let e = snap
+        .keys
+        .get(name)
+        .ok_or_else(|| ApiError::key_not_found(name))?;
+    if version.is_empty() {
+        return Ok(Resp::ok(
+            json!({"value": dependents_json(snap.key_dependents(name))}),
+        ));
+    }
+    if !e.versions.iter().any(|v| v.meta.version == version) {
+        return Err(version_not_found(name, version));
+    }
+    let items: Vec<Value> = snap
+        .dependents
+        .get(name)
+        .and_then(|vs| vs.get(version))
+        .map(|ds| ds.values().map(dependent_json).collect())
+        .unwrap_or_default();
+    Ok(Resp::ok(json!({"value": items})))
 }
 
 fn page_params(req: &Req) -> Result<(usize, usize), ApiError> {

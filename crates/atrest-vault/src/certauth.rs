@@ -674,6 +674,46 @@ mod tests {
     }
 
     #[test]
+    fn replay_cache_is_bounded_and_fails_closed() {
+        let cache = ReplayCache::default();
+        for i in 0..REPLAY_CACHE_MAX {
+            let c = AssertionClaims {
+                client_id: CID.into(),
+                jti: i.to_string(),
+                exp: 1000,
+            };
+            cache.check_and_remember(&c, 500).unwrap();
+        }
+        let next = AssertionClaims {
+            client_id: CID.into(),
+            jti: "next".into(),
+            exp: 1000,
+        };
+        // Full of live entries: refuse rather than forget one.
+        assert_eq!(
+            cache.check_and_remember(&next, 600),
+            Err(AssertionError::ReplayCacheFull)
+        );
+        // Once they expired, they are dropped and new ones fit.
+        let later = AssertionClaims {
+            exp: 2000,
+            ..next.clone()
+        };
+        assert!(cache.check_and_remember(&later, 1000).is_ok());
+        assert_eq!(cache.len(), 1);
+        // An expired entry does not block its jti forever.
+        assert!(cache
+            .check_and_remember(
+                &AssertionClaims {
+                    exp: 3000,
+                    ..later.clone()
+                },
+                2000
+            )
+            .is_ok());
+    }
+
+    #[test]
     fn signer_refuses_non_p256() {
         assert_eq!(
             AssertionSigner::from_pkcs8_pem(b"nope").unwrap_err(),

@@ -72,7 +72,7 @@ pub enum VaultCommand {
     /// Audit log tools.
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// Data-plane key commands run as an identity (not as admin).
+    /// Key commands: import (as an identity), dependents (as admin).
     #[command(subcommand)]
     Key(KeyCommand),
     /// Move a --test-clock vault's clock forward.
@@ -242,6 +242,23 @@ pub enum PropsCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
+    /// List the servers that depend on a key (all versions, or one), as admin.
+    Dependents {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// Remove a dependent registration as admin (the server will no longer
+    /// hold back purge or disable of that key version).
+    DependentRemove {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+        version: String,
+        dependent_id: String,
+    },
     /// Import (BYOK) an RSA key from PKCS#8 PEM/DER or PKCS#12 (.pfx) as a
     /// new version of NAME, using an identity with the 'import' permission.
     Import {
@@ -655,6 +672,32 @@ async fn admin_command(cmd: VaultCommand) -> Result<Value, CliError> {
             // Only the public JWK comes back; print it.
             out.as_object_mut().map(|o| o.remove("tags"));
             out
+        }
+        VaultCommand::Key(KeyCommand::Dependents {
+            conn,
+            name,
+            version,
+        }) => {
+            let path = match version {
+                Some(v) => format!("/keys/{name}/{v}/dependents"),
+                None => format!("/keys/{name}/dependents"),
+            };
+            conn.admin()?.call(Method::GET, &path, None).await?
+        }
+        VaultCommand::Key(KeyCommand::DependentRemove {
+            conn,
+            name,
+            version,
+            dependent_id,
+        }) => {
+            conn.admin()?
+                .call(
+                    Method::DELETE,
+                    &format!("/keys/{name}/{version}/dependents/{dependent_id}"),
+                    None,
+                )
+                .await?;
+            json!({"removed": dependent_id})
         }
         VaultCommand::Clock { conn, advance_secs } => {
             conn.admin()?

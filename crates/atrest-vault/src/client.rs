@@ -188,6 +188,8 @@ pub struct VaultClient {
     tenant: String,
     client_id: String,
     credential: Credential,
+    /// Added to the system clock when signing client assertions.
+    clock_offset: i64,
     token: tokio::sync::Mutex<Option<(String, Instant)>>,
 }
 
@@ -232,6 +234,7 @@ impl VaultClient {
             tenant: tenant.to_string(),
             client_id: client_id.to_string(),
             credential: Credential::Secret(Zeroizing::new(client_secret.to_string())),
+            clock_offset: 0,
             token: tokio::sync::Mutex::new(None),
         })
     }
@@ -255,8 +258,18 @@ impl VaultClient {
             tenant: tenant.to_string(),
             client_id: client_id.to_string(),
             credential: Credential::Certificate(signer),
+            clock_offset: 0,
             token: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// Signs client assertions as if the clock were `offset_secs` ahead of
+    /// the system clock. Only for a vault run with `--test-clock` whose
+    /// clock was moved (`POST /admin/clock` answers its `offset`): the vault
+    /// checks assertion times against its own clock.
+    pub fn with_clock_offset(mut self, offset_secs: i64) -> Self {
+        self.clock_offset = offset_secs;
+        self
     }
 
     pub fn client_id(&self) -> &str {
@@ -289,7 +302,8 @@ impl VaultClient {
                     let now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map(|d| d.as_secs() as i64)
-                        .unwrap_or(0);
+                        .unwrap_or(0)
+                        + self.clock_offset;
                     let a = signer.assertion(
                         &self.client_id,
                         &url,
@@ -417,6 +431,52 @@ impl VaultClient {
         b64::decode(&s)
             .map(Zeroizing::new)
             .ok_or_else(|| ClientError::Protocol("unwrapKey value is not base64url".into()))
+    }
+
+    /// Registers that this identity's server `dependent_id` (a GUID)
+    /// depends on key version `name/version`: while registered, the vault
+    /// refuses to disable the version or purge the key (409 `KeyInUse`)
+    /// unless forced. Idempotent. Needs the `get` permission on the key.
+    pub async fn register_dependent(
+        &self,
+        name: &str,
+        version: &str,
+        dependent_id: &str,
+        server_name: &str,
+        description: &str,
+    ) -> Result<Value, ClientError> {
+        self.call(
+            Method::PUT,
+            &format!("/keys/{name}/{version}/dependents/{dependent_id}"),
+            Some(json!({"name": server_name, "description": description})),
+        )
+        .await
+    }
+
+    /// Removes this identity's registration (after rewrapping to another key).
+    pub async fn unregister_dependent(
+        &self,
+        name: &str,
+        version: &str,
+        dependent_id: &str,
+    ) -> Result<(), ClientError> {
+        self.call(
+            Method::DELETE,
+            &format!("/keys/{name}/{version}/dependents/{dependent_id}"),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The dependents of one key version (`{"value": [...]}`).
+    pub async fn list_dependents(&self, name: &str, version: &str) -> Result<Value, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/keys/{name}/{version}/dependents"),
+            None,
+        )
+        .await
     }
 }
 

@@ -171,6 +171,21 @@ pub fn run(app: &App) -> Result<Maintenance, VaultError> {
     for e in snap.keys.values() {
         if e.state.scheduled_purge_date.is_some_and(|d| d <= now) {
             let name = e.name.clone();
+            // The retention period is the safety window (as in Azure): a
+            // scheduled purge happens even with dependents registered; the
+            // audit record names them.
+            let deps: Vec<Value> = snap
+                .key_dependents(&name)
+                .into_iter()
+                .map(|(v, d)| {
+                    let mut j = crate::api::dependent_json(d);
+                    j["version"] = json!(v);
+                    j
+                })
+                .collect();
+            if !deps.is_empty() {
+                tracing::warn!(key = %name, dependents = deps.len(), "scheduled purge of a key with registered dependents");
+            }
             let purged = app.store.mutate_hooked(
                 |st, tx| -> Result<bool, VaultError> {
                     let due = st
@@ -179,15 +194,20 @@ pub fn run(app: &App) -> Result<Maintenance, VaultError> {
                         .is_some_and(|e| e.state.scheduled_purge_date.is_some_and(|d| d <= now));
                     if due {
                         tx.delete_key(&name)?;
+                        tx.delete_key_dependents(&name)?;
                         st.keys.remove(&name);
+                        st.dependents.remove(&name);
                     }
                     Ok(due)
                 },
                 |due, tx| match due {
                     true => {
-                        let (seq, hash) = app
-                            .audit
-                            .write_blocking(system_record(app, "KeyPurge", &name, None))?;
+                        let mut rec = system_record(app, "KeyPurge", &name, None);
+                        if !deps.is_empty() {
+                            rec["properties"]["details"] =
+                                json!({"overriddenDependents": deps.clone()});
+                        }
+                        let (seq, hash) = app.audit.write_blocking(rec)?;
                         tx.put_audit_head(seq, &hash)
                     }
                     false => Ok(()),

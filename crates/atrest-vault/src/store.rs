@@ -88,6 +88,26 @@ pub struct Identity {
     pub key_permissions: BTreeSet<String>,
 }
 
+/// A server that depends on a key version (it has data wrapped under it):
+/// while registered, the version cannot be disabled nor its key purged
+/// without `force=true`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Dependent {
+    /// The dependent's id (a GUID: the server's id).
+    pub id: String,
+    /// The server's name.
+    pub name: String,
+    pub description: String,
+    /// The identity that registered it.
+    pub client_id: String,
+    /// When it was (last) registered, Unix seconds.
+    pub registered: i64,
+}
+
+/// Dependents by key name, then version, then dependent id.
+pub type Dependents = BTreeMap<String, BTreeMap<String, BTreeMap<String, Dependent>>>;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VersionMeta {
     pub version: String,
@@ -146,10 +166,24 @@ pub struct State {
     pub props: VaultProps,
     pub identities: BTreeMap<String, Identity>,
     pub keys: BTreeMap<String, KeyEntry>,
+    /// Key dependents (servers depending on key versions).
+    pub dependents: Dependents,
     next_seq: i64,
 }
 
 impl State {
+    /// The dependents of one key (all versions), in version then id order.
+    pub fn key_dependents(&self, name: &str) -> Vec<(&str, &Dependent)> {
+        self.dependents
+            .get(name)
+            .into_iter()
+            .flat_map(|vs| {
+                vs.iter()
+                    .flat_map(|(v, ds)| ds.values().map(move |d| (v.as_str(), d)))
+            })
+            .collect()
+    }
+
     pub fn next_seq(&mut self) -> i64 {
         self.next_seq += 1;
         self.next_seq
@@ -211,6 +245,26 @@ impl Tx<'_> {
             "DELETE FROM identities WHERE client_id = ?1",
             params![client_id],
         )?;
+        Ok(())
+    }
+    pub fn put_dependent(&self, key: &str, version: &str, d: &Dependent) -> Result<(), VaultError> {
+        self.tx.execute(
+            "INSERT OR REPLACE INTO dependents(key_name, version, id, meta) VALUES (?1, ?2, ?3, ?4)",
+            params![key, version, d.id, serde_json::to_string(d)?],
+        )?;
+        Ok(())
+    }
+    pub fn delete_dependent(&self, key: &str, version: &str, id: &str) -> Result<(), VaultError> {
+        self.tx.execute(
+            "DELETE FROM dependents WHERE key_name = ?1 AND version = ?2 AND id = ?3",
+            params![key, version, id],
+        )?;
+        Ok(())
+    }
+    /// Forgets every dependent of a key (when it is purged).
+    pub fn delete_key_dependents(&self, key: &str) -> Result<(), VaultError> {
+        self.tx
+            .execute("DELETE FROM dependents WHERE key_name = ?1", params![key])?;
         Ok(())
     }
     pub fn put_props(&self, p: &VaultProps) -> Result<(), VaultError> {
@@ -407,7 +461,9 @@ impl Store {
              CREATE TABLE IF NOT EXISTS key_versions(name TEXT NOT NULL, version TEXT NOT NULL,
                  seq INTEGER NOT NULL, meta TEXT NOT NULL, sealed BLOB NOT NULL,
                  PRIMARY KEY(name, version));
-             CREATE TABLE IF NOT EXISTS key_state(name TEXT PRIMARY KEY, meta TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS key_state(name TEXT PRIMARY KEY, meta TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS dependents(key_name TEXT NOT NULL, version TEXT NOT NULL,
+                 id TEXT NOT NULL, meta TEXT NOT NULL, PRIMARY KEY(key_name, version, id));",
         )?;
         let salt = match get_meta(&conn, "kdf_salt")? {
             Some(s) => s,
@@ -595,10 +651,29 @@ fn load_state(conn: &Connection, seal: &SealKey) -> Result<State, VaultError> {
             e.state = serde_json::from_str(&meta)?;
         }
     }
+    let mut dependents = Dependents::new();
+    let mut stmt = conn.prepare("SELECT key_name, version, meta FROM dependents")?;
+    for row in stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })? {
+        let (key, version, meta) = row?;
+        let d: Dependent = serde_json::from_str(&meta)?;
+        dependents
+            .entry(key)
+            .or_default()
+            .entry(version)
+            .or_default()
+            .insert(d.id.clone(), d);
+    }
     Ok(State {
         props,
         identities,
         keys,
+        dependents,
         next_seq,
     })
 }
