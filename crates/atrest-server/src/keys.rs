@@ -107,11 +107,15 @@ pub struct SwitchReport {
 }
 
 /// Rewraps every database under the engine's current protector, then
-/// records the rewrap as complete.
+/// records the rewrap as complete and tells the vault: this server now
+/// depends on its current key version, and no longer on the customer keys
+/// it moved away from (also when an earlier, interrupted run started the
+/// move).
 pub fn rewrap_all(
     dir: &Path,
     config: &mut ServerConfig,
     databases: &Databases,
+    access: Option<&Arc<VaultAccess>>,
 ) -> Result<usize, String> {
     let names = databases.names();
     for name in &names {
@@ -120,8 +124,27 @@ pub fn rewrap_all(
             .map_err(|e| format!("database {name}: {}", e.message))?;
         conn.rewrap().map_err(|e| format!("database {name}: {e}"))?;
     }
-    config.encryption.rewrap_from.clear();
+    let moved_from = std::mem::take(&mut config.encryption.rewrap_from);
     config.save(dir).map_err(|e| e.to_string())?;
+    if let Some(a) = access {
+        let current = config
+            .encryption
+            .customer_key
+            .as_ref()
+            .map(|c| c.key.clone());
+        if let Some(k) = &current {
+            if let Err(e) = a.set_dependent(k, &config.server_id, &config.name, true) {
+                tracing::warn!(error = %e, key = %k, "could not register this server as a dependent of its key");
+            }
+        }
+        for old in moved_from.iter().filter_map(|n| KeyUrl::parse(n).ok()) {
+            if Some(&old) != current.as_ref() && old.version.is_some() {
+                if let Err(e) = a.set_dependent(&old, &config.server_id, &config.name, false) {
+                    tracing::warn!(error = %e, key = %old, "could not unregister this server from a key it no longer uses");
+                }
+            }
+        }
+    }
     Ok(names.len())
 }
 
@@ -177,25 +200,17 @@ pub fn switch(
     let protector = engine_protector(config, access_for_old.as_ref())?;
     config.save(dir).map_err(|e| e.to_string())?;
     databases.engine().set_protector(protector);
-    let n = rewrap_all(dir, config, databases)?;
+    // The old key's registration is removed with the same vault access
+    // (a rotation, or a move between keys of one vault).
+    let n = rewrap_all(
+        dir,
+        config,
+        databases,
+        access.as_ref().or(access_for_old.as_ref()),
+    )?;
     databases
         .engine()
         .set_protector(engine_protector(config, access.as_ref())?);
-    // Tell the vault which key version this server depends on now.
-    if let Some(c) = &new_ck {
-        if let Some(a) = &access {
-            if let Err(e) = a.set_dependent(&c.key, &config.server_id, &config.name, true) {
-                tracing::warn!(error = %e, "could not register this server as a dependent of its key");
-            }
-        }
-    }
-    if let (Some(old), Some(a)) = (&old_ck, access_for_old.as_ref()) {
-        if new_ck.as_ref().map(|c| &c.key) != Some(&old.key) {
-            if let Err(e) = a.set_dependent(&old.key, &config.server_id, &config.name, false) {
-                tracing::warn!(error = %e, "could not unregister this server from its old key");
-            }
-        }
-    }
     let _ = resource::log_activity(
         dir,
         &serde_json::json!({

@@ -465,7 +465,7 @@ async fn start_locked(
     if key_failure.is_none() && !config.encryption.rewrap_from.is_empty() {
         // A key switch was interrupted: finish it before serving.
         let from = config.encryption.rewrap_from.clone();
-        match crate::keys::rewrap_all(dir, &mut config, &databases) {
+        match crate::keys::rewrap_all(dir, &mut config, &databases, runtime.access.as_ref()) {
             Ok(n) => {
                 tracing::info!(?from, databases = n, "finished an interrupted rewrap");
                 if let Ok(p) = crate::keys::engine_protector(&config, runtime.access.as_ref()) {

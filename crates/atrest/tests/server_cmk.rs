@@ -265,6 +265,16 @@ fn switch_to_customer_key_then_every_loss_cause_goes_inaccessible_and_back() {
     }
     assert_eq!(st.server.sql("postgres", "SELECT v FROM t"), "before");
     st.server.sql("postgres", "INSERT INTO t VALUES ('after')");
+    // The vault knows the server depends on this key version: disabling
+    // it without force is refused, naming the server.
+    let e = block_on(st.admin.call(
+        Method::PATCH,
+        &format!("/keys/tde/{version}"),
+        Some(json!({"attributes": {"enabled": false}})),
+    ))
+    .unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert!(e.to_string().contains("test-server"), "{e}");
     assert!(st.server.stop().success());
 
     // A short check interval for the loss tests.
