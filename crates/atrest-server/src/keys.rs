@@ -98,6 +98,25 @@ pub fn engine_protector(
     Ok(Arc::new(RoutingProtector::new(current, previous)))
 }
 
+/// Opens a stopped server's databases with whatever protects them now
+/// (its key, and the keys of an unfinished move). For tools that work on
+/// a server directory without starting it.
+pub fn open_databases(dir: &Path, config: &ServerConfig) -> Result<Databases, String> {
+    let engine = atrest_storage::Engine::open(&atrest_storage::EngineOptions {
+        data_dir: dir.join(resource::DATA_SUBDIR),
+        keystore_dir: Some(config.encryption.keystore_dir.clone()),
+        infrastructure_encryption: Some(config.encryption.infrastructure_encryption),
+        infra_keystore_dir: config.encryption.infra_keystore_dir.clone(),
+    })
+    .map_err(|e| e.to_string())?;
+    let access = match &config.encryption.customer_key {
+        Some(ck) => Some(vault_access(dir, config, &ck.login, &ck.key)?),
+        None => None,
+    };
+    engine.set_protector(engine_protector(config, access.as_ref())?);
+    Ok(Databases::new(engine))
+}
+
 /// What a key switch did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SwitchReport {

@@ -284,7 +284,8 @@ fn random_hex(n: usize) -> String {
     hex::encode(b)
 }
 
-fn uuid() -> String {
+/// A random (version 4) UUID.
+pub fn uuid() -> String {
     let mut b = [0u8; 16];
     rand::fill(&mut b).expect("system RNG");
     b[6] = (b[6] & 0x0f) | 0x40;

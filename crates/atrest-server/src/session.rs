@@ -1717,23 +1717,8 @@ fn register_functions(
         .map_err(from_sqlite)?;
     conn.create_scalar_function("now", 0, plain, |_| Ok(crate::resource::now_rfc3339()))
         .map_err(from_sqlite)?;
-    conn.create_scalar_function("gen_random_uuid", 0, plain, |_| {
-        let mut b = [0u8; 16];
-        aws_lc_rs::rand::fill(&mut b)
-            .map_err(|_| rusqlite::Error::UserFunctionError("RNG failure".into()))?;
-        b[6] = (b[6] & 0x0f) | 0x40;
-        b[8] = (b[8] & 0x3f) | 0x80;
-        let h = hex::encode(b);
-        Ok(format!(
-            "{}-{}-{}-{}-{}",
-            &h[..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..]
-        ))
-    })
-    .map_err(from_sqlite)?;
+    conn.create_scalar_function("gen_random_uuid", 0, plain, |_| Ok(crate::resource::uuid()))
+        .map_err(from_sqlite)?;
     let s = Arc::clone(shared);
     conn.create_scalar_function("pg_sleep", 1, plain, move |ctx| {
         let secs: f64 = ctx.get(0)?;

@@ -18,7 +18,6 @@ use atrest_server::databases::Databases;
 use atrest_server::keys::{self, Target};
 use atrest_server::listener::{self, StartOptions};
 use atrest_server::resource::{self, CreateOptions};
-use atrest_storage::{Engine, EngineOptions};
 use atrest_vault::testkit::reqwest::Method;
 use atrest_vault::testkit::{block_on, TestVault};
 use serde_json::json;
@@ -103,22 +102,7 @@ fn setup(tmp_parent: &Path, name: &str) -> Result<Env> {
 }
 
 fn open_databases(dir: &Path, config: &resource::ServerConfig) -> Result<Databases> {
-    let engine = Engine::open(&EngineOptions {
-        data_dir: dir.join(resource::DATA_SUBDIR),
-        keystore_dir: Some(config.encryption.keystore_dir.clone()),
-        infrastructure_encryption: Some(config.encryption.infrastructure_encryption),
-        infra_keystore_dir: config.encryption.infra_keystore_dir.clone(),
-    })?;
-    let access = match &config.encryption.customer_key {
-        Some(ck) => Some(
-            keys::vault_access(dir, config, &ck.login, &ck.key).map_err(|e| anyhow::anyhow!(e))?,
-        ),
-        None => None,
-    };
-    engine.set_protector(
-        keys::engine_protector(config, access.as_ref()).map_err(|e| anyhow::anyhow!(e))?,
-    );
-    Ok(Databases::new(engine))
+    keys::open_databases(dir, config).map_err(|e| anyhow::anyhow!(e))
 }
 
 fn rewrap_bench(b: &CmkBench, parent: &Path) -> Result<serde_json::Value> {

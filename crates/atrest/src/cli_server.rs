@@ -478,26 +478,8 @@ fn key_op(data: &std::path::Path, req: serde_json::Value) -> Result<serde_json::
     let _lock = resource::lock(&dir)?;
     let mut config = resource::load_config(&dir)?;
     let target = atrest_server::control::parse_target(&req).map_err(|e| anyhow::anyhow!(e))?;
-    let engine = atrest_storage::Engine::open(&atrest_storage::EngineOptions {
-        data_dir: dir.join(resource::DATA_SUBDIR),
-        keystore_dir: Some(config.encryption.keystore_dir.clone()),
-        infrastructure_encryption: Some(config.encryption.infrastructure_encryption),
-        infra_keystore_dir: config.encryption.infra_keystore_dir.clone(),
-    })?;
-    // Open with whatever protects the files now (a previous switch may be
-    // unfinished), then switch.
-    let access = match &config.encryption.customer_key {
-        Some(ck) => Some(
-            atrest_server::keys::vault_access(&dir, &config, &ck.login, &ck.key)
-                .map_err(|e| anyhow::anyhow!(e))?,
-        ),
-        None => None,
-    };
-    engine.set_protector(
-        atrest_server::keys::engine_protector(&config, access.as_ref())
-            .map_err(|e| anyhow::anyhow!(e))?,
-    );
-    let databases = atrest_server::databases::Databases::new(engine);
+    let databases =
+        atrest_server::keys::open_databases(&dir, &config).map_err(|e| anyhow::anyhow!(e))?;
     let (report, _) = atrest_server::keys::switch(&dir, &mut config, &databases, target)
         .map_err(|e| anyhow::anyhow!(e))?;
     Ok(serde_json::json!({"ok": true, "report": report}))
