@@ -938,3 +938,54 @@ fn auto_revalidation_brings_the_server_back_after_a_refusal_is_fixed() {
     );
     assert!(st.server.stop().success());
 }
+
+#[test]
+fn switching_back_to_the_service_key_leaves_no_customer_wrapping() {
+    let mut st = setup(&[]);
+    let dir = st.server.dir.to_str().unwrap().to_string();
+    st.server.start(&[]);
+    st.server.sql(
+        "postgres",
+        "CREATE TABLE t (v text); INSERT INTO t VALUES ('round trip')",
+    );
+    assert!(st.set_key(&st.key_url).status.success());
+    let version = st.latest_version();
+    let out = atrest(&["server", "set-key", "--data", &dir, "--service"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(st.server.dir.join("server.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["encryption"]["scenario"], "service-managed");
+    assert_eq!(cfg["encryption"]["customer_key"], Value::Null);
+    let service_hex = cfg["encryption"]["service_key"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("service:")
+        .unwrap()
+        .to_string();
+    for (path, h) in headers(&st.server.dir) {
+        assert!(
+            !contains(&h, version.as_bytes()),
+            "{} still names the customer key",
+            path.display()
+        );
+        assert!(contains(&h, service_hex.as_bytes()), "{}", path.display());
+    }
+    // The vault no longer counts the server as a dependent: disabling works.
+    block_on(st.admin.call(
+        Method::PATCH,
+        &format!("/keys/tde/{version}"),
+        Some(json!({"attributes": {"enabled": false}})),
+    ))
+    .unwrap();
+    assert_eq!(st.server.sql("postgres", "SELECT v FROM t"), "round trip");
+    assert!(st.server.stop().success());
+    st.server.start(&[]);
+    assert_eq!(st.server.state()["state"], "Ready");
+    assert_eq!(st.server.sql("postgres", "SELECT v FROM t"), "round trip");
+    assert!(st.server.stop().success());
+}
