@@ -10,12 +10,11 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use atrest_storage::Engine;
-use common::{options, Scenario};
+use common::{open_engine, options, Scenario};
 
-/// Kills per journal mode and scenario: 3 modes x 2 scenarios x 25 keeps
-/// the 150 kills the suite had with one scenario (the CI budget).
-const KILLS_PER_MODE: usize = 25;
+/// Kills per journal mode and scenario: 3 modes x 4 scenarios x 15 = 180
+/// kills, near the 150 the suite had with one scenario (the CI budget).
+const KILLS_PER_MODE: usize = 15;
 
 /// The child: writes transactions forever, printing each committed id.
 fn child_main() {
@@ -26,14 +25,11 @@ fn child_main() {
         .unwrap()
         .parse()
         .unwrap();
-    let sc = match std::env::var("ATREST_CRASH_INFRA").as_deref() {
-        Ok("1") => Scenario::ServiceKeyAndInfra,
-        _ => Scenario::ServiceKey,
-    };
+    let sc = Scenario::from_name(&std::env::var("ATREST_CRASH_SCENARIO").unwrap_or_default());
     let root = std::path::PathBuf::from(&data);
     let root = root.parent().unwrap();
     assert_eq!(std::path::PathBuf::from(keystore), root.join("keystore"));
-    let engine = Engine::open(&options(root, sc)).unwrap();
+    let engine = open_engine(root, sc);
     assert_eq!(engine.infrastructure_encryption(), sc.infra());
     let conn = engine.connect("crash").unwrap();
     // "delete-16k": rollback journal with 16 KiB pages, whose writes span
@@ -84,7 +80,7 @@ fn child_main() {
 fn run_mode(mode: &str, sc: Scenario) {
     let fx_dir = tempfile::tempdir().unwrap();
     let opts = options(fx_dir.path(), sc);
-    drop(Engine::open(&opts).unwrap());
+    drop(open_engine(fx_dir.path(), sc));
     let exe = std::env::current_exe().unwrap();
     let mut committed: Vec<(i64, i64)> = vec![];
     let mut next_start = 1i64;
@@ -101,7 +97,7 @@ fn run_mode(mode: &str, sc: Scenario) {
             .env("ATREST_CRASH_DATA", &opts.data_dir)
             .env("ATREST_CRASH_KEYSTORE", opts.keystore_dir.as_ref().unwrap())
             .env("ATREST_CRASH_MODE", mode)
-            .env("ATREST_CRASH_INFRA", if sc.infra() { "1" } else { "0" })
+            .env("ATREST_CRASH_SCENARIO", sc.name())
             .env("ATREST_CRASH_START", next_start.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -134,7 +130,7 @@ fn run_mode(mode: &str, sc: Scenario) {
         let seen = reader.join().unwrap();
         committed.extend(&seen);
 
-        let engine = Engine::open(&opts).unwrap();
+        let engine = open_engine(fx_dir.path(), sc);
         let conn = engine.connect("crash").unwrap();
         let ok: String = conn
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))

@@ -256,6 +256,9 @@ fn damaged_headers_and_foreign_files_are_clear_errors(sc: Scenario) {
 fn wrong_or_missing_service_key_is_a_clear_error_and_data_survives(sc: Scenario) {
     let fx = Fixture::with(sc);
     build(&fx.engine(), "k", 100);
+    if sc.customer() {
+        return wrong_or_missing_customer_key(&fx);
+    }
     let keystore = fx.opts.keystore_dir.clone().unwrap();
     let saved = fx.dir.path().join("keystore.saved");
     fs::rename(&keystore, &saved).unwrap();
@@ -320,6 +323,42 @@ fn wrong_or_missing_service_key_is_a_clear_error_and_data_survives(sc: Scenario)
     fs::rename(&saved, &keystore).unwrap();
     let conn = fx.engine().connect("k").unwrap();
     let n: i64 = conn
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 100);
+}
+
+/// The customer-key scenarios: without the customer key, or with another
+/// RSA key in its place, nothing reads, the error names the key, and
+/// nothing is written; with the right key everything is there.
+fn wrong_or_missing_customer_key(fx: &Fixture) {
+    let before = fs::read(fx.data().join("k.db")).unwrap();
+    // Only the service key (the customer key's holder is unreachable).
+    let engine = Engine::open(&fx.opts).unwrap();
+    let msg = count_rows(&engine, "k").unwrap_err().to_string();
+    assert!(
+        msg.contains(common::CUSTOMER_KEY_ID),
+        "the error names the key needed: {msg}"
+    );
+    drop(engine);
+    // Another RSA key under the same name.
+    let der = fx.dir.path().join("customer-kek.der");
+    let saved = fs::read(&der).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    common::CustomerKek::load_or_create(other.path());
+    fs::copy(other.path().join("customer-kek.der"), &der).unwrap();
+    let msg = count_rows(&fx.engine(), "k").unwrap_err().to_string();
+    assert!(msg.contains("not the one that wrapped it"), "{msg}");
+    assert_eq!(
+        fs::read(fx.data().join("k.db")).unwrap(),
+        before,
+        "a failed open must not write"
+    );
+    fs::write(&der, saved).unwrap();
+    let n: i64 = fx
+        .engine()
+        .connect("k")
+        .unwrap()
         .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
         .unwrap();
     assert_eq!(n, 100);
