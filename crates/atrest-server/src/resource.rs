@@ -946,6 +946,23 @@ pub fn delete(dir: &Path) -> Result<(), ResourceError> {
     let _lock = lock(dir)?;
     set_state(dir, State::Dropping, "delete requested", None)?;
     let data = dir.join(DATA_SUBDIR);
+    // The infrastructure master key (every version) goes with the server.
+    let infra_key = fs::read_to_string(data.join("atrest.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["infrastructure_key"].as_str().map(str::to_string))
+        .and_then(|k| atrest_keystore::InfraKeyId::parse(&k));
+    if let (Some((id, _)), Some(ks_dir)) = (infra_key, &config.encryption.infra_keystore_dir) {
+        let ks = atrest_keystore::InfraKeystore::open(ks_dir)?;
+        for v in ks.versions(id)? {
+            // Overwrite before unlinking, as for the service key.
+            let path = ks.key_path(id, v);
+            if let Ok(len) = fs::metadata(&path).map(|m| m.len()) {
+                let _ = fs::write(&path, vec![0u8; len as usize]);
+            }
+            ks.remove_version(id, v)?;
+        }
+    }
     if data.exists() {
         fs::remove_dir_all(&data).map_err(|e| io(&data, e))?;
     }

@@ -377,4 +377,16 @@ fn infrastructure_encryption_is_chosen_at_create_and_covers_everything() {
     assert!(s.stop().success());
     plain.start(&[]);
     assert!(plain.stop().success());
+    // Delete destroys the infrastructure master key with the server.
+    let out = atrest(&["server", "delete", "--data", &dir, "--yes"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_dir(&infra_ks).unwrap().count(),
+        0,
+        "the infra key is destroyed too"
+    );
 }
