@@ -275,6 +275,15 @@ async fn admin_op(ctx: &Arc<ServerCtx>, req: Value) -> Value {
         "status" => {
             json!({"ok": true, "phase": format!("{:?}", ctx.phase()), "sessions": ctx.session_count()})
         }
+        // Delete is the one operation an Inaccessible server allows: the
+        // process stops so the directory can be removed.
+        "stop-for-delete" => {
+            if ctx.phase() != Phase::Inaccessible {
+                return json!({"error": "the server is running and not Inaccessible; stop it (SIGTERM) before deleting it"});
+            }
+            ctx.stop_requested.notify_one();
+            json!({"ok": true})
+        }
         other => json!({"error": format!("unknown operation {other:?}")}),
     }
 }

@@ -58,6 +58,8 @@ pub struct ServerCtx {
     pub key_op: tokio::sync::Mutex<()>,
     pub endpoints: Endpoints,
     pub alerts: crate::control::Alerts,
+    /// Asked to stop through the admin socket (delete of an Inaccessible server).
+    pub stop_requested: tokio::sync::Notify,
 }
 
 /// The customer key a running server uses.
@@ -541,6 +543,7 @@ async fn start_locked(
         key_op: tokio::sync::Mutex::new(()),
         endpoints,
         alerts,
+        stop_requested: tokio::sync::Notify::new(),
     });
     if let Some(ml) = metrics_listener {
         let c = Arc::clone(&ctx);

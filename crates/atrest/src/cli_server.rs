@@ -298,9 +298,11 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                 );
                 let mut term =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                let ctx = std::sync::Arc::clone(running.ctx());
                 let signal = tokio::select! {
                     _ = term.recv() => "SIGTERM",
                     _ = tokio::signal::ctrl_c() => "SIGINT",
+                    _ = ctx.stop_requested.notified() => "delete requested while Inaccessible",
                 };
                 eprintln!("atrest server {}: {signal}, shutting down", config.name);
                 running.stop(&format!("shutdown ({signal})")).await;
@@ -459,6 +461,29 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                 bail!("deleting a server destroys its data and service key; repeat with --yes to confirm");
             }
             let name = resource::load_config(&data)?.name;
+            if resource::running_pid(&data).is_some() {
+                // A running server allows delete only while Inaccessible.
+                match atrest_server::control::admin_request(
+                    &data,
+                    &serde_json::json!({"op": "stop-for-delete"}),
+                ) {
+                    Some(Ok(_)) => {
+                        let deadline =
+                            std::time::Instant::now() + std::time::Duration::from_secs(60);
+                        while resource::running_pid(&data).is_some() {
+                            if std::time::Instant::now() > deadline {
+                                bail!("the server did not stop within 60 s");
+                            }
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                        }
+                    }
+                    Some(Err(e)) => bail!("{e}"),
+                    None => bail!(
+                        "the server in {} is running; stop it first (SIGTERM)",
+                        data.display()
+                    ),
+                }
+            }
             resource::delete(&data)?;
             println!("deleted server {name}");
             Ok(std::process::ExitCode::SUCCESS)

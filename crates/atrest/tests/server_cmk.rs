@@ -693,6 +693,22 @@ fn purging_the_key_shreds_the_data_and_says_why() {
     for (path, bytes) in files_under(&st.server.dir) {
         assert!(!contains(&bytes, b"crown jewels"), "{}", path.display());
     }
+    // While Inaccessible the one operation a running server allows is delete.
+    st.server.start(&[]);
+    assert_eq!(st.server.state()["state"], "Inaccessible");
+    let out = atrest(&["server", "set-key", "--data", &dir, "--service"]);
+    assert!(
+        !out.status.success(),
+        "an Inaccessible server refuses key changes"
+    );
+    let out = atrest(&["server", "delete", "--data", &dir, "--yes"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(st.server.wait(Duration::from_secs(30)).success());
+    assert!(!st.server.dir.exists());
 }
 
 /// A local HTTP receiver: records JSON bodies; answers 503 to the first
