@@ -194,8 +194,21 @@ impl ServerCtx {
         Ok(())
     }
 
+    /// A role, from roles.json as it is now (`atrest server role` edits
+    /// it while the server runs; a file that does not load keeps the last
+    /// good roles).
     pub fn role(&self, user: &str) -> Option<Role> {
-        self.roles.read().expect("roles").roles.get(user).cloned()
+        match Roles::load(&self.dir) {
+            Ok(fresh) => {
+                let r = fresh.roles.get(user).cloned();
+                *self.roles.write().expect("roles") = fresh;
+                r
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "roles.json does not load; using the roles loaded before");
+                self.roles.read().expect("roles").roles.get(user).cloned()
+            }
+        }
     }
 
     /// Admits a new session unless the server is full: gives it a pid and

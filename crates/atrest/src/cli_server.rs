@@ -154,6 +154,12 @@ enum ServerCommand {
         #[arg(long)]
         infrastructure_encryption: Option<bool>,
     },
+    /// Manage the roles that may log in (SCRAM-SHA-256 verifiers in
+    /// roles.json; a running server sees changes at the next login).
+    Role {
+        #[command(subcommand)]
+        command: RoleCommand,
+    },
     /// Delete a server: its databases, directory and service key.
     Delete {
         #[arg(long)]
@@ -162,6 +168,86 @@ enum ServerCommand {
         #[arg(long)]
         yes: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum RoleCommand {
+    /// Create a role or change its password.
+    Set {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        user: String,
+        /// File holding the password.
+        #[arg(long)]
+        password_file: PathBuf,
+        #[arg(long)]
+        superuser: bool,
+    },
+    /// Remove a role (it can no longer log in; open sessions continue).
+    Delete {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        user: String,
+    },
+    /// List the roles (names only).
+    List {
+        #[arg(long)]
+        data: PathBuf,
+    },
+}
+
+fn run_role(cmd: RoleCommand) -> Result<std::process::ExitCode> {
+    match cmd {
+        RoleCommand::Set {
+            data,
+            user,
+            password_file,
+            superuser,
+        } => {
+            resource::validate_database_name(&user).map_err(|_| {
+                anyhow::anyhow!("invalid role name {user:?}: use letters, digits and '_'")
+            })?;
+            let pw = zeroize::Zeroizing::new(
+                std::fs::read_to_string(&password_file)
+                    .with_context(|| format!("reading {}", password_file.display()))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+            );
+            if pw.is_empty() {
+                bail!("the password file is empty");
+            }
+            let mut roles = resource::Roles::load(&data)?;
+            let existed = roles.roles.contains_key(&user);
+            roles.set_password(&user, &pw);
+            if superuser {
+                roles.roles.get_mut(&user).expect("just set").superuser = true;
+            }
+            roles.save(&data)?;
+            println!(
+                "{} role {user}",
+                if existed { "updated" } else { "created" }
+            );
+        }
+        RoleCommand::Delete { data, user } => {
+            let mut roles = resource::Roles::load(&data)?;
+            if roles.roles.remove(&user).is_none() {
+                bail!("role {user:?} does not exist");
+            }
+            if !roles.roles.values().any(|r| r.superuser) {
+                bail!("refusing to remove the last superuser role; create another first");
+            }
+            roles.save(&data)?;
+            println!("deleted role {user}");
+        }
+        RoleCommand::List { data } => {
+            for (name, r) in resource::Roles::load(&data)?.roles {
+                println!("{name}{}", if r.superuser { " (superuser)" } else { "" });
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
@@ -456,6 +542,7 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             );
             Ok(std::process::ExitCode::SUCCESS)
         }
+        ServerCommand::Role { command } => run_role(command),
         ServerCommand::Delete { data, yes } => {
             if !yes {
                 bail!("deleting a server destroys its data and service key; repeat with --yes to confirm");

@@ -390,3 +390,69 @@ fn infrastructure_encryption_is_chosen_at_create_and_covers_everything() {
         "the infra key is destroyed too"
     );
 }
+
+#[test]
+fn roles_are_managed_while_the_server_runs() {
+    let mut s = TestServer::create(&[]);
+    s.start(&[]);
+    let dir = s.dir.to_str().unwrap().to_string();
+    let pw = s.tmp.path().join("alice.pw");
+    std::fs::write(&pw, "alice's secret\n").unwrap();
+    let out = atrest(&[
+        "server",
+        "role",
+        "set",
+        "--data",
+        &dir,
+        "--user",
+        "alice",
+        "--password-file",
+        pw.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let login = |user: &str, password: &str| {
+        Command::new(tool("psql"))
+            .arg(
+                s.conninfo("postgres", "require")
+                    .replace("user=atrest", &format!("user={user}")),
+            )
+            .args(["-X", "-A", "-t", "-c", "SELECT current_user"])
+            .env("PGPASSWORD", password)
+            .output()
+            .unwrap()
+    };
+    let out = login("alice", "alice's secret");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alice");
+    assert!(!login("alice", "wrong").status.success());
+    let roles =
+        String::from_utf8(atrest(&["server", "role", "list", "--data", &dir]).stdout).unwrap();
+    assert!(
+        roles.contains("alice") && roles.contains("atrest (superuser)"),
+        "{roles}"
+    );
+    assert!(!std::fs::read_to_string(s.dir.join("roles.json"))
+        .unwrap()
+        .contains("alice's secret"));
+    assert!(
+        atrest(&["server", "role", "delete", "--data", &dir, "--user", "alice"])
+            .status
+            .success()
+    );
+    let out = login("alice", "alice's secret");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("password authentication failed"));
+    let out = atrest(&[
+        "server", "role", "delete", "--data", &dir, "--user", "atrest",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("last superuser"));
+    assert_eq!(s.sql("postgres", "SELECT current_user"), "atrest");
+    assert!(s.stop().success());
+}
