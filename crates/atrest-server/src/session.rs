@@ -1450,7 +1450,6 @@ impl Worker {
                         false
                     })));
                 }
-                let n = rows.len();
                 for (k, v) in rows {
                     let mut buf = BytesMut::new();
                     let mut fields = 1;
@@ -1461,7 +1460,6 @@ impl Worker {
                     encode_field(&mut buf, ValueRef::Text(v.as_bytes()), PgType::Text, false)?;
                     self.send(B::DataRow(DataRow::new(buf, fields)));
                 }
-                let _ = n;
                 self.complete("SHOW");
             }
             Command::CreateDatabase { name } => {
