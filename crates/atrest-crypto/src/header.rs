@@ -294,7 +294,7 @@ impl FileHeader {
         }
         let version = u16::from_be_bytes([slot[8], slot[9]]);
         if version == VERSION_XCHACHA_INFRA {
-            return Err(CryptoError::InvalidHeader(format!(
+            return Err(CryptoError::UnsupportedFormat(format!(
                 "header format version {VERSION_XCHACHA_INFRA} is a pre-release infrastructure-layer format \
                  (XChaCha20-Poly1305, 68 reserved bytes per page) that this build no longer reads; \
                  its infrastructure layer is AEGIS-256 (format {VERSION_INFRA}, 76 reserved bytes). \
@@ -302,7 +302,7 @@ impl FileHeader {
             )));
         }
         if version != VERSION && version != VERSION_INFRA {
-            return Err(CryptoError::InvalidHeader(format!(
+            return Err(CryptoError::UnsupportedFormat(format!(
                 "header format version {version} is not supported (this build reads {VERSION} and {VERSION_INFRA})"
             )));
         }
@@ -589,7 +589,7 @@ mod tests {
         let dek = Dek::generate().unwrap();
         let mut slot = sample_infra(&dek).encode(&dek).unwrap();
         slot[8..10].copy_from_slice(&VERSION_XCHACHA_INFRA.to_be_bytes());
-        let Err(CryptoError::InvalidHeader(msg)) = FileHeader::decode_unverified(&slot) else {
+        let Err(CryptoError::UnsupportedFormat(msg)) = FileHeader::decode_unverified(&slot) else {
             panic!("format 2 must be refused");
         };
         assert!(msg.contains("format version 2"), "{msg}");

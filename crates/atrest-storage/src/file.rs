@@ -254,6 +254,16 @@ impl SharedFile {
             return Self::create(raw, kind, path, keyring, parent, writable);
         }
 
+        // A slot in a format this build does not read (a retired
+        // pre-release format or a newer one) is reported as such when no
+        // slot is usable, rather than as "not an atrest file".
+        let unsupported = decoded.iter().find_map(|d| match d {
+            Err(e @ CryptoError::UnsupportedFormat(_)) => Some(StorageError::Header {
+                path: path.clone(),
+                reason: e.to_string(),
+            }),
+            _ => None,
+        });
         // Newest verifiable slot wins; the other may be torn or older.
         let mut candidates: Vec<_> = decoded
             .into_iter()
@@ -261,7 +271,7 @@ impl SharedFile {
             .filter_map(|(i, d)| Some((i as u64, d.ok().flatten()?)))
             .collect();
         candidates.sort_by_key(|(_, u)| std::cmp::Reverse(u.claims().sequence));
-        let mut last_err = None;
+        let mut last_err = unsupported;
         for (slot, cand) in candidates {
             let claims = cand.claims().clone();
             if claims.kind != kind {
@@ -754,8 +764,16 @@ pub fn rewrap_infra_at_rest(
     let mut best: Option<(u64, FileHeader, Dek)> = None;
     let mut last_err = None;
     for (i, slot) in slots.chunks(HEADER_SLOT_SIZE).enumerate() {
-        let Ok(Some(cand)) = FileHeader::decode_unverified(slot) else {
-            continue;
+        let cand = match FileHeader::decode_unverified(slot) {
+            Ok(Some(cand)) => cand,
+            Err(e @ CryptoError::UnsupportedFormat(_)) => {
+                last_err.get_or_insert(StorageError::Header {
+                    path: name.clone(),
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+            _ => continue,
         };
         let claims = cand.claims().clone();
         if best
