@@ -18,6 +18,10 @@ pub enum CryptoError {
     /// The header is not an atrest header or is damaged.
     #[error("invalid file header: {0}")]
     InvalidHeader(String),
+    /// The header is an atrest header in a format this build does not
+    /// read (a newer one, or a retired pre-release one).
+    #[error("unsupported file format: {0}")]
+    UnsupportedFormat(String),
     /// The header parsed but its MAC does not verify under the file's DEK.
     #[error("file header authentication failed (header was modified or belongs to another key)")]
     HeaderAuthenticationFailed,

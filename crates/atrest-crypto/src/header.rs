@@ -20,10 +20,15 @@ use crate::{
 /// Bytes per header slot; a file has two.
 pub const HEADER_SLOT_SIZE: usize = 4096;
 const MAGIC: &[u8; 8] = b"ATRESTH1";
-/// Format 1: data layer only. Format 2: the header names an infrastructure
-/// layer too (older builds refuse it instead of misreading its pages).
+/// Format 1: data layer only. Format 3: the header names an infrastructure
+/// layer too, AEGIS-256 units and key wrap (older builds refuse it instead
+/// of misreading its pages). Format 2 was the pre-release XChaCha20-Poly1305
+/// infrastructure layer: refused with [`VERSION_XCHACHA_INFRA`]'s message.
 const VERSION: u16 = 1;
-const VERSION_INFRA: u16 = 2;
+const VERSION_INFRA: u16 = 3;
+/// The retired format of pre-release builds whose infrastructure layer was
+/// XChaCha20-Poly1305 (40-byte unit trailer, reserve 68).
+const VERSION_XCHACHA_INFRA: u16 = 2;
 const MAC_LEN: usize = 32;
 const PREFIX_LEN: usize = 8 + 2 + 4;
 
@@ -98,7 +103,7 @@ impl KeySource {
 pub struct Layers {
     /// The data layer (AES-256-GCM under the file's DEK): always on.
     pub data: bool,
-    /// The infrastructure layer (XChaCha20-Poly1305 under the file's
+    /// The infrastructure layer (AEGIS-256 under the file's
     /// infrastructure DEK).
     pub infrastructure: bool,
 }
@@ -136,7 +141,7 @@ impl Layers {
 }
 
 /// A file's infrastructure-layer key, as stored in its header: wrapped
-/// (XChaCha20-Poly1305) under an infrastructure master key version.
+/// (AEGIS-256) under an infrastructure master key version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InfraKeyRecord {
     pub dek_id: DekId,
@@ -247,11 +252,7 @@ impl FileHeader {
                 &encode_wrapped(&infra.wrapped),
             );
         }
-        let version = if self.infra.is_some() {
-            VERSION_INFRA
-        } else {
-            VERSION
-        };
+        let version = self.format_version();
 
         if PREFIX_LEN + body.len() + MAC_LEN > HEADER_SLOT_SIZE {
             return Err(CryptoError::InvalidHeader(format!(
@@ -270,6 +271,16 @@ impl FileHeader {
         Ok(slot)
     }
 
+    /// The format version [`Self::encode`] writes for this header: 1 for
+    /// the data layer alone, 3 with the (AEGIS-256) infrastructure layer.
+    pub fn format_version(&self) -> u16 {
+        if self.infra.is_some() {
+            VERSION_INFRA
+        } else {
+            VERSION
+        }
+    }
+
     /// Parses a slot without checking its MAC (the DEK is not known yet).
     /// Returns `Ok(None)` for an all-zero (never written) slot.
     pub fn decode_unverified(slot: &[u8]) -> Result<Option<UnverifiedHeader>, CryptoError> {
@@ -282,8 +293,16 @@ impl FileHeader {
             ));
         }
         let version = u16::from_be_bytes([slot[8], slot[9]]);
+        if version == VERSION_XCHACHA_INFRA {
+            return Err(CryptoError::UnsupportedFormat(format!(
+                "header format version {VERSION_XCHACHA_INFRA} is a pre-release infrastructure-layer format \
+                 (XChaCha20-Poly1305, 68 reserved bytes per page) that this build no longer reads; \
+                 its infrastructure layer is AEGIS-256 (format {VERSION_INFRA}, 76 reserved bytes). \
+                 Recreate the server and reload the data with the build that wrote it"
+            )));
+        }
         if version != VERSION && version != VERSION_INFRA {
-            return Err(CryptoError::InvalidHeader(format!(
+            return Err(CryptoError::UnsupportedFormat(format!(
                 "header format version {version} is not supported (this build reads {VERSION} and {VERSION_INFRA})"
             )));
         }
@@ -453,9 +472,7 @@ fn parse_body(body: &[u8]) -> Result<FileHeader, CryptoError> {
     };
     let infra = if layers.infrastructure {
         let w = decode_wrapped(get(tag::INFRA_WRAPPED, "infrastructure wrapped key")?)?;
-        if w.kek.kind != ProtectorKind::Infrastructure
-            || w.algorithm != WrapAlgorithm::XChaCha20Poly1305
-        {
+        if w.kek.kind != ProtectorKind::Infrastructure || w.algorithm != WrapAlgorithm::Aegis256 {
             return Err(bad("infrastructure wrapped key"));
         }
         Some(InfraKeyRecord {
@@ -520,8 +537,8 @@ mod tests {
                         kind: ProtectorKind::Infrastructure,
                         key_id: "infra:abcd/v1".into(),
                     },
-                    algorithm: WrapAlgorithm::XChaCha20Poly1305,
-                    bytes: vec![6; 72],
+                    algorithm: WrapAlgorithm::Aegis256,
+                    bytes: vec![6; crate::INFRA_WRAPPED_LEN],
                 },
             }),
             ..sample(dek)
@@ -534,7 +551,7 @@ mod tests {
         let h = sample_infra(&dek);
         assert_eq!(h.layers(), Layers::DATA_AND_INFRA);
         let slot = h.encode(&dek).unwrap();
-        assert_eq!(&slot[8..10], &2u16.to_be_bytes());
+        assert_eq!(&slot[8..10], &VERSION_INFRA.to_be_bytes());
         let back = FileHeader::decode_unverified(&slot)
             .unwrap()
             .unwrap()
@@ -563,6 +580,23 @@ mod tests {
         let mut v1 = slot.clone();
         v1[8..10].copy_from_slice(&1u16.to_be_bytes());
         assert!(FileHeader::decode_unverified(&v1).is_err());
+    }
+
+    /// A file written by the pre-release XChaCha20-Poly1305 build (format 2)
+    /// is refused with a message that names the format, not misread.
+    #[test]
+    fn retired_xchacha_format_is_refused_clearly() {
+        let dek = Dek::generate().unwrap();
+        let mut slot = sample_infra(&dek).encode(&dek).unwrap();
+        slot[8..10].copy_from_slice(&VERSION_XCHACHA_INFRA.to_be_bytes());
+        let Err(CryptoError::UnsupportedFormat(msg)) = FileHeader::decode_unverified(&slot) else {
+            panic!("format 2 must be refused");
+        };
+        assert!(msg.contains("format version 2"), "{msg}");
+        assert!(msg.contains("XChaCha20-Poly1305"), "{msg}");
+        assert!(msg.contains("AEGIS-256"), "{msg}");
+        // The old wrap algorithm id (XChaCha20-Poly1305 = 3) is not reused.
+        assert_eq!(WrapAlgorithm::from_u8(3), None);
     }
 
     #[test]

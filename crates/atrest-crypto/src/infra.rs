@@ -1,51 +1,109 @@
 //! The infrastructure layer: a second, independent encryption layer under
 //! the data layer, with another algorithm and another implementation.
 //!
-//! * AEAD: XChaCha20-Poly1305 from the RustCrypto `chacha20poly1305` crate
-//!   (pure Rust; nothing shared with AWS-LC, which does the data layer).
-//! * Nonces: 192-bit values from the operating system's CSPRNG through the
+//! * AEAD: AEGIS-256 with a 128-bit tag, from libaegis (C, Frank Denis)
+//!   through the `aegis` crate, which compiles it with the system C compiler
+//!   and picks its AES-NI code path at run time. Nothing is shared with
+//!   AWS-LC, which does the data layer's AES-256-GCM; both use the CPU's AES
+//!   round instruction (see `docs/CRYPTO.md` for what that does and does
+//!   not make independent).
+//! * Nonces: 256-bit values from the operating system's CSPRNG through the
 //!   `getrandom` crate (the `getrandom(2)` system call on Linux), never from
 //!   AWS-LC's DRBG, so a flaw in one library's random generator cannot
 //!   repeat nonces in both layers.
 //! * Keys: one random 256-bit infrastructure DEK per file ([`InfraDek`]),
-//!   wrapped with XChaCha20-Poly1305 under an infrastructure master key
+//!   wrapped with AEGIS-256 under an infrastructure master key
 //!   ([`InfraKek`]) that is neither the service key nor a customer key.
 //!
 //! A unit sealed by this layer keeps its length; its last
 //! [`INFRA_OVERHEAD`] bytes hold the tag and the nonce:
 //!
 //! ```text
-//! | ciphertext (len - 40) | Poly1305 tag (16) | XChaCha20 nonce (24) |
+//! | ciphertext (len - 48) | AEGIS-256 tag (16) | AEGIS-256 nonce (32) |
 //! ```
 //!
 //! The storage engine seals with the data layer first (AES-256-GCM over the
-//! first `len - 40` bytes, its own 28-byte trailer inside them) and then with
+//! first `len - 48` bytes, its own 28-byte trailer inside them) and then with
 //! this layer over the whole unit, so this is the last transformation before
 //! bytes reach the file, and the first undone when they come back.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+use aegis::aegis256::Aegis256;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::{CryptoError, DekId, FileId, FileKind, SealContext};
 
-/// Poly1305 tag (16) plus XChaCha20 nonce (24) at the end of every unit.
+/// AEGIS-256 tag (16) plus AEGIS-256 nonce (32) at the end of every unit.
 pub const INFRA_OVERHEAD: usize = INFRA_TAG_LEN + INFRA_NONCE_LEN;
-const INFRA_TAG_LEN: usize = 16;
-const INFRA_NONCE_LEN: usize = 24;
-/// Nonce (24) + wrapped key (32) + tag (16).
-pub const INFRA_WRAPPED_LEN: usize = INFRA_NONCE_LEN + 32 + INFRA_TAG_LEN;
+/// AEGIS-256 tag length used by this layer (the 128-bit variant).
+pub const INFRA_TAG_LEN: usize = 16;
+/// AEGIS-256 nonce length: 256 bits.
+pub const INFRA_NONCE_LEN: usize = 32;
+const KEY_LEN: usize = 32;
+/// Nonce (32) + wrapped key (32) + tag (16).
+pub const INFRA_WRAPPED_LEN: usize = INFRA_NONCE_LEN + KEY_LEN + INFRA_TAG_LEN;
 /// The cipher id bound into the infrastructure layer's AAD (the data layer's
-/// AES-256-GCM is 1).
-pub const INFRA_CIPHER_ID: u8 = 2;
+/// AES-256-GCM is 1; 2 was XChaCha20-Poly1305 in pre-release builds).
+pub const INFRA_CIPHER_ID: u8 = 3;
 /// Domain label of the infrastructure layer's unit AAD (the data layer uses
 /// `ATRSEAL1`).
 const UNIT_LABEL: &[u8; 8] = b"ATRINFR1";
 /// Domain label of the infrastructure key wrap (the data layer uses `ATRWRAP1`).
 const WRAP_LABEL: &[u8; 8] = b"ATRIWRP1";
+
+/// The layer's algorithm, as shown by `inspect`, `stats` and the benchmark.
+pub const INFRA_CIPHER_NAME: &str = "AEGIS-256";
+/// The library that runs it.
+pub const INFRA_IMPLEMENTATION: &str = "libaegis (C) via the aegis crate 0.9";
+
+type Cipher = Aegis256<INFRA_TAG_LEN>;
+
+/// Seals `body` in place with AEGIS-256 (libaegis) and returns the tag.
+/// The cipher value holds a copy of the key; it is wiped before returning
+/// (best effort: libaegis keeps its state on its own stack frame and
+/// wipes nothing we can see).
+fn aegis_seal(
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; INFRA_NONCE_LEN],
+    aad: &[u8],
+    body: &mut [u8],
+) -> [u8; INFRA_TAG_LEN] {
+    let mut cipher = Cipher::new(key, nonce);
+    let tag = cipher.encrypt_in_place(body, aad);
+    wipe_cipher(&mut cipher);
+    tag
+}
+
+/// Opens `body` in place; on failure libaegis erases the buffer.
+fn aegis_open(
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; INFRA_NONCE_LEN],
+    aad: &[u8],
+    body: &mut [u8],
+    tag: &[u8; INFRA_TAG_LEN],
+) -> bool {
+    let mut cipher = Cipher::new(key, nonce);
+    let ok = cipher.decrypt_in_place(body, tag, aad).is_ok();
+    wipe_cipher(&mut cipher);
+    ok
+}
+
+/// Zeroes the key (and nonce) copy inside an `Aegis256` value, which is
+/// plain `Copy` data with no destructor of its own.
+fn wipe_cipher(cipher: &mut Cipher) {
+    // SAFETY: `Aegis256` is a `Copy` struct of two byte arrays (key, nonce)
+    // with no references, padding-free and valid for any bit pattern, so
+    // viewing it as bytes and zeroing them leaves a valid value.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(
+            (cipher as *mut Cipher).cast::<u8>(),
+            std::mem::size_of::<Cipher>(),
+        )
+    };
+    bytes.zeroize();
+}
 
 /// Fills `buf` from the operating system's CSPRNG (not AWS-LC).
 pub fn os_random(buf: &mut [u8]) -> Result<(), CryptoError> {
@@ -111,9 +169,9 @@ fn unit_aad(ctx: &SealContext, dek_id: DekId, unit_len: usize) -> [u8; 64] {
 }
 
 /// An infrastructure DEK made ready for sealing units, with counters.
-/// The cipher object holds the key and zeroizes it on drop.
+/// The key is zeroized on drop.
 pub struct InfraUnitKey {
-    cipher: XChaCha20Poly1305,
+    key: Zeroizing<[u8; KEY_LEN]>,
     dek_id: DekId,
     sealed: AtomicU64,
 }
@@ -121,7 +179,7 @@ pub struct InfraUnitKey {
 impl InfraUnitKey {
     pub fn new(dek: &InfraDek) -> Self {
         Self {
-            cipher: XChaCha20Poly1305::new(dek.expose_secret().into()),
+            key: Zeroizing::new(*dek.expose_secret()),
             dek_id: dek.id(),
             sealed: AtomicU64::new(0),
         }
@@ -136,8 +194,9 @@ impl InfraUnitKey {
         self.sealed.load(Ordering::Relaxed)
     }
 
-    /// Seals `unit` in place: its first `len - 40` bytes are encrypted, the
-    /// last 40 are overwritten with tag and nonce.
+    /// Seals `unit` in place: its first `len - INFRA_OVERHEAD` bytes are
+    /// encrypted, the last `INFRA_OVERHEAD` are overwritten with tag and
+    /// nonce.
     pub fn seal(&self, ctx: &SealContext, unit: &mut [u8]) -> Result<(), CryptoError> {
         let len = unit.len();
         if len < INFRA_OVERHEAD {
@@ -150,10 +209,7 @@ impl InfraUnitKey {
         os_random(&mut nonce)?;
         let aad = unit_aad(ctx, self.dek_id, len);
         let (body, trailer) = unit.split_at_mut(len - INFRA_OVERHEAD);
-        let tag = self
-            .cipher
-            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, body)
-            .map_err(|_| CryptoError::Library("XChaCha20-Poly1305 seal"))?;
+        let tag = aegis_seal(&self.key, &nonce, &aad, body);
         trailer[..INFRA_TAG_LEN].copy_from_slice(&tag);
         trailer[INFRA_TAG_LEN..].copy_from_slice(&nonce);
         self.sealed.fetch_add(1, Ordering::Relaxed);
@@ -161,7 +217,7 @@ impl InfraUnitKey {
     }
 
     /// Opens a unit sealed by [`Self::seal`] in place. On success the first
-    /// `len - 40` bytes are the data layer's sealed unit and the trailer is
+    /// `len - INFRA_OVERHEAD` bytes are the data layer's sealed unit and the trailer is
     /// zeroed; on failure the buffer is unspecified and must not be used.
     pub fn open(&self, ctx: &SealContext, unit: &mut [u8]) -> Result<(), CryptoError> {
         let len = unit.len();
@@ -173,12 +229,10 @@ impl InfraUnitKey {
         }
         let aad = unit_aad(ctx, self.dek_id, len);
         let (body, trailer) = unit.split_at_mut(len - INFRA_OVERHEAD);
-        let tag = *Tag::from_slice(&trailer[..INFRA_TAG_LEN]);
-        let nonce = *XNonce::from_slice(&trailer[INFRA_TAG_LEN..]);
-        let ok = self
-            .cipher
-            .decrypt_in_place_detached(&nonce, &aad, body, &tag)
-            .is_ok();
+        let (tag, nonce) = trailer.split_at(INFRA_TAG_LEN);
+        let tag: [u8; INFRA_TAG_LEN] = tag.try_into().expect("tag length");
+        let nonce: [u8; INFRA_NONCE_LEN] = nonce.try_into().expect("nonce length");
+        let ok = aegis_open(&self.key, &nonce, &aad, body, &tag);
         trailer.fill(0);
         if ok {
             Ok(())
@@ -189,15 +243,16 @@ impl InfraUnitKey {
 }
 
 /// An infrastructure master key (key-encryption key for infrastructure
-/// DEKs). XChaCha20-Poly1305; the cipher zeroizes the key on drop.
+/// DEKs). AEGIS-256 with a random 256-bit nonce; the key is zeroized on
+/// drop.
 pub struct InfraKek {
-    cipher: XChaCha20Poly1305,
+    key: Zeroizing<[u8; KEY_LEN]>,
 }
 
 impl InfraKek {
     pub fn new(bytes: &[u8; 32]) -> Self {
         Self {
-            cipher: XChaCha20Poly1305::new(bytes.into()),
+            key: Zeroizing::new(*bytes),
         }
     }
 
@@ -214,10 +269,7 @@ impl InfraKek {
         os_random(&mut nonce)?;
         let mut buf = Zeroizing::new(*dek.expose_secret());
         let aad = wrap_aad(dek.id(), file_id, kind, kek_id);
-        let tag = self
-            .cipher
-            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, &mut buf[..])
-            .map_err(|_| CryptoError::Library("XChaCha20-Poly1305 wrap"))?;
+        let tag = aegis_seal(&self.key, &nonce, &aad, &mut buf[..]);
         let mut out = Vec::with_capacity(INFRA_WRAPPED_LEN);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&buf[..]);
@@ -237,14 +289,16 @@ impl InfraKek {
         if wrapped.len() != INFRA_WRAPPED_LEN {
             return Err(CryptoError::AuthenticationFailed);
         }
-        let nonce = XNonce::from_slice(&wrapped[..INFRA_NONCE_LEN]);
-        let mut buf = Zeroizing::new([0u8; 32]);
-        buf.copy_from_slice(&wrapped[INFRA_NONCE_LEN..INFRA_NONCE_LEN + 32]);
-        let tag = Tag::from_slice(&wrapped[INFRA_NONCE_LEN + 32..]);
+        let nonce: [u8; INFRA_NONCE_LEN] = wrapped[..INFRA_NONCE_LEN].try_into().expect("nonce");
+        let mut buf = Zeroizing::new([0u8; KEY_LEN]);
+        buf.copy_from_slice(&wrapped[INFRA_NONCE_LEN..INFRA_NONCE_LEN + KEY_LEN]);
+        let tag: [u8; INFRA_TAG_LEN] = wrapped[INFRA_NONCE_LEN + KEY_LEN..]
+            .try_into()
+            .expect("tag");
         let aad = wrap_aad(dek_id, file_id, kind, kek_id);
-        self.cipher
-            .decrypt_in_place_detached(nonce, &aad, &mut buf[..], tag)
-            .map_err(|_| CryptoError::AuthenticationFailed)?;
+        if !aegis_open(&self.key, &nonce, &aad, &mut buf[..], &tag) {
+            return Err(CryptoError::AuthenticationFailed);
+        }
         Ok(InfraDek::from_parts(dek_id, &buf))
     }
 }
@@ -296,7 +350,10 @@ mod tests {
     fn every_bit_flip_and_every_move_is_detected() {
         let key = InfraUnitKey::new(&InfraDek::generate().unwrap());
         let page = sealed(&key, 1);
-        for pos in (0..page.len()).step_by(7).chain(4096 - 40..4096) {
+        for pos in (0..page.len())
+            .step_by(7)
+            .chain(4096 - INFRA_OVERHEAD..4096)
+        {
             let mut bad = page.clone();
             bad[pos] ^= 1 << (pos % 8);
             assert_eq!(
@@ -328,7 +385,9 @@ mod tests {
         let mut copy = page.clone();
         assert!(other.open(&ctx(1), &mut copy).is_err());
         assert!(key.open(&ctx(1), &mut vec![0u8; 4096]).is_err());
-        assert!(key.open(&ctx(1), &mut page[..39].to_vec()).is_err());
+        assert!(key
+            .open(&ctx(1), &mut page[..INFRA_OVERHEAD - 1].to_vec())
+            .is_err());
     }
 
     #[test]
@@ -336,10 +395,14 @@ mod tests {
         let key = InfraUnitKey::new(&InfraDek::generate().unwrap());
         let (a, b) = (sealed(&key, 1), sealed(&key, 1));
         assert_ne!(a, b);
-        assert_ne!(a[4096 - 24..], b[4096 - 24..], "nonces differ");
+        assert_ne!(
+            a[4096 - INFRA_NONCE_LEN..],
+            b[4096 - INFRA_NONCE_LEN..],
+            "nonces differ"
+        );
     }
 
-    /// The two layers nest: the data layer seals the first `len - 40`
+    /// The two layers nest: the data layer seals the first `len - 48`
     /// bytes, the infrastructure layer the whole unit. Each layer alone
     /// hides the plaintext; removing either breaks the open.
     #[test]
@@ -411,6 +474,33 @@ mod tests {
         assert!(kek
             .unwrap(dek.id(), &bad, f, FileKind::MainDb, "infra:aa/v1")
             .is_err());
+    }
+
+    /// draft-irtf-cfrg-aegis-aead, AEGIS-256 test vector 3 (16-byte tag):
+    /// pins the algorithm libaegis runs behind [`aegis_seal`].
+    #[test]
+    fn aegis256_known_answer() {
+        let h = |s: &str| hex::decode(s).unwrap();
+        let key: [u8; 32] = h("1001000000000000000000000000000000000000000000000000000000000000")
+            .try_into()
+            .unwrap();
+        let nonce: [u8; 32] = h("1000020000000000000000000000000000000000000000000000000000000000")
+            .try_into()
+            .unwrap();
+        let ad = h("0001020304050607");
+        let msg = h("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f");
+        let mut buf = msg.clone();
+        let tag = aegis_seal(&key, &nonce, &ad, &mut buf);
+        assert_eq!(
+            hex::encode(&buf),
+            "f373079ed84b2709faee373584585d60accd191db310ef5d8b11833df9dec711"
+        );
+        assert_eq!(hex::encode(tag), "8d86f91ee606e9ff26a01b64ccbdd91d");
+        assert!(aegis_open(&key, &nonce, &ad, &mut buf, &tag));
+        assert_eq!(buf, msg);
+        let mut bad = tag;
+        bad[0] ^= 1;
+        assert!(!aegis_open(&key, &nonce, &ad, &mut buf.clone(), &bad));
     }
 
     #[test]

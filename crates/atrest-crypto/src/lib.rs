@@ -6,7 +6,8 @@
 //! what comes back; the storage crate decides *where*. Every primitive of the
 //! data layer comes from aws-lc-rs (the `fips` feature switches to the FIPS
 //! 140-3 module); the infrastructure layer ([`InfraUnitKey`], [`InfraKek`])
-//! deliberately uses another implementation, RustCrypto's XChaCha20-Poly1305.
+//! deliberately uses another algorithm and implementation: AEGIS-256 from
+//! libaegis (C), through the `aegis` crate.
 //!
 //! What it is not: a key store (see `atrest-keystore`), a VFS (see
 //! `atrest-storage`), or a general-purpose crypto toolkit.
@@ -24,7 +25,8 @@ pub use header::{
     FileHeader, FileKind, InfraKeyRecord, KeySource, Layers, UnverifiedHeader, HEADER_SLOT_SIZE,
 };
 pub use infra::{
-    os_random, InfraDek, InfraKek, InfraUnitKey, INFRA_CIPHER_ID, INFRA_OVERHEAD, INFRA_WRAPPED_LEN,
+    os_random, InfraDek, InfraKek, InfraUnitKey, INFRA_CIPHER_ID, INFRA_CIPHER_NAME,
+    INFRA_IMPLEMENTATION, INFRA_NONCE_LEN, INFRA_OVERHEAD, INFRA_TAG_LEN, INFRA_WRAPPED_LEN,
 };
 pub use keys::{random_id, Dek, DekId, FileId};
 pub use protector::{

@@ -47,8 +47,11 @@ pub enum WrapAlgorithm {
     A256Gcm = 1,
     /// RSA-OAEP with SHA-256 (customer keys in the vault).
     RsaOaep256 = 2,
-    /// XChaCha20-Poly1305 with a random 192-bit nonce (infrastructure layer).
-    XChaCha20Poly1305 = 3,
+    // 3 was XChaCha20-Poly1305 (infrastructure layer of pre-release builds,
+    // header format 2); it is not reused.
+    /// AEGIS-256 (libaegis) with a random 256-bit nonce and a 128-bit tag
+    /// (infrastructure layer).
+    Aegis256 = 4,
 }
 
 impl WrapAlgorithm {
@@ -56,7 +59,7 @@ impl WrapAlgorithm {
         match v {
             1 => Some(Self::A256Gcm),
             2 => Some(Self::RsaOaep256),
-            3 => Some(Self::XChaCha20Poly1305),
+            4 => Some(Self::Aegis256),
             _ => None,
         }
     }
@@ -64,7 +67,7 @@ impl WrapAlgorithm {
         match self {
             Self::A256Gcm => "A256GCM",
             Self::RsaOaep256 => "RSA-OAEP-256",
-            Self::XChaCha20Poly1305 => "XChaCha20-Poly1305",
+            Self::Aegis256 => "AEGIS-256",
         }
     }
 }

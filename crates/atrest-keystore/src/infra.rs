@@ -2,8 +2,8 @@
 //! from the service keystore (its own directory, its own file names).
 //!
 //! An infrastructure master key wraps the per-file infrastructure DEKs of
-//! the second encryption layer with XChaCha20-Poly1305 (RustCrypto), so
-//! that neither the key nor the library is shared with the data layer.
+//! the second encryption layer with AEGIS-256 (libaegis), so that neither
+//! the key nor the library is shared with the data layer.
 //! A key has versions: rotation adds a version; files are rewrapped under
 //! it; older versions stay readable until they are removed.
 //!
@@ -225,7 +225,7 @@ impl InfraKeystore {
 }
 
 /// Wraps and unwraps infrastructure DEKs under one infrastructure master
-/// key (XChaCha20-Poly1305).
+/// key (AEGIS-256).
 pub struct InfraProtector {
     id: InfraKeyId,
     current: u32,
@@ -285,7 +285,7 @@ impl InfraProtector {
             .map_err(|e| ProtectorError::Other(e.to_string()))?;
         Ok(WrappedDek {
             kek: kek_ref,
-            algorithm: WrapAlgorithm::XChaCha20Poly1305,
+            algorithm: WrapAlgorithm::Aegis256,
             bytes,
         })
     }
@@ -308,7 +308,7 @@ impl InfraProtector {
         };
         if id != self.id
             || wrapped.kek.kind != ProtectorKind::Infrastructure
-            || wrapped.algorithm != WrapAlgorithm::XChaCha20Poly1305
+            || wrapped.algorithm != WrapAlgorithm::Aegis256
         {
             return Err(not_mine());
         }

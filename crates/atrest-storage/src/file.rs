@@ -131,7 +131,7 @@ pub struct SharedFile {
     key: UnitKey,
     /// The infrastructure layer's key, when that layer protects the file.
     infra: Option<InfraUnitKey>,
-    /// Bytes of tags and nonces per unit: 28, or 68 with the infrastructure layer.
+    /// Bytes of tags and nonces per unit: 28, or 76 with the infrastructure layer.
     pub ov: usize,
     /// Page size of a database or WAL, 0 while unknown.
     page_size: AtomicUsize,
@@ -254,6 +254,16 @@ impl SharedFile {
             return Self::create(raw, kind, path, keyring, parent, writable);
         }
 
+        // A slot in a format this build does not read (a retired
+        // pre-release format or a newer one) is reported as such when no
+        // slot is usable, rather than as "not an atrest file".
+        let unsupported = decoded.iter().find_map(|d| match d {
+            Err(e @ CryptoError::UnsupportedFormat(_)) => Some(StorageError::Header {
+                path: path.clone(),
+                reason: e.to_string(),
+            }),
+            _ => None,
+        });
         // Newest verifiable slot wins; the other may be torn or older.
         let mut candidates: Vec<_> = decoded
             .into_iter()
@@ -261,7 +271,7 @@ impl SharedFile {
             .filter_map(|(i, d)| Some((i as u64, d.ok().flatten()?)))
             .collect();
         candidates.sort_by_key(|(_, u)| std::cmp::Reverse(u.claims().sequence));
-        let mut last_err = None;
+        let mut last_err = unsupported;
         for (slot, cand) in candidates {
             let claims = cand.claims().clone();
             if claims.kind != kind {
@@ -505,7 +515,8 @@ impl SharedFile {
     }
 
     /// Seals one unit with every layer of the file: the data layer over
-    /// all but the last 40 bytes, then the infrastructure layer over all.
+    /// all but the last `INFRA_OVERHEAD` (48) bytes, then the
+    /// infrastructure layer over all.
     fn seal_unit(&self, ctx: &SealContext, unit: &mut [u8], stats: &Stats) -> Result<(), Fail> {
         let n = unit.len();
         match &self.infra {
@@ -753,8 +764,16 @@ pub fn rewrap_infra_at_rest(
     let mut best: Option<(u64, FileHeader, Dek)> = None;
     let mut last_err = None;
     for (i, slot) in slots.chunks(HEADER_SLOT_SIZE).enumerate() {
-        let Ok(Some(cand)) = FileHeader::decode_unverified(slot) else {
-            continue;
+        let cand = match FileHeader::decode_unverified(slot) {
+            Ok(Some(cand)) => cand,
+            Err(e @ CryptoError::UnsupportedFormat(_)) => {
+                last_err.get_or_insert(StorageError::Header {
+                    path: name.clone(),
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+            _ => continue,
         };
         let claims = cand.claims().clone();
         if best
@@ -1861,18 +1880,19 @@ mod tests {
     fn journal_and_temp_files_with_the_infrastructure_layer_match_a_plain_model() {
         let (_dir, infra) = infra_protector();
         let j = journal_file_with(Some(infra));
-        assert_eq!(j.shared.ov, 68);
+        let ov = SEAL_OVERHEAD + INFRA_OVERHEAD;
+        assert_eq!(j.shared.ov, ov);
         model_check(j);
         let shared = SharedFile::temp("mem".into(), true).unwrap();
-        assert_eq!(shared.ov, 68);
+        assert_eq!(shared.ov, ov);
         let stats = Arc::new(Stats::default());
         let mut t = EncryptedFile::new(MemFile::default(), shared, Arc::clone(&stats));
         t.write(&[0xC5; 10_000], 0).unwrap();
         t.sync(0).unwrap();
-        // Both layers sealed every block; each temp block is 4096 + 68 on disk.
+        // Both layers sealed every block; each temp block is 4096 + 76 on disk.
         let units = stats.units_sealed.load(Ordering::Relaxed);
         assert_eq!(units, stats.infra_units_sealed.load(Ordering::Relaxed));
-        assert_eq!(t.raw.0.len(), 2 * (4096 + 68) + (10_000 - 8192) + 68);
+        assert_eq!(t.raw.0.len(), 2 * (4096 + ov) + (10_000 - 8192) + ov);
         let mut back = vec![0u8; 10_000];
         assert!(t.read(&mut back, 0).unwrap());
         assert!(back.iter().all(|&b| b == 0xC5));
@@ -1906,18 +1926,22 @@ mod tests {
         }
     }
 
-    /// With the infrastructure layer, page 1 must reserve 68 bytes: 28 is
-    /// refused (the data layer's trailer alone does not fit both).
+    /// With the infrastructure layer, page 1 must reserve 76 bytes: 28 is
+    /// refused (the data layer's trailer alone does not fit both), and so
+    /// is the retired XChaCha20-Poly1305 reserve of 68.
     #[test]
-    fn with_the_infrastructure_layer_a_page_needs_68_reserved_bytes() {
+    fn with_the_infrastructure_layer_a_page_needs_76_reserved_bytes() {
+        let ov = SEAL_OVERHEAD + INFRA_OVERHEAD;
         let (_dir, infra) = infra_protector();
         let (_keyring, mut f) = db_file_with(Some(infra));
         let mut page = vec![0u8; 4096];
         page[16..18].copy_from_slice(&4096u16.to_be_bytes());
-        page[20] = 28;
-        let msg = f.write(&page, 0).unwrap_err().detail.unwrap().to_string();
-        assert!(msg.contains("atrest needs 68"), "{msg}");
-        page[20] = 68;
+        for short in [SEAL_OVERHEAD as u8, 68] {
+            page[20] = short;
+            let msg = f.write(&page, 0).unwrap_err().detail.unwrap().to_string();
+            assert!(msg.contains(&format!("atrest needs {ov}")), "{msg}");
+        }
+        page[20] = ov as u8;
         page[100..110].copy_from_slice(b"0123456789");
         f.write(&page, 0).unwrap();
         let disk = f.raw.0[HEADER_LEN as usize..].to_vec();

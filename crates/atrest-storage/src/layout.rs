@@ -18,9 +18,9 @@
 //!   with 28 bytes appended; the last block may be short.
 //!
 //! The 28 bytes are the *overhead* of the data layer. With the
-//! infrastructure layer on, each unit carries 40 more (its Poly1305 tag and
-//! XChaCha20 nonce) after the data layer's: the overhead is 68, a journal
-//! block holds `4096 - 68` logical bytes, and SQLite's reserve is 68. The
+//! infrastructure layer on, each unit carries 48 more (its AEGIS-256 tag,
+//! 16, and nonce, 32) after the data layer's: the overhead is 76, a journal
+//! block holds `4096 - 76` logical bytes, and SQLite's reserve is 76. The
 //! overhead is a property of the file (its header names its layers).
 
 use atrest_crypto::{HEADER_SLOT_SIZE, SEAL_OVERHEAD};
@@ -79,7 +79,7 @@ pub struct Unit {
     /// True if tag and nonce follow the logical bytes; false if they sit
     /// in the unit's own last 28 bytes (pages).
     pub appended: bool,
-    /// Bytes of tags and nonces the unit carries (28, or 68 with the
+    /// Bytes of tags and nonces the unit carries (28, or 76 with the
     /// infrastructure layer).
     pub ov: usize,
 }
@@ -367,12 +367,14 @@ mod tests {
             base: HEADER_LEN,
             ov,
         };
-        assert_eq!(g.unit_at(0).plen(), 32 + 68);
+        assert_eq!(ov, 76, "28 (AES-256-GCM) + 48 (AEGIS-256)");
+        let hdr = 32 + ov as u64;
+        assert_eq!(g.unit_at(0).plen(), 32 + ov);
         let fh = g.unit_at(32);
-        assert_eq!((fh.pstart, fh.plen()), (HEADER_LEN + 100, 8 + 24 + 68));
+        assert_eq!((fh.pstart, fh.plen()), (HEADER_LEN + hdr, 8 + 24 + ov));
         let pg = g.unit_at(32 + 24);
-        assert_eq!((pg.pstart, pg.plen()), (HEADER_LEN + 200, p));
-        let two = HEADER_LEN + 100 + 2 * (100 + p as u64);
+        assert_eq!((pg.pstart, pg.plen()), (HEADER_LEN + 2 * hdr, p));
+        let two = HEADER_LEN + hdr + 2 * (hdr + p as u64);
         assert_eq!(g.logical_size(two), 32 + 2 * (24 + p as u64));
         assert_eq!(g.physical_size(32 + 2 * (24 + p as u64)), two);
     }

@@ -41,7 +41,7 @@ use vfs::RegisteredVfs;
 /// Reserved bytes per page that atrest asks SQLite for: AES-GCM tag and nonce.
 pub const RESERVED_BYTES: usize = SEAL_OVERHEAD;
 /// Reserved bytes per page with the infrastructure layer on: the data
-/// layer's 28 plus XChaCha20-Poly1305's tag (16) and nonce (24).
+/// layer's 28 plus AEGIS-256's tag (16) and nonce (32): 76.
 pub const RESERVED_BYTES_INFRA: usize = SEAL_OVERHEAD + INFRA_OVERHEAD;
 
 const DATA_DIR_META: &str = "atrest.json";
@@ -171,7 +171,7 @@ struct EngineInner {
     stats: Arc<Stats>,
     keyring: Arc<Keyring>,
     info: RwLock<Option<DataDirInfo>>,
-    /// SQLite's reserved bytes per page: 28, or 68 with the infrastructure layer.
+    /// SQLite's reserved bytes per page: 28, or 76 with the infrastructure layer.
     reserve: usize,
 }
 
@@ -752,13 +752,13 @@ fn inspect_file(path: &Path, keyring: Option<&Keyring>) -> Result<serde_json::Va
     };
     Ok(serde_json::json!({
         "path": path.display().to_string(),
-        "format_version": if h.infra.is_some() { 2 } else { 1 },
+        "format_version": h.format_version(),
         "kind": h.kind.name(),
         "cipher": h.cipher.name(),
         "layers": h.layers().names(),
         "infrastructure_layer": h.infra.as_ref().map(|i| serde_json::json!({
-            "cipher": "XChaCha20-Poly1305",
-            "implementation": "RustCrypto chacha20poly1305",
+            "cipher": atrest_crypto::INFRA_CIPHER_NAME,
+            "implementation": atrest_crypto::INFRA_IMPLEMENTATION,
             "dek_id": i.dek_id.to_hex(),
             "wrapped_dek": wrapped_json(&i.wrapped),
             "unwraps": infra_unwraps,

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use atrest_crypto::{
     FileHeader, FileId, FileKind, InfraUnitKey, KeySource, SealContext, UnitKey, HEADER_SLOT_SIZE,
+    INFRA_CIPHER_NAME, INFRA_NONCE_LEN, INFRA_OVERHEAD, INFRA_TAG_LEN, SEAL_OVERHEAD,
 };
 use atrest_keystore::{InfraKeyId, InfraKeystore, Keystore, ServiceKeyId};
 use atrest_storage::{Engine, EngineOptions, StorageError, HEADER_LEN};
@@ -105,7 +106,12 @@ fn marker_scan_stats_and_inspect_with_the_layer_on() {
     let fx = infra_fixture();
     let engine = fx.engine();
     assert!(engine.infrastructure_encryption());
-    assert_eq!(engine.reserved_bytes(), 68);
+    assert_eq!(engine.reserved_bytes(), SEAL_OVERHEAD + INFRA_OVERHEAD);
+    assert_eq!(
+        engine.reserved_bytes(),
+        76,
+        "28 (AES-256-GCM) + 48 (AEGIS-256)"
+    );
     let before = engine.stats();
     build(&engine, "r", 500);
     {
@@ -141,8 +147,8 @@ fn marker_scan_stats_and_inspect_with_the_layer_on() {
     assert!(s.infra_units_opened > 0);
     assert_eq!(
         s.infra_bytes_sealed,
-        s.bytes_sealed + 40 * s.infra_units_sealed,
-        "the infra layer seals 40 bytes more per unit than the data layer"
+        s.bytes_sealed + INFRA_OVERHEAD as u64 * s.infra_units_sealed,
+        "the infra layer seals INFRA_OVERHEAD (48) bytes more per unit than the data layer"
     );
     let m = marker();
     for f in files_under(&fx.data()) {
@@ -156,10 +162,12 @@ fn marker_scan_stats_and_inspect_with_the_layer_on() {
     for p in [fx.data().join("r.db"), fx.data().join("w.db-wal")] {
         let j = engine.inspect(&p).unwrap();
         assert_eq!(j["layers"], serde_json::json!(["data", "infrastructure"]));
-        assert_eq!(j["format_version"], 2);
+        assert_eq!(j["format_version"], 3);
         assert_eq!(j["header_verified"], true);
         let il = &j["infrastructure_layer"];
-        assert_eq!(il["cipher"], "XChaCha20-Poly1305");
+        assert_eq!(il["cipher"], INFRA_CIPHER_NAME);
+        assert_eq!(il["cipher"], "AEGIS-256");
+        assert_eq!(il["wrapped_dek"]["algorithm"], "AEGIS-256");
         assert_eq!(il["unwraps"], true);
         assert_eq!(il["wrapped_dek"]["kek_kind"], "infrastructure");
         assert!(il["wrapped_dek"]["kek_id"]
@@ -432,7 +440,7 @@ fn one_layers_key_alone_does_not_reveal_the_data() {
         infra
             .open(&page_ctx(h.file_id, p as u64), &mut page)
             .expect("the infrastructure layer opens with its own key");
-        stripped.extend_from_slice(&page[..PAGE - 40]);
+        stripped.extend_from_slice(&page[..PAGE - INFRA_OVERHEAD]);
     }
     assert!(find(&stripped, marker().as_bytes()).is_none());
     assert!(find(&stripped, b"SQLite format 3\0").is_none());
@@ -452,16 +460,23 @@ fn one_layers_key_alone_does_not_reveal_the_data() {
     for p in 1..=pages {
         let mut page = bytes[page_offset(p)..page_offset(p) + PAGE].to_vec();
         assert!(data
-            .open(&page_ctx(h.file_id, p as u64), &mut page[..PAGE - 40])
+            .open(
+                &page_ctx(h.file_id, p as u64),
+                &mut page[..PAGE - INFRA_OVERHEAD]
+            )
             .is_err());
     }
     // Both keys together: the page is plaintext (the layout is as documented).
     let mut page1 = bytes[page_offset(1)..page_offset(1) + PAGE].to_vec();
     infra.open(&page_ctx(h.file_id, 1), &mut page1).unwrap();
-    data.open(&page_ctx(h.file_id, 1), &mut page1[..PAGE - 40])
+    data.open(&page_ctx(h.file_id, 1), &mut page1[..PAGE - INFRA_OVERHEAD])
         .unwrap();
     assert_eq!(&page1[..16], b"SQLite format 3\0");
-    assert_eq!(page1[20], 68, "SQLite's reserve is 68 with both layers");
+    assert_eq!(
+        page1[20] as usize,
+        SEAL_OVERHEAD + INFRA_OVERHEAD,
+        "SQLite's reserve is 76 with both layers"
+    );
 }
 
 #[test]
@@ -471,13 +486,16 @@ fn flipped_bits_in_either_layers_nonce_or_tag_are_detected() {
     build(&engine, "orig", 300);
     let orig = fs::read(fx.data().join("orig.db")).unwrap();
     let end = page_offset(3) + PAGE;
+    // Trailer from the end: infra nonce (32), infra tag (16), data nonce
+    // (12), data tag (16).
+    let infra_tag = end - INFRA_NONCE_LEN - INFRA_TAG_LEN;
     for (case, pos) in [
         ("infra-nonce", end - 1),
-        ("infra-nonce0", end - 24),
-        ("infra-tag", end - 25),
-        ("infra-tag0", end - 40),
-        ("data-nonce", end - 41),
-        ("data-tag", end - 68),
+        ("infra-nonce0", end - INFRA_NONCE_LEN),
+        ("infra-tag", end - INFRA_NONCE_LEN - 1),
+        ("infra-tag0", infra_tag),
+        ("data-nonce", infra_tag - 1),
+        ("data-tag", end - SEAL_OVERHEAD - INFRA_OVERHEAD),
         ("body", page_offset(3) + 7),
     ] {
         let name = format!("flip-{case}");
@@ -677,4 +695,29 @@ fn copy_dir(from: &Path, to: &Path) {
         let e = e.unwrap();
         fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
+}
+
+/// A database written by the pre-release build whose infrastructure layer
+/// was XChaCha20-Poly1305 (header format 2, 40-byte trailer, reserve 68) is
+/// refused with an error that names the format, never misread.
+#[test]
+fn a_retired_format_2_file_is_refused_with_a_clear_error() {
+    let fx = infra_fixture();
+    let engine = fx.engine();
+    build(&engine, "new", 50);
+    let mut bytes = fs::read(fx.data().join("new.db")).unwrap();
+    for slot in bytes[..HEADER_LEN as usize].chunks_mut(HEADER_SLOT_SIZE) {
+        if slot.iter().any(|&b| b != 0) {
+            assert_eq!(&slot[8..10], &3u16.to_be_bytes(), "format 3 is written");
+            slot[8..10].copy_from_slice(&2u16.to_be_bytes());
+        }
+    }
+    fs::write(fx.data().join("old.db"), &bytes).unwrap();
+    let err = scan(&engine, "old").unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, StorageError::Header { .. }), "{err:?}: {msg}");
+    assert!(msg.contains("old.db"), "{msg}");
+    assert!(msg.contains("format version 2"), "{msg}");
+    assert!(msg.contains("XChaCha20-Poly1305"), "{msg}");
+    assert!(msg.contains("no longer reads"), "{msg}");
 }

@@ -253,7 +253,7 @@ fn every_page_size_round_trips_encrypted(sc: Scenario) {
                 let ps: i64 = conn
                     .query_row("PRAGMA page_size", [], |r| r.get(0))
                     .unwrap();
-                // SQLite needs 480 usable bytes per page: with 68 reserved
+                // SQLite needs 480 usable bytes per page: with 76 reserved
                 // bytes (both layers), 512-byte pages are not possible and
                 // SQLite keeps a larger page size.
                 let want = if sc.infra() { size.max(1024) } else { size };

@@ -76,7 +76,7 @@ struct WorkloadResult {
     scenario2_units_opened: u64,
     infra_units_sealed: u64,
     infra_units_opened: u64,
-    /// Pure cost of both ciphers (AES-256-GCM data layer, XChaCha20-Poly1305
+    /// Pure cost of both ciphers (AES-256-GCM data layer, AEGIS-256
     /// infrastructure layer) on the units scenario 2 moved.
     scenario2_crypto_seconds: f64,
     /// Scenario 2's overhead over plain SQLite divided by that pure cost.
@@ -129,7 +129,11 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         "scenarios": {
             "plain": "plain SQLite (unix-excl VFS)",
             "scenario1": "atrest, service key only (AES-256-GCM data layer, reserve 28)",
-            "scenario2": "atrest, service key + infrastructure layer (+ XChaCha20-Poly1305, reserve 68)",
+            "scenario2": format!(
+                "atrest, service key + infrastructure layer (+ {}, reserve {})",
+                atrest_crypto::INFRA_CIPHER_NAME,
+                atrest_storage::RESERVED_BYTES_INFRA
+            ),
         },
         "workloads": &results,
         "page_crypto": crypto,
@@ -510,7 +514,7 @@ fn pure_crypto_cost(moved: &StatsSnapshot) -> Result<f64> {
     Ok(total)
 }
 
-/// Seconds XChaCha20-Poly1305 alone takes to seal and open as many units,
+/// Seconds AEGIS-256 alone takes to seal and open as many units,
 /// of the same average sizes, as the infrastructure layer moved.
 fn pure_infra_cost(moved: &StatsSnapshot) -> Result<f64> {
     let key = InfraUnitKey::new(&InfraDek::generate()?);
@@ -559,8 +563,8 @@ fn pure_infra_cost(moved: &StatsSnapshot) -> Result<f64> {
 fn crypto_throughput(with_openssl: bool) -> Result<serde_json::Value> {
     let (key, ctx) = bench_key()?;
     let mut page = vec![0u8; 4096];
-    // Debug builds (the CLI test) compile RustCrypto's generic cipher code
-    // unoptimised in our crate: keep them short; release runs measure.
+    // Debug builds (the CLI test) are slow around the ciphers: keep them
+    // short; release runs measure.
     let rounds = if cfg!(debug_assertions) {
         2_000
     } else {
@@ -605,7 +609,11 @@ fn crypto_throughput(with_openssl: bool) -> Result<serde_json::Value> {
         "page_bytes": 4096,
         "seal_mb_per_s": seal_best,
         "open_mb_per_s": open_best,
-        "infra_cipher": "XChaCha20-Poly1305 (RustCrypto chacha20poly1305 0.10, OS-RNG nonces)",
+        "infra_cipher": format!(
+            "{} ({}, 16-byte tag, OS-RNG 32-byte nonces)",
+            atrest_crypto::INFRA_CIPHER_NAME,
+            atrest_crypto::INFRA_IMPLEMENTATION
+        ),
         "infra_seal_mb_per_s": iseal_best,
         "infra_open_mb_per_s": iopen_best,
         "openssl_aes_256_gcm_mb_per_s": openssl_best,

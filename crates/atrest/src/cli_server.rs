@@ -58,7 +58,7 @@ enum ServerCommand {
         #[arg(long, default_value_t = 100)]
         max_connections: usize,
         /// Infrastructure double encryption: a second, independent layer
-        /// (XChaCha20-Poly1305, its own keystore). Fixed for the server's life.
+        /// (AEGIS-256 from libaegis, its own keystore). Fixed for the server's life.
         #[arg(long)]
         infrastructure_encryption: bool,
         /// The infrastructure layer's keystore (default: $ATREST_INFRA_KEYSTORE

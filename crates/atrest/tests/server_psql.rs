@@ -325,9 +325,7 @@ fn infrastructure_encryption_is_chosen_at_create_and_covers_everything() {
             .unwrap();
     assert_eq!(st["encryption"]["infrastructure_encryption"], true);
     assert!(
-        st["encryption"]["layers"]
-            .to_string()
-            .contains("XChaCha20-Poly1305"),
+        st["encryption"]["layers"].to_string().contains("AEGIS-256"),
         "{st}"
     );
     assert!(

@@ -31,9 +31,9 @@ impl Scenario {
     /// Tag and nonce bytes per unit (SQLite's reserve for pages).
     pub fn ov(self) -> usize {
         if self.infra() {
-            68
+            atrest_storage::RESERVED_BYTES_INFRA
         } else {
-            28
+            atrest_crypto::SEAL_OVERHEAD
         }
     }
     pub fn name(self) -> &'static str {
