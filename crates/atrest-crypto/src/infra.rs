@@ -90,19 +90,14 @@ fn aegis_open(
     ok
 }
 
-/// Zeroes the key (and nonce) copy inside an `Aegis256` value, which is
-/// plain `Copy` data with no destructor of its own.
+/// Overwrites the key (and nonce) copy inside an `Aegis256` value, which
+/// is plain `Copy` data with no destructor of its own, with a cipher under
+/// an all-zero key. Safe code only (the one `unsafe` module of atrest is the
+/// SQLite VFS); `black_box` keeps the store from being optimized away.
+/// Best effort, like any wipe of a stack value that may have been copied.
 fn wipe_cipher(cipher: &mut Cipher) {
-    // SAFETY: `Aegis256` is a `Copy` struct of two byte arrays (key, nonce)
-    // with no references, padding-free and valid for any bit pattern, so
-    // viewing it as bytes and zeroing them leaves a valid value.
-    let bytes = unsafe {
-        std::slice::from_raw_parts_mut(
-            (cipher as *mut Cipher).cast::<u8>(),
-            std::mem::size_of::<Cipher>(),
-        )
-    };
-    bytes.zeroize();
+    *cipher = Cipher::new(&[0u8; KEY_LEN], &[0u8; INFRA_NONCE_LEN]);
+    std::hint::black_box(cipher);
 }
 
 /// Fills `buf` from the operating system's CSPRNG (not AWS-LC).

@@ -12,6 +12,8 @@
 //! What it is not: a key store (see `atrest-keystore`), a VFS (see
 //! `atrest-storage`), or a general-purpose crypto toolkit.
 
+#![forbid(unsafe_code)]
+
 mod error;
 mod header;
 mod infra;

@@ -14,6 +14,8 @@
 //! and have no access policy beyond file permissions; customer-managed keys
 //! live in `atrest vault`.
 
+#![forbid(unsafe_code)]
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};

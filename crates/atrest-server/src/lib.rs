@@ -15,6 +15,8 @@
 //!
 //! Encryption happens below, in `atrest-storage`; nothing here sees a key.
 
+#![forbid(unsafe_code)]
+
 pub mod cmk;
 pub mod connection;
 pub mod control;

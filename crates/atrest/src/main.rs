@@ -3,6 +3,8 @@
 //! One binary, one subcommand per job. Each subcommand lives in its own
 //! module (or crate) and this file only dispatches.
 
+#![forbid(unsafe_code)]
+
 mod cli_bench;
 mod cli_bench_cmk;
 mod cli_inspect;
