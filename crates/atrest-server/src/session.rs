@@ -418,6 +418,8 @@ struct Worker {
     lease: DatabaseLease,
     conn: atrest_storage::Connection,
     settings: Settings,
+    /// The settings as the session started (what RESET returns to).
+    defaults: Settings,
     stmts: HashMap<String, Arc<Prepared>>,
     portals: HashMap<String, Portal>,
     tx: Tx,
@@ -456,6 +458,7 @@ impl Worker {
             shared,
             lease,
             conn,
+            defaults: settings.clone(),
             settings,
             stmts: HashMap::new(),
             portals: HashMap::new(),
@@ -1270,7 +1273,7 @@ impl Worker {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
         self.tx = Tx::Idle;
-        self.portals.retain(|_, _| false);
+        self.portals.clear();
         self.release_gate_if_done(false);
         self.cfg.metrics.transaction(r.is_ok());
         r
@@ -1515,17 +1518,9 @@ impl Worker {
 
     fn set(&mut self, name: &str, value: Option<String>) -> Result<(), PgError> {
         let key = name.to_ascii_lowercase();
-        let default = Settings::new(
-            &self.cfg.user,
-            &self.cfg.application_name,
-            &self.cfg.limits,
-            self.cfg.superuser,
-            &self.cfg.scenario,
-            &self.cfg.server_name,
-        );
         let value = match value {
             Some(v) => v,
-            None => default.get(&key).cloned().unwrap_or_default(),
+            None => self.defaults.get(&key).cloned().unwrap_or_default(),
         };
         let stored = match key.as_str() {
             "statement_timeout"

@@ -111,6 +111,29 @@ impl Setup {
         ])
     }
 
+    /// `atrest server configure --data DIR ARGS`, which must succeed.
+    fn configure(&self, args: &[&str]) {
+        let dir = self.server.dir.to_str().unwrap();
+        let mut all = vec!["server", "configure", "--data", dir];
+        all.extend_from_slice(args);
+        let out = atrest(&all);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Sends `sig` (STOP, CONT) to the vault process.
+    fn signal_vault(&self, sig: &str) {
+        let pid = self.vault.child.as_ref().expect("vault running").id();
+        assert!(Command::new("kill")
+            .args([format!("-{sig}"), pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+
     fn latest_version(&self) -> String {
         let k = block_on(self.admin.get_key("tde", None)).unwrap();
         k["key"]["kid"]
@@ -279,16 +302,7 @@ fn switch_to_customer_key_then_every_loss_cause_goes_inaccessible_and_back() {
 
     // A short check interval for the loss tests.
     let dir = st.server.dir.to_str().unwrap().to_string();
-    assert!(atrest(&[
-        "server",
-        "configure",
-        "--data",
-        &dir,
-        "--key-check-interval-ms",
-        "300"
-    ])
-    .status
-    .success());
+    st.configure(&["--key-check-interval-ms", "300"]);
     st.server.start(&[]);
     assert_eq!(st.server.sql("postgres", "SELECT count(*) FROM t"), "2");
     let kid = format!("{}/{version}", st.key_url);
@@ -756,21 +770,12 @@ fn webhooks_get_one_alert_per_state_change() {
     let dir = st.server.dir.to_str().unwrap().to_string();
     assert!(st.set_key(&st.key_url).status.success());
     let (port, got) = webhook_receiver();
-    let out = atrest(&[
-        "server",
-        "configure",
-        "--data",
-        &dir,
+    st.configure(&[
         "--webhook",
         &format!("http://127.0.0.1:{port}/alerts"),
         "--key-check-interval-ms",
         "200",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let history_before = st.server.state()["history"].as_array().unwrap().len();
     st.server.start(&[]);
     set_perms(&st.vault, &st.client_id, &["get"]);
@@ -829,16 +834,7 @@ fn with_both_layers_revocation_goes_inaccessible_the_same_way() {
         infra_ks.to_str().unwrap(),
     ]);
     let dir = st.server.dir.to_str().unwrap().to_string();
-    assert!(atrest(&[
-        "server",
-        "configure",
-        "--data",
-        &dir,
-        "--key-check-interval-ms",
-        "200"
-    ])
-    .status
-    .success());
+    st.configure(&["--key-check-interval-ms", "200"]);
     st.server.start(&[]);
     st.server.sql(
         "postgres",
@@ -875,31 +871,20 @@ fn with_both_layers_revocation_goes_inaccessible_the_same_way() {
 #[test]
 fn an_outage_gets_its_grace_period_and_the_server_comes_back_by_itself() {
     let mut st = setup(&[]);
-    let dir = st.server.dir.to_str().unwrap().to_string();
     assert!(st.set_key(&st.key_url).status.success());
-    let out = atrest(&[
-        "server",
-        "configure",
-        "--data",
-        &dir,
+    st.configure(&[
         "--key-check-interval-ms",
         "300",
         "--outage-grace-ms",
         "4000",
     ]);
-    assert!(out.status.success());
     st.server.start(&[]);
     st.server.sql(
         "postgres",
         "CREATE TABLE t (x int); INSERT INTO t VALUES (1)",
     );
     // The vault stops answering (paused, so it comes back at the same address).
-    let pid = st.vault.child.as_ref().expect("vault running").id();
-    assert!(Command::new("kill")
-        .args(["-STOP", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    st.signal_vault("STOP");
     let t0 = Instant::now();
     // Within the grace period it keeps serving.
     std::thread::sleep(Duration::from_millis(2500));
@@ -917,11 +902,7 @@ fn an_outage_gets_its_grace_period_and_the_server_comes_back_by_itself() {
     let activity = std::fs::read_to_string(st.server.dir.join("activity.log")).unwrap();
     assert!(activity.contains("\"outage\":true"), "{activity}");
     // The vault answers again: the server revalidates by itself.
-    assert!(Command::new("kill")
-        .args(["-CONT", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    st.signal_vault("CONT");
     wait_state(&st.server, "Ready", Duration::from_secs(30));
     assert_eq!(st.server.sql("postgres", "SELECT count(*) FROM t"), "1");
     assert!(st.server.stop().success());
@@ -930,19 +911,13 @@ fn an_outage_gets_its_grace_period_and_the_server_comes_back_by_itself() {
 #[test]
 fn auto_revalidation_brings_the_server_back_after_a_refusal_is_fixed() {
     let mut st = setup(&[]);
-    let dir = st.server.dir.to_str().unwrap().to_string();
     assert!(st.set_key(&st.key_url).status.success());
-    let out = atrest(&[
-        "server",
-        "configure",
-        "--data",
-        &dir,
+    st.configure(&[
         "--key-check-interval-ms",
         "200",
         "--auto-revalidate",
         "true",
     ]);
-    assert!(out.status.success());
     st.server.start(&[]);
     set_perms(&st.vault, &st.client_id, &["get"]);
     wait_state(&st.server, "Inaccessible", Duration::from_secs(5));
