@@ -510,6 +510,19 @@ impl SharedFile {
     }
 
     /// Whether a rewrapped header still waits to be written.
+    /// A WAL's current generation (its salts) and how many of its frames
+    /// end in complete commits written through this process; `None` before
+    /// the WAL header is known.
+    pub fn wal_committed(&self) -> Option<(u64, u64)> {
+        let meta = self.meta.lock().unwrap();
+        Some((meta.wal_salts?, meta.wal.committed))
+    }
+
+    /// The page size recorded or learned so far (0 while unknown).
+    pub fn known_page_size(&self) -> usize {
+        self.page_size.load(Ordering::Relaxed)
+    }
+
     pub fn header_dirty(&self) -> bool {
         self.meta.lock().unwrap().header_dirty
     }
@@ -551,7 +564,7 @@ impl SharedFile {
 
     /// Opens one unit through every layer, outermost first. On success the
     /// unit's last `ov` bytes are zero.
-    fn open_unit(
+    pub(crate) fn open_unit(
         &self,
         ctx: &SealContext,
         unit: &mut [u8],
@@ -635,8 +648,14 @@ pub fn unwrap_infra_dek(
         file: header.layers().names().join(" + "),
         data_dir: "data".into(),
     })?;
-    protector
-        .unwrap(record.dek_id, &record.wrapped, header.file_id, header.kind)
+    let unwrapped = protector.unwrap(record.dek_id, &record.wrapped, header.file_id, header.kind);
+    let unwrapped = match (unwrapped, keyring.infra_previous()) {
+        (Err(atrest_crypto::ProtectorError::NotMine { .. }), Some(previous)) => {
+            previous.unwrap(record.dek_id, &record.wrapped, header.file_id, header.kind)
+        }
+        (r, _) => r,
+    };
+    unwrapped
         .map(Some)
         .map_err(|source| StorageError::InfraKey {
             path: path.to_string(),
@@ -847,6 +866,10 @@ pub struct EncryptedFile<R: RawFile> {
     tail_buf: Vec<u8>,
     /// Temp files only: logical size including the tail.
     temp_len: u64,
+    /// Verification of a copy (backup, archive): a WAL frame that does not
+    /// authenticate is an error even past the synced end, since a copy is
+    /// taken at a commit boundary and can have no torn tail.
+    strict: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -865,7 +888,14 @@ impl<R: RawFile> EncryptedFile<R> {
             tail: None,
             tail_buf: Vec::new(),
             temp_len: 0,
+            strict: false,
         }
+    }
+
+    /// Makes every unit that fails authentication an error (see `strict`).
+    pub fn strict(mut self) -> Self {
+        self.strict = true;
+        self
     }
 
     pub fn shared(&self) -> &Arc<SharedFile> {
@@ -1250,7 +1280,7 @@ impl<R: RawFile> EncryptedFile<R> {
     /// A frame failed to authenticate: fine past the durable mark (torn by
     /// a crash), tampering before it.
     fn unsynced_frame(&self, unit: &Unit) -> Result<(), Fail> {
-        if unit.index < self.wal_durable() {
+        if self.strict || unit.index < self.wal_durable() {
             return Err(Fail::tampered(self.path(), unit));
         }
         tracing::debug!(file = %self.path(), frame = unit.index + 1, "ignoring torn WAL frame past the synced end");

@@ -20,6 +20,9 @@ pub struct Keyring {
     /// The infrastructure layer's master key, when the data directory has
     /// that layer. Replaced (never removed) by a rotation.
     infra: RwLock<Option<Arc<InfraProtector>>>,
+    /// Another infrastructure master key that may still unwrap (never
+    /// wrap): the source server's while a restore moves files to this one.
+    infra_previous: RwLock<Option<Arc<InfraProtector>>>,
 }
 
 /// Files open in this process, by path. Process-wide, not per engine: two
@@ -34,6 +37,7 @@ impl Keyring {
             protector: RwLock::new(protector),
             cache: Mutex::default(),
             infra: RwLock::new(infra),
+            infra_previous: RwLock::new(None),
         }
     }
 
@@ -67,6 +71,15 @@ impl Keyring {
     /// The infrastructure protector, if the layer is on.
     pub fn infra(&self) -> Option<Arc<InfraProtector>> {
         self.infra.read().unwrap().clone()
+    }
+
+    /// See [`Keyring::infra_previous`]'s field.
+    pub fn infra_previous(&self) -> Option<Arc<InfraProtector>> {
+        self.infra_previous.read().unwrap().clone()
+    }
+
+    pub fn set_infra_previous(&self, protector: Option<Arc<InfraProtector>>) {
+        *self.infra_previous.write().unwrap() = protector;
     }
 
     /// Switches the infrastructure layer to a new master key version.

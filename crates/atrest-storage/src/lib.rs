@@ -15,6 +15,7 @@ mod error;
 mod file;
 mod keyring;
 mod layout;
+mod offline;
 mod vfs;
 
 use std::cell::RefCell;
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize};
 pub use atrest_keystore::{InfraKeyId, InfraKeystore};
 pub use error::StorageError;
 pub use layout::HEADER_LEN;
+pub use offline::Verified;
 
 use file::Stats;
 use keyring::Keyring;
@@ -173,6 +175,19 @@ struct EngineInner {
     info: RwLock<Option<DataDirInfo>>,
     /// SQLite's reserved bytes per page: 28, or 76 with the infrastructure layer.
     reserve: usize,
+}
+
+/// Where a database's WAL stands, as this process wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalStatus {
+    /// The current generation's salts (they change when SQLite restarts
+    /// the WAL after a complete checkpoint).
+    pub salts: u64,
+    /// Frames of this generation that end in complete commits.
+    pub committed_frames: u64,
+    /// Bytes of the WAL file, header included, that hold those frames: a
+    /// copy of this prefix is the WAL at its last commit.
+    pub committed_len: u64,
 }
 
 /// An open data directory.
@@ -601,6 +616,48 @@ impl Engine {
                 .map(|((name, _), n)| (*name, n.load(Ordering::Relaxed)))
                 .collect(),
         }
+    }
+
+    /// The WAL of database file `db_path` as far as this process knows it:
+    /// `None` if no handle has it open or its header is not known yet.
+    pub fn wal_status(&self, db_path: &Path) -> Option<WalStatus> {
+        let wal = format!("{}-wal", db_path.display());
+        let shared = self.inner.keyring.find_open(&wal)?;
+        let (salts, committed_frames) = shared.wal_committed()?;
+        let page_size = shared.known_page_size();
+        if page_size == 0 {
+            return None;
+        }
+        let geo = layout::Geometry::Wal {
+            page_size,
+            base: shared.base,
+            ov: shared.ov,
+        };
+        let logical = layout::WAL_HEADER as u64
+            + committed_frames * (layout::WAL_FRAME_HEADER + page_size) as u64;
+        Some(WalStatus {
+            salts,
+            committed_frames,
+            committed_len: geo.physical_size(logical),
+        })
+    }
+
+    /// Rewraps a closed file (a backup copy, an archived WAL segment) under
+    /// this engine's current KEK and infrastructure master key; see
+    /// [`offline::rewrap_at_rest`]. Returns whether it changed.
+    pub fn rewrap_at_rest(&self, path: &Path) -> Result<bool, StorageError> {
+        offline::rewrap_at_rest(path, &self.inner.keyring)
+    }
+
+    /// Authenticates every page or frame of a closed database or WAL copy.
+    pub fn verify_at_rest(&self, path: &Path) -> Result<Verified, StorageError> {
+        offline::verify_at_rest(path, &self.inner.keyring)
+    }
+
+    /// Lets files wrapped under another infrastructure master key (a
+    /// restore's source server) still open, so they can be rewrapped.
+    pub fn set_infra_previous(&self, p: Option<Arc<InfraProtector>>) {
+        self.inner.keyring.set_infra_previous(p);
     }
 
     /// Reads a file's header with this engine's keys and reports whether

@@ -1,0 +1,287 @@
+//! Work on files that no SQLite handle has open: copies in a backup, WAL
+//! archive segments, files being restored. Two operations, both on
+//! ciphertext and headers only:
+//!
+//! * [`rewrap_at_rest`]: records a file's keys under the keyring's current
+//!   KEK and infrastructure master key, rewriting only the header (both
+//!   slots, each made durable before the other is touched);
+//! * [`verify_at_rest`]: authenticates every unit of a database or WAL
+//!   copy, strictly (a copy is taken at a commit boundary, so a unit that
+//!   does not authenticate is damage, never a torn tail).
+//!
+//! Neither writes plaintext or an unwrapped key anywhere.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use atrest_crypto::{
+    CryptoError, FileHeader, FileKind, InfraKeyRecord, KeySource, HEADER_SLOT_SIZE,
+};
+use rusqlite::ffi;
+
+use crate::file::{self, EncryptedFile, Fail, RawFile, SharedFile, Stats};
+use crate::keyring::Keyring;
+use crate::layout::{HEADER_LEN, WAL_FRAME_HEADER, WAL_HEADER};
+use crate::StorageError;
+
+/// A plain OS file under the [`RawFile`] interface.
+pub(crate) struct OsFile(pub std::fs::File);
+
+impl RawFile for OsFile {
+    fn read_at(&mut self, buf: &mut [u8], off: u64) -> Result<bool, i32> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.0.read_at(&mut buf[done..], off + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(false);
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(ffi::SQLITE_IOERR_READ),
+            }
+        }
+        Ok(true)
+    }
+    fn write_at(&mut self, buf: &[u8], off: u64) -> Result<(), i32> {
+        self.0
+            .write_all_at(buf, off)
+            .map_err(|_| ffi::SQLITE_IOERR_WRITE)
+    }
+    fn truncate(&mut self, size: u64) -> Result<(), i32> {
+        self.0.set_len(size).map_err(|_| ffi::SQLITE_IOERR_TRUNCATE)
+    }
+    fn size(&mut self) -> Result<u64, i32> {
+        self.0
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|_| ffi::SQLITE_IOERR_FSTAT)
+    }
+    fn sync(&mut self, _flags: i32) -> Result<(), i32> {
+        self.0.sync_all().map_err(|_| ffi::SQLITE_IOERR_FSYNC)
+    }
+}
+
+fn io_err(path: &str) -> impl Fn(std::io::Error) -> StorageError + '_ {
+    move |e| StorageError::DataDir {
+        path: path.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn fail_err(path: &str, f: Fail) -> StorageError {
+    f.detail.unwrap_or_else(|| StorageError::Io {
+        path: path.to_string(),
+        code: f.rc,
+    })
+}
+
+/// The newest header slot of `f` that verifies under the keyring, with
+/// its slot number and the file's DEK.
+fn best_header(
+    f: &std::fs::File,
+    keyring: &Keyring,
+    name: &str,
+) -> Result<(u64, FileHeader, atrest_crypto::Dek), StorageError> {
+    let mut slots = vec![0u8; HEADER_LEN as usize];
+    let mut raw = OsFile(f.try_clone().map_err(io_err(name))?);
+    raw.read_at(&mut slots, 0)
+        .map_err(|code| StorageError::Io {
+            path: name.to_string(),
+            code,
+        })?;
+    let mut best: Option<(u64, FileHeader, atrest_crypto::Dek)> = None;
+    let mut last_err = None;
+    for (i, slot) in slots.chunks(HEADER_SLOT_SIZE).enumerate() {
+        let cand = match FileHeader::decode_unverified(slot) {
+            Ok(Some(cand)) => cand,
+            Err(e @ CryptoError::UnsupportedFormat(_)) => {
+                last_err.get_or_insert(StorageError::Header {
+                    path: name.to_string(),
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+            _ => continue,
+        };
+        let claims = cand.claims().clone();
+        if best
+            .as_ref()
+            .is_some_and(|(_, b, _)| b.sequence >= claims.sequence)
+        {
+            continue;
+        }
+        match file::unwrap_file_dek(keyring, &claims, name).and_then(|dek| {
+            cand.verify(&dek)
+                .map(|h| (h, dek))
+                .map_err(|e| StorageError::Header {
+                    path: name.to_string(),
+                    reason: e.to_string(),
+                })
+        }) {
+            Ok((h, dek)) => best = Some((i as u64, h, dek)),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    best.ok_or_else(|| {
+        last_err.unwrap_or_else(|| StorageError::Header {
+            path: name.to_string(),
+            reason: "not an atrest file (no header slot parses)".into(),
+        })
+    })
+}
+
+/// Rewraps the keys of a closed file under the keyring's current KEK (the
+/// data layer's DEK, or for a WAL or journal its parent database's DEK
+/// copy) and current infrastructure master key version. Returns whether
+/// anything changed. The keyring's protector must still be able to unwrap
+/// the old wrapping (a routing protector during a key change).
+///
+/// Crash safety: the file is synced, the new header goes to the other
+/// slot with a higher sequence and is synced, then to the first slot and
+/// is synced. At every moment some slot verifies; afterwards none holds
+/// the old wrapping.
+pub fn rewrap_at_rest(path: &Path, keyring: &Keyring) -> Result<bool, StorageError> {
+    let name = path.display().to_string();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io_err(&name))?;
+    let (slot, mut header, dek) = best_header(&f, keyring, &name)?;
+    let key_err = |source| StorageError::Key {
+        path: name.clone(),
+        source,
+    };
+    let current = keyring.protector().current_kek();
+    let mut changed = false;
+    match &header.key_source {
+        KeySource::Kek(w) if w.kek != current => {
+            header.key_source = KeySource::Kek(keyring.wrap(&dek).map_err(key_err)?);
+            changed = true;
+        }
+        KeySource::Parent {
+            parent_file_id,
+            parent_dek_id,
+            parent_wrapped,
+            wrapped,
+        } if parent_wrapped.kek != current => {
+            let parent = keyring
+                .unwrap(*parent_dek_id, parent_wrapped)
+                .map_err(key_err)?;
+            header.key_source = KeySource::Parent {
+                parent_file_id: *parent_file_id,
+                parent_dek_id: *parent_dek_id,
+                parent_wrapped: keyring.wrap(&parent).map_err(key_err)?,
+                wrapped: wrapped.clone(),
+            };
+            changed = true;
+        }
+        _ => {}
+    }
+    if let Some(protector) = keyring.infra() {
+        let stale = header
+            .infra
+            .as_ref()
+            .is_some_and(|r| r.wrapped.kek != protector.current_kek());
+        if stale {
+            let idek = file::unwrap_infra_dek(keyring, &header, &name)?
+                .expect("the header has an infrastructure record");
+            let wrapped = protector
+                .wrap(&idek, header.file_id, header.kind)
+                .map_err(|source| StorageError::InfraKey {
+                    path: name.clone(),
+                    source,
+                })?;
+            header.infra = Some(InfraKeyRecord {
+                dek_id: idek.id(),
+                wrapped,
+            });
+            changed = true;
+        }
+    }
+    if !changed {
+        return Ok(false);
+    }
+    f.sync_all().map_err(io_err(&name))?;
+    for target in [1 - slot, slot] {
+        header.sequence += 1;
+        let bytes = header.encode(&dek).map_err(|source| StorageError::Crypto {
+            path: name.clone(),
+            source,
+        })?;
+        f.write_all_at(&bytes, target * HEADER_SLOT_SIZE as u64)
+            .map_err(io_err(&name))?;
+        f.sync_all().map_err(io_err(&name))?;
+    }
+    Ok(true)
+}
+
+/// What [`verify_at_rest`] checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub kind: FileKind,
+    /// Pages (database) or frames (WAL) authenticated.
+    pub units: u64,
+    pub bytes: u64,
+}
+
+/// Authenticates every unit of a closed database or WAL copy under the
+/// keyring's keys, reading but never writing. A WAL is checked up to its
+/// physical end: every frame header and page must authenticate. Errors
+/// name the file and the unit (page or frame).
+pub fn verify_at_rest(path: &Path, keyring: &Keyring) -> Result<Verified, StorageError> {
+    let name = path.display().to_string();
+    let f = std::fs::File::open(path).map_err(io_err(&name))?;
+    let bytes = f.metadata().map_err(io_err(&name))?.len();
+    let (_, header, _) = best_header(&f, keyring, &name)?;
+    let kind = header.kind;
+    let mut raw = OsFile(f);
+    let shared = SharedFile::open(&mut raw, kind, name.clone(), keyring, None, false)
+        .map_err(|e| fail_err(&name, e))?;
+    let stats = std::sync::Arc::new(Stats::default());
+    let mut file = EncryptedFile::new(raw, shared, stats).strict();
+    let logical = file.file_size().map_err(|e| fail_err(&name, e))?;
+    let mut units = 0u64;
+    match kind {
+        FileKind::MainDb => {
+            let ps = file.shared().known_page_size().max(512);
+            let mut page = vec![0u8; ps];
+            let mut off = 0u64;
+            while off < logical {
+                file.read(&mut page, off).map_err(|e| fail_err(&name, e))?;
+                units += 1;
+                off += ps as u64;
+            }
+        }
+        FileKind::Wal => {
+            if logical >= WAL_HEADER as u64 {
+                let mut hdr = [0u8; WAL_HEADER];
+                file.read(&mut hdr, 0).map_err(|e| fail_err(&name, e))?;
+                let ps = u32::from_be_bytes(hdr[8..12].try_into().unwrap()) as usize;
+                if !(ps.is_power_of_two() && (512..=65536).contains(&ps)) {
+                    return Err(StorageError::Header {
+                        path: name,
+                        reason: format!("the WAL header names page size {ps}"),
+                    });
+                }
+                let mut frame = vec![0u8; WAL_FRAME_HEADER + ps];
+                let mut off = WAL_HEADER as u64;
+                while off + frame.len() as u64 <= logical {
+                    // One read for header and page: the page is bound to
+                    // the salts in its own frame header.
+                    file.read(&mut frame, off).map_err(|e| fail_err(&name, e))?;
+                    units += 1;
+                    off += frame.len() as u64;
+                }
+            }
+        }
+        other => {
+            return Err(StorageError::Unsupported {
+                path: name,
+                what: format!("verifying a {} copy", other.name()),
+            })
+        }
+    }
+    Ok(Verified { kind, units, bytes })
+}
