@@ -272,6 +272,31 @@ async fn admin_op(ctx: &Arc<ServerCtx>, req: Value) -> Value {
                 Err(e) => json!({"error": e.to_string()}),
             }
         }
+        "backup" | "backup-verify" => {
+            if ctx.phase() != Phase::Ready {
+                return json!({"error": "the server is not Ready; an Inaccessible server cannot read its data (revalidate it first)"});
+            }
+            let c = Arc::clone(ctx);
+            let op = req["op"].as_str().unwrap_or("").to_string();
+            let id = req["id"].as_str().map(str::to_string);
+            let r = tokio::task::spawn_blocking(move || {
+                let config = c.live.lock().expect("live config").clone();
+                if op == "backup" {
+                    crate::backup::take_backup(&c.dir, &config, &c.databases)
+                        .map(|e| json!({"ok": true, "backup": e}))
+                } else {
+                    let repo = crate::backup::repository(&c.dir, &config);
+                    crate::backup::verify_all(c.databases.engine(), &repo, id.as_deref())
+                        .map(|r| json!({"ok": true, "verified": r}))
+                }
+            })
+            .await;
+            match r {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => json!({"error": e}),
+                Err(e) => json!({"error": e.to_string()}),
+            }
+        }
         "status" => {
             json!({"ok": true, "phase": format!("{:?}", ctx.phase()), "sessions": ctx.session_count()})
         }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use atrest_storage::{Connection, Engine};
 
+use crate::backup::WalArchiver;
 use crate::error::{storage_error, PgError};
 use crate::resource::validate_database_name;
 
@@ -123,6 +124,8 @@ pub struct Database {
     pub name: String,
     pub gate: WriteGate,
     sessions: AtomicUsize,
+    /// Archives the WAL and runs checkpoints (see [`crate::backup`]).
+    pub archiver: Option<Arc<WalArchiver>>,
 }
 
 impl Database {
@@ -146,6 +149,8 @@ impl Drop for DatabaseLease {
 pub struct Databases {
     engine: Engine,
     open: Mutex<HashMap<String, Arc<Database>>>,
+    /// The backup repository whose `wal/` receives the WAL archive.
+    archive: Mutex<Option<std::path::PathBuf>>,
 }
 
 impl Databases {
@@ -153,7 +158,23 @@ impl Databases {
         Databases {
             engine,
             open: Mutex::new(HashMap::new()),
+            archive: Mutex::new(None),
         }
+    }
+
+    /// Archives every database's WAL into `repo` from now on.
+    pub fn set_archive(&self, repo: std::path::PathBuf) {
+        *self.archive.lock().expect("archive") = Some(repo);
+    }
+
+    /// The archivers of the databases opened so far.
+    pub fn archivers(&self) -> Vec<Arc<WalArchiver>> {
+        self.open
+            .lock()
+            .expect("databases poisoned")
+            .values()
+            .filter_map(|d| d.archiver.clone())
+            .collect()
     }
 
     pub fn engine(&self) -> &Engine {
@@ -193,23 +214,48 @@ impl Databases {
                     .hint("Connect to \"postgres\" and run CREATE DATABASE, or check the name."),
             );
         }
-        let conn = self.engine.connect(name).map_err(|e| {
-            let mut pe = storage_error(e);
+        let conn = self.server_connection(name).map_err(|mut pe| {
             pe.severity = "FATAL";
             pe
         })?;
+        let archive = self.archive.lock().expect("archive").clone();
         let db = open
             .entry(name.to_string())
             .or_insert_with(|| {
+                let archiver = archive.as_ref().and_then(|repo| {
+                    let path = self.engine.database_path(name).ok()?;
+                    Some(Arc::new(WalArchiver::new(
+                        repo,
+                        name,
+                        path,
+                        self.engine.clone(),
+                    )))
+                });
                 Arc::new(Database {
                     name: name.to_string(),
                     gate: WriteGate::default(),
                     sessions: AtomicUsize::new(0),
+                    archiver,
                 })
             })
             .clone();
         db.sessions.fetch_add(1, Ordering::Relaxed);
         Ok((DatabaseLease { db }, conn))
+    }
+
+    /// A connection as the server uses them: the server, not SQLite, runs
+    /// checkpoints (after archiving the WAL), so neither a commit nor the
+    /// last close of a connection checkpoints on its own.
+    fn server_connection(&self, name: &str) -> Result<Connection, PgError> {
+        let conn = self.engine.connect(name).map_err(storage_error)?;
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(crate::error::from_sqlite)?;
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .map_err(crate::error::from_sqlite)?;
+        Ok(conn)
     }
 
     pub fn create(&self, name: &str) -> Result<(), PgError> {
@@ -221,7 +267,7 @@ impl Databases {
                 format!("database \"{name}\" already exists"),
             ));
         }
-        let conn = self.engine.connect(name).map_err(storage_error)?;
+        let conn = self.server_connection(name)?;
         conn.pragma_update(None, "journal_mode", "wal")
             .map_err(crate::error::from_sqlite)?;
         tracing::info!(database = name, "created database");

@@ -114,7 +114,12 @@ pub fn open_databases(dir: &Path, config: &ServerConfig) -> Result<Databases, St
         None => None,
     };
     engine.set_protector(engine_protector(config, access.as_ref())?);
-    Ok(Databases::new(engine))
+    if let Some(plan) = crate::backup::pending_plan(dir) {
+        crate::backup::prepare_engine(&engine, &plan)?;
+    }
+    let databases = Databases::new(engine);
+    databases.set_archive(crate::backup::repository(dir, config));
+    Ok(databases)
 }
 
 /// What a key switch did.
@@ -142,6 +147,14 @@ pub fn rewrap_all(
             .connect(name)
             .map_err(|e| format!("database {name}: {}", e.message))?;
         conn.rewrap().map_err(|e| format!("database {name}: {e}"))?;
+    }
+    // Backups and the WAL archive follow the key, so that the old key can
+    // be disabled or deleted without losing a backup.
+    let repo = crate::backup::repository(dir, config);
+    let n = crate::backup::rewrap_repository(databases.engine(), &repo, &databases.archivers())
+        .map_err(|e| format!("rewrapping backups in {}: {e}", repo.display()))?;
+    if n > 0 {
+        tracing::info!(files = n, "rewrapped backup and archive files");
     }
     let moved_from = std::mem::take(&mut config.encryption.rewrap_from);
     config.save(dir).map_err(|e| e.to_string())?;

@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backup;
 pub mod cmk;
 pub mod connection;
 pub mod control;

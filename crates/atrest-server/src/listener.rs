@@ -181,6 +181,8 @@ impl ServerCtx {
             crate::keys::check(&access, &key, &probe).map_err(|l| l.reason().to_string())?;
             self.keys.lock().expect("keys").probe = Some(Arc::new(probe));
         }
+        // A restored server's first access to its key: finish the restore.
+        crate::backup::finish_restore(&self.dir, self.databases.engine())?;
         for name in self.databases.names() {
             let (_lease, conn) = self
                 .databases
@@ -455,6 +457,31 @@ async fn start_locked(
     // start, not at the first query. With a customer key a refusal means
     // Inaccessible, not a failed start.
     let databases = Arc::new(Databases::new(engine));
+    databases.set_archive(crate::backup::repository(dir, &config));
+    // A restore not finished yet: its files are still under the source's
+    // keys. With a service key it finishes now; with a customer key once
+    // the vault lets this server's identity in.
+    if key_failure.is_none()
+        && config.encryption.customer_key.is_some()
+        && crate::backup::pending_plan(dir).is_some()
+    {
+        // The seeds' procedure: a restored server stays Inaccessible until
+        // its identity is granted the key and it is revalidated.
+        key_failure = Some(
+            "restored from a backup: grant this server's identity get, wrapKey and unwrapKey on its customer key, then run `atrest server revalidate`".into(),
+        );
+    }
+    if key_failure.is_none() && crate::backup::pending_plan(dir).is_some() {
+        if let Err(e) = crate::backup::finish_restore(dir, databases.engine()) {
+            if config.encryption.customer_key.is_none() {
+                return Err(StartError::Database {
+                    name: "(restore)".into(),
+                    message: e,
+                });
+            }
+            key_failure = Some(format!("finishing the restore: {e}"));
+        }
+    }
     if key_failure.is_none() {
         for name in databases.names() {
             let opened =
@@ -488,6 +515,20 @@ async fn start_locked(
                 }
             }
             Err(e) => key_failure = Some(format!("finishing the rewrap: {e}")),
+        }
+    }
+    if key_failure.is_none() {
+        // Archive what the WAL holds from before this start, then begin a
+        // fresh generation (see crate::backup).
+        for name in databases.names() {
+            let (lease, conn) = databases.connect(&name).map_err(|e| StartError::Database {
+                name: name.clone(),
+                message: e.message,
+            })?;
+            if let Some(a) = &lease.db.archiver {
+                a.recover(&conn)
+                    .map_err(|message| StartError::Database { name, message })?;
+            }
         }
     }
     if key_failure.is_none() {

@@ -212,6 +212,9 @@ pub struct ServerConfig {
     /// URLs that get an HTTP POST (JSON) on every state change.
     #[serde(default)]
     pub webhooks: Vec<String>,
+    /// Where backups and the WAL archive go, and how long they are kept.
+    #[serde(default)]
+    pub backup: crate::backup::BackupConfig,
 }
 
 impl ServerConfig {
@@ -613,6 +616,7 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
             .unwrap_or_else(|| "127.0.0.1:5432".into()),
         monitor: MonitorConfig::default(),
         webhooks: vec![],
+        backup: Default::default(),
     };
     write_atomic(
         &dir.join(CONFIG_FILE),

@@ -910,6 +910,27 @@ impl Worker {
                     })
                     .collect();
                 let w0 = st.word(0).unwrap_or_default();
+                if w0 == "PRAGMA" {
+                    // The server runs checkpoints after archiving the WAL
+                    // (crate::backup); a client must not move frames out of
+                    // the WAL, or out of WAL mode, behind the archive's back.
+                    let lower = text.to_ascii_lowercase();
+                    if let Some(p) = [
+                        "wal_checkpoint",
+                        "wal_autocheckpoint",
+                        "journal_mode",
+                        "locking_mode",
+                        "journal_size_limit",
+                    ]
+                    .into_iter()
+                    .find(|p| lower.contains(p))
+                    {
+                        return Err(PgError::new(
+                            "42501",
+                            format!("PRAGMA {p} is managed by the server (its WAL archive and checkpoints) and cannot be run by a client"),
+                        ));
+                    }
+                }
                 Some(SqlInfo {
                     text: text.clone(),
                     verb: sql::tag_verb(st),
@@ -1114,6 +1135,14 @@ impl Worker {
     /// always, when the session ends).
     fn release_gate_if_done(&mut self, force: bool) {
         if self.holds_gate && (force || self.conn.is_autocommit()) {
+            if self.conn.is_autocommit() {
+                if let Some(a) = &self.lease.db.archiver {
+                    // A commit is archived before the next writer can run.
+                    if let Err(e) = a.after_write(&self.conn) {
+                        tracing::error!(database = %self.lease.db.name, error = %e, "WAL archiving failed");
+                    }
+                }
+            }
             self.lease.db.gate.release(self.shared.pid);
             self.holds_gate = false;
         }

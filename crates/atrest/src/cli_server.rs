@@ -160,6 +160,28 @@ enum ServerCommand {
         #[command(subcommand)]
         command: RoleCommand,
     },
+    /// Take an online, consistent backup of every database (ciphertext
+    /// only; the WAL is archived continuously), or list / verify backups.
+    Backup(BackupArgs),
+    /// Make a new server from a backup, optionally at a point in time.
+    Restore {
+        /// The backup: REPO/backups/ID (see `atrest server backup list`).
+        #[arg(long)]
+        from: PathBuf,
+        /// Restore the transactions committed up to this time (RFC 3339
+        /// or unix seconds), replaying the WAL archive.
+        #[arg(long)]
+        to_time: Option<String>,
+        /// The new server's name.
+        #[arg(long)]
+        name: String,
+        /// The new server's directory (new or empty).
+        #[arg(long)]
+        data: PathBuf,
+        /// Default listen address (default: the source's).
+        #[arg(long)]
+        listen: Option<String>,
+    },
     /// Delete a server: its databases, directory and service key.
     Delete {
         #[arg(long)]
@@ -167,6 +189,34 @@ enum ServerCommand {
         /// Confirm: the data is unrecoverable afterwards.
         #[arg(long)]
         yes: bool,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BackupArgs {
+    #[command(subcommand)]
+    command: Option<BackupCommand>,
+    /// The server directory (running or stopped).
+    #[arg(long)]
+    data: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum BackupCommand {
+    /// List the backups in the server's repository.
+    List {
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Check that every page and frame of a backup (and of the archive a
+    /// restore from it replays) authenticates, without restoring.
+    Verify {
+        #[arg(long)]
+        data: PathBuf,
+        /// One backup (default: all).
+        #[arg(long)]
+        id: Option<String>,
     },
 }
 
@@ -543,6 +593,40 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
         ServerCommand::Role { command } => run_role(command),
+        ServerCommand::Backup(args) => run_backup(args),
+        ServerCommand::Restore {
+            from,
+            to_time,
+            name,
+            data,
+            listen,
+        } => {
+            let to_time_us = to_time
+                .as_deref()
+                .map(atrest_server::backup::parse_time)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!(e))?;
+            let r = atrest_server::backup::restore(&atrest_server::backup::RestoreOptions {
+                from,
+                to_time_us,
+                name,
+                dir: data,
+                listen,
+            })
+            .map_err(|e| anyhow::anyhow!(e))?;
+            println!(
+                "restored server {} ({}), state {}",
+                r.config.name, r.config.server_id, r.state
+            );
+            println!(
+                "  identity:   {} (certificate sha256 {})",
+                r.config.identity.client_id, r.config.identity.thumbprint_sha256
+            );
+            if let Some(step) = r.next_step {
+                println!("  next: {step}");
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         ServerCommand::Delete { data, yes } => {
             if !yes {
                 bail!("deleting a server destroys its data and service key; repeat with --yes to confirm");
@@ -576,6 +660,67 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
     }
+}
+
+fn run_backup(args: BackupArgs) -> Result<std::process::ExitCode> {
+    use atrest_server::backup;
+    let offline = |data: &std::path::Path| -> Result<_> {
+        let dir = data
+            .canonicalize()
+            .with_context(|| format!("{}", data.display()))?;
+        let lock = resource::lock(&dir)?;
+        let config = resource::load_config(&dir)?;
+        let databases =
+            atrest_server::keys::open_databases(&dir, &config).map_err(|e| anyhow::anyhow!(e))?;
+        Ok((dir, lock, config, databases))
+    };
+    match args.command {
+        None => {
+            let Some(data) = args.data else {
+                bail!("give --data DIR (the server), or a subcommand: list, verify");
+            };
+            let req = serde_json::json!({"op": "backup"});
+            let entry = match atrest_server::control::admin_request(&data, &req) {
+                Some(r) => r.map_err(|e| anyhow::anyhow!(e))?["backup"].clone(),
+                None => {
+                    let (dir, _lock, config, databases) = offline(&data)?;
+                    serde_json::to_value(
+                        backup::take_backup(&dir, &config, &databases)
+                            .map_err(|e| anyhow::anyhow!(e))?,
+                    )?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&entry)?);
+        }
+        Some(BackupCommand::List { data }) => {
+            let config = resource::load_config(&data)?;
+            let dir = data.canonicalize()?;
+            let repo = backup::repository(&dir, &config);
+            let catalog = backup::load_catalog(&repo).map_err(|e| anyhow::anyhow!(e))?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "repository": repo, "backups": catalog
+                }))?
+            );
+        }
+        Some(BackupCommand::Verify { data, id }) => {
+            let req = serde_json::json!({"op": "backup-verify", "id": id});
+            let out = match atrest_server::control::admin_request(&data, &req) {
+                Some(r) => r.map_err(|e| anyhow::anyhow!(e))?["verified"].clone(),
+                None => {
+                    let (dir, _lock, config, databases) = offline(&data)?;
+                    let repo = backup::repository(&dir, &config);
+                    serde_json::to_value(
+                        backup::verify_all(databases.engine(), &repo, id.as_deref())
+                            .map_err(|e| anyhow::anyhow!(e))?,
+                    )?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Runs a key operation on the running server (admin socket), or, when

@@ -1,0 +1,1186 @@
+//! Backups and the WAL archive: ciphertext copies only.
+//!
+//! ```text
+//! REPO/catalog.json                 every backup: time, size, scenario, keys
+//! REPO/backups/ID/manifest.json     the same entry, with the source's config
+//! REPO/backups/ID/NAME.db           a database file, as on disk (sealed)
+//! REPO/backups/ID/NAME.db-wal       its WAL's committed prefix at the backup point
+//! REPO/backups/ID/roles.json        the logins (SCRAM verifiers) to restore
+//! REPO/wal/NAME/SEQ.wal             one WAL generation, as on disk, up to its last archived commit
+//! REPO/wal/NAME/SEQ.commits         "<bytes of SEQ.wal> <unix µs>" per commit, for point-in-time restore
+//! ```
+//!
+//! Why this is consistent without decrypting anything. The server runs
+//! every checkpoint itself (sessions have SQLite's automatic checkpoints
+//! and the checkpoint-on-close turned off), and only with a database's
+//! write gate held, after the [`WalArchiver`] has copied every committed
+//! frame. So (1) no frame leaves the WAL before it is archived: a WAL
+//! generation is only overwritten after a complete checkpoint; and (2) the
+//! database file changes only in those checkpoints. A backup takes the
+//! gate, copies the WAL's committed prefix, pauses checkpoints, gives the
+//! gate back (writers go on appending to the WAL), copies the database
+//! file, and resumes checkpoints: the two copies together are the database
+//! at the moment the gate was taken. Restore then lets SQLite recover the
+//! copied WAL, then each archived generation in order, cut at the last
+//! commit at or before the requested time.
+//!
+//! Every copied file keeps its own header with its wrapped DEKs, so a
+//! backup directory can be shipped without any key; when the server's key
+//! changes, [`rewrap_repository`] moves every header to the new key.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use atrest_storage::{Engine, HEADER_LEN};
+use serde::{Deserialize, Serialize};
+
+use crate::databases::Databases;
+use crate::resource::{self, ServerConfig};
+
+/// Frames after which the archiver checkpoints (SQLite's own default).
+pub const CHECKPOINT_FRAMES: u64 = 1000;
+/// The session id the backup uses when it takes a write gate.
+const BACKUP_PID: i32 = -2;
+
+/// Backup settings in `server.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct BackupConfig {
+    /// The repository (default `DIR/backups`).
+    pub dir: Option<PathBuf>,
+    /// Keep at most this many backups (the newest).
+    pub retain_count: Option<usize>,
+    /// Delete backups older than this many days (the newest is always kept).
+    pub retain_days: Option<u64>,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            dir: None,
+            retain_count: None,
+            retain_days: None,
+        }
+    }
+}
+
+/// The repository of a server.
+pub fn repository(dir: &Path, config: &ServerConfig) -> PathBuf {
+    match &config.backup.dir {
+        Some(d) => resource::resolve(dir, d),
+        None => dir.join("backups"),
+    }
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn err(what: &str, path: &Path, e: impl std::fmt::Display) -> String {
+    format!("{what} {}: {e}", path.display())
+}
+
+fn private_dir(p: &Path) -> Result<(), String> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(p)
+        .map_err(|e| err("creating", p, e))
+}
+
+fn create_private(p: &Path) -> Result<File, String> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(p)
+        .map_err(|e| err("creating", p, e))
+}
+
+fn sync_dir(p: &Path) {
+    if let Ok(d) = File::open(p) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Copies bytes `[from, to)` of `src` to the same offsets of `dst`.
+fn copy_range(src: &File, dst: &File, from: u64, to: u64) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = from;
+    while off < to {
+        let n = ((to - off) as usize).min(buf.len());
+        src.read_exact_at(&mut buf[..n], off)?;
+        dst.write_all_at(&buf[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The WAL archive
+
+/// One WAL generation being archived.
+struct Segment {
+    seq: u64,
+    salts: u64,
+    /// Bytes of the WAL copied so far (a prefix of the file).
+    copied: u64,
+    image: File,
+    commits: File,
+}
+
+struct ArchiveState {
+    segment: Option<Segment>,
+    next_seq: u64,
+    /// Backups copying the database file: no checkpoint meanwhile.
+    paused: usize,
+    wal: Option<File>,
+}
+
+/// Copies one database's WAL into the archive as commits happen, and runs
+/// its checkpoints. Called with the database's write gate held.
+pub struct WalArchiver {
+    dir: PathBuf,
+    db_path: PathBuf,
+    wal_path: PathBuf,
+    engine: Engine,
+    state: Mutex<ArchiveState>,
+}
+
+/// Segment numbers present in `dir`, ascending.
+fn segments_in(dir: &Path) -> Vec<u64> {
+    let mut v: Vec<u64> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().into_string().ok()?;
+                    n.strip_suffix(".wal")?.parse().ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+fn segment_path(dir: &Path, seq: u64, ext: &str) -> PathBuf {
+    dir.join(format!("{seq:020}.{ext}"))
+}
+
+impl WalArchiver {
+    pub fn new(repo: &Path, name: &str, db_path: PathBuf, engine: Engine) -> Self {
+        let dir = repo.join("wal").join(name);
+        let next_seq = segments_in(&dir).last().map_or(1, |s| s + 1);
+        WalArchiver {
+            wal_path: PathBuf::from(format!("{}-wal", db_path.display())),
+            dir,
+            db_path,
+            engine,
+            state: Mutex::new(ArchiveState {
+                segment: None,
+                next_seq,
+                paused: 0,
+                wal: None,
+            }),
+        }
+    }
+
+    fn open_segment(&self, st: &mut ArchiveState, salts: u64) -> Result<(), String> {
+        if let Some(old) = st.segment.take() {
+            let _ = old.image.sync_all();
+            let _ = old.commits.sync_all();
+        }
+        private_dir(&self.dir)?;
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let image = create_private(&segment_path(&self.dir, seq, "wal"))?;
+        let commits = create_private(&segment_path(&self.dir, seq, "commits"))?;
+        sync_dir(&self.dir);
+        st.wal = Some(File::open(&self.wal_path).map_err(|e| err("opening", &self.wal_path, e))?);
+        st.segment = Some(Segment {
+            seq,
+            salts,
+            copied: 0,
+            image,
+            commits,
+        });
+        Ok(())
+    }
+
+    /// Copies what was committed since the last call into the archive
+    /// (and the WAL's header region, which the engine rewrites at syncs and
+    /// key changes), records the commit time, and checkpoints once the WAL
+    /// is long. The caller holds the write gate and no transaction.
+    pub fn after_write(&self, conn: &rusqlite::Connection) -> Result<(), String> {
+        let Some(status) = self.engine.wal_status(&self.db_path) else {
+            return Ok(());
+        };
+        let mut st = self.state.lock().expect("archive state");
+        if st.segment.as_ref().map(|s| s.salts) != Some(status.salts) {
+            if status.committed_frames == 0 {
+                return Ok(());
+            }
+            self.open_segment(&mut st, status.salts)?;
+        }
+        let st = &mut *st;
+        let seg = st.segment.as_mut().expect("segment");
+        let wal = st.wal.as_ref().expect("open with the segment");
+        if status.committed_len > seg.copied {
+            let io = |e| err("archiving", &self.wal_path, e);
+            copy_range(wal, &seg.image, 0, HEADER_LEN.min(status.committed_len)).map_err(io)?;
+            copy_range(
+                wal,
+                &seg.image,
+                seg.copied.max(HEADER_LEN),
+                status.committed_len,
+            )
+            .map_err(io)?;
+            seg.copied = status.committed_len;
+            writeln!(seg.commits, "{} {}", status.committed_len, now_us())
+                .map_err(|e| err("archiving", &self.dir, e))?;
+        }
+        if status.committed_frames >= CHECKPOINT_FRAMES && st.paused == 0 {
+            // What the checkpoint moves out of the WAL is durable in the
+            // archive first.
+            let _ = seg.image.sync_data();
+            let _ = seg.commits.sync_data();
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                .map_err(|e| format!("checkpoint: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// At start, before any session: archives whatever the WAL holds (a
+    /// crash may have ended the process between a commit and its
+    /// archiving) as a segment of its own, then checkpoints it all, so the
+    /// archive and the WAL start the next generation together.
+    pub fn recover(&self, conn: &rusqlite::Connection) -> Result<(), String> {
+        conn.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))
+            .map_err(|e| format!("opening: {e}"))?;
+        let len = fs::metadata(&self.wal_path).map(|m| m.len()).unwrap_or(0);
+        if len > HEADER_LEN {
+            let mut st = self.state.lock().expect("archive state");
+            self.open_segment(&mut st, 0)?;
+            let st = &mut *st;
+            let seg = st.segment.as_mut().expect("segment");
+            let wal = st.wal.as_ref().expect("open");
+            copy_range(wal, &seg.image, 0, len).map_err(|e| err("archiving", &self.wal_path, e))?;
+            let mtime = fs::metadata(&self.wal_path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(now_us(), |d| d.as_micros() as u64);
+            writeln!(seg.commits, "{len} {mtime}").map_err(|e| err("archiving", &self.dir, e))?;
+            seg.copied = len;
+            seg.image
+                .sync_all()
+                .map_err(|e| err("archiving", &self.dir, e))?;
+            seg.commits
+                .sync_all()
+                .map_err(|e| err("archiving", &self.dir, e))?;
+            st.segment = None; // the next generation gets a segment of its own
+        }
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(|e| format!("checkpoint: {e}"))?;
+        Ok(())
+    }
+
+    /// Where the archive stands: the segment that holds the current
+    /// generation (or the next one to be made).
+    fn point(&self) -> u64 {
+        let st = self.state.lock().expect("archive state");
+        st.segment.as_ref().map_or(st.next_seq, |s| s.seq)
+    }
+
+    fn pause(&self) {
+        self.state.lock().expect("archive state").paused += 1;
+    }
+
+    fn resume(&self) {
+        let mut st = self.state.lock().expect("archive state");
+        st.paused = st.paused.saturating_sub(1);
+    }
+
+    /// Rewraps this database's archived segments (the one being appended
+    /// too: its writer waits on the lock).
+    fn rewrap(&self, engine: &Engine) -> Result<usize, String> {
+        let _st = self.state.lock().expect("archive state");
+        let mut n = 0;
+        for seq in segments_in(&self.dir) {
+            let p = segment_path(&self.dir, seq, "wal");
+            if fs::metadata(&p).map(|m| m.len()).unwrap_or(0) < HEADER_LEN {
+                continue;
+            }
+            if engine.rewrap_at_rest(&p).map_err(|e| e.to_string())? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Backups
+
+/// One database in a backup.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackedUpDatabase {
+    pub name: String,
+    pub db_bytes: u64,
+    pub wal_bytes: u64,
+    /// The first archive segment to replay after this backup.
+    pub archive_from: u64,
+}
+
+/// A catalog entry (and a backup's manifest).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupEntry {
+    pub id: String,
+    pub time: String,
+    pub time_unix_us: u64,
+    pub server_name: String,
+    pub server_id: String,
+    pub scenario: String,
+    pub infrastructure_encryption: bool,
+    /// The KEK the DEKs were wrapped under when the backup was taken (the
+    /// files are rewrapped when the server's key changes).
+    pub data_key: String,
+    pub infrastructure_key: Option<String>,
+    pub size_bytes: u64,
+    pub databases: Vec<BackedUpDatabase>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Manifest {
+    entry: BackupEntry,
+    /// The source's configuration: where its keys are, what it protects with.
+    source: ServerConfig,
+    /// The source data directory's metadata (`atrest.json`).
+    data_dir_info: serde_json::Value,
+}
+
+fn catalog_path(repo: &Path) -> PathBuf {
+    repo.join("catalog.json")
+}
+
+pub fn load_catalog(repo: &Path) -> Result<Vec<BackupEntry>, String> {
+    match fs::read(catalog_path(repo)) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| err("reading", &catalog_path(repo), e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
+        Err(e) => Err(err("reading", &catalog_path(repo), e)),
+    }
+}
+
+fn save_catalog(repo: &Path, entries: &[BackupEntry]) -> Result<(), String> {
+    resource::write_atomic(
+        &catalog_path(repo),
+        &serde_json::to_vec_pretty(entries).expect("serializable"),
+        0o600,
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn copy_file_prefix(src: &Path, dst: &Path, len: Option<u64>) -> Result<u64, String> {
+    let s = File::open(src).map_err(|e| err("opening", src, e))?;
+    let len = match len {
+        Some(l) => l,
+        None => s.metadata().map_err(|e| err("reading", src, e))?.len(),
+    };
+    let d = create_private(dst)?;
+    copy_range(&s, &d, 0, len).map_err(|e| err("copying", src, e))?;
+    d.sync_all().map_err(|e| err("syncing", dst, e))?;
+    Ok(len)
+}
+
+/// Takes an online, consistent backup of every database.
+pub fn take_backup(
+    dir: &Path,
+    config: &ServerConfig,
+    databases: &Databases,
+) -> Result<BackupEntry, String> {
+    let repo = repository(dir, config);
+    private_dir(&repo.join("backups"))?;
+    let started = now_us();
+    let time = resource::now_rfc3339();
+    let id = format!(
+        "{}-{}",
+        time.replace([':', '-'], "").trim_end_matches('Z'),
+        &resource::uuid()[..8]
+    );
+    let partial = repo.join("backups").join(format!(".{id}.partial"));
+    private_dir(&partial)?;
+    let result = (|| {
+        let mut dbs = vec![];
+        let mut size = 0;
+        for name in databases.names() {
+            let (lease, conn) = databases
+                .connect(&name)
+                .map_err(|e| format!("database {name}: {}", e.message))?;
+            let db_path = databases
+                .engine()
+                .database_path(&name)
+                .map_err(|e| e.to_string())?;
+            let archiver = lease.db.archiver.as_ref().ok_or("the WAL archive is off")?;
+            lease
+                .db
+                .gate
+                .acquire(BACKUP_PID, Some(Duration::from_secs(60)), &|| None)
+                .map_err(|e| format!("database {name}: {}", e.message))?;
+            let copied_wal = (|| {
+                conn.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))
+                    .map_err(|e| format!("database {name}: {e}"))?;
+                archiver.after_write(&conn)?;
+                let wal_bytes = match databases.engine().wal_status(&db_path) {
+                    Some(s) => copy_file_prefix(
+                        &archiver.wal_path,
+                        &partial.join(format!("{name}.db-wal")),
+                        Some(s.committed_len),
+                    )?,
+                    None => 0,
+                };
+                archiver.pause();
+                Ok::<_, String>(wal_bytes)
+            })();
+            lease.db.gate.release(BACKUP_PID);
+            let wal_bytes = copied_wal?;
+            let archive_from = archiver.point();
+            let db_bytes = copy_file_prefix(&db_path, &partial.join(format!("{name}.db")), None);
+            archiver.resume();
+            let db_bytes = db_bytes?;
+            size += db_bytes + wal_bytes;
+            dbs.push(BackedUpDatabase {
+                name,
+                db_bytes,
+                wal_bytes,
+                archive_from,
+            });
+        }
+        let roles = dir.join(resource::ROLES_FILE);
+        copy_file_prefix(&roles, &partial.join(resource::ROLES_FILE), None)?;
+        if let Some(ck) = &config.encryption.customer_key {
+            // A restore reaches the same vault: keep its CA (public).
+            copy_file_prefix(
+                &resource::resolve(dir, &ck.login.ca),
+                &partial.join(VAULT_CA),
+                None,
+            )?;
+        }
+        let info_path = dir.join(resource::DATA_SUBDIR).join("atrest.json");
+        let data_dir_info: serde_json::Value = serde_json::from_slice(
+            &fs::read(&info_path).map_err(|e| err("reading", &info_path, e))?,
+        )
+        .map_err(|e| err("reading", &info_path, e))?;
+        let entry = BackupEntry {
+            id: id.clone(),
+            time: time.clone(),
+            time_unix_us: started,
+            server_name: config.name.clone(),
+            server_id: config.server_id.clone(),
+            scenario: scenario_name(config),
+            infrastructure_encryption: config.encryption.infrastructure_encryption,
+            data_key: databases.engine().protector().current_kek().to_string(),
+            infrastructure_key: data_dir_info["infrastructure_key"]
+                .as_str()
+                .map(str::to_string),
+            size_bytes: size,
+            databases: dbs,
+        };
+        let manifest = Manifest {
+            entry: entry.clone(),
+            source: config.clone(),
+            data_dir_info,
+        };
+        resource::write_atomic(
+            &partial.join("manifest.json"),
+            &serde_json::to_vec_pretty(&manifest).expect("serializable"),
+            0o600,
+        )
+        .map_err(|e| e.to_string())?;
+        sync_dir(&partial);
+        Ok::<_, String>(entry)
+    })();
+    let entry = match result {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&partial);
+            return Err(e);
+        }
+    };
+    let final_dir = repo.join("backups").join(&id);
+    fs::rename(&partial, &final_dir).map_err(|e| err("renaming", &partial, e))?;
+    sync_dir(&repo.join("backups"));
+    let mut catalog = load_catalog(&repo)?;
+    catalog.push(entry.clone());
+    save_catalog(&repo, &catalog)?;
+    apply_retention(&repo, &config.backup)?;
+    let _ = resource::log_activity(
+        dir,
+        &serde_json::json!({"time": resource::now_rfc3339(), "event": "backup",
+            "id": entry.id, "bytes": entry.size_bytes, "databases": entry.databases.len()}),
+    );
+    Ok(entry)
+}
+
+/// `scenario N` of the seeds' table, for the catalog.
+pub fn scenario_name(config: &ServerConfig) -> String {
+    let n = match (
+        config.encryption.customer_key.is_some(),
+        config.encryption.infrastructure_encryption,
+    ) {
+        (false, false) => 1,
+        (false, true) => 2,
+        (true, false) => 3,
+        (true, true) => 4,
+    };
+    format!(
+        "{n} ({}{})",
+        config.encryption.scenario,
+        if config.encryption.infrastructure_encryption {
+            " + infrastructure layer"
+        } else {
+            ""
+        }
+    )
+}
+
+/// Deletes backups beyond the retention limits (never the newest), then
+/// archive segments no remaining backup needs.
+pub fn apply_retention(repo: &Path, policy: &BackupConfig) -> Result<Vec<String>, String> {
+    let mut catalog = load_catalog(repo)?;
+    catalog.sort_by_key(|e| e.time_unix_us);
+    let now = now_us();
+    let n = catalog.len();
+    let mut removed = vec![];
+    let keep: Vec<BackupEntry> = catalog
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, e)| {
+            let newest = i + 1 == n;
+            let too_many = policy.retain_count.is_some_and(|c| n - i > c.max(1));
+            let too_old = policy
+                .retain_days
+                .is_some_and(|d| now.saturating_sub(e.time_unix_us) > d * 86_400_000_000);
+            if !newest && (too_many || too_old) {
+                removed.push(e.id);
+                None
+            } else {
+                Some(e)
+            }
+        })
+        .collect();
+    if removed.is_empty() {
+        return Ok(removed);
+    }
+    save_catalog(repo, &keep)?;
+    for id in &removed {
+        let _ = fs::remove_dir_all(repo.join("backups").join(id));
+    }
+    // Archive segments older than every remaining backup's start point.
+    let mut oldest: BTreeMap<String, u64> = BTreeMap::new();
+    for e in &keep {
+        for d in &e.databases {
+            let v = oldest.entry(d.name.clone()).or_insert(u64::MAX);
+            *v = (*v).min(d.archive_from);
+        }
+    }
+    for (name, from) in oldest {
+        let wdir = repo.join("wal").join(&name);
+        for seq in segments_in(&wdir).into_iter().filter(|s| *s < from) {
+            let _ = fs::remove_file(segment_path(&wdir, seq, "wal"));
+            let _ = fs::remove_file(segment_path(&wdir, seq, "commits"));
+        }
+    }
+    Ok(removed)
+}
+
+/// The files of backup `id`.
+fn backup_dir(repo: &Path, id: &str) -> Result<PathBuf, String> {
+    if id.is_empty() || id.contains('/') || id.starts_with('.') {
+        return Err(format!("invalid backup id {id:?}"));
+    }
+    let d = repo.join("backups").join(id);
+    if !d.join("manifest.json").exists() {
+        return Err(format!(
+            "no backup {id} in {} (see `atrest server backup list`)",
+            repo.display()
+        ));
+    }
+    Ok(d)
+}
+
+fn read_manifest(backup: &Path) -> Result<Manifest, String> {
+    let p = backup.join("manifest.json");
+    serde_json::from_slice(&fs::read(&p).map_err(|e| err("reading", &p, e))?)
+        .map_err(|e| err("reading", &p, e))
+}
+
+/// What `verify` checked.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub backup: String,
+    pub files: usize,
+    pub pages_and_frames: u64,
+    pub archive_segments: usize,
+}
+
+/// Authenticates every page and frame of backup `id` and of the archive
+/// segments a restore from it would replay, with the engine's keys,
+/// without restoring anything. The first failure names file and unit.
+pub fn verify_backup(engine: &Engine, repo: &Path, id: &str) -> Result<VerifyReport, String> {
+    let dir = backup_dir(repo, id)?;
+    let manifest = read_manifest(&dir)?;
+    let mut report = VerifyReport {
+        backup: id.to_string(),
+        files: 0,
+        pages_and_frames: 0,
+        archive_segments: 0,
+    };
+    for d in &manifest.entry.databases {
+        let mut files = vec![dir.join(format!("{}.db", d.name))];
+        if d.wal_bytes > 0 {
+            files.push(dir.join(format!("{}.db-wal", d.name)));
+        }
+        let wdir = repo.join("wal").join(&d.name);
+        for seq in segments_in(&wdir)
+            .into_iter()
+            .filter(|s| *s >= d.archive_from)
+        {
+            let p = segment_path(&wdir, seq, "wal");
+            if fs::metadata(&p).map(|m| m.len()).unwrap_or(0) >= HEADER_LEN {
+                files.push(p);
+                report.archive_segments += 1;
+            }
+        }
+        for f in files {
+            let v = engine.verify_at_rest(&f).map_err(|e| e.to_string())?;
+            report.files += 1;
+            report.pages_and_frames += v.units;
+        }
+    }
+    Ok(report)
+}
+
+/// Verifies backup `id`, or every backup in the catalog.
+pub fn verify_all(
+    engine: &Engine,
+    repo: &Path,
+    id: Option<&str>,
+) -> Result<Vec<VerifyReport>, String> {
+    let ids: Vec<String> = match id {
+        Some(i) => vec![i.to_string()],
+        None => load_catalog(repo)?.into_iter().map(|e| e.id).collect(),
+    };
+    if ids.is_empty() {
+        return Err(format!("no backups in {}", repo.display()));
+    }
+    ids.iter()
+        .map(|i| verify_backup(engine, repo, i).map_err(|e| format!("backup {i}: {e}")))
+        .collect()
+}
+
+/// Rewraps every backup and archive segment under the engine's current
+/// keys (call while the engine's protector still routes the old key).
+pub fn rewrap_repository(
+    engine: &Engine,
+    repo: &Path,
+    archivers: &[Arc<WalArchiver>],
+) -> Result<usize, String> {
+    let mut n = 0;
+    for e in load_catalog(repo)? {
+        let dir = repo.join("backups").join(&e.id);
+        for d in &e.databases {
+            for f in [format!("{}.db", d.name), format!("{}.db-wal", d.name)] {
+                let p = dir.join(f);
+                if p.exists() && engine.rewrap_at_rest(&p).map_err(|e| e.to_string())? {
+                    n += 1;
+                }
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for a in archivers {
+        seen.insert(a.dir.clone());
+        n += a.rewrap(engine)?;
+    }
+    // Databases not open in this process (dropped, or not yet used).
+    if let Ok(rd) = fs::read_dir(repo.join("wal")) {
+        for e in rd.flatten() {
+            let wdir = e.path();
+            if seen.contains(&wdir) {
+                continue;
+            }
+            for seq in segments_in(&wdir) {
+                let p = segment_path(&wdir, seq, "wal");
+                if fs::metadata(&p).map(|m| m.len()).unwrap_or(0) >= HEADER_LEN
+                    && engine.rewrap_at_rest(&p).map_err(|e| e.to_string())?
+                {
+                    n += 1;
+                }
+            }
+        }
+    }
+    Ok(n)
+}
+
+// ---------------------------------------------------------------------------
+// Restore
+
+/// What a restore still has to do once the keys can be used: written by
+/// `restore` into the new server's directory, carried out by
+/// [`finish_restore`] (at once with a service key; with a customer key at
+/// the first successful revalidation).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestorePlan {
+    pub backup: String,
+    pub to_time_unix_us: Option<u64>,
+    /// The source's service key (to rewrap from), if it used one.
+    pub source_service_key: Option<String>,
+    pub source_keystore_dir: PathBuf,
+    pub source_infra_key: Option<String>,
+    pub source_infra_keystore_dir: Option<PathBuf>,
+    /// Per database, the archive segments to replay in order (files in
+    /// `DIR/restore/NAME/`).
+    pub replay: BTreeMap<String, Vec<String>>,
+}
+
+pub const RESTORE_DIR: &str = "restore";
+const VAULT_CA: &str = "vault-ca.pem";
+
+/// What `atrest server restore` is asked for.
+pub struct RestoreOptions {
+    /// A backup directory, `REPO/backups/ID`.
+    pub from: PathBuf,
+    pub to_time_us: Option<u64>,
+    pub name: String,
+    pub dir: PathBuf,
+    pub listen: Option<String>,
+}
+
+/// What a restore made.
+#[derive(Debug, Clone, Serialize)]
+pub struct Restored {
+    pub config: ServerConfig,
+    /// Ready to start, or waiting for the customer key (Inaccessible).
+    pub state: resource::State,
+    pub next_step: Option<String>,
+}
+
+/// Makes a new server from a backup: a new identity, TLS certificate and
+/// service key, the source's logins, encryption scenario and (if any)
+/// customer key. With the service key the data is moved to the new
+/// server's keys at once; with a customer key the server is Inaccessible
+/// until its new identity is granted the key and it is revalidated.
+pub fn restore(opts: &RestoreOptions) -> Result<Restored, String> {
+    let from = opts
+        .from
+        .canonicalize()
+        .map_err(|e| err("opening", &opts.from, e))?;
+    let manifest = read_manifest(&from)?;
+    let src = manifest.source.clone();
+    let created = resource::create(&resource::CreateOptions {
+        name: opts.name.clone(),
+        dir: opts.dir.clone(),
+        admin_user: "atrest".into(),
+        admin_password: None,
+        keystore_dir: Some(src.encryption.keystore_dir.clone()),
+        tls_cert: None,
+        tls_key: None,
+        hostnames: vec![],
+        allow_plaintext: src.allow_plaintext,
+        limits: src.limits.clone(),
+        default_listen: opts.listen.clone().or(Some(src.default_listen.clone())),
+        infrastructure_encryption: src.encryption.infrastructure_encryption,
+        infra_keystore_dir: src.encryption.infra_keystore_dir.clone(),
+    })
+    .map_err(|e| e.to_string())?;
+    let dir = opts
+        .dir
+        .canonicalize()
+        .map_err(|e| err("opening", &opts.dir, e))?;
+    let made = (|| {
+        // The logins come from the backup.
+        let _ = fs::remove_file(dir.join(resource::INITIAL_PASSWORD_FILE));
+        stage_restore(&from, opts.to_time_us, &dir)?;
+        let mut config = created.config.clone();
+        config.monitor = src.monitor.clone();
+        config.webhooks = src.webhooks.clone();
+        if let Some(ck) = &src.encryption.customer_key {
+            copy_file_prefix(&from.join(VAULT_CA), &dir.join(VAULT_CA), None)?;
+            let mut ck = ck.clone();
+            ck.login.ca = VAULT_CA.into();
+            ck.since = resource::now_rfc3339();
+            config.encryption.customer_key = Some(ck.clone());
+            config.encryption.scenario = src.encryption.scenario.clone();
+            config.save(&dir).map_err(|e| e.to_string())?;
+            let step = format!(
+                "grant identity {} (certificate {}) get, wrapKey and unwrapKey on {}, start the server, then run `atrest server revalidate`",
+                config.identity.client_id,
+                dir.join(&config.identity.certificate).display(),
+                ck.key
+            );
+            let reason = format!("restored from backup {}: {step}", manifest.entry.id);
+            resource::set_state(&dir, resource::State::Inaccessible, &reason, None)
+                .map_err(|e| e.to_string())?;
+            return Ok(Restored {
+                config,
+                state: resource::State::Inaccessible,
+                next_step: Some(step),
+            });
+        }
+        config.save(&dir).map_err(|e| e.to_string())?;
+        let databases = crate::keys::open_databases(&dir, &config)?;
+        finish_restore(&dir, databases.engine())?;
+        resource::set_state(
+            &dir,
+            resource::State::Stopped,
+            &format!("restored from backup {}", manifest.entry.id),
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Restored {
+            config,
+            state: resource::State::Stopped,
+            next_step: None,
+        })
+    })();
+    if made.is_err() {
+        // Nothing half-made: the service key and the directory go again.
+        let _ = resource::delete(&dir);
+        let _ = fs::remove_dir_all(&dir);
+    }
+    made
+}
+
+pub fn pending_plan(dir: &Path) -> Option<RestorePlan> {
+    let p = dir.join(RESTORE_DIR).join("plan.json");
+    serde_json::from_slice(&fs::read(p).ok()?).ok()
+}
+
+/// Reads `SEQ.commits`: (bytes, time) per archived commit.
+fn read_commits(path: &Path) -> Vec<(u64, u64)> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (a, b) = l.split_once(' ')?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Parses `--to-time`: RFC 3339 (`2026-11-22T13:05:01.250Z`, or with an
+/// offset like `+01:00`) or unix seconds with a fraction. Microseconds.
+pub fn parse_time(s: &str) -> Result<u64, String> {
+    let bad = || {
+        format!("cannot read time {s:?}; use RFC 3339 (2026-11-22T13:05:01.25Z) or unix seconds (1795698301.25)")
+    };
+    if let Ok(secs) = s.parse::<f64>() {
+        return (secs >= 0.0)
+            .then(|| (secs * 1e6).round() as u64)
+            .ok_or_else(bad);
+    }
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
+        s.get(r).and_then(|x| x.parse().ok()).ok_or_else(bad)
+    };
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return Err(bad());
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return Err(bad());
+    }
+    let mut i = 19;
+    let mut micros = 0i64;
+    if b[i] == b'.' {
+        let start = i + 1;
+        i = start;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        let frac = &s[start..i];
+        if frac.is_empty() {
+            return Err(bad());
+        }
+        let digits: String = frac.chars().chain(std::iter::repeat('0')).take(6).collect();
+        micros = digits.parse().map_err(|_| bad())?;
+    }
+    let offset = match s.get(i..) {
+        Some("Z") | Some("z") => 0,
+        Some(o)
+            if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) && &o[3..4] == ":" =>
+        {
+            let m = num(i + 1..i + 3)? * 60 + num(i + 4..i + 6)?;
+            if o.starts_with('-') {
+                -m
+            } else {
+                m
+            }
+        }
+        _ => return Err(bad()),
+    };
+    // Days since 1970-01-01 of a civil date (proleptic Gregorian).
+    let (yy, mm) = if mo <= 2 {
+        (y - 1, mo + 9)
+    } else {
+        (y, mo - 3)
+    };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let doy = (153 * mm + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset * 60;
+    u64::try_from(secs * 1_000_000 + micros).map_err(|_| bad())
+}
+
+/// Lays out a restore of `backup` (a directory `REPO/backups/ID`) in the
+/// new server directory `dir`, already created: its databases replaced by
+/// the backup's files, the archive segments up to `to_time` staged, and
+/// the plan written. Returns the plan.
+pub fn stage_restore(
+    backup: &Path,
+    to_time_us: Option<u64>,
+    dir: &Path,
+) -> Result<(RestorePlan, ServerConfig), String> {
+    let manifest = read_manifest(backup)?;
+    let repo = backup
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("the backup is not inside a repository (REPO/backups/ID)")?;
+    if let Some(t) = to_time_us {
+        if t < manifest.entry.time_unix_us {
+            return Err(format!(
+                "--to-time is before backup {} was taken ({}); restore from an older backup",
+                manifest.entry.id, manifest.entry.time
+            ));
+        }
+    }
+    let data = dir.join(resource::DATA_SUBDIR);
+    for e in fs::read_dir(&data)
+        .map_err(|e| err("reading", &data, e))?
+        .flatten()
+    {
+        let n = e.file_name().to_string_lossy().to_string();
+        if n.ends_with(".db") || n.ends_with(".db-wal") || n.ends_with(".db-journal") {
+            fs::remove_file(e.path()).map_err(|er| err("removing", &e.path(), er))?;
+        }
+    }
+    let staging = dir.join(RESTORE_DIR);
+    private_dir(&staging)?;
+    let mut replay = BTreeMap::new();
+    for d in &manifest.entry.databases {
+        copy_file_prefix(
+            &backup.join(format!("{}.db", d.name)),
+            &data.join(format!("{}.db", d.name)),
+            None,
+        )?;
+        if d.wal_bytes > 0 {
+            copy_file_prefix(
+                &backup.join(format!("{}.db-wal", d.name)),
+                &data.join(format!("{}.db-wal", d.name)),
+                None,
+            )?;
+        }
+        let wdir = repo.join("wal").join(&d.name);
+        let sdir = staging.join(&d.name);
+        private_dir(&sdir)?;
+        let mut files = vec![];
+        'segments: for seq in segments_in(&wdir)
+            .into_iter()
+            .filter(|s| *s >= d.archive_from)
+        {
+            let commits = read_commits(&segment_path(&wdir, seq, "commits"));
+            let mut cut = None;
+            let mut stop = false;
+            for (len, t) in &commits {
+                if to_time_us.is_some_and(|limit| *t > limit) {
+                    stop = true;
+                    break;
+                }
+                cut = Some(*len);
+            }
+            if let Some(len) = cut {
+                let name = format!("{seq:020}.wal");
+                copy_file_prefix(
+                    &segment_path(&wdir, seq, "wal"),
+                    &sdir.join(&name),
+                    Some(len),
+                )?;
+                files.push(name);
+            }
+            if stop {
+                break 'segments;
+            }
+        }
+        replay.insert(d.name.clone(), files);
+    }
+    let roles = backup.join(resource::ROLES_FILE);
+    copy_file_prefix(&roles, &dir.join(resource::ROLES_FILE), None)?;
+    let src = &manifest.source;
+    let plan = RestorePlan {
+        backup: manifest.entry.id.clone(),
+        to_time_unix_us: to_time_us,
+        source_service_key: Some(
+            manifest.data_dir_info["service_key"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        )
+        .filter(|s| !s.is_empty()),
+        source_keystore_dir: src.encryption.keystore_dir.clone(),
+        source_infra_key: manifest.entry.infrastructure_key.clone(),
+        source_infra_keystore_dir: src.encryption.infra_keystore_dir.clone(),
+        replay,
+    };
+    resource::write_atomic(
+        &staging.join("plan.json"),
+        &serde_json::to_vec_pretty(&plan).expect("serializable"),
+        0o600,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((plan, manifest.source))
+}
+
+/// Lets the engine open files still wrapped under the restore's source
+/// keys: the source's service key (routing) and infrastructure master key.
+pub fn prepare_engine(engine: &Engine, plan: &RestorePlan) -> Result<(), String> {
+    if let Some(sk) = &plan.source_service_key {
+        let id = sk
+            .strip_prefix("service:")
+            .and_then(atrest_keystore::ServiceKeyId::parse)
+            .ok_or_else(|| format!("{sk} is not a service key id"))?;
+        let ks = atrest_keystore::Keystore::open(&plan.source_keystore_dir)
+            .map_err(|e| e.to_string())?;
+        let old: Arc<dyn atrest_crypto::KeyProtector> = Arc::new(
+            ks.service_protector(id)
+                .map_err(|e| format!("the source server's service key: {e}"))?,
+        );
+        let current = engine.protector();
+        if current.current_kek() != old.current_kek() {
+            engine.set_protector(Arc::new(atrest_crypto::RoutingProtector::new(
+                current,
+                vec![old],
+            )));
+        }
+    }
+    if let (Some(ik), Some(ikdir)) = (&plan.source_infra_key, &plan.source_infra_keystore_dir) {
+        let (id, version) = atrest_storage::InfraKeyId::parse(ik)
+            .ok_or_else(|| format!("{ik} is not an infrastructure key id"))?;
+        let ks = atrest_storage::InfraKeystore::open(ikdir).map_err(|e| e.to_string())?;
+        let p = ks
+            .protector(id, version)
+            .map_err(|e| format!("the source server's infrastructure key: {e}"))?;
+        engine.set_infra_previous(Some(Arc::new(p)));
+    }
+    Ok(())
+}
+
+/// Carries out a staged restore with keys that work: every file is
+/// rewrapped under this server's keys, then each database's WAL and
+/// archive segments are recovered by SQLite and checkpointed in order.
+pub fn finish_restore(dir: &Path, engine: &Engine) -> Result<(), String> {
+    let Some(plan) = pending_plan(dir) else {
+        return Ok(());
+    };
+    let target = engine.protector();
+    prepare_engine(engine, &plan)?;
+    let data = dir.join(resource::DATA_SUBDIR);
+    let staging = dir.join(RESTORE_DIR);
+    for (name, segments) in &plan.replay {
+        let db = data.join(format!("{name}.db"));
+        let wal = data.join(format!("{name}.db-wal"));
+        let mut files = vec![db.clone()];
+        if wal.exists() {
+            files.push(wal.clone());
+        }
+        files.extend(segments.iter().map(|s| staging.join(name).join(s)));
+        for f in &files {
+            engine
+                .rewrap_at_rest(f)
+                .map_err(|e| format!("restoring {name}: {e}"))?;
+        }
+        let replay_one = |label: &str| -> Result<(), String> {
+            let conn = engine
+                .connect(name)
+                .map_err(|e| format!("restoring {name} ({label}): {e}"))?;
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(|e| format!("restoring {name} ({label}): {e}"))?;
+            Ok(())
+        };
+        replay_one("the backup's WAL")?;
+        for s in segments {
+            fs::copy(staging.join(name).join(s), &wal).map_err(|e| err("staging", &wal, e))?;
+            replay_one(&format!("archive segment {s}"))?;
+        }
+        let conn = engine.connect(name).map_err(|e| e.to_string())?;
+        let ok: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(|e| format!("restoring {name}: {e}"))?;
+        if ok != "ok" {
+            return Err(format!(
+                "restored database {name} fails integrity_check: {ok}"
+            ));
+        }
+    }
+    engine.set_protector(target);
+    engine.set_infra_previous(None);
+    fs::remove_dir_all(&staging).map_err(|e| err("removing", &staging, e))?;
+    let _ = resource::log_activity(
+        dir,
+        &serde_json::json!({"time": resource::now_rfc3339(), "event": "restore_finished",
+            "backup": plan.backup, "to_time_unix_us": plan.to_time_unix_us}),
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse_as_rfc3339_or_unix_seconds() {
+        assert_eq!(parse_time("1970-01-01T00:00:00Z").unwrap(), 0);
+        assert_eq!(
+            parse_time("2000-03-01T00:00:00Z").unwrap(),
+            951_868_800_000_000
+        );
+        assert_eq!(
+            parse_time("2026-11-22T13:05:01.25Z").unwrap(),
+            parse_time("2026-11-22T14:05:01.250+01:00").unwrap()
+        );
+        assert_eq!(parse_time("1795698301.5").unwrap(), 1_795_698_301_500_000);
+        // Round trip with the formatter the server writes times with.
+        let t = atrest_vault::timefmt::rfc3339(1_795_698_301, 123);
+        assert_eq!(parse_time(&t).unwrap(), 1_795_698_301_123_000);
+        for bad in [
+            "",
+            "yesterday",
+            "2026-13-01T00:00:00Z",
+            "2026-11-22T13:05:01",
+            "-5",
+        ] {
+            let e = parse_time(bad).unwrap_err();
+            assert!(e.contains("RFC 3339"), "{e}");
+        }
+    }
+}
