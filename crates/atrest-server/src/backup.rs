@@ -340,6 +340,8 @@ pub struct BackedUpDatabase {
     pub wal_bytes: u64,
     /// The first archive segment to replay after this backup.
     pub archive_from: u64,
+    /// The backup point: every commit before it is in the copy.
+    pub point_unix_us: u64,
 }
 
 /// A catalog entry (and a backup's manifest).
@@ -347,6 +349,8 @@ pub struct BackedUpDatabase {
 pub struct BackupEntry {
     pub id: String,
     pub time: String,
+    /// The latest backup point of its databases: a point-in-time restore
+    /// from this backup can go back no further.
     pub time_unix_us: u64,
     pub server_name: String,
     pub server_id: String,
@@ -422,6 +426,7 @@ pub fn take_backup(
     let result = (|| {
         let mut dbs = vec![];
         let mut size = 0;
+        let mut latest_point = started;
         for name in databases.names() {
             let (lease, conn) = databases
                 .connect(&name)
@@ -449,10 +454,11 @@ pub fn take_backup(
                     None => 0,
                 };
                 archiver.pause();
-                Ok::<_, String>(wal_bytes)
+                Ok::<_, String>((wal_bytes, now_us()))
             })();
             lease.db.gate.release(BACKUP_PID);
-            let wal_bytes = copied_wal?;
+            let (wal_bytes, point_unix_us) = copied_wal?;
+            latest_point = latest_point.max(point_unix_us);
             let archive_from = archiver.point();
             let db_bytes = copy_file_prefix(&db_path, &partial.join(format!("{name}.db")), None);
             archiver.resume();
@@ -463,6 +469,7 @@ pub fn take_backup(
                 db_bytes,
                 wal_bytes,
                 archive_from,
+                point_unix_us,
             });
         }
         let roles = dir.join(resource::ROLES_FILE);
@@ -483,7 +490,7 @@ pub fn take_backup(
         let entry = BackupEntry {
             id: id.clone(),
             time: time.clone(),
-            time_unix_us: started,
+            time_unix_us: latest_point,
             server_name: config.name.clone(),
             server_id: config.server_id.clone(),
             scenario: scenario_name(config),
@@ -601,6 +608,22 @@ pub fn apply_retention(repo: &Path, policy: &BackupConfig) -> Result<Vec<String>
         }
     }
     Ok(removed)
+}
+
+/// Runs [`WalArchiver::recover`] for every database: at server start, and
+/// before an offline backup (the WAL may hold commits of the last run that
+/// this process has not seen written).
+pub fn recover_all(databases: &Databases) -> Result<(), String> {
+    for name in databases.names() {
+        let (lease, conn) = databases
+            .connect(&name)
+            .map_err(|e| format!("database {name}: {}", e.message))?;
+        if let Some(a) = &lease.db.archiver {
+            a.recover(&conn)
+                .map_err(|e| format!("database {name}: {e}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// The files of backup `id`.
@@ -968,8 +991,8 @@ pub fn stage_restore(
     if let Some(t) = to_time_us {
         if t < manifest.entry.time_unix_us {
             return Err(format!(
-                "--to-time is before backup {} was taken ({}); restore from an older backup",
-                manifest.entry.id, manifest.entry.time
+                "--to-time is before the point of backup {} ({} µs after the epoch, taken {}); restore from an older backup",
+                manifest.entry.id, manifest.entry.time_unix_us, manifest.entry.time
             ));
         }
     }
@@ -1112,6 +1135,14 @@ pub fn finish_restore(dir: &Path, engine: &Engine) -> Result<(), String> {
             files.push(wal.clone());
         }
         files.extend(segments.iter().map(|s| staging.join(name).join(s)));
+        // Every page and frame must authenticate before any is used: SQLite
+        // would never read a page the WAL replaces, and a damaged backup
+        // must not restore quietly.
+        for f in &files {
+            engine
+                .verify_at_rest(f)
+                .map_err(|e| format!("restoring {name}: the backup is damaged: {e}"))?;
+        }
         for f in &files {
             engine
                 .rewrap_at_rest(f)

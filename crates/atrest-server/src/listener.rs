@@ -520,16 +520,10 @@ async fn start_locked(
     if key_failure.is_none() {
         // Archive what the WAL holds from before this start, then begin a
         // fresh generation (see crate::backup).
-        for name in databases.names() {
-            let (lease, conn) = databases.connect(&name).map_err(|e| StartError::Database {
-                name: name.clone(),
-                message: e.message,
-            })?;
-            if let Some(a) = &lease.db.archiver {
-                a.recover(&conn)
-                    .map_err(|message| StartError::Database { name, message })?;
-            }
-        }
+        crate::backup::recover_all(&databases).map_err(|message| StartError::Database {
+            name: "(WAL archive)".into(),
+            message,
+        })?;
     }
     if key_failure.is_none() {
         if let (Some(a), Some(k)) = (&runtime.access, &runtime.key) {

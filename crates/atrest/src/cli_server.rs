@@ -672,6 +672,7 @@ fn run_backup(args: BackupArgs) -> Result<std::process::ExitCode> {
         let config = resource::load_config(&dir)?;
         let databases =
             atrest_server::keys::open_databases(&dir, &config).map_err(|e| anyhow::anyhow!(e))?;
+        backup::recover_all(&databases).map_err(|e| anyhow::anyhow!(e))?;
         Ok((dir, lock, config, databases))
     };
     match args.command {

@@ -94,6 +94,21 @@ impl TestServer {
         }
     }
 
+    /// A server directory made some other way (a restore), not started.
+    pub fn existing(dir: PathBuf, keystore: PathBuf) -> TestServer {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = tmp.path().join("server.log");
+        TestServer {
+            tmp,
+            dir,
+            keystore,
+            child: None,
+            port: 0,
+            metrics_port: 0,
+            log,
+        }
+    }
+
     pub fn start(&mut self, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
