@@ -714,21 +714,52 @@ pub fn verify_all(
 /// Rewraps every backup and archive segment under the engine's current
 /// keys (call while the engine's protector still routes the old key).
 pub fn rewrap_repository(
+    dir: &Path,
+    config: &ServerConfig,
     engine: &Engine,
-    repo: &Path,
     archivers: &[Arc<WalArchiver>],
 ) -> Result<usize, String> {
+    let repo = &repository(dir, config);
+    if !repo.exists() {
+        return Ok(0);
+    }
     let mut n = 0;
-    for e in load_catalog(repo)? {
-        let dir = repo.join("backups").join(&e.id);
+    let data_key = engine.protector().current_kek().to_string();
+    let mut catalog = load_catalog(repo)?;
+    for e in catalog.iter_mut() {
+        let bdir = repo.join("backups").join(&e.id);
         for d in &e.databases {
             for f in [format!("{}.db", d.name), format!("{}.db-wal", d.name)] {
-                let p = dir.join(f);
+                let p = bdir.join(f);
                 if p.exists() && engine.rewrap_at_rest(&p).map_err(|e| e.to_string())? {
                     n += 1;
                 }
             }
         }
+        // A restore uses the key the files are wrapped under now.
+        let mut manifest = read_manifest(&bdir)?;
+        manifest.source.encryption.customer_key = config.encryption.customer_key.clone();
+        manifest.source.encryption.scenario = config.encryption.scenario.clone();
+        manifest.entry.data_key = data_key.clone();
+        manifest.entry.scenario = scenario_name(config);
+        if let Some(ck) = &config.encryption.customer_key {
+            copy_file_prefix(
+                &resource::resolve(dir, &ck.login.ca),
+                &bdir.join(VAULT_CA),
+                None,
+            )?;
+        }
+        resource::write_atomic(
+            &bdir.join("manifest.json"),
+            &serde_json::to_vec_pretty(&manifest).expect("serializable"),
+            0o600,
+        )
+        .map_err(|e| e.to_string())?;
+        e.data_key = data_key.clone();
+        e.scenario = scenario_name(config);
+    }
+    if !catalog.is_empty() {
+        save_catalog(repo, &catalog)?;
     }
     let mut seen = std::collections::HashSet::new();
     for a in archivers {

@@ -150,9 +150,14 @@ pub fn rewrap_all(
     }
     // Backups and the WAL archive follow the key, so that the old key can
     // be disabled or deleted without losing a backup.
-    let repo = crate::backup::repository(dir, config);
-    let n = crate::backup::rewrap_repository(databases.engine(), &repo, &databases.archivers())
-        .map_err(|e| format!("rewrapping backups in {}: {e}", repo.display()))?;
+    let n =
+        crate::backup::rewrap_repository(dir, config, databases.engine(), &databases.archivers())
+            .map_err(|e| {
+            format!(
+                "rewrapping backups in {}: {e}",
+                crate::backup::repository(dir, config).display()
+            )
+        })?;
     if n > 0 {
         tracing::info!(files = n, "rewrapped backup and archive files");
     }

@@ -980,3 +980,127 @@ fn switching_back_to_the_service_key_leaves_no_customer_wrapping() {
     assert_eq!(st.server.sql("postgres", "SELECT v FROM t"), "round trip");
     assert!(st.server.stop().success());
 }
+
+/// Runs `atrest ARGS`, which must succeed; returns stdout.
+fn atrest_ok(args: &[&str]) -> String {
+    let out = atrest(args);
+    assert!(
+        out.status.success(),
+        "atrest {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[test]
+fn backups_follow_a_key_rotation_and_a_restore_waits_for_its_new_identity() {
+    let mut st = setup(&[]);
+    let dir = st.server.dir.to_str().unwrap().to_string();
+    st.server.start(&[]);
+    let out = st.set_key(&st.key_url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v1 = st.latest_version();
+    st.server.sql(
+        "postgres",
+        "CREATE TABLE t (n int, note text); INSERT INTO t SELECT value, 'CMKMARKER' FROM generate_series(1, 300);",
+    );
+    let first: Value =
+        serde_json::from_str(&atrest_ok(&["server", "backup", "--data", &dir])).unwrap();
+    let backup = st
+        .server
+        .dir
+        .join("backups/backups")
+        .join(first["id"].as_str().unwrap());
+    assert!(first["data_key"].as_str().unwrap().contains(&v1), "{first}");
+
+    // Rotate to a new version; the backup and the archive move with the
+    // server, so the old version can then be disabled.
+    block_on(st.admin.call(
+        Method::POST,
+        "/keys/tde/create",
+        Some(json!({"kty": "RSA", "key_size": 2048})),
+    ))
+    .unwrap();
+    let v2 = st.latest_version();
+    atrest_ok(&["server", "rotate-key", "--data", &dir]);
+    st.server
+        .sql("postgres", "INSERT INTO t VALUES (301, 'after rotation')");
+    block_on(st.admin.call(
+        Method::PATCH,
+        &format!("/keys/tde/{v1}"),
+        Some(json!({"attributes": {"enabled": false}})),
+    ))
+    .expect("disabling the old version (nothing depends on it any more)");
+    for (p, bytes) in files_under(&st.server.dir.join("backups")) {
+        assert!(
+            !contains(&bytes, b"CMKMARKER"),
+            "plaintext in {}",
+            p.display()
+        );
+        if bytes.len() >= 8192 && !p.to_string_lossy().ends_with(".json") {
+            let hdr = &bytes[..8192];
+            assert!(
+                !contains(hdr, v1.as_bytes()),
+                "{} still names {v1}",
+                p.display()
+            );
+        }
+    }
+    // verify works with the new version only.
+    atrest_ok(&["server", "backup", "verify", "--data", &dir]);
+
+    // Restore the first backup: a new identity, the same key, Inaccessible.
+    let rdir = st.server.tmp.path().join("restored");
+    let out = atrest_ok(&[
+        "server",
+        "restore",
+        "--from",
+        backup.to_str().unwrap(),
+        "--name",
+        "restored",
+        "--data",
+        rdir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(
+        out.contains("Inaccessible") && out.contains("revalidate"),
+        "{out}"
+    );
+    let rcfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(rdir.join("server.json")).unwrap()).unwrap();
+    let new_id = rcfg["identity"]["client_id"].as_str().unwrap().to_string();
+    assert_ne!(new_id, st.client_id);
+    let key = rcfg["encryption"]["customer_key"]["key"].to_string();
+    assert!(key.contains("tde"), "{key}");
+    let mut r = TestServer::existing(rdir.clone(), st.server.keystore.clone());
+    r.start(&[]);
+    assert_eq!(r.state()["state"], "Inaccessible", "{}", r.log_text());
+    let (code, message) = connect_error(r.port);
+    assert_eq!(code, "57P03");
+    assert!(message.contains("Inaccessible"), "{message}");
+    // Revalidation before the grant fails and says so.
+    let out = atrest(&["server", "revalidate", "--data", rdir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    // Grant the new identity, revalidate: Ready, with the backup's data.
+    let cert = std::fs::read_to_string(rdir.join("identity/identity.crt")).unwrap();
+    register_server_identity(&st.vault, &new_id, &cert, &["get", "wrapKey", "unwrapKey"]);
+    atrest_ok(&["server", "revalidate", "--data", rdir.to_str().unwrap()]);
+    assert_eq!(r.state()["state"], "Ready");
+    // The restore replays the archive: the row written after the rotation
+    // is there too, and everything is under v2 now.
+    assert_eq!(r.sql("postgres", "SELECT count(*) FROM t"), "301");
+    assert_eq!(r.sql("postgres", "PRAGMA integrity_check"), "ok");
+    for (p, bytes) in files_under(&rdir.join("data")) {
+        if bytes.len() >= 8192 && !p.to_string_lossy().ends_with(".json") {
+            assert!(!contains(&bytes[..8192], v1.as_bytes()), "{}", p.display());
+            assert!(contains(&bytes[..8192], v2.as_bytes()), "{}", p.display());
+        }
+    }
+    r.stop();
+    st.server.stop();
+}
