@@ -48,7 +48,7 @@ pub const CHECKPOINT_FRAMES: u64 = 1000;
 const BACKUP_PID: i32 = -2;
 
 /// Backup settings in `server.json`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct BackupConfig {
     /// The repository (default `DIR/backups`).
@@ -59,15 +59,6 @@ pub struct BackupConfig {
     pub retain_days: Option<u64>,
 }
 
-impl Default for BackupConfig {
-    fn default() -> Self {
-        BackupConfig {
-            dir: None,
-            retain_count: None,
-            retain_days: None,
-        }
-    }
-}
 
 /// The repository of a server.
 pub fn repository(dir: &Path, config: &ServerConfig) -> PathBuf {

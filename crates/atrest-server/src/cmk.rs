@@ -228,6 +228,12 @@ pub fn describe(e: &ClientError, key: &KeyUrl, client_id: &str) -> String {
                 (403, _, "ForbiddenByFirewall") => format!(
                     "the vault's firewall denies this server's address; add it to the firewall rules or let the server's identity through as a trusted service ({message})"
                 ),
+                (403, _, _) if message.contains("disabled") => format!(
+                    "key {key} is disabled in the vault; enable it, or move the server to an enabled version ({message})"
+                ),
+                (403, _, _) if message.contains("expired") || message.contains("not yet valid") => format!(
+                    "key {key} is outside its validity period (expired or not yet active); change its dates in the vault or move the server to a valid version ({message})"
+                ),
                 (403, _, _) => format!(
                     "the identity {client_id} lacks a permission on key {key}; grant it get, wrapKey and unwrapKey ({message})"
                 ),
