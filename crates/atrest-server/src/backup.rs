@@ -59,7 +59,6 @@ pub struct BackupConfig {
     pub retain_days: Option<u64>,
 }
 
-
 /// The repository of a server.
 pub fn repository(dir: &Path, config: &ServerConfig) -> PathBuf {
     match &config.backup.dir {
@@ -192,6 +191,15 @@ impl WalArchiver {
             let _ = old.commits.sync_all();
         }
         private_dir(&self.dir)?;
+        // With no backup to replay them onto, older segments serve no
+        // restore: keep the archive from growing without bound.
+        let repo = self.dir.parent().and_then(Path::parent);
+        if repo.is_some_and(|r| !catalog_path(r).exists()) {
+            for old in segments_in(&self.dir) {
+                let _ = fs::remove_file(segment_path(&self.dir, old, "wal"));
+                let _ = fs::remove_file(segment_path(&self.dir, old, "commits"));
+            }
+        }
         let seq = st.next_seq;
         st.next_seq += 1;
         let image = create_private(&segment_path(&self.dir, seq, "wal"))?;
@@ -405,6 +413,10 @@ pub fn take_backup(
 ) -> Result<BackupEntry, String> {
     let repo = repository(dir, config);
     private_dir(&repo.join("backups"))?;
+    if !catalog_path(&repo).exists() {
+        // From now on the archive keeps its segments (see open_segment).
+        save_catalog(&repo, &[])?;
+    }
     let started = now_us();
     let time = resource::now_rfc3339();
     let id = format!(
