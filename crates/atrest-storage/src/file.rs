@@ -199,9 +199,11 @@ impl SharedFile {
         let key = UnitKey::new(&dek, 0).map_err(|e| crypto_fail(&path, e))?;
         // A throwaway infrastructure key too, from the OS CSPRNG.
         let infra = if infra {
-            Some(InfraUnitKey::new(
-                &InfraDek::generate().map_err(|e| crypto_fail(&path, e))?,
-            ))
+            Some(
+                InfraDek::generate()
+                    .and_then(|d| InfraUnitKey::new(&d))
+                    .map_err(|e| crypto_fail(&path, e))?,
+            )
         } else {
             None
         };
@@ -331,7 +333,11 @@ impl SharedFile {
         (slot, slot_synced): (u64, bool),
     ) -> Result<Arc<Self>, Fail> {
         let key = UnitKey::new(&dek, sealed).map_err(|e| crypto_fail(&path, e))?;
-        let infra = infra_dek.as_ref().map(InfraUnitKey::new);
+        let infra = infra_dek
+            .as_ref()
+            .map(InfraUnitKey::new)
+            .transpose()
+            .map_err(|e| crypto_fail(&path, e))?;
         Ok(Arc::new(Self {
             ov: overhead(infra.is_some()),
             infra,

@@ -85,6 +85,7 @@ fn infra_key_of(fx: &Fixture, path: &Path) -> InfraUnitKey {
         &p.unwrap(rec.dek_id, &rec.wrapped, h.file_id, h.kind)
             .unwrap(),
     )
+    .unwrap()
 }
 
 fn page_ctx(file_id: FileId, page: u64) -> SealContext {

@@ -517,7 +517,7 @@ fn pure_crypto_cost(moved: &StatsSnapshot) -> Result<f64> {
 /// Seconds AEGIS-256 alone takes to seal and open as many units,
 /// of the same average sizes, as the infrastructure layer moved.
 fn pure_infra_cost(moved: &StatsSnapshot) -> Result<f64> {
-    let key = InfraUnitKey::new(&InfraDek::generate()?);
+    let key = InfraUnitKey::new(&InfraDek::generate()?)?;
     let (_, ctx) = bench_key()?;
     let mut total = 0.0;
     for (units, bytes, open) in [
@@ -572,7 +572,7 @@ fn crypto_throughput(with_openssl: bool) -> Result<serde_json::Value> {
     };
     let mb = |secs: f64| (rounds * 4096) as f64 / secs / 1e6;
     let (mut seal_best, mut open_best, mut openssl_best) = (0f64, 0f64, None::<f64>);
-    let infra = InfraUnitKey::new(&InfraDek::generate()?);
+    let infra = InfraUnitKey::new(&InfraDek::generate()?)?;
     let (mut iseal_best, mut iopen_best) = (0f64, 0f64);
     for _ in 0..3 {
         let start = Instant::now();
@@ -610,7 +610,7 @@ fn crypto_throughput(with_openssl: bool) -> Result<serde_json::Value> {
         "seal_mb_per_s": seal_best,
         "open_mb_per_s": open_best,
         "infra_cipher": format!(
-            "{} ({}, 16-byte tag, OS-RNG 32-byte nonces)",
+            "{} ({}, 16-byte tag, 32-byte nonces: OS-random prefix + counter)",
             atrest_crypto::INFRA_CIPHER_NAME,
             atrest_crypto::INFRA_IMPLEMENTATION
         ),
