@@ -256,7 +256,7 @@ impl InfraUnitKey {
         }
         let mut nonce = [0u8; INFRA_NONCE_LEN];
         let mut prefix = self.prefix.lock().unwrap_or_else(|p| p.into_inner());
-        if n != 0 && n % NONCE_PREFIX_REFRESH == 0 {
+        if n != 0 && n.is_multiple_of(NONCE_PREFIX_REFRESH) {
             os_random(&mut prefix[..])?;
         }
         nonce[..NONCE_PREFIX_LEN].copy_from_slice(&prefix[..]);

@@ -21,7 +21,7 @@ fn instances_made_before_a_fork_refuse_to_seal_after_it() {
     // What the storage engine's pthread_atfork child handler calls.
     note_fork_in_child();
     assert_eq!(
-        before.seal(&ctx, &mut vec![0u8; 200]),
+        before.seal(&ctx, &mut [0u8; 200]),
         Err(CryptoError::UsedAfterFork)
     );
     // Reading is unaffected; a fresh instance (a reopened file) seals, with
