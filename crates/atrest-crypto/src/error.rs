@@ -25,6 +25,11 @@ pub enum CryptoError {
     /// The header parsed but its MAC does not verify under the file's DEK.
     #[error("file header authentication failed (header was modified or belongs to another key)")]
     HeaderAuthenticationFailed,
+    /// An infrastructure-layer key instance made before this process
+    /// forked was asked to seal in the child: its nonce counter is a copy
+    /// of the parent's, so it refuses (reopen the file in the child).
+    #[error("infrastructure-layer key was created before this process forked; it does not seal in the child (reopen the file)")]
+    UsedAfterFork,
     /// The per-key usage limit from docs/CRYPTO.md was reached.
     #[error(
         "data encryption key {dek_id} has sealed {count} units, its limit; rotate the file's DEK"

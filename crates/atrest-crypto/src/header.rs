@@ -24,8 +24,15 @@ const MAGIC: &[u8; 8] = b"ATRESTH1";
 /// layer too, AEGIS-256 units and key wrap (older builds refuse it instead
 /// of misreading its pages). Format 2 was the pre-release XChaCha20-Poly1305
 /// infrastructure layer: refused with [`VERSION_XCHACHA_INFRA`]'s message.
+///
+/// Format 4: a WAL (either layer set, named by the `layers` field) whose
+/// frames are sealed as one unit each, frame header and page together.
+/// WALs of formats 1 and 3 sealed them as two units; this build refuses
+/// them ([`FileHeader::decode_unverified`]) rather than misread them, and
+/// builds before format 4 refuse a format-4 WAL as an unknown format.
 const VERSION: u16 = 1;
 const VERSION_INFRA: u16 = 3;
+const VERSION_WAL_FRAME_UNITS: u16 = 4;
 /// The retired format of pre-release builds whose infrastructure layer was
 /// XChaCha20-Poly1305 (40-byte unit trailer, reserve 68).
 const VERSION_XCHACHA_INFRA: u16 = 2;
@@ -271,10 +278,13 @@ impl FileHeader {
         Ok(slot)
     }
 
-    /// The format version [`Self::encode`] writes for this header: 1 for
+    /// The format version [`Self::encode`] writes for this header: 4 for
+    /// a WAL (one sealed unit per frame, either layer set); otherwise 1 for
     /// the data layer alone, 3 with the (AEGIS-256) infrastructure layer.
     pub fn format_version(&self) -> u16 {
-        if self.infra.is_some() {
+        if self.kind == FileKind::Wal {
+            VERSION_WAL_FRAME_UNITS
+        } else if self.infra.is_some() {
             VERSION_INFRA
         } else {
             VERSION
@@ -301,9 +311,10 @@ impl FileHeader {
                  Recreate the server and reload the data with the build that wrote it"
             )));
         }
-        if version != VERSION && version != VERSION_INFRA {
+        if ![VERSION, VERSION_INFRA, VERSION_WAL_FRAME_UNITS].contains(&version) {
             return Err(CryptoError::UnsupportedFormat(format!(
-                "header format version {version} is not supported (this build reads {VERSION} and {VERSION_INFRA})"
+                "header format version {version} is not supported (this build reads \
+                 {VERSION} and {VERSION_INFRA}, and {VERSION_WAL_FRAME_UNITS} for WAL files)"
             )));
         }
         let body_len = u32::from_be_bytes(slot[10..14].try_into().unwrap()) as usize;
@@ -314,7 +325,23 @@ impl FileHeader {
         }
         let signed_end = PREFIX_LEN + body_len;
         let header = parse_body(&slot[PREFIX_LEN..signed_end])?;
-        if (version == VERSION_INFRA) != header.infra.is_some() {
+        if header.kind == FileKind::Wal && version != VERSION_WAL_FRAME_UNITS {
+            return Err(CryptoError::UnsupportedFormat(format!(
+                "this WAL has header format version {version}, whose frames are sealed as two \
+                 units (frame header, page); this build seals each frame as one unit (WAL format \
+                 {VERSION_WAL_FRAME_UNITS}) and does not read the older layout. Open the database \
+                 once with the build that wrote the WAL, which checkpoints it into the database \
+                 when the last connection closes, then with this one"
+            )));
+        }
+        if version == VERSION_WAL_FRAME_UNITS {
+            if header.kind != FileKind::Wal {
+                return Err(CryptoError::InvalidHeader(format!(
+                    "header format version {VERSION_WAL_FRAME_UNITS} is for WAL files, not a {} file",
+                    header.kind.name()
+                )));
+            }
+        } else if (version == VERSION_INFRA) != header.infra.is_some() {
             return Err(CryptoError::InvalidHeader(
                 "header format version does not match the layers it names".into(),
             ));
@@ -580,6 +607,47 @@ mod tests {
         let mut v1 = slot.clone();
         v1[8..10].copy_from_slice(&1u16.to_be_bytes());
         assert!(FileHeader::decode_unverified(&v1).is_err());
+    }
+
+    /// A WAL is written as format 4 with either layer set and reads back;
+    /// a WAL claiming format 1 or 3 (the layout with separately sealed
+    /// frame headers and pages) is refused with a message naming the
+    /// layout; a non-WAL file may not claim format 4.
+    #[test]
+    fn wal_frame_unit_format_is_4_and_older_wals_are_refused() {
+        let dek = Dek::generate().unwrap();
+        for h in [sample(&dek), sample_infra(&dek)] {
+            let wal = FileHeader {
+                kind: FileKind::Wal,
+                ..h.clone()
+            };
+            let slot = wal.encode(&dek).unwrap();
+            assert_eq!(&slot[8..10], &VERSION_WAL_FRAME_UNITS.to_be_bytes());
+            let back = FileHeader::decode_unverified(&slot)
+                .unwrap()
+                .unwrap()
+                .verify(&dek)
+                .unwrap();
+            assert_eq!(back, wal);
+            for old in [VERSION, VERSION_INFRA] {
+                let mut bad = slot.clone();
+                bad[8..10].copy_from_slice(&old.to_be_bytes());
+                let Err(CryptoError::UnsupportedFormat(msg)) = FileHeader::decode_unverified(&bad)
+                else {
+                    panic!("an old-layout WAL must be refused");
+                };
+                assert!(
+                    msg.contains(&format!("format version {old}")) && msg.contains("one unit"),
+                    "{msg}"
+                );
+            }
+            let mut db = h.encode(&dek).unwrap();
+            db[8..10].copy_from_slice(&VERSION_WAL_FRAME_UNITS.to_be_bytes());
+            assert!(matches!(
+                FileHeader::decode_unverified(&db),
+                Err(CryptoError::InvalidHeader(_))
+            ));
+        }
     }
 
     /// A file written by the pre-release XChaCha20-Poly1305 build (format 2)

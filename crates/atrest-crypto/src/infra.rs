@@ -7,10 +7,13 @@
 //!   AWS-LC, which does the data layer's AES-256-GCM; both use the CPU's AES
 //!   round instruction (see `docs/CRYPTO.md` for what that does and does
 //!   not make independent).
-//! * Nonces: 256-bit values from the operating system's CSPRNG through the
-//!   `getrandom` crate (the `getrandom(2)` system call on Linux), never from
-//!   AWS-LC's DRBG, so a flaw in one library's random generator cannot
-//!   repeat nonces in both layers.
+//! * Nonces: 256 bits, a random 192-bit prefix drawn per key instance from
+//!   the operating system's CSPRNG through the `getrandom` crate (the
+//!   `getrandom(2)` system call on Linux; never AWS-LC's DRBG, so a flaw in
+//!   one library's random generator cannot repeat nonces in both layers),
+//!   followed by a 64-bit per-instance counter. No system call per seal;
+//!   the prefix is drawn again every [`NONCE_PREFIX_REFRESH`] seals. See
+//!   [`InfraUnitKey`] and `docs/CRYPTO.md` for why nonces never repeat.
 //! * Keys: one random 256-bit infrastructure DEK per file ([`InfraDek`]),
 //!   wrapped with AEGIS-256 under an infrastructure master key
 //!   ([`InfraKek`]) that is neither the service key nor a customer key.
@@ -29,6 +32,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use aegis::aegis256::Aegis256;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
@@ -41,6 +45,20 @@ pub const INFRA_OVERHEAD: usize = INFRA_TAG_LEN + INFRA_NONCE_LEN;
 pub const INFRA_TAG_LEN: usize = 16;
 /// AEGIS-256 nonce length: 256 bits.
 pub const INFRA_NONCE_LEN: usize = 32;
+/// Random bytes at the front of every unit nonce (192 bits, from the OS).
+pub const NONCE_PREFIX_LEN: usize = 24;
+/// The per-instance counter at the end of every unit nonce (64 bits, big-endian).
+const NONCE_COUNTER_LEN: usize = INFRA_NONCE_LEN - NONCE_PREFIX_LEN;
+const _: () = assert!(NONCE_COUNTER_LEN == std::mem::size_of::<u64>());
+/// Seals after which a key instance draws a new nonce prefix from the OS:
+/// bounds how many nonces two copies of one process (a VM snapshot restored
+/// twice) can repeat before their prefixes diverge. Uniqueness within an
+/// instance comes from the counter alone and does not depend on it.
+pub const NONCE_PREFIX_REFRESH: u64 = 1 << 16;
+/// The counter never reaches this value: a seal that would use it fails
+/// instead of wrapping. Far above any real usage (the data layer stops a
+/// file's DEK at 2^32 seals, and this layer seals once per data-layer seal).
+pub const NONCE_COUNTER_LIMIT: u64 = 1 << 63;
 const KEY_LEN: usize = 32;
 /// Nonce (32) + wrapped key (32) + tag (16).
 pub const INFRA_WRAPPED_LEN: usize = INFRA_NONCE_LEN + KEY_LEN + INFRA_TAG_LEN;
@@ -98,6 +116,20 @@ fn aegis_open(
 fn wipe_cipher(cipher: &mut Cipher) {
     *cipher = Cipher::new(&[0u8; KEY_LEN], &[0u8; INFRA_NONCE_LEN]);
     std::hint::black_box(cipher);
+}
+
+/// Bumped in the child of every `fork()` by the storage engine's
+/// `pthread_atfork` handler ([`note_fork_in_child`]). A key instance made
+/// before the fork refuses to seal in the child, whose copy of the nonce
+/// counter would repeat the parent's nonces.
+static FORK_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// Records that this process is the child of a `fork()`: every
+/// [`InfraUnitKey`] that existed before refuses to seal from now on
+/// (reopening the file makes a new instance with a fresh nonce prefix).
+/// Async-signal-safe (one atomic add), so it can run in an atfork handler.
+pub fn note_fork_in_child() {
+    FORK_EPOCH.fetch_add(1, Ordering::SeqCst);
 }
 
 /// Fills `buf` from the operating system's CSPRNG (not AWS-LC).
@@ -163,30 +195,74 @@ fn unit_aad(ctx: &SealContext, dek_id: DekId, unit_len: usize) -> [u8; 64] {
     a
 }
 
-/// An infrastructure DEK made ready for sealing units, with counters.
-/// The key is zeroized on drop.
+/// An infrastructure DEK made ready for sealing units.
+///
+/// Nonces: `prefix (24 random bytes) ‖ counter (8 bytes, big-endian)`.
+/// The counter is per instance and atomic, so every seal through one
+/// instance, from any thread or file handle sharing it, gets a distinct
+/// counter value and therefore a distinct nonce, whatever the prefix.
+/// The prefix comes from the OS CSPRNG when the instance is made (a file
+/// opened) and again every [`NONCE_PREFIX_REFRESH`] seals, so two
+/// instances of one key (the file reopened, another process) collide only
+/// if two 192-bit random prefixes do. The counter never wraps
+/// ([`NONCE_COUNTER_LIMIT`]), and an instance refuses to seal in the child
+/// of a `fork()` (see [`note_fork_in_child`]). The key is zeroized on drop;
+/// the prefix is not secret (it is written in every nonce).
 pub struct InfraUnitKey {
     key: Zeroizing<[u8; KEY_LEN]>,
     dek_id: DekId,
-    sealed: AtomicU64,
+    /// The next nonce counter value, i.e. the number of seals started.
+    counter: AtomicU64,
+    prefix: Mutex<[u8; NONCE_PREFIX_LEN]>,
+    fork_epoch: u64,
 }
 
 impl InfraUnitKey {
-    pub fn new(dek: &InfraDek) -> Self {
-        Self {
+    /// Makes a sealing key for `dek`, drawing its first nonce prefix from
+    /// the OS CSPRNG.
+    pub fn new(dek: &InfraDek) -> Result<Self, CryptoError> {
+        let mut prefix = [0u8; NONCE_PREFIX_LEN];
+        os_random(&mut prefix)?;
+        Ok(Self {
             key: Zeroizing::new(*dek.expose_secret()),
             dek_id: dek.id(),
-            sealed: AtomicU64::new(0),
-        }
+            counter: AtomicU64::new(0),
+            prefix: Mutex::new(prefix),
+            fork_epoch: FORK_EPOCH.load(Ordering::SeqCst),
+        })
     }
 
     pub fn dek_id(&self) -> DekId {
         self.dek_id
     }
 
-    /// Units sealed under this key by this process.
+    /// Units sealed under this key instance (seals started; a seal cannot
+    /// fail once its nonce is taken, except at the limits below).
     pub fn sealed_count(&self) -> u64 {
-        self.sealed.load(Ordering::Relaxed)
+        self.counter.load(Ordering::Relaxed)
+    }
+
+    /// The next unit nonce: a fresh counter value behind the current prefix.
+    fn next_nonce(&self) -> Result<[u8; INFRA_NONCE_LEN], CryptoError> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        if n >= NONCE_COUNTER_LIMIT {
+            return Err(CryptoError::UsageLimitReached {
+                dek_id: format!("{} (infrastructure layer)", self.dek_id),
+                count: n,
+            });
+        }
+        if FORK_EPOCH.load(Ordering::Relaxed) != self.fork_epoch {
+            return Err(CryptoError::UsedAfterFork);
+        }
+        let mut nonce = [0u8; INFRA_NONCE_LEN];
+        let mut prefix = self.prefix.lock().unwrap_or_else(|p| p.into_inner());
+        if n != 0 && n.is_multiple_of(NONCE_PREFIX_REFRESH) {
+            os_random(&mut prefix[..])?;
+        }
+        nonce[..NONCE_PREFIX_LEN].copy_from_slice(&prefix[..]);
+        drop(prefix);
+        nonce[NONCE_PREFIX_LEN..].copy_from_slice(&n.to_be_bytes());
+        Ok(nonce)
     }
 
     /// Seals `unit` in place: its first `len - INFRA_OVERHEAD` bytes are
@@ -200,14 +276,12 @@ impl InfraUnitKey {
                 min: INFRA_OVERHEAD,
             });
         }
-        let mut nonce = [0u8; INFRA_NONCE_LEN];
-        os_random(&mut nonce)?;
+        let nonce = self.next_nonce()?;
         let aad = unit_aad(ctx, self.dek_id, len);
         let (body, trailer) = unit.split_at_mut(len - INFRA_OVERHEAD);
         let tag = aegis_seal(&self.key, &nonce, &aad, body);
         trailer[..INFRA_TAG_LEN].copy_from_slice(&tag);
         trailer[INFRA_TAG_LEN..].copy_from_slice(&nonce);
-        self.sealed.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -332,7 +406,7 @@ mod tests {
 
     #[test]
     fn round_trip_keeps_length_and_zeroes_trailer() {
-        let key = InfraUnitKey::new(&InfraDek::generate().unwrap());
+        let key = InfraUnitKey::new(&InfraDek::generate().unwrap()).unwrap();
         let mut page = sealed(&key, 3);
         assert!(!page.windows(11).any(|w| w == b"hello infra"));
         key.open(&ctx(3), &mut page).unwrap();
@@ -343,7 +417,7 @@ mod tests {
 
     #[test]
     fn every_bit_flip_and_every_move_is_detected() {
-        let key = InfraUnitKey::new(&InfraDek::generate().unwrap());
+        let key = InfraUnitKey::new(&InfraDek::generate().unwrap()).unwrap();
         let page = sealed(&key, 1);
         for pos in (0..page.len())
             .step_by(7)
@@ -376,7 +450,7 @@ mod tests {
             let mut copy = page.clone();
             assert!(key.open(&v, &mut copy).is_err(), "{v:?}");
         }
-        let other = InfraUnitKey::new(&InfraDek::generate().unwrap());
+        let other = InfraUnitKey::new(&InfraDek::generate().unwrap()).unwrap();
         let mut copy = page.clone();
         assert!(other.open(&ctx(1), &mut copy).is_err());
         assert!(key.open(&ctx(1), &mut vec![0u8; 4096]).is_err());
@@ -387,7 +461,7 @@ mod tests {
 
     #[test]
     fn same_plaintext_seals_differently() {
-        let key = InfraUnitKey::new(&InfraDek::generate().unwrap());
+        let key = InfraUnitKey::new(&InfraDek::generate().unwrap()).unwrap();
         let (a, b) = (sealed(&key, 1), sealed(&key, 1));
         assert_ne!(a, b);
         assert_ne!(
@@ -395,6 +469,135 @@ mod tests {
             b[4096 - INFRA_NONCE_LEN..],
             "nonces differ"
         );
+    }
+
+    fn nonce_of(unit: &[u8]) -> [u8; INFRA_NONCE_LEN] {
+        unit[unit.len() - INFRA_NONCE_LEN..].try_into().unwrap()
+    }
+
+    /// Many seals through one instance, from several threads at once, all
+    /// get distinct nonces sharing the instance's prefix, with counters
+    /// 0..n; every unit still opens.
+    #[test]
+    fn nonces_are_unique_across_threads_and_units_open() {
+        let key = std::sync::Arc::new(InfraUnitKey::new(&InfraDek::generate().unwrap()).unwrap());
+        let per_thread = 5_000u64;
+        let units: Vec<Vec<u8>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|t| {
+                    let key = std::sync::Arc::clone(&key);
+                    s.spawn(move || {
+                        (0..per_thread)
+                            .map(|i| {
+                                let mut u = vec![t as u8; 64];
+                                u[1..9].copy_from_slice(&i.to_be_bytes());
+                                key.seal(&ctx(i), &mut u).unwrap();
+                                u
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        let n = 4 * per_thread;
+        assert_eq!(key.sealed_count(), n);
+        let nonces: std::collections::HashSet<_> = units.iter().map(|u| nonce_of(u)).collect();
+        assert_eq!(nonces.len() as u64, n, "every nonce distinct");
+        let mut counters: Vec<u64> = nonces
+            .iter()
+            .map(|x| u64::from_be_bytes(x[NONCE_PREFIX_LEN..].try_into().unwrap()))
+            .collect();
+        counters.sort_unstable();
+        assert_eq!(counters, (0..n).collect::<Vec<_>>());
+        let first = nonce_of(&units[0]);
+        assert!(nonces
+            .iter()
+            .all(|x| x[..NONCE_PREFIX_LEN] == first[..NONCE_PREFIX_LEN]));
+        for (k, u) in units.iter().enumerate() {
+            let mut u = u.clone();
+            let i = (k as u64) % per_thread;
+            key.open(&ctx(i), &mut u).unwrap();
+            assert_eq!(u[1..9], i.to_be_bytes());
+        }
+    }
+
+    /// Two instances of the same key (the file opened twice, or by two
+    /// processes) draw different prefixes, so their nonces never meet even
+    /// though both counters start at 0; each opens the other's units.
+    #[test]
+    fn key_instances_draw_different_prefixes() {
+        let dek = InfraDek::generate().unwrap();
+        let (a, b) = (
+            InfraUnitKey::new(&dek).unwrap(),
+            InfraUnitKey::new(&dek).unwrap(),
+        );
+        let (ua, ub) = (sealed(&a, 1), sealed(&b, 1));
+        let (na, nb) = (nonce_of(&ua), nonce_of(&ub));
+        assert_ne!(na[..NONCE_PREFIX_LEN], nb[..NONCE_PREFIX_LEN]);
+        assert_eq!(
+            na[NONCE_PREFIX_LEN..],
+            nb[NONCE_PREFIX_LEN..],
+            "both counters at 0"
+        );
+        b.open(&ctx(1), &mut ua.clone()).unwrap();
+        a.open(&ctx(1), &mut ub.clone()).unwrap();
+    }
+
+    /// Every NONCE_PREFIX_REFRESH seals the prefix is drawn again; the
+    /// counter carries on, so uniqueness does not depend on the prefix.
+    #[test]
+    fn prefix_is_refreshed_and_counter_continues() {
+        let key = InfraUnitKey::new(&InfraDek::generate().unwrap()).unwrap();
+        let mut unit = vec![0u8; INFRA_OVERHEAD];
+        let mut last = [0u8; INFRA_NONCE_LEN];
+        let mut prefixes = std::collections::HashSet::new();
+        for i in 0..NONCE_PREFIX_REFRESH + 1 {
+            key.seal(&ctx(1), &mut unit).unwrap();
+            last = nonce_of(&unit);
+            assert_eq!(last[NONCE_PREFIX_LEN..], i.to_be_bytes());
+            if i == 0 || i == NONCE_PREFIX_REFRESH {
+                prefixes.insert(last[..NONCE_PREFIX_LEN].to_vec());
+            }
+        }
+        assert_eq!(prefixes.len(), 2, "a new prefix after the refresh");
+        key.open(&ctx(1), &mut unit).unwrap();
+        assert_ne!(last, [0u8; INFRA_NONCE_LEN]);
+    }
+
+    /// The counter never wraps: at the limit a seal fails (and names no key
+    /// bytes), it does not reuse counter 0.
+    #[test]
+    fn counter_at_its_limit_fails_instead_of_wrapping() {
+        let key = InfraUnitKey::new(&InfraDek::generate().unwrap()).unwrap();
+        key.counter
+            .store(NONCE_COUNTER_LIMIT - 1, Ordering::Relaxed);
+        let mut unit = vec![0u8; 100];
+        key.seal(&ctx(1), &mut unit).unwrap();
+        let err = key.seal(&ctx(1), &mut unit).unwrap_err();
+        assert!(
+            matches!(err, CryptoError::UsageLimitReached { .. }),
+            "{err}"
+        );
+        assert!(!err.to_string().contains(&hex::encode(key.key.as_slice())));
+        assert!(key.seal(&ctx(1), &mut unit).is_err());
+    }
+
+    /// A key instance from another fork epoch (made before a fork, used
+    /// in the child) refuses to seal; opening needs no nonce and works.
+    /// (The epoch itself is bumped in `tests/fork.rs`, in its own process,
+    /// so that it cannot disturb the tests running here in parallel.)
+    #[test]
+    fn an_instance_from_another_fork_epoch_refuses_to_seal() {
+        let dek = InfraDek::generate().unwrap();
+        let mut old = InfraUnitKey::new(&dek).unwrap();
+        let mut unit = sealed(&old, 2);
+        old.fork_epoch = old.fork_epoch.wrapping_sub(1);
+        assert_eq!(
+            old.seal(&ctx(2), &mut unit.clone()),
+            Err(CryptoError::UsedAfterFork)
+        );
+        old.open(&ctx(2), &mut unit).unwrap();
     }
 
     /// The two layers nest: the data layer seals the first `len - 48`
@@ -406,7 +609,8 @@ mod tests {
         let data = UnitKey::new(&dek, 0).unwrap();
         // Same key bytes in both layers: their AADs (labels) still differ,
         // and the ciphers differ, so neither opens the other's unit.
-        let infra = InfraUnitKey::new(&InfraDek::from_parts(dek.id(), dek.expose_secret()));
+        let infra =
+            InfraUnitKey::new(&InfraDek::from_parts(dek.id(), dek.expose_secret())).unwrap();
         let mut page = vec![0u8; 4096];
         page[..5].copy_from_slice(b"plain");
         let n = page.len();

@@ -407,6 +407,14 @@ type Started = (
     tokio::task::JoinHandle<()>,
 );
 
+/// BENCHMARK ONLY, in builds with the non-default cargo feature
+/// `plaintext-baseline`: with this environment variable set, `atrest server
+/// start` serves its databases with plain SQLite, unencrypted (the baseline
+/// of `atrest bench pgbench`; see docs/BENCHMARKS.md). Without the feature
+/// the variable means nothing.
+#[cfg(feature = "plaintext-baseline")]
+pub const PLAINTEXT_BASELINE_ENV: &str = "ATREST_BENCH_PLAINTEXT_BASELINE";
+
 async fn start_locked(
     dir: &Path,
     config: ServerConfig,
@@ -423,6 +431,10 @@ async fn start_locked(
         infrastructure_encryption: Some(config.encryption.infrastructure_encryption),
         infra_keystore_dir: config.encryption.infra_keystore_dir.clone(),
     })?;
+    #[cfg(feature = "plaintext-baseline")]
+    if std::env::var_os(PLAINTEXT_BASELINE_ENV).is_some() {
+        engine.enable_plaintext_baseline();
+    }
     if engine.info().map(|i| i.service_key) != Some(config.encryption.service_key.clone()) {
         return Err(StartError::Resource(ResourceError::Corrupt {
             path: dir.join(resource::DATA_SUBDIR),

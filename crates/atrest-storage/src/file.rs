@@ -17,7 +17,9 @@ use atrest_crypto::{
 use rusqlite::ffi;
 
 use crate::keyring::Keyring;
-use crate::layout::{class, journal_block, Geometry, Unit, HEADER_LEN, TEMP_BLOCK, WAL_HEADER};
+use crate::layout::{
+    class, journal_block, Geometry, Unit, HEADER_LEN, TEMP_BLOCK, WAL_FRAME_HEADER, WAL_HEADER,
+};
 use crate::StorageError;
 
 /// Seals reserved in the header at a time. A process that dies loses at
@@ -160,15 +162,14 @@ struct Meta {
 }
 
 /// Which frames of the current WAL generation are complete commits: a
-/// commit frame counts once both its header (with the generation's salts)
-/// and its page are written, in whichever order SQLite wrote them.
+/// commit frame counts once it is written with the generation's salts in
+/// its header and a page SQLite wrote (frame header and page are one unit,
+/// so both are on disk together).
 #[derive(Default, Clone, Copy)]
 struct WalProgress {
     /// Frames up to (not including) this one end in a complete commit.
     committed: u64,
-    /// A commit frame whose header is written but whose page is not yet.
-    pending_commit: Option<u64>,
-    /// One past the highest frame whose page has been written.
+    /// One past the highest frame whose page SQLite has written.
     pages_written: u64,
 }
 
@@ -199,9 +200,11 @@ impl SharedFile {
         let key = UnitKey::new(&dek, 0).map_err(|e| crypto_fail(&path, e))?;
         // A throwaway infrastructure key too, from the OS CSPRNG.
         let infra = if infra {
-            Some(InfraUnitKey::new(
-                &InfraDek::generate().map_err(|e| crypto_fail(&path, e))?,
-            ))
+            Some(
+                InfraDek::generate()
+                    .and_then(|d| InfraUnitKey::new(&d))
+                    .map_err(|e| crypto_fail(&path, e))?,
+            )
         } else {
             None
         };
@@ -331,7 +334,11 @@ impl SharedFile {
         (slot, slot_synced): (u64, bool),
     ) -> Result<Arc<Self>, Fail> {
         let key = UnitKey::new(&dek, sealed).map_err(|e| crypto_fail(&path, e))?;
-        let infra = infra_dek.as_ref().map(InfraUnitKey::new);
+        let infra = infra_dek
+            .as_ref()
+            .map(InfraUnitKey::new)
+            .transpose()
+            .map_err(|e| crypto_fail(&path, e))?;
         Ok(Arc::new(Self {
             ov: overhead(infra.is_some()),
             infra,
@@ -870,12 +877,47 @@ pub struct EncryptedFile<R: RawFile> {
     /// authenticate is an error even past the synced end, since a copy is
     /// taken at a commit boundary and can have no torn tail.
     strict: bool,
+    /// WAL only: a frame whose first bytes (its header) SQLite has written
+    /// and whose page is expected next; sealed with the page as one unit.
+    /// Its bytes (salts prefix included) are in `frame_buf`.
+    pending: Option<PendingFrame>,
+    frame_buf: Vec<u8>,
+    /// WAL only: the frame the previous operation on this handle read and
+    /// opened; its plaintext is still in `scratch`. Lets SQLite's checksum
+    /// rewrite (read a frame, write back its header) re-seal without
+    /// reading and opening the frame again.
+    last_read: Option<LastRead>,
 }
 
 #[derive(Clone, Copy)]
 struct TailBlock {
     index: u64,
     len: usize,
+}
+
+/// Which buffer holds a WAL frame to seal.
+#[derive(Clone, Copy)]
+enum FrameIn {
+    Scratch,
+    FrameBuf,
+}
+
+/// The largest `ov`: both layers' tags and nonces.
+const MAX_OVERHEAD: usize = SEAL_OVERHEAD + INFRA_OVERHEAD;
+
+#[derive(Clone, Copy)]
+struct PendingFrame {
+    unit: Unit,
+    /// Logical bytes of the frame written so far, from its start.
+    filled: usize,
+}
+
+struct LastRead {
+    index: u64,
+    /// The frame's sealed trailer as read (tags and nonces; the first `ov`
+    /// bytes): unique per seal, so an equal trailer on disk means the same
+    /// sealed frame.
+    trailer: [u8; MAX_OVERHEAD],
 }
 
 impl<R: RawFile> EncryptedFile<R> {
@@ -889,6 +931,9 @@ impl<R: RawFile> EncryptedFile<R> {
             tail_buf: Vec::new(),
             temp_len: 0,
             strict: false,
+            pending: None,
+            frame_buf: Vec::new(),
+            last_read: None,
         }
     }
 
@@ -1009,9 +1054,17 @@ impl<R: RawFile> EncryptedFile<R> {
         generation: u64,
         sealed: std::ops::Range<usize>,
     ) -> Result<(), Fail> {
+        let mut buf = std::mem::take(&mut self.scratch);
+        let r = self.seal_buf(unit, generation, &mut buf[sealed]);
+        self.scratch = buf;
+        r
+    }
+
+    /// Seals `buf` (the unit's sealed part) with every layer of the file
+    /// and extends the DEK's seal reservation when it runs out.
+    fn seal_buf(&mut self, unit: &Unit, generation: u64, buf: &mut [u8]) -> Result<(), Fail> {
         let ctx = self.ctx(unit, generation);
-        self.shared
-            .seal_unit(&ctx, &mut self.scratch[sealed], &self.stats)?;
+        self.shared.seal_unit(&ctx, buf, &self.stats)?;
         if self.shared.key.sealed_count() >= self.shared.seals_reserved.load(Ordering::Relaxed) {
             self.extend_seal_lease()?;
         }
@@ -1129,6 +1182,8 @@ impl<R: RawFile> EncryptedFile<R> {
     /// of the reservation as used. No sync needed: if this write is lost,
     /// the slot before it over-counts, which is the safe direction.
     pub fn close(&mut self) -> Result<(), Fail> {
+        self.last_read = None;
+        self.flush_pending()?;
         let shared = Arc::clone(&self.shared);
         let mut meta = shared.meta.lock().unwrap();
         let used = shared.key.sealed_count();
@@ -1147,6 +1202,8 @@ impl<R: RawFile> EncryptedFile<R> {
     /// SQLite's xRead. `Ok(false)` is a short read (rest zero-filled).
     pub fn read(&mut self, buf: &mut [u8], off: u64) -> Result<bool, Fail> {
         self.flush_tail()?;
+        self.flush_pending()?;
+        self.last_read = None;
         match self.read_units(buf, off) {
             // A *partial* read of page 1 is SQLite peeking at the database
             // header before it has recovered from a crash (hot journal, WAL).
@@ -1178,8 +1235,6 @@ impl<R: RawFile> EncryptedFile<R> {
             Geometry::Blocks { .. } => Some(self.raw.size().map_err(Fail::io)?),
             _ => None,
         };
-        // Salts of the frame whose header this same read covered.
-        let mut frame_salts: Option<(u64, u64)> = None;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = off + done as u64;
@@ -1194,28 +1249,19 @@ impl<R: RawFile> EncryptedFile<R> {
             }
             let within = (pos - unit.lstart) as usize;
             let n = (buf.len() - done).min(unit.llen - within);
-            let generation = match unit.class {
-                class::WAL_FRAME_PAGE => match frame_salts {
-                    Some((f, s)) if f == unit.index => s,
-                    _ => self.current_salts(),
-                },
-                _ => 0,
-            };
-            if !unit.appended && within == 0 && n == unit.llen {
+            self.last_read = None;
+            if unit.class == class::WAL_FRAME {
+                if !self.read_frame(&unit, within, &mut buf[done..done + n])? {
+                    return self.short_read(&unit, buf, done);
+                }
+            } else if !unit.appended && within == 0 && n == unit.llen {
                 // Whole page: decrypt straight in the caller's buffer.
                 let dst = &mut buf[done..done + n];
                 if !self.raw.read_at(dst, unit.pstart).map_err(Fail::io)? {
                     return self.short_read(&unit, buf, done);
                 }
-                let ctx = self.ctx(&unit, generation);
+                let ctx = self.ctx(&unit, 0);
                 if self.shared.open_unit(&ctx, dst, &self.stats).is_err() {
-                    if frame_salts.is_some_and(|(f, _)| f == unit.index) {
-                        // A torn page after an intact frame header: see below.
-                        self.unsynced_frame(&unit)?;
-                        dst.fill(0);
-                        done += n;
-                        continue;
-                    }
                     return Err(Fail::tampered(self.path(), &unit));
                 }
             } else {
@@ -1230,51 +1276,133 @@ impl<R: RawFile> EncryptedFile<R> {
                 {
                     return self.short_read(&unit, buf, done);
                 }
-                let generation = if unit.class == class::WAL_FRAME_HEADER {
-                    u64::from_be_bytes(self.scratch[..8].try_into().unwrap())
-                } else {
-                    generation
-                };
-                let ctx = self.ctx(&unit, generation);
-                let sealed = unit.prefix..plen;
+                let ctx = self.ctx(&unit, 0);
                 if self
                     .shared
-                    .open_unit(&ctx, &mut self.scratch[sealed], &self.stats)
+                    .open_unit(&ctx, &mut self.scratch[..plen], &self.stats)
                     .is_err()
                 {
-                    if unit.class == class::WAL_FRAME_HEADER {
-                        // A frame that does not authenticate past the last
-                        // synced frame is a torn write from a crash: hand
-                        // SQLite zeros, which it reads as the end of the log.
-                        self.unsynced_frame(&unit)?;
-                        buf[done..done + n].fill(0);
-                        frame_salts = Some((unit.index, u64::MAX));
-                        done += n;
-                        continue;
-                    }
                     return Err(Fail::tampered(self.path(), &unit));
                 }
                 if unit.class == class::WAL_HEADER && within == 0 && n == WAL_HEADER {
                     let hdr: [u8; WAL_HEADER] = self.scratch[..WAL_HEADER].try_into().unwrap();
                     self.learn_wal_header(&hdr);
                 }
-                if unit.class == class::WAL_FRAME_HEADER {
-                    self.check_frame_generation(&unit, generation)?;
-                    // Zero salts: SQLite wrote this header with its checksum
-                    // pending (to be rewritten at commit); the frame belongs
-                    // to the current generation.
-                    let body = if generation == 0 {
-                        self.current_salts()
-                    } else {
-                        generation
-                    };
-                    frame_salts = Some((unit.index, body));
-                }
-                buf[done..done + n].copy_from_slice(&self.scratch[unit.prefix + within..][..n]);
+                buf[done..done + n].copy_from_slice(&self.scratch[within..][..n]);
             }
             done += n;
         }
         Ok(true)
+    }
+
+    /// Reads bytes `within..within + out.len()` of WAL frame `unit` (one
+    /// sealed unit: frame header and page). `Ok(false)`: the frame is not
+    /// (wholly) in the file. On success the frame's plaintext stays in
+    /// `scratch` and `last_read` names it.
+    fn read_frame(&mut self, unit: &Unit, within: usize, out: &mut [u8]) -> Result<bool, Fail> {
+        let plen = unit.plen();
+        if self.scratch.len() < plen {
+            self.scratch.resize(plen, 0);
+        }
+        if !self
+            .raw
+            .read_at(&mut self.scratch[..plen], unit.pstart)
+            .map_err(Fail::io)?
+        {
+            return Ok(false);
+        }
+        let ov = self.shared.ov;
+        let mut trailer = [0u8; MAX_OVERHEAD];
+        trailer[..ov].copy_from_slice(&self.scratch[plen - ov..plen]);
+        let salts = u64::from_be_bytes(self.scratch[..8].try_into().unwrap());
+        if !self.open_frame_in_scratch(unit) {
+            if within < WAL_FRAME_HEADER {
+                // A frame that does not authenticate past the last synced
+                // frame is a torn write from a crash (or a rolled-back
+                // transaction's): hand SQLite zeros, which it reads as the
+                // end of the log. Before the mark it is tampering.
+                self.unsynced_frame(unit)?;
+                out.fill(0);
+                return Ok(true);
+            }
+            // SQLite reads a page alone only from a frame it knows is
+            // there (committed, or its own transaction's).
+            return Err(Fail::tampered(self.path(), unit));
+        }
+        if within < WAL_FRAME_HEADER {
+            self.check_frame_generation(unit, salts)?;
+        } else if salts != 0 && salts != self.current_salts() {
+            // A page read alone must come from the current generation (an
+            // authentic frame of an older WAL put in its place).
+            return Err(Fail::tampered(self.path(), unit));
+        }
+        out.copy_from_slice(&self.scratch[unit.prefix + within..][..out.len()]);
+        self.last_read = Some(LastRead {
+            index: unit.index,
+            trailer,
+        });
+        Ok(true)
+    }
+
+    /// The generation a WAL frame is sealed under: its salts, or for a frame
+    /// SQLite wrote with zero salts (its checksum to be rewritten at
+    /// commit), the current generation's.
+    fn frame_generation(&self, salts: u64) -> u64 {
+        if salts != 0 {
+            salts
+        } else {
+            self.current_salts()
+        }
+    }
+
+    /// Opens the WAL frame read into `scratch[..plen]` in place. False if
+    /// it does not authenticate, or if its clear salts are not the ones
+    /// sealed inside its header.
+    fn open_frame_in_scratch(&mut self, unit: &Unit) -> bool {
+        let (pre, plen) = (unit.prefix, unit.plen());
+        let salts = u64::from_be_bytes(self.scratch[..8].try_into().unwrap());
+        let ctx = self.ctx(unit, self.frame_generation(salts));
+        if self
+            .shared
+            .open_unit(&ctx, &mut self.scratch[pre..plen], &self.stats)
+            .is_err()
+        {
+            return false;
+        }
+        self.scratch[pre + 8..pre + 16] == self.scratch[..8]
+    }
+
+    /// Loads WAL frame `unit` into `scratch` (opened) so that part of it can
+    /// be rewritten. A frame not in the file, or one that does not
+    /// authenticate past the durable mark (torn, rolled back), loads as
+    /// zeros, as reads hand it to SQLite; below the mark it is tampering.
+    fn load_frame(&mut self, unit: &Unit) -> Result<(), Fail> {
+        let plen = unit.plen();
+        if self.scratch.len() < plen {
+            self.scratch.resize(plen, 0);
+        }
+        if self
+            .raw
+            .read_at(&mut self.scratch[..plen], unit.pstart)
+            .map_err(Fail::io)?
+        {
+            if self.open_frame_in_scratch(unit) {
+                return Ok(());
+            }
+            self.unsynced_frame(unit)?;
+        }
+        self.scratch[..plen].fill(0);
+        Ok(())
+    }
+
+    /// Whether the sealed frame on disk is still the one `last` read (its
+    /// trailer holds the seal's unique nonces).
+    fn still_on_disk(&mut self, unit: &Unit, last: &LastRead) -> Result<bool, Fail> {
+        let ov = self.shared.ov;
+        let mut now = [0u8; MAX_OVERHEAD];
+        let at = unit.pstart + (unit.plen() - ov) as u64;
+        Ok(self.raw.read_at(&mut now[..ov], at).map_err(Fail::io)?
+            && now[..ov] == last.trailer[..ov])
     }
 
     /// A frame failed to authenticate: fine past the durable mark (torn by
@@ -1320,6 +1448,10 @@ impl<R: RawFile> EncryptedFile<R> {
         if self.shared.kind == FileKind::Temp {
             return self.write_temp(data, off);
         }
+        let last_read = self.last_read.take();
+        if self.pending.is_some() && !self.continues_pending(off) {
+            self.flush_pending()?;
+        }
         self.learn_from_write(data, off)?;
         let geo = self.geometry()?;
         if let Geometry::Blocks { .. } = geo {
@@ -1331,6 +1463,11 @@ impl<R: RawFile> EncryptedFile<R> {
             let unit = geo.unit_at(pos);
             let within = (pos - unit.lstart) as usize;
             let n = (data.len() - done).min(unit.llen - within);
+            if unit.class == class::WAL_FRAME {
+                self.write_frame(&unit, within, &data[done..done + n], last_read.as_ref())?;
+                done += n;
+                continue;
+            }
             let plen = unit.plen();
             if self.scratch.len() < plen {
                 self.scratch.resize(plen, 0);
@@ -1353,71 +1490,148 @@ impl<R: RawFile> EncryptedFile<R> {
                         },
                     ));
                 }
-                let generation = self.unit_generation(&unit, None);
-                let ctx = self.ctx(&unit, generation);
+                let ctx = self.ctx(&unit, 0);
                 if self
                     .shared
-                    .open_unit(&ctx, &mut self.scratch[unit.prefix..plen], &self.stats)
+                    .open_unit(&ctx, &mut self.scratch[..plen], &self.stats)
                     .is_err()
                 {
                     return Err(Fail::tampered(self.path(), &unit));
                 }
             }
-            self.scratch[unit.prefix + within..][..n].copy_from_slice(&data[done..done + n]);
-            if unit.prefix > 0 {
-                // The frame's salts, in clear, tell generations apart.
-                let (clear, body) = self.scratch.split_at_mut(unit.prefix);
-                clear.copy_from_slice(&body[8..16]);
-            }
-            let generation = self.unit_generation(&unit, Some(&self.scratch[..plen]));
-            // Bytes 4..8 of a frame header: the database size after a commit,
-            // 0 for frames that do not end a transaction. Read before sealing.
-            let commit_frame = unit.class == class::WAL_FRAME_HEADER
-                && self.scratch[unit.prefix + 4..unit.prefix + 8] != [0; 4];
-            let sealed = unit.prefix..plen;
-            self.seal(&unit, generation, sealed)?;
+            self.scratch[within..][..n].copy_from_slice(&data[done..done + n]);
+            self.seal(&unit, 0, 0..plen)?;
             self.raw
                 .write_at(&self.scratch[..plen], unit.pstart)
                 .map_err(Fail::io)?;
-            match unit.class {
-                class::WAL_FRAME_HEADER => {
-                    let mut meta = self.shared.meta.lock().unwrap();
-                    if commit_frame && meta.wal_salts == Some(generation) {
-                        if meta.wal.pages_written > unit.index {
-                            meta.wal.committed = meta.wal.committed.max(unit.index + 1);
-                        } else {
-                            meta.wal.pending_commit = Some(unit.index);
-                        }
-                    }
-                }
-                class::WAL_FRAME_PAGE => {
-                    let mut meta = self.shared.meta.lock().unwrap();
-                    let w = &mut meta.wal;
-                    w.pages_written = w.pages_written.max(unit.index + 1);
-                    if w.pending_commit == Some(unit.index) {
-                        w.committed = w.committed.max(unit.index + 1);
-                        w.pending_commit = None;
-                    }
-                }
-                _ => {}
-            }
             done += n;
         }
         Ok(())
     }
 
-    /// The generation bound into a unit: frame headers carry their salts
-    /// (taken from the clear prefix of `unit_bytes` when given); pages of
-    /// frames belong to the current generation.
-    fn unit_generation(&self, unit: &Unit, unit_bytes: Option<&[u8]>) -> u64 {
-        match unit.class {
-            class::WAL_FRAME_HEADER => match unit_bytes {
-                Some(b) => u64::from_be_bytes(b[..8].try_into().unwrap()),
-                None => self.current_salts(),
-            },
-            class::WAL_FRAME_PAGE => self.current_salts(),
-            _ => 0,
+    /// Whether a write at `off` continues the pending frame.
+    fn continues_pending(&self, off: u64) -> bool {
+        self.pending
+            .is_some_and(|p| off == p.unit.lstart + p.filled as u64)
+    }
+
+    /// Writes bytes `within..within + data.len()` of WAL frame `unit`.
+    ///
+    /// SQLite appends a frame as two writes, its 24-byte header and then
+    /// its page. The header is kept (`pending`) until the page comes, and
+    /// the two are sealed and written as one unit. Anything else that
+    /// happens on the handle first writes the pending frame out, merged
+    /// with what the file holds (`flush_pending`), so nothing SQLite wrote
+    /// stays in memory past its next call on this file. A header written
+    /// right after this handle read the same frame whole (SQLite rewriting
+    /// checksums at commit: no page follows) is sealed at once with the
+    /// page just read. Any other partial write (a page rewritten in place
+    /// within a transaction) reads, opens, patches and re-seals the frame.
+    fn write_frame(
+        &mut self,
+        unit: &Unit,
+        within: usize,
+        data: &[u8],
+        last_read: Option<&LastRead>,
+    ) -> Result<(), Fail> {
+        let (pre, plen, n) = (unit.prefix, unit.plen(), data.len());
+        if let Some(p) = self.pending {
+            if p.unit.index == unit.index && p.filled == within {
+                self.frame_buf[pre + within..pre + within + n].copy_from_slice(data);
+                let filled = within + n;
+                if filled < unit.llen {
+                    self.pending = Some(PendingFrame { filled, ..p });
+                    return Ok(());
+                }
+                self.pending = None;
+                return self.seal_frame(unit, FrameIn::FrameBuf, true);
+            }
+            self.flush_pending()?;
         }
+        if within == 0 && n == unit.llen {
+            self.frame_buf.resize(plen, 0);
+            self.frame_buf[pre..plen].copy_from_slice(data);
+            return self.seal_frame(unit, FrameIn::FrameBuf, true);
+        }
+        if within == 0 {
+            if let Some(last) = last_read.filter(|l| l.index == unit.index) {
+                if self.still_on_disk(unit, last)? {
+                    self.scratch[pre..pre + n].copy_from_slice(data);
+                    return self.seal_frame(unit, FrameIn::Scratch, n > WAL_FRAME_HEADER);
+                }
+            }
+            self.frame_buf.resize(plen, 0);
+            self.frame_buf[pre..pre + n].copy_from_slice(data);
+            self.pending = Some(PendingFrame {
+                unit: *unit,
+                filled: n,
+            });
+            return Ok(());
+        }
+        self.load_frame(unit)?;
+        self.scratch[pre + within..pre + within + n].copy_from_slice(data);
+        self.seal_frame(unit, FrameIn::Scratch, within + n > WAL_FRAME_HEADER)
+    }
+
+    /// Writes out a pending frame whose page never came, merged with the
+    /// frame the file holds (or zeros), exactly as a plain file would then
+    /// read.
+    fn flush_pending(&mut self) -> Result<(), Fail> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        let unit = p.unit;
+        self.load_frame(&unit)?;
+        let span = unit.prefix..unit.prefix + p.filled;
+        self.scratch[span.clone()].copy_from_slice(&self.frame_buf[span]);
+        self.seal_frame(&unit, FrameIn::Scratch, p.filled > WAL_FRAME_HEADER)
+    }
+
+    /// Seals the WAL frame held (in plaintext, after its salts prefix) in
+    /// `scratch` or `frame_buf`, writes it, and records commit progress.
+    /// `page_written`: SQLite wrote page bytes of this frame in this write.
+    fn seal_frame(&mut self, unit: &Unit, from: FrameIn, page_written: bool) -> Result<(), Fail> {
+        let mut buf = match from {
+            FrameIn::Scratch => std::mem::take(&mut self.scratch),
+            FrameIn::FrameBuf => std::mem::take(&mut self.frame_buf),
+        };
+        let r = self.seal_frame_in(unit, &mut buf, page_written);
+        match from {
+            FrameIn::Scratch => self.scratch = buf,
+            FrameIn::FrameBuf => self.frame_buf = buf,
+        }
+        r
+    }
+
+    fn seal_frame_in(
+        &mut self,
+        unit: &Unit,
+        buf: &mut [u8],
+        page_written: bool,
+    ) -> Result<(), Fail> {
+        let (pre, plen) = (unit.prefix, unit.plen());
+        // The frame's salts (header bytes 8..16), in clear in front, tell
+        // generations apart; bytes 4..8 are the database size after a
+        // commit, 0 for frames that do not end a transaction.
+        let (clear, body) = buf.split_at_mut(pre);
+        clear.copy_from_slice(&body[8..16]);
+        let salts = u64::from_be_bytes(buf[..8].try_into().unwrap());
+        let commit = buf[pre + 4..pre + 8] != [0; 4];
+        let generation = self.frame_generation(salts);
+        self.seal_buf(unit, generation, &mut buf[pre..plen])?;
+        self.raw
+            .write_at(&buf[..plen], unit.pstart)
+            .map_err(Fail::io)?;
+        let mut meta = self.shared.meta.lock().unwrap();
+        let current = meta.wal_salts;
+        let w = &mut meta.wal;
+        if page_written {
+            w.pages_written = w.pages_written.max(unit.index + 1);
+        }
+        if commit && salts != 0 && current == Some(salts) && w.pages_written > unit.index {
+            w.committed = w.committed.max(unit.index + 1);
+        }
+        Ok(())
     }
 
     /// What a write tells us: the database page size, the WAL page size and
@@ -1639,6 +1853,8 @@ impl<R: RawFile> EncryptedFile<R> {
     /// SQLite's xTruncate.
     pub fn truncate(&mut self, size: u64) -> Result<(), Fail> {
         self.flush_tail()?;
+        self.last_read = None;
+        self.flush_pending()?;
         self.truncate_units(size)?;
         if self.shared.kind == FileKind::Temp {
             // Only now: the re-read above needs the size still on disk.
@@ -1679,6 +1895,8 @@ impl<R: RawFile> EncryptedFile<R> {
 
     /// SQLite's xFileSize.
     pub fn file_size(&mut self) -> Result<u64, Fail> {
+        self.last_read = None;
+        self.flush_pending()?;
         if self.shared.kind == FileKind::Temp {
             return Ok(self.temp_len);
         }
@@ -1695,6 +1913,8 @@ impl<R: RawFile> EncryptedFile<R> {
     /// later loss of them reads as tampering, not as a torn tail.
     pub fn sync(&mut self, flags: i32) -> Result<(), Fail> {
         self.flush_tail()?;
+        self.last_read = None;
+        self.flush_pending()?;
         {
             // A header rewrapped in memory (infrastructure key rotation)
             // becomes durable with this sync.
@@ -1868,6 +2088,212 @@ mod tests {
         )
         .unwrap();
         EncryptedFile::new(raw, shared, Arc::new(Stats::default()))
+    }
+
+    /// A WAL over memory next to a database over memory.
+    fn wal_file_with(
+        infra: Option<Arc<atrest_keystore::InfraProtector>>,
+    ) -> EncryptedFile<MemFile> {
+        let (keyring, db) = db_file_with(infra);
+        let mut raw = MemFile::default();
+        let shared = SharedFile::open(
+            &mut raw,
+            FileKind::Wal,
+            "m.db-wal".into(),
+            &keyring,
+            Some(db.shared()),
+            true,
+        )
+        .unwrap();
+        EncryptedFile::new(raw, shared, Arc::new(Stats::default()))
+    }
+
+    const P: usize = 4096;
+    const SALTS: u64 = 0x1122_3344_5566_7788;
+
+    fn frame_off(i: u64) -> u64 {
+        (WAL_HEADER + i as usize * (WAL_FRAME_HEADER + P)) as u64
+    }
+
+    /// Writes a WAL header and `n` frames the way SQLite does (frame header,
+    /// then page, in two writes); the last frame is a commit. Returns the
+    /// pages as written (reserved bytes zero).
+    fn write_wal(w: &mut EncryptedFile<MemFile>, n: u64) -> Vec<Vec<u8>> {
+        let mut hdr = [0u8; WAL_HEADER];
+        hdr[..4].copy_from_slice(&0x377f_0682u32.to_be_bytes());
+        hdr[8..12].copy_from_slice(&(P as u32).to_be_bytes());
+        hdr[16..24].copy_from_slice(&SALTS.to_be_bytes());
+        w.write(&hdr, 0).unwrap();
+        (0..n)
+            .map(|i| {
+                let mut fh = [0u8; WAL_FRAME_HEADER];
+                fh[..4].copy_from_slice(&(i as u32 + 1).to_be_bytes());
+                if i + 1 == n {
+                    fh[4..8].copy_from_slice(&(n as u32).to_be_bytes());
+                }
+                fh[8..16].copy_from_slice(&SALTS.to_be_bytes());
+                fh[16..24].copy_from_slice(&[i as u8 | 0x80; 8]);
+                let mut page = vec![0u8; P];
+                page[..P - 76].fill(i as u8 | 0x40);
+                let before = w.raw.0.len();
+                w.write(&fh, frame_off(i)).unwrap();
+                assert_eq!(
+                    w.raw.0.len(),
+                    before,
+                    "a frame header alone waits for its page"
+                );
+                w.write(&page, frame_off(i) + WAL_FRAME_HEADER as u64)
+                    .unwrap();
+                page
+            })
+            .collect()
+    }
+
+    fn read_frame_whole(w: &mut EncryptedFile<MemFile>, i: u64) -> Result<Vec<u8>, Fail> {
+        let mut buf = vec![0u8; WAL_FRAME_HEADER + P];
+        w.read(&mut buf, frame_off(i)).map(|_| buf)
+    }
+
+    fn read_page(w: &mut EncryptedFile<MemFile>, i: u64) -> Result<Vec<u8>, Fail> {
+        let mut buf = vec![0u8; P];
+        w.read(&mut buf, frame_off(i) + WAL_FRAME_HEADER as u64)
+            .map(|_| buf)
+    }
+
+    /// Each WAL frame, written by SQLite as a header and a page, is sealed
+    /// and written once, as one unit of salts + 24 + page bytes, by every
+    /// layer; it reads back whole, as a header alone and as a page alone.
+    #[test]
+    fn a_wal_frame_is_one_sealed_unit() {
+        let (_dir, infra) = infra_protector();
+        for infra in [None, Some(infra)] {
+            let mut w = wal_file_with(infra.clone());
+            let pages = write_wal(&mut w, 5);
+            let ov = w.shared.ov;
+            let st = &w.stats;
+            // WAL header + 5 frames, each layer once per unit.
+            assert_eq!(st.units_sealed.load(Ordering::Relaxed), 6);
+            let infra_units = if infra.is_some() { 6 } else { 0 };
+            assert_eq!(st.infra_units_sealed.load(Ordering::Relaxed), infra_units);
+            assert_eq!(
+                w.raw.0.len(),
+                HEADER_LEN as usize + WAL_HEADER + ov + 5 * (8 + WAL_FRAME_HEADER + P)
+            );
+            assert_eq!(w.file_size().unwrap(), frame_off(5));
+            for (i, page) in pages.iter().enumerate() {
+                let i = i as u64;
+                let whole = read_frame_whole(&mut w, i).unwrap();
+                assert_eq!(&whole[WAL_FRAME_HEADER..], &page[..]);
+                assert_eq!(whole[..4], (i as u32 + 1).to_be_bytes());
+                assert_eq!(&read_page(&mut w, i).unwrap(), page);
+                let mut hdr = [0u8; 8];
+                w.read(&mut hdr, frame_off(i) + 16).unwrap();
+                assert_eq!(hdr, [i as u8 | 0x80; 8]);
+            }
+            // No plaintext reached the disk.
+            assert!(!w.raw.0.windows(64).any(|x| x.iter().all(|&b| b == 0x41)));
+        }
+    }
+
+    /// Flipping a bit in the header part, the page part, the trailer or the
+    /// clear salts of a frame, or swapping two frames, makes the frame fail
+    /// to authenticate, whichever part SQLite reads. (The frames are synced,
+    /// so they are below the durable mark: tampering, not a torn tail.)
+    #[test]
+    fn tampered_or_swapped_wal_frames_are_detected() {
+        let (_dir, infra) = infra_protector();
+        for infra in [None, Some(infra)] {
+            let mut w = wal_file_with(infra);
+            write_wal(&mut w, 4);
+            w.sync(0).unwrap();
+            let clean = w.raw.0.clone();
+            let base = HEADER_LEN as usize + WAL_HEADER + w.shared.ov;
+            let pframe = 8 + WAL_FRAME_HEADER + P;
+            let at = |i: usize| base + i * pframe;
+            let mut cases: Vec<(&str, Vec<u8>, u64)> = vec![];
+            for (name, pos, frame) in [
+                ("salts", at(1) + 3, 1),
+                ("header part", at(1) + 8 + 5, 1),
+                ("page part", at(2) + 8 + WAL_FRAME_HEADER + 1000, 2),
+                ("trailer", at(2) + pframe - 1, 2),
+            ] {
+                let mut bad = clean.clone();
+                bad[pos] ^= 0x04;
+                cases.push((name, bad, frame));
+            }
+            let mut swapped = clean.clone();
+            swapped[at(1)..at(2)].copy_from_slice(&clean[at(2)..at(3)]);
+            swapped[at(2)..at(3)].copy_from_slice(&clean[at(1)..at(2)]);
+            cases.push(("swap", swapped, 1));
+            for (name, bad, frame) in cases {
+                w.raw.0 = bad;
+                for (how, r) in [
+                    ("whole", read_frame_whole(&mut w, frame).err()),
+                    ("page", read_page(&mut w, frame).err()),
+                ] {
+                    let fail = r.unwrap_or_else(|| panic!("{name}: {how} read passed"));
+                    assert_eq!(fail.rc, ffi::SQLITE_IOERR_DATA, "{name} {how}");
+                    let msg = fail.detail.unwrap().to_string();
+                    assert!(
+                        msg.contains(&format!("WAL frame {} ", frame + 1)),
+                        "{name} {how}: {msg}"
+                    );
+                }
+            }
+            w.raw.0 = clean;
+            read_frame_whole(&mut w, 3).unwrap();
+        }
+    }
+
+    /// SQLite's other WAL writes: a page rewritten in place within its
+    /// transaction, and frame headers rewritten at commit right after the
+    /// frame is read (one seal, no second read); a header whose page never
+    /// comes is written out, merged with zeros, before the next operation.
+    #[test]
+    fn rewritten_frames_and_a_lone_header_read_back_as_written() {
+        let mut w = wal_file_with(None);
+        let mut pages = write_wal(&mut w, 3);
+        // A page rewritten in place.
+        pages[1][..10].copy_from_slice(b"rewritten!");
+        w.write(&pages[1], frame_off(1) + WAL_FRAME_HEADER as u64)
+            .unwrap();
+        assert_eq!(read_page(&mut w, 1).unwrap(), pages[1]);
+        // Checksum rewrite: read the whole frame, write its header back.
+        let mut whole = read_frame_whole(&mut w, 1).unwrap();
+        let sealed_before = w.stats.units_sealed.load(Ordering::Relaxed);
+        let opened_before = w.stats.units_opened.load(Ordering::Relaxed);
+        whole[16..24].copy_from_slice(b"NEWCKSUM");
+        w.write(&whole[..WAL_FRAME_HEADER], frame_off(1)).unwrap();
+        assert_eq!(
+            w.stats.units_sealed.load(Ordering::Relaxed),
+            sealed_before + 1
+        );
+        assert_eq!(w.stats.units_opened.load(Ordering::Relaxed), opened_before);
+        assert_eq!(read_frame_whole(&mut w, 1).unwrap(), whole);
+        // A stale read does not stand in for the frame: another write in
+        // between, then a header write, goes through the disk.
+        let _ = read_frame_whole(&mut w, 2).unwrap();
+        w.write(&pages[0], frame_off(0) + WAL_FRAME_HEADER as u64)
+            .unwrap();
+        let mut h2 = read_frame_whole(&mut w, 2).unwrap()[..WAL_FRAME_HEADER].to_vec();
+        h2[16] = b'X';
+        let _ = read_frame_whole(&mut w, 0).unwrap();
+        w.write(&h2, frame_off(2)).unwrap();
+        w.read(&mut [0u8; 8], frame_off(0) + 16).unwrap(); // flushes it
+        let back = read_frame_whole(&mut w, 2).unwrap();
+        assert_eq!((&back[..24], &back[24..]), (&h2[..], &pages[2][..]));
+        // A header alone for a new frame: pending until the next operation,
+        // then written with a zero page (SQLite never reads that page).
+        let mut fh = [0u8; WAL_FRAME_HEADER];
+        fh[8..16].copy_from_slice(&SALTS.to_be_bytes());
+        fh[0] = 9;
+        let len = w.raw.0.len();
+        w.write(&fh, frame_off(3)).unwrap();
+        assert_eq!(w.raw.0.len(), len);
+        assert_eq!(w.file_size().unwrap(), frame_off(4));
+        let back = read_frame_whole(&mut w, 3).unwrap();
+        assert_eq!(&back[..24], &fh[..]);
+        assert!(back[24..].iter().all(|&b| b == 0));
     }
 
     /// Page 1 of a database declaring fewer reserved bytes than tag and

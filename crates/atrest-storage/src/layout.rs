@@ -8,11 +8,17 @@
 //! * database file: one unit per page, sealed *in place*: the tag and the
 //!   nonce take SQLite's reserved bytes, so a page is exactly one page on
 //!   disk and the logical offset maps to `HEADER_LEN + offset`;
-//! * WAL: the 32-byte WAL header, then per frame a 24-byte frame header and
-//!   the page. Frame headers carry SQLite checksums computed over plaintext,
-//!   so they are sealed too, with 28 bytes appended and the frame's salts
-//!   in clear in front (8 bytes; random values that tell a frame of an older
-//!   WAL generation from a damaged one). Pages are sealed in place;
+//! * WAL (header format 4): the 32-byte WAL header (28 bytes appended),
+//!   then per frame ONE unit: the 24-byte frame header and the page sealed
+//!   together, in place (the tag and nonce take the page's reserved
+//!   bytes), with the frame's salts in clear in front (8 bytes; random
+//!   values that tell a frame of an older WAL generation from a damaged
+//!   one). Frame headers carry SQLite checksums computed over plaintext, so
+//!   they must be sealed; sealing them with their page costs one seal and
+//!   one write per frame instead of two. SQLite writes a frame as two
+//!   writes (header, then page); the file layer buffers the header until
+//!   the page comes (`file.rs`). WALs of formats 1 and 3 sealed the frame
+//!   header (28 bytes appended) and the page as two units;
 //! * journals and temp files: blocks of [`JOURNAL_BLOCK`] (journals: one
 //!   aligned 4 KiB page on disk each) or [`TEMP_BLOCK`] logical bytes, each
 //!   with 28 bytes appended; the last block may be short.
@@ -50,17 +56,21 @@ pub const fn journal_block(ov: usize) -> usize {
 const fn wal_header_phys(ov: usize) -> u64 {
     (WAL_HEADER + ov) as u64
 }
-const fn wal_frame_header_phys(ov: usize) -> u64 {
-    (WAL_SALT_PREFIX + WAL_FRAME_HEADER + ov) as u64
+/// Physical bytes per WAL frame: clear salts, then the sealed frame header
+/// and page (tag and nonce inside the page's reserved bytes).
+const fn wal_frame_phys(page_size: usize) -> u64 {
+    (WAL_SALT_PREFIX + WAL_FRAME_HEADER + page_size) as u64
 }
 
 /// What a unit is; bound into its AAD.
 pub mod class {
     pub const PAGE: u16 = 1;
     pub const WAL_HEADER: u16 = 2;
-    pub const WAL_FRAME_HEADER: u16 = 3;
-    pub const WAL_FRAME_PAGE: u16 = 4;
+    // 3 and 4 were the separately sealed WAL frame header and frame page
+    // of WAL formats 1 and 3; never reused.
     pub const BLOCK: u16 = 5;
+    /// A whole WAL frame: frame header and page, one unit (WAL format 4).
+    pub const WAL_FRAME: u16 = 6;
 }
 
 /// One sealed unit.
@@ -74,10 +84,10 @@ pub struct Unit {
     pub llen: usize,
     /// Physical start; the unit occupies [`Unit::plen`] bytes there.
     pub pstart: u64,
-    /// Clear bytes in front of the sealed part (WAL frame headers only).
+    /// Clear bytes in front of the sealed part (WAL frames only: salts).
     pub prefix: usize,
     /// True if tag and nonce follow the logical bytes; false if they sit
-    /// in the unit's own last 28 bytes (pages).
+    /// in the unit's own last `ov` bytes (pages, WAL frames).
     pub appended: bool,
     /// Bytes of tags and nonces the unit carries (28, or 76 with the
     /// infrastructure layer).
@@ -93,8 +103,7 @@ impl Unit {
         match self.class {
             class::PAGE => format!("page {}", self.index),
             class::WAL_HEADER => "WAL header".to_string(),
-            class::WAL_FRAME_HEADER => format!("WAL frame {} header", self.index + 1),
-            class::WAL_FRAME_PAGE => format!("WAL frame {} page", self.index + 1),
+            class::WAL_FRAME => format!("WAL frame {}", self.index + 1),
             _ => format!("block {}", self.index),
         }
     }
@@ -169,33 +178,16 @@ impl Geometry {
                     };
                 }
                 let lframe = (WAL_FRAME_HEADER + page_size) as u64;
-                let pframe = wal_frame_header_phys(ov) + page_size as u64;
                 let f = (off - WAL_HEADER as u64) / lframe;
-                let r = (off - WAL_HEADER as u64) % lframe;
-                let lstart = WAL_HEADER as u64 + f * lframe;
-                let pstart = base + wal_header_phys(ov) + f * pframe;
-                if r < WAL_FRAME_HEADER as u64 {
-                    Unit {
-                        class: class::WAL_FRAME_HEADER,
-                        index: f,
-                        lstart,
-                        llen: WAL_FRAME_HEADER,
-                        pstart,
-                        prefix: WAL_SALT_PREFIX,
-                        appended: true,
-                        ov,
-                    }
-                } else {
-                    Unit {
-                        class: class::WAL_FRAME_PAGE,
-                        index: f,
-                        lstart: lstart + WAL_FRAME_HEADER as u64,
-                        llen: page_size,
-                        pstart: pstart + wal_frame_header_phys(ov),
-                        prefix: 0,
-                        appended: false,
-                        ov,
-                    }
+                Unit {
+                    class: class::WAL_FRAME,
+                    index: f,
+                    lstart: WAL_HEADER as u64 + f * lframe,
+                    llen: WAL_FRAME_HEADER + page_size,
+                    pstart: base + wal_header_phys(ov) + f * wal_frame_phys(page_size),
+                    prefix: WAL_SALT_PREFIX,
+                    appended: false,
+                    ov,
                 }
             }
             Geometry::Blocks { base, block, ov } => {
@@ -228,17 +220,9 @@ impl Geometry {
                 if phys < base + wal_header_phys(ov) {
                     return 0;
                 }
-                let rest = phys - base - wal_header_phys(ov);
-                let pframe = wal_frame_header_phys(ov) + page_size as u64;
-                let lframe = (WAL_FRAME_HEADER + page_size) as u64;
-                let whole = rest / pframe;
-                let tail = rest % pframe;
-                let partial = if tail >= wal_frame_header_phys(ov) {
-                    WAL_FRAME_HEADER as u64
-                } else {
-                    0
-                };
-                WAL_HEADER as u64 + whole * lframe + partial
+                // A torn trailing frame does not count.
+                let whole = (phys - base - wal_header_phys(ov)) / wal_frame_phys(page_size);
+                WAL_HEADER as u64 + whole * (WAL_FRAME_HEADER + page_size) as u64
             }
             Geometry::Blocks { base, block, ov } => {
                 let rest = phys.saturating_sub(base);
@@ -302,26 +286,36 @@ mod tests {
             (h.class, h.plen(), h.pstart),
             (class::WAL_HEADER, 60, HEADER_LEN)
         );
-        let fh = g.unit_at(32);
-        assert_eq!(
-            (fh.class, fh.index, fh.pstart, fh.plen()),
-            (class::WAL_FRAME_HEADER, 0, HEADER_LEN + 60, 60)
-        );
-        let pg = g.unit_at(32 + 24);
-        assert_eq!(
-            (pg.class, pg.pstart, pg.plen()),
-            (class::WAL_FRAME_PAGE, HEADER_LEN + 120, p)
-        );
-        let fh2 = g.unit_at(32 + 24 + p as u64);
-        assert_eq!((fh2.index, fh2.pstart), (1, HEADER_LEN + 120 + p as u64));
-        // Sizes: header + 2 frames, and a torn third frame header.
-        let two = HEADER_LEN + 60 + 2 * (60 + p as u64);
+        // Frame header and page are one unit: salts (8) + 24 + page.
+        let pframe = 8 + 24 + p as u64;
+        for off in [32, 32 + 10, 32 + 24, 32 + 24 + p as u64 - 1] {
+            let f = g.unit_at(off);
+            assert_eq!(
+                (f.class, f.index, f.lstart, f.llen, f.pstart, f.plen()),
+                (
+                    class::WAL_FRAME,
+                    0,
+                    32,
+                    24 + p,
+                    HEADER_LEN + 60,
+                    pframe as usize
+                ),
+                "offset {off}"
+            );
+            assert_eq!((f.prefix, f.appended), (8, false));
+        }
+        let f2 = g.unit_at(32 + 24 + p as u64);
+        assert_eq!((f2.index, f2.pstart), (1, HEADER_LEN + 60 + pframe));
+        assert_eq!(f2.describe(), "WAL frame 2");
+        // Sizes: header + 2 frames; a torn third frame does not count.
+        let two = HEADER_LEN + 60 + 2 * pframe;
         assert_eq!(g.logical_size(two), 32 + 2 * (24 + p as u64));
-        assert_eq!(g.logical_size(two + 59), 32 + 2 * (24 + p as u64));
-        assert_eq!(g.logical_size(two + 60), 32 + 2 * (24 + p as u64) + 24);
+        assert_eq!(g.logical_size(two + pframe - 1), 32 + 2 * (24 + p as u64));
+        assert_eq!(g.logical_size(two + pframe), 32 + 3 * (24 + p as u64));
         assert_eq!(g.physical_size(0), HEADER_LEN);
+        assert_eq!(g.physical_size(32), HEADER_LEN + 60);
         assert_eq!(g.physical_size(32 + 2 * (24 + p as u64)), two);
-        assert_eq!(g.logical_size(g.physical_size(32 + 24 + 10)), 32 + 24);
+        assert_eq!(g.logical_size(g.physical_size(32 + 24 + 10)), 32);
         assert_eq!(g.logical_size(g.physical_size(32 + 10)), 32);
     }
 
@@ -370,11 +364,11 @@ mod tests {
         assert_eq!(ov, 76, "28 (AES-256-GCM) + 48 (AEGIS-256)");
         let hdr = 32 + ov as u64;
         assert_eq!(g.unit_at(0).plen(), 32 + ov);
-        let fh = g.unit_at(32);
-        assert_eq!((fh.pstart, fh.plen()), (HEADER_LEN + hdr, 8 + 24 + ov));
-        let pg = g.unit_at(32 + 24);
-        assert_eq!((pg.pstart, pg.plen()), (HEADER_LEN + 2 * hdr, p));
-        let two = HEADER_LEN + hdr + 2 * (hdr + p as u64);
+        // The frame unit does not grow with the layers: both trailers sit
+        // in the page's reserved bytes.
+        let f = g.unit_at(32 + 24);
+        assert_eq!((f.pstart, f.plen()), (HEADER_LEN + hdr, 8 + 24 + p));
+        let two = HEADER_LEN + hdr + 2 * (8 + 24 + p as u64);
         assert_eq!(g.logical_size(two), 32 + 2 * (24 + p as u64));
         assert_eq!(g.physical_size(32 + 2 * (24 + p as u64)), two);
     }

@@ -175,6 +175,10 @@ struct EngineInner {
     info: RwLock<Option<DataDirInfo>>,
     /// SQLite's reserved bytes per page: 28, or 76 with the infrastructure layer.
     reserve: usize,
+    /// BENCHMARK ONLY (feature `plaintext-baseline`): databases are opened
+    /// with plain SQLite, unencrypted. See [`Engine::enable_plaintext_baseline`].
+    #[cfg(feature = "plaintext-baseline")]
+    plaintext_baseline: std::sync::atomic::AtomicBool,
 }
 
 /// Where a database's WAL stands, as this process wrote it.
@@ -409,8 +413,40 @@ impl Engine {
                 keyring,
                 info: RwLock::new(info),
                 reserve,
+                #[cfg(feature = "plaintext-baseline")]
+                plaintext_baseline: std::sync::atomic::AtomicBool::new(false),
             }),
         })
+    }
+
+    /// BENCHMARK ONLY, and only in builds with the non-default cargo
+    /// feature `plaintext-baseline`: from now on this engine opens databases
+    /// with plain SQLite on the `unix-excl` VFS, with no encryption at all
+    /// (no header, no reserved bytes, pages in clear), so that `atrest bench
+    /// pgbench` can measure the same server without atrest's storage layer.
+    /// Files made this way are plain SQLite files that an encrypting engine
+    /// refuses ("not an atrest file"). A build without the feature has no
+    /// way to do this.
+    #[cfg(feature = "plaintext-baseline")]
+    pub fn enable_plaintext_baseline(&self) {
+        tracing::warn!(
+            data_dir = %self.inner.data_dir.display(),
+            "PLAINTEXT BASELINE (benchmark-only build feature): databases are opened WITHOUT encryption"
+        );
+        self.inner.plaintext_baseline.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether this engine runs as the unencrypted benchmark baseline
+    /// (always false without the `plaintext-baseline` feature).
+    pub fn plaintext_baseline(&self) -> bool {
+        #[cfg(feature = "plaintext-baseline")]
+        {
+            self.inner.plaintext_baseline.load(Ordering::SeqCst)
+        }
+        #[cfg(not(feature = "plaintext-baseline"))]
+        {
+            false
+        }
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -554,12 +590,16 @@ impl Engine {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let mut conn = rusqlite::Connection::open_with_flags_and_vfs(
-            path,
-            flags,
-            self.inner.vfs_name.as_str(),
-        )
-        .map_err(StorageError::from_sqlite)?;
+        let (vfs, mut reserve) = if self.plaintext_baseline() {
+            ("unix-excl", 0)
+        } else {
+            (
+                self.inner.vfs_name.as_str(),
+                self.inner.reserve as std::ffi::c_int,
+            )
+        };
+        let mut conn = rusqlite::Connection::open_with_flags_and_vfs(path, flags, vfs)
+            .map_err(StorageError::from_sqlite)?;
         // SQLite (built with SQLITE_USE_URI) would let `ATTACH 'file:x?vfs=unix'`
         // or `VACUUM INTO` such a URI write a plaintext file through another
         // VFS. ATTACH from SQL is refused (SQLite does not show the
@@ -585,7 +625,6 @@ impl Engine {
         }))
         .map_err(StorageError::from_sqlite)?;
         // Reserve room for tags and nonces in every page before the first write.
-        let mut reserve = self.inner.reserve as std::ffi::c_int;
         conn.file_control(
             Some(rusqlite::MAIN_DB),
             rusqlite::FileControl::ReserveBytes(&mut reserve),

@@ -47,6 +47,24 @@ pub struct RegisteredVfs {
 unsafe impl Send for RegisteredVfs {}
 unsafe impl Sync for RegisteredVfs {}
 
+/// In the child of a `fork()`, every infrastructure-layer key made before
+/// it stops sealing: the child's copy of its nonce counter would repeat the
+/// parent's nonces (docs/CRYPTO.md). Registered once per process.
+fn register_fork_guard() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        unsafe extern "C" fn in_child() {
+            atrest_crypto::note_fork_in_child();
+        }
+        // SAFETY: registers a handler that only does one atomic add
+        // (async-signal-safe); the function lives for the whole process.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+        if rc != 0 {
+            tracing::warn!(rc, "pthread_atfork failed: a forked child would not be stopped from sealing with its parent's infrastructure nonce counter");
+        }
+    });
+}
+
 impl RegisteredVfs {
     pub fn register(
         name: String,
@@ -54,6 +72,7 @@ impl RegisteredVfs {
         stats: Arc<Stats>,
         temp_dir: PathBuf,
     ) -> Result<Self, StorageError> {
+        register_fork_guard();
         let underlying_name = CString::new("unix-excl").expect("static name");
         // SAFETY: sqlite3_vfs_find takes a NUL-terminated string and returns
         // a pointer SQLite owns for the life of the process, or null.

@@ -146,21 +146,35 @@ fn an_altered_wal_frame_is_detected_and_named(sc: Scenario) {
     wal_db(&engine, "w");
     let db = fs::read(fx.data().join("w.db")).unwrap();
     let wal = fs::read(fx.data().join("w.db-wal")).unwrap();
-    // WAL layout: header, sealed WAL header (32 + ov), then frames of
-    // (8 + 24 + ov) + page: 60 with the data layer, 100 with both layers.
-    let fh = 32 + fx.ov();
-    let frame = |i: usize| HEADER_LEN as usize + fh + i * (fh + PAGE);
+    // WAL layout (format 4): header, sealed WAL header (32 + ov), then per
+    // frame its salts in clear (8) and the frame header and page sealed as
+    // one unit (24 + page; tags and nonces in the page's reserved bytes).
+    let pframe = 8 + 24 + PAGE;
+    let frame = |i: usize| HEADER_LEN as usize + 32 + fx.ov() + i * pframe;
     assert!(wal.len() >= frame(10), "WAL should hold at least 10 frames");
 
-    for (case, pos, unit) in [
-        ("hdr", frame(3) + 30, "WAL frame 4 header"),
-        ("body", frame(5) + fh + 100, "WAL frame 6 page"),
-        ("salt", frame(2) + 1, "WAL frame 3 header"),
+    let flip = |pos: usize| {
+        let mut bad = wal.clone();
+        bad[pos] ^= 0x10;
+        bad
+    };
+    // Frames 3 and 4 swapped, and frame 6 replaced by frame 2: authentic
+    // units in the wrong place (the frame number is in their AAD).
+    let mut swapped = wal.clone();
+    swapped[frame(3)..frame(4)].copy_from_slice(&wal[frame(4)..frame(5)]);
+    swapped[frame(4)..frame(5)].copy_from_slice(&wal[frame(3)..frame(4)]);
+    let mut moved = wal.clone();
+    moved[frame(6)..frame(7)].copy_from_slice(&wal[frame(2)..frame(3)]);
+    for (case, bad, unit) in [
+        ("hdr", flip(frame(3) + 8 + 10), "WAL frame 4"),
+        ("body", flip(frame(5) + 8 + 24 + 100), "WAL frame 6"),
+        ("tail", flip(frame(7) + pframe - 1), "WAL frame 8"),
+        ("salt", flip(frame(2) + 1), "WAL frame 3"),
+        ("swap", swapped, "WAL frame 4"),
+        ("move", moved, "WAL frame 7"),
     ] {
         let name = format!("w{case}");
         fs::write(fx.data().join(format!("{name}.db")), &db).unwrap();
-        let mut bad = wal.clone();
-        bad[pos] ^= 0x10;
         let path = fx.data().join(format!("{name}.db-wal"));
         fs::write(&path, &bad).unwrap();
         let err = count_rows(&engine, &name).unwrap_err();

@@ -92,9 +92,11 @@ fn the_durable_mark_covers_committed_frames_only(sc: Scenario) {
     }
     let wal = fx.data().join("d.db-wal");
     let bytes = std::fs::read(&wal).unwrap();
-    let fh = 32 + fx.ov();
-    let frame = |i: usize| atrest_storage::HEADER_LEN as usize + fh + i * (fh + 4096);
-    let physical_frames = (bytes.len() - frame(0)) / (fh + 4096);
+    // WAL layout: header, sealed WAL header (32 + ov), then frames of
+    // salts (8) + frame header and page sealed as one unit (24 + 4096).
+    let pframe = 8 + 24 + 4096;
+    let frame = |i: usize| atrest_storage::HEADER_LEN as usize + 32 + fx.ov() + i * pframe;
+    let physical_frames = (bytes.len() - frame(0)) / pframe;
     let durable = atrest_storage::inspect(&wal).unwrap()["wal_durable_frames"]
         .as_u64()
         .unwrap() as usize;
@@ -126,7 +128,7 @@ fn the_durable_mark_covers_committed_frames_only(sc: Scenario) {
     // Damage before the mark: a committed frame. Reported, not skipped.
     std::fs::write(fx.data().join("d.db"), &db).unwrap();
     let mut before = bytes.clone();
-    before[frame(durable - 1) + 30] ^= 1;
+    before[frame(durable - 1) + 30] ^= 1; // in the frame header part
     std::fs::write(&wal, &before).unwrap();
     let err = engine
         .connect("d")
@@ -137,8 +139,50 @@ fn the_durable_mark_covers_committed_frames_only(sc: Scenario) {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains(&format!("WAL frame {durable} header"))
-            && err.contains("failed authentication"),
+        err.contains(&format!("WAL frame {durable} ")) && err.contains("failed authentication"),
+        "{err}"
+    );
+}
+
+/// A WAL in the older layout (header format 1 or 3: frame header and page
+/// sealed as two units) is refused with an error naming the layout, never
+/// misread: the database does not open until it is dealt with.
+fn an_old_format_wal_is_refused_clearly(sc: Scenario) {
+    let fx = Fixture::with(sc);
+    let engine = fx.engine();
+    {
+        let conn = engine.connect("o").unwrap();
+        conn.pragma_update(None, "journal_mode", "wal").unwrap();
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .unwrap();
+        conn.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1), (2);")
+            .unwrap();
+    }
+    let wal = fx.data().join("o.db-wal");
+    let mut bytes = std::fs::read(&wal).unwrap();
+    let old: u16 = if sc.infra() { 3 } else { 1 };
+    for slot in bytes[..atrest_storage::HEADER_LEN as usize].chunks_mut(4096) {
+        if slot.iter().any(|&b| b != 0) {
+            assert_eq!(&slot[8..10], &4u16.to_be_bytes(), "WALs are format 4");
+            slot[8..10].copy_from_slice(&old.to_be_bytes());
+        }
+    }
+    std::fs::write(&wal, &bytes).unwrap();
+    let err = engine
+        .connect("o")
+        .and_then(|c| {
+            c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))
+                .map_err(atrest_storage::StorageError::from_sqlite)
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("o.db-wal")
+            && err.contains(&format!("format version {old}"))
+            && err.contains("one unit"),
         "{err}"
     );
 }
@@ -146,4 +190,5 @@ fn the_durable_mark_covers_committed_frames_only(sc: Scenario) {
 scenarios!(
     overwritten_frames_and_rewritten_checksums_recover,
     the_durable_mark_covers_committed_frames_only,
+    an_old_format_wal_is_refused_clearly,
 );

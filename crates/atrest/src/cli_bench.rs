@@ -1,8 +1,16 @@
 //! `atrest bench storage`: the same workloads on plain SQLite, on atrest
-//! with the service key only (scenario 1) and on atrest with the service key
-//! plus the infrastructure layer (scenario 2), interleaved in one run, with
-//! the pure cost of the ciphers for the pages actually moved measured
+//! with the service key only (scenario 1), on atrest with the service key
+//! plus the infrastructure layer (scenario 2) and on atrest with a customer
+//! key plus the infrastructure layer (scenario 4), interleaved in one run,
+//! with the pure cost of the ciphers for the pages actually moved measured
 //! alongside.
+//!
+//! Scenario 4's customer key is a local RSA-2048 key with RSA-OAEP-256
+//! ([`LocalRsaKek`], the algorithm and wrapped form of the vault's
+//! unwrapKey), standing in for the vault as the storage test suites do: the
+//! KEK is used only when a file's DEK is created or unwrapped (at open),
+//! never per page, so page I/O is expected to cost what scenario 2 costs.
+//! `atrest bench pgbench` runs scenario 4 against a real vault process.
 //!
 //! Plain SQLite is the same bundled build on the `unix-excl` VFS, the one
 //! atrest's shim sits on, so the only difference measured is atrest itself
@@ -28,6 +36,9 @@ pub enum BenchWhat {
     Storage(StorageBench),
     /// Customer-managed keys: rewrap time for many DEKs, key monitor TPS cost.
     Cmk(crate::cli_bench_cmk::CmkBench),
+    /// pgbench against real servers: plain SQLite (with the benchmark-only
+    /// feature plaintext-baseline), scenarios 1, 2 and 4, in one run.
+    Pgbench(crate::cli_bench_pgbench::PgbenchBench),
 }
 
 #[derive(clap::Args)]
@@ -81,6 +92,18 @@ struct WorkloadResult {
     scenario2_crypto_seconds: f64,
     /// Scenario 2's overhead over plain SQLite divided by that pure cost.
     scenario2_overhead_over_crypto: Option<f64>,
+    /// Scenario 4: customer key (local RSA-2048 OAEP-256 KEK) + infrastructure layer.
+    scenario4_seconds: f64,
+    scenario4_vs_scenario1_pct: f64,
+    scenario4_vs_scenario2_pct: f64,
+    scenario4_vs_plain_pct: f64,
+    scenario4_units_sealed: u64,
+    scenario4_units_opened: u64,
+    scenario4_infra_units_sealed: u64,
+    scenario4_infra_units_opened: u64,
+    /// Pure cost of both ciphers on the units scenario 4 moved.
+    scenario4_crypto_seconds: f64,
+    scenario4_overhead_over_crypto: Option<f64>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -88,6 +111,7 @@ enum Side {
     Plain,
     Atrest,
     AtrestInfra,
+    AtrestCustomerInfra,
 }
 
 struct Regime {
@@ -100,6 +124,7 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     let b = match args.what {
         BenchWhat::Storage(b) => b,
         BenchWhat::Cmk(c) => return crate::cli_bench_cmk::run(c),
+        BenchWhat::Pgbench(p) => return crate::cli_bench_pgbench::run(p),
     };
     let tmp;
     let dir = match &b.dir {
@@ -134,6 +159,11 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
                 atrest_crypto::INFRA_CIPHER_NAME,
                 atrest_storage::RESERVED_BYTES_INFRA
             ),
+            "scenario4": format!(
+                "atrest, customer key (local RSA-2048, RSA-OAEP-256 wrap, standing in for the vault) + infrastructure layer (+ {}, reserve {})",
+                atrest_crypto::INFRA_CIPHER_NAME,
+                atrest_storage::RESERVED_BYTES_INFRA
+            ),
         },
         "workloads": &results,
         "page_crypto": crypto,
@@ -145,7 +175,7 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     };
     for r in &results {
         println!(
-            "summary: regime={} workload={} plain={:.3}s atrest={:.3}s overhead={:+.1}% crypto={:.3}s overhead/crypto={} scenario2={:.3}s s2_vs_s1={:+.1}% s2_vs_plain={:+.1}% s2_crypto={:.3}s s2_overhead/crypto={}",
+            "summary: regime={} workload={} plain={:.3}s atrest={:.3}s overhead={:+.1}% crypto={:.3}s overhead/crypto={} scenario2={:.3}s s2_vs_s1={:+.1}% s2_vs_plain={:+.1}% s2_crypto={:.3}s s2_overhead/crypto={} scenario4={:.3}s s4_vs_s1={:+.1}% s4_vs_plain={:+.1}% s4_overhead/crypto={}",
             r.regime,
             r.workload,
             r.plain_seconds,
@@ -158,6 +188,10 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
             r.scenario2_vs_plain_pct,
             r.scenario2_crypto_seconds,
             ratio(r.scenario2_overhead_over_crypto),
+            r.scenario4_seconds,
+            r.scenario4_vs_scenario1_pct,
+            r.scenario4_vs_plain_pct,
+            ratio(r.scenario4_overhead_over_crypto),
         );
     }
     println!(
@@ -211,13 +245,16 @@ impl Db {
                 )?;
                 (ConnHolder::Plain(c), None)
             }
-            Side::Atrest | Side::AtrestInfra => {
+            Side::Atrest | Side::AtrestInfra | Side::AtrestCustomerInfra => {
                 let engine = Engine::open(&EngineOptions {
                     data_dir: dir.join("atrest-data"),
                     keystore_dir: Some(dir.join("atrest-keystore")),
-                    infrastructure_encryption: Some(side == Side::AtrestInfra),
+                    infrastructure_encryption: Some(side != Side::Atrest),
                     infra_keystore_dir: Some(dir.join("atrest-infra-keystore")),
                 })?;
+                if side == Side::AtrestCustomerInfra {
+                    engine.set_protector(std::sync::Arc::new(LocalRsaKek::generate()?));
+                }
                 let c = engine.connect("bench")?;
                 (ConnHolder::Atrest(c), Some(engine))
             }
@@ -246,6 +283,11 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
         Side::AtrestInfra,
         regime.cache_kib,
     )?;
+    let customer = Db::open(
+        &dir.join("atrest-customer-infra"),
+        Side::AtrestCustomerInfra,
+        regime.cache_kib,
+    )?;
     eprintln!("bench: {} ({} rows)", regime.name, regime.rows);
 
     let workloads: [(&'static str, Workload, usize); 6] = [
@@ -259,10 +301,16 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
     let mut out = vec![];
     for (name, work, reps) in workloads {
         // Warm the page cache the same way on both sides before reads.
-        let mut times = [vec![], vec![], vec![]];
+        let mut times = [vec![], vec![], vec![], vec![]];
         let mut moved = StatsSnapshot::default();
         let mut moved2 = StatsSnapshot::default();
-        let sides = [Side::Plain, Side::Atrest, Side::AtrestInfra];
+        let mut moved4 = StatsSnapshot::default();
+        let sides = [
+            Side::Plain,
+            Side::Atrest,
+            Side::AtrestInfra,
+            Side::AtrestCustomerInfra,
+        ];
         for rep in 0..reps {
             // Rotate which side goes first to spread drift evenly.
             for k in 0..sides.len() {
@@ -271,6 +319,7 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
                     Side::Plain => &plain,
                     Side::Atrest => &atrest,
                     Side::AtrestInfra => &infra,
+                    Side::AtrestCustomerInfra => &customer,
                 };
                 let before = db.stats();
                 let start = Instant::now();
@@ -281,6 +330,7 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
                 match side {
                     Side::Atrest => moved = db.stats().since(&before),
                     Side::AtrestInfra => moved2 = db.stats().since(&before),
+                    Side::AtrestCustomerInfra => moved4 = db.stats().since(&before),
                     Side::Plain => {}
                 }
             }
@@ -288,8 +338,10 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
         let p = median(&mut times[0]);
         let a = median(&mut times[1]);
         let a2 = median(&mut times[2]);
+        let a4 = median(&mut times[3]);
         let crypto = pure_crypto_cost(&moved)?;
         let crypto2 = pure_crypto_cost(&moved2)? + pure_infra_cost(&moved2)?;
+        let crypto4 = pure_crypto_cost(&moved4)? + pure_infra_cost(&moved4)?;
         let overhead = a - p;
         out.push(WorkloadResult {
             regime: regime.name,
@@ -312,9 +364,19 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
             infra_units_opened: moved2.infra_units_opened,
             scenario2_crypto_seconds: crypto2,
             scenario2_overhead_over_crypto: (crypto2 > 1e-4).then(|| (a2 - p) / crypto2),
+            scenario4_seconds: a4,
+            scenario4_vs_scenario1_pct: 100.0 * (a4 - a) / a,
+            scenario4_vs_scenario2_pct: 100.0 * (a4 - a2) / a2,
+            scenario4_vs_plain_pct: 100.0 * (a4 - p) / p,
+            scenario4_units_sealed: moved4.units_sealed,
+            scenario4_units_opened: moved4.units_opened,
+            scenario4_infra_units_sealed: moved4.infra_units_sealed,
+            scenario4_infra_units_opened: moved4.infra_units_opened,
+            scenario4_crypto_seconds: crypto4,
+            scenario4_overhead_over_crypto: (crypto4 > 1e-4).then(|| (a4 - p) / crypto4),
         });
         eprintln!(
-            "bench: {} {name}: plain {p:.3}s scenario1 {a:.3}s scenario2 {a2:.3}s",
+            "bench: {} {name}: plain {p:.3}s scenario1 {a:.3}s scenario2 {a2:.3}s scenario4 {a4:.3}s",
             regime.name
         );
     }
@@ -326,6 +388,9 @@ fn side_name(s: Side) -> &'static str {
         Side::Plain => "plain SQLite",
         Side::Atrest => "atrest (scenario 1)",
         Side::AtrestInfra => "atrest with the infrastructure layer (scenario 2)",
+        Side::AtrestCustomerInfra => {
+            "atrest with a customer key and the infrastructure layer (scenario 4)"
+        }
     }
 }
 
@@ -461,6 +526,88 @@ fn mixed_oltp(db: &Db, r: &Regime, b: &StorageBench, rep: u64) -> Result<()> {
     Ok(())
 }
 
+/// Scenario 4's customer key-encryption key: RSA-2048 with RSA-OAEP-256
+/// (SHA-256, MGF1-SHA-256), wrapping the DEK id followed by the DEK, as the
+/// vault's wrapKey/unwrapKey does for a customer key. Local, so the storage
+/// benchmark needs no vault process; the engine calls it only when a DEK is
+/// created or first unwrapped (at file open), never per page.
+struct LocalRsaKek {
+    key: aws_lc_rs::rsa::PrivateDecryptingKey,
+}
+
+const LOCAL_CUSTOMER_KEY_ID: &str = "https://bench-vault.invalid/keys/tde/local";
+
+impl LocalRsaKek {
+    fn generate() -> Result<Self> {
+        let key = aws_lc_rs::rsa::PrivateDecryptingKey::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+            .map_err(|_| anyhow::anyhow!("RSA-2048 key generation failed"))?;
+        Ok(Self { key })
+    }
+}
+
+impl std::fmt::Debug for LocalRsaKek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LocalRsaKek(<redacted>)")
+    }
+}
+
+impl atrest_crypto::KeyProtector for LocalRsaKek {
+    fn current_kek(&self) -> atrest_crypto::KekRef {
+        atrest_crypto::KekRef {
+            kind: atrest_crypto::ProtectorKind::CustomerVault,
+            key_id: LOCAL_CUSTOMER_KEY_ID.into(),
+        }
+    }
+
+    fn wrap(&self, dek: &Dek) -> Result<atrest_crypto::WrappedDek, atrest_crypto::ProtectorError> {
+        use aws_lc_rs::rsa::{OaepPublicEncryptingKey, OAEP_SHA256_MGF1SHA256};
+        let failed = |_| atrest_crypto::ProtectorError::Other("RSA-OAEP-256 wrap failed".into());
+        let enc = OaepPublicEncryptingKey::new(self.key.public_key()).map_err(failed)?;
+        let mut plain = zeroize::Zeroizing::new(dek.id().0.to_vec());
+        plain.extend_from_slice(dek.expose_secret());
+        let mut out = vec![0u8; enc.ciphertext_size()];
+        let n = enc
+            .encrypt(&OAEP_SHA256_MGF1SHA256, &plain, &mut out, None)
+            .map_err(failed)?
+            .len();
+        out.truncate(n);
+        Ok(atrest_crypto::WrappedDek {
+            kek: self.current_kek(),
+            algorithm: atrest_crypto::WrapAlgorithm::RsaOaep256,
+            bytes: out,
+        })
+    }
+
+    fn unwrap(
+        &self,
+        dek_id: atrest_crypto::DekId,
+        wrapped: &atrest_crypto::WrappedDek,
+    ) -> Result<Dek, atrest_crypto::ProtectorError> {
+        use aws_lc_rs::rsa::{OaepPrivateDecryptingKey, OAEP_SHA256_MGF1SHA256};
+        if wrapped.kek != self.current_kek() {
+            return Err(atrest_crypto::ProtectorError::NotMine {
+                have: self.current_kek().to_string(),
+                want: wrapped.kek.clone(),
+            });
+        }
+        let wrong = || atrest_crypto::ProtectorError::WrongKey {
+            kek: wrapped.kek.clone(),
+            hint: "the benchmark's local customer key".into(),
+        };
+        let dec = OaepPrivateDecryptingKey::new(self.key.clone()).map_err(|_| wrong())?;
+        let mut out = zeroize::Zeroizing::new(vec![0u8; dec.min_output_size()]);
+        let plain = dec
+            .decrypt(&OAEP_SHA256_MGF1SHA256, &wrapped.bytes, &mut out, None)
+            .map_err(|_| wrong())?;
+        if plain.len() != 48 || plain[..16] != dek_id.0 {
+            return Err(wrong());
+        }
+        let mut k = zeroize::Zeroizing::new([0u8; 32]);
+        k.copy_from_slice(&plain[16..]);
+        Ok(Dek::from_parts(dek_id, &k))
+    }
+}
+
 /// A fresh page key and a database-page context, as the VFS uses them.
 fn bench_key() -> Result<(UnitKey, SealContext)> {
     let ctx = SealContext {
@@ -517,7 +664,7 @@ fn pure_crypto_cost(moved: &StatsSnapshot) -> Result<f64> {
 /// Seconds AEGIS-256 alone takes to seal and open as many units,
 /// of the same average sizes, as the infrastructure layer moved.
 fn pure_infra_cost(moved: &StatsSnapshot) -> Result<f64> {
-    let key = InfraUnitKey::new(&InfraDek::generate()?);
+    let key = InfraUnitKey::new(&InfraDek::generate()?)?;
     let (_, ctx) = bench_key()?;
     let mut total = 0.0;
     for (units, bytes, open) in [
@@ -572,7 +719,7 @@ fn crypto_throughput(with_openssl: bool) -> Result<serde_json::Value> {
     };
     let mb = |secs: f64| (rounds * 4096) as f64 / secs / 1e6;
     let (mut seal_best, mut open_best, mut openssl_best) = (0f64, 0f64, None::<f64>);
-    let infra = InfraUnitKey::new(&InfraDek::generate()?);
+    let infra = InfraUnitKey::new(&InfraDek::generate()?)?;
     let (mut iseal_best, mut iopen_best) = (0f64, 0f64);
     for _ in 0..3 {
         let start = Instant::now();
@@ -610,7 +757,7 @@ fn crypto_throughput(with_openssl: bool) -> Result<serde_json::Value> {
         "seal_mb_per_s": seal_best,
         "open_mb_per_s": open_best,
         "infra_cipher": format!(
-            "{} ({}, 16-byte tag, OS-RNG 32-byte nonces)",
+            "{} ({}, 16-byte tag, 32-byte nonces: OS-random prefix + counter)",
             atrest_crypto::INFRA_CIPHER_NAME,
             atrest_crypto::INFRA_IMPLEMENTATION
         ),

@@ -35,17 +35,24 @@ pub struct CmkBench {
     pub rounds: usize,
 }
 
-const PASSWORD: &str = "bench password";
+pub(crate) const PASSWORD: &str = "bench password";
 
-struct Env {
-    vault: TestVault,
+/// A vault process with key "tde" (RSA-2048) and a server resource whose
+/// identity may use it.
+pub(crate) struct Env {
+    pub(crate) vault: TestVault,
     _tmp: tempfile::TempDir,
-    dir: PathBuf,
-    login: VaultLogin,
-    key: KeyUrl,
+    pub(crate) dir: PathBuf,
+    pub(crate) login: VaultLogin,
+    pub(crate) key: KeyUrl,
 }
 
 fn setup(tmp_parent: &Path, name: &str) -> Result<Env> {
+    setup_with(tmp_parent, name, false)
+}
+
+/// [`setup`], optionally with infrastructure double encryption.
+pub(crate) fn setup_with(tmp_parent: &Path, name: &str, infra: bool) -> Result<Env> {
     let exe = std::env::current_exe()?;
     let vault = TestVault::start(&exe, &[]);
     vault
@@ -72,6 +79,8 @@ fn setup(tmp_parent: &Path, name: &str) -> Result<Env> {
         admin_password: Some(pw),
         keystore_dir: Some(tmp.path().join("keystore")),
         default_listen: Some("127.0.0.1:0".into()),
+        infrastructure_encryption: infra,
+        infra_keystore_dir: infra.then(|| tmp.path().join("infra-keystore")),
         ..Default::default()
     })?;
     let config = resource::load_config(&dir)?;
@@ -101,7 +110,7 @@ fn setup(tmp_parent: &Path, name: &str) -> Result<Env> {
     })
 }
 
-fn open_databases(dir: &Path, config: &resource::ServerConfig) -> Result<Databases> {
+pub(crate) fn open_databases(dir: &Path, config: &resource::ServerConfig) -> Result<Databases> {
     keys::open_databases(dir, config).map_err(|e| anyhow::anyhow!(e))
 }
 

@@ -7,6 +7,7 @@
 
 mod cli_bench;
 mod cli_bench_cmk;
+mod cli_bench_pgbench;
 mod cli_inspect;
 mod cli_server;
 mod cli_sql;

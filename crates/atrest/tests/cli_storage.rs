@@ -194,6 +194,14 @@ fn bench_prints_json_and_a_summary_per_workload() {
         bulk["infra_units_sealed"], bulk["scenario2_units_sealed"],
         "every unit of scenario 2 went through both layers"
     );
+    // And scenario 4 (customer key + infrastructure layer): the same units.
+    assert!(bulk["scenario4_seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        bulk["scenario4_infra_units_sealed"],
+        bulk["scenario4_units_sealed"]
+    );
+    assert!(bulk["scenario4_units_sealed"].as_u64().unwrap() > 10);
     assert_eq!(stdout.matches(" s2_vs_s1=").count(), 12);
+    assert_eq!(stdout.matches(" s4_vs_s1=").count(), 12);
     assert_eq!(stdout.matches("summary: regime=").count(), 12);
 }
