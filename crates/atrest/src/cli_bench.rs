@@ -293,7 +293,10 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
         Side::AtrestCustomerInfra,
         regime.cache_kib,
     )?;
-    eprintln!("bench: {} ({} rows)", regime.name, regime.rows);
+    eprintln!(
+        "bench: {} ({} rows; sync(1) before every timed run)",
+        regime.name, regime.rows
+    );
 
     let workloads: [(&'static str, Workload, usize); 6] = [
         ("bulk_insert", bulk_insert, 1),
@@ -326,6 +329,10 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
                     Side::AtrestInfra => &infra,
                     Side::AtrestCustomerInfra => &customer,
                 };
+                // Write back every dirty page first (sync(1)), so that no
+                // side is timed while the kernel flushes another side's
+                // writes from the run before.
+                flush_os_writeback();
                 let before = db.stats();
                 let start = Instant::now();
                 work(db, regime, b, rep as u64)
@@ -394,6 +401,12 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
         );
     }
     Ok(out)
+}
+
+/// Asks the kernel to write back all dirty pages and waits for it
+/// (`sync(1)`); best effort, the benchmark goes on if it fails.
+fn flush_os_writeback() {
+    let _ = std::process::Command::new("sync").status();
 }
 
 fn side_name(s: Side) -> &'static str {
