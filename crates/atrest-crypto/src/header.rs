@@ -14,7 +14,8 @@
 use aws_lc_rs::{constant_time, hmac};
 
 use crate::{
-    CipherId, CryptoError, Dek, DekId, FileId, KekRef, ProtectorKind, WrapAlgorithm, WrappedDek,
+    CipherId, CryptoError, Dek, DekId, FileId, InfraUnitCipher, KekRef, ProtectorKind,
+    WrapAlgorithm, WrappedDek,
 };
 
 /// Bytes per header slot; a file has two.
@@ -30,9 +31,14 @@ const MAGIC: &[u8; 8] = b"ATRESTH1";
 /// WALs of formats 1 and 3 sealed them as two units; this build refuses
 /// them ([`FileHeader::decode_unverified`]) rather than misread them, and
 /// builds before format 4 refuse a format-4 WAL as an unknown format.
+///
+/// Format 5: like format 3, but the infrastructure layer seals units with
+/// AEGIS-256X2 (recorded in the `infra unit cipher` field). Format-3 files
+/// keep AEGIS-256 for their whole life.
 const VERSION: u16 = 1;
 const VERSION_INFRA: u16 = 3;
 const VERSION_WAL_FRAME_UNITS: u16 = 4;
+const VERSION_INFRA_X2: u16 = 5;
 /// The retired format of pre-release builds whose infrastructure layer was
 /// XChaCha20-Poly1305 (40-byte unit trailer, reserve 68).
 const VERSION_XCHACHA_INFRA: u16 = 2;
@@ -153,6 +159,8 @@ impl Layers {
 pub struct InfraKeyRecord {
     pub dek_id: DekId,
     pub wrapped: WrappedDek,
+    /// The AEAD of the file's units in this layer (format 3: AEGIS-256).
+    pub unit_cipher: InfraUnitCipher,
 }
 
 /// One decoded header slot.
@@ -208,6 +216,7 @@ mod tag {
     pub const LAYERS: u16 = 16;
     pub const INFRA_DEK_ID: u16 = 17;
     pub const INFRA_WRAPPED: u16 = 18;
+    pub const INFRA_UNIT_CIPHER: u16 = 19;
 }
 
 impl FileHeader {
@@ -258,6 +267,9 @@ impl FileHeader {
                 tag::INFRA_WRAPPED,
                 &encode_wrapped(&infra.wrapped),
             );
+            if infra.unit_cipher != InfraUnitCipher::Aegis256 {
+                put(&mut body, tag::INFRA_UNIT_CIPHER, &[infra.unit_cipher.id()]);
+            }
         }
         let version = self.format_version();
 
@@ -280,14 +292,14 @@ impl FileHeader {
 
     /// The format version [`Self::encode`] writes for this header: 4 for
     /// a WAL (one sealed unit per frame, either layer set); otherwise 1 for
-    /// the data layer alone, 3 with the (AEGIS-256) infrastructure layer.
+    /// the data layer alone, 3 with the infrastructure layer in AEGIS-256,
+    /// 5 with it in AEGIS-256X2.
     pub fn format_version(&self) -> u16 {
-        if self.kind == FileKind::Wal {
-            VERSION_WAL_FRAME_UNITS
-        } else if self.infra.is_some() {
-            VERSION_INFRA
-        } else {
-            VERSION
+        match (&self.infra, self.kind) {
+            (_, FileKind::Wal) => VERSION_WAL_FRAME_UNITS,
+            (None, _) => VERSION,
+            (Some(r), _) if r.unit_cipher == InfraUnitCipher::Aegis256 => VERSION_INFRA,
+            (Some(_), _) => VERSION_INFRA_X2,
         }
     }
 
@@ -311,10 +323,18 @@ impl FileHeader {
                  Recreate the server and reload the data with the build that wrote it"
             )));
         }
-        if ![VERSION, VERSION_INFRA, VERSION_WAL_FRAME_UNITS].contains(&version) {
+        if ![
+            VERSION,
+            VERSION_INFRA,
+            VERSION_WAL_FRAME_UNITS,
+            VERSION_INFRA_X2,
+        ]
+        .contains(&version)
+        {
             return Err(CryptoError::UnsupportedFormat(format!(
                 "header format version {version} is not supported (this build reads \
-                 {VERSION} and {VERSION_INFRA}, and {VERSION_WAL_FRAME_UNITS} for WAL files)"
+                 {VERSION}, {VERSION_INFRA} and {VERSION_INFRA_X2}, and \
+                 {VERSION_WAL_FRAME_UNITS} for WAL files)"
             )));
         }
         let body_len = u32::from_be_bytes(slot[10..14].try_into().unwrap()) as usize;
@@ -341,7 +361,20 @@ impl FileHeader {
                     header.kind.name()
                 )));
             }
-        } else if (version == VERSION_INFRA) != header.infra.is_some() {
+            if header
+                .infra
+                .as_ref()
+                .is_some_and(|r| r.unit_cipher != InfraUnitCipher::Aegis256X2)
+            {
+                return Err(CryptoError::InvalidHeader(
+                    "a format-4 WAL seals its infrastructure layer with AEGIS-256X2".into(),
+                ));
+            }
+        } else if (version != VERSION) != header.infra.is_some()
+            || header.infra.as_ref().is_some_and(|r| {
+                (r.unit_cipher == InfraUnitCipher::Aegis256) != (version == VERSION_INFRA)
+            })
+        {
             return Err(CryptoError::InvalidHeader(
                 "header format version does not match the layers it names".into(),
             ));
@@ -502,11 +535,22 @@ fn parse_body(body: &[u8]) -> Result<FileHeader, CryptoError> {
         if w.kek.kind != ProtectorKind::Infrastructure || w.algorithm != WrapAlgorithm::Aegis256 {
             return Err(bad("infrastructure wrapped key"));
         }
+        let unit_cipher = match f.get(&tag::INFRA_UNIT_CIPHER) {
+            None => InfraUnitCipher::Aegis256,
+            Some([id]) => InfraUnitCipher::from_id(*id)
+                .filter(|c| *c != InfraUnitCipher::Aegis256)
+                .ok_or_else(|| bad("infrastructure unit cipher"))?,
+            Some(_) => return Err(bad("infrastructure unit cipher")),
+        };
         Some(InfraKeyRecord {
             dek_id: DekId(id16(tag::INFRA_DEK_ID, "infrastructure dek id")?),
             wrapped: w,
+            unit_cipher,
         })
-    } else if f.contains_key(&tag::INFRA_WRAPPED) || f.contains_key(&tag::INFRA_DEK_ID) {
+    } else if f.contains_key(&tag::INFRA_WRAPPED)
+        || f.contains_key(&tag::INFRA_DEK_ID)
+        || f.contains_key(&tag::INFRA_UNIT_CIPHER)
+    {
         return Err(bad("layers"));
     } else {
         None
@@ -567,8 +611,53 @@ mod tests {
                     algorithm: WrapAlgorithm::Aegis256,
                     bytes: vec![6; crate::INFRA_WRAPPED_LEN],
                 },
+                unit_cipher: InfraUnitCipher::Aegis256,
             }),
             ..sample(dek)
+        }
+    }
+
+    fn sample_infra_x2(dek: &Dek) -> FileHeader {
+        let mut h = sample_infra(dek);
+        h.infra.as_mut().unwrap().unit_cipher = InfraUnitCipher::Aegis256X2;
+        h
+    }
+
+    /// Files created now seal the infrastructure layer with AEGIS-256X2:
+    /// format 5, the cipher recorded and MAC'd. Format 3 means AEGIS-256
+    /// and stays so when re-encoded; the two cannot be confused.
+    #[test]
+    fn x2_unit_cipher_is_format_5_and_format_3_stays_aegis_256() {
+        let dek = Dek::generate().unwrap();
+        let x2 = sample_infra_x2(&dek);
+        let slot = x2.encode(&dek).unwrap();
+        assert_eq!(&slot[8..10], &VERSION_INFRA_X2.to_be_bytes());
+        let back = FileHeader::decode_unverified(&slot)
+            .unwrap()
+            .unwrap()
+            .verify(&dek)
+            .unwrap();
+        assert_eq!(back, x2);
+        let old = sample_infra(&dek);
+        let slot3 = old.encode(&dek).unwrap();
+        assert_eq!(&slot3[8..10], &VERSION_INFRA.to_be_bytes());
+        let back3 = FileHeader::decode_unverified(&slot3)
+            .unwrap()
+            .unwrap()
+            .verify(&dek)
+            .unwrap();
+        assert_eq!(
+            back3.infra.as_ref().unwrap().unit_cipher,
+            InfraUnitCipher::Aegis256
+        );
+        assert_eq!(back3.encode(&dek).unwrap()[8..10], slot3[8..10]);
+        // Claiming the other format than the cipher recorded is refused.
+        for (mut bad, v) in [
+            (slot.clone(), VERSION_INFRA),
+            (slot3.clone(), VERSION_INFRA_X2),
+        ] {
+            bad[8..10].copy_from_slice(&v.to_be_bytes());
+            assert!(FileHeader::decode_unverified(&bad).is_err(), "format {v}");
         }
     }
 
@@ -616,7 +705,7 @@ mod tests {
     #[test]
     fn wal_frame_unit_format_is_4_and_older_wals_are_refused() {
         let dek = Dek::generate().unwrap();
-        for h in [sample(&dek), sample_infra(&dek)] {
+        for h in [sample(&dek), sample_infra_x2(&dek)] {
             let wal = FileHeader {
                 kind: FileKind::Wal,
                 ..h.clone()
@@ -648,6 +737,16 @@ mod tests {
                 Err(CryptoError::InvalidHeader(_))
             ));
         }
+        // A format-4 WAL's infrastructure layer is AEGIS-256X2, never AEGIS-256.
+        let aegis256_wal = FileHeader {
+            kind: FileKind::Wal,
+            ..sample_infra(&dek)
+        };
+        let slot = aegis256_wal.encode(&dek).unwrap();
+        assert!(matches!(
+            FileHeader::decode_unverified(&slot),
+            Err(CryptoError::InvalidHeader(_))
+        ));
     }
 
     /// A file written by the pre-release XChaCha20-Poly1305 build (format 2)

@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use aegis::aegis256::Aegis256;
+use aegis::aegis256x2::Aegis256X2;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::{CryptoError, DekId, FileId, FileKind, SealContext};
@@ -62,8 +63,9 @@ pub const NONCE_COUNTER_LIMIT: u64 = 1 << 63;
 const KEY_LEN: usize = 32;
 /// Nonce (32) + wrapped key (32) + tag (16).
 pub const INFRA_WRAPPED_LEN: usize = INFRA_NONCE_LEN + KEY_LEN + INFRA_TAG_LEN;
-/// The cipher id bound into the infrastructure layer's AAD (the data layer's
-/// AES-256-GCM is 1; 2 was XChaCha20-Poly1305 in pre-release builds).
+/// The cipher id of AEGIS-256 units in the infrastructure layer's AAD (the
+/// data layer's AES-256-GCM is 1; 2 was XChaCha20-Poly1305 in pre-release
+/// builds; AEGIS-256X2 units are [`InfraUnitCipher::Aegis256X2`], 4).
 pub const INFRA_CIPHER_ID: u8 = 3;
 /// Domain label of the infrastructure layer's unit AAD (the data layer uses
 /// `ATRSEAL1`).
@@ -71,12 +73,51 @@ const UNIT_LABEL: &[u8; 8] = b"ATRINFR1";
 /// Domain label of the infrastructure key wrap (the data layer uses `ATRWRAP1`).
 const WRAP_LABEL: &[u8; 8] = b"ATRIWRP1";
 
-/// The layer's algorithm, as shown by `inspect`, `stats` and the benchmark.
-pub const INFRA_CIPHER_NAME: &str = "AEGIS-256";
+/// The unit cipher of files this build creates, as shown by the benchmark
+/// (`inspect` shows each file's own, [`InfraUnitCipher::name`]).
+pub const INFRA_CIPHER_NAME: &str = "AEGIS-256X2";
 /// The library that runs it.
 pub const INFRA_IMPLEMENTATION: &str = "libaegis (C) via the aegis crate 0.9";
 
+/// The AEAD that seals a file's units in the infrastructure layer. Chosen
+/// when the file is created and recorded in its header; the key wrap is
+/// AEGIS-256 in both cases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum InfraUnitCipher {
+    /// AEGIS-256: files of header format 3 (created before AEGIS-256X2).
+    Aegis256 = INFRA_CIPHER_ID,
+    /// AEGIS-256X2, the two-lane variant (same key, nonce and tag sizes and
+    /// security claims): every file created since, and every format-4 WAL.
+    Aegis256X2 = 4,
+}
+
+impl InfraUnitCipher {
+    /// What this build uses for new files.
+    pub const NEW_FILES: InfraUnitCipher = InfraUnitCipher::Aegis256X2;
+
+    pub fn id(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_id(id: u8) -> Option<Self> {
+        match id {
+            3 => Some(Self::Aegis256),
+            4 => Some(Self::Aegis256X2),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Aegis256 => "AEGIS-256",
+            Self::Aegis256X2 => "AEGIS-256X2",
+        }
+    }
+}
+
 type Cipher = Aegis256<INFRA_TAG_LEN>;
+type CipherX2 = Aegis256X2<INFRA_TAG_LEN>;
 
 /// Seals `body` in place with AEGIS-256 (libaegis) and returns the tag.
 /// The cipher value holds a copy of the key; it is wiped before returning
@@ -115,6 +156,39 @@ fn aegis_open(
 /// Best effort, like any wipe of a stack value that may have been copied.
 fn wipe_cipher(cipher: &mut Cipher) {
     *cipher = Cipher::new(&[0u8; KEY_LEN], &[0u8; INFRA_NONCE_LEN]);
+    std::hint::black_box(cipher);
+}
+
+/// [`aegis_seal`] with AEGIS-256X2.
+fn aegis_x2_seal(
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; INFRA_NONCE_LEN],
+    aad: &[u8],
+    body: &mut [u8],
+) -> [u8; INFRA_TAG_LEN] {
+    let mut cipher = CipherX2::new(key, nonce);
+    let tag = cipher.encrypt_in_place(body, aad);
+    wipe_cipher_x2(&mut cipher);
+    tag
+}
+
+/// [`aegis_open`] with AEGIS-256X2.
+fn aegis_x2_open(
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; INFRA_NONCE_LEN],
+    aad: &[u8],
+    body: &mut [u8],
+    tag: &[u8; INFRA_TAG_LEN],
+) -> bool {
+    let mut cipher = CipherX2::new(key, nonce);
+    let ok = cipher.decrypt_in_place(body, tag, aad).is_ok();
+    wipe_cipher_x2(&mut cipher);
+    ok
+}
+
+/// [`wipe_cipher`] for an `Aegis256X2` value.
+fn wipe_cipher_x2(cipher: &mut CipherX2) {
+    *cipher = CipherX2::new(&[0u8; KEY_LEN], &[0u8; INFRA_NONCE_LEN]);
     std::hint::black_box(cipher);
 }
 
@@ -181,10 +255,15 @@ impl fmt::Debug for InfraDek {
     }
 }
 
-fn unit_aad(ctx: &SealContext, dek_id: DekId, unit_len: usize) -> [u8; 64] {
+fn unit_aad(
+    cipher: InfraUnitCipher,
+    ctx: &SealContext,
+    dek_id: DekId,
+    unit_len: usize,
+) -> [u8; 64] {
     let mut a = [0u8; 64];
     a[0..8].copy_from_slice(UNIT_LABEL);
-    a[8] = INFRA_CIPHER_ID;
+    a[8] = cipher.id();
     a[9] = ctx.kind as u8;
     a[10..26].copy_from_slice(&ctx.file_id.0);
     a[26..42].copy_from_slice(&dek_id.0);
@@ -210,6 +289,7 @@ fn unit_aad(ctx: &SealContext, dek_id: DekId, unit_len: usize) -> [u8; 64] {
 /// the prefix is not secret (it is written in every nonce).
 pub struct InfraUnitKey {
     key: Zeroizing<[u8; KEY_LEN]>,
+    cipher: InfraUnitCipher,
     dek_id: DekId,
     /// The next nonce counter value, i.e. the number of seals started.
     counter: AtomicU64,
@@ -218,13 +298,14 @@ pub struct InfraUnitKey {
 }
 
 impl InfraUnitKey {
-    /// Makes a sealing key for `dek`, drawing its first nonce prefix from
-    /// the OS CSPRNG.
-    pub fn new(dek: &InfraDek) -> Result<Self, CryptoError> {
+    /// Makes a key sealing with `cipher` under `dek`, drawing its first
+    /// nonce prefix from the OS CSPRNG.
+    pub fn new(dek: &InfraDek, cipher: InfraUnitCipher) -> Result<Self, CryptoError> {
         let mut prefix = [0u8; NONCE_PREFIX_LEN];
         os_random(&mut prefix)?;
         Ok(Self {
             key: Zeroizing::new(*dek.expose_secret()),
+            cipher,
             dek_id: dek.id(),
             counter: AtomicU64::new(0),
             prefix: Mutex::new(prefix),
@@ -234,6 +315,10 @@ impl InfraUnitKey {
 
     pub fn dek_id(&self) -> DekId {
         self.dek_id
+    }
+
+    pub fn cipher(&self) -> InfraUnitCipher {
+        self.cipher
     }
 
     /// Units sealed under this key instance (seals started; a seal cannot
@@ -277,9 +362,12 @@ impl InfraUnitKey {
             });
         }
         let nonce = self.next_nonce()?;
-        let aad = unit_aad(ctx, self.dek_id, len);
+        let aad = unit_aad(self.cipher, ctx, self.dek_id, len);
         let (body, trailer) = unit.split_at_mut(len - INFRA_OVERHEAD);
-        let tag = aegis_seal(&self.key, &nonce, &aad, body);
+        let tag = match self.cipher {
+            InfraUnitCipher::Aegis256 => aegis_seal(&self.key, &nonce, &aad, body),
+            InfraUnitCipher::Aegis256X2 => aegis_x2_seal(&self.key, &nonce, &aad, body),
+        };
         trailer[..INFRA_TAG_LEN].copy_from_slice(&tag);
         trailer[INFRA_TAG_LEN..].copy_from_slice(&nonce);
         Ok(())
@@ -296,12 +384,15 @@ impl InfraUnitKey {
                 min: INFRA_OVERHEAD,
             });
         }
-        let aad = unit_aad(ctx, self.dek_id, len);
+        let aad = unit_aad(self.cipher, ctx, self.dek_id, len);
         let (body, trailer) = unit.split_at_mut(len - INFRA_OVERHEAD);
         let (tag, nonce) = trailer.split_at(INFRA_TAG_LEN);
         let tag: [u8; INFRA_TAG_LEN] = tag.try_into().expect("tag length");
         let nonce: [u8; INFRA_NONCE_LEN] = nonce.try_into().expect("nonce length");
-        let ok = aegis_open(&self.key, &nonce, &aad, body, &tag);
+        let ok = match self.cipher {
+            InfraUnitCipher::Aegis256 => aegis_open(&self.key, &nonce, &aad, body, &tag),
+            InfraUnitCipher::Aegis256X2 => aegis_x2_open(&self.key, &nonce, &aad, body, &tag),
+        };
         trailer.fill(0);
         if ok {
             Ok(())
@@ -387,6 +478,8 @@ mod tests {
     use super::*;
     use crate::{Dek, UnitKey, SEAL_OVERHEAD};
 
+    const X2: InfraUnitCipher = InfraUnitCipher::Aegis256X2;
+
     fn ctx(index: u64) -> SealContext {
         SealContext {
             file_id: FileId([7; 16]),
@@ -406,7 +499,7 @@ mod tests {
 
     #[test]
     fn round_trip_keeps_length_and_zeroes_trailer() {
-        let key = InfraUnitKey::new(&InfraDek::generate().unwrap()).unwrap();
+        let key = InfraUnitKey::new(&InfraDek::generate().unwrap(), X2).unwrap();
         let mut page = sealed(&key, 3);
         assert!(!page.windows(11).any(|w| w == b"hello infra"));
         key.open(&ctx(3), &mut page).unwrap();
@@ -417,7 +510,7 @@ mod tests {
 
     #[test]
     fn every_bit_flip_and_every_move_is_detected() {
-        let key = InfraUnitKey::new(&InfraDek::generate().unwrap()).unwrap();
+        let key = InfraUnitKey::new(&InfraDek::generate().unwrap(), X2).unwrap();
         let page = sealed(&key, 1);
         for pos in (0..page.len())
             .step_by(7)
@@ -450,7 +543,7 @@ mod tests {
             let mut copy = page.clone();
             assert!(key.open(&v, &mut copy).is_err(), "{v:?}");
         }
-        let other = InfraUnitKey::new(&InfraDek::generate().unwrap()).unwrap();
+        let other = InfraUnitKey::new(&InfraDek::generate().unwrap(), X2).unwrap();
         let mut copy = page.clone();
         assert!(other.open(&ctx(1), &mut copy).is_err());
         assert!(key.open(&ctx(1), &mut vec![0u8; 4096]).is_err());
@@ -461,7 +554,7 @@ mod tests {
 
     #[test]
     fn same_plaintext_seals_differently() {
-        let key = InfraUnitKey::new(&InfraDek::generate().unwrap()).unwrap();
+        let key = InfraUnitKey::new(&InfraDek::generate().unwrap(), X2).unwrap();
         let (a, b) = (sealed(&key, 1), sealed(&key, 1));
         assert_ne!(a, b);
         assert_ne!(
@@ -480,7 +573,8 @@ mod tests {
     /// 0..n; every unit still opens.
     #[test]
     fn nonces_are_unique_across_threads_and_units_open() {
-        let key = std::sync::Arc::new(InfraUnitKey::new(&InfraDek::generate().unwrap()).unwrap());
+        let key =
+            std::sync::Arc::new(InfraUnitKey::new(&InfraDek::generate().unwrap(), X2).unwrap());
         let per_thread = 5_000u64;
         let units: Vec<Vec<u8>> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..4)
@@ -529,8 +623,8 @@ mod tests {
     fn key_instances_draw_different_prefixes() {
         let dek = InfraDek::generate().unwrap();
         let (a, b) = (
-            InfraUnitKey::new(&dek).unwrap(),
-            InfraUnitKey::new(&dek).unwrap(),
+            InfraUnitKey::new(&dek, X2).unwrap(),
+            InfraUnitKey::new(&dek, X2).unwrap(),
         );
         let (ua, ub) = (sealed(&a, 1), sealed(&b, 1));
         let (na, nb) = (nonce_of(&ua), nonce_of(&ub));
@@ -548,7 +642,7 @@ mod tests {
     /// counter carries on, so uniqueness does not depend on the prefix.
     #[test]
     fn prefix_is_refreshed_and_counter_continues() {
-        let key = InfraUnitKey::new(&InfraDek::generate().unwrap()).unwrap();
+        let key = InfraUnitKey::new(&InfraDek::generate().unwrap(), X2).unwrap();
         let mut unit = vec![0u8; INFRA_OVERHEAD];
         let mut last = [0u8; INFRA_NONCE_LEN];
         let mut prefixes = std::collections::HashSet::new();
@@ -569,7 +663,7 @@ mod tests {
     /// bytes), it does not reuse counter 0.
     #[test]
     fn counter_at_its_limit_fails_instead_of_wrapping() {
-        let key = InfraUnitKey::new(&InfraDek::generate().unwrap()).unwrap();
+        let key = InfraUnitKey::new(&InfraDek::generate().unwrap(), X2).unwrap();
         key.counter
             .store(NONCE_COUNTER_LIMIT - 1, Ordering::Relaxed);
         let mut unit = vec![0u8; 100];
@@ -590,7 +684,7 @@ mod tests {
     #[test]
     fn an_instance_from_another_fork_epoch_refuses_to_seal() {
         let dek = InfraDek::generate().unwrap();
-        let mut old = InfraUnitKey::new(&dek).unwrap();
+        let mut old = InfraUnitKey::new(&dek, X2).unwrap();
         let mut unit = sealed(&old, 2);
         old.fork_epoch = old.fork_epoch.wrapping_sub(1);
         assert_eq!(
@@ -610,7 +704,7 @@ mod tests {
         // Same key bytes in both layers: their AADs (labels) still differ,
         // and the ciphers differ, so neither opens the other's unit.
         let infra =
-            InfraUnitKey::new(&InfraDek::from_parts(dek.id(), dek.expose_secret())).unwrap();
+            InfraUnitKey::new(&InfraDek::from_parts(dek.id(), dek.expose_secret()), X2).unwrap();
         let mut page = vec![0u8; 4096];
         page[..5].copy_from_slice(b"plain");
         let n = page.len();
@@ -700,6 +794,55 @@ mod tests {
         let mut bad = tag;
         bad[0] ^= 1;
         assert!(!aegis_open(&key, &nonce, &ad, &mut buf.clone(), &bad));
+    }
+
+    /// draft-irtf-cfrg-aegis-aead, AEGIS-256X2 test vector 2 (16-byte
+    /// tag): pins the algorithm libaegis runs behind [`aegis_x2_seal`].
+    #[test]
+    fn aegis256x2_known_answer() {
+        let h = |s: &str| hex::decode(s).unwrap();
+        let key: [u8; 32] = h("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
+            .try_into()
+            .unwrap();
+        let nonce: [u8; 32] = h("101112131415161718191a1b1c1d1e1f202122232425262728292a2b2c2d2e2f")
+            .try_into()
+            .unwrap();
+        let ad = h("0102030401020304");
+        let msg = h(&"04050607".repeat(30));
+        let mut buf = msg.clone();
+        let tag = aegis_x2_seal(&key, &nonce, &ad, &mut buf);
+        assert_eq!(
+            hex::encode(&buf),
+            "72120c2ea8236180d67859001f4729077b7064c414384fe3a7b52f1571f4f8a7\
+             d0f01e18db4f3bc0adb150702e5d147a8d36522132761b994c1bd395589e2ccf\
+             0790dfe2a3d12d61cd666b2859827739db4037dd3124c78424459376f6cac08e\
+             1a7223a2a43e398ce6385cd654a19f481cba3b8f25910b42"
+        );
+        assert_eq!(hex::encode(tag), "635d391828520bf1512763f0c8f5cdbd");
+        assert!(aegis_x2_open(&key, &nonce, &ad, &mut buf, &tag));
+        assert_eq!(buf, msg);
+    }
+
+    /// A file's unit cipher is part of its units: AEGIS-256 (format-3
+    /// files) and AEGIS-256X2 units under the same key do not open as each
+    /// other, and each round-trips.
+    #[test]
+    fn the_two_unit_ciphers_do_not_open_each_others_units() {
+        let dek = InfraDek::generate().unwrap();
+        let old = InfraUnitKey::new(&dek, InfraUnitCipher::Aegis256).unwrap();
+        let new = InfraUnitKey::new(&dek, X2).unwrap();
+        let (a, b) = (sealed(&old, 4), sealed(&new, 4));
+        assert!(new.open(&ctx(4), &mut a.clone()).is_err());
+        assert!(old.open(&ctx(4), &mut b.clone()).is_err());
+        for (key, mut unit) in [(&old, a), (&new, b)] {
+            key.open(&ctx(4), &mut unit).unwrap();
+            assert_eq!(&unit[..11], b"hello infra");
+        }
+        assert_eq!(InfraUnitCipher::NEW_FILES, X2);
+        for c in [InfraUnitCipher::Aegis256, X2] {
+            assert_eq!(InfraUnitCipher::from_id(c.id()), Some(c));
+        }
+        assert_eq!(InfraUnitCipher::from_id(2), None);
     }
 
     #[test]

@@ -27,9 +27,9 @@ pub use header::{
     FileHeader, FileKind, InfraKeyRecord, KeySource, Layers, UnverifiedHeader, HEADER_SLOT_SIZE,
 };
 pub use infra::{
-    note_fork_in_child, os_random, InfraDek, InfraKek, InfraUnitKey, INFRA_CIPHER_ID,
-    INFRA_CIPHER_NAME, INFRA_IMPLEMENTATION, INFRA_NONCE_LEN, INFRA_OVERHEAD, INFRA_TAG_LEN,
-    INFRA_WRAPPED_LEN, NONCE_COUNTER_LIMIT, NONCE_PREFIX_LEN, NONCE_PREFIX_REFRESH,
+    note_fork_in_child, os_random, InfraDek, InfraKek, InfraUnitCipher, InfraUnitKey,
+    INFRA_CIPHER_ID, INFRA_CIPHER_NAME, INFRA_IMPLEMENTATION, INFRA_NONCE_LEN, INFRA_OVERHEAD,
+    INFRA_TAG_LEN, INFRA_WRAPPED_LEN, NONCE_COUNTER_LIMIT, NONCE_PREFIX_LEN, NONCE_PREFIX_REFRESH,
 };
 pub use keys::{random_id, Dek, DekId, FileId};
 pub use protector::{

@@ -2,7 +2,8 @@
 //! of its own (it changes process-wide state).
 
 use atrest_crypto::{
-    note_fork_in_child, CryptoError, FileId, FileKind, InfraDek, InfraUnitKey, SealContext,
+    note_fork_in_child, CryptoError, FileId, FileKind, InfraDek, InfraUnitCipher, InfraUnitKey,
+    SealContext,
 };
 
 #[test]
@@ -15,7 +16,7 @@ fn instances_made_before_a_fork_refuse_to_seal_after_it() {
         generation: 3,
     };
     let dek = InfraDek::generate().unwrap();
-    let before = InfraUnitKey::new(&dek).unwrap();
+    let before = InfraUnitKey::new(&dek, InfraUnitCipher::NEW_FILES).unwrap();
     let mut unit = vec![0u8; 200];
     before.seal(&ctx, &mut unit).unwrap();
     // What the storage engine's pthread_atfork child handler calls.
@@ -26,7 +27,7 @@ fn instances_made_before_a_fork_refuse_to_seal_after_it() {
     );
     // Reading is unaffected; a fresh instance (a reopened file) seals, with
     // its own prefix, and both open each other's units.
-    let after = InfraUnitKey::new(&dek).unwrap();
+    let after = InfraUnitKey::new(&dek, InfraUnitCipher::NEW_FILES).unwrap();
     let mut again = vec![0u8; 200];
     after.seal(&ctx, &mut again).unwrap();
     assert_ne!(unit[200 - 32..200 - 8], again[200 - 32..200 - 8]);

@@ -916,7 +916,7 @@ pub fn status(dir: &Path) -> Result<serde_json::Value, ResourceError> {
         "encryption": {
             "scenario": config.encryption.scenario,
             "layers": if config.encryption.infrastructure_encryption {
-                vec!["data: AES-256-GCM (AWS-LC), per-file DEK", "infrastructure: AEGIS-256 (libaegis), per-file key, own keystore"]
+                vec!["data: AES-256-GCM (AWS-LC), per-file DEK", "infrastructure: AEGIS-256X2 (libaegis), per-file key, own keystore"]
             } else {
                 vec!["data: AES-256-GCM (AWS-LC), per-file DEK"]
             },

@@ -11,8 +11,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use atrest_crypto::{
     CipherId, CryptoError, Dek, FileHeader, FileId, FileKind, InfraDek, InfraKeyRecord,
-    InfraUnitKey, KeySource, SealContext, SymmetricKek, UnitKey, WrappedDek, HEADER_SLOT_SIZE,
-    INFRA_OVERHEAD, SEAL_OVERHEAD, SEAL_USAGE_WARN,
+    InfraUnitCipher, InfraUnitKey, KeySource, SealContext, SymmetricKek, UnitKey, WrappedDek,
+    HEADER_SLOT_SIZE, INFRA_OVERHEAD, SEAL_OVERHEAD, SEAL_USAGE_WARN,
 };
 use rusqlite::ffi;
 
@@ -202,7 +202,7 @@ impl SharedFile {
         let infra = if infra {
             Some(
                 InfraDek::generate()
-                    .and_then(|d| InfraUnitKey::new(&d))
+                    .and_then(|d| InfraUnitKey::new(&d, InfraUnitCipher::NEW_FILES))
                     .map_err(|e| crypto_fail(&path, e))?,
             )
         } else {
@@ -334,9 +334,14 @@ impl SharedFile {
         (slot, slot_synced): (u64, bool),
     ) -> Result<Arc<Self>, Fail> {
         let key = UnitKey::new(&dek, sealed).map_err(|e| crypto_fail(&path, e))?;
+        // The unit cipher the file was created with (format 3: AEGIS-256).
+        let unit_cipher = header
+            .infra
+            .as_ref()
+            .map_or(InfraUnitCipher::NEW_FILES, |r| r.unit_cipher);
         let infra = infra_dek
             .as_ref()
-            .map(InfraUnitKey::new)
+            .map(|d| InfraUnitKey::new(d, unit_cipher))
             .transpose()
             .map_err(|e| crypto_fail(&path, e))?;
         Ok(Arc::new(Self {
@@ -444,6 +449,7 @@ impl SharedFile {
                 let record = InfraKeyRecord {
                     dek_id: idek.id(),
                     wrapped,
+                    unit_cipher: InfraUnitCipher::NEW_FILES,
                 };
                 (Some(idek), Some(record))
             }
@@ -842,9 +848,14 @@ pub fn rewrap_infra_at_rest(
             path: name.clone(),
             source,
         })?;
+    let unit_cipher = header
+        .infra
+        .as_ref()
+        .map_or(InfraUnitCipher::NEW_FILES, |r| r.unit_cipher);
     header.infra = Some(InfraKeyRecord {
         dek_id: idek.id(),
         wrapped,
+        unit_cipher,
     });
     header.sequence += 1;
     let bytes = header.encode(&dek).map_err(|source| StorageError::Crypto {
@@ -2294,6 +2305,74 @@ mod tests {
         let back = read_frame_whole(&mut w, 3).unwrap();
         assert_eq!(&back[..24], &fh[..]);
         assert!(back[24..].iter().all(|&b| b == 0));
+    }
+
+    /// A file created before AEGIS-256X2 (header format 3) keeps sealing
+    /// its infrastructure layer with AEGIS-256, and its header stays format
+    /// 3 when rewritten; its units are not AEGIS-256X2 units.
+    #[test]
+    fn a_format_3_file_keeps_aegis_256() {
+        let (_dir, infra) = infra_protector();
+        let (keyring, f) = db_file_with(Some(infra));
+        assert_eq!(
+            f.shared.infra.as_ref().unwrap().cipher(),
+            InfraUnitCipher::Aegis256X2
+        );
+        let mut raw = MemFile(f.raw.0.clone());
+        let (dek, idek) = {
+            let meta = f.shared.meta.lock().unwrap();
+            let mut h = meta.header.clone().unwrap();
+            h.infra.as_mut().unwrap().unit_cipher = InfraUnitCipher::Aegis256;
+            h.sequence += 1;
+            let slot = h.encode(&meta.dek).unwrap();
+            assert_eq!(slot[8..10], 3u16.to_be_bytes());
+            raw.0[..slot.len()].copy_from_slice(&slot);
+            (meta.dek.clone(), meta.infra_dek.clone().unwrap())
+        };
+        let shared = SharedFile::open(
+            &mut raw,
+            FileKind::MainDb,
+            "m.db".into(),
+            &keyring,
+            None,
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            shared.infra.as_ref().unwrap().cipher(),
+            InfraUnitCipher::Aegis256
+        );
+        let mut f3 = EncryptedFile::new(raw, shared, Arc::new(Stats::default()));
+        let mut page = vec![0u8; 4096];
+        page[16..18].copy_from_slice(&4096u16.to_be_bytes());
+        page[20] = (SEAL_OVERHEAD + INFRA_OVERHEAD) as u8;
+        page[200..206].copy_from_slice(b"format");
+        f3.write(&page, 0).unwrap();
+        f3.sync(0).unwrap();
+        let mut back = vec![0u8; 4096];
+        f3.read(&mut back, 0).unwrap();
+        assert_eq!(back, page);
+        let newest = f3.raw.0[..HEADER_LEN as usize]
+            .chunks(HEADER_SLOT_SIZE)
+            .filter_map(|s| FileHeader::decode_unverified(s).ok().flatten())
+            .map(|u| u.verify(&dek).unwrap())
+            .max_by_key(|h| h.sequence)
+            .unwrap();
+        assert_eq!(newest.format_version(), 3);
+        let disk = &f3.raw.0[HEADER_LEN as usize..HEADER_LEN as usize + 4096];
+        let ctx = f3.ctx(
+            &Geometry::Pages {
+                page_size: 4096,
+                base: HEADER_LEN,
+                ov: 76,
+            }
+            .unit_at(0),
+            0,
+        );
+        let x2 = InfraUnitKey::new(&idek, InfraUnitCipher::Aegis256X2).unwrap();
+        assert!(x2.open(&ctx, &mut disk.to_vec()).is_err());
+        let old = InfraUnitKey::new(&idek, InfraUnitCipher::Aegis256).unwrap();
+        old.open(&ctx, &mut disk.to_vec()).unwrap();
     }
 
     /// Page 1 of a database declaring fewer reserved bytes than tag and

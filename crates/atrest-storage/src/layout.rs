@@ -98,7 +98,7 @@ impl Unit {
     pub fn plen(&self) -> usize {
         self.prefix + self.llen + if self.appended { self.ov } else { 0 }
     }
-    /// A human name for error messages: "page 3", "WAL frame 7 header".
+    /// A human name for error messages: "page 3", "WAL frame 7".
     pub fn describe(&self) -> String {
         match self.class {
             class::PAGE => format!("page {}", self.index),

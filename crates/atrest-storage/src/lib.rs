@@ -853,7 +853,7 @@ fn inspect_file(path: &Path, keyring: Option<&Keyring>) -> Result<serde_json::Va
         "cipher": h.cipher.name(),
         "layers": h.layers().names(),
         "infrastructure_layer": h.infra.as_ref().map(|i| serde_json::json!({
-            "cipher": atrest_crypto::INFRA_CIPHER_NAME,
+            "cipher": i.unit_cipher.name(),
             "implementation": atrest_crypto::INFRA_IMPLEMENTATION,
             "dek_id": i.dek_id.to_hex(),
             "wrapped_dek": wrapped_json(&i.wrapped),

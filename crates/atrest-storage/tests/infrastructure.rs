@@ -84,6 +84,7 @@ fn infra_key_of(fx: &Fixture, path: &Path) -> InfraUnitKey {
     InfraUnitKey::new(
         &p.unwrap(rec.dek_id, &rec.wrapped, h.file_id, h.kind)
             .unwrap(),
+        rec.unit_cipher,
     )
     .unwrap()
 }
@@ -160,7 +161,8 @@ fn marker_scan_stats_and_inspect_with_the_layer_on() {
             "magic in {f:?}"
         );
     }
-    for (p, format) in [(fx.data().join("r.db"), 3), (fx.data().join("w.db-wal"), 4)] {
+    // New files: format 5 (AEGIS-256X2 units); a WAL is format 4.
+    for (p, format) in [(fx.data().join("r.db"), 5), (fx.data().join("w.db-wal"), 4)] {
         let j = engine.inspect(&p).unwrap();
         assert_eq!(j["layers"], serde_json::json!(["data", "infrastructure"]));
         // A WAL is format 4 (one sealed unit per frame) with either layer set.
@@ -168,7 +170,7 @@ fn marker_scan_stats_and_inspect_with_the_layer_on() {
         assert_eq!(j["header_verified"], true);
         let il = &j["infrastructure_layer"];
         assert_eq!(il["cipher"], INFRA_CIPHER_NAME);
-        assert_eq!(il["cipher"], "AEGIS-256");
+        assert_eq!(il["cipher"], "AEGIS-256X2");
         assert_eq!(il["wrapped_dek"]["algorithm"], "AEGIS-256");
         assert_eq!(il["unwraps"], true);
         assert_eq!(il["wrapped_dek"]["kek_kind"], "infrastructure");
@@ -710,7 +712,7 @@ fn a_retired_format_2_file_is_refused_with_a_clear_error() {
     let mut bytes = fs::read(fx.data().join("new.db")).unwrap();
     for slot in bytes[..HEADER_LEN as usize].chunks_mut(HEADER_SLOT_SIZE) {
         if slot.iter().any(|&b| b != 0) {
-            assert_eq!(&slot[8..10], &3u16.to_be_bytes(), "format 3 is written");
+            assert_eq!(&slot[8..10], &5u16.to_be_bytes(), "format 5 is written");
             slot[8..10].copy_from_slice(&2u16.to_be_bytes());
         }
     }

@@ -20,7 +20,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use atrest_crypto::{Dek, FileId, FileKind, InfraDek, InfraUnitKey, SealContext, UnitKey};
+use atrest_crypto::{
+    Dek, FileId, FileKind, InfraDek, InfraUnitCipher, InfraUnitKey, SealContext, UnitKey,
+};
 use atrest_storage::{Engine, EngineOptions, StatsSnapshot};
 use serde::Serialize;
 
@@ -87,7 +89,7 @@ struct WorkloadResult {
     scenario2_units_opened: u64,
     infra_units_sealed: u64,
     infra_units_opened: u64,
-    /// Pure cost of both ciphers (AES-256-GCM data layer, AEGIS-256
+    /// Pure cost of both ciphers (AES-256-GCM data layer, AEGIS-256X2
     /// infrastructure layer) on the units scenario 2 moved.
     scenario2_crypto_seconds: f64,
     /// Scenario 2's overhead over plain SQLite divided by that pure cost.
@@ -104,6 +106,9 @@ struct WorkloadResult {
     /// Pure cost of both ciphers on the units scenario 4 moved.
     scenario4_crypto_seconds: f64,
     scenario4_overhead_over_crypto: Option<f64>,
+    /// Every timed run, in seconds, per side (plain, scenario1, scenario2,
+    /// scenario4), in the order they ran; the medians above come from these.
+    runs_seconds: serde_json::Value,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -288,7 +293,10 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
         Side::AtrestCustomerInfra,
         regime.cache_kib,
     )?;
-    eprintln!("bench: {} ({} rows)", regime.name, regime.rows);
+    eprintln!(
+        "bench: {} ({} rows; sync(1) before every timed run)",
+        regime.name, regime.rows
+    );
 
     let workloads: [(&'static str, Workload, usize); 6] = [
         ("bulk_insert", bulk_insert, 1),
@@ -321,6 +329,10 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
                     Side::AtrestInfra => &infra,
                     Side::AtrestCustomerInfra => &customer,
                 };
+                // Write back every dirty page first (sync(1)), so that no
+                // side is timed while the kernel flushes another side's
+                // writes from the run before.
+                flush_os_writeback();
                 let before = db.stats();
                 let start = Instant::now();
                 work(db, regime, b, rep as u64)
@@ -335,6 +347,13 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
                 }
             }
         }
+        let secs = |v: &[Duration]| v.iter().map(|d| d.as_secs_f64()).collect::<Vec<_>>();
+        let runs_seconds = serde_json::json!({
+            "plain": secs(&times[0]),
+            "scenario1": secs(&times[1]),
+            "scenario2": secs(&times[2]),
+            "scenario4": secs(&times[3]),
+        });
         let p = median(&mut times[0]);
         let a = median(&mut times[1]);
         let a2 = median(&mut times[2]);
@@ -374,6 +393,7 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
             scenario4_infra_units_opened: moved4.infra_units_opened,
             scenario4_crypto_seconds: crypto4,
             scenario4_overhead_over_crypto: (crypto4 > 1e-4).then(|| (a4 - p) / crypto4),
+            runs_seconds,
         });
         eprintln!(
             "bench: {} {name}: plain {p:.3}s scenario1 {a:.3}s scenario2 {a2:.3}s scenario4 {a4:.3}s",
@@ -381,6 +401,12 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
         );
     }
     Ok(out)
+}
+
+/// Asks the kernel to write back all dirty pages and waits for it
+/// (`sync(1)`); best effort, the benchmark goes on if it fails.
+fn flush_os_writeback() {
+    let _ = std::process::Command::new("sync").status();
 }
 
 fn side_name(s: Side) -> &'static str {
@@ -661,10 +687,10 @@ fn pure_crypto_cost(moved: &StatsSnapshot) -> Result<f64> {
     Ok(total)
 }
 
-/// Seconds AEGIS-256 alone takes to seal and open as many units,
+/// Seconds the infrastructure cipher (AEGIS-256X2) alone takes to seal and open as many units,
 /// of the same average sizes, as the infrastructure layer moved.
 fn pure_infra_cost(moved: &StatsSnapshot) -> Result<f64> {
-    let key = InfraUnitKey::new(&InfraDek::generate()?)?;
+    let key = InfraUnitKey::new(&InfraDek::generate()?, InfraUnitCipher::NEW_FILES)?;
     let (_, ctx) = bench_key()?;
     let mut total = 0.0;
     for (units, bytes, open) in [
@@ -719,7 +745,7 @@ fn crypto_throughput(with_openssl: bool) -> Result<serde_json::Value> {
     };
     let mb = |secs: f64| (rounds * 4096) as f64 / secs / 1e6;
     let (mut seal_best, mut open_best, mut openssl_best) = (0f64, 0f64, None::<f64>);
-    let infra = InfraUnitKey::new(&InfraDek::generate()?)?;
+    let infra = InfraUnitKey::new(&InfraDek::generate()?, InfraUnitCipher::NEW_FILES)?;
     let (mut iseal_best, mut iopen_best) = (0f64, 0f64);
     for _ in 0..3 {
         let start = Instant::now();

@@ -5,7 +5,7 @@
 //!   (only in builds with the benchmark-only cargo feature
 //!   `plaintext-baseline`; skipped otherwise);
 //! * **scenario 1**: service key (AES-256-GCM data layer);
-//! * **scenario 2**: service key + infrastructure layer (AEGIS-256);
+//! * **scenario 2**: service key + infrastructure layer (AEGIS-256X2);
 //! * **scenario 4**: customer key in a real vault process (RSA-2048,
 //!   RSA-OAEP-256 wrapKey/unwrapKey over HTTPS) + infrastructure layer.
 //!
@@ -68,7 +68,7 @@ impl Side {
         match self {
             Side::Plain => "plain SQLite files, no encryption (benchmark-only build feature plaintext-baseline)",
             Side::S1 => "service key: AES-256-GCM data layer",
-            Side::S2 => "service key + infrastructure layer (AEGIS-256)",
+            Side::S2 => "service key + infrastructure layer (AEGIS-256X2)",
             Side::S4 => "customer key in the vault (RSA-2048, RSA-OAEP-256 over HTTPS) + infrastructure layer",
         }
     }
