@@ -193,9 +193,13 @@ pub fn rewrap_at_rest(path: &Path, keyring: &Keyring) -> Result<bool, StorageErr
                     path: name.clone(),
                     source,
                 })?;
+            // The layer's unit cipher is the file's for life: only the
+            // wrapping of its key changes.
+            let unit_cipher = header.infra.as_ref().expect("checked").unit_cipher;
             header.infra = Some(InfraKeyRecord {
                 dek_id: idek.id(),
                 wrapped,
+                unit_cipher,
             });
             changed = true;
         }
