@@ -314,18 +314,23 @@ impl WalArchiver {
     /// too: its writer waits on the lock).
     fn rewrap(&self, engine: &Engine) -> Result<usize, String> {
         let _st = self.state.lock().expect("archive state");
-        let mut n = 0;
-        for seq in segments_in(&self.dir) {
-            let p = segment_path(&self.dir, seq, "wal");
-            if fs::metadata(&p).map(|m| m.len()).unwrap_or(0) < HEADER_LEN {
-                continue;
-            }
-            if engine.rewrap_at_rest(&p).map_err(|e| e.to_string())? {
-                n += 1;
-            }
-        }
-        Ok(n)
+        rewrap_segments(&self.dir, engine)
     }
+}
+
+/// Rewraps the archive segments in `dir` (those with a header); returns
+/// how many changed.
+fn rewrap_segments(dir: &Path, engine: &Engine) -> Result<usize, String> {
+    let mut n = 0;
+    for seq in segments_in(dir) {
+        let p = segment_path(dir, seq, "wal");
+        if fs::metadata(&p).map(|m| m.len()).unwrap_or(0) >= HEADER_LEN
+            && engine.rewrap_at_rest(&p).map_err(|e| e.to_string())?
+        {
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 // ---------------------------------------------------------------------------
@@ -776,14 +781,7 @@ pub fn rewrap_repository(
             if seen.contains(&wdir) {
                 continue;
             }
-            for seq in segments_in(&wdir) {
-                let p = segment_path(&wdir, seq, "wal");
-                if fs::metadata(&p).map(|m| m.len()).unwrap_or(0) >= HEADER_LEN
-                    && engine.rewrap_at_rest(&p).map_err(|e| e.to_string())?
-                {
-                    n += 1;
-                }
-            }
+            n += rewrap_segments(&wdir, engine)?;
         }
     }
     Ok(n)

@@ -793,45 +793,7 @@ pub fn rewrap_infra_at_rest(
     {
         return Ok(false); // not an atrest file (a stray file): nothing to do
     }
-    let mut best: Option<(u64, FileHeader, Dek)> = None;
-    let mut last_err = None;
-    for (i, slot) in slots.chunks(HEADER_SLOT_SIZE).enumerate() {
-        let cand = match FileHeader::decode_unverified(slot) {
-            Ok(Some(cand)) => cand,
-            Err(e @ CryptoError::UnsupportedFormat(_)) => {
-                last_err.get_or_insert(StorageError::Header {
-                    path: name.clone(),
-                    reason: e.to_string(),
-                });
-                continue;
-            }
-            _ => continue,
-        };
-        let claims = cand.claims().clone();
-        if best
-            .as_ref()
-            .is_some_and(|(_, b, _)| b.sequence >= claims.sequence)
-        {
-            continue;
-        }
-        match unwrap_file_dek(keyring, &claims, &name).and_then(|dek| {
-            cand.verify(&dek)
-                .map(|h| (h, dek))
-                .map_err(|e| StorageError::Header {
-                    path: name.clone(),
-                    reason: e.to_string(),
-                })
-        }) {
-            Ok((h, dek)) => best = Some((i as u64, h, dek)),
-            Err(e) => last_err = Some(e),
-        }
-    }
-    let Some((slot, mut header, dek)) = best else {
-        return Err(last_err.unwrap_or_else(|| StorageError::Header {
-            path: name.clone(),
-            reason: "no header slot verifies".into(),
-        }));
-    };
+    let (slot, mut header, dek) = crate::offline::best_header(&f, keyring, &name)?;
     let Some(idek) = unwrap_infra_dek(keyring, &header, &name)? else {
         return Err(StorageError::Layers {
             path: name.clone(),

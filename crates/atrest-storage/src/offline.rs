@@ -78,7 +78,7 @@ fn fail_err(path: &str, f: Fail) -> StorageError {
 
 /// The newest header slot of `f` that verifies under the keyring, with
 /// its slot number and the file's DEK.
-fn best_header(
+pub(crate) fn best_header(
     f: &std::fs::File,
     keyring: &Keyring,
     name: &str,
