@@ -39,6 +39,13 @@ const VERSION: u16 = 1;
 const VERSION_INFRA: u16 = 3;
 const VERSION_WAL_FRAME_UNITS: u16 = 4;
 const VERSION_INFRA_X2: u16 = 5;
+/// Format 6: a database in the middle of a DEK rotation. The header names
+/// the keys its pages were sealed under before (the `rotation` fields), in
+/// either layer set and infrastructure unit cipher; a page opens under the
+/// current or the previous keys. Builds before format 6 refuse such a
+/// file instead of failing on half its pages; when the rotation finishes
+/// the header returns to format 1, 3 or 5.
+const VERSION_ROTATING: u16 = 6;
 /// The retired format of pre-release builds whose infrastructure layer was
 /// XChaCha20-Poly1305 (40-byte unit trailer, reserve 68).
 const VERSION_XCHACHA_INFRA: u16 = 2;
@@ -163,6 +170,22 @@ pub struct InfraKeyRecord {
     pub unit_cipher: InfraUnitCipher,
 }
 
+/// A database whose DEKs are being replaced: its pages are sealed under
+/// the header's (new) keys or under these (old) ones until the rotation
+/// has re-sealed them all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    /// The previous data-layer DEK, wrapped like the current one.
+    pub previous_dek_id: DekId,
+    pub previous_wrapped: WrappedDek,
+    /// The previous infrastructure DEK (same unit cipher as the current).
+    pub previous_infra: Option<InfraKeyRecord>,
+    /// Pages 1 to this one are known to be sealed under the current keys,
+    /// and durable so.
+    pub watermark: u64,
+    pub started_unix: u64,
+}
+
 /// One decoded header slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileHeader {
@@ -184,6 +207,8 @@ pub struct FileHeader {
     pub wal_durable_frames: u64,
     /// The infrastructure layer's key, if that layer protects the file.
     pub infra: Option<InfraKeyRecord>,
+    /// Database files only: a DEK rotation in progress.
+    pub rotation: Option<Rotation>,
 }
 
 impl FileHeader {
@@ -217,6 +242,12 @@ mod tag {
     pub const INFRA_DEK_ID: u16 = 17;
     pub const INFRA_WRAPPED: u16 = 18;
     pub const INFRA_UNIT_CIPHER: u16 = 19;
+    pub const PREV_DEK_ID: u16 = 20;
+    pub const PREV_WRAPPED: u16 = 21;
+    pub const PREV_INFRA_DEK_ID: u16 = 22;
+    pub const PREV_INFRA_WRAPPED: u16 = 23;
+    pub const ROTATION_WATERMARK: u16 = 24;
+    pub const ROTATION_STARTED: u16 = 25;
 }
 
 impl FileHeader {
@@ -271,6 +302,32 @@ impl FileHeader {
                 put(&mut body, tag::INFRA_UNIT_CIPHER, &[infra.unit_cipher.id()]);
             }
         }
+        if let Some(r) = &self.rotation {
+            put(&mut body, tag::PREV_DEK_ID, &r.previous_dek_id.0);
+            put(
+                &mut body,
+                tag::PREV_WRAPPED,
+                &encode_wrapped(&r.previous_wrapped),
+            );
+            if let Some(pi) = &r.previous_infra {
+                put(&mut body, tag::PREV_INFRA_DEK_ID, &pi.dek_id.0);
+                put(
+                    &mut body,
+                    tag::PREV_INFRA_WRAPPED,
+                    &encode_wrapped(&pi.wrapped),
+                );
+            }
+            put(
+                &mut body,
+                tag::ROTATION_WATERMARK,
+                &r.watermark.to_be_bytes(),
+            );
+            put(
+                &mut body,
+                tag::ROTATION_STARTED,
+                &r.started_unix.to_be_bytes(),
+            );
+        }
         let version = self.format_version();
 
         if PREFIX_LEN + body.len() + MAC_LEN > HEADER_SLOT_SIZE {
@@ -293,10 +350,11 @@ impl FileHeader {
     /// The format version [`Self::encode`] writes for this header: 4 for
     /// a WAL (one sealed unit per frame, either layer set); otherwise 1 for
     /// the data layer alone, 3 with the infrastructure layer in AEGIS-256,
-    /// 5 with it in AEGIS-256X2.
+    /// 5 with it in AEGIS-256X2; 6 for a database mid-rotation.
     pub fn format_version(&self) -> u16 {
         match (&self.infra, self.kind) {
             (_, FileKind::Wal) => VERSION_WAL_FRAME_UNITS,
+            _ if self.rotation.is_some() => VERSION_ROTATING,
             (None, _) => VERSION,
             (Some(r), _) if r.unit_cipher == InfraUnitCipher::Aegis256 => VERSION_INFRA,
             (Some(_), _) => VERSION_INFRA_X2,
@@ -328,12 +386,13 @@ impl FileHeader {
             VERSION_INFRA,
             VERSION_WAL_FRAME_UNITS,
             VERSION_INFRA_X2,
+            VERSION_ROTATING,
         ]
         .contains(&version)
         {
             return Err(CryptoError::UnsupportedFormat(format!(
                 "header format version {version} is not supported (this build reads \
-                 {VERSION}, {VERSION_INFRA} and {VERSION_INFRA_X2}, and \
+                 {VERSION}, {VERSION_INFRA}, {VERSION_INFRA_X2} and {VERSION_ROTATING}, and \
                  {VERSION_WAL_FRAME_UNITS} for WAL files)"
             )));
         }
@@ -354,7 +413,16 @@ impl FileHeader {
                  when the last connection closes, then with this one"
             )));
         }
-        if version == VERSION_WAL_FRAME_UNITS {
+        if (version == VERSION_ROTATING) != header.rotation.is_some()
+            || header.rotation.is_some() && header.kind != FileKind::MainDb
+        {
+            return Err(CryptoError::InvalidHeader(
+                "header format version does not match its rotation fields (format 6: a database mid-rotation)".into(),
+            ));
+        }
+        if version == VERSION_ROTATING {
+            // Layers and unit cipher are named by the fields themselves.
+        } else if version == VERSION_WAL_FRAME_UNITS {
             if header.kind != FileKind::Wal {
                 return Err(CryptoError::InvalidHeader(format!(
                     "header format version {VERSION_WAL_FRAME_UNITS} is for WAL files, not a {} file",
@@ -555,8 +623,55 @@ fn parse_body(body: &[u8]) -> Result<FileHeader, CryptoError> {
     } else {
         None
     };
+    let rotation = match f.get(&tag::PREV_DEK_ID) {
+        None => {
+            if [
+                tag::PREV_WRAPPED,
+                tag::PREV_INFRA_DEK_ID,
+                tag::PREV_INFRA_WRAPPED,
+                tag::ROTATION_WATERMARK,
+                tag::ROTATION_STARTED,
+            ]
+            .iter()
+            .any(|t| f.contains_key(t))
+            {
+                return Err(bad("rotation"));
+            }
+            None
+        }
+        Some(_) => {
+            let previous_infra = match (&infra, f.get(&tag::PREV_INFRA_WRAPPED)) {
+                (Some(cur), Some(w)) => {
+                    let w = decode_wrapped(w)?;
+                    if w.kek.kind != ProtectorKind::Infrastructure
+                        || w.algorithm != WrapAlgorithm::Aegis256
+                    {
+                        return Err(bad("previous infrastructure wrapped key"));
+                    }
+                    Some(InfraKeyRecord {
+                        dek_id: DekId(id16(
+                            tag::PREV_INFRA_DEK_ID,
+                            "previous infrastructure dek id",
+                        )?),
+                        wrapped: w,
+                        unit_cipher: cur.unit_cipher,
+                    })
+                }
+                (None, None) => None,
+                _ => return Err(bad("previous infrastructure wrapped key")),
+            };
+            Some(Rotation {
+                previous_dek_id: DekId(id16(tag::PREV_DEK_ID, "previous dek id")?),
+                previous_wrapped: decode_wrapped(get(tag::PREV_WRAPPED, "previous wrapped key")?)?,
+                previous_infra,
+                watermark: u64f(tag::ROTATION_WATERMARK, "rotation watermark")?,
+                started_unix: u64f(tag::ROTATION_STARTED, "rotation started")?,
+            })
+        }
+    };
     Ok(FileHeader {
         infra,
+        rotation,
         sequence: u64f(tag::SEQUENCE, "sequence")?,
         kind,
         cipher,
@@ -596,6 +711,7 @@ mod tests {
             wal_salts: 0,
             wal_durable_frames: 0,
             infra: None,
+            rotation: None,
         }
     }
 
@@ -621,6 +737,59 @@ mod tests {
         let mut h = sample_infra(dek);
         h.infra.as_mut().unwrap().unit_cipher = InfraUnitCipher::Aegis256X2;
         h
+    }
+
+    /// A database mid-rotation is format 6 with its previous keys MAC'd;
+    /// it returns to its layer set's format when the rotation ends, and a
+    /// format-6 slot without rotation fields (or a WAL claiming them) is
+    /// refused.
+    #[test]
+    fn a_rotating_database_is_format_6_and_round_trips() {
+        let dek = Dek::generate().unwrap();
+        for base in [sample(&dek), sample_infra_x2(&dek)] {
+            let mut h = base.clone();
+            h.rotation = Some(Rotation {
+                previous_dek_id: DekId([1; 16]),
+                previous_wrapped: match &base.key_source {
+                    KeySource::Kek(w) => w.clone(),
+                    _ => unreachable!(),
+                },
+                previous_infra: base.infra.clone().map(|mut r| {
+                    r.dek_id = DekId([2; 16]);
+                    r
+                }),
+                watermark: 1234,
+                started_unix: 1_800_000_000,
+            });
+            let slot = h.encode(&dek).unwrap();
+            assert_eq!(&slot[8..10], &VERSION_ROTATING.to_be_bytes());
+            let back = FileHeader::decode_unverified(&slot)
+                .unwrap()
+                .unwrap()
+                .verify(&dek)
+                .unwrap();
+            assert_eq!(back, h);
+            // Altering the watermark breaks the MAC.
+            let done = base.encode(&dek).unwrap();
+            assert_ne!(&done[8..10], &VERSION_ROTATING.to_be_bytes());
+            let mut forged = slot.clone();
+            forged[8..10].copy_from_slice(&done[8..10]);
+            assert!(FileHeader::decode_unverified(&forged).is_err());
+        }
+        let mut wal = sample(&dek);
+        wal.kind = FileKind::Wal;
+        wal.rotation = Some(Rotation {
+            previous_dek_id: DekId([1; 16]),
+            previous_wrapped: match &wal.key_source {
+                KeySource::Kek(w) => w.clone(),
+                _ => unreachable!(),
+            },
+            previous_infra: None,
+            watermark: 0,
+            started_unix: 0,
+        });
+        let slot = wal.encode(&dek).unwrap();
+        assert!(FileHeader::decode_unverified(&slot).is_err());
     }
 
     /// Files created now seal the infrastructure layer with AEGIS-256X2:

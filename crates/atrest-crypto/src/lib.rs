@@ -24,7 +24,8 @@ mod wrap;
 
 pub use error::CryptoError;
 pub use header::{
-    FileHeader, FileKind, InfraKeyRecord, KeySource, Layers, UnverifiedHeader, HEADER_SLOT_SIZE,
+    FileHeader, FileKind, InfraKeyRecord, KeySource, Layers, Rotation, UnverifiedHeader,
+    HEADER_SLOT_SIZE,
 };
 pub use infra::{
     note_fork_in_child, os_random, InfraDek, InfraKek, InfraUnitCipher, InfraUnitKey,

@@ -6,13 +6,13 @@
 //! implement it over memory.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use atrest_crypto::{
-    CipherId, CryptoError, Dek, FileHeader, FileId, FileKind, InfraDek, InfraKeyRecord,
-    InfraUnitCipher, InfraUnitKey, KeySource, SealContext, SymmetricKek, UnitKey, WrappedDek,
-    HEADER_SLOT_SIZE, INFRA_OVERHEAD, SEAL_OVERHEAD, SEAL_USAGE_WARN,
+    CipherId, CryptoError, Dek, DekId, FileHeader, FileId, FileKind, InfraDek, InfraKeyRecord,
+    InfraUnitCipher, InfraUnitKey, KeySource, Rotation, SealContext, SymmetricKek, UnitKey,
+    WrappedDek, HEADER_SLOT_SIZE, INFRA_OVERHEAD, SEAL_OVERHEAD, SEAL_USAGE_WARN,
 };
 use rusqlite::ffi;
 
@@ -130,15 +130,52 @@ pub struct SharedFile {
     pub file_id: FileId,
     /// Physical offset of the first unit (0 for header-less temp files).
     pub base: u64,
-    key: UnitKey,
-    /// The infrastructure layer's key, when that layer protects the file.
-    infra: Option<InfraUnitKey>,
+    /// The unit keys: replaced when a DEK rotation begins or ends.
+    keys: RwLock<FileKeys>,
     /// Bytes of tags and nonces per unit: 28, or 76 with the infrastructure layer.
     pub ov: usize,
     /// Page size of a database or WAL, 0 while unknown.
     page_size: AtomicUsize,
     seals_reserved: AtomicU64,
+    /// Held by every write to a database or WAL and by each batch of a DEK
+    /// rotation: the rotation reads a page, re-seals it and writes it back,
+    /// which must not interleave with a checkpoint writing the same page.
+    /// Taken before `meta`.
+    write_lock: Mutex<()>,
     meta: Mutex<Meta>,
+}
+
+/// One generation of unit keys: the data layer's and, with that layer,
+/// the infrastructure layer's. A unit is sealed whole under one generation.
+struct LayerKeys {
+    data: UnitKey,
+    infra: Option<InfraUnitKey>,
+}
+
+struct FileKeys {
+    current: LayerKeys,
+    /// During a DEK rotation: the keys of pages not re-sealed yet.
+    previous: Option<LayerKeys>,
+    /// During a DEK rotation: pages 1 to this one are under `current`,
+    /// so it is tried first for them (the previous keys first above).
+    watermark: u64,
+}
+
+/// Where a database's DEK rotation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RotationStatus {
+    /// Pages re-sealed under the new keys (or found so), from page 1 on.
+    pub pages_done: u64,
+    /// Pages in the file now.
+    pub pages_total: u64,
+    pub page_size: u64,
+    pub started_unix: u64,
+}
+
+impl RotationStatus {
+    pub fn complete(&self) -> bool {
+        self.pages_done >= self.pages_total
+    }
 }
 
 struct Meta {
@@ -146,6 +183,9 @@ struct Meta {
     dek: Dek,
     /// The unwrapped infrastructure DEK (for rewrapping at rotation).
     infra_dek: Option<InfraDek>,
+    /// During a DEK rotation: the previous DEKs (for rewrapping them at a
+    /// key change; dropped, and so zeroized, when the rotation ends).
+    previous: Option<(Dek, Option<InfraDek>)>,
     /// The header changed in memory (infrastructure rewrap) and must be
     /// written at the next sync or close.
     header_dirty: bool,
@@ -210,18 +250,23 @@ impl SharedFile {
         };
         Ok(Arc::new(Self {
             ov: overhead(infra.is_some()),
-            infra,
+            keys: RwLock::new(FileKeys {
+                current: LayerKeys { data: key, infra },
+                previous: None,
+                watermark: 0,
+            }),
             file_id: FileId::random().map_err(|e| crypto_fail(&path, e))?,
             path,
             kind: FileKind::Temp,
             base: 0,
-            key,
             page_size: AtomicUsize::new(0),
             seals_reserved: AtomicU64::new(u64::MAX),
+            write_lock: Mutex::new(()),
             meta: Mutex::new(Meta {
                 header: None,
                 dek,
                 infra_dek: None,
+                previous: None,
                 header_dirty: false,
                 wal_salts: None,
                 wal: WalProgress::default(),
@@ -299,10 +344,18 @@ impl SharedFile {
                 Ok(header) => {
                     check_parent(&header, parent, &path)?;
                     let infra_dek = open_infra(keyring, &header, &path)?;
+                    let previous = unwrap_previous(keyring, &header, &path)
+                        .map_err(|e| Fail::with(ffi::SQLITE_CANTOPEN, e))?;
                     // Count every reserved seal as used: a crash may have used them.
                     let used = header.seals_reserved;
-                    let shared =
-                        Self::from_header(header, dek, infra_dek, path, used, (slot, true))?;
+                    let shared = Self::from_header(
+                        header,
+                        (dek, infra_dek),
+                        previous,
+                        path,
+                        used,
+                        (slot, true),
+                    )?;
                     if writable {
                         // A file still wrapped under an older infrastructure
                         // master key version is rewrapped at its next sync.
@@ -327,39 +380,45 @@ impl SharedFile {
 
     fn from_header(
         header: FileHeader,
-        dek: Dek,
-        infra_dek: Option<InfraDek>,
+        (dek, infra_dek): (Dek, Option<InfraDek>),
+        previous: Option<(Dek, Option<InfraDek>)>,
         path: String,
         sealed: u64,
         (slot, slot_synced): (u64, bool),
     ) -> Result<Arc<Self>, Fail> {
-        let key = UnitKey::new(&dek, sealed).map_err(|e| crypto_fail(&path, e))?;
         // The unit cipher the file was created with (format 3: AEGIS-256).
         let unit_cipher = header
             .infra
             .as_ref()
             .map_or(InfraUnitCipher::NEW_FILES, |r| r.unit_cipher);
-        let infra = infra_dek
+        let current = LayerKeys::new(&dek, infra_dek.as_ref(), unit_cipher, sealed)
+            .map_err(|e| crypto_fail(&path, e))?;
+        let prev_keys = previous
             .as_ref()
-            .map(|d| InfraUnitKey::new(d, unit_cipher))
+            .map(|(d, i)| LayerKeys::new(d, i.as_ref(), unit_cipher, 0))
             .transpose()
             .map_err(|e| crypto_fail(&path, e))?;
         Ok(Arc::new(Self {
-            ov: overhead(infra.is_some()),
-            infra,
+            ov: overhead(current.infra.is_some()),
+            keys: RwLock::new(FileKeys {
+                current,
+                previous: prev_keys,
+                watermark: header.rotation.as_ref().map_or(0, |r| r.watermark),
+            }),
             path,
             kind: header.kind,
             file_id: header.file_id,
             base: HEADER_LEN,
-            key,
             page_size: AtomicUsize::new(header.unit_size as usize),
             seals_reserved: AtomicU64::new(header.seals_reserved),
+            write_lock: Mutex::new(()),
             meta: Mutex::new(Meta {
                 wal_salts: None,
                 wal: WalProgress::default(),
                 header: Some(header),
                 dek,
                 infra_dek,
+                previous,
                 header_dirty: false,
                 warned_usage: false,
                 slot,
@@ -472,6 +531,7 @@ impl SharedFile {
             seals_reserved: SEAL_LEASE,
             wal_salts: 0,
             wal_durable_frames: 0,
+            rotation: None,
         };
         {
             let mut slots = header.encode(&dek).map_err(|e| crypto_fail(&path, e))?;
@@ -484,8 +544,8 @@ impl SharedFile {
         }
         Self::from_header(
             header,
-            dek,
-            infra_dek,
+            (dek, infra_dek),
+            None,
             path,
             0,
             (0, kind == FileKind::MainDb),
@@ -504,6 +564,7 @@ impl SharedFile {
         let Meta {
             header: Some(header),
             infra_dek: Some(idek),
+            previous,
             ..
         } = &mut *meta
         else {
@@ -512,14 +573,26 @@ impl SharedFile {
         let Some(record) = header.infra.as_mut() else {
             return Ok(false);
         };
-        if record.wrapped.kek == protector.current_kek() {
-            return Ok(false);
+        let current = protector.current_kek();
+        let mut changed = false;
+        if record.wrapped.kek != current {
+            record.wrapped = protector
+                .wrap(idek, self.file_id, self.kind)
+                .map_err(|source| infra_key_fail(&self.path, source))?;
+            changed = true;
         }
-        record.wrapped = protector
-            .wrap(idek, self.file_id, self.kind)
-            .map_err(|source| infra_key_fail(&self.path, source))?;
-        meta.header_dirty = true;
-        Ok(true)
+        if let (Some(rotation), Some((_, Some(prev_idek)))) = (header.rotation.as_mut(), previous) {
+            if let Some(prev) = rotation.previous_infra.as_mut() {
+                if prev.wrapped.kek != current {
+                    prev.wrapped = protector
+                        .wrap(prev_idek, self.file_id, self.kind)
+                        .map_err(|source| infra_key_fail(&self.path, source))?;
+                    changed = true;
+                }
+            }
+        }
+        meta.header_dirty |= changed;
+        Ok(changed)
     }
 
     /// Whether a rewrapped header still waits to be written.
@@ -540,65 +613,124 @@ impl SharedFile {
         self.meta.lock().unwrap().header_dirty
     }
 
-    /// Seals one unit with every layer of the file: the data layer over
-    /// all but the last `INFRA_OVERHEAD` (48) bytes, then the
-    /// infrastructure layer over all.
+    /// Seals one unit with every layer of the file, under its current keys.
     fn seal_unit(&self, ctx: &SealContext, unit: &mut [u8], stats: &Stats) -> Result<(), Fail> {
-        let n = unit.len();
-        match &self.infra {
-            None => {
-                self.key
-                    .seal(ctx, unit)
-                    .map_err(|e| crypto_fail(&self.path, e))?;
-                stats.sealed(n);
-            }
-            Some(infra) => {
-                if n < self.ov {
-                    return Err(crypto_fail(
-                        &self.path,
-                        CryptoError::UnitTooShort {
-                            len: n,
-                            min: self.ov,
-                        },
-                    ));
-                }
-                self.key
-                    .seal(ctx, &mut unit[..n - INFRA_OVERHEAD])
-                    .map_err(|e| crypto_fail(&self.path, e))?;
-                stats.sealed(n - INFRA_OVERHEAD);
-                infra
-                    .seal(ctx, unit)
-                    .map_err(|e| crypto_fail(&self.path, e))?;
-                stats.infra_sealed(n);
-            }
-        }
-        Ok(())
+        self.keys
+            .read()
+            .unwrap()
+            .current
+            .seal(ctx, unit, stats)
+            .map_err(|e| crypto_fail(&self.path, e))
     }
 
     /// Opens one unit through every layer, outermost first. On success the
-    /// unit's last `ov` bytes are zero.
+    /// unit's last `ov` bytes are zero. During a DEK rotation a unit opens
+    /// under the current or the previous keys (each binds its DEK id in
+    /// the associated data, so a unit opens under the keys it was sealed
+    /// with or not at all).
     pub(crate) fn open_unit(
         &self,
         ctx: &SealContext,
         unit: &mut [u8],
         stats: &Stats,
     ) -> Result<(), CryptoError> {
+        let keys = self.keys.read().unwrap();
+        let Some(previous) = &keys.previous else {
+            return keys.current.open(ctx, unit, stats);
+        };
+        // Page numbers start at 1: pages 1..=watermark are done.
+        let (first, second) = if ctx.index <= keys.watermark {
+            (&keys.current, previous)
+        } else {
+            (previous, &keys.current)
+        };
+        let sealed = unit.to_vec();
+        if first.open(ctx, unit, stats).is_ok() {
+            return Ok(());
+        }
+        unit.copy_from_slice(&sealed);
+        second.open(ctx, unit, stats)
+    }
+
+    /// The current data-layer DEK's id.
+    pub fn dek_id(&self) -> DekId {
+        self.keys.read().unwrap().current.data.dek_id()
+    }
+
+    /// During a DEK rotation, the previous data-layer DEK's id.
+    fn previous_dek_id(&self) -> Option<DekId> {
+        self.keys
+            .read()
+            .unwrap()
+            .previous
+            .as_ref()
+            .map(|p| p.data.dek_id())
+    }
+
+    /// Seals made so far under this file's current data-layer DEK: what
+    /// the usage limit of docs/CRYPTO.md counts.
+    pub fn seals_used(&self) -> u64 {
+        self.keys.read().unwrap().current.data.sealed_count()
+    }
+}
+
+impl LayerKeys {
+    fn new(
+        dek: &Dek,
+        infra: Option<&InfraDek>,
+        unit_cipher: InfraUnitCipher,
+        sealed: u64,
+    ) -> Result<Self, CryptoError> {
+        Ok(Self {
+            data: UnitKey::new(dek, sealed)?,
+            infra: infra
+                .map(|d| InfraUnitKey::new(d, unit_cipher))
+                .transpose()?,
+        })
+    }
+
+    /// The data layer over all but the last `INFRA_OVERHEAD` (48) bytes,
+    /// then the infrastructure layer over all.
+    fn seal(&self, ctx: &SealContext, unit: &mut [u8], stats: &Stats) -> Result<(), CryptoError> {
         let n = unit.len();
         match &self.infra {
             None => {
-                self.key.open(ctx, unit)?;
+                self.data.seal(ctx, unit)?;
+                stats.sealed(n);
+            }
+            Some(infra) => {
+                if n < SEAL_OVERHEAD + INFRA_OVERHEAD {
+                    return Err(CryptoError::UnitTooShort {
+                        len: n,
+                        min: SEAL_OVERHEAD + INFRA_OVERHEAD,
+                    });
+                }
+                self.data.seal(ctx, &mut unit[..n - INFRA_OVERHEAD])?;
+                stats.sealed(n - INFRA_OVERHEAD);
+                infra.seal(ctx, unit)?;
+                stats.infra_sealed(n);
+            }
+        }
+        Ok(())
+    }
+
+    fn open(&self, ctx: &SealContext, unit: &mut [u8], stats: &Stats) -> Result<(), CryptoError> {
+        let n = unit.len();
+        match &self.infra {
+            None => {
+                self.data.open(ctx, unit)?;
                 stats.opened(n);
             }
             Some(infra) => {
-                if n < self.ov {
+                if n < SEAL_OVERHEAD + INFRA_OVERHEAD {
                     return Err(CryptoError::UnitTooShort {
                         len: n,
-                        min: self.ov,
+                        min: SEAL_OVERHEAD + INFRA_OVERHEAD,
                     });
                 }
                 infra.open(ctx, unit)?;
                 stats.infra_opened(n);
-                self.key.open(ctx, &mut unit[..n - INFRA_OVERHEAD])?;
+                self.data.open(ctx, &mut unit[..n - INFRA_OVERHEAD])?;
                 stats.opened(n - INFRA_OVERHEAD);
             }
         }
@@ -619,6 +751,38 @@ fn infra_key_fail(path: &str, source: atrest_crypto::ProtectorError) -> Fail {
             source,
         },
     )
+}
+
+/// A new infrastructure DEK for a file whose header has that layer (same
+/// unit cipher), wrapped under the current infrastructure master key.
+fn new_infra_key(
+    keyring: &Keyring,
+    header: &FileHeader,
+    path: &str,
+) -> Result<(Option<InfraDek>, Option<InfraKeyRecord>), Fail> {
+    let Some(old) = &header.infra else {
+        return Ok((None, None));
+    };
+    let Some(protector) = keyring.infra() else {
+        return Err(Fail::with(
+            ffi::SQLITE_IOERR,
+            StorageError::Layers {
+                path: path.to_string(),
+                file: header.layers().names().join(" + "),
+                data_dir: "data".into(),
+            },
+        ));
+    };
+    let idek = InfraDek::generate().map_err(|e| crypto_fail(path, e))?;
+    let wrapped = protector
+        .wrap(&idek, header.file_id, header.kind)
+        .map_err(|source| infra_key_fail(path, source))?;
+    let record = InfraKeyRecord {
+        dek_id: idek.id(),
+        wrapped,
+        unit_cipher: old.unit_cipher,
+    };
+    Ok((Some(idek), Some(record)))
 }
 
 /// Checks that a verified header names the layers the data directory
@@ -653,9 +817,19 @@ pub fn unwrap_infra_dek(
     header: &FileHeader,
     path: &str,
 ) -> Result<Option<InfraDek>, StorageError> {
-    let Some(record) = &header.infra else {
-        return Ok(None);
-    };
+    match &header.infra {
+        None => Ok(None),
+        Some(record) => unwrap_infra_record(keyring, header, record, path).map(Some),
+    }
+}
+
+/// Unwraps one infrastructure key record of a verified header.
+pub(crate) fn unwrap_infra_record(
+    keyring: &Keyring,
+    header: &FileHeader,
+    record: &InfraKeyRecord,
+    path: &str,
+) -> Result<InfraDek, StorageError> {
     let protector = keyring.infra().ok_or_else(|| StorageError::Layers {
         path: path.to_string(),
         file: header.layers().names().join(" + "),
@@ -668,12 +842,34 @@ pub fn unwrap_infra_dek(
         }
         (r, _) => r,
     };
-    unwrapped
-        .map(Some)
-        .map_err(|source| StorageError::InfraKey {
+    unwrapped.map_err(|source| StorageError::InfraKey {
+        path: path.to_string(),
+        source,
+    })
+}
+
+/// Unwraps the previous DEKs a verified header names while its DEK
+/// rotation runs.
+pub(crate) fn unwrap_previous(
+    keyring: &Keyring,
+    header: &FileHeader,
+    path: &str,
+) -> Result<Option<(Dek, Option<InfraDek>)>, StorageError> {
+    let Some(rotation) = &header.rotation else {
+        return Ok(None);
+    };
+    let dek = keyring
+        .unwrap(rotation.previous_dek_id, &rotation.previous_wrapped)
+        .map_err(|source| StorageError::Key {
             path: path.to_string(),
             source,
-        })
+        })?;
+    let infra = rotation
+        .previous_infra
+        .as_ref()
+        .map(|r| unwrap_infra_record(keyring, header, r, path))
+        .transpose()?;
+    Ok(Some((dek, infra)))
 }
 
 /// A journal or WAL must belong to the database it is opened for: one from
@@ -693,7 +889,11 @@ fn check_parent(header: &FileHeader, parent: Option<&SharedFile>, path: &str) ->
     else {
         return Ok(());
     };
-    if *parent_file_id != parent.file_id || *parent_dek_id != parent.key.dek_id() {
+    // Mid-rotation, a companion made before the rotation began names the
+    // database's previous DEK.
+    let known_dek =
+        *parent_dek_id == parent.dek_id() || Some(*parent_dek_id) == parent.previous_dek_id();
+    if *parent_file_id != parent.file_id || !known_dek {
         return Err(Fail::with(
             ffi::SQLITE_CANTOPEN,
             StorageError::Header {
@@ -758,77 +958,35 @@ pub fn unwrap_file_dek(
     }
 }
 
-/// Rewraps the infrastructure DEK of a file that no handle has open, under
-/// the keyring's current infrastructure master key version. Returns
-/// `Ok(false)` if it already was, or if the file is not an atrest file with
-/// a header (nothing to rewrap).
-///
-/// Crash safety is the header's two slots: the file is synced first (so the
-/// newest slot is durable), then the rewrapped header, with a higher
-/// sequence number, goes to the *other* slot and is synced. A crash at any
-/// point leaves a valid slot wrapping under the old or the new version.
+/// Rewraps the infrastructure DEKs of a file that no handle has open,
+/// under the keyring's current infrastructure master key version (see
+/// [`crate::offline::rewrap_at_rest`] for the crash safety). Returns
+/// `Ok(false)` if they already were, or if the file is not an atrest file
+/// with a header (nothing to rewrap).
 pub fn rewrap_infra_at_rest(
     path: &std::path::Path,
     keyring: &Keyring,
 ) -> Result<bool, StorageError> {
     use std::os::unix::fs::FileExt;
     let name = path.display().to_string();
-    let io_err = |e: std::io::Error| StorageError::DataDir {
+    let f = std::fs::File::open(path).map_err(|e| StorageError::DataDir {
         path: name.clone(),
         reason: e.to_string(),
-    };
-    let Some(protector) = keyring.infra() else {
-        return Ok(false);
-    };
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(io_err)?;
+    })?;
     let mut slots = vec![0u8; HEADER_LEN as usize];
-    let n = f.read_at(&mut slots, 0).map_err(io_err)?;
+    let n = f
+        .read_at(&mut slots, 0)
+        .map_err(|e| StorageError::DataDir {
+            path: name.clone(),
+            reason: e.to_string(),
+        })?;
     if n < 14
         || &slots[..8] != b"ATRESTH1"
             && &slots[HEADER_SLOT_SIZE..HEADER_SLOT_SIZE + 8] != b"ATRESTH1"
     {
         return Ok(false); // not an atrest file (a stray file): nothing to do
     }
-    let (slot, mut header, dek) = crate::offline::best_header(&f, keyring, &name)?;
-    let Some(idek) = unwrap_infra_dek(keyring, &header, &name)? else {
-        return Err(StorageError::Layers {
-            path: name.clone(),
-            file: header.layers().names().join(" + "),
-            data_dir: "data + infrastructure".into(),
-        });
-    };
-    if header.infra.as_ref().map(|r| &r.wrapped.kek) == Some(&protector.current_kek()) {
-        return Ok(false);
-    }
-    let wrapped = protector
-        .wrap(&idek, header.file_id, header.kind)
-        .map_err(|source| StorageError::InfraKey {
-            path: name.clone(),
-            source,
-        })?;
-    let unit_cipher = header
-        .infra
-        .as_ref()
-        .map_or(InfraUnitCipher::NEW_FILES, |r| r.unit_cipher);
-    header.infra = Some(InfraKeyRecord {
-        dek_id: idek.id(),
-        wrapped,
-        unit_cipher,
-    });
-    header.sequence += 1;
-    let bytes = header.encode(&dek).map_err(|source| StorageError::Crypto {
-        path: name.clone(),
-        source,
-    })?;
-    f.sync_all().map_err(io_err)?;
-    f.write_all_at(&bytes, (1 - slot) * HEADER_SLOT_SIZE as u64)
-        .map_err(io_err)?;
-    f.sync_all().map_err(io_err)?;
-    Ok(true)
+    crate::offline::rewrap_layers_at_rest(path, keyring, false)
 }
 
 /// One open handle.
@@ -1038,7 +1196,7 @@ impl<R: RawFile> EncryptedFile<R> {
     fn seal_buf(&mut self, unit: &Unit, generation: u64, buf: &mut [u8]) -> Result<(), Fail> {
         let ctx = self.ctx(unit, generation);
         self.shared.seal_unit(&ctx, buf, &self.stats)?;
-        if self.shared.key.sealed_count() >= self.shared.seals_reserved.load(Ordering::Relaxed) {
+        if self.shared.seals_used() >= self.shared.seals_reserved.load(Ordering::Relaxed) {
             self.extend_seal_lease()?;
         }
         Ok(())
@@ -1050,13 +1208,13 @@ impl<R: RawFile> EncryptedFile<R> {
         let Some(header) = meta.header.as_mut() else {
             return Ok(()); // temp files: the key dies with the file
         };
-        header.seals_reserved = shared.key.sealed_count() + SEAL_LEASE;
+        header.seals_reserved = shared.seals_used() + SEAL_LEASE;
         shared
             .seals_reserved
             .store(header.seals_reserved, Ordering::Relaxed);
         if header.seals_reserved >= SEAL_USAGE_WARN && !meta.warned_usage {
             meta.warned_usage = true;
-            tracing::warn!(file = %shared.path, sealed = shared.key.sealed_count(),
+            tracing::warn!(file = %shared.path, sealed = shared.seals_used(),
                 "data encryption key is past half of its usage limit; rotate it (docs/CRYPTO.md)");
         }
         self.write_header_locked(&mut meta)?;
@@ -1091,17 +1249,18 @@ impl<R: RawFile> EncryptedFile<R> {
     }
 
     /// Records this file's DEK under a new wrapping without touching a
-    /// page: a database's DEK wrapped under the keyring's current KEK, or,
-    /// for a WAL or journal, its parent's new wrapping (`parent_wrapped`).
-    /// The header goes to both slots, each made durable before the next is
-    /// written: at every moment some slot is valid (old or new wrapping),
-    /// and afterwards no slot holds the old one. Returns the wrapping now
-    /// recorded.
+    /// page: a database's DEK (and mid-rotation its previous DEK) wrapped
+    /// under the keyring's current KEK, or, for a WAL or journal, its
+    /// parent's new wrapping, picked from `parent_wrappings` by the
+    /// parent DEK it names. The header goes to both slots, each made
+    /// durable before the next is written: at every moment some slot is
+    /// valid (old or new wrapping), and afterwards no slot holds the old
+    /// one. Returns the wrappings now recorded, current DEK first.
     pub fn rewrap(
         &mut self,
         keyring: &Keyring,
-        parent_wrapped: Option<WrappedDek>,
-    ) -> Result<WrappedDek, Fail> {
+        parent_wrappings: &[(DekId, WrappedDek)],
+    ) -> Result<Vec<(DekId, WrappedDek)>, Fail> {
         let shared = Arc::clone(&self.shared);
         let mut meta = shared.meta.lock().unwrap();
         let key_fail = |e| {
@@ -1113,41 +1272,409 @@ impl<R: RawFile> EncryptedFile<R> {
                 },
             )
         };
-        let new_source = match (&meta.header, parent_wrapped) {
-            (None, _) => return Err(Fail::io(ffi::SQLITE_MISUSE)),
-            (Some(h), None) => match &h.key_source {
-                KeySource::Kek(_) => KeySource::Kek(keyring.wrap(&meta.dek).map_err(key_fail)?),
-                KeySource::Parent { .. } => return Err(Fail::io(ffi::SQLITE_MISUSE)),
-            },
-            (Some(h), Some(pw)) => match &h.key_source {
-                KeySource::Parent {
-                    parent_file_id,
-                    parent_dek_id,
-                    wrapped,
-                    ..
-                } => KeySource::Parent {
-                    parent_file_id: *parent_file_id,
-                    parent_dek_id: *parent_dek_id,
-                    parent_wrapped: pw,
-                    wrapped: wrapped.clone(),
-                },
-                KeySource::Kek(_) => return Err(Fail::io(ffi::SQLITE_MISUSE)),
-            },
+        let Some(header) = meta.header.clone() else {
+            return Err(Fail::io(ffi::SQLITE_MISUSE));
         };
+        let mut recorded = vec![];
+        let mut header = header;
+        match (&mut header.key_source, parent_wrappings.is_empty()) {
+            (KeySource::Kek(w), true) => {
+                *w = keyring.wrap(&meta.dek).map_err(key_fail)?;
+                recorded.push((header.dek_id, w.clone()));
+                if let (Some(r), Some((prev, _))) = (header.rotation.as_mut(), &meta.previous) {
+                    r.previous_wrapped = keyring.wrap(prev).map_err(key_fail)?;
+                    recorded.push((r.previous_dek_id, r.previous_wrapped.clone()));
+                }
+            }
+            (
+                KeySource::Parent {
+                    parent_dek_id,
+                    parent_wrapped,
+                    ..
+                },
+                false,
+            ) => {
+                let (_, w) = parent_wrappings
+                    .iter()
+                    .find(|(id, _)| id == parent_dek_id)
+                    .ok_or_else(|| Fail::io(ffi::SQLITE_MISUSE))?;
+                *parent_wrapped = w.clone();
+                recorded.push((*parent_dek_id, w.clone()));
+            }
+            _ => return Err(Fail::io(ffi::SQLITE_MISUSE)),
+        }
         if !meta.slot_synced {
             self.raw.sync(ffi::SQLITE_SYNC_NORMAL).map_err(Fail::io)?;
             meta.slot_synced = true;
         }
-        meta.header.as_mut().expect("checked").key_source = new_source.clone();
+        meta.header = Some(header);
+        self.write_header_both_slots(&mut meta)?;
+        Ok(recorded)
+    }
+
+    /// Writes the header to both slots, each made durable before the
+    /// other is written, so that afterwards no slot holds what it replaced.
+    fn write_header_both_slots(&mut self, meta: &mut Meta) -> Result<(), Fail> {
         for _ in 0..2 {
-            self.write_header_locked(&mut meta)?;
+            self.write_header_locked(meta)?;
             self.raw.sync(ffi::SQLITE_SYNC_NORMAL).map_err(Fail::io)?;
             meta.slot_synced = true;
         }
-        Ok(match new_source {
-            KeySource::Kek(w) => w,
-            KeySource::Parent { parent_wrapped, .. } => parent_wrapped,
+        Ok(())
+    }
+
+    fn require_database(&self) -> Result<(), Fail> {
+        if self.shared.kind == FileKind::MainDb && self.shared.base == HEADER_LEN {
+            return Ok(());
+        }
+        Err(Fail::with(
+            ffi::SQLITE_MISUSE,
+            StorageError::Unsupported {
+                path: self.path().to_string(),
+                what: format!("DEK rotation of a {} file", self.shared.kind.name()),
+            },
+        ))
+    }
+
+    /// Whole pages in the database file now.
+    fn pages_in_file(&mut self) -> Result<u64, Fail> {
+        let phys = self.raw.size().map_err(Fail::io)?;
+        Ok(phys.saturating_sub(self.shared.base) / self.page_size()? as u64)
+    }
+
+    fn rotation_status(&mut self, rotation: &Rotation) -> Result<RotationStatus, Fail> {
+        Ok(RotationStatus {
+            pages_done: rotation.watermark,
+            pages_total: self.pages_in_file()?,
+            page_size: self.page_size()? as u64,
+            started_unix: rotation.started_unix,
         })
+    }
+
+    /// Where this database's DEK rotation stands; `None` if none runs.
+    pub fn rotation(&mut self) -> Result<Option<RotationStatus>, Fail> {
+        self.require_database()?;
+        let rotation = self
+            .shared
+            .meta
+            .lock()
+            .unwrap()
+            .header
+            .as_ref()
+            .and_then(|h| h.rotation.clone());
+        rotation.map(|r| self.rotation_status(&r)).transpose()
+    }
+
+    /// Begins a DEK rotation of this database file (or returns the one
+    /// under way). New data-layer and infrastructure DEKs become current
+    /// and seal every unit from now on; the old ones stay in the header,
+    /// wrapped as before, to open the pages not re-sealed yet. The header
+    /// naming the new keys is durable before any unit is sealed under them.
+    pub fn rotation_begin(&mut self, keyring: &Keyring) -> Result<RotationStatus, Fail> {
+        self.require_database()?;
+        let shared = Arc::clone(&self.shared);
+        let _writes = shared.write_lock.lock().unwrap();
+        let mut meta = shared.meta.lock().unwrap();
+        let header = meta
+            .header
+            .clone()
+            .ok_or_else(|| Fail::io(ffi::SQLITE_MISUSE))?;
+        if let Some(r) = &header.rotation {
+            drop(meta);
+            return self.rotation_status(r);
+        }
+        let path = shared.path.clone();
+        let KeySource::Kek(old_wrapped) = &header.key_source else {
+            return Err(Fail::io(ffi::SQLITE_MISUSE));
+        };
+        let (dek, wrapped) = keyring.new_wrapped_dek().map_err(|source| {
+            Fail::with(
+                ffi::SQLITE_IOERR,
+                StorageError::Key {
+                    path: path.clone(),
+                    source,
+                },
+            )
+        })?;
+        let (infra_dek, infra) = new_infra_key(keyring, &header, &path)?;
+        let unit_cipher = infra
+            .as_ref()
+            .map_or(InfraUnitCipher::NEW_FILES, |r| r.unit_cipher);
+        let new_keys = LayerKeys::new(&dek, infra_dek.as_ref(), unit_cipher, 0)
+            .map_err(|e| crypto_fail(&path, e))?;
+        let mut next = header.clone();
+        next.rotation = Some(Rotation {
+            previous_dek_id: header.dek_id,
+            previous_wrapped: old_wrapped.clone(),
+            previous_infra: header.infra.clone(),
+            watermark: 0,
+            started_unix: now_unix(),
+        });
+        next.dek_id = dek.id();
+        next.key_source = KeySource::Kek(wrapped);
+        next.infra = infra;
+        next.seals_reserved = SEAL_LEASE;
+        if !meta.slot_synced {
+            self.raw.sync(ffi::SQLITE_SYNC_NORMAL).map_err(Fail::io)?;
+            meta.slot_synced = true;
+        }
+        // Written under the new DEK; on failure the file keeps its keys.
+        let old_dek = std::mem::replace(&mut meta.dek, dek);
+        meta.header = Some(next);
+        let written = self
+            .write_header_locked(&mut meta)
+            .and_then(|()| self.raw.sync(ffi::SQLITE_SYNC_NORMAL).map_err(Fail::io));
+        if let Err(e) = written {
+            meta.dek = old_dek;
+            meta.header = Some(header);
+            return Err(e);
+        }
+        meta.slot_synced = true;
+        let old_infra = std::mem::replace(&mut meta.infra_dek, infra_dek);
+        meta.previous = Some((old_dek, old_infra));
+        {
+            let mut keys = shared.keys.write().unwrap();
+            let old = std::mem::replace(&mut keys.current, new_keys);
+            keys.previous = Some(old);
+            keys.watermark = 0;
+        }
+        shared.seals_reserved.store(SEAL_LEASE, Ordering::Relaxed);
+        let rotation = meta
+            .header
+            .as_ref()
+            .and_then(|h| h.rotation.clone())
+            .expect("set above");
+        drop(meta);
+        tracing::info!(file = %shared.path, "DEK rotation began");
+        self.rotation_status(&rotation)
+    }
+
+    /// Re-seals up to `max_pages` pages of a running DEK rotation under
+    /// the current keys, from where it stands, and records the progress.
+    /// A page already under the current keys (written since the rotation
+    /// began) is left as it is; a page that was never written (all zero,
+    /// like SQLite's lock-byte page) is skipped. Pages are durable before
+    /// the header says they are done, so a crash at any point resumes
+    /// correctly. `Ok(None)`: no rotation runs.
+    pub fn rotation_step(&mut self, max_pages: u64) -> Result<Option<RotationStatus>, Fail> {
+        self.require_database()?;
+        let shared = Arc::clone(&self.shared);
+        let _writes = shared.write_lock.lock().unwrap();
+        let Some(rotation) = shared
+            .meta
+            .lock()
+            .unwrap()
+            .header
+            .as_ref()
+            .and_then(|h| h.rotation.clone())
+        else {
+            return Ok(None);
+        };
+        let total = self.pages_in_file()?;
+        let geo = self.geometry()?;
+        let ps = self.page_size()? as u64;
+        let end = rotation.watermark.saturating_add(max_pages).min(total);
+        let mut wrote = false;
+        let mut sealed = vec![];
+        for page in rotation.watermark + 1..=end {
+            let unit = geo.unit_at((page - 1) * ps);
+            let plen = unit.plen();
+            if self.scratch.len() < plen {
+                self.scratch.resize(plen, 0);
+            }
+            if !self
+                .raw
+                .read_at(&mut self.scratch[..plen], unit.pstart)
+                .map_err(Fail::io)?
+            {
+                break;
+            }
+            if self.scratch[..plen].iter().all(|&b| b == 0) {
+                continue;
+            }
+            let ctx = self.ctx(&unit, 0);
+            sealed.clear();
+            sealed.extend_from_slice(&self.scratch[..plen]);
+            let under_previous = {
+                let keys = shared.keys.read().unwrap();
+                keys.previous.as_ref().is_some_and(|prev| {
+                    prev.open(&ctx, &mut self.scratch[..plen], &self.stats)
+                        .is_ok()
+                })
+            };
+            if !under_previous {
+                self.scratch[..plen].copy_from_slice(&sealed);
+                let current = shared.keys.read().unwrap().current.open(
+                    &ctx,
+                    &mut self.scratch[..plen],
+                    &self.stats,
+                );
+                if current.is_err() {
+                    return Err(Fail::tampered(self.path(), &unit));
+                }
+                continue;
+            }
+            self.seal(&unit, 0, 0..plen)?;
+            self.raw
+                .write_at(&self.scratch[..plen], unit.pstart)
+                .map_err(Fail::io)?;
+            wrote = true;
+        }
+        if wrote {
+            self.raw.sync(ffi::SQLITE_SYNC_NORMAL).map_err(Fail::io)?;
+        }
+        let mut meta = shared.meta.lock().unwrap();
+        if wrote {
+            meta.slot_synced = true;
+        }
+        if let Some(r) = meta.header.as_mut().and_then(|h| h.rotation.as_mut()) {
+            r.watermark = end;
+        }
+        // Not synced: a lost header write only makes the rotation redo
+        // pages (the pages themselves are durable already).
+        self.write_header_locked(&mut meta)?;
+        shared.keys.write().unwrap().watermark = end;
+        drop(meta);
+        Ok(Some(RotationStatus {
+            pages_done: end,
+            pages_total: total,
+            page_size: ps,
+            started_unix: rotation.started_unix,
+        }))
+    }
+
+    /// Ends a DEK rotation whose pages are all done: the previous keys
+    /// leave the header (both slots, each durable before the other is
+    /// written) and memory. The caller has rekeyed the WAL first
+    /// ([`Self::rekey_empty_wal`]), so no companion names them either.
+    pub fn rotation_finish(&mut self, keyring: &Keyring) -> Result<(), Fail> {
+        self.require_database()?;
+        let shared = Arc::clone(&self.shared);
+        let _writes = shared.write_lock.lock().unwrap();
+        let total = self.pages_in_file()?;
+        self.raw.sync(ffi::SQLITE_SYNC_NORMAL).map_err(Fail::io)?;
+        let mut meta = shared.meta.lock().unwrap();
+        meta.slot_synced = true;
+        let Some(rotation) = meta.header.as_ref().and_then(|h| h.rotation.clone()) else {
+            return Ok(());
+        };
+        if rotation.watermark < total {
+            return Err(Fail::with(
+                ffi::SQLITE_MISUSE,
+                StorageError::Unsupported {
+                    path: shared.path.clone(),
+                    what: format!(
+                        "finishing a DEK rotation with {} of {total} pages re-sealed",
+                        rotation.watermark
+                    ),
+                },
+            ));
+        }
+        meta.header.as_mut().expect("checked").rotation = None;
+        if let Err(e) = self.write_header_both_slots(&mut meta) {
+            meta.header.as_mut().expect("checked").rotation = Some(rotation);
+            return Err(e);
+        }
+        if let Some((old, _)) = meta.previous.take() {
+            keyring.forget_key(old.id());
+        }
+        {
+            let mut keys = shared.keys.write().unwrap();
+            keys.previous = None;
+            keys.watermark = 0;
+        }
+        drop(meta);
+        tracing::info!(file = %shared.path, "DEK rotation finished");
+        Ok(())
+    }
+
+    /// Gives an empty WAL new keys under its database's current DEK: a new
+    /// WAL DEK (and infrastructure DEK), wrapped under the database's, and
+    /// the database's current wrapping as the parent copy. Both header
+    /// slots are rewritten, so the old keys are gone from the file. The
+    /// caller holds SQLite's WAL write lock (`BEGIN IMMEDIATE` after a
+    /// `TRUNCATE` checkpoint), so no frame can be written meanwhile; a WAL
+    /// that holds frames is refused. `Ok(false)`: it already was.
+    pub fn rekey_empty_wal(
+        &mut self,
+        keyring: &Keyring,
+        parent: &SharedFile,
+    ) -> Result<bool, Fail> {
+        let shared = Arc::clone(&self.shared);
+        if shared.kind != FileKind::Wal || shared.base != HEADER_LEN {
+            return Err(Fail::io(ffi::SQLITE_MISUSE));
+        }
+        self.flush_pending()?;
+        let (parent_dek, parent_wrapped) = {
+            let pm = parent.meta.lock().unwrap();
+            let Some(KeySource::Kek(w)) = pm.header.as_ref().map(|h| h.key_source.clone()) else {
+                return Err(Fail::io(ffi::SQLITE_MISUSE));
+            };
+            (pm.dek.clone(), w)
+        };
+        let mut meta = shared.meta.lock().unwrap();
+        let mut header = meta
+            .header
+            .clone()
+            .ok_or_else(|| Fail::io(ffi::SQLITE_MISUSE))?;
+        if matches!(&header.key_source,
+            KeySource::Parent { parent_dek_id, .. } if *parent_dek_id == parent_dek.id())
+        {
+            return Ok(false);
+        }
+        if self.raw.size().map_err(Fail::io)? > shared.base {
+            return Err(Fail::with(
+                ffi::SQLITE_BUSY,
+                StorageError::Unsupported {
+                    path: shared.path.clone(),
+                    what: "rekeying a WAL that holds frames; checkpoint it (TRUNCATE) first".into(),
+                },
+            ));
+        }
+        let path = shared.path.clone();
+        let dek = Dek::generate().map_err(|e| crypto_fail(&path, e))?;
+        let wrapped = companion_kek(&parent_dek)
+            .and_then(|k| {
+                k.wrap(
+                    &dek,
+                    &companion_binding(parent.file_id, shared.file_id, shared.kind),
+                )
+            })
+            .map_err(|e| crypto_fail(&path, e))?;
+        let (infra_dek, infra) = new_infra_key(keyring, &header, &path)?;
+        let unit_cipher = infra
+            .as_ref()
+            .map_or(InfraUnitCipher::NEW_FILES, |r| r.unit_cipher);
+        let new_keys = LayerKeys::new(&dek, infra_dek.as_ref(), unit_cipher, 0)
+            .map_err(|e| crypto_fail(&path, e))?;
+        header.dek_id = dek.id();
+        header.key_source = KeySource::Parent {
+            parent_file_id: parent.file_id,
+            parent_dek_id: parent_dek.id(),
+            parent_wrapped,
+            wrapped,
+        };
+        header.infra = infra;
+        header.seals_reserved = SEAL_LEASE;
+        header.wal_salts = 0;
+        header.wal_durable_frames = 0;
+        if !meta.slot_synced {
+            self.raw.sync(ffi::SQLITE_SYNC_NORMAL).map_err(Fail::io)?;
+            meta.slot_synced = true;
+        }
+        let old_header = meta.header.replace(header);
+        let old_dek = std::mem::replace(&mut meta.dek, dek);
+        if let Err(e) = self.write_header_both_slots(&mut meta) {
+            meta.header = old_header;
+            meta.dek = old_dek;
+            return Err(e);
+        }
+        meta.infra_dek = infra_dek;
+        meta.wal_salts = None;
+        meta.wal = WalProgress::default();
+        shared.keys.write().unwrap().current = new_keys;
+        shared.seals_reserved.store(SEAL_LEASE, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// Called when SQLite closes this handle: records the exact number of
@@ -1159,7 +1686,7 @@ impl<R: RawFile> EncryptedFile<R> {
         self.flush_pending()?;
         let shared = Arc::clone(&self.shared);
         let mut meta = shared.meta.lock().unwrap();
-        let used = shared.key.sealed_count();
+        let used = shared.seals_used();
         let dirty = meta.header_dirty;
         match meta.header.as_mut() {
             Some(h) if used < h.seals_reserved => {
@@ -1234,7 +1761,9 @@ impl<R: RawFile> EncryptedFile<R> {
                     return self.short_read(&unit, buf, done);
                 }
                 let ctx = self.ctx(&unit, 0);
-                if self.shared.open_unit(&ctx, dst, &self.stats).is_err() {
+                if self.shared.open_unit(&ctx, dst, &self.stats).is_err()
+                    && !self.reread_after_rotation(&unit, &mut buf[done..done + n])?
+                {
                     return Err(Fail::tampered(self.path(), &unit));
                 }
             } else {
@@ -1255,7 +1784,12 @@ impl<R: RawFile> EncryptedFile<R> {
                     .open_unit(&ctx, &mut self.scratch[..plen], &self.stats)
                     .is_err()
                 {
-                    return Err(Fail::tampered(self.path(), &unit));
+                    let mut page = std::mem::take(&mut self.scratch);
+                    let reread = self.reread_after_rotation(&unit, &mut page[..plen]);
+                    self.scratch = page;
+                    if !reread? {
+                        return Err(Fail::tampered(self.path(), &unit));
+                    }
                 }
                 if unit.class == class::WAL_HEADER && within == 0 && n == WAL_HEADER {
                     let hdr: [u8; WAL_HEADER] = self.scratch[..WAL_HEADER].try_into().unwrap();
@@ -1266,6 +1800,23 @@ impl<R: RawFile> EncryptedFile<R> {
             done += n;
         }
         Ok(true)
+    }
+
+    /// A database page that did not open may have been read while a DEK
+    /// rotation was re-sealing it in place (a read racing a write can see
+    /// half of each). Once the rotation's batch is done (its write lock),
+    /// the page is read and opened again. True if it opened.
+    fn reread_after_rotation(&mut self, unit: &Unit, dst: &mut [u8]) -> Result<bool, Fail> {
+        if self.shared.kind != FileKind::MainDb {
+            return Ok(false);
+        }
+        let shared = Arc::clone(&self.shared);
+        let _writes = shared.write_lock.lock().unwrap();
+        if !self.raw.read_at(dst, unit.pstart).map_err(Fail::io)? {
+            return Ok(false);
+        }
+        let ctx = self.ctx(unit, 0);
+        Ok(shared.open_unit(&ctx, dst, &self.stats).is_ok())
     }
 
     /// Reads bytes `within..within + out.len()` of WAL frame `unit` (one
@@ -1425,6 +1976,10 @@ impl<R: RawFile> EncryptedFile<R> {
         if self.pending.is_some() && !self.continues_pending(off) {
             self.flush_pending()?;
         }
+        // A database page written now must not interleave with a DEK
+        // rotation re-sealing the same page.
+        let shared = Arc::clone(&self.shared);
+        let _writes = (shared.kind == FileKind::MainDb).then(|| shared.write_lock.lock().unwrap());
         self.learn_from_write(data, off)?;
         let geo = self.geometry()?;
         if let Geometry::Blocks { .. } = geo {
@@ -1828,6 +2383,8 @@ impl<R: RawFile> EncryptedFile<R> {
         self.flush_tail()?;
         self.last_read = None;
         self.flush_pending()?;
+        let shared = Arc::clone(&self.shared);
+        let _writes = (shared.kind == FileKind::MainDb).then(|| shared.write_lock.lock().unwrap());
         self.truncate_units(size)?;
         if self.shared.kind == FileKind::Temp {
             // Only now: the re-read above needs the size still on disk.
@@ -2277,7 +2834,7 @@ mod tests {
         let (_dir, infra) = infra_protector();
         let (keyring, f) = db_file_with(Some(infra));
         assert_eq!(
-            f.shared.infra.as_ref().unwrap().cipher(),
+            f.shared.keys.read().unwrap().current.infra.as_ref().unwrap().cipher(),
             InfraUnitCipher::Aegis256X2
         );
         let mut raw = MemFile(f.raw.0.clone());
@@ -2301,7 +2858,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            shared.infra.as_ref().unwrap().cipher(),
+            shared.keys.read().unwrap().current.infra.as_ref().unwrap().cipher(),
             InfraUnitCipher::Aegis256
         );
         let mut f3 = EncryptedFile::new(raw, shared, Arc::new(Stats::default()));

@@ -59,6 +59,11 @@ impl Keyring {
         n
     }
 
+    /// Drops one cached DEK (a rotation retired it).
+    pub fn forget_key(&self, id: DekId) {
+        self.cache.lock().unwrap().remove(&id);
+    }
+
     pub fn cached_keys(&self) -> usize {
         self.cache.lock().unwrap().len()
     }

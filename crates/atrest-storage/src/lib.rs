@@ -33,12 +33,13 @@ use serde::{Deserialize, Serialize};
 
 pub use atrest_keystore::{InfraKeyId, InfraKeystore};
 pub use error::StorageError;
+pub use file::RotationStatus;
 pub use layout::HEADER_LEN;
 pub use offline::Verified;
 
 use file::Stats;
 use keyring::Keyring;
-use vfs::RegisteredVfs;
+use vfs::{RegisteredVfs, RotateOp};
 
 /// Reserved bytes per page that atrest asks SQLite for: AES-GCM tag and nonce.
 pub const RESERVED_BYTES: usize = SEAL_OVERHEAD;
@@ -681,6 +682,21 @@ impl Engine {
         })
     }
 
+    /// The most seals made under one current DEK of database file
+    /// `db_path` or its WAL, as far as this process has them open: what
+    /// the usage limit of docs/CRYPTO.md counts (`None`: not open).
+    pub fn seals_used(&self, db_path: &Path) -> Option<u64> {
+        let db = self
+            .inner
+            .keyring
+            .find_open(&db_path.display().to_string())?;
+        let wal = self
+            .inner
+            .keyring
+            .find_open(&format!("{}-wal", db_path.display()));
+        Some(db.seals_used().max(wal.map_or(0, |w| w.seals_used())))
+    }
+
     /// Rewraps a closed file (a backup copy, an archived WAL segment) under
     /// this engine's current KEK and infrastructure master key; see
     /// [`offline::rewrap_at_rest`]. Returns whether it changed.
@@ -728,6 +744,90 @@ impl Connection {
             .map_err(StorageError::from_sqlite)?;
         let w = crate::vfs::rewrap_database(&self.conn, &self._engine.keyring)?;
         Ok(w.kek)
+    }
+
+    /// Where this database's DEK rotation stands; `None` if none runs.
+    pub fn dek_rotation(&self) -> Result<Option<RotationStatus>, StorageError> {
+        crate::vfs::rotate_database(&self.conn, &self._engine.keyring, RotateOp::Status)
+    }
+
+    /// Begins a DEK rotation of this database (or returns the one under
+    /// way): new DEKs, in both layers, seal everything from now on; the
+    /// old ones stay in the header until [`Self::step_dek_rotation`] has
+    /// re-sealed every page and [`Self::finish_dek_rotation`] retires them.
+    /// Readers and writers carry on meanwhile. The database must be in WAL
+    /// mode (a rollback journal would carry the old key across the end).
+    pub fn begin_dek_rotation(&self) -> Result<RotationStatus, StorageError> {
+        let mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .map_err(StorageError::from_sqlite)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StorageError::Unsupported {
+                path: "main database".into(),
+                what: format!(
+                    "DEK rotation in journal mode {mode}; switch to WAL (PRAGMA journal_mode=wal)"
+                ),
+            });
+        }
+        crate::vfs::rotate_database(&self.conn, &self._engine.keyring, RotateOp::Begin)?.ok_or(
+            StorageError::Unsupported {
+                path: "main database".into(),
+                what: "DEK rotation did not begin".into(),
+            },
+        )
+    }
+
+    /// Re-seals up to `max_pages` more pages under the new DEKs; `None` if
+    /// no rotation runs. Crash-safe: the progress recorded is durable.
+    pub fn step_dek_rotation(
+        &self,
+        max_pages: u64,
+    ) -> Result<Option<RotationStatus>, StorageError> {
+        crate::vfs::rotate_database(&self.conn, &self._engine.keyring, RotateOp::Step(max_pages))
+    }
+
+    /// Ends a rotation whose pages are all re-sealed: checkpoints the WAL
+    /// into the database and truncates it, gives the empty WAL new keys
+    /// under the new DEK, and removes the old DEKs from every header.
+    /// `Ok(false)`: readers or a writer kept the WAL from being emptied;
+    /// try again later. Everything the WAL holds is checkpointed, so a
+    /// server that archives its WAL archives it first.
+    pub fn finish_dek_rotation(&self) -> Result<bool, StorageError> {
+        let sql = StorageError::from_sqlite;
+        let (busy, frames): (i64, i64) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map_err(sql)?;
+        if busy != 0 || frames > 0 {
+            return Ok(false);
+        }
+        // Holds SQLite's WAL write lock: no frame can be appended while the
+        // WAL gets its new keys.
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(sql)?;
+        // The checkpoint may have grown the file: those pages are under
+        // the new keys already, but are checked like any other.
+        let done = crate::vfs::rotate_database(
+            &self.conn,
+            &self._engine.keyring,
+            RotateOp::Step(u64::MAX),
+        )
+        .and_then(|_| {
+            crate::vfs::rotate_database(&self.conn, &self._engine.keyring, RotateOp::Finish)
+        });
+        let ended = self.conn.execute_batch("COMMIT").map_err(sql);
+        match done {
+            Ok(_) => ended.map(|()| true),
+            // Someone wrote between the checkpoint and BEGIN: not empty.
+            Err(StorageError::Unsupported { what, .. })
+                if what.starts_with("rekeying a WAL that holds frames") =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Attaches database `name` of the same data directory as `schema`,
@@ -867,6 +967,13 @@ fn inspect_file(path: &Path, keyring: Option<&Keyring>) -> Result<serde_json::Va
         "key": key,
         "seals_reserved": h.seals_reserved,
         "wal_durable_frames": h.wal_durable_frames,
+        "dek_rotation": h.rotation.as_ref().map(|r| serde_json::json!({
+            "previous_dek_id": r.previous_dek_id.to_hex(),
+            "previous_wrapped_dek": wrapped_json(&r.previous_wrapped),
+            "previous_infrastructure_dek_id": r.previous_infra.as_ref().map(|i| i.dek_id.to_hex()),
+            "pages_done": r.watermark,
+            "started_unix": r.started_unix,
+        })),
         "file_bytes": len,
         "header_verified": verified,
     }))

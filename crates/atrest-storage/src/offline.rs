@@ -14,9 +14,7 @@
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use atrest_crypto::{
-    CryptoError, FileHeader, FileKind, InfraKeyRecord, KeySource, HEADER_SLOT_SIZE,
-};
+use atrest_crypto::{CryptoError, FileHeader, FileKind, KeySource, HEADER_SLOT_SIZE};
 use rusqlite::ffi;
 
 use crate::file::{self, EncryptedFile, Fail, RawFile, SharedFile, Stats};
@@ -142,6 +140,16 @@ pub(crate) fn best_header(
 /// is synced. At every moment some slot verifies; afterwards none holds
 /// the old wrapping.
 pub fn rewrap_at_rest(path: &Path, keyring: &Keyring) -> Result<bool, StorageError> {
+    rewrap_layers_at_rest(path, keyring, true)
+}
+
+/// [`rewrap_at_rest`], of the infrastructure layer's keys alone when
+/// `data` is false.
+pub(crate) fn rewrap_layers_at_rest(
+    path: &Path,
+    keyring: &Keyring,
+    data: bool,
+) -> Result<bool, StorageError> {
     let name = path.display().to_string();
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -149,61 +157,11 @@ pub fn rewrap_at_rest(path: &Path, keyring: &Keyring) -> Result<bool, StorageErr
         .open(path)
         .map_err(io_err(&name))?;
     let (slot, mut header, dek) = best_header(&f, keyring, &name)?;
-    let key_err = |source| StorageError::Key {
-        path: name.clone(),
-        source,
-    };
-    let current = keyring.protector().current_kek();
     let mut changed = false;
-    match &header.key_source {
-        KeySource::Kek(w) if w.kek != current => {
-            header.key_source = KeySource::Kek(keyring.wrap(&dek).map_err(key_err)?);
-            changed = true;
-        }
-        KeySource::Parent {
-            parent_file_id,
-            parent_dek_id,
-            parent_wrapped,
-            wrapped,
-        } if parent_wrapped.kek != current => {
-            let parent = keyring
-                .unwrap(*parent_dek_id, parent_wrapped)
-                .map_err(key_err)?;
-            header.key_source = KeySource::Parent {
-                parent_file_id: *parent_file_id,
-                parent_dek_id: *parent_dek_id,
-                parent_wrapped: keyring.wrap(&parent).map_err(key_err)?,
-                wrapped: wrapped.clone(),
-            };
-            changed = true;
-        }
-        _ => {}
+    if data {
+        changed |= rewrap_data_keys(&mut header, &dek, keyring, &name)?;
     }
-    if let Some(protector) = keyring.infra() {
-        let stale = header
-            .infra
-            .as_ref()
-            .is_some_and(|r| r.wrapped.kek != protector.current_kek());
-        if stale {
-            let idek = file::unwrap_infra_dek(keyring, &header, &name)?
-                .expect("the header has an infrastructure record");
-            let wrapped = protector
-                .wrap(&idek, header.file_id, header.kind)
-                .map_err(|source| StorageError::InfraKey {
-                    path: name.clone(),
-                    source,
-                })?;
-            // The layer's unit cipher is the file's for life: only the
-            // wrapping of its key changes.
-            let unit_cipher = header.infra.as_ref().expect("checked").unit_cipher;
-            header.infra = Some(InfraKeyRecord {
-                dek_id: idek.id(),
-                wrapped,
-                unit_cipher,
-            });
-            changed = true;
-        }
-    }
+    changed |= rewrap_infra_keys(&mut header, keyring, &name)?;
     if !changed {
         return Ok(false);
     }
@@ -219,6 +177,88 @@ pub fn rewrap_at_rest(path: &Path, keyring: &Keyring) -> Result<bool, StorageErr
         f.sync_all().map_err(io_err(&name))?;
     }
     Ok(true)
+}
+
+/// Rewraps, in `header`, the data layer's DEKs that are not under the
+/// keyring's current KEK: the file's (a companion's copy of its parent's)
+/// and, mid-rotation, the previous one.
+fn rewrap_data_keys(
+    header: &mut FileHeader,
+    dek: &atrest_crypto::Dek,
+    keyring: &Keyring,
+    name: &str,
+) -> Result<bool, StorageError> {
+    let key_err = |source| StorageError::Key {
+        path: name.to_string(),
+        source,
+    };
+    let current = keyring.protector().current_kek();
+    let mut changed = false;
+    match &mut header.key_source {
+        KeySource::Kek(w) if w.kek != current => {
+            *w = keyring.wrap(dek).map_err(key_err)?;
+            changed = true;
+        }
+        KeySource::Parent {
+            parent_dek_id,
+            parent_wrapped,
+            ..
+        } if parent_wrapped.kek != current => {
+            let parent = keyring
+                .unwrap(*parent_dek_id, parent_wrapped)
+                .map_err(key_err)?;
+            *parent_wrapped = keyring.wrap(&parent).map_err(key_err)?;
+            changed = true;
+        }
+        _ => {}
+    }
+    if let Some(r) = header.rotation.as_mut() {
+        if r.previous_wrapped.kek != current {
+            let previous = keyring
+                .unwrap(r.previous_dek_id, &r.previous_wrapped)
+                .map_err(key_err)?;
+            r.previous_wrapped = keyring.wrap(&previous).map_err(key_err)?;
+            changed = true;
+        }
+    }
+    Ok(changed)
+}
+
+/// Rewraps, in `header`, the infrastructure DEKs (the file's and,
+/// mid-rotation, the previous one) not under the current master key
+/// version. The layer's unit cipher is the file's for life: only the
+/// wrapping of its keys changes.
+fn rewrap_infra_keys(
+    header: &mut FileHeader,
+    keyring: &Keyring,
+    name: &str,
+) -> Result<bool, StorageError> {
+    let Some(protector) = keyring.infra() else {
+        return Ok(false);
+    };
+    let current = protector.current_kek();
+    let (file_id, kind) = (header.file_id, header.kind);
+    let snapshot = header.clone();
+    let previous = header
+        .rotation
+        .as_mut()
+        .and_then(|r| r.previous_infra.as_mut());
+    let mut changed = false;
+    for record in header.infra.as_mut().into_iter().chain(previous) {
+        if record.wrapped.kek == current {
+            continue;
+        }
+        let idek = file::unwrap_infra_record(keyring, &snapshot, record, name)?;
+        record.wrapped =
+            protector
+                .wrap(&idek, file_id, kind)
+                .map_err(|source| StorageError::InfraKey {
+                    path: name.to_string(),
+                    source,
+                })?;
+        changed = true;
+    }
+    Ok(changed)
 }
 
 /// What [`verify_at_rest`] checked.

@@ -19,10 +19,10 @@ use std::path::PathBuf;
 use std::ptr;
 use std::sync::Arc;
 
-use atrest_crypto::{FileKind, WrappedDek};
+use atrest_crypto::{DekId, FileKind, WrappedDek};
 use rusqlite::ffi;
 
-use crate::file::{EncryptedFile, Fail, RawFile, SharedFile, Stats};
+use crate::file::{EncryptedFile, Fail, RawFile, RotationStatus, SharedFile, Stats};
 use crate::keyring::Keyring;
 use crate::layout::HEADER_LEN;
 use crate::StorageError;
@@ -696,8 +696,9 @@ const ATREST_FCNTL_REWRAP: c_int = 0x4154_5201;
 /// The argument of [`ATREST_FCNTL_REWRAP`].
 struct RewrapRequest<'a> {
     keyring: &'a Keyring,
-    parent_wrapped: Option<WrappedDek>,
-    result: Option<Result<WrappedDek, Fail>>,
+    /// For a WAL or journal: its database's wrappings, by DEK id.
+    parent_wrappings: Vec<(DekId, WrappedDek)>,
+    result: Option<Result<Vec<(DekId, WrappedDek)>, Fail>>,
 }
 
 /// Rewraps the DEK of the main database of `conn` under the keyring's
@@ -710,9 +711,9 @@ pub fn rewrap_database(
     keyring: &Keyring,
 ) -> Result<WrappedDek, StorageError> {
     let main = CString::new("main").expect("static name");
-    let fail = |r: Option<Result<WrappedDek, Fail>>,
+    let fail = |r: Option<Result<Vec<(DekId, WrappedDek)>, Fail>>,
                 rc: c_int|
-     -> Result<WrappedDek, StorageError> {
+     -> Result<Vec<(DekId, WrappedDek)>, StorageError> {
         match r {
             Some(Ok(w)) => Ok(w),
             Some(Err(f)) => Err(f.detail.unwrap_or(StorageError::Io {
@@ -727,7 +728,7 @@ pub fn rewrap_database(
     };
     let mut req = RewrapRequest {
         keyring,
-        parent_wrapped: None,
+        parent_wrappings: vec![],
         result: None,
     };
     // SAFETY: `conn.handle()` is the live sqlite3* of `conn`, used only for
@@ -741,7 +742,7 @@ pub fn rewrap_database(
             &mut req as *mut RewrapRequest as *mut c_void,
         )
     };
-    let wrapped = fail(req.result.take(), rc)?;
+    let wrappings = fail(req.result.take(), rc)?;
     // The WAL (when open) carries a copy of the database's wrapping.
     let mut journal: *mut ffi::sqlite3_file = ptr::null_mut();
     // SAFETY: SQLITE_FCNTL_JOURNAL_POINTER is answered by SQLite itself
@@ -766,7 +767,7 @@ pub fn rewrap_database(
         if let Some(methods) = open_methods {
             let mut req = RewrapRequest {
                 keyring,
-                parent_wrapped: Some(wrapped.clone()),
+                parent_wrappings: wrappings.clone(),
                 result: None,
             };
             // SAFETY: calling the file's own xFileControl (ours) with our
@@ -781,7 +782,154 @@ pub fn rewrap_database(
             fail(req.result.take(), rc)?;
         }
     }
-    Ok(wrapped)
+    wrappings
+        .into_iter()
+        .next()
+        .map(|(_, w)| w)
+        .ok_or(StorageError::Io {
+            path: "main database".into(),
+            code: ffi::SQLITE_MISUSE,
+        })
+}
+
+/// Our own file-control opcodes for a DEK rotation (see [`rotate_database`]).
+const ATREST_FCNTL_ROTATE: c_int = 0x4154_5202;
+const ATREST_FCNTL_REKEY_WAL: c_int = 0x4154_5203;
+
+/// One step of a database's DEK rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotateOp {
+    Status,
+    Begin,
+    /// Re-seal up to this many pages.
+    Step(u64),
+    /// Rekey the (empty) WAL, then drop the previous keys.
+    Finish,
+}
+
+/// The argument of [`ATREST_FCNTL_ROTATE`] and [`ATREST_FCNTL_REKEY_WAL`].
+struct RotateRequest<'a> {
+    keyring: &'a Keyring,
+    op: RotateOp,
+    result: Option<Result<Option<RotationStatus>, Fail>>,
+}
+
+/// Sends `req` to the file SQLite has open as `file` (ours), through its
+/// own xFileControl.
+fn send_rotate(conn: &rusqlite::Connection, req: &mut RotateRequest, journal: bool) -> c_int {
+    let main = CString::new("main").expect("static name");
+    if !journal {
+        // SAFETY: `conn.handle()` is the live sqlite3* of `conn`, used only
+        // for this call on this thread; `req` outlives the call and our
+        // x_file_control casts `arg` back to exactly this type.
+        return unsafe {
+            ffi::sqlite3_file_control(
+                conn.handle(),
+                main.as_ptr(),
+                ATREST_FCNTL_ROTATE,
+                req as *mut RotateRequest as *mut c_void,
+            )
+        };
+    }
+    let mut wal: *mut ffi::sqlite3_file = ptr::null_mut();
+    // SAFETY: SQLITE_FCNTL_JOURNAL_POINTER is answered by SQLite itself
+    // with the pager's journal or WAL file object (or null), valid while
+    // `conn` is open and unused by other threads.
+    let rc = unsafe {
+        ffi::sqlite3_file_control(
+            conn.handle(),
+            main.as_ptr(),
+            ffi::SQLITE_FCNTL_JOURNAL_POINTER,
+            &mut wal as *mut *mut ffi::sqlite3_file as *mut c_void,
+        )
+    };
+    // SAFETY: a non-null pointer is an sqlite3_file SQLite opened through
+    // our VFS; pMethods is null while it is closed.
+    let methods = unsafe {
+        (!wal.is_null())
+            .then(|| (*wal).pMethods)
+            .filter(|m| !m.is_null())
+    };
+    match (rc, methods) {
+        // SAFETY: the file's own xFileControl (ours), with our opcode and a
+        // request that outlives the call.
+        (ffi::SQLITE_OK, Some(m)) => unsafe {
+            ((*m).xFileControl.expect("xFileControl"))(
+                wal,
+                ATREST_FCNTL_REKEY_WAL,
+                req as *mut RotateRequest as *mut c_void,
+            )
+        },
+        _ => ffi::SQLITE_NOTFOUND,
+    }
+}
+
+/// Runs one step of the DEK rotation of the main database of `conn`,
+/// through SQLite's own open file handles (see [`rewrap_database`] for
+/// why). For [`RotateOp::Finish`] the caller holds SQLite's WAL write lock
+/// (`BEGIN IMMEDIATE`) on an empty WAL.
+pub fn rotate_database(
+    conn: &rusqlite::Connection,
+    keyring: &Keyring,
+    op: RotateOp,
+) -> Result<Option<RotationStatus>, StorageError> {
+    let result = |req: &mut RotateRequest, rc: c_int| match req.result.take() {
+        Some(Ok(s)) => Ok(s),
+        Some(Err(f)) => Err(f.detail.unwrap_or(StorageError::Io {
+            path: "main database".into(),
+            code: f.rc,
+        })),
+        None => Err(StorageError::Unsupported {
+            path: "main database".into(),
+            what: format!("the database is not an atrest file (file control answered {rc})"),
+        }),
+    };
+    if op == RotateOp::Finish {
+        let mut req = RotateRequest {
+            keyring,
+            op,
+            result: None,
+        };
+        let rc = send_rotate(conn, &mut req, true);
+        if rc != ffi::SQLITE_NOTFOUND {
+            result(&mut req, rc)?;
+        }
+    }
+    let mut req = RotateRequest {
+        keyring,
+        op,
+        result: None,
+    };
+    let rc = send_rotate(conn, &mut req, false);
+    result(&mut req, rc)
+}
+
+/// Answers [`ATREST_FCNTL_ROTATE`] (database) or [`ATREST_FCNTL_REKEY_WAL`].
+fn answer_rotate(h: &mut Handle, req: &mut RotateRequest, wal: bool) -> c_int {
+    let r = if wal {
+        let kind = h.file.shared().kind;
+        let parent =
+            parent_path(kind, &h.file.shared().path).and_then(|p| req.keyring.find_open(&p));
+        match (kind, parent) {
+            (FileKind::Wal, Some(parent)) => {
+                h.file.rekey_empty_wal(req.keyring, &parent).map(|_| None)
+            }
+            _ => return ffi::SQLITE_NOTFOUND,
+        }
+    } else {
+        match req.op {
+            RotateOp::Status => h.file.rotation(),
+            RotateOp::Begin => h.file.rotation_begin(req.keyring).map(Some),
+            RotateOp::Step(n) => h.file.rotation_step(n),
+            RotateOp::Finish => h.file.rotation_finish(req.keyring).map(|()| None),
+        }
+    };
+    let rc = match &r {
+        Ok(_) => ffi::SQLITE_OK,
+        Err(fail) => fail.rc,
+    };
+    req.result = Some(r);
+    rc
 }
 
 unsafe extern "C" fn x_file_control(
@@ -798,13 +946,19 @@ unsafe extern "C" fn x_file_control(
             if !matches!(kind, FileKind::MainDb | FileKind::Wal | FileKind::Journal) {
                 return ffi::SQLITE_NOTFOUND;
             }
-            let r = h.file.rewrap(req.keyring, req.parent_wrapped.take());
+            let r = h.file.rewrap(req.keyring, &req.parent_wrappings);
             let rc = match &r {
                 Ok(_) => ffi::SQLITE_OK,
                 Err(fail) => fail.rc,
             };
             req.result = Some(r);
             rc
+        }
+        ATREST_FCNTL_ROTATE | ATREST_FCNTL_REKEY_WAL => {
+            // SAFETY: only `rotate_database` sends these opcodes, with a
+            // `RotateRequest` that outlives the call; `f` is one of ours.
+            let (req, h) = unsafe { (&mut *(arg as *mut RotateRequest), handle(f)) };
+            answer_rotate(h, req, op == ATREST_FCNTL_REKEY_WAL)
         }
         // The unix VFS would grow the file with zero bytes, which would then
         // read as pages that fail authentication: ignore size hints.

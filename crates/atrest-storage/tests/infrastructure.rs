@@ -604,6 +604,7 @@ fn rotating_the_infrastructure_key_rewraps_every_file_without_touching_the_data_
             .ends_with("/v1"));
     }
 
+    let before_closed = fs::read(fx.data().join("closed.db")).unwrap();
     let r = engine.rotate_infrastructure_key().unwrap();
     assert!(r.from.ends_with("/v1") && r.to.ends_with("/v2"), "{r:?}");
     let rewrapped: Vec<&str> = r
@@ -638,8 +639,7 @@ fn rotating_the_infrastructure_key_rewraps_every_file_without_touching_the_data_
     drop(open);
     drop(engine);
 
-    // Crash safety: a torn newest slot leaves the previous one (v1), which
-    // still opens while v1 is in the keystore.
+    // Crash safety: a torn newest slot leaves the other one, which opens.
     let closed = fs::read(fx.data().join("closed.db")).unwrap();
     let seq = |slot: &[u8]| {
         FileHeader::decode_unverified(slot)
@@ -675,9 +675,17 @@ fn rotating_the_infrastructure_key_rewraps_every_file_without_touching_the_data_
     let h = header(&fx.data().join("fresh.db"));
     assert_eq!(h.infra.unwrap().wrapped.kek.key_id, r.to);
 
-    // A torn v1-slot file can no longer fall back once v1 is gone: clear error.
+    // Both slots of a closed file were rewrapped (each durable before the
+    // other was written): with its newest slot torn it still opens, and
+    // no slot needs v1.
     fs::write(fx.data().join("torn2.db"), &torn).unwrap();
-    let msg = count_rows(&e, "torn2").unwrap_err().to_string();
+    assert_eq!(count_rows(&e, "torn2").unwrap(), 200);
+    // A file whose only wrapping is v1 fails clearly once v1 is gone.
+    let mut v1_only = before_closed.clone();
+    v1_only.truncate(HEADER_LEN as usize);
+    v1_only.extend_from_slice(&closed[HEADER_LEN as usize..]);
+    fs::write(fx.data().join("old.db"), &v1_only).unwrap();
+    let msg = count_rows(&e, "old").unwrap_err().to_string();
     assert!(
         msg.contains("/v1") && msg.contains("ATREST_INFRA_KEYSTORE"),
         "{msg}"
