@@ -145,6 +145,9 @@ pub struct WalArchiver {
     wal_path: PathBuf,
     engine: Engine,
     state: Mutex<ArchiveState>,
+    /// Held (write) while a backup copies the database file, and (read)
+    /// by each batch of a DEK rotation, which re-seals pages in place.
+    pub db_copy: std::sync::RwLock<()>,
 }
 
 /// Segment numbers present in `dir`, ascending.
@@ -182,6 +185,7 @@ impl WalArchiver {
                 paused: 0,
                 wal: None,
             }),
+            db_copy: std::sync::RwLock::new(()),
         }
     }
 
@@ -299,6 +303,11 @@ impl WalArchiver {
     fn point(&self) -> u64 {
         let st = self.state.lock().expect("archive state");
         st.segment.as_ref().map_or(st.next_seq, |s| s.seq)
+    }
+
+    /// Whether a backup is copying the database file (no checkpoint now).
+    pub fn paused(&self) -> bool {
+        self.state.lock().expect("archive state").paused > 0
     }
 
     fn pause(&self) {
@@ -468,7 +477,10 @@ pub fn take_backup(
             let (wal_bytes, point_unix_us) = copied_wal?;
             latest_point = latest_point.max(point_unix_us);
             let archive_from = archiver.point();
-            let db_bytes = copy_file_prefix(&db_path, &partial.join(format!("{name}.db")), None);
+            let db_bytes = {
+                let _no_rotation_batch = archiver.db_copy.write().expect("db copy lock");
+                copy_file_prefix(&db_path, &partial.join(format!("{name}.db")), None)
+            };
             archiver.resume();
             let db_bytes = db_bytes?;
             size += db_bytes + wal_bytes;

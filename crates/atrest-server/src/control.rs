@@ -297,6 +297,23 @@ async fn admin_op(ctx: &Arc<ServerCtx>, req: Value) -> Value {
                 Err(e) => json!({"error": e.to_string()}),
             }
         }
+        "rotate-dek" => {
+            if ctx.phase() != Phase::Ready {
+                return json!({"error": "the server is not Ready; an Inaccessible server cannot read its data (revalidate it first)"});
+            }
+            let rate = req["pages_per_second"].as_u64();
+            if rate == Some(0) {
+                return json!({"error": "pages_per_second must be at least 1"});
+            }
+            match ctx
+                .rotator
+                .request(req["database"].as_str(), "requested", rate)
+            {
+                Ok(queued) => json!({"ok": true, "queued": queued}),
+                Err(e) => json!({"error": e}),
+            }
+        }
+        "rotation-status" => json!({"ok": true, "databases": ctx.rotator.progress()}),
         "status" => {
             json!({"ok": true, "phase": format!("{:?}", ctx.phase()), "sessions": ctx.session_count()})
         }

@@ -207,8 +207,23 @@ impl Databases {
 
     /// Opens a session's connection to an existing database.
     pub fn connect(&self, name: &str) -> Result<(DatabaseLease, Connection), PgError> {
+        let (db, conn) = self.open_existing(name)?;
+        db.sessions.fetch_add(1, Ordering::Relaxed);
+        Ok((DatabaseLease { db }, conn))
+    }
+
+    /// A connection for the server's own background work (DEK rotation):
+    /// not a session, so it does not keep the database from being dropped.
+    pub fn maintenance_connection(
+        &self,
+        name: &str,
+    ) -> Result<(Arc<Database>, Connection), PgError> {
+        self.open_existing(name)
+    }
+
+    fn open_existing(&self, name: &str) -> Result<(Arc<Database>, Connection), PgError> {
         let mut open = self.open.lock().expect("databases poisoned");
-        if validate_database_name(name).is_err() || !self.exists(name) {
+        if !self.is_database(name) {
             return Err(
                 PgError::fatal("3D000", format!("database \"{name}\" does not exist"))
                     .hint("Connect to \"postgres\" and run CREATE DATABASE, or check the name."),
@@ -239,8 +254,12 @@ impl Databases {
                 })
             })
             .clone();
-        db.sessions.fetch_add(1, Ordering::Relaxed);
-        Ok((DatabaseLease { db }, conn))
+        Ok((db, conn))
+    }
+
+    /// Whether database `name` exists (a valid name with a file).
+    pub fn is_database(&self, name: &str) -> bool {
+        validate_database_name(name).is_ok() && self.exists(name)
     }
 
     /// A connection as the server uses them: the server, not SQLite, runs

@@ -28,6 +28,7 @@ pub mod keys;
 pub mod listener;
 pub mod metrics;
 pub mod resource;
+pub mod rotation;
 pub mod scram;
 pub mod session;
 pub mod sql;

@@ -60,6 +60,8 @@ pub struct ServerCtx {
     pub alerts: crate::control::Alerts,
     /// Asked to stop through the admin socket (delete of an Inaccessible server).
     pub stop_requested: tokio::sync::Notify,
+    /// Online DEK rotation (see [`crate::rotation`]).
+    pub rotator: Arc<crate::rotation::DekRotator>,
 }
 
 /// The customer key a running server uses.
@@ -134,6 +136,8 @@ impl ServerCtx {
         while self.session_count() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // The rotation's connection holds unit keys too.
+        self.rotator.park();
         let n = self.databases.engine().forget_keys();
         tracing::info!(
             keys = n,
@@ -581,7 +585,13 @@ async fn start_locked(
         listen: Some(listen.to_string()),
         metrics: metrics_addr.map(|a| a.to_string()),
     };
+    let rotator = crate::rotation::DekRotator::new(
+        Arc::clone(&databases),
+        dir.to_path_buf(),
+        config.dek_rotation.clone(),
+    );
     let ctx = Arc::new(ServerCtx {
+        rotator,
         dir: dir.to_path_buf(),
         mock_key: roles.mock_key.clone(),
         live: Mutex::new(config.clone()),
@@ -620,6 +630,9 @@ async fn start_locked(
     }
     // Always: a customer key can be set while the server runs.
     tokio::spawn(crate::control::monitor(Arc::clone(&ctx)));
+    // Resumes an unfinished DEK rotation once Ready, and rotates DEKs that
+    // reach their usage limit.
+    ctx.rotator.start(&ctx);
     tracing::info!(%listen, metrics = ?metrics_addr, server = %ctx.config.name, "atrest server listening");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let c = Arc::clone(&ctx);
@@ -653,6 +666,7 @@ async fn accept_loop(
     // Graceful shutdown: refuse new sessions, end idle ones now, give open
     // transactions the grace period, then roll them back.
     ctx.phase.store(1, Ordering::SeqCst);
+    ctx.rotator.shutdown();
     let grace = Duration::from_millis(ctx.limits.shutdown_grace_ms);
     ctx.transition(
         State::Stopping,
@@ -703,7 +717,8 @@ async fn serve_http(listener: TcpListener, ctx: Arc<ServerCtx>) {
                             (
                                 200,
                                 "text/plain; version=0.0.4",
-                                c.metrics.render(&c.databases.engine().stats(), state),
+                                c.metrics.render(&c.databases.engine().stats(), state)
+                                    + &c.rotator.render_metrics(),
                             )
                         }
                         "/status" => match resource::status(&c.dir) {

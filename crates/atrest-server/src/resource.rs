@@ -215,6 +215,9 @@ pub struct ServerConfig {
     /// Where backups and the WAL archive go, and how long they are kept.
     #[serde(default)]
     pub backup: crate::backup::BackupConfig,
+    /// The online DEK rotation's throttle and automatic trigger.
+    #[serde(default)]
+    pub dek_rotation: crate::rotation::DekRotationConfig,
 }
 
 impl ServerConfig {
@@ -617,6 +620,7 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
         monitor: MonitorConfig::default(),
         webhooks: vec![],
         backup: Default::default(),
+        dek_rotation: Default::default(),
     };
     write_atomic(
         &dir.join(CONFIG_FILE),
@@ -898,6 +902,12 @@ pub fn status(dir: &Path) -> Result<serde_json::Value, ResourceError> {
         "last_failed_key_check": last_failed_check,
         "last_key_change": last_key_event,
     });
+    // The running (or last) DEK rotation, as its worker recorded it.
+    let dek_rotation = fs::read(dir.join("dek-rotation.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .map(|v| v["databases"].clone())
+        .unwrap_or(serde_json::Value::Null);
     let dbs: Vec<_> = databases(dir)
         .into_iter()
         .map(|(n, size)| serde_json::json!({"name": n, "bytes": size}))
@@ -939,6 +949,7 @@ pub fn status(dir: &Path) -> Result<serde_json::Value, ResourceError> {
         },
         "health": health,
         "databases": dbs,
+        "dek_rotation": dek_rotation,
         "history": state.history,
     }))
 }

@@ -682,19 +682,21 @@ impl Engine {
         })
     }
 
-    /// The most seals made under one current DEK of database file
-    /// `db_path` or its WAL, as far as this process has them open: what
-    /// the usage limit of docs/CRYPTO.md counts (`None`: not open).
+    /// The most seals made under the current DEK of database file
+    /// `db_path` or of its WAL: what the usage limit of docs/CRYPTO.md
+    /// counts. For a file no handle has open, the count its header has
+    /// reserved (an upper bound). `None`: neither file has a header.
     pub fn seals_used(&self, db_path: &Path) -> Option<u64> {
-        let db = self
-            .inner
-            .keyring
-            .find_open(&db_path.display().to_string())?;
-        let wal = self
-            .inner
-            .keyring
-            .find_open(&format!("{}-wal", db_path.display()));
-        Some(db.seals_used().max(wal.map_or(0, |w| w.seals_used())))
+        let wal = PathBuf::from(format!("{}-wal", db_path.display()));
+        [db_path.to_path_buf(), wal]
+            .iter()
+            .filter_map(|p| match self.inner.keyring.find_open(&p.display().to_string()) {
+                Some(open) => Some(open.seals_used()),
+                None => inspect_file(p, None)
+                    .ok()
+                    .and_then(|h| h["seals_reserved"].as_u64()),
+            })
+            .max()
     }
 
     /// Rewraps a closed file (a backup copy, an archived WAL segment) under

@@ -125,6 +125,22 @@ enum ServerCommand {
         #[arg(long)]
         data: PathBuf,
     },
+    /// Re-encrypt databases under new DEKs (both layers) while the server
+    /// serves: throttled, resumable after a crash, the old DEKs in no
+    /// header afterwards. Progress is in `status`, /status and /metrics.
+    RotateDek {
+        #[arg(long)]
+        data: PathBuf,
+        /// One database (default: all).
+        #[arg(long)]
+        database: Option<String>,
+        /// Throttle for this rotation (default: dek_rotation.pages_per_second).
+        #[arg(long)]
+        pages_per_second: Option<u64>,
+        /// Wait until the rotation is done, printing its progress.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Re-check the customer key of a running server and, if it is
     /// accessible again, return the server from Inaccessible to Ready.
     Revalidate {
@@ -525,6 +541,64 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             let report = key_op(&data, req)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(std::process::ExitCode::SUCCESS)
+        }
+        ServerCommand::RotateDek {
+            data,
+            database,
+            pages_per_second,
+            wait,
+        } => {
+            let req = serde_json::json!({"op": "rotate-dek", "database": database,
+                "pages_per_second": pages_per_second});
+            let queued = match atrest_server::control::admin_request(&data, &req) {
+                None => bail!(
+                    "the server in {} is not running; DEK rotation runs online: start it first",
+                    data.display()
+                ),
+                Some(Err(e)) => bail!("{e}"),
+                Some(Ok(v)) => v["queued"].clone(),
+            };
+            let names: Vec<String> = serde_json::from_value(queued).unwrap_or_default();
+            println!("DEK rotation queued for: {}", names.join(", "));
+            if !wait {
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                let st = atrest_server::control::admin_request(
+                    &data,
+                    &serde_json::json!({"op": "rotation-status"}),
+                )
+                .ok_or_else(|| anyhow::anyhow!("the server stopped; the rotation resumes at its next start"))?
+                .map_err(|e| anyhow::anyhow!(e))?;
+                let all = st["databases"].as_array().cloned().unwrap_or_default();
+                let mine: Vec<_> = all
+                    .iter()
+                    .filter(|p| names.iter().any(|n| p["database"] == n.as_str()))
+                    .collect();
+                let mut pending = false;
+                for p in &mine {
+                    let state = p["state"].as_str().unwrap_or("");
+                    if state == "failed" {
+                        bail!("DEK rotation of {} failed: {}", p["database"], p["error"]);
+                    }
+                    pending |= state != "done";
+                    eprintln!(
+                        "{}: {} {}% ({} of {} pages, {} pages/s, {} s left)",
+                        p["database"].as_str().unwrap_or(""),
+                        state,
+                        p["percent"],
+                        p["pages_done"],
+                        p["pages_total"],
+                        p["pages_per_second"],
+                        p["eta_seconds"]
+                    );
+                }
+                if !pending {
+                    println!("DEK rotation done: {}", names.join(", "));
+                    return Ok(std::process::ExitCode::SUCCESS);
+                }
+            }
         }
         ServerCommand::Revalidate { data } => {
             match atrest_server::control::admin_request(

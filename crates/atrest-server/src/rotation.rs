@@ -1,0 +1,514 @@
+//! Online DEK rotation of the server's databases.
+//!
+//! `atrest server rotate-dek` (or a DEK nearing its usage limit, or a
+//! rotation found unfinished at start) queues a database here. One
+//! background thread works the queue: it begins the rotation in the
+//! storage engine (new DEKs in both layers seal everything from then on),
+//! re-seals the pages in batches at a bounded rate while sessions read
+//! and write, and finishes under the database's write gate: the WAL is
+//! archived, checkpointed and truncated, gets new keys, and the old DEKs
+//! leave every header. Progress is durable in the database header, so a
+//! crash or restart resumes where the rotation stood.
+//!
+//! What it is not: key rotation of the KEK (that is a rewrap, see
+//! [`crate::keys`]), and not a way to read pages (it only re-seals them).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use atrest_storage::{Connection, RotationStatus};
+use serde::{Deserialize, Serialize};
+
+use crate::databases::Databases;
+use crate::listener::{Phase, ServerCtx};
+
+/// Pages re-sealed per batch: one fsync and one header write each.
+const BATCH_PAGES: u64 = 64;
+/// The write gate's holder id while a rotation finishes.
+const ROTATOR_PID: i32 = -3;
+const PROGRESS_FILE: &str = "dek-rotation.json";
+
+/// `dek_rotation` in server.json.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct DekRotationConfig {
+    /// The most pages re-sealed per second (the rotation's throttle).
+    pub pages_per_second: u64,
+    /// A database whose DEK (or its WAL's) has sealed this many units is
+    /// rotated on its own; see docs/CRYPTO.md for the limit it keeps under.
+    pub auto_at_seals: u64,
+}
+
+impl Default for DekRotationConfig {
+    fn default() -> Self {
+        DekRotationConfig {
+            pages_per_second: 2000,
+            auto_at_seals: atrest_crypto::SEAL_USAGE_WARN,
+        }
+    }
+}
+
+/// Where one database's rotation stands (status, metrics, progress file).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Progress {
+    pub database: String,
+    /// queued, rotating, finishing, done, failed, or waiting (the server
+    /// is not Ready).
+    pub state: String,
+    /// Why it runs: requested, automatic (usage limit), or resumed.
+    pub reason: String,
+    pub pages_done: u64,
+    pub pages_total: u64,
+    pub percent: f64,
+    pub pages_per_second: f64,
+    pub bytes_per_second: f64,
+    pub eta_seconds: Option<f64>,
+    pub started_unix: u64,
+    pub finished_unix: Option<u64>,
+    pub error: Option<String>,
+}
+
+struct Job {
+    database: String,
+    reason: String,
+    pages_per_second: u64,
+}
+
+/// The rotation worker and its queue.
+pub struct DekRotator {
+    databases: Arc<Databases>,
+    dir: PathBuf,
+    config: DekRotationConfig,
+    ctx: OnceLock<Weak<ServerCtx>>,
+    queue: Mutex<VecDeque<Job>>,
+    wake: Condvar,
+    progress: Mutex<BTreeMap<String, Progress>>,
+    /// The connection a rotation works through; dropped (and its keys with
+    /// it) whenever the server leaves Ready.
+    conn: Mutex<Option<(String, Connection)>>,
+    completed: std::sync::atomic::AtomicU64,
+    stop: AtomicBool,
+}
+
+enum Outcome {
+    Done,
+    /// The server left Ready or is stopping: resume later.
+    Interrupted,
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl DekRotator {
+    pub fn new(databases: Arc<Databases>, dir: PathBuf, config: DekRotationConfig) -> Arc<Self> {
+        Arc::new(DekRotator {
+            databases,
+            dir,
+            config,
+            ctx: OnceLock::new(),
+            queue: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+            progress: Mutex::new(BTreeMap::new()),
+            conn: Mutex::new(None),
+            completed: Default::default(),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    /// Starts the worker thread for the server `ctx`.
+    pub fn start(self: &Arc<Self>, ctx: &Arc<ServerCtx>) {
+        let _ = self.ctx.set(Arc::downgrade(ctx));
+        let me = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("dek-rotation".into())
+            .spawn(move || me.run())
+            .expect("spawn the DEK rotation thread");
+    }
+
+    fn ready(&self) -> bool {
+        !self.stop.load(Ordering::Relaxed)
+            && self
+                .ctx
+                .get()
+                .and_then(Weak::upgrade)
+                .is_some_and(|c| c.phase() == Phase::Ready)
+    }
+
+    /// Queues a rotation of `database` (every database when `None`).
+    /// Returns the names queued; a database already queued stays once.
+    pub fn request(
+        &self,
+        database: Option<&str>,
+        reason: &str,
+        pages_per_second: Option<u64>,
+    ) -> Result<Vec<String>, String> {
+        let names = match database {
+            Some(n) if self.databases.is_database(n) => vec![n.to_string()],
+            Some(n) => return Err(format!("database \"{n}\" does not exist")),
+            None => self.databases.names(),
+        };
+        let rate = pages_per_second
+            .unwrap_or(self.config.pages_per_second)
+            .max(1);
+        let mut q = self.queue.lock().expect("rotation queue");
+        let mut progress = self.progress.lock().expect("rotation progress");
+        for name in &names {
+            if q.iter().any(|j| &j.database == name) {
+                continue;
+            }
+            q.push_back(Job {
+                database: name.clone(),
+                reason: reason.to_string(),
+                pages_per_second: rate,
+            });
+            progress.insert(
+                name.clone(),
+                Progress {
+                    database: name.clone(),
+                    state: "queued".into(),
+                    reason: reason.to_string(),
+                    ..Default::default()
+                },
+            );
+        }
+        drop(progress);
+        drop(q);
+        self.wake.notify_all();
+        self.save_progress();
+        Ok(names)
+    }
+
+    /// Every database's rotation as last seen.
+    pub fn progress(&self) -> Vec<Progress> {
+        self.progress
+            .lock()
+            .expect("rotation progress")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Drops the rotation's connection, zeroizing the keys it holds; the
+    /// worker reopens it once the server is Ready again. Waits for a batch
+    /// in progress to end.
+    pub fn park(&self) {
+        self.conn.lock().expect("rotation connection").take();
+    }
+
+    /// Stops the worker (server shutdown); the rotation resumes at the
+    /// next start.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.wake.notify_all();
+        self.park();
+    }
+
+    /// Lines for /metrics.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let all = self.progress();
+        let gauges: [(&str, &str, fn(&Progress) -> f64); 4] = [
+            (
+                "atrest_dek_rotation_pages_done",
+                "Pages re-sealed under the new DEKs by the current or last rotation.",
+                |p| p.pages_done as f64,
+            ),
+            (
+                "atrest_dek_rotation_pages_total",
+                "Pages of the database being rotated.",
+                |p| p.pages_total as f64,
+            ),
+            (
+                "atrest_dek_rotation_pages_per_second",
+                "Re-sealing rate of the running rotation.",
+                |p| p.pages_per_second,
+            ),
+            (
+                "atrest_dek_rotation_eta_seconds",
+                "Estimated seconds left in the running rotation.",
+                |p| p.eta_seconds.unwrap_or(0.0),
+            ),
+        ];
+        for (name, help, f) in gauges {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for p in &all {
+                let _ = writeln!(
+                    s,
+                    "{name}{{database=\"{}\",state=\"{}\"}} {}",
+                    p.database,
+                    p.state,
+                    f(p)
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "# HELP atrest_dek_rotations_completed_total DEK rotations finished since start.\n# TYPE atrest_dek_rotations_completed_total counter\natrest_dek_rotations_completed_total {}",
+            self.completed.load(Ordering::Relaxed)
+        );
+        s
+    }
+
+    fn update(&self, database: &str, f: impl FnOnce(&mut Progress)) {
+        let mut all = self.progress.lock().expect("rotation progress");
+        let p = all.entry(database.to_string()).or_insert_with(|| Progress {
+            database: database.to_string(),
+            ..Default::default()
+        });
+        f(p);
+    }
+
+    /// Writes `dek-rotation.json` for `atrest server status` (another
+    /// process).
+    fn save_progress(&self) {
+        let all = self.progress();
+        let v = serde_json::json!({ "updated_unix": now_unix(), "databases": all });
+        if let Err(e) = crate::resource::write_atomic(
+            &self.dir.join(PROGRESS_FILE),
+            v.to_string().as_bytes(),
+            0o644,
+        ) {
+            tracing::warn!(error = %e, "cannot record the DEK rotation progress");
+        }
+    }
+
+    fn run(self: Arc<Self>) {
+        let mut resumed = false;
+        let mut last_auto_check = Instant::now();
+        while !self.stop.load(Ordering::Relaxed) {
+            if !self.ready() {
+                self.park();
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            if !resumed {
+                self.queue_unfinished();
+                resumed = true;
+            }
+            if last_auto_check.elapsed() >= Duration::from_secs(2) {
+                self.queue_worn_keys();
+                last_auto_check = Instant::now();
+            }
+            let job = {
+                let q = self.queue.lock().expect("rotation queue");
+                match q.front() {
+                    Some(j) => Job {
+                        database: j.database.clone(),
+                        reason: j.reason.clone(),
+                        pages_per_second: j.pages_per_second,
+                    },
+                    None => {
+                        let _ = self.wake.wait_timeout(q, Duration::from_millis(500));
+                        continue;
+                    }
+                }
+            };
+            let outcome = self.rotate(&job);
+            let finished = match outcome {
+                Ok(Outcome::Done) => {
+                    self.completed.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Ok(Outcome::Interrupted) => {
+                    self.update(&job.database, |p| p.state = "waiting".into());
+                    false
+                }
+                Err(e) => {
+                    tracing::error!(database = %job.database, error = %e, "DEK rotation failed");
+                    self.update(&job.database, |p| {
+                        p.state = "failed".into();
+                        p.error = Some(e);
+                        p.eta_seconds = None;
+                        p.pages_per_second = 0.0;
+                    });
+                    true
+                }
+            };
+            if finished {
+                let mut q = self.queue.lock().expect("rotation queue");
+                if q.front().is_some_and(|j| j.database == job.database) {
+                    q.pop_front();
+                }
+            }
+            self.save_progress();
+        }
+        self.park();
+    }
+
+    /// Queues the databases whose header records a rotation under way (a
+    /// crash or stop in the middle).
+    fn queue_unfinished(&self) {
+        for name in self.databases.names() {
+            let Ok((_, conn)) = self.databases.maintenance_connection(&name) else {
+                continue;
+            };
+            if let Ok(Some(_)) = conn.dek_rotation() {
+                tracing::info!(database = %name, "resuming an unfinished DEK rotation");
+                let _ = self.request(Some(&name), "resumed", None);
+            }
+        }
+    }
+
+    /// Queues the databases whose DEK has sealed `auto_at_seals` units.
+    fn queue_worn_keys(&self) {
+        let engine = self.databases.engine();
+        for name in self.databases.names() {
+            let Ok(path) = engine.database_path(&name) else {
+                continue;
+            };
+            let Some(used) = engine.seals_used(&path) else {
+                continue;
+            };
+            let queued = self
+                .queue
+                .lock()
+                .expect("rotation queue")
+                .iter()
+                .any(|j| j.database == name);
+            if used >= self.config.auto_at_seals && !queued {
+                tracing::warn!(database = %name, seals = used, limit = self.config.auto_at_seals,
+                    "a data encryption key reached its rotation point; rotating it");
+                let _ = self.request(Some(&name), "automatic: usage limit", None);
+            }
+        }
+    }
+
+    /// Runs `f` on the rotation's connection to `database`, opening it if
+    /// needed.
+    fn with_conn<T>(
+        &self,
+        database: &str,
+        f: impl FnOnce(&Connection) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let mut guard = self.conn.lock().expect("rotation connection");
+        if guard.as_ref().is_none_or(|(n, _)| n != database) {
+            *guard = None;
+            let (_, conn) = self
+                .databases
+                .maintenance_connection(database)
+                .map_err(|e| e.message)?;
+            *guard = Some((database.to_string(), conn));
+        }
+        f(&guard.as_ref().expect("opened").1)
+    }
+
+    fn rotate(&self, job: &Job) -> Result<Outcome, String> {
+        let name = job.database.as_str();
+        let (db, _) = self
+            .databases
+            .maintenance_connection(name)
+            .map_err(|e| e.message)?;
+        let archiver = db.archiver.clone();
+        let storage = |e: atrest_storage::StorageError| e.to_string();
+        let begun = self.with_conn(name, |c| c.begin_dek_rotation().map_err(storage))?;
+        tracing::info!(database = name, pages = begun.pages_total, reason = %job.reason, "DEK rotation running");
+        self.update(name, |p| {
+            p.state = "rotating".into();
+            p.reason = job.reason.clone();
+            p.started_unix = begun.started_unix;
+            p.finished_unix = None;
+            p.error = None;
+        });
+        self.record(name, &begun, 0.0);
+        let started = Instant::now();
+        let mut moved = 0u64;
+        let mut last_saved = Instant::now();
+        let mut last_done = begun.pages_done;
+        let mut status = begun;
+        while !status.complete() {
+            if !self.ready() {
+                return Ok(Outcome::Interrupted);
+            }
+            if !self.databases.is_database(name) {
+                return Err(format!("database {name} was dropped during its DEK rotation"));
+            }
+            let batch_started = Instant::now();
+            let next = {
+                let _no_backup_copy = archiver
+                    .as_ref()
+                    .map(|a| a.db_copy.read().expect("db copy lock"));
+                self.with_conn(name, |c| c.step_dek_rotation(BATCH_PAGES).map_err(storage))?
+            };
+            let Some(next) = next else {
+                break; // finished elsewhere (another process)
+            };
+            moved += next.pages_done.saturating_sub(last_done);
+            last_done = next.pages_done;
+            status = next;
+            let rate = moved as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            self.record(name, &status, rate);
+            if last_saved.elapsed() >= Duration::from_millis(500) {
+                self.save_progress();
+                last_saved = Instant::now();
+            }
+            // The throttle: a batch takes at least its share of a second.
+            let budget = Duration::from_secs_f64(BATCH_PAGES as f64 / job.pages_per_second as f64);
+            if let Some(rest) = budget.checked_sub(batch_started.elapsed()) {
+                std::thread::sleep(rest);
+            }
+        }
+        self.update(name, |p| p.state = "finishing".into());
+        self.save_progress();
+        // Under the write gate: every commit is archived, then the WAL is
+        // checkpointed, truncated and rekeyed, and the old keys retired.
+        for _ in 0..1200 {
+            if !self.ready() {
+                return Ok(Outcome::Interrupted);
+            }
+            db.gate
+                .acquire(ROTATOR_PID, Some(Duration::from_secs(60)), &|| None)
+                .map_err(|e| e.message)?;
+            let finished = self.with_conn(name, |c| {
+                c.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))
+                    .map_err(|e| e.to_string())?;
+                let Some(a) = &archiver else {
+                    return c.finish_dek_rotation().map_err(storage);
+                };
+                a.after_write(c)?;
+                let _no_backup_copy = a.db_copy.read().expect("db copy lock");
+                if a.paused() {
+                    return Ok(false); // a backup is copying: no checkpoint now
+                }
+                c.finish_dek_rotation().map_err(storage)
+            });
+            db.gate.release(ROTATOR_PID);
+            if finished? {
+                let secs = started.elapsed().as_secs_f64();
+                tracing::info!(database = name, pages = moved, seconds = secs, "DEK rotation finished; the old DEKs are in no header");
+                self.update(name, |p| {
+                    p.state = "done".into();
+                    p.pages_done = p.pages_total.max(p.pages_done);
+                    p.percent = 100.0;
+                    p.eta_seconds = Some(0.0);
+                    p.finished_unix = Some(now_unix());
+                });
+                return Ok(Outcome::Done);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err("the WAL could not be emptied to finish the rotation (readers kept it busy for a minute); it will be retried".into())
+    }
+
+    fn record(&self, name: &str, s: &RotationStatus, rate: f64) {
+        self.update(name, |p| {
+            p.pages_done = s.pages_done.min(s.pages_total);
+            p.pages_total = s.pages_total;
+            p.percent = if s.pages_total == 0 {
+                100.0
+            } else {
+                (p.pages_done as f64 * 100.0 / s.pages_total as f64 * 10.0).round() / 10.0
+            };
+            p.pages_per_second = (rate * 10.0).round() / 10.0;
+            p.bytes_per_second = (rate * s.page_size as f64).round();
+            p.eta_seconds = (rate > 0.0)
+                .then(|| ((s.pages_total - p.pages_done) as f64 / rate * 10.0).round() / 10.0);
+        });
+    }
+}
