@@ -141,7 +141,9 @@ impl DekRotator {
     }
 
     /// Queues a rotation of `database` (every database when `None`).
-    /// Returns the names queued; a database already queued stays once.
+    /// Returns the names queued; a database already queued stays once,
+    /// with its throttle changed to `pages_per_second` if one is given
+    /// (a running rotation picks it up at its next batch).
     pub fn request(
         &self,
         database: Option<&str>,
@@ -159,7 +161,10 @@ impl DekRotator {
         let mut q = self.queue.lock().expect("rotation queue");
         let mut progress = self.progress.lock().expect("rotation progress");
         for name in &names {
-            if q.iter().any(|j| &j.database == name) {
+            if let Some(job) = q.iter_mut().find(|j| &j.database == name) {
+                if let Some(r) = pages_per_second {
+                    job.pages_per_second = r.max(1);
+                }
                 continue;
             }
             q.push_back(Job {
@@ -214,7 +219,8 @@ impl DekRotator {
         use std::fmt::Write;
         let mut s = String::new();
         let all = self.progress();
-        let gauges: [(&str, &str, fn(&Progress) -> f64); 4] = [
+        type Gauge = (&'static str, &'static str, fn(&Progress) -> f64);
+        let gauges: [Gauge; 4] = [
             (
                 "atrest_dek_rotation_pages_done",
                 "Pages re-sealed under the new DEKs by the current or last rotation.",
@@ -427,7 +433,9 @@ impl DekRotator {
                 return Ok(Outcome::Interrupted);
             }
             if !self.databases.is_database(name) {
-                return Err(format!("database {name} was dropped during its DEK rotation"));
+                return Err(format!(
+                    "database {name} was dropped during its DEK rotation"
+                ));
             }
             let batch_started = Instant::now();
             let next = {
@@ -449,7 +457,7 @@ impl DekRotator {
                 last_saved = Instant::now();
             }
             // The throttle: a batch takes at least its share of a second.
-            let budget = Duration::from_secs_f64(BATCH_PAGES as f64 / job.pages_per_second as f64);
+            let budget = Duration::from_secs_f64(BATCH_PAGES as f64 / self.rate_of(job) as f64);
             if let Some(rest) = budget.checked_sub(batch_started.elapsed()) {
                 std::thread::sleep(rest);
             }
@@ -481,7 +489,12 @@ impl DekRotator {
             db.gate.release(ROTATOR_PID);
             if finished? {
                 let secs = started.elapsed().as_secs_f64();
-                tracing::info!(database = name, pages = moved, seconds = secs, "DEK rotation finished; the old DEKs are in no header");
+                tracing::info!(
+                    database = name,
+                    pages = moved,
+                    seconds = secs,
+                    "DEK rotation finished; the old DEKs are in no header"
+                );
                 self.update(name, |p| {
                     p.state = "done".into();
                     p.pages_done = p.pages_total.max(p.pages_done);
@@ -494,6 +507,16 @@ impl DekRotator {
             std::thread::sleep(Duration::from_millis(50));
         }
         Err("the WAL could not be emptied to finish the rotation (readers kept it busy for a minute); it will be retried".into())
+    }
+
+    /// The throttle of `job` as it is now (`rotate-dek` may change it).
+    fn rate_of(&self, job: &Job) -> u64 {
+        self.queue
+            .lock()
+            .expect("rotation queue")
+            .iter()
+            .find(|j| j.database == job.database)
+            .map_or(job.pages_per_second, |j| j.pages_per_second)
     }
 
     fn record(&self, name: &str, s: &RotationStatus, rate: f64) {

@@ -2834,7 +2834,15 @@ mod tests {
         let (_dir, infra) = infra_protector();
         let (keyring, f) = db_file_with(Some(infra));
         assert_eq!(
-            f.shared.keys.read().unwrap().current.infra.as_ref().unwrap().cipher(),
+            f.shared
+                .keys
+                .read()
+                .unwrap()
+                .current
+                .infra
+                .as_ref()
+                .unwrap()
+                .cipher(),
             InfraUnitCipher::Aegis256X2
         );
         let mut raw = MemFile(f.raw.0.clone());
@@ -2858,7 +2866,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            shared.keys.read().unwrap().current.infra.as_ref().unwrap().cipher(),
+            shared
+                .keys
+                .read()
+                .unwrap()
+                .current
+                .infra
+                .as_ref()
+                .unwrap()
+                .cipher(),
             InfraUnitCipher::Aegis256
         );
         let mut f3 = EncryptedFile::new(raw, shared, Arc::new(Stats::default()));

@@ -690,12 +690,14 @@ impl Engine {
         let wal = PathBuf::from(format!("{}-wal", db_path.display()));
         [db_path.to_path_buf(), wal]
             .iter()
-            .filter_map(|p| match self.inner.keyring.find_open(&p.display().to_string()) {
-                Some(open) => Some(open.seals_used()),
-                None => inspect_file(p, None)
-                    .ok()
-                    .and_then(|h| h["seals_reserved"].as_u64()),
-            })
+            .filter_map(
+                |p| match self.inner.keyring.find_open(&p.display().to_string()) {
+                    Some(open) => Some(open.seals_used()),
+                    None => inspect_file(p, None)
+                        .ok()
+                        .and_then(|h| h["seals_reserved"].as_u64()),
+                },
+            )
             .max()
     }
 

@@ -569,7 +569,9 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                     &data,
                     &serde_json::json!({"op": "rotation-status"}),
                 )
-                .ok_or_else(|| anyhow::anyhow!("the server stopped; the rotation resumes at its next start"))?
+                .ok_or_else(|| {
+                    anyhow::anyhow!("the server stopped; the rotation resumes at its next start")
+                })?
                 .map_err(|e| anyhow::anyhow!(e))?;
                 let all = st["databases"].as_array().cloned().unwrap_or_default();
                 let mine: Vec<_> = all

@@ -40,13 +40,21 @@ fn pgbench_cmd(s: &TestServer, args: &[&str]) -> Command {
     let script = s.tmp.path().join("bench.sql");
     std::fs::write(&script, SCRIPT).unwrap();
     let mut c = Command::new(tool("pgbench"));
-    c.args(["-n", "-f", script.to_str().unwrap(), "-M", "prepared", "-j", "2"])
-        .args(args)
-        .arg(
-            s.conninfo("postgres", "verify-full")
-                .replace("host=127.0.0.1", "host=localhost"),
-        )
-        .env("PGPASSWORD", PASSWORD);
+    c.args([
+        "-n",
+        "-f",
+        script.to_str().unwrap(),
+        "-M",
+        "prepared",
+        "-j",
+        "2",
+    ])
+    .args(args)
+    .arg(
+        s.conninfo("postgres", "verify-full")
+            .replace("host=127.0.0.1", "host=localhost"),
+    )
+    .env("PGPASSWORD", PASSWORD);
     c
 }
 
@@ -72,7 +80,11 @@ fn header_keys(dir: &Path) -> (BTreeSet<String>, usize) {
             continue;
         }
         let out = atrest(&["inspect", p.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let h: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         for k in [
             &h["dek_id"],
@@ -93,7 +105,13 @@ fn header_keys(dir: &Path) -> (BTreeSet<String>, usize) {
 }
 
 fn rotation_progress(s: &TestServer) -> serde_json::Value {
-    let out = atrest(&["server", "status", "--data", s.dir.to_str().unwrap(), "--json"]);
+    let out = atrest(&[
+        "server",
+        "status",
+        "--data",
+        s.dir.to_str().unwrap(),
+        "--json",
+    ]);
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     st["dek_rotation"]
         .as_array()
@@ -110,8 +128,7 @@ fn pages_done_on_disk(s: &TestServer) -> Option<u64> {
 
 fn set_rotation_config(s: &TestServer, config: serde_json::Value) {
     let path = s.dir.join("server.json");
-    let mut v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     v["dek_rotation"] = config;
     std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
 }
@@ -137,10 +154,10 @@ fn books_balance(s: &TestServer) -> u64 {
 #[test]
 fn rotation_under_pgbench_survives_20_kills_and_retires_the_old_deks() {
     let mut s = TestServer::create(&["--infrastructure-encryption"]);
-    // Slow enough that every kill lands mid-rotation.
+    // Slow enough that every kill lands mid-rotation (sped up below).
     set_rotation_config(
         &s,
-        serde_json::json!({"pages_per_second": 120, "auto_at_seals": 1u64 << 31}),
+        serde_json::json!({"pages_per_second": 25, "auto_at_seals": 1u64 << 31}),
     );
     s.start(&[]);
     setup(&s);
@@ -149,7 +166,11 @@ fn rotation_under_pgbench_survives_20_kills_and_retires_the_old_deks() {
     assert!(old_keys.len() >= 2, "{old_keys:?}");
 
     let out = atrest(&["server", "rotate-dek", "--data", s.dir.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("postgres"));
 
     let mut committed = 0u64;
@@ -196,27 +217,55 @@ fn rotation_under_pgbench_survives_20_kills_and_retires_the_old_deks() {
 
         // Durable progress never goes back.
         let done = pages_done_on_disk(&s).expect("the header records a rotation in progress");
-        assert!(done >= last_done, "round {round}: progress went back {last_done} -> {done}");
+        assert!(
+            done >= last_done,
+            "round {round}: progress went back {last_done} -> {done}"
+        );
         if done > 0 {
             resumed_above_zero += 1;
         }
         last_done = done;
         s.start(&[]);
     }
-    assert!(resumed_above_zero >= 15, "the rotation did not make progress across restarts");
+    assert!(
+        resumed_above_zero >= 15,
+        "the rotation did not make progress across restarts"
+    );
 
-    // Left alone (under a little load) it completes.
+    // Left alone (under a little load), at a higher throttle set while it
+    // runs, it completes.
+    let out = atrest(&[
+        "server",
+        "rotate-dek",
+        "--data",
+        s.dir.to_str().unwrap(),
+        "--pages-per-second",
+        "3000",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
         let out = pgbench_cmd(&s, &["-c", "2", "-t", "20"]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         committed += processed(&String::from_utf8_lossy(&out.stdout));
         let p = rotation_progress(&s);
         if p["state"] == "done" {
             break;
         }
         assert_ne!(p["state"], "failed", "{p}");
-        assert!(Instant::now() < deadline, "rotation did not finish: {p}\n{}", s.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "rotation did not finish: {p}\n{}",
+            s.log_text()
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     let metrics = s.http_get("/metrics");
@@ -224,11 +273,16 @@ fn rotation_under_pgbench_survives_20_kills_and_retires_the_old_deks() {
         metrics.contains("atrest_dek_rotations_completed_total 1"),
         "{metrics}"
     );
-    assert!(metrics.contains("atrest_dek_rotation_pages_done{database=\"postgres\",state=\"done\"}"));
+    assert!(
+        metrics.contains("atrest_dek_rotation_pages_done{database=\"postgres\",state=\"done\"}")
+    );
 
     // Every committed transaction is there; the books balance.
     let rows = books_balance(&s);
-    assert!(rows >= committed, "history has {rows} rows, pgbench committed {committed}");
+    assert!(
+        rows >= committed,
+        "history has {rows} rows, pgbench committed {committed}"
+    );
     assert_eq!(s.sql("postgres", "PRAGMA integrity_check"), "ok");
     assert!(s.stop().success());
 
@@ -253,7 +307,11 @@ fn a_dek_at_its_rotation_point_is_rotated_on_its_own() {
     );
     s.start(&[]);
     let out = pgbench_cmd(&s, &["-c", "2", "-t", "200"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let p = rotation_progress(&s);
@@ -261,7 +319,11 @@ fn a_dek_at_its_rotation_point_is_rotated_on_its_own() {
             assert!(p["reason"].as_str().unwrap().contains("automatic"), "{p}");
             break;
         }
-        assert!(Instant::now() < deadline, "no automatic rotation: {p}\n{}", s.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "no automatic rotation: {p}\n{}",
+            s.log_text()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(s.log_text().contains("reached its rotation point"));
