@@ -1216,6 +1216,11 @@ pub fn finish_restore(dir: &Path, engine: &Engine) -> Result<(), String> {
                 "restored database {name} fails integrity_check: {ok}"
             ));
         }
+        // The restored server must not go on sealing under its source's
+        // DEKs: new ones seal from now on, and the server's DEK rotation
+        // re-seals the restored pages in the background once it is Ready.
+        conn.begin_dek_rotation()
+            .map_err(|e| format!("restoring {name}: new DEKs: {e}"))?;
     }
     engine.set_protector(target);
     engine.set_infra_previous(None);

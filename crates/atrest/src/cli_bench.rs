@@ -299,7 +299,7 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
     );
 
     let workloads: [(&'static str, Workload, usize); 6] = [
-        ("bulk_insert", bulk_insert, 1),
+        ("bulk_insert", bulk_insert, b.repeat),
         ("index_build", index_build, b.repeat),
         ("point_select", point_select, b.repeat),
         ("range_scan", range_scan, b.repeat),
@@ -323,11 +323,21 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
             // Rotate which side goes first to spread drift evenly.
             for k in 0..sides.len() {
                 let side = sides[(rep + k) % sides.len()];
-                let db = match side {
-                    Side::Plain => &plain,
-                    Side::Atrest => &atrest,
-                    Side::AtrestInfra => &infra,
-                    Side::AtrestCustomerInfra => &customer,
+                // A bulk insert needs an empty database: the first run
+                // fills the one the other workloads use, later runs fill
+                // fresh ones that are deleted afterwards.
+                let scratch_dir = dir.join(format!("bulk-{rep}-{}", side_name(side)));
+                let scratch = if name == "bulk_insert" && rep > 0 {
+                    Some(Db::open(&scratch_dir, side, regime.cache_kib)?)
+                } else {
+                    None
+                };
+                let db = match (&scratch, side) {
+                    (Some(db), _) => db,
+                    (None, Side::Plain) => &plain,
+                    (None, Side::Atrest) => &atrest,
+                    (None, Side::AtrestInfra) => &infra,
+                    (None, Side::AtrestCustomerInfra) => &customer,
                 };
                 // Write back every dirty page first (sync(1)), so that no
                 // side is timed while the kernel flushes another side's
@@ -344,6 +354,10 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
                     Side::AtrestInfra => moved2 = db.stats().since(&before),
                     Side::AtrestCustomerInfra => moved4 = db.stats().since(&before),
                     Side::Plain => {}
+                }
+                if scratch.is_some() {
+                    drop(scratch);
+                    let _ = std::fs::remove_dir_all(&scratch_dir);
                 }
             }
         }

@@ -494,6 +494,19 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                     "infrastructure encryption: {}",
                     st["encryption"]["infrastructure_encryption"]
                 );
+                for p in st["dek_rotation"].as_array().into_iter().flatten() {
+                    println!(
+                        "dek rotation: {} {} {}% ({} of {} pages, {} pages/s, {} s left; {})",
+                        p["database"].as_str().unwrap_or("-"),
+                        p["state"].as_str().unwrap_or("-"),
+                        p["percent"],
+                        p["pages_done"],
+                        p["pages_total"],
+                        p["pages_per_second"],
+                        p["eta_seconds"],
+                        p["reason"].as_str().unwrap_or("-")
+                    );
+                }
                 println!(
                     "identity:    {}",
                     st["identity"]["client_id"].as_str().unwrap_or("-")
@@ -563,8 +576,9 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             if !wait {
                 return Ok(std::process::ExitCode::SUCCESS);
             }
+            let mut last_print = std::time::Instant::now();
             loop {
-                std::thread::sleep(std::time::Duration::from_millis(500));
+                std::thread::sleep(std::time::Duration::from_millis(100));
                 let st = atrest_server::control::admin_request(
                     &data,
                     &serde_json::json!({"op": "rotation-status"}),
@@ -579,12 +593,19 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                     .filter(|p| names.iter().any(|n| p["database"] == n.as_str()))
                     .collect();
                 let mut pending = false;
+                let print = last_print.elapsed() >= std::time::Duration::from_secs(1);
+                if print {
+                    last_print = std::time::Instant::now();
+                }
                 for p in &mine {
                     let state = p["state"].as_str().unwrap_or("");
                     if state == "failed" {
                         bail!("DEK rotation of {} failed: {}", p["database"], p["error"]);
                     }
                     pending |= state != "done";
+                    if !print {
+                        continue;
+                    }
                     eprintln!(
                         "{}: {} {}% ({} of {} pages, {} pages/s, {} s left)",
                         p["database"].as_str().unwrap_or(""),

@@ -225,10 +225,28 @@ fn backup_under_load_then_full_and_point_in_time_restores() {
 
     // Full restore (the whole archive): everything, and the books balance.
     let mut full = restore(&s, &backup, "full-copy", None);
+    // The copy seals under new DEKs from the start, never its source's:
+    // a rotation has begun, with the source's DEK as the previous one.
+    let dek = |dir: &Path| -> serde_json::Value {
+        let out = atrest(&["inspect", dir.join("data/postgres.db").to_str().unwrap()]);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (src_dek, copy_dek) = (dek(&s.dir), dek(&full.dir));
+    assert_ne!(copy_dek["dek_id"], src_dek["dek_id"]);
+    assert!(!copy_dek["dek_rotation"].is_null(), "{copy_dek}");
     full.start(&[]);
     assert_eq!(assert_consistent(&full), total);
     assert_eq!(count(&full, "SELECT count(*) FROM ticks"), 40);
+    // ... and the server's rotation re-seals the restored pages.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !dek(&full.dir)["dek_rotation"].is_null() {
+        assert!(std::time::Instant::now() < deadline, "{}", full.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(assert_consistent(&full), total);
     full.stop();
+    let done = dek(&full.dir);
+    assert_ne!(done["dek_id"], src_dek["dek_id"]);
 
     // Point-in-time: exactly the ticks committed by t.
     let mut pitr = restore(&s, &backup, "pitr-copy", Some(t));
