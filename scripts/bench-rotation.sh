@@ -6,15 +6,15 @@
 #   * pgbench TPS with no rotation (SECONDS, default 15, 4 clients);
 #   * pgbench TPS while a rotation runs at the default throttle
 #     (dek_rotation.pages_per_second, 2000 pages/s);
-#   * rotation throughput unthrottled, idle and under the pgbench load
-#     (and the TPS meanwhile).
+#   * rotation throughput unthrottled, idle, and under the pgbench load
+#     with rotations back to back for the whole run (and the TPS then).
 # Prints JSON and a summary line.
 set -euo pipefail
 MB=${1:-200}
 SECS=${2:-15}
 BIN=${ATREST_BIN:-$(dirname "$0")/../target/release/atrest}
 T=$(mktemp -d)
-trap 'kill $SRV 2>/dev/null || true; rm -rf "$T"' EXIT
+trap 'kill $SRV 2>/dev/null || true; wait $SRV 2>/dev/null || true; rm -rf "$T"' EXIT
 echo "pw-bench-rotation" > "$T/pw"
 EXTRA=()
 [ "${INFRA:-0}" = 1 ] && EXTRA=(--infrastructure-encryption --infra-keystore "$T/iks")
@@ -51,11 +51,15 @@ sync; tps_throttled=$(bench "$SECS")
 rotate --pages-per-second 100000000 --wait   # let it finish
 t0=$(now); rotate --pages-per-second 100000000 --wait; t1=$(now)
 P1=$(pages)
-LOAD_S=$(python3 -c "print(max(5, round($t1 - $t0)))")
-bench "$LOAD_S" > "$T/tps_load" & B=$!
-t2=$(now); rotate --pages-per-second 100000000 --wait; t3=$(now)
+# Under load: rotations back to back while pgbench runs.
+bench "$SECS" > "$T/tps_load" & B=$!
+t2=$(now); P2=0
+while kill -0 $B 2>/dev/null; do
+  rotate --pages-per-second 100000000 --wait
+  P2=$((P2 + $(pages)))
+  t3=$(now)
+done
 wait $B; tps_load=$(cat "$T/tps_load")
-P2=$(pages)
 python3 - "$tps_base" "$tps_throttled" "$tps_load" "$t0" "$t1" "$t2" "$t3" "$P1" "$P2" "${INFRA:-0}" <<'PY'
 import json, sys
 a = sys.argv[1:]
