@@ -407,10 +407,17 @@ impl DekRotator {
 
     fn rotate(&self, job: &Job) -> Result<Outcome, String> {
         let name = job.database.as_str();
-        let (db, _) = self
+        let (db, conn) = self
             .databases
             .maintenance_connection(name)
             .map_err(|e| e.message)?;
+        {
+            // Work through this connection unless one to `name` is open.
+            let mut guard = self.conn.lock().expect("rotation connection");
+            if guard.as_ref().is_none_or(|(n, _)| n != name) {
+                *guard = Some((name.to_string(), conn));
+            }
+        }
         let archiver = db.archiver.clone();
         let storage = |e: atrest_storage::StorageError| e.to_string();
         let begun = self.with_conn(name, |c| c.begin_dek_rotation().map_err(storage))?;

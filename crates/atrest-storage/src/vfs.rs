@@ -701,6 +701,58 @@ struct RewrapRequest<'a> {
     result: Option<Result<Vec<(DekId, WrappedDek)>, Fail>>,
 }
 
+/// Sends file-control opcode `op` with `arg` to the main database file
+/// of `conn`.
+///
+/// # Safety
+/// `arg` is valid for the call and of the type the opcode's handler
+/// (SQLite's, or `x_file_control` for ours) expects.
+unsafe fn main_file_control(conn: &rusqlite::Connection, op: c_int, arg: *mut c_void) -> c_int {
+    let main = CString::new("main").expect("static name");
+    // SAFETY: `conn.handle()` is the live sqlite3* of `conn`, used only for
+    // this call on this thread; `arg` is valid per the contract above.
+    unsafe { ffi::sqlite3_file_control(conn.handle(), main.as_ptr(), op, arg) }
+}
+
+/// Sends our file-control opcode `op` with `arg` to the rollback journal
+/// or WAL that the main database of `conn` has open. `None` if it has
+/// none open.
+///
+/// # Safety
+/// As for [`main_file_control`].
+unsafe fn journal_file_control(
+    conn: &rusqlite::Connection,
+    op: c_int,
+    arg: *mut c_void,
+) -> Option<c_int> {
+    let mut journal: *mut ffi::sqlite3_file = ptr::null_mut();
+    // SAFETY: SQLITE_FCNTL_JOURNAL_POINTER is answered by SQLite itself
+    // with the pager's journal or WAL file object (or null), which stays
+    // valid while `conn` is open and unused by other threads.
+    let rc = unsafe {
+        main_file_control(
+            conn,
+            ffi::SQLITE_FCNTL_JOURNAL_POINTER,
+            &mut journal as *mut *mut ffi::sqlite3_file as *mut c_void,
+        )
+    };
+    // SAFETY: a non-null journal pointer is an sqlite3_file SQLite opened
+    // through our VFS; pMethods is null while it is closed.
+    let methods = unsafe {
+        (!journal.is_null())
+            .then(|| (*journal).pMethods)
+            .filter(|m| !m.is_null())
+    };
+    match (rc, methods) {
+        // SAFETY: the file's own xFileControl (ours), with our opcode and
+        // an argument valid per the contract above.
+        (ffi::SQLITE_OK, Some(m)) => {
+            Some(unsafe { ((*m).xFileControl.expect("xFileControl"))(journal, op, arg) })
+        }
+        _ => None,
+    }
+}
+
 /// Rewraps the DEK of the main database of `conn` under the keyring's
 /// current KEK, then the copy of that wrapping in its WAL's header, through
 /// SQLite's own open file handles (opening the files a second time would
@@ -710,7 +762,6 @@ pub fn rewrap_database(
     conn: &rusqlite::Connection,
     keyring: &Keyring,
 ) -> Result<WrappedDek, StorageError> {
-    let main = CString::new("main").expect("static name");
     let fail = |r: Option<Result<Vec<(DekId, WrappedDek)>, Fail>>,
                 rc: c_int|
      -> Result<Vec<(DekId, WrappedDek)>, StorageError> {
@@ -731,56 +782,26 @@ pub fn rewrap_database(
         parent_wrappings: vec![],
         result: None,
     };
-    // SAFETY: `conn.handle()` is the live sqlite3* of `conn`, used only for
-    // the duration of these calls on this thread; `req` outlives the call
-    // and our x_file_control casts `arg` back to exactly this type.
+    // SAFETY: `req` outlives the call; x_file_control casts the argument
+    // of ATREST_FCNTL_REWRAP back to exactly this type.
     let rc = unsafe {
-        ffi::sqlite3_file_control(
-            conn.handle(),
-            main.as_ptr(),
+        main_file_control(
+            conn,
             ATREST_FCNTL_REWRAP,
             &mut req as *mut RewrapRequest as *mut c_void,
         )
     };
     let wrappings = fail(req.result.take(), rc)?;
     // The WAL (when open) carries a copy of the database's wrapping.
-    let mut journal: *mut ffi::sqlite3_file = ptr::null_mut();
-    // SAFETY: SQLITE_FCNTL_JOURNAL_POINTER is answered by SQLite itself
-    // with the pager's journal or WAL file object (or null), which stays
-    // valid while `conn` is open and unused by other threads.
-    let rc = unsafe {
-        ffi::sqlite3_file_control(
-            conn.handle(),
-            main.as_ptr(),
-            ffi::SQLITE_FCNTL_JOURNAL_POINTER,
-            &mut journal as *mut *mut ffi::sqlite3_file as *mut c_void,
-        )
+    let mut req = RewrapRequest {
+        keyring,
+        parent_wrappings: wrappings.clone(),
+        result: None,
     };
-    // SAFETY: a non-null journal pointer is an sqlite3_file SQLite opened
-    // through our VFS; pMethods is null while it is closed.
-    let open_methods = unsafe {
-        (!journal.is_null())
-            .then(|| (*journal).pMethods)
-            .filter(|m| !m.is_null())
-    };
-    if rc == ffi::SQLITE_OK {
-        if let Some(methods) = open_methods {
-            let mut req = RewrapRequest {
-                keyring,
-                parent_wrappings: wrappings.clone(),
-                result: None,
-            };
-            // SAFETY: calling the file's own xFileControl (ours) with our
-            // opcode and a request that outlives the call.
-            let rc = unsafe {
-                ((*methods).xFileControl.expect("xFileControl"))(
-                    journal,
-                    ATREST_FCNTL_REWRAP,
-                    &mut req as *mut RewrapRequest as *mut c_void,
-                )
-            };
-            fail(req.result.take(), rc)?;
-        }
+    let arg = &mut req as *mut RewrapRequest as *mut c_void;
+    // SAFETY: as above.
+    if let Some(rc) = unsafe { journal_file_control(conn, ATREST_FCNTL_REWRAP, arg) } {
+        fail(req.result.take(), rc)?;
     }
     wrappings
         .into_iter()
@@ -814,56 +835,6 @@ struct RotateRequest<'a> {
     result: Option<Result<Option<RotationStatus>, Fail>>,
 }
 
-/// Sends `req` to the file SQLite has open as `file` (ours), through its
-/// own xFileControl.
-fn send_rotate(conn: &rusqlite::Connection, req: &mut RotateRequest, journal: bool) -> c_int {
-    let main = CString::new("main").expect("static name");
-    if !journal {
-        // SAFETY: `conn.handle()` is the live sqlite3* of `conn`, used only
-        // for this call on this thread; `req` outlives the call and our
-        // x_file_control casts `arg` back to exactly this type.
-        return unsafe {
-            ffi::sqlite3_file_control(
-                conn.handle(),
-                main.as_ptr(),
-                ATREST_FCNTL_ROTATE,
-                req as *mut RotateRequest as *mut c_void,
-            )
-        };
-    }
-    let mut wal: *mut ffi::sqlite3_file = ptr::null_mut();
-    // SAFETY: SQLITE_FCNTL_JOURNAL_POINTER is answered by SQLite itself
-    // with the pager's journal or WAL file object (or null), valid while
-    // `conn` is open and unused by other threads.
-    let rc = unsafe {
-        ffi::sqlite3_file_control(
-            conn.handle(),
-            main.as_ptr(),
-            ffi::SQLITE_FCNTL_JOURNAL_POINTER,
-            &mut wal as *mut *mut ffi::sqlite3_file as *mut c_void,
-        )
-    };
-    // SAFETY: a non-null pointer is an sqlite3_file SQLite opened through
-    // our VFS; pMethods is null while it is closed.
-    let methods = unsafe {
-        (!wal.is_null())
-            .then(|| (*wal).pMethods)
-            .filter(|m| !m.is_null())
-    };
-    match (rc, methods) {
-        // SAFETY: the file's own xFileControl (ours), with our opcode and a
-        // request that outlives the call.
-        (ffi::SQLITE_OK, Some(m)) => unsafe {
-            ((*m).xFileControl.expect("xFileControl"))(
-                wal,
-                ATREST_FCNTL_REKEY_WAL,
-                req as *mut RotateRequest as *mut c_void,
-            )
-        },
-        _ => ffi::SQLITE_NOTFOUND,
-    }
-}
-
 /// Runs one step of the DEK rotation of the main database of `conn`,
 /// through SQLite's own open file handles (see [`rewrap_database`] for
 /// why). For [`RotateOp::Finish`] the caller holds SQLite's WAL write lock
@@ -890,9 +861,13 @@ pub fn rotate_database(
             op,
             result: None,
         };
-        let rc = send_rotate(conn, &mut req, true);
-        if rc != ffi::SQLITE_NOTFOUND {
-            result(&mut req, rc)?;
+        let arg = &mut req as *mut RotateRequest as *mut c_void;
+        // SAFETY: `req` outlives the call; x_file_control casts the
+        // argument of ATREST_FCNTL_REKEY_WAL back to exactly this type.
+        if let Some(rc) = unsafe { journal_file_control(conn, ATREST_FCNTL_REKEY_WAL, arg) } {
+            if rc != ffi::SQLITE_NOTFOUND {
+                result(&mut req, rc)?;
+            }
         }
     }
     let mut req = RotateRequest {
@@ -900,7 +875,14 @@ pub fn rotate_database(
         op,
         result: None,
     };
-    let rc = send_rotate(conn, &mut req, false);
+    // SAFETY: as above, for ATREST_FCNTL_ROTATE.
+    let rc = unsafe {
+        main_file_control(
+            conn,
+            ATREST_FCNTL_ROTATE,
+            &mut req as *mut RotateRequest as *mut c_void,
+        )
+    };
     result(&mut req, rc)
 }
 
