@@ -35,7 +35,7 @@ pub use atrest_keystore::{InfraKeyId, InfraKeystore};
 pub use error::StorageError;
 pub use file::RotationStatus;
 pub use layout::HEADER_LEN;
-pub use offline::Verified;
+pub use offline::{Verified, WalCommit, WalCommits};
 
 use file::Stats;
 use keyring::Keyring;
@@ -606,12 +606,30 @@ impl Engine {
         // VFS. ATTACH from SQL is refused (SQLite does not show the
         // authorizer its file name); `Connection::attach` opens the door for
         // its own statement. URI targets of VACUUM INTO are refused.
+        //
+        // `sqlite_dbpage` (raw pages, decrypted, free pages included, and
+        // writable) is refused too, except to `apply_wal_commits`.
         let attach_allowed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let allowed = Arc::clone(&attach_allowed);
+        let raw_pages_allowed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let raw_allowed = Arc::clone(&raw_pages_allowed);
         conn.authorizer(Some(move |ctx: rusqlite::hooks::AuthContext<'_>| {
             use rusqlite::hooks::{AuthAction, Authorization};
             let is_uri = |f: &str| f.trim_start().to_ascii_lowercase().starts_with("file:");
+            let raw = |t: &str| t.eq_ignore_ascii_case("sqlite_dbpage");
             match ctx.action {
+                AuthAction::Read { table_name, .. }
+                | AuthAction::Insert { table_name }
+                | AuthAction::Update { table_name, .. }
+                | AuthAction::Delete { table_name }
+                    if raw(table_name) =>
+                {
+                    if raw_allowed.load(Ordering::Relaxed) {
+                        Authorization::Allow
+                    } else {
+                        Authorization::Deny
+                    }
+                }
                 AuthAction::Attach { filename } if is_uri(filename) => Authorization::Deny,
                 AuthAction::Attach { .. } => Authorization::Allow,
                 AuthAction::Unknown { code, .. } if code == rusqlite::ffi::SQLITE_ATTACH => {
@@ -635,6 +653,7 @@ impl Engine {
         Ok(Connection {
             conn,
             attach_allowed,
+            raw_pages_allowed,
             _engine: Arc::clone(&self.inner),
         })
     }
@@ -713,6 +732,19 @@ impl Engine {
         offline::verify_at_rest(path, &self.inner.keyring)
     }
 
+    /// Reads the complete transactions of a closed WAL copy from physical
+    /// offset `from`; see [`offline::read_wal_commits`]. The pages come
+    /// back decrypted, in memory only: what a read replica applies with
+    /// [`Connection::apply_wal_commits`].
+    pub fn read_wal_commits(
+        &self,
+        path: &Path,
+        from: u64,
+        max_frames: usize,
+    ) -> Result<WalCommits, StorageError> {
+        offline::read_wal_commits(path, &self.inner.keyring, from, max_frames)
+    }
+
     /// Lets files wrapped under another infrastructure master key (a
     /// restore's source server) still open, so they can be rewrapped.
     pub fn set_infra_previous(&self, p: Option<Arc<InfraProtector>>) {
@@ -733,6 +765,8 @@ pub struct Connection {
     conn: rusqlite::Connection,
     /// Lets `attach` past the authorizer for its own ATTACH statement.
     attach_allowed: Arc<std::sync::atomic::AtomicBool>,
+    /// Lets `apply_wal_commits` past the authorizer for `sqlite_dbpage`.
+    raw_pages_allowed: Arc<std::sync::atomic::AtomicBool>,
     _engine: Arc<EngineInner>,
 }
 
@@ -832,6 +866,54 @@ impl Connection {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Applies transactions read from another database's WAL (see
+    /// [`Engine::read_wal_commits`]) to this database, as one transaction
+    /// of its own: readers see all of them or none. Each page is written
+    /// whole (through `sqlite_dbpage`, so it is sealed under this
+    /// database's own keys like any page), then the file is cut to the
+    /// last transaction's size. The same transactions applied twice give
+    /// the same database (pages are images, not changes), so after a
+    /// crash a replica may start again from any earlier boundary as long
+    /// as one call takes it past the point it had reached.
+    ///
+    /// Use a connection that does nothing else: having written the schema
+    /// raw, it may go on with the schema it had loaded; every other
+    /// connection sees the new one.
+    pub fn apply_wal_commits(&self, commits: &[WalCommit]) -> Result<(), StorageError> {
+        let Some(last) = commits.last() else {
+            return Ok(());
+        };
+        let sql = StorageError::from_sqlite;
+        self.raw_pages_allowed.store(true, Ordering::Relaxed);
+        let applied = (|| {
+            self.conn.execute_batch("BEGIN IMMEDIATE").map_err(sql)?;
+            let written = (|| {
+                let mut put = self
+                    .conn
+                    .prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")
+                    .map_err(sql)?;
+                for (pgno, data) in commits.iter().flat_map(|c| &c.pages) {
+                    put.execute((pgno, &data[..])).map_err(sql)?;
+                }
+                // A NULL page cuts the file before it, at commit, if it is
+                // longer (sqlite_dbpage); the btree's own page count is
+                // not told about raw writes, so it is not asked.
+                put.execute((last.db_pages + 1, rusqlite::types::Null))
+                    .map_err(sql)?;
+                Ok::<_, StorageError>(())
+            })();
+            match written {
+                Ok(()) => self.conn.execute_batch("COMMIT").map_err(sql),
+                Err(e) => {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    Err(e)
+                }
+            }
+        })();
+        self.raw_pages_allowed.store(false, Ordering::Relaxed);
+        applied
     }
 
     /// Attaches database `name` of the same data directory as `schema`,

@@ -329,3 +329,113 @@ pub fn verify_at_rest(path: &Path, keyring: &Keyring) -> Result<Verified, Storag
     }
     Ok(Verified { kind, units, bytes })
 }
+
+/// One transaction read from a WAL copy: its pages in the order they were
+/// written (decrypted: kept in memory only, zeroized on drop) and the
+/// database size in pages after it.
+pub struct WalCommit {
+    pub pages: Vec<(u32, zeroize::Zeroizing<Vec<u8>>)>,
+    pub db_pages: u32,
+    /// The physical offset just past this transaction's commit frame: where
+    /// the next read of the same copy starts.
+    pub end: u64,
+}
+
+/// What [`read_wal_commits`] found.
+pub struct WalCommits {
+    /// The WAL generation's salts (SQLite's WAL header): two copies of one
+    /// WAL generation hold the same frames at the same offsets.
+    pub salts: [u8; 8],
+    pub page_size: usize,
+    pub commits: Vec<WalCommit>,
+}
+
+/// Reads the complete transactions of a closed WAL copy (an archive
+/// segment) from physical offset `from` (a transaction boundary, as
+/// returned in [`WalCommit::end`], or 0 for the start), stopping at the
+/// first transaction that ends after `max_frames` frames, and at the end
+/// of the copy: frames after the last commit frame are left for later.
+/// Every frame must authenticate (strict), so a damaged copy is an error
+/// naming the frame, never a short read.
+pub fn read_wal_commits(
+    path: &Path,
+    keyring: &Keyring,
+    from: u64,
+    max_frames: usize,
+) -> Result<WalCommits, StorageError> {
+    let name = path.display().to_string();
+    let f = std::fs::File::open(path).map_err(io_err(&name))?;
+    let (_, header, _) = best_header(&f, keyring, &name)?;
+    if header.kind != FileKind::Wal {
+        return Err(StorageError::Unsupported {
+            path: name,
+            what: format!("reading transactions from a {} file", header.kind.name()),
+        });
+    }
+    let mut raw = OsFile(f);
+    let shared = SharedFile::open(&mut raw, FileKind::Wal, name.clone(), keyring, None, false)
+        .map_err(|e| fail_err(&name, e))?;
+    let (base, ov) = (shared.base, shared.ov);
+    let stats = std::sync::Arc::new(Stats::default());
+    let mut file = EncryptedFile::new(raw, shared, stats).strict();
+    let logical = file.file_size().map_err(|e| fail_err(&name, e))?;
+    let mut out = WalCommits {
+        salts: [0; 8],
+        page_size: 0,
+        commits: vec![],
+    };
+    if logical < WAL_HEADER as u64 {
+        return Ok(out);
+    }
+    let mut hdr = [0u8; WAL_HEADER];
+    file.read(&mut hdr, 0).map_err(|e| fail_err(&name, e))?;
+    let ps = u32::from_be_bytes(hdr[8..12].try_into().unwrap()) as usize;
+    if !(ps.is_power_of_two() && (512..=65536).contains(&ps)) {
+        return Err(StorageError::Header {
+            path: name,
+            reason: format!("the WAL header names page size {ps}"),
+        });
+    }
+    out.page_size = ps;
+    out.salts.copy_from_slice(&hdr[16..24]);
+    let geo = crate::layout::Geometry::Wal {
+        page_size: ps,
+        base,
+        ov,
+    };
+    let lframe = (WAL_FRAME_HEADER + ps) as u64;
+    let first = geo
+        .logical_size(from)
+        .saturating_sub(WAL_HEADER as u64)
+        .div_ceil(lframe);
+    let mut off = WAL_HEADER as u64 + first * lframe;
+    let mut frame = zeroize::Zeroizing::new(vec![0u8; WAL_FRAME_HEADER + ps]);
+    let mut pending: Vec<(u32, zeroize::Zeroizing<Vec<u8>>)> = vec![];
+    let mut frames = 0usize;
+    while off + lframe <= logical {
+        file.read(&mut frame, off).map_err(|e| fail_err(&name, e))?;
+        off += lframe;
+        if frame[8..16] != out.salts {
+            // Not of this generation: nothing after it is either.
+            break;
+        }
+        let pgno = u32::from_be_bytes(frame[0..4].try_into().unwrap());
+        let commit = u32::from_be_bytes(frame[4..8].try_into().unwrap());
+        pending.push((
+            pgno,
+            zeroize::Zeroizing::new(frame[WAL_FRAME_HEADER..].to_vec()),
+        ));
+        frames += 1;
+        if commit != 0 {
+            out.commits.push(WalCommit {
+                pages: std::mem::take(&mut pending),
+                db_pages: commit,
+                end: geo.physical_size(off),
+            });
+            if frames >= max_frames {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
