@@ -150,6 +150,22 @@ pub struct WalArchiver {
     pub db_copy: std::sync::RwLock<()>,
 }
 
+/// A piece of an archive segment sent to a replica.
+pub struct SegmentChunk {
+    /// The segment's header region (its keys; rewritten as the WAL's is).
+    pub header: Vec<u8>,
+    /// Where `data` starts in the segment.
+    pub from: u64,
+    pub data: Vec<u8>,
+    /// The segment's committed length, and the time of that commit.
+    pub len: u64,
+    pub last_commit_us: u64,
+    /// A later segment, if there is one: this one is complete.
+    pub newer: Option<u64>,
+    /// The newest segment and its committed length.
+    pub head: (u64, u64),
+}
+
 /// Segment numbers present in `dir`, ascending.
 fn segments_in(dir: &Path) -> Vec<u64> {
     let mut v: Vec<u64> = fs::read_dir(dir)
@@ -319,6 +335,52 @@ impl WalArchiver {
         st.paused = st.paused.saturating_sub(1);
     }
 
+    /// Segment `seq` for a replica: its header region and its committed
+    /// bytes from `from` (at most `max`), read under the archive's lock so
+    /// that no commit is half copied. See [`SegmentChunk`].
+    pub fn read_segment(&self, seq: u64, from: u64, max: u64) -> Result<SegmentChunk, String> {
+        let _st = self.state.lock().expect("archive state");
+        let all = segments_in(&self.dir);
+        let newer = all.iter().copied().find(|s| *s > seq);
+        let head = match all.last() {
+            Some(&last) => (
+                last,
+                read_commits(&segment_path(&self.dir, last, "commits"))
+                    .last()
+                    .map_or(0, |c| c.0),
+            ),
+            None => (seq, 0),
+        };
+        let commits = read_commits(&segment_path(&self.dir, seq, "commits"));
+        let (len, last_commit_us) = commits.last().copied().unwrap_or((0, 0));
+        let mut chunk = SegmentChunk {
+            header: vec![],
+            from,
+            data: vec![],
+            len,
+            last_commit_us,
+            newer,
+            head,
+        };
+        if len == 0 {
+            return Ok(chunk);
+        }
+        let path = segment_path(&self.dir, seq, "wal");
+        let f = File::open(&path).map_err(|e| err("opening", &path, e))?;
+        let hl = HEADER_LEN.min(len);
+        chunk.header = vec![0u8; hl as usize];
+        f.read_exact_at(&mut chunk.header, 0)
+            .map_err(|e| err("reading", &path, e))?;
+        let start = from.max(hl);
+        if len > start {
+            chunk.from = start;
+            chunk.data = vec![0u8; (len - start).min(max) as usize];
+            f.read_exact_at(&mut chunk.data, start)
+                .map_err(|e| err("reading", &path, e))?;
+        }
+        Ok(chunk)
+    }
+
     /// Rewraps this database's archived segments (the one being appended
     /// too: its writer waits on the lock).
     fn rewrap(&self, engine: &Engine) -> Result<usize, String> {
@@ -378,12 +440,12 @@ pub struct BackupEntry {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Manifest {
-    entry: BackupEntry,
+pub(crate) struct Manifest {
+    pub(crate) entry: BackupEntry,
     /// The source's configuration: where its keys are, what it protects with.
-    source: ServerConfig,
+    pub(crate) source: ServerConfig,
     /// The source data directory's metadata (`atrest.json`).
-    data_dir_info: serde_json::Value,
+    pub(crate) data_dir_info: serde_json::Value,
 }
 
 fn catalog_path(repo: &Path) -> PathBuf {
@@ -661,7 +723,7 @@ fn backup_dir(repo: &Path, id: &str) -> Result<PathBuf, String> {
     Ok(d)
 }
 
-fn read_manifest(backup: &Path) -> Result<Manifest, String> {
+pub(crate) fn read_manifest(backup: &Path) -> Result<Manifest, String> {
     let p = backup.join("manifest.json");
     serde_json::from_slice(&fs::read(&p).map_err(|e| err("reading", &p, e))?)
         .map_err(|e| err("reading", &p, e))

@@ -152,6 +152,24 @@ fn describe_decode_error(e: &PgWireError) -> PgError {
 /// Serves one accepted socket until it closes.
 pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ServerCtx>) {
     let _ = tcp.set_nodelay(true);
+    // A TLS record first (no SSLRequest): direct TLS. Without ALPN
+    // `postgresql` it is a replica calling (see crate::replication).
+    let mut first = [0u8; 1];
+    if matches!(tcp.peek(&mut first).await, Ok(1)) && first[0] == 0x16 {
+        let accepted = tokio::time::timeout(
+            Duration::from_millis(ctx.limits.authentication_timeout_ms),
+            ctx.replication_tls.accept(tcp),
+        )
+        .await;
+        match accepted {
+            Ok(Ok(tls)) => crate::replication::serve(tls, peer, ctx).await,
+            _ => {
+                tracing::info!(%peer, "direct TLS handshake failed");
+                ctx.metrics.rejected("tls_handshake");
+            }
+        }
+        return;
+    }
     let auth_timeout = Duration::from_millis(ctx.limits.authentication_timeout_ms);
     let started = tokio::time::timeout(auth_timeout, startup(tcp, peer, &ctx)).await;
     let (mut conn, session) = match started {

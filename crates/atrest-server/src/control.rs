@@ -314,6 +314,10 @@ async fn admin_op(ctx: &Arc<ServerCtx>, req: Value) -> Value {
             }
         }
         "rotation-status" => json!({"ok": true, "databases": ctx.rotator.progress()}),
+        "promote" => match crate::replication::promote_running(ctx) {
+            Ok(()) => json!({"ok": true}),
+            Err(e) => json!({"error": e}),
+        },
         "status" => {
             json!({"ok": true, "phase": format!("{:?}", ctx.phase()), "sessions": ctx.session_count()})
         }

@@ -151,6 +151,8 @@ pub struct Databases {
     open: Mutex<HashMap<String, Arc<Database>>>,
     /// The backup repository whose `wal/` receives the WAL archive.
     archive: Mutex<Option<std::path::PathBuf>>,
+    /// On a read replica: why writes are refused.
+    read_only: Mutex<Option<String>>,
 }
 
 impl Databases {
@@ -159,6 +161,7 @@ impl Databases {
             engine,
             open: Mutex::new(HashMap::new()),
             archive: Mutex::new(None),
+            read_only: Mutex::new(None),
         }
     }
 
@@ -179,6 +182,34 @@ impl Databases {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The WAL archiver of database `name` (opening it if needed).
+    pub fn archiver(&self, name: &str) -> Result<Arc<WalArchiver>, String> {
+        let existing = self
+            .open
+            .lock()
+            .expect("databases poisoned")
+            .get(name)
+            .cloned();
+        let db = match existing {
+            Some(db) => db,
+            None => self.maintenance_connection(name).map_err(|e| e.message)?.0,
+        };
+        db.archiver
+            .clone()
+            .ok_or_else(|| format!("database {name} has no WAL archive"))
+    }
+
+    /// Makes every database read-only (a read replica) with `why` as the
+    /// reason writers are given, or writable again (`None`: promoted).
+    pub fn set_read_only(&self, why: Option<String>) {
+        *self.read_only.lock().expect("read-only") = why;
+    }
+
+    /// Why writes are refused, on a read replica.
+    pub fn read_only(&self) -> Option<String> {
+        self.read_only.lock().expect("read-only").clone()
     }
 
     fn exists(&self, name: &str) -> bool {
@@ -278,6 +309,12 @@ impl Databases {
     }
 
     pub fn create(&self, name: &str) -> Result<(), PgError> {
+        if let Some(why) = self.read_only() {
+            return Err(PgError::new(
+                "25006",
+                format!("cannot execute CREATE DATABASE: {why}"),
+            ));
+        }
         validate_database_name(name).map_err(|m| PgError::new("42602", m))?;
         let _open = self.open.lock().expect("databases poisoned");
         if self.exists(name) {
@@ -300,6 +337,12 @@ impl Databases {
         if_exists: bool,
         current: &str,
     ) -> Result<bool, PgError> {
+        if let Some(why) = self.read_only() {
+            return Err(PgError::new(
+                "25006",
+                format!("cannot execute DROP DATABASE: {why}"),
+            ));
+        }
         let mut open = self.open.lock().expect("databases poisoned");
         if !self.exists(name) {
             if if_exists {

@@ -37,6 +37,8 @@ pub struct ServerCtx {
     pub databases: Arc<Databases>,
     pub metrics: Arc<Metrics>,
     pub tls: TlsAcceptor,
+    /// Direct TLS that does not ask for `postgresql`: the replication API.
+    pub replication_tls: TlsAcceptor,
     /// `tls-server-end-point` of our certificate (None: -PLUS not offered).
     pub channel_binding: Option<Vec<u8>>,
     pub mock_key: String,
@@ -97,6 +99,11 @@ impl ServerCtx {
             ),
         )
         .hint("Restore the server identity's access to the key in the vault (get, wrapKey, unwrapKey; key enabled, not expired, not deleted; firewall), then run `atrest server revalidate`.")
+    }
+
+    /// Whether this server follows another (a read replica not promoted).
+    pub fn is_replica(&self) -> bool {
+        self.databases.read_only().is_some()
     }
 
     pub fn kick_watch(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -318,10 +325,12 @@ pub enum StartError {
     Admin(std::io::Error),
 }
 
+/// The PostgreSQL acceptor (ALPN `postgresql`), the replication API's
+/// (direct TLS, ALPN `http/1.1`) and the channel binding.
 fn load_tls(
     dir: &Path,
     config: &ServerConfig,
-) -> Result<(TlsAcceptor, Option<Vec<u8>>), StartError> {
+) -> Result<(TlsAcceptor, TlsAcceptor, Option<Vec<u8>>), StartError> {
     let cert = resource::resolve(dir, &config.tls.cert);
     let key = resource::resolve(dir, &config.tls.key);
     let chain =
@@ -331,6 +340,8 @@ fn load_tls(
     );
     let mut cfg = atrest_vault::tls::server_config_pem(&chain, &keypem)
         .map_err(|e| StartError::Tls(e.to_string()))?;
+    let mut replication = cfg.clone();
+    replication.alpn_protocols = vec![b"http/1.1".to_vec()];
     cfg.alpn_protocols = vec![b"postgresql".to_vec()];
     let leaf = rustls_pemfile::certs(&mut chain.as_slice())
         .next()
@@ -340,7 +351,11 @@ fn load_tls(
     if binding.is_none() {
         tracing::warn!("the certificate's signature algorithm has no channel-binding hash; SCRAM-SHA-256-PLUS is not offered");
     }
-    Ok((TlsAcceptor::from(Arc::new(cfg)), binding))
+    Ok((
+        TlsAcceptor::from(Arc::new(cfg)),
+        TlsAcceptor::from(Arc::new(replication)),
+        binding,
+    ))
 }
 
 /// A started server: where it listens, and how to stop it.
@@ -473,7 +488,14 @@ async fn start_locked(
     // start, not at the first query. With a customer key a refusal means
     // Inaccessible, not a failed start.
     let databases = Arc::new(Databases::new(engine));
-    databases.set_archive(crate::backup::repository(dir, &config));
+    match &config.replica {
+        // A replica archives nothing (its source does) and takes no writes.
+        Some(rc) => databases.set_read_only(Some(format!(
+            "this server is a read replica of {}; send writes to the source ({})",
+            rc.source_name, rc.source
+        ))),
+        None => databases.set_archive(crate::backup::repository(dir, &config)),
+    }
     // A restore not finished yet: its files are still under the source's
     // keys. With a service key it finishes now; with a customer key once
     // the vault lets this server's identity in.
@@ -519,6 +541,11 @@ async fn start_locked(
             }
         }
     }
+    if let (None, Some(rc)) = (&key_failure, &config.replica) {
+        if let Err(e) = crate::replication::prepare_keys(databases.engine(), rc) {
+            key_failure = Some(format!("the source's keys: {e}"));
+        }
+    }
     let mut config = config;
     if key_failure.is_none() && !config.encryption.rewrap_from.is_empty() {
         // A key switch was interrupted: finish it before serving.
@@ -554,7 +581,7 @@ async fn start_locked(
     if key_failure.is_some() {
         databases.engine().forget_keys();
     }
-    let (tls, channel_binding) = load_tls(dir, &config)?;
+    let (tls, replication_tls, channel_binding) = load_tls(dir, &config)?;
     let addr = opts
         .listen
         .clone()
@@ -600,6 +627,7 @@ async fn start_locked(
         databases,
         metrics: Arc::new(Metrics::default()),
         tls,
+        replication_tls,
         channel_binding,
         roles: RwLock::new(roles),
         sessions: Mutex::new(HashMap::new()),
@@ -633,6 +661,9 @@ async fn start_locked(
     // Resumes an unfinished DEK rotation once Ready, and rotates DEKs that
     // reach their usage limit.
     ctx.rotator.start(&ctx);
+    if let Some(rc) = ctx.config.replica.clone() {
+        crate::replication::start_follower(&ctx, rc);
+    }
     tracing::info!(%listen, metrics = ?metrics_addr, server = %ctx.config.name, "atrest server listening");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let c = Arc::clone(&ctx);

@@ -218,6 +218,9 @@ pub struct ServerConfig {
     /// The online DEK rotation's throttle and automatic trigger.
     #[serde(default)]
     pub dek_rotation: crate::rotation::DekRotationConfig,
+    /// Set on a read replica: the server it follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<crate::replication::ReplicaConfig>,
 }
 
 impl ServerConfig {
@@ -621,6 +624,7 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
         webhooks: vec![],
         backup: Default::default(),
         dek_rotation: Default::default(),
+        replica: None,
     };
     write_atomic(
         &dir.join(CONFIG_FILE),
@@ -950,6 +954,11 @@ pub fn status(dir: &Path) -> Result<serde_json::Value, ResourceError> {
         "health": health,
         "databases": dbs,
         "dek_rotation": dek_rotation,
+        "replica": config.replica.as_ref().map(|rc| serde_json::json!({
+            "source": rc.source,
+            "source_name": rc.source_name,
+            "databases": crate::replication::load_lag(dir),
+        })),
         "history": state.history,
     }))
 }

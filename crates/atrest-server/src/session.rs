@@ -1116,6 +1116,11 @@ impl Worker {
         (ms > 0).then(|| Duration::from_millis(ms))
     }
 
+    /// Why this server refuses writes (a read replica), if it does.
+    fn cfg_read_only(&self) -> Option<String> {
+        self.cfg.databases.read_only()
+    }
+
     fn acquire_gate(&mut self) -> Result<(), PgError> {
         if self.holds_gate {
             return Ok(());
@@ -1172,6 +1177,14 @@ impl Worker {
         self.arm_deadline();
         let result = if info.readonly {
             Ok(())
+        } else if let Some(why) = self.cfg_read_only() {
+            Err(PgError::new(
+                "25006",
+                format!(
+                    "cannot execute {} in a read-only transaction: {why}",
+                    info.verb
+                ),
+            ))
         } else {
             self.acquire_gate()
         }

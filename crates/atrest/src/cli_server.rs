@@ -179,6 +179,9 @@ enum ServerCommand {
     /// Take an online, consistent backup of every database (ciphertext
     /// only; the WAL is archived continuously), or list / verify backups.
     Backup(BackupArgs),
+    /// Read replicas: create one, allow one on its source, promote one.
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
     /// Make a new server from a backup, optionally at a point in time.
     Restore {
         /// The backup: REPO/backups/ID (see `atrest server backup list`).
@@ -216,6 +219,50 @@ struct BackupArgs {
     /// The server directory (running or stopped).
     #[arg(long)]
     data: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ReplicaCommand {
+    /// Create a read replica of a running source: a base backup restored
+    /// into a new server (new identity; the same customer key, and then
+    /// Inaccessible until revalidated), which then follows the source's
+    /// WAL, shipped sealed over TLS.
+    Create {
+        /// The source: its server directory on this machine, or its
+        /// PostgreSQL address HOST:PORT (with --source-ca and --token-file).
+        #[arg(long)]
+        source: String,
+        /// The CA of the source's TLS certificate (a source at an address).
+        #[arg(long)]
+        source_ca: Option<PathBuf>,
+        /// The token from `replica allow` on the source (a source at an address).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// The replica's name.
+        #[arg(long)]
+        name: String,
+        /// The replica's directory (new).
+        #[arg(long)]
+        data: PathBuf,
+        /// The replica's listen address.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// On the source: allow a replica named NAME to follow; writes its
+    /// token (0600) to --token-out.
+    Allow {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        token_out: PathBuf,
+    },
+    /// Turn a replica into an independent, writable server (running or not).
+    Promote {
+        #[arg(long)]
+        data: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -494,6 +541,25 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                     "infrastructure encryption: {}",
                     st["encryption"]["infrastructure_encryption"]
                 );
+                if let Some(r) = st["replica"].as_object() {
+                    println!(
+                        "replica of: {} at {}",
+                        r["source_name"].as_str().unwrap_or("-"),
+                        r["source"].as_str().unwrap_or("-")
+                    );
+                    for (db, l) in r["databases"].as_object().into_iter().flatten() {
+                        println!(
+                            "replication: {db} lag {} bytes, {:.1} s, {} transactions applied{}",
+                            l["lag_bytes"],
+                            l["lag_seconds"].as_f64().unwrap_or(0.0),
+                            l["transactions_applied"],
+                            l["last_error"]
+                                .as_str()
+                                .map(|e| format!("; last error: {e}"))
+                                .unwrap_or_default()
+                        );
+                    }
+                }
                 for p in st["dek_rotation"].as_array().into_iter().flatten() {
                     println!(
                         "dek rotation: {} {} {}% ({} of {} pages, {} pages/s, {} s left; {})",
@@ -691,6 +757,7 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
         }
         ServerCommand::Role { command } => run_role(command),
         ServerCommand::Backup(args) => run_backup(args),
+        ServerCommand::Replica(cmd) => run_replica(cmd),
         ServerCommand::Restore {
             from,
             to_time,
@@ -754,6 +821,74 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             }
             resource::delete(&data)?;
             println!("deleted server {name}");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn run_replica(cmd: ReplicaCommand) -> Result<std::process::ExitCode> {
+    use atrest_server::replication;
+    match cmd {
+        ReplicaCommand::Create {
+            source,
+            source_ca,
+            token_file,
+            name,
+            data,
+            listen,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let r = rt
+                .block_on(replication::create(&replication::CreateOptions {
+                    source,
+                    source_ca,
+                    token_file,
+                    name,
+                    dir: data,
+                    listen,
+                }))
+                .map_err(|e| anyhow::anyhow!(e))?;
+            let rc = r.config.replica.as_ref().expect("a replica");
+            println!(
+                "created replica {} ({}) of {} at {}, state {}",
+                r.config.name, r.config.server_id, rc.source_name, rc.source, r.state
+            );
+            if let Some(step) = &r.next_step {
+                println!("  next step: {step}");
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        ReplicaCommand::Allow {
+            data,
+            name,
+            token_out,
+        } => {
+            let token = replication::allow(&data, &name).map_err(|e| anyhow::anyhow!(e))?;
+            resource::write_atomic(&token_out, token.as_bytes(), 0o600)?;
+            println!(
+                "replica {name} may follow {}; its token is in {} (give it to `replica create --token-file`)",
+                data.display(),
+                token_out.display()
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        ReplicaCommand::Promote { data } => {
+            match atrest_server::control::admin_request(
+                &data,
+                &serde_json::json!({"op": "promote"}),
+            ) {
+                Some(Ok(_)) => println!("promoted {}: it takes writes now", data.display()),
+                Some(Err(e)) => bail!("{e}"),
+                None => {
+                    replication::promote(&data).map_err(|e| anyhow::anyhow!(e))?;
+                    println!(
+                        "promoted {}: it takes writes from its next start",
+                        data.display()
+                    );
+                }
+            }
             Ok(std::process::ExitCode::SUCCESS)
         }
     }

@@ -1,0 +1,983 @@
+//! Read replicas: a server that follows another by shipping its WAL as
+//! ciphertext.
+//!
+//! The source serves its WAL archive (`backup.rs`: one segment per WAL
+//! generation, the sealed bytes as they are on disk) and base backups over
+//! its PostgreSQL port: a client that opens TLS directly (no SSLRequest)
+//! and does not ask for ALPN `postgresql` speaks this module's HTTP API,
+//! authenticated by a token that `atrest server replica allow` (or
+//! `replica create --source DIR`) registered on the source (its SHA-256
+//! is kept, never the token).
+//!
+//! The replica copies each segment's bytes into `DIR/replica/wal/NAME/`
+//! (still sealed), reads the complete transactions from them with its own
+//! access to the keys (the same customer key, or the source's service
+//! key), decrypting in memory only, and applies them to its own database
+//! as one transaction per batch (`Connection::apply_wal_commits`), where
+//! they are sealed under the replica's own DEKs. Its position (segment,
+//! offset, WAL salts) is written after each batch; a crash between the
+//! two re-applies page images, which is harmless (see
+//! `apply_wal_commits`). Sessions on a replica are read-only.
+//!
+//! What this is not: synchronous replication (a commit does not wait for
+//! the replica), or logical replication.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::listener::{Phase, ServerCtx};
+use crate::resource;
+
+/// Where a replica keeps its token, the source's CA, its position and the
+/// segments it is reading.
+pub const REPLICA_DIR: &str = "replica";
+/// On the source: the replicas allowed to follow it.
+const ALLOWED_FILE: &str = "replicas.json";
+/// The write gate holder id of the replica's applier.
+const APPLIER_PID: i32 = -4;
+/// Most bytes one response carries.
+const CHUNK: u64 = 8 << 20;
+/// Transactions are applied in batches of about this many frames.
+const BATCH_FRAMES: usize = 4000;
+
+/// `server.json`'s `replica`: what this server follows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaConfig {
+    /// The source's PostgreSQL address, HOST:PORT.
+    pub source: String,
+    pub source_name: String,
+    pub source_server_id: String,
+    /// The source server's directory, when it is on this machine (its
+    /// address is read from its state at each reconnect).
+    pub source_dir: Option<PathBuf>,
+    /// The CA that signed the source's TLS certificate (PEM), relative to
+    /// the server directory.
+    pub source_ca: PathBuf,
+    /// The replication token (0600), relative to the server directory.
+    pub token_file: PathBuf,
+    /// The keys the source's segments are wrapped under, besides ours.
+    pub source_service_key: Option<String>,
+    pub source_keystore_dir: PathBuf,
+    pub source_infra_key: Option<String>,
+    pub source_infra_keystore_dir: Option<PathBuf>,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.as_bytes()).as_ref())
+}
+
+// ---------------------------------------------------------------------------
+// The source side
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Allowed {
+    name: String,
+    token_sha256: String,
+    created: String,
+}
+
+fn load_allowed(dir: &Path) -> Vec<Allowed> {
+    fs::read(dir.join(ALLOWED_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Allows a replica named `name` to follow the server in `dir`; returns
+/// its token (shown once: only its hash is kept). Allowing a name again
+/// replaces its token.
+pub fn allow(dir: &Path, name: &str) -> Result<String, String> {
+    resource::validate_name(name).map_err(|e| e.to_string())?;
+    let mut b = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut b).map_err(|_| "the system RNG failed".to_string())?;
+    let token = hex::encode(b);
+    let mut list = load_allowed(dir);
+    list.retain(|a| a.name != name);
+    list.push(Allowed {
+        name: name.to_string(),
+        token_sha256: sha256_hex(&token),
+        created: resource::now_rfc3339(),
+    });
+    resource::write_atomic(
+        &dir.join(ALLOWED_FILE),
+        &serde_json::to_vec_pretty(&list).expect("serializable"),
+        0o600,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(token)
+}
+
+/// Removes a replica's permission to follow.
+pub fn disallow(dir: &Path, name: &str) -> Result<bool, String> {
+    let mut list = load_allowed(dir);
+    let before = list.len();
+    list.retain(|a| a.name != name);
+    resource::write_atomic(
+        &dir.join(ALLOWED_FILE),
+        &serde_json::to_vec_pretty(&list).expect("serializable"),
+        0o600,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(list.len() != before)
+}
+
+fn replica_for_token(dir: &Path, token: &str) -> Option<String> {
+    let h = sha256_hex(token);
+    load_allowed(dir)
+        .into_iter()
+        .find(|a| {
+            aws_lc_rs::constant_time::verify_slices_are_equal(
+                a.token_sha256.as_bytes(),
+                h.as_bytes(),
+            )
+            .is_ok()
+        })
+        .map(|a| a.name)
+}
+
+type Response = hyper::Response<http_body_util::Full<bytes::Bytes>>;
+
+fn reply(status: u16, body: impl Into<bytes::Bytes>) -> Response {
+    hyper::Response::builder()
+        .status(status)
+        .body(http_body_util::Full::new(body.into()))
+        .expect("valid response")
+}
+
+fn json_reply(status: u16, v: serde_json::Value) -> Response {
+    let mut r = reply(status, v.to_string());
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().expect("header"));
+    r
+}
+
+fn error_reply(status: u16, msg: String) -> Response {
+    json_reply(status, serde_json::json!({ "error": msg }))
+}
+
+fn query(uri: &hyper::Uri, key: &str) -> Option<u64> {
+    uri.query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    })
+}
+
+/// Serves the replication API on a TLS connection that did not ask for
+/// the PostgreSQL protocol.
+pub async fn serve<S>(stream: S, peer: std::net::SocketAddr, ctx: Arc<ServerCtx>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let ctx = Arc::clone(&ctx);
+        async move { Ok::<_, std::convert::Infallible>(route(req, &ctx).await) }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+        .await
+    {
+        tracing::debug!(%peer, error = %e, "replication connection ended");
+    }
+}
+
+async fn route(req: hyper::Request<hyper::body::Incoming>, ctx: &Arc<ServerCtx>) -> Response {
+    let token = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let Some(replica) = replica_for_token(&ctx.dir, token) else {
+        ctx.metrics.rejected("replication_token");
+        return error_reply(
+            401,
+            format!(
+                "this replica is not allowed to follow {}: run `atrest server replica allow --data SOURCE_DIR --name NAME` on the source and give the replica its token",
+                ctx.config.name
+            ),
+        );
+    };
+    if ctx.phase() == Phase::Inaccessible {
+        return error_reply(503, ctx.inaccessible_error().message);
+    }
+    let path: Vec<String> = req
+        .uri()
+        .path()
+        .trim_start_matches('/')
+        .split('/')
+        .map(str::to_string)
+        .collect();
+    let parts: Vec<&str> = path.iter().map(String::as_str).collect();
+    match (req.method().as_str(), parts.as_slice()) {
+        ("GET", ["replication", "v1", "info"]) => json_reply(200, info(ctx)),
+        ("POST", ["replication", "v1", "backup"]) => {
+            let c = Arc::clone(ctx);
+            let made = tokio::task::spawn_blocking(move || {
+                let config = c.live.lock().expect("config").clone();
+                crate::backup::take_backup(&c.dir, &config, &c.databases).map(|entry| {
+                    let dir = crate::backup::repository(&c.dir, &config)
+                        .join("backups")
+                        .join(&entry.id);
+                    let files: Vec<serde_json::Value> = fs::read_dir(&dir)
+                        .map(|rd| {
+                            rd.flatten()
+                                .filter_map(|e| {
+                                    Some(serde_json::json!({
+                                        "name": e.file_name().to_str()?,
+                                        "bytes": e.metadata().ok()?.len(),
+                                    }))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    serde_json::json!({ "id": entry.id, "files": files })
+                })
+            })
+            .await;
+            match made {
+                Ok(Ok(v)) => {
+                    tracing::info!(%replica, backup = %v["id"], "base backup for a replica");
+                    json_reply(200, v)
+                }
+                Ok(Err(e)) => error_reply(500, format!("taking the base backup: {e}")),
+                Err(e) => error_reply(500, e.to_string()),
+            }
+        }
+        ("GET", ["replication", "v1", "backup", id, file]) => {
+            let config = ctx.live.lock().expect("config").clone();
+            let ok = |s: &str| !s.is_empty() && !s.starts_with('.') && !s.contains(['/', '\\']);
+            if !ok(id) || !ok(file) {
+                return error_reply(400, "bad backup file name".into());
+            }
+            let p = crate::backup::repository(&ctx.dir, &config)
+                .join("backups")
+                .join(id)
+                .join(file);
+            let from = query(req.uri(), "offset").unwrap_or(0);
+            match read_range(&p, from, CHUNK) {
+                Ok(b) => reply(200, b),
+                Err(e) => error_reply(404, format!("{}: {e}", p.display())),
+            }
+        }
+        ("GET", ["replication", "v1", "wal", name, seq]) => {
+            let (Ok(seq), true) = (seq.parse::<u64>(), ctx.databases.is_database(name)) else {
+                return error_reply(404, format!("no database {name:?} or bad segment {seq:?}"));
+            };
+            let from = query(req.uri(), "from").unwrap_or(0);
+            let wait = Duration::from_millis(query(req.uri(), "wait_ms").unwrap_or(0).min(10_000));
+            segment(ctx, name, seq, from, wait).await
+        }
+        _ => error_reply(
+            404,
+            format!("no such replication call: {}", req.uri().path()),
+        ),
+    }
+}
+
+fn info(ctx: &ServerCtx) -> serde_json::Value {
+    let config = ctx.live.lock().expect("config").clone();
+    serde_json::json!({
+        "name": config.name,
+        "server_id": config.server_id,
+        "databases": ctx.databases.names(),
+        "customer_key": config.encryption.customer_key.as_ref().map(|k| k.key.clone()),
+        "infrastructure_encryption": config.encryption.infrastructure_encryption,
+    })
+}
+
+fn read_range(p: &Path, from: u64, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::open(p)?;
+    let len = f.metadata()?.len();
+    let n = len.saturating_sub(from).min(max) as usize;
+    let mut buf = vec![0u8; n];
+    f.read_exact_at(&mut buf, from)?;
+    Ok(buf)
+}
+
+/// One response of `GET wal/NAME/SEQ`: the segment's header region and
+/// its committed bytes from `from`, waiting up to `wait` for some.
+async fn segment(
+    ctx: &Arc<ServerCtx>,
+    name: &str,
+    seq: u64,
+    from: u64,
+    wait: Duration,
+) -> Response {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let c = Arc::clone(ctx);
+        let n = name.to_string();
+        let read = tokio::task::spawn_blocking(move || {
+            let archiver = c.databases.archiver(&n)?;
+            archiver.read_segment(seq, from, CHUNK)
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        let chunk = match read {
+            Ok(c) => c,
+            Err(e) => return error_reply(500, format!("reading the WAL archive of {name}: {e}")),
+        };
+        if !chunk.data.is_empty()
+            || chunk.newer.is_some()
+            || tokio::time::Instant::now() >= deadline
+        {
+            let mut body = chunk.header;
+            body.extend_from_slice(&chunk.data);
+            let mut r = reply(200, body);
+            let h = r.headers_mut();
+            let mut set = |k: &'static str, v: String| {
+                h.insert(k, v.parse().expect("header value"));
+            };
+            set("x-atrest-segment-len", chunk.len.to_string());
+            set("x-atrest-from", chunk.from.to_string());
+            set("x-atrest-commit-time-us", chunk.last_commit_us.to_string());
+            set(
+                "x-atrest-head",
+                format!("{}:{}", chunk.head.0, chunk.head.1),
+            );
+            if let Some(next) = chunk.newer {
+                set("x-atrest-next-seq", next.to_string());
+            }
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The replica side
+
+/// Where a replica stands in one database's archive.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Position {
+    pub seq: u64,
+    /// Physical offset in the segment: everything before it is applied.
+    pub offset: u64,
+    /// The WAL generation's salts (hex), once known.
+    pub salts: Option<String>,
+    /// The source's time of the last commit applied (µs since the epoch).
+    pub applied_commit_us: u64,
+}
+
+fn positions_path(dir: &Path) -> PathBuf {
+    dir.join(REPLICA_DIR).join("positions.json")
+}
+
+pub fn load_positions(dir: &Path) -> BTreeMap<String, Position> {
+    fs::read(positions_path(dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn save_position(dir: &Path, name: &str, pos: &Position) -> Result<(), String> {
+    // One writer per database, but several databases: read-modify-write
+    // under a process-wide lock.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = LOCK.lock().expect("positions lock");
+    let mut all = load_positions(dir);
+    all.insert(name.to_string(), pos.clone());
+    resource::write_atomic(
+        &positions_path(dir),
+        &serde_json::to_vec_pretty(&all).expect("serializable"),
+        0o600,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// What `status` shows of a replica, per database.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Lag {
+    pub lag_bytes: u64,
+    pub lag_seconds: f64,
+    pub applied_commit_us: u64,
+    pub transactions_applied: u64,
+    pub last_error: Option<String>,
+    pub updated_us: u64,
+}
+
+fn lag_path(dir: &Path) -> PathBuf {
+    dir.join(REPLICA_DIR).join("lag.json")
+}
+
+pub fn load_lag(dir: &Path) -> BTreeMap<String, Lag> {
+    fs::read(lag_path(dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn save_lag(dir: &Path, name: &str, lag: &Lag) {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = LOCK.lock().expect("lag lock");
+    let mut all = load_lag(dir);
+    all.insert(name.to_string(), lag.clone());
+    let _ = resource::write_atomic(
+        &lag_path(dir),
+        &serde_json::to_vec_pretty(&all).expect("serializable"),
+        0o600,
+    );
+}
+
+/// An HTTPS client for the source: trusts only its CA, carries the token.
+pub struct SourceClient {
+    http: reqwest::Client,
+    base: String,
+    token: zeroize::Zeroizing<String>,
+}
+
+/// The source's address: from its directory's state when it is on this
+/// machine (it may have moved), else the configured one.
+fn source_address(rc: &ReplicaConfig) -> String {
+    rc.source_dir
+        .as_ref()
+        .and_then(|d| resource::load_state(d).ok())
+        .and_then(|s| s.listen)
+        .unwrap_or_else(|| rc.source.clone())
+}
+
+impl SourceClient {
+    pub fn new(addr: &str, ca_pem: &[u8], token: &str) -> Result<Self, String> {
+        let http = atrest_vault::client::http_client(ca_pem, None).map_err(|e| e.to_string())?;
+        Ok(SourceClient {
+            http,
+            base: format!("https://{addr}/replication/v1"),
+            token: zeroize::Zeroizing::new(token.to_string()),
+        })
+    }
+
+    pub fn for_replica(dir: &Path, rc: &ReplicaConfig) -> Result<Self, String> {
+        let ca = fs::read(resource::resolve(dir, &rc.source_ca))
+            .map_err(|e| format!("reading the source's CA: {e}"))?;
+        let token = zeroize::Zeroizing::new(
+            fs::read_to_string(resource::resolve(dir, &rc.token_file))
+                .map_err(|e| format!("reading the replication token: {e}"))?,
+        );
+        Self::new(&source_address(rc), &ca, token.trim())
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str) -> Result<reqwest::Response, String> {
+        let url = format!("{}/{path}", self.base);
+        let r = self
+            .http
+            .request(method, &url)
+            .bearer_auth(self.token.as_str())
+            .send()
+            .await
+            .map_err(|e| format!("the source at {url} cannot be reached: {e}"))?;
+        if r.status().is_success() {
+            return Ok(r);
+        }
+        let status = r.status();
+        let body: serde_json::Value = r.json().await.unwrap_or_default();
+        Err(format!(
+            "the source refused ({status}): {}",
+            body["error"].as_str().unwrap_or("no reason given")
+        ))
+    }
+
+    pub async fn info(&self) -> Result<serde_json::Value, String> {
+        self.call(reqwest::Method::GET, "info")
+            .await?
+            .json()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Has the source take a backup and copies it into `into/backups/ID`
+    /// (a repository layout `backup::restore` reads). Returns its path.
+    pub async fn fetch_base_backup(&self, into: &Path) -> Result<PathBuf, String> {
+        let v: serde_json::Value = self
+            .call(reqwest::Method::POST, "backup")
+            .await?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        let id = v["id"].as_str().ok_or("the source sent no backup id")?;
+        let dir = into.join("backups").join(id);
+        fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        fs::create_dir_all(into.join("wal")).map_err(|e| e.to_string())?;
+        for f in v["files"].as_array().into_iter().flatten() {
+            let name = f["name"].as_str().ok_or("bad file list")?;
+            let want = f["bytes"].as_u64().ok_or("bad file list")?;
+            let mut out = Vec::with_capacity(want as usize);
+            while (out.len() as u64) < want {
+                let chunk = self
+                    .call(
+                        reqwest::Method::GET,
+                        &format!("backup/{id}/{name}?offset={}", out.len()),
+                    )
+                    .await?
+                    .bytes()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if chunk.is_empty() {
+                    return Err(format!("the source's backup file {name} ended early"));
+                }
+                out.extend_from_slice(&chunk);
+            }
+            let p = dir.join(name);
+            resource::write_atomic(&p, &out, 0o600).map_err(|e| e.to_string())?;
+        }
+        Ok(dir)
+    }
+
+    async fn segment(
+        &self,
+        name: &str,
+        seq: u64,
+        from: u64,
+        wait_ms: u64,
+    ) -> Result<Chunk, String> {
+        let r = self
+            .call(
+                reqwest::Method::GET,
+                &format!("wal/{name}/{seq}?from={from}&wait_ms={wait_ms}"),
+            )
+            .await?;
+        let h =
+            |k: &str| -> Option<String> { r.headers().get(k)?.to_str().ok().map(str::to_string) };
+        let num = |k: &str| h(k).and_then(|v| v.parse::<u64>().ok());
+        let len = num("x-atrest-segment-len").ok_or("no segment length in the reply")?;
+        let data_from = num("x-atrest-from").unwrap_or(from);
+        let commit_us = num("x-atrest-commit-time-us").unwrap_or(0);
+        let newer = num("x-atrest-next-seq");
+        let head = h("x-atrest-head")
+            .and_then(|v| {
+                let (a, b) = v.split_once(':')?;
+                Some((a.parse().ok()?, b.parse().ok()?))
+            })
+            .unwrap_or((seq, len));
+        let body = r.bytes().await.map_err(|e| e.to_string())?;
+        Ok(Chunk {
+            len,
+            data_from,
+            commit_us,
+            newer,
+            head,
+            body: body.to_vec(),
+        })
+    }
+}
+
+struct Chunk {
+    len: u64,
+    data_from: u64,
+    commit_us: u64,
+    newer: Option<u64>,
+    head: (u64, u64),
+    /// The header region, then the bytes from `data_from`.
+    body: Vec<u8>,
+}
+
+fn local_segment(dir: &Path, name: &str, seq: u64) -> PathBuf {
+    dir.join(REPLICA_DIR)
+        .join("wal")
+        .join(name)
+        .join(format!("{seq:020}.wal"))
+}
+
+/// Writes a chunk into the local copy of its segment (same layout).
+fn store_chunk(path: &Path, c: &Chunk) -> Result<(), String> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    if c.body.is_empty() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+    }
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let hl = (atrest_storage::HEADER_LEN as usize).min(c.body.len());
+    f.write_all_at(&c.body[..hl], 0)
+        .and_then(|()| f.write_all_at(&c.body[hl..], c.data_from.max(hl as u64)))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Follows the source: one task per database, while the server is Ready.
+pub fn start_follower(ctx: &Arc<ServerCtx>, rc: ReplicaConfig) {
+    let names = ctx.databases.names();
+    for name in names {
+        let ctx = Arc::clone(ctx);
+        let rc = rc.clone();
+        tokio::spawn(async move { follow(ctx, rc, name).await });
+    }
+}
+
+async fn follow(ctx: Arc<ServerCtx>, rc: ReplicaConfig, name: String) {
+    let shutdown = ctx.shutdown_watch();
+    let mut client: Option<SourceClient> = None;
+    let mut lag = Lag::default();
+    let mut pos = load_positions(&ctx.dir).remove(&name).unwrap_or_default();
+    loop {
+        if *shutdown.borrow() || !ctx.is_replica() {
+            return;
+        }
+        let wait = |d: Duration| {
+            let mut s = shutdown.clone();
+            async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {},
+                    _ = s.changed() => {},
+                }
+            }
+        };
+        if ctx.phase() != Phase::Ready {
+            wait(Duration::from_millis(500)).await;
+            continue;
+        }
+        if client.is_none() {
+            match SourceClient::for_replica(&ctx.dir, &rc) {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    lag.last_error = Some(e);
+                    save_lag(&ctx.dir, &name, &lag);
+                    wait(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
+        let c = client.as_ref().expect("client");
+        match step(&ctx, c, &name, &mut pos, &mut lag).await {
+            Ok(()) => lag.last_error = None,
+            Err(e) => {
+                tracing::warn!(database = %name, error = %e, "replication");
+                lag.last_error = Some(e);
+                // The source may have moved (restarted on another port).
+                client = None;
+                save_lag(&ctx.dir, &name, &lag);
+                wait(Duration::from_secs(1)).await;
+            }
+        }
+        let _ = shutdown.has_changed();
+    }
+}
+
+/// One round: fetch what is new in the current segment, apply it; or move
+/// to the next segment once this one is done.
+async fn step(
+    ctx: &Arc<ServerCtx>,
+    c: &SourceClient,
+    name: &str,
+    pos: &mut Position,
+    lag: &mut Lag,
+) -> Result<(), String> {
+    let local = local_segment(&ctx.dir, name, pos.seq);
+    // The local copy needs the segment's beginning (its SQLite WAL
+    // header) too: fetch from the start if it does not have it yet.
+    let have = fs::metadata(&local).map_or(0, |m| m.len());
+    let from = if have >= pos.offset { pos.offset } else { 0 };
+    let chunk = c.segment(name, pos.seq, from, 1000).await?;
+    store_chunk(&local, &chunk)?;
+    let mut applied_any = false;
+    if chunk.len > pos.offset {
+        let (ctx2, name2, local2, from) =
+            (Arc::clone(ctx), name.to_string(), local.clone(), pos.offset);
+        let applied = tokio::task::spawn_blocking(move || apply_from(&ctx2, &name2, &local2, from))
+            .await
+            .map_err(|e| e.to_string())??;
+        if let Some((end, salts, n)) = applied {
+            pos.offset = end;
+            pos.salts = Some(salts);
+            if end >= chunk.len {
+                pos.applied_commit_us = chunk.commit_us;
+            }
+            lag.transactions_applied += n;
+            applied_any = true;
+            save_position(&ctx.dir, name, pos)?;
+        }
+    }
+    if !applied_any && pos.offset >= chunk.len {
+        if let Some(next) = chunk.newer {
+            // This generation is done: move on. A segment of the same
+            // generation (a restart archives the WAL again) continues at
+            // the same offset; a new generation starts at its beginning.
+            let nchunk = c.segment(name, next, 0, 0).await?;
+            let nlocal = local_segment(&ctx.dir, name, next);
+            store_chunk(&nlocal, &nchunk)?;
+            let engine = ctx.databases.engine().clone();
+            let np = nlocal.clone();
+            let salts = tokio::task::spawn_blocking(move || {
+                engine
+                    .read_wal_commits(&np, 0, 1)
+                    .map(|r| hex::encode(r.salts))
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            let same = pos.salts.as_deref() == Some(salts.as_str());
+            let old = local_segment(&ctx.dir, name, pos.seq);
+            pos.seq = next;
+            pos.offset = if same { pos.offset } else { 0 };
+            pos.salts = Some(salts);
+            save_position(&ctx.dir, name, pos)?;
+            let _ = fs::remove_file(old);
+        }
+    }
+    // Lag: bytes the source has committed past ours (this segment and any
+    // newer), and how old our newest applied commit is when behind.
+    let (hseq, hlen) = chunk.head;
+    lag.lag_bytes = if hseq == pos.seq {
+        hlen.saturating_sub(pos.offset)
+    } else {
+        chunk.len.saturating_sub(pos.offset) + hlen
+    };
+    lag.applied_commit_us = pos.applied_commit_us;
+    lag.lag_seconds = if lag.lag_bytes == 0 {
+        0.0
+    } else {
+        now_us().saturating_sub(pos.applied_commit_us.max(1)) as f64 / 1e6
+    };
+    lag.updated_us = now_us();
+    save_lag(&ctx.dir, name, lag);
+    Ok(())
+}
+
+/// Reads and applies the transactions of a local segment copy from
+/// `from`, in batches, under the database's write gate. Returns the new
+/// offset, the salts and how many transactions were applied.
+fn apply_from(
+    ctx: &ServerCtx,
+    name: &str,
+    local: &Path,
+    from: u64,
+) -> Result<Option<(u64, String, u64)>, String> {
+    let engine = ctx.databases.engine();
+    let (db, conn) = ctx
+        .databases
+        .maintenance_connection(name)
+        .map_err(|e| e.message)?;
+    // The applied batch is durable before the position says so.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(|e| e.to_string())?;
+    let mut at = from;
+    let mut out = None;
+    let mut n = 0u64;
+    loop {
+        let read = engine
+            .read_wal_commits(local, at, BATCH_FRAMES)
+            .map_err(|e| format!("reading {}: {e}", local.display()))?;
+        let Some(last) = read.commits.last() else {
+            break;
+        };
+        let end = last.end;
+        db.gate
+            .acquire(APPLIER_PID, Some(Duration::from_secs(60)), &|| None)
+            .map_err(|e| e.message)?;
+        let applied = conn.apply_wal_commits(&read.commits);
+        if applied.is_ok() {
+            // The replica checkpoints its own WAL (it archives nothing).
+            if let Some(s) =
+                engine.wal_status(&engine.database_path(name).map_err(|e| e.to_string())?)
+            {
+                if s.committed_frames >= 1000 {
+                    let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                }
+            }
+        }
+        db.gate.release(APPLIER_PID);
+        applied.map_err(|e| format!("applying to {name}: {e}"))?;
+        n += read.commits.len() as u64;
+        at = end;
+        out = Some((end, hex::encode(read.salts), n));
+    }
+    Ok(out)
+}
+
+/// Lets the engine read segments wrapped under the source's keys (with a
+/// customer key there is nothing to add: it is the same key).
+pub fn prepare_keys(engine: &atrest_storage::Engine, rc: &ReplicaConfig) -> Result<(), String> {
+    let plan = crate::backup::RestorePlan {
+        backup: String::new(),
+        to_time_unix_us: None,
+        source_service_key: rc.source_service_key.clone(),
+        source_keystore_dir: rc.source_keystore_dir.clone(),
+        source_infra_key: rc.source_infra_key.clone(),
+        source_infra_keystore_dir: rc.source_infra_keystore_dir.clone(),
+        replay: BTreeMap::new(),
+    };
+    crate::backup::prepare_engine(engine, &plan)
+}
+
+// ---------------------------------------------------------------------------
+// Creating and promoting a replica
+
+/// What `atrest server replica create` is asked for.
+pub struct CreateOptions {
+    /// The source: its server directory on this machine, or its address
+    /// HOST:PORT (then `source_ca` and `token_file` are needed).
+    pub source: String,
+    pub source_ca: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub name: String,
+    pub dir: PathBuf,
+    pub listen: Option<String>,
+}
+
+/// Makes a read replica: a base backup of the source restored into a new
+/// server (new identity, TLS certificate and service key; the same
+/// customer key, and then Inaccessible until its identity is granted the
+/// key and revalidated, as a restore is), which follows the source from
+/// the backup's point once it runs.
+pub async fn create(opts: &CreateOptions) -> Result<crate::backup::Restored, String> {
+    let src = Path::new(&opts.source);
+    let (addr, ca, token, source_dir) = if src.join(resource::CONFIG_FILE).exists() {
+        let sdir = src
+            .canonicalize()
+            .map_err(|e| format!("{}: {e}", src.display()))?;
+        let sconfig = resource::load_config(&sdir).map_err(|e| e.to_string())?;
+        let state = resource::load_state(&sdir).map_err(|e| e.to_string())?;
+        let addr = match (&state.listen, resource::running_pid(&sdir)) {
+            (Some(a), Some(_)) => a.clone(),
+            _ => {
+                return Err(format!(
+                    "the source server in {} is not running: start it first (a replica follows a running source)",
+                    sdir.display()
+                ))
+            }
+        };
+        let ca_path = sconfig.tls.ca.as_ref().ok_or(
+            "the source uses an operator-supplied TLS certificate: give its CA with --source-ca and its address as --source",
+        )?;
+        let ca = fs::read(resource::resolve(&sdir, ca_path)).map_err(|e| e.to_string())?;
+        let token = allow(&sdir, &opts.name)?;
+        (addr, ca, token, Some(sdir))
+    } else {
+        let (Some(ca), Some(tf)) = (&opts.source_ca, &opts.token_file) else {
+            return Err(format!(
+                "{} is not a server directory; for a source at an address give --source-ca (its TLS CA) and --token-file (from `atrest server replica allow` on the source)",
+                opts.source
+            ));
+        };
+        let ca = fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+        let token = fs::read_to_string(tf).map_err(|e| format!("{}: {e}", tf.display()))?;
+        (opts.source.clone(), ca, token.trim().to_string(), None)
+    };
+    let allowed_on = source_dir.clone();
+    let client = SourceClient::new(&addr, &ca, &token)?;
+    client.info().await?;
+    let parent = opts
+        .dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+    let tmp = parent.join(format!(".{}.base-{}", opts.name, &resource::uuid()[..8]));
+    let result = async {
+        let backup = client.fetch_base_backup(&tmp).await?;
+        let manifest = crate::backup::read_manifest(&backup)?;
+        let restore = crate::backup::RestoreOptions {
+            from: backup.clone(),
+            to_time_us: None,
+            name: opts.name.clone(),
+            dir: opts.dir.clone(),
+            listen: opts.listen.clone(),
+        };
+        let mut restored = tokio::task::spawn_blocking(move || crate::backup::restore(&restore))
+            .await
+            .map_err(|e| e.to_string())??;
+        let dir = opts.dir.canonicalize().map_err(|e| e.to_string())?;
+        let rdir = dir.join(REPLICA_DIR);
+        fs::create_dir_all(&rdir).map_err(|e| e.to_string())?;
+        resource::write_atomic(&rdir.join("source-ca.pem"), &ca, 0o644)
+            .map_err(|e| e.to_string())?;
+        resource::write_atomic(&rdir.join("token"), token.as_bytes(), 0o600)
+            .map_err(|e| e.to_string())?;
+        let customer = manifest.source.encryption.customer_key.is_some();
+        let rc = ReplicaConfig {
+            source: addr.clone(),
+            source_name: manifest.source.name.clone(),
+            source_server_id: manifest.source.server_id.clone(),
+            source_dir,
+            source_ca: PathBuf::from(REPLICA_DIR).join("source-ca.pem"),
+            token_file: PathBuf::from(REPLICA_DIR).join("token"),
+            source_service_key: if customer {
+                None
+            } else {
+                manifest.data_dir_info["service_key"]
+                    .as_str()
+                    .map(str::to_string)
+            },
+            source_keystore_dir: manifest.source.encryption.keystore_dir.clone(),
+            source_infra_key: manifest.entry.infrastructure_key.clone(),
+            source_infra_keystore_dir: manifest.source.encryption.infra_keystore_dir.clone(),
+        };
+        for d in &manifest.entry.databases {
+            save_position(
+                &dir,
+                &d.name,
+                &Position {
+                    seq: d.archive_from,
+                    offset: d.wal_bytes,
+                    salts: None,
+                    applied_commit_us: d.point_unix_us,
+                },
+            )?;
+        }
+        let mut config = resource::load_config(&dir).map_err(|e| e.to_string())?;
+        config.replica = Some(rc);
+        config.save(&dir).map_err(|e| e.to_string())?;
+        let _ = resource::log_activity(
+            &dir,
+            &serde_json::json!({"time": resource::now_rfc3339(), "event": "replica_created",
+                "source": manifest.source.name, "backup": manifest.entry.id}),
+        );
+        restored.config = config;
+        Ok::<_, String>(restored)
+    }
+    .await;
+    let _ = fs::remove_dir_all(&tmp);
+    if let (Err(_), Some(sdir)) = (&result, &allowed_on) {
+        // Nothing half-made: the token goes too.
+        let _ = disallow(sdir, &opts.name);
+    }
+    result
+}
+
+/// Turns a replica into an independent, writable server. Running: at
+/// once (the archive of its own WAL starts at its next start). Stopped:
+/// in its configuration.
+pub fn promote(dir: &Path) -> Result<(), String> {
+    let mut config = resource::load_config(dir).map_err(|e| e.to_string())?;
+    let Some(rc) = config.replica.take() else {
+        return Err(format!("{} is not a read replica", dir.display()));
+    };
+    config.save(dir).map_err(|e| e.to_string())?;
+    let _ = fs::remove_dir_all(dir.join(REPLICA_DIR).join("wal"));
+    let _ = resource::log_activity(
+        dir,
+        &serde_json::json!({"time": resource::now_rfc3339(), "event": "replica_promoted",
+            "source": rc.source_name}),
+    );
+    Ok(())
+}
+
+/// The admin socket's `promote`: the running server stops following and
+/// takes writes.
+pub fn promote_running(ctx: &ServerCtx) -> Result<(), String> {
+    if !ctx.is_replica() {
+        return Err("this server is not a read replica".into());
+    }
+    promote(&ctx.dir)?;
+    ctx.live.lock().expect("config").replica = None;
+    ctx.databases.set_read_only(None);
+    tracing::info!("promoted: no longer a replica; writes are taken");
+    Ok(())
+}
