@@ -375,26 +375,42 @@ fn positions_path(dir: &Path) -> PathBuf {
     dir.join(REPLICA_DIR).join("positions.json")
 }
 
-pub fn load_positions(dir: &Path) -> BTreeMap<String, Position> {
-    fs::read(positions_path(dir))
+/// A JSON map of per-database entries in `DIR/replica/`.
+fn load_map<T: serde::de::DeserializeOwned>(path: &Path) -> BTreeMap<String, T> {
+    fs::read(path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default()
 }
 
-fn save_position(dir: &Path, name: &str, pos: &Position) -> Result<(), String> {
-    // One writer per database, but several databases: read-modify-write
-    // under a process-wide lock.
+/// Sets one database's entry of such a map. One writer per database but
+/// several databases: read-modify-write under a process-wide lock.
+fn save_entry<T: Serialize + serde::de::DeserializeOwned>(
+    path: &Path,
+    name: &str,
+    value: &T,
+) -> Result<(), String> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _g = LOCK.lock().expect("positions lock");
-    let mut all = load_positions(dir);
-    all.insert(name.to_string(), pos.clone());
+    let _g = LOCK.lock().expect("replica state lock");
+    let mut all: BTreeMap<String, serde_json::Value> = load_map(path);
+    all.insert(
+        name.to_string(),
+        serde_json::to_value(value).expect("serializable"),
+    );
     resource::write_atomic(
-        &positions_path(dir),
+        path,
         &serde_json::to_vec_pretty(&all).expect("serializable"),
         0o600,
     )
     .map_err(|e| e.to_string())
+}
+
+pub fn load_positions(dir: &Path) -> BTreeMap<String, Position> {
+    load_map(&positions_path(dir))
+}
+
+fn save_position(dir: &Path, name: &str, pos: &Position) -> Result<(), String> {
+    save_entry(&positions_path(dir), name, pos)
 }
 
 /// What `status` shows of a replica, per database.
@@ -413,22 +429,12 @@ fn lag_path(dir: &Path) -> PathBuf {
 }
 
 pub fn load_lag(dir: &Path) -> BTreeMap<String, Lag> {
-    fs::read(lag_path(dir))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
+    load_map(&lag_path(dir))
 }
 
 fn save_lag(dir: &Path, name: &str, lag: &Lag) {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _g = LOCK.lock().expect("lag lock");
-    let mut all = load_lag(dir);
-    all.insert(name.to_string(), lag.clone());
-    let _ = resource::write_atomic(
-        &lag_path(dir),
-        &serde_json::to_vec_pretty(&all).expect("serializable"),
-        0o600,
-    );
+    // Only a report: a failed write is retried at the next round.
+    let _ = save_entry(&lag_path(dir), name, lag);
 }
 
 /// An HTTPS client for the source: trusts only its CA, carries the token.

@@ -270,51 +270,92 @@ pub struct Verified {
     pub bytes: u64,
 }
 
-/// Authenticates every unit of a closed database or WAL copy under the
-/// keyring's keys, reading but never writing. A WAL is checked up to its
-/// physical end: every frame header and page must authenticate. Errors
-/// name the file and the unit (page or frame).
-pub fn verify_at_rest(path: &Path, keyring: &Keyring) -> Result<Verified, StorageError> {
+/// A closed copy opened for strict reading: its name, the file, its kind
+/// and logical size, and its unit geometry (base, overhead).
+struct Copy {
+    name: String,
+    file: EncryptedFile<OsFile>,
+    kind: FileKind,
+    logical: u64,
+    base: u64,
+    ov: usize,
+}
+
+fn open_copy(path: &Path, keyring: &Keyring) -> Result<Copy, StorageError> {
     let name = path.display().to_string();
     let f = std::fs::File::open(path).map_err(io_err(&name))?;
-    let bytes = f.metadata().map_err(io_err(&name))?.len();
     let (_, header, _) = best_header(&f, keyring, &name)?;
     let kind = header.kind;
     let mut raw = OsFile(f);
     let shared = SharedFile::open(&mut raw, kind, name.clone(), keyring, None, false)
         .map_err(|e| fail_err(&name, e))?;
+    let (base, ov) = (shared.base, shared.ov);
     let stats = std::sync::Arc::new(Stats::default());
     let mut file = EncryptedFile::new(raw, shared, stats).strict();
     let logical = file.file_size().map_err(|e| fail_err(&name, e))?;
+    Ok(Copy {
+        name,
+        file,
+        kind,
+        logical,
+        base,
+        ov,
+    })
+}
+
+impl Copy {
+    /// SQLite's WAL header (authenticated) and the page size it names.
+    fn wal_header(&mut self) -> Result<([u8; WAL_HEADER], usize), StorageError> {
+        let mut hdr = [0u8; WAL_HEADER];
+        self.file
+            .read(&mut hdr, 0)
+            .map_err(|e| fail_err(&self.name, e))?;
+        let ps = u32::from_be_bytes(hdr[8..12].try_into().unwrap()) as usize;
+        if !(ps.is_power_of_two() && (512..=65536).contains(&ps)) {
+            return Err(StorageError::Header {
+                path: self.name.clone(),
+                reason: format!("the WAL header names page size {ps}"),
+            });
+        }
+        Ok((hdr, ps))
+    }
+}
+
+/// Authenticates every unit of a closed database or WAL copy under the
+/// keyring's keys, reading but never writing. A WAL is checked up to its
+/// physical end: every frame header and page must authenticate. Errors
+/// name the file and the unit (page or frame).
+pub fn verify_at_rest(path: &Path, keyring: &Keyring) -> Result<Verified, StorageError> {
+    let bytes = std::fs::metadata(path)
+        .map_err(io_err(&path.display().to_string()))?
+        .len();
+    let mut copy = open_copy(path, keyring)?;
+    let (kind, logical) = (copy.kind, copy.logical);
     let mut units = 0u64;
     match kind {
         FileKind::MainDb => {
-            let ps = file.shared().known_page_size().max(512);
+            let ps = copy.file.shared().known_page_size().max(512);
             let mut page = vec![0u8; ps];
             let mut off = 0u64;
             while off < logical {
-                file.read(&mut page, off).map_err(|e| fail_err(&name, e))?;
+                copy.file
+                    .read(&mut page, off)
+                    .map_err(|e| fail_err(&copy.name, e))?;
                 units += 1;
                 off += ps as u64;
             }
         }
         FileKind::Wal => {
             if logical >= WAL_HEADER as u64 {
-                let mut hdr = [0u8; WAL_HEADER];
-                file.read(&mut hdr, 0).map_err(|e| fail_err(&name, e))?;
-                let ps = u32::from_be_bytes(hdr[8..12].try_into().unwrap()) as usize;
-                if !(ps.is_power_of_two() && (512..=65536).contains(&ps)) {
-                    return Err(StorageError::Header {
-                        path: name,
-                        reason: format!("the WAL header names page size {ps}"),
-                    });
-                }
+                let (_, ps) = copy.wal_header()?;
                 let mut frame = vec![0u8; WAL_FRAME_HEADER + ps];
                 let mut off = WAL_HEADER as u64;
                 while off + frame.len() as u64 <= logical {
                     // One read for header and page: the page is bound to
                     // the salts in its own frame header.
-                    file.read(&mut frame, off).map_err(|e| fail_err(&name, e))?;
+                    copy.file
+                        .read(&mut frame, off)
+                        .map_err(|e| fail_err(&copy.name, e))?;
                     units += 1;
                     off += frame.len() as u64;
                 }
@@ -322,7 +363,7 @@ pub fn verify_at_rest(path: &Path, keyring: &Keyring) -> Result<Verified, Storag
         }
         other => {
             return Err(StorageError::Unsupported {
-                path: name,
+                path: copy.name,
                 what: format!("verifying a {} copy", other.name()),
             })
         }
@@ -363,22 +404,14 @@ pub fn read_wal_commits(
     from: u64,
     max_frames: usize,
 ) -> Result<WalCommits, StorageError> {
-    let name = path.display().to_string();
-    let f = std::fs::File::open(path).map_err(io_err(&name))?;
-    let (_, header, _) = best_header(&f, keyring, &name)?;
-    if header.kind != FileKind::Wal {
+    let mut copy = open_copy(path, keyring)?;
+    if copy.kind != FileKind::Wal {
         return Err(StorageError::Unsupported {
-            path: name,
-            what: format!("reading transactions from a {} file", header.kind.name()),
+            path: copy.name,
+            what: format!("reading transactions from a {} file", copy.kind.name()),
         });
     }
-    let mut raw = OsFile(f);
-    let shared = SharedFile::open(&mut raw, FileKind::Wal, name.clone(), keyring, None, false)
-        .map_err(|e| fail_err(&name, e))?;
-    let (base, ov) = (shared.base, shared.ov);
-    let stats = std::sync::Arc::new(Stats::default());
-    let mut file = EncryptedFile::new(raw, shared, stats).strict();
-    let logical = file.file_size().map_err(|e| fail_err(&name, e))?;
+    let (base, ov, logical) = (copy.base, copy.ov, copy.logical);
     let mut out = WalCommits {
         salts: [0; 8],
         page_size: 0,
@@ -387,15 +420,7 @@ pub fn read_wal_commits(
     if logical < WAL_HEADER as u64 {
         return Ok(out);
     }
-    let mut hdr = [0u8; WAL_HEADER];
-    file.read(&mut hdr, 0).map_err(|e| fail_err(&name, e))?;
-    let ps = u32::from_be_bytes(hdr[8..12].try_into().unwrap()) as usize;
-    if !(ps.is_power_of_two() && (512..=65536).contains(&ps)) {
-        return Err(StorageError::Header {
-            path: name,
-            reason: format!("the WAL header names page size {ps}"),
-        });
-    }
+    let (hdr, ps) = copy.wal_header()?;
     out.page_size = ps;
     out.salts.copy_from_slice(&hdr[16..24]);
     let geo = crate::layout::Geometry::Wal {
@@ -413,7 +438,9 @@ pub fn read_wal_commits(
     let mut pending: Vec<(u32, zeroize::Zeroizing<Vec<u8>>)> = vec![];
     let mut frames = 0usize;
     while off + lframe <= logical {
-        file.read(&mut frame, off).map_err(|e| fail_err(&name, e))?;
+        copy.file
+            .read(&mut frame, off)
+            .map_err(|e| fail_err(&copy.name, e))?;
         off += lframe;
         if frame[8..16] != out.salts {
             // Not of this generation: nothing after it is either.
