@@ -678,6 +678,15 @@ async fn follow(ctx: Arc<ServerCtx>, rc: ReplicaConfig, name: String) {
 
 /// One round: fetch what is new in the current segment, apply it; or move
 /// to the next segment once this one is done.
+///
+/// The local copy of a segment only ever grows by bytes the source has
+/// committed (a segment never changes once written, but for its header
+/// region, which comes with every reply), so the long poll asks for what
+/// the copy lacks. A segment is done when a newer one exists and the copy
+/// holds all of its bytes: whatever the copy holds past the last complete
+/// transaction is not a transaction (a restart archives the whole WAL,
+/// with a transaction cut by the crash or an older generation's frames
+/// after the committed ones).
 async fn step(
     ctx: &Arc<ServerCtx>,
     c: &SourceClient,
@@ -686,65 +695,53 @@ async fn step(
     lag: &mut Lag,
 ) -> Result<(), String> {
     let local = local_segment(&ctx.dir, name, pos.seq);
-    // The local copy needs the segment's beginning (its SQLite WAL
-    // header) too: fetch from the start if it does not have it yet.
-    let have = fs::metadata(&local).map_or(0, |m| m.len());
-    let from = if have >= pos.offset { pos.offset } else { 0 };
+    let local_len = || fs::metadata(&local).map_or(0, |m| m.len());
+    // The copy needs the segment's beginning (its SQLite WAL header) too:
+    // fetch from the start if it does not have everything before `offset`.
+    let have = local_len();
+    let from = if have >= pos.offset { have } else { 0 };
     let chunk = c.segment(name, pos.seq, from, 1000).await?;
     store_chunk(&local, &chunk)?;
-    let mut applied_any = false;
     if chunk.len > pos.offset {
         let (ctx2, name2, local2, from) =
             (Arc::clone(ctx), name.to_string(), local.clone(), pos.offset);
         let applied = tokio::task::spawn_blocking(move || apply_from(&ctx2, &name2, &local2, from))
             .await
-            .map_err(|e| e.to_string())??;
+            .map_err(|e| e.to_string())?;
+        let applied = match applied {
+            Ok(a) => a,
+            Err(ApplyError::Read(e)) => {
+                // A copy torn by a crash of this machine: fetch it again.
+                let _ = fs::remove_file(&local);
+                return Err(e);
+            }
+            Err(ApplyError::Apply(e)) => return Err(e),
+        };
         if let Some((end, salts, n)) = applied {
             pos.offset = end;
             pos.salts = Some(salts);
-            if end >= chunk.len {
-                pos.applied_commit_us = chunk.commit_us;
-            }
             lag.transactions_applied += n;
-            applied_any = true;
-            save_position(&ctx.dir, name, pos)?;
         }
     }
-    if !applied_any && pos.offset >= chunk.len {
+    let complete = local_len() >= chunk.len;
+    if complete && chunk.len > 0 {
+        pos.applied_commit_us = pos.applied_commit_us.max(chunk.commit_us);
+    }
+    save_position(&ctx.dir, name, pos)?;
+    if complete {
         if let Some(next) = chunk.newer {
-            // This generation is done: move on. A segment of the same
-            // generation (a restart archives the WAL again) continues at
-            // the same offset; a new generation starts at its beginning.
-            let nchunk = c.segment(name, next, 0, 0).await?;
-            let nlocal = local_segment(&ctx.dir, name, next);
-            store_chunk(&nlocal, &nchunk)?;
-            let engine = ctx.databases.engine().clone();
-            let np = nlocal.clone();
-            let salts = tokio::task::spawn_blocking(move || {
-                engine
-                    .read_wal_commits(&np, 0, 1)
-                    .map(|r| hex::encode(r.salts))
-                    .map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(|e| e.to_string())??;
-            let same = pos.salts.as_deref() == Some(salts.as_str());
-            let old = local_segment(&ctx.dir, name, pos.seq);
-            pos.seq = next;
-            pos.offset = if same { pos.offset } else { 0 };
-            pos.salts = Some(salts);
-            save_position(&ctx.dir, name, pos)?;
-            let _ = fs::remove_file(old);
+            move_to(ctx, c, name, pos, next).await?;
         }
     }
     // Lag: bytes the source has committed past ours (this segment and any
     // newer), and how old our newest applied commit is when behind.
     let (hseq, hlen) = chunk.head;
-    lag.lag_bytes = if hseq == pos.seq {
-        hlen.saturating_sub(pos.offset)
+    let rest = if complete {
+        0
     } else {
-        chunk.len.saturating_sub(pos.offset) + hlen
+        chunk.len - pos.offset.min(chunk.len)
     };
+    lag.lag_bytes = if hseq == pos.seq { rest } else { rest + hlen };
     lag.applied_commit_us = pos.applied_commit_us;
     lag.lag_seconds = if lag.lag_bytes == 0 {
         0.0
@@ -756,6 +753,49 @@ async fn step(
     Ok(())
 }
 
+/// Moves a follower from its finished segment to segment `next`. A
+/// segment of the same generation (a restart archives the WAL again)
+/// continues at the same offset; a new generation starts at its
+/// beginning; an empty segment (a crash between its creation and its
+/// first commit) is passed through with the position unchanged.
+async fn move_to(
+    ctx: &Arc<ServerCtx>,
+    c: &SourceClient,
+    name: &str,
+    pos: &mut Position,
+    next: u64,
+) -> Result<(), String> {
+    let nchunk = c.segment(name, next, 0, 0).await?;
+    let old = local_segment(&ctx.dir, name, pos.seq);
+    if nchunk.len > 0 {
+        let nlocal = local_segment(&ctx.dir, name, next);
+        store_chunk(&nlocal, &nchunk)?;
+        let engine = ctx.databases.engine().clone();
+        let salts = tokio::task::spawn_blocking(move || {
+            engine
+                .read_wal_commits(&nlocal, 0, 1)
+                .map(|r| hex::encode(r.salts))
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        if pos.salts.as_deref() != Some(salts.as_str()) {
+            pos.offset = 0;
+        }
+        pos.salts = Some(salts);
+    }
+    pos.seq = next;
+    save_position(&ctx.dir, name, pos)?;
+    let _ = fs::remove_file(old);
+    Ok(())
+}
+
+enum ApplyError {
+    /// The local copy could not be read (fetch it again).
+    Read(String),
+    Apply(String),
+}
+
 /// Reads and applies the transactions of a local segment copy from
 /// `from`, in batches, under the database's write gate. Returns the new
 /// offset, the salts and how many transactions were applied.
@@ -764,42 +804,44 @@ fn apply_from(
     name: &str,
     local: &Path,
     from: u64,
-) -> Result<Option<(u64, String, u64)>, String> {
+) -> Result<Option<(u64, String, u64)>, ApplyError> {
     let engine = ctx.databases.engine();
     let (db, conn) = ctx
         .databases
         .maintenance_connection(name)
-        .map_err(|e| e.message)?;
+        .map_err(|e| ApplyError::Apply(e.message))?;
     // The applied batch is durable before the position says so.
     conn.pragma_update(None, "synchronous", "FULL")
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ApplyError::Apply(e.to_string()))?;
+    let db_path = engine
+        .database_path(name)
+        .map_err(|e| ApplyError::Apply(e.to_string()))?;
     let mut at = from;
     let mut out = None;
     let mut n = 0u64;
     loop {
         let read = engine
             .read_wal_commits(local, at, BATCH_FRAMES)
-            .map_err(|e| format!("reading {}: {e}", local.display()))?;
+            .map_err(|e| ApplyError::Read(format!("reading {}: {e}", local.display())))?;
         let Some(last) = read.commits.last() else {
             break;
         };
         let end = last.end;
         db.gate
             .acquire(APPLIER_PID, Some(Duration::from_secs(60)), &|| None)
-            .map_err(|e| e.message)?;
+            .map_err(|e| ApplyError::Apply(e.message))?;
         let applied = conn.apply_wal_commits(&read.commits);
         if applied.is_ok() {
             // The replica checkpoints its own WAL (it archives nothing).
-            if let Some(s) =
-                engine.wal_status(&engine.database_path(name).map_err(|e| e.to_string())?)
+            if engine
+                .wal_status(&db_path)
+                .is_some_and(|s| s.committed_frames >= 1000)
             {
-                if s.committed_frames >= 1000 {
-                    let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-                }
+                let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
             }
         }
         db.gate.release(APPLIER_PID);
-        applied.map_err(|e| format!("applying to {name}: {e}"))?;
+        applied.map_err(|e| ApplyError::Apply(format!("applying to {name}: {e}")))?;
         n += read.commits.len() as u64;
         at = end;
         out = Some((end, hex::encode(read.salts), n));

@@ -1,0 +1,269 @@
+//! Read replicas against the real binaries: a replica made from a running
+//! source (through `replica allow` and a token, over a TCP relay that
+//! records every byte) follows it under pgbench while each is killed with
+//! SIGKILL in turn, and ends with exactly the source's transactions; it
+//! refuses writes; neither its directory nor the recorded stream holds
+//! plaintext; promoted, it takes writes and outlives its deleted source.
+
+mod server_common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use server_common::*;
+
+const SCRIPT: &str = r#"\set aid random(1, 500)
+\set bid random(1, 5)
+\set delta random(-5000, 5000)
+BEGIN;
+UPDATE accounts SET abalance = abalance + :delta WHERE aid = :aid;
+UPDATE branches SET bbalance = bbalance + :delta WHERE bid = :bid;
+INSERT INTO history (bid, aid, delta, note) VALUES (:bid, :aid, :delta, 'REPLMARKER-pgbench');
+END;
+"#;
+
+/// A TCP relay to the source's current port that records both directions.
+fn relay(target: Arc<AtomicU16>, capture: Arc<Mutex<Vec<u8>>>) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let Ok(up) = TcpStream::connect(("127.0.0.1", target.load(Ordering::SeqCst))) else {
+                continue;
+            };
+            for (mut from, mut to) in [(c.try_clone().unwrap(), up.try_clone().unwrap()), (up, c)] {
+                let cap = Arc::clone(&capture);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    loop {
+                        match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                cap.lock().unwrap().extend_from_slice(&buf[..n]);
+                                if to.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    port
+}
+
+fn pgbench(s: &TestServer, txns: u32) -> std::process::Child {
+    let script = s.tmp.path().join("bench.sql");
+    std::fs::write(&script, SCRIPT).unwrap();
+    Command::new(tool("pgbench"))
+        .args(["-n", "-f", script.to_str().unwrap(), "-M", "prepared"])
+        .args(["-c", "4", "-j", "2", "-t", &txns.to_string()])
+        .arg(
+            s.conninfo("postgres", "verify-full")
+                .replace("host=127.0.0.1", "host=localhost"),
+        )
+        .env("PGPASSWORD", PASSWORD)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// What must match between source and replica.
+const SUMMARY: &str = "SELECT (SELECT count(*) || ' ' || coalesce(sum(delta), 0) || ' ' || coalesce(sum(aid * 7 + bid), 0) FROM history) || ' / ' || (SELECT sum(abalance) FROM accounts) || ' / ' || (SELECT sum(bbalance) FROM branches) || ' / ' || (SELECT count(*) FROM ticks)";
+
+fn wait_for(replica: &TestServer, want: &str, limit: Duration) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let out = replica.psql("postgres", &["-c", SUMMARY]);
+        let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if got == want {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "the replica did not catch up in {limit:?}: source {want}, replica {got} ({})\nreplica log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            replica.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn replica_follows_through_kills_refuses_writes_and_promotes() {
+    let mut source = TestServer::create(&[]);
+    source.start(&[]);
+    source.sql(
+        "postgres",
+        "CREATE TABLE accounts (aid int PRIMARY KEY, abalance int NOT NULL);
+         CREATE TABLE branches (bid int PRIMARY KEY, bbalance int NOT NULL);
+         CREATE TABLE history (bid int, aid int, delta int, note text);
+         CREATE TABLE ticks (n int PRIMARY KEY, note text);
+         INSERT INTO accounts SELECT value, 0 FROM generate_series(1, 500);
+         INSERT INTO branches SELECT value, 0 FROM generate_series(1, 5);
+         INSERT INTO ticks VALUES (0, 'REPLMARKER-base');",
+    );
+    let target = Arc::new(AtomicU16::new(source.port));
+    let capture = Arc::new(Mutex::new(Vec::new()));
+    let relay_port = relay(Arc::clone(&target), Arc::clone(&capture));
+
+    // Without a token the source refuses.
+    let token = source.tmp.path().join("replica.token");
+    let rdir = source.tmp.path().join("replica");
+    let addr = format!("127.0.0.1:{relay_port}");
+    std::fs::write(&token, "not-a-token").unwrap();
+    let create = |token: &std::path::Path| {
+        atrest(&[
+            "server",
+            "replica",
+            "create",
+            "--source",
+            &addr,
+            "--source-ca",
+            source.ca().to_str().unwrap(),
+            "--token-file",
+            token.to_str().unwrap(),
+            "--name",
+            "replica-1",
+            "--data",
+            rdir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+    };
+    let out = create(&token);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not allowed to follow"), "{err}");
+    assert!(!rdir.exists(), "a refused create left a directory");
+
+    let out = atrest(&[
+        "server",
+        "replica",
+        "allow",
+        "--data",
+        source.dir.to_str().unwrap(),
+        "--name",
+        "replica-1",
+        "--token-out",
+        token.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut bench = pgbench(&source, 300);
+    let out = create(&token);
+    assert!(
+        out.status.success(),
+        "replica create: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut replica = TestServer::existing(rdir.clone(), source.keystore.clone());
+    replica.start(&[]);
+    assert!(bench.wait().unwrap().success());
+
+    // Rounds: pgbench on the source, and one of the two killed mid-way.
+    let mut committed_rounds = 0;
+    for round in 0..6 {
+        let bench = pgbench(&source, 200);
+        std::thread::sleep(Duration::from_millis(300 + 150 * (round % 4)));
+        if round % 2 == 0 {
+            replica.kill9();
+            replica.start(&[]);
+            let out = bench.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            committed_rounds += 1;
+        } else {
+            source.kill9();
+            let _ = bench.wait_with_output();
+            source.start(&[]);
+            target.store(source.port, Ordering::SeqCst);
+        }
+    }
+    assert_eq!(committed_rounds, 3);
+    source.sql(
+        "postgres",
+        "INSERT INTO ticks VALUES (1, 'REPLMARKER-last')",
+    );
+    let want = source.sql("postgres", SUMMARY);
+    let lag = wait_for(&replica, &want, Duration::from_secs(30));
+    eprintln!("replica caught up {lag:?} after the last commit");
+    let history: i64 = source
+        .sql("postgres", "SELECT count(*) FROM history")
+        .parse()
+        .unwrap();
+    assert!(history >= 300 * 4 + 3 * 200 * 4, "history {history}");
+    assert_eq!(replica.sql("postgres", "PRAGMA integrity_check"), "ok");
+
+    // Writes are refused with the reason.
+    let out = replica.psql("postgres", &["-c", "INSERT INTO ticks VALUES (2, 'x')"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("read replica"), "{err}");
+    // Status shows the lag.
+    let st = atrest(&["server", "status", "--data", rdir.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(text.contains("replication: postgres lag 0 bytes"), "{text}");
+
+    // No plaintext in the replica's files or on the wire.
+    for (p, bytes) in files_under(&rdir) {
+        assert!(
+            !contains(&bytes, b"REPLMARKER"),
+            "plaintext in {}",
+            p.display()
+        );
+    }
+    let wire = capture.lock().unwrap().clone();
+    assert!(wire.len() > 1 << 20, "only {} bytes relayed", wire.len());
+    assert!(!contains(&wire, b"REPLMARKER"), "plaintext on the wire");
+
+    // Promote: writes are taken; the source can go.
+    let out = atrest(&[
+        "server",
+        "replica",
+        "promote",
+        "--data",
+        rdir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    replica.sql("postgres", "INSERT INTO ticks VALUES (2, 'after promote')");
+    source.stop();
+    let out = atrest(&[
+        "server",
+        "delete",
+        "--data",
+        source.dir.to_str().unwrap(),
+        "--yes",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    replica.stop();
+    replica.start(&[]);
+    assert_eq!(
+        replica.sql("postgres", "SELECT count(*) FROM history"),
+        history.to_string()
+    );
+    assert_eq!(replica.sql("postgres", "SELECT count(*) FROM ticks"), "3");
+    replica.sql("postgres", "INSERT INTO ticks VALUES (3, 'after restart')");
+}
