@@ -223,6 +223,34 @@ pub fn parse_target(req: &Value) -> Result<Target, String> {
     })
 }
 
+/// Switches a running server's DEKs to `target` (a customer key version,
+/// or the service key) and makes the new key the one its monitor checks.
+pub async fn set_key(ctx: &Arc<ServerCtx>, target: Target) -> Result<keys::SwitchReport, String> {
+    let _guard = ctx.key_op.lock().await;
+    let c = Arc::clone(ctx);
+    tokio::task::spawn_blocking(move || {
+        let mut config = c.live.lock().expect("live config").clone();
+        let out = keys::switch(&c.dir, &mut config, &c.databases, target);
+        if let Ok((_, access)) = &out {
+            let mut k = c.keys.lock().expect("keys");
+            k.access = access.clone();
+            k.key = config
+                .encryption
+                .customer_key
+                .as_ref()
+                .map(|ck| ck.key.clone());
+            k.probe = match (&k.access, &k.key) {
+                (Some(a), Some(key)) => keys::Probe::make(a, key).ok().map(Arc::new),
+                _ => None,
+            };
+        }
+        *c.live.lock().expect("live config") = config;
+        out.map(|(report, _)| report)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
 async fn admin_op(ctx: &Arc<ServerCtx>, req: Value) -> Value {
     match req["op"].as_str().unwrap_or("") {
         "revalidate" => match ctx.phase() {
@@ -244,32 +272,9 @@ async fn admin_op(ctx: &Arc<ServerCtx>, req: Value) -> Value {
                 Ok(t) => t,
                 Err(e) => return json!({"error": e}),
             };
-            let _guard = ctx.key_op.lock().await;
-            let c = Arc::clone(ctx);
-            let r = tokio::task::spawn_blocking(move || {
-                let mut config = c.live.lock().expect("live config").clone();
-                let out = keys::switch(&c.dir, &mut config, &c.databases, target);
-                if let Ok((_, access)) = &out {
-                    let mut k = c.keys.lock().expect("keys");
-                    k.access = access.clone();
-                    k.key = config
-                        .encryption
-                        .customer_key
-                        .as_ref()
-                        .map(|ck| ck.key.clone());
-                    k.probe = match (&k.access, &k.key) {
-                        (Some(a), Some(key)) => keys::Probe::make(a, key).ok().map(Arc::new),
-                        _ => None,
-                    };
-                }
-                *c.live.lock().expect("live config") = config;
-                out.map(|(report, _)| report)
-            })
-            .await;
-            match r {
-                Ok(Ok(report)) => json!({"ok": true, "report": report}),
-                Ok(Err(e)) => json!({"error": e}),
-                Err(e) => json!({"error": e.to_string()}),
+            match set_key(ctx, target).await {
+                Ok(report) => json!({"ok": true, "report": report}),
+                Err(e) => json!({"error": e}),
             }
         }
         "backup" | "backup-verify" => {

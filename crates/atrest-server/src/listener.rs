@@ -541,11 +541,6 @@ async fn start_locked(
             }
         }
     }
-    if let (None, Some(rc)) = (&key_failure, &config.replica) {
-        if let Err(e) = crate::replication::prepare_keys(databases.engine(), rc) {
-            key_failure = Some(format!("the source's keys: {e}"));
-        }
-    }
     let mut config = config;
     if key_failure.is_none() && !config.encryption.rewrap_from.is_empty() {
         // A key switch was interrupted: finish it before serving.
@@ -558,6 +553,18 @@ async fn start_locked(
                 }
             }
             Err(e) => key_failure = Some(format!("finishing the rewrap: {e}")),
+        }
+    }
+    if let Some(rc) = &config.replica {
+        // After any protector change above, and before any
+        // revalidation: a replica that starts Inaccessible
+        // reads its source's segments once it is back.
+        if let Err(e) = crate::replication::prepare_keys(
+            databases.engine(),
+            rc,
+            config.encryption.customer_key.is_some(),
+        ) {
+            key_failure = key_failure.or(Some(format!("the source's keys: {e}")));
         }
     }
     if key_failure.is_none() {

@@ -287,11 +287,16 @@ async fn route(req: hyper::Request<hyper::body::Incoming>, ctx: &Arc<ServerCtx>)
 
 fn info(ctx: &ServerCtx) -> serde_json::Value {
     let config = ctx.live.lock().expect("config").clone();
+    let ck = config.encryption.customer_key.as_ref();
     serde_json::json!({
         "name": config.name,
         "server_id": config.server_id,
         "databases": ctx.databases.names(),
-        "customer_key": config.encryption.customer_key.as_ref().map(|k| k.key.clone()),
+        "customer_key": ck.map(|k| k.key.kid()),
+        // Where a replica logs in to follow a change of key (its CA
+        // certificate is public).
+        "vault_tenant": ck.map(|k| k.login.tenant.clone()),
+        "vault_ca_pem": ck.and_then(|k| fs::read_to_string(resource::resolve(&ctx.dir, &k.login.ca)).ok()),
         "infrastructure_encryption": config.encryption.infrastructure_encryption,
     })
 }
@@ -617,7 +622,8 @@ fn store_chunk(path: &Path, c: &Chunk) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Follows the source: one task per database, while the server is Ready.
+/// Follows the source: one task per database, and one for its key, while
+/// the server is Ready.
 pub fn start_follower(ctx: &Arc<ServerCtx>, rc: ReplicaConfig) {
     let names = ctx.databases.names();
     for name in names {
@@ -625,6 +631,126 @@ pub fn start_follower(ctx: &Arc<ServerCtx>, rc: ReplicaConfig) {
         let rc = rc.clone();
         tokio::spawn(async move { follow(ctx, rc, name).await });
     }
+    let ctx = Arc::clone(ctx);
+    tokio::spawn(async move { follow_key(ctx, rc).await });
+}
+
+fn key_error_path(dir: &Path) -> PathBuf {
+    dir.join(REPLICA_DIR).join("key-error")
+}
+
+/// Why the replica is not (yet) under the source's customer key, if it
+/// is not.
+pub fn key_error(dir: &Path) -> Option<String> {
+    fs::read_to_string(key_error_path(dir)).ok()
+}
+
+/// Keeps the replica under the source's key: when the source rotates its
+/// customer key (a new version) or changes it, the replica switches too,
+/// as `set-key` does (its own DEKs rewrapped), so that the old version
+/// can be retired on both. Until it can (say its identity has not been
+/// granted a new key) the reason is in `status`, and the segments under
+/// the new key wait.
+async fn follow_key(ctx: Arc<ServerCtx>, rc: ReplicaConfig) {
+    let shutdown = ctx.shutdown_watch();
+    let mut client: Option<SourceClient> = None;
+    loop {
+        {
+            let mut s = shutdown.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {},
+                _ = s.changed() => {},
+            }
+        }
+        if *shutdown.borrow() || !ctx.is_replica() {
+            return;
+        }
+        if ctx.phase() != Phase::Ready {
+            continue;
+        }
+        if client.is_none() {
+            client = SourceClient::for_replica(&ctx.dir, &rc).ok();
+        }
+        let Some(c) = &client else { continue };
+        let info = match c.info().await {
+            Ok(i) => i,
+            Err(_) => {
+                // The data followers report an unreachable source.
+                client = None;
+                continue;
+            }
+        };
+        match follow_key_once(&ctx, &rc, &info).await {
+            Ok(()) => {
+                let _ = fs::remove_file(key_error_path(&ctx.dir));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "following the source's key");
+                let _ = resource::write_atomic(&key_error_path(&ctx.dir), e.as_bytes(), 0o600);
+            }
+        }
+    }
+}
+
+async fn follow_key_once(
+    ctx: &Arc<ServerCtx>,
+    rc: &ReplicaConfig,
+    info: &serde_json::Value,
+) -> Result<(), String> {
+    let want = info["customer_key"].as_str();
+    let have = ctx
+        .live
+        .lock()
+        .expect("config")
+        .encryption
+        .customer_key
+        .clone();
+    if want == have.as_ref().map(|c| c.key.kid()).as_deref() {
+        return Ok(());
+    }
+    let target = match want {
+        None => crate::keys::Target::Service,
+        Some(kid) => {
+            let key = crate::cmk::KeyUrl::parse(kid)?;
+            let login = match have {
+                Some(c) => c.login,
+                None => {
+                    // The source moved from the service key to a customer
+                    // key: log in where it does.
+                    let tenant = info["vault_tenant"]
+                        .as_str()
+                        .ok_or("the source names no vault tenant")?;
+                    let ca = info["vault_ca_pem"]
+                        .as_str()
+                        .ok_or("the source sends no vault CA")?;
+                    resource::write_atomic(&ctx.dir.join("vault-ca.pem"), ca.as_bytes(), 0o644)
+                        .map_err(|e| e.to_string())?;
+                    crate::cmk::VaultLogin {
+                        tenant: tenant.to_string(),
+                        ca: PathBuf::from("vault-ca.pem"),
+                    }
+                }
+            };
+            crate::keys::Target::Customer { key, login }
+        }
+    };
+    let client_id = ctx.live.lock().expect("config").identity.client_id.clone();
+    let report = crate::control::set_key(ctx, target).await.map_err(|e| {
+        format!(
+            "the source now uses {}; this replica cannot switch to it yet: {e} (grant this replica's identity {client_id} get, wrapKey and unwrapKey on that key)",
+            want.unwrap_or("its service-managed key")
+        )
+    })?;
+    // The switch set a new protector: route the source's own keys again.
+    let customer = want.is_some();
+    prepare_keys(ctx.databases.engine(), rc, customer)?;
+    tracing::info!(key = want.unwrap_or("service-managed"), report = ?report, "followed the source's key");
+    let _ = resource::log_activity(
+        &ctx.dir,
+        &serde_json::json!({"time": resource::now_rfc3339(), "event": "replica_followed_key",
+            "key": want}),
+    );
+    Ok(())
 }
 
 async fn follow(ctx: Arc<ServerCtx>, rc: ReplicaConfig, name: String) {
@@ -849,19 +975,32 @@ fn apply_from(
     Ok(out)
 }
 
-/// Lets the engine read segments wrapped under the source's keys (with a
-/// customer key there is nothing to add: it is the same key).
-pub fn prepare_keys(engine: &atrest_storage::Engine, rc: &ReplicaConfig) -> Result<(), String> {
-    let plan = crate::backup::RestorePlan {
+/// Lets the engine read segments wrapped under the source's service key
+/// and infrastructure key (a customer key needs nothing: it is the same
+/// key). A replica under a customer key can do without the source's
+/// service key (it needs it only if the source moves back to it), so a
+/// missing one is then a warning, not a failure.
+pub fn prepare_keys(
+    engine: &atrest_storage::Engine,
+    rc: &ReplicaConfig,
+    customer_key: bool,
+) -> Result<(), String> {
+    let plan = |service: bool| crate::backup::RestorePlan {
         backup: String::new(),
         to_time_unix_us: None,
-        source_service_key: rc.source_service_key.clone(),
+        source_service_key: rc.source_service_key.clone().filter(|_| service),
         source_keystore_dir: rc.source_keystore_dir.clone(),
         source_infra_key: rc.source_infra_key.clone(),
         source_infra_keystore_dir: rc.source_infra_keystore_dir.clone(),
         replay: BTreeMap::new(),
     };
-    crate::backup::prepare_engine(engine, &plan)
+    match crate::backup::prepare_engine(engine, &plan(true)) {
+        Err(e) if customer_key => {
+            tracing::warn!(error = %e, "the source's service key is not available to this replica (it is not needed while the source uses its customer key)");
+            crate::backup::prepare_engine(engine, &plan(false))
+        }
+        r => r,
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -948,7 +1087,6 @@ pub async fn create(opts: &CreateOptions) -> Result<crate::backup::Restored, Str
             .map_err(|e| e.to_string())?;
         resource::write_atomic(&rdir.join("token"), token.as_bytes(), 0o600)
             .map_err(|e| e.to_string())?;
-        let customer = manifest.source.encryption.customer_key.is_some();
         let rc = ReplicaConfig {
             source: addr.clone(),
             source_name: manifest.source.name.clone(),
@@ -956,13 +1094,11 @@ pub async fn create(opts: &CreateOptions) -> Result<crate::backup::Restored, Str
             source_dir,
             source_ca: PathBuf::from(REPLICA_DIR).join("source-ca.pem"),
             token_file: PathBuf::from(REPLICA_DIR).join("token"),
-            source_service_key: if customer {
-                None
-            } else {
-                manifest.data_dir_info["service_key"]
-                    .as_str()
-                    .map(str::to_string)
-            },
+            // Even under a customer key: the source may move back to its
+            // service key, and a replica follows.
+            source_service_key: manifest.data_dir_info["service_key"]
+                .as_str()
+                .map(str::to_string),
             source_keystore_dir: manifest.source.encryption.keystore_dir.clone(),
             source_infra_key: manifest.entry.infrastructure_key.clone(),
             source_infra_keystore_dir: manifest.source.encryption.infra_keystore_dir.clone(),

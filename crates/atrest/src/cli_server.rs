@@ -547,6 +547,9 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                         r["source_name"].as_str().unwrap_or("-"),
                         r["source"].as_str().unwrap_or("-")
                     );
+                    if let Some(e) = r["key_error"].as_str() {
+                        println!("replica key: {e}");
+                    }
                     for (db, l) in r["databases"].as_object().into_iter().flatten() {
                         println!(
                             "replication: {db} lag {} bytes, {:.1} s, {} transactions applied{}",

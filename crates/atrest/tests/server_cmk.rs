@@ -1104,3 +1104,209 @@ fn backups_follow_a_key_rotation_and_a_restore_waits_for_its_new_identity() {
     r.stop();
     st.server.stop();
 }
+
+/// Waits until `s` answers `sql` with `want`.
+fn wait_sql(s: &TestServer, sql: &str, want: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let out = s.psql("postgres", &["-c", sql]);
+        let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sql}: want {want}, got {got} {} after {limit:?}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            s.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_replica_has_its_own_identity_follows_key_rotation_and_loses_the_key_with_its_source() {
+    let mut st = setup(&[]);
+    let dir = st.server.dir.to_str().unwrap().to_string();
+    st.configure(&["--key-check-interval-ms", "300"]);
+    st.server.start(&[]);
+    let out = st.set_key(&st.key_url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v1 = st.latest_version();
+    st.server.sql(
+        "postgres",
+        "CREATE TABLE t (n int, note text); INSERT INTO t SELECT value, 'CMKMARKER' FROM generate_series(1, 200);",
+    );
+
+    // The replica: a new identity, the same key, Inaccessible until that
+    // identity is granted the key and revalidated.
+    let rdir = st.server.tmp.path().join("replica");
+    let out = atrest_ok(&[
+        "server",
+        "replica",
+        "create",
+        "--source",
+        &dir,
+        "--name",
+        "replica-1",
+        "--data",
+        rdir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(
+        out.contains("Inaccessible") && out.contains("revalidate"),
+        "{out}"
+    );
+    let rd = rdir.to_str().unwrap().to_string();
+    let rcfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(rdir.join("server.json")).unwrap()).unwrap();
+    let replica_id = rcfg["identity"]["client_id"].as_str().unwrap().to_string();
+    assert_ne!(replica_id, st.client_id);
+    let key = rcfg["encryption"]["customer_key"]["key"].to_string();
+    assert!(key.contains("tde") && key.contains(&v1), "{key}");
+    atrest_ok(&[
+        "server",
+        "configure",
+        "--data",
+        &rd,
+        "--key-check-interval-ms",
+        "300",
+    ]);
+    let mut r = TestServer::existing(rdir.clone(), st.server.keystore.clone());
+    r.start(&[]);
+    assert_eq!(r.state()["state"], "Inaccessible", "{}", r.log_text());
+    let (code, message) = connect_error(r.port);
+    assert_eq!(code, "57P03");
+    assert!(message.contains("Inaccessible"), "{message}");
+    let out = atrest(&["server", "revalidate", "--data", &rd]);
+    assert!(!out.status.success(), "revalidated before the grant");
+    let cert = std::fs::read_to_string(rdir.join("identity/identity.crt")).unwrap();
+    register_server_identity(
+        &st.vault,
+        &replica_id,
+        &cert,
+        &["get", "wrapKey", "unwrapKey"],
+    );
+    atrest_ok(&["server", "revalidate", "--data", &rd]);
+    st.server
+        .sql("postgres", "INSERT INTO t VALUES (201, 'after the grant')");
+    wait_sql(&r, "SELECT count(*) FROM t", "201", Duration::from_secs(20));
+
+    // The source rotates its key: the replica follows (its own files move
+    // to v2), so v1 can be disabled and both go on.
+    block_on(st.admin.call(
+        Method::POST,
+        "/keys/tde/create",
+        Some(json!({"kty": "RSA", "key_size": 2048})),
+    ))
+    .unwrap();
+    let v2 = st.latest_version();
+    atrest_ok(&["server", "rotate-key", "--data", &dir]);
+    st.server
+        .sql("postgres", "INSERT INTO t VALUES (202, 'after rotation')");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s: Value =
+            serde_json::from_str(&atrest_ok(&["server", "status", "--data", &rd, "--json"]))
+                .unwrap();
+        let key = s["encryption"]["customer_key"]["key"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if key.ends_with(&v2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not follow the rotation: {s}\n{}",
+            r.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (p, hdr) in headers(&rdir) {
+        assert!(
+            !contains(&hdr, v1.as_bytes()),
+            "{} still names {v1}",
+            p.display()
+        );
+        assert!(
+            contains(&hdr, v2.as_bytes()),
+            "{} does not name {v2}",
+            p.display()
+        );
+    }
+    block_on(st.admin.call(
+        Method::PATCH,
+        &format!("/keys/tde/{v1}"),
+        Some(json!({"attributes": {"enabled": false}})),
+    ))
+    .unwrap();
+    st.server
+        .sql("postgres", "INSERT INTO t VALUES (203, 'v1 disabled')");
+    wait_sql(&r, "SELECT count(*) FROM t", "203", Duration::from_secs(20));
+    for (p, bytes) in files_under(&rdir) {
+        assert!(
+            !contains(&bytes, b"CMKMARKER"),
+            "plaintext in {}",
+            p.display()
+        );
+    }
+
+    // Revocation: disabling the key takes both down. The vault knows both
+    // depend on it and names them when asked without force.
+    let refused = block_on(st.admin.call(
+        Method::PATCH,
+        &format!("/keys/tde/{v2}"),
+        Some(json!({"attributes": {"enabled": false}})),
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains("replica-1") && refused.contains("test-server"),
+        "{refused}"
+    );
+    block_on(st.admin.call(
+        Method::PATCH,
+        &format!("/keys/tde/{v2}?force=true"),
+        Some(json!({"attributes": {"enabled": false}})),
+    ))
+    .unwrap();
+    wait_state(&st.server, "Inaccessible", Duration::from_secs(10));
+    let state = wait_state(&r, "Inaccessible", Duration::from_secs(10));
+    assert!(state.to_string().contains("disabled"), "{state}");
+    let (code, _) = connect_error(r.port);
+    assert_eq!(code, "57P03");
+    // Revalidation while the key is still disabled fails on both.
+    assert!(!atrest(&["server", "revalidate", "--data", &rd])
+        .status
+        .success());
+    // Enabled again and revalidated, both come back, and the replica
+    // catches up with what the source takes next.
+    block_on(st.admin.call(
+        Method::PATCH,
+        &format!("/keys/tde/{v2}"),
+        Some(json!({"attributes": {"enabled": true}})),
+    ))
+    .unwrap();
+    atrest_ok(&["server", "revalidate", "--data", &dir]);
+    atrest_ok(&["server", "revalidate", "--data", &rd]);
+    assert_eq!(r.state()["state"], "Ready");
+    st.server.sql(
+        "postgres",
+        "INSERT INTO t VALUES (204, 'after revalidation')",
+    );
+    wait_sql(
+        &r,
+        "SELECT count(*) || ' ' || max(n) FROM t",
+        "204 204",
+        Duration::from_secs(20),
+    );
+    assert_eq!(r.sql("postgres", "PRAGMA integrity_check"), "ok");
+    r.stop();
+    st.server.stop();
+}
