@@ -164,6 +164,33 @@ pub struct SegmentChunk {
     pub newer: Option<u64>,
     /// The newest segment and its committed length.
     pub head: (u64, u64),
+    /// The segment was removed (retention, with no replica holding it):
+    /// whoever needs it cannot catch up from the archive.
+    pub gone: bool,
+}
+
+/// The file in a database's archive directory that says where the
+/// current incarnation of the database begins (its first segment).
+const ORIGIN_FILE: &str = "origin";
+
+/// Records, as a database is created, the archive segment its history
+/// starts at: the next one to be made.
+pub fn mark_origin(repo: &Path, name: &str) -> Result<(), String> {
+    let dir = repo.join("wal").join(name);
+    private_dir(&dir)?;
+    let next = segments_in(&dir).last().map_or(1, |s| s + 1);
+    resource::write_atomic(&dir.join(ORIGIN_FILE), next.to_string().as_bytes(), 0o600)
+        .map_err(|e| err("writing", &dir.join(ORIGIN_FILE), e))
+}
+
+/// The first segment of database `name`'s current incarnation, if it was
+/// created with the archive on.
+pub fn origin(repo: &Path, name: &str) -> Option<u64> {
+    fs::read_to_string(repo.join("wal").join(name).join(ORIGIN_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Segment numbers present in `dir`, ascending.
@@ -353,6 +380,8 @@ impl WalArchiver {
         };
         let commits = read_commits(&segment_path(&self.dir, seq, "commits"));
         let (len, last_commit_us) = commits.last().copied().unwrap_or((0, 0));
+        // Missing, with a newer one present: removed, not yet to come.
+        let gone = newer.is_some() && !segment_path(&self.dir, seq, "wal").exists();
         let mut chunk = SegmentChunk {
             header: vec![],
             from,
@@ -361,6 +390,7 @@ impl WalArchiver {
             last_commit_us,
             newer,
             head,
+            gone,
         };
         if len == 0 {
             return Ok(chunk);
@@ -611,7 +641,11 @@ pub fn take_backup(
     let mut catalog = load_catalog(&repo)?;
     catalog.push(entry.clone());
     save_catalog(&repo, &catalog)?;
-    apply_retention(&repo, &config.backup)?;
+    apply_retention(
+        &repo,
+        &config.backup,
+        &crate::replication::retention_floor(dir),
+    )?;
     let _ = resource::log_activity(
         dir,
         &serde_json::json!({"time": resource::now_rfc3339(), "event": "backup",
@@ -643,8 +677,14 @@ pub fn scenario_name(config: &ServerConfig) -> String {
 }
 
 /// Deletes backups beyond the retention limits (never the newest), then
-/// archive segments no remaining backup needs.
-pub fn apply_retention(repo: &Path, policy: &BackupConfig) -> Result<Vec<String>, String> {
+/// archive segments no remaining backup needs and no replica has still to
+/// read (`replica_floor`: per database, the oldest segment a replica is
+/// reading).
+pub fn apply_retention(
+    repo: &Path,
+    policy: &BackupConfig,
+    replica_floor: &BTreeMap<String, u64>,
+) -> Result<Vec<String>, String> {
     let mut catalog = load_catalog(repo)?;
     catalog.sort_by_key(|e| e.time_unix_us);
     let now = now_us();
@@ -683,6 +723,7 @@ pub fn apply_retention(repo: &Path, policy: &BackupConfig) -> Result<Vec<String>
         }
     }
     for (name, from) in oldest {
+        let from = replica_floor.get(&name).map_or(from, |f| from.min(*f));
         let wdir = repo.join("wal").join(&name);
         for seq in segments_in(&wdir).into_iter().filter(|s| *s < from) {
             let _ = fs::remove_file(segment_path(&wdir, seq, "wal"));

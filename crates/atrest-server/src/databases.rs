@@ -315,6 +315,12 @@ impl Databases {
                 format!("cannot execute CREATE DATABASE: {why}"),
             ));
         }
+        self.create_as_source_did(name)
+    }
+
+    /// CREATE DATABASE whether or not this server is a read replica: a
+    /// replica makes the databases its source makes.
+    pub fn create_as_source_did(&self, name: &str) -> Result<(), PgError> {
         validate_database_name(name).map_err(|m| PgError::new("42602", m))?;
         let _open = self.open.lock().expect("databases poisoned");
         if self.exists(name) {
@@ -322,6 +328,11 @@ impl Databases {
                 "42P04",
                 format!("database \"{name}\" already exists"),
             ));
+        }
+        if let Some(repo) = self.archive.lock().expect("archive").as_ref() {
+            // Where this database's history starts in the archive (a
+            // replica follows a new database from there).
+            crate::backup::mark_origin(repo, name).map_err(|m| PgError::new("58030", m))?;
         }
         let conn = self.server_connection(name)?;
         conn.pragma_update(None, "journal_mode", "wal")
@@ -343,6 +354,16 @@ impl Databases {
                 format!("cannot execute DROP DATABASE: {why}"),
             ));
         }
+        self.drop_as_source_did(name, if_exists, current)
+    }
+
+    /// DROP DATABASE whether or not this server is a read replica.
+    pub fn drop_as_source_did(
+        &self,
+        name: &str,
+        if_exists: bool,
+        current: &str,
+    ) -> Result<bool, PgError> {
         let mut open = self.open.lock().expect("databases poisoned");
         if !self.exists(name) {
             if if_exists {

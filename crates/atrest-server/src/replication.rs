@@ -132,6 +132,58 @@ pub fn disallow(dir: &Path, name: &str) -> Result<bool, String> {
     Ok(list.len() != before)
 }
 
+/// On the source: per replica, per database, the archive segment it is
+/// reading, so that retention keeps what a replica has still to read (a
+/// replica that is never coming back holds segments until it is removed
+/// with `replica disallow`).
+const PROGRESS_FILE: &str = "replica-progress.json";
+
+type Progress = BTreeMap<String, BTreeMap<String, u64>>;
+
+fn load_progress(dir: &Path) -> Progress {
+    fs::read(dir.join(PROGRESS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Serializes the read-modify-write of the progress file.
+static PROGRESS_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn record_progress(dir: &Path, replica: &str, database: &str, seq: u64) {
+    let _l = PROGRESS_LOCK.lock().expect("progress lock");
+    let mut p = load_progress(dir);
+    let entry = p.entry(replica.to_string()).or_default();
+    if entry.get(database) == Some(&seq) {
+        return;
+    }
+    entry.insert(database.to_string(), seq);
+    if let Err(e) = resource::write_atomic(
+        &dir.join(PROGRESS_FILE),
+        &serde_json::to_vec_pretty(&p).expect("serializable"),
+        0o600,
+    ) {
+        tracing::warn!(error = %e, "recording a replica's progress");
+    }
+}
+
+/// Per database, the oldest archive segment an allowed replica is still
+/// reading: retention keeps it and everything after it.
+pub fn retention_floor(dir: &Path) -> BTreeMap<String, u64> {
+    let allowed: Vec<String> = load_allowed(dir).into_iter().map(|a| a.name).collect();
+    let mut floor: BTreeMap<String, u64> = BTreeMap::new();
+    for (replica, dbs) in load_progress(dir) {
+        if !allowed.contains(&replica) {
+            continue;
+        }
+        for (db, seq) in dbs {
+            let f = floor.entry(db).or_insert(seq);
+            *f = (*f).min(seq);
+        }
+    }
+    floor
+}
+
 fn replica_for_token(dir: &Path, token: &str) -> Option<String> {
     let h = sha256_hex(token);
     load_allowed(dir)
@@ -276,6 +328,13 @@ async fn route(req: hyper::Request<hyper::body::Incoming>, ctx: &Arc<ServerCtx>)
             };
             let from = query(req.uri(), "from").unwrap_or(0);
             let wait = Duration::from_millis(query(req.uri(), "wait_ms").unwrap_or(0).min(10_000));
+            if !wait.is_zero() {
+                // A follower's poll of the segment it stands in (a peek
+                // at the next one, without a wait, is not progress yet).
+                let (dir, r, n) = (ctx.dir.clone(), replica.clone(), name.to_string());
+                let _ =
+                    tokio::task::spawn_blocking(move || record_progress(&dir, &r, &n, seq)).await;
+            }
             segment(ctx, name, seq, from, wait).await
         }
         _ => error_reply(
@@ -292,6 +351,11 @@ fn info(ctx: &ServerCtx) -> serde_json::Value {
         "name": config.name,
         "server_id": config.server_id,
         "databases": ctx.databases.names(),
+        // Where each database created with the archive on begins in it.
+        "origins": ctx.databases.names().into_iter().filter_map(|n| {
+            let o = crate::backup::origin(&crate::backup::repository(&ctx.dir, &config), &n)?;
+            Some((n, o))
+        }).collect::<BTreeMap<String, u64>>(),
         "customer_key": ck.map(|k| k.key.kid()),
         // Where a replica logs in to follow a change of key (its CA
         // certificate is public).
@@ -331,6 +395,15 @@ async fn segment(
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
         let chunk = match read {
+            Ok(c) if c.gone => {
+                return error_reply(
+                    410,
+                    format!(
+                        "segment {seq} of database {name} is no longer in {}'s WAL archive (backup retention removed it before this replica read it); the replica cannot catch up: create it again",
+                        ctx.config.name
+                    ),
+                )
+            }
             Ok(c) => c,
             Err(e) => return error_reply(500, format!("reading the WAL archive of {name}: {e}")),
         };
@@ -622,26 +695,72 @@ fn store_chunk(path: &Path, c: &Chunk) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Follows the source: one task per database, and one for its key, while
-/// the server is Ready.
+/// Follows the source: one task per database, and one for its key and
+/// its list of databases, while the server is Ready.
 pub fn start_follower(ctx: &Arc<ServerCtx>, rc: ReplicaConfig) {
-    let names = ctx.databases.names();
-    for name in names {
-        let ctx = Arc::clone(ctx);
-        let rc = rc.clone();
-        tokio::spawn(async move { follow(ctx, rc, name).await });
+    for name in ctx.databases.names() {
+        follow_database(ctx, &rc, name);
     }
     let ctx = Arc::clone(ctx);
-    tokio::spawn(async move { follow_key(ctx, rc).await });
+    tokio::spawn(async move { watch_source(ctx, rc).await });
+}
+
+fn follow_database(ctx: &Arc<ServerCtx>, rc: &ReplicaConfig, name: String) {
+    let ctx = Arc::clone(ctx);
+    let rc = rc.clone();
+    tokio::spawn(async move { follow(ctx, rc, name).await });
+}
+
+/// Makes the databases the source has made since, and drops those it
+/// dropped. A new database is followed from the archive segment its
+/// history starts at, from an empty file.
+fn follow_databases(
+    ctx: &Arc<ServerCtx>,
+    rc: &ReplicaConfig,
+    info: &serde_json::Value,
+) -> Result<(), String> {
+    let theirs: Vec<String> = info["databases"]
+        .as_array()
+        .ok_or("the source sent no list of databases")?
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    let mine = ctx.databases.names();
+    for name in theirs.iter().filter(|n| !mine.contains(n)) {
+        let origin = info["origins"][name.as_str()].as_u64().ok_or_else(|| {
+            format!("the source has a database {name} whose archive does not reach back to its creation; create the replica again to have it")
+        })?;
+        ctx.databases
+            .create_as_source_did(name)
+            .map_err(|e| e.message)?;
+        save_position(
+            &ctx.dir,
+            name,
+            &Position {
+                seq: origin,
+                ..Position::default()
+            },
+        )?;
+        tracing::info!(database = %name, origin, "following a database the source created");
+        follow_database(ctx, rc, name.clone());
+    }
+    for name in mine.iter().filter(|n| !theirs.contains(n)) {
+        ctx.databases
+            .drop_as_source_did(name, true, "")
+            .map_err(|e| format!("dropping {name}, which the source dropped: {}", e.message))?;
+        let _ = fs::remove_dir_all(ctx.dir.join(REPLICA_DIR).join("wal").join(name));
+        tracing::info!(database = %name, "dropped a database the source dropped");
+    }
+    Ok(())
 }
 
 fn key_error_path(dir: &Path) -> PathBuf {
-    dir.join(REPLICA_DIR).join("key-error")
+    dir.join(REPLICA_DIR).join("source-error")
 }
 
-/// Why the replica is not (yet) under the source's customer key, if it
-/// is not.
-pub fn key_error(dir: &Path) -> Option<String> {
+/// Why the replica is not (yet) under the source's customer key, or does
+/// not have (or still has) a database the source created (or dropped).
+pub fn source_error(dir: &Path) -> Option<String> {
     fs::read_to_string(key_error_path(dir)).ok()
 }
 
@@ -651,7 +770,7 @@ pub fn key_error(dir: &Path) -> Option<String> {
 /// can be retired on both. Until it can (say its identity has not been
 /// granted a new key) the reason is in `status`, and the segments under
 /// the new key wait.
-async fn follow_key(ctx: Arc<ServerCtx>, rc: ReplicaConfig) {
+async fn watch_source(ctx: Arc<ServerCtx>, rc: ReplicaConfig) {
     let shutdown = ctx.shutdown_watch();
     let mut client: Option<SourceClient> = None;
     loop {
@@ -680,7 +799,8 @@ async fn follow_key(ctx: Arc<ServerCtx>, rc: ReplicaConfig) {
                 continue;
             }
         };
-        match follow_key_once(&ctx, &rc, &info).await {
+        let databases = follow_databases(&ctx, &rc, &info);
+        match follow_key_once(&ctx, &rc, &info).await.and(databases) {
             Ok(()) => {
                 let _ = fs::remove_file(key_error_path(&ctx.dir));
             }
@@ -759,7 +879,7 @@ async fn follow(ctx: Arc<ServerCtx>, rc: ReplicaConfig, name: String) {
     let mut lag = Lag::default();
     let mut pos = load_positions(&ctx.dir).remove(&name).unwrap_or_default();
     loop {
-        if *shutdown.borrow() || !ctx.is_replica() {
+        if *shutdown.borrow() || !ctx.is_replica() || !ctx.databases.is_database(&name) {
             return;
         }
         let wait = |d: Duration| {

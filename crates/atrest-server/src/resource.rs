@@ -958,7 +958,7 @@ pub fn status(dir: &Path) -> Result<serde_json::Value, ResourceError> {
             "source": rc.source,
             "source_name": rc.source_name,
             "databases": crate::replication::load_lag(dir),
-            "key_error": crate::replication::key_error(dir),
+            "source_error": crate::replication::source_error(dir),
         })),
         "history": state.history,
     }))

@@ -258,6 +258,14 @@ enum ReplicaCommand {
         #[arg(long)]
         token_out: PathBuf,
     },
+    /// On the source: stop a replica from following (its token is no
+    /// longer accepted) and release the archive segments it held.
+    Disallow {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
     /// Turn a replica into an independent, writable server (running or not).
     Promote {
         #[arg(long)]
@@ -547,8 +555,8 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                         r["source_name"].as_str().unwrap_or("-"),
                         r["source"].as_str().unwrap_or("-")
                     );
-                    if let Some(e) = r["key_error"].as_str() {
-                        println!("replica key: {e}");
+                    if let Some(e) = r["source_error"].as_str() {
+                        println!("replica: {e}");
                     }
                     for (db, l) in r["databases"].as_object().into_iter().flatten() {
                         println!(
@@ -874,6 +882,16 @@ fn run_replica(cmd: ReplicaCommand) -> Result<std::process::ExitCode> {
                 "replica {name} may follow {}; its token is in {} (give it to `replica create --token-file`)",
                 data.display(),
                 token_out.display()
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        ReplicaCommand::Disallow { data, name } => {
+            if !replication::disallow(&data, &name).map_err(|e| anyhow::anyhow!(e))? {
+                bail!("no replica named {name} may follow {}", data.display());
+            }
+            println!(
+                "replica {name} may no longer follow {}; the archive segments it held go at the next backup's retention",
+                data.display()
             );
             Ok(std::process::ExitCode::SUCCESS)
         }

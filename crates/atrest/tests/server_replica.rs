@@ -267,3 +267,207 @@ fn replica_follows_through_kills_refuses_writes_and_promotes() {
     assert_eq!(replica.sql("postgres", "SELECT count(*) FROM ticks"), "3");
     replica.sql("postgres", "INSERT INTO ticks VALUES (3, 'after restart')");
 }
+
+fn ok(args: &[&str]) -> String {
+    let out = atrest(args);
+    assert!(
+        out.status.success(),
+        "atrest {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> Option<String>) {
+    let t0 = Instant::now();
+    loop {
+        match f() {
+            None => return,
+            Some(state) => assert!(t0.elapsed() < limit, "{what} not within {limit:?}: {state}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn replica_status(dir: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&ok(&[
+        "server",
+        "status",
+        "--data",
+        dir.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap()
+}
+
+#[test]
+fn new_databases_are_followed_and_retention_keeps_what_a_stopped_replica_needs() {
+    let mut source = TestServer::create(&[]);
+    // Keep one backup: without replicas, every older segment would go.
+    let cfg_path = source.dir.join("server.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    config["backup"]["retain_count"] = 1.into();
+    std::fs::write(&cfg_path, config.to_string()).unwrap();
+    source.start(&[]);
+    let sdir = source.dir.to_str().unwrap().to_string();
+    source.sql(
+        "postgres",
+        "CREATE TABLE t (n int, note text); INSERT INTO t SELECT value, 'REPLMARKER' FROM generate_series(1, 100);",
+    );
+    let rdir = source.tmp.path().join("replica");
+    let rd = rdir.to_str().unwrap().to_string();
+    ok(&[
+        "server",
+        "replica",
+        "create",
+        "--source",
+        &sdir,
+        "--name",
+        "replica-r1",
+        "--data",
+        &rd,
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let mut replica = TestServer::existing(rdir.clone(), source.keystore.clone());
+    replica.start(&[]);
+    let count = |s: &TestServer, db: &str, table: &str| {
+        let out = s.psql(db, &["-c", &format!("SELECT count(*) FROM {table}")]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    wait_until("the replica's first rows", Duration::from_secs(20), || {
+        (count(&replica, "postgres", "t") != "100").then(|| count(&replica, "postgres", "t"))
+    });
+
+    // The replica is down while the source writes, makes a database and
+    // takes backups that retire the replica's base backup.
+    replica.stop();
+    let held: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(rdir.join("replica/positions.json")).unwrap(),
+    )
+    .unwrap();
+    let held_seq = held["postgres"]["seq"].as_u64().unwrap();
+    let archive = source.dir.join("backups/wal/postgres");
+    let segment = |seq: u64| archive.join(format!("{seq:020}.wal"));
+    let rows = "INSERT INTO t SELECT value, 'REPLMARKER' FROM generate_series";
+    source.sql("postgres", &format!("{rows}(101, 150)"));
+    // A restart starts a new WAL generation: the next backup's archive
+    // begins after the segment the replica stands in.
+    source.stop();
+    source.start(&[]);
+    source.sql("postgres", &format!("{rows}(151, 200)"));
+    source.sql("postgres", "CREATE DATABASE shop");
+    source.sql(
+        "shop",
+        "CREATE TABLE orders (id int PRIMARY KEY, item text); INSERT INTO orders SELECT value, 'REPLMARKER-shop' FROM generate_series(1, 50);",
+    );
+    ok(&["server", "backup", "--data", &sdir]);
+    source.sql("postgres", "INSERT INTO t VALUES (201, 'between backups')");
+    source.sql("shop", "INSERT INTO orders VALUES (51, 'between backups')");
+    ok(&["server", "backup", "--data", &sdir]);
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&["server", "backup", "list", "--data", &sdir])).unwrap();
+    assert_eq!(list["backups"].as_array().unwrap().len(), 1, "{list}");
+    // Only the replica holds the segment: the one backup left starts later.
+    let from = list["backups"][0]["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "postgres")
+        .unwrap()["archive_from"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        from > held_seq,
+        "backup archive from {from}, replica at {held_seq}"
+    );
+    assert!(
+        segment(held_seq).exists(),
+        "retention removed segment {held_seq}, which the stopped replica has still to read"
+    );
+
+    // Back up, it catches up with both databases.
+    replica.start(&[]);
+    wait_until("the replica catching up", Duration::from_secs(30), || {
+        let (a, b) = (
+            count(&replica, "postgres", "t"),
+            count(&replica, "shop", "orders"),
+        );
+        (a != "201" || b != "51").then(|| format!("t {a}, orders {b}\n{}", replica.log_text()))
+    });
+    assert_eq!(
+        replica.sql("shop", "SELECT sum(id) || ' ' || max(item) FROM orders"),
+        source.sql("shop", "SELECT sum(id) || ' ' || max(item) FROM orders")
+    );
+    assert_eq!(replica.sql("shop", "PRAGMA integrity_check"), "ok");
+    for (p, bytes) in files_under(&rdir) {
+        assert!(
+            !contains(&bytes, b"REPLMARKER"),
+            "plaintext in {}",
+            p.display()
+        );
+    }
+    // A database the source drops goes on the replica too.
+    source.sql("postgres", "DROP DATABASE shop");
+    wait_until("the replica dropping shop", Duration::from_secs(20), || {
+        let out = replica.psql("shop", &["-c", "SELECT 1"]);
+        out.status.success().then(|| "shop still there".to_string())
+    });
+
+    // Disallowed, the replica no longer holds segments back, and is told.
+    ok(&[
+        "server",
+        "replica",
+        "disallow",
+        "--data",
+        &sdir,
+        "--name",
+        "replica-r1",
+    ]);
+    wait_until(
+        "the replica seeing it is refused",
+        Duration::from_secs(20),
+        || {
+            let st = replica_status(&rdir);
+            let e = st["replica"]["databases"]["postgres"]["last_error"].to_string();
+            (!e.contains("not allowed to follow")).then_some(e)
+        },
+    );
+    let held: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(rdir.join("replica/positions.json")).unwrap(),
+    )
+    .unwrap();
+    let held_seq = held["postgres"]["seq"].as_u64().unwrap();
+    source.stop();
+    source.start(&[]);
+    source.sql("postgres", "INSERT INTO t VALUES (202, 'after disallow')");
+    ok(&["server", "backup", "--data", &sdir]);
+    assert!(
+        !segment(held_seq).exists(),
+        "segment {held_seq} was kept for a replica that may no longer follow"
+    );
+    // Allowed again, it finds that what it needs is gone, and says so.
+    ok(&[
+        "server",
+        "replica",
+        "allow",
+        "--data",
+        &sdir,
+        "--name",
+        "replica-r1",
+        "--token-out",
+        rdir.join("replica/token").to_str().unwrap(),
+    ]);
+    wait_until(
+        "the replica seeing its segment is gone",
+        Duration::from_secs(20),
+        || {
+            let st = replica_status(&rdir);
+            let e = st["replica"]["databases"]["postgres"]["last_error"].to_string();
+            (!e.contains("create it again")).then_some(e)
+        },
+    );
+    assert_eq!(count(&replica, "postgres", "t"), "201");
+}
