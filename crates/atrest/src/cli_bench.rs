@@ -41,6 +41,9 @@ pub enum BenchWhat {
     /// pgbench against real servers: plain SQLite (with the benchmark-only
     /// feature plaintext-baseline), scenarios 1, 2 and 4, in one run.
     Pgbench(crate::cli_bench_pgbench::PgbenchBench),
+    /// A read replica following a source under pgbench: visibility lag,
+    /// apply throughput, catch-up time, and the source's TPS cost.
+    Replication(crate::cli_bench_replication::ReplicationBench),
 }
 
 #[derive(clap::Args)]
@@ -130,6 +133,7 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         BenchWhat::Storage(b) => b,
         BenchWhat::Cmk(c) => return crate::cli_bench_cmk::run(c),
         BenchWhat::Pgbench(p) => return crate::cli_bench_pgbench::run(p),
+        BenchWhat::Replication(r) => return crate::cli_bench_replication::run(r),
     };
     let tmp;
     let dir = match &b.dir {

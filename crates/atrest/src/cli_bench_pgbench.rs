@@ -48,7 +48,7 @@ pub struct PgbenchBench {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Side {
+pub(crate) enum Side {
     Plain,
     S1,
     S2,
@@ -74,7 +74,7 @@ impl Side {
     }
 }
 
-const SCRIPT: &str = r#"\set aid random(1, :accounts)
+pub(crate) const SCRIPT: &str = r#"\set aid random(1, :accounts)
 \set bid random(1, 10)
 \set delta random(-5000, 5000)
 BEGIN;
@@ -91,12 +91,12 @@ const SCHEMA: &str =
      CREATE TABLE history (bid INT, aid INT, delta INT, mtime TIMESTAMP);";
 
 /// A server process serving one side.
-struct Server {
+pub(crate) struct Server {
     side: Side,
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     child: Child,
-    port: u16,
-    log: PathBuf,
+    pub(crate) port: u16,
+    pub(crate) log: PathBuf,
     /// Keeps scenario 4's vault process alive.
     _vault: Option<Env>,
 }
@@ -139,7 +139,7 @@ fn load(conn: &rusqlite::Connection, accounts: u64) -> Result<()> {
 
 /// Creates the server resource of `side` under `root` with the dataset
 /// loaded, and for scenario 4 the vault and the customer key.
-fn prepare(root: &Path, side: Side, accounts: u64) -> Result<(PathBuf, Option<Env>)> {
+pub(crate) fn prepare(root: &Path, side: Side, accounts: u64) -> Result<(PathBuf, Option<Env>)> {
     if side == Side::S4 {
         let env = setup_with(root, "bench-s4", true)?;
         let mut config = resource::load_config(&env.dir)?;
@@ -195,7 +195,7 @@ fn prepare(root: &Path, side: Side, accounts: u64) -> Result<(PathBuf, Option<En
     Ok((dir, None))
 }
 
-fn start(side: Side, dir: PathBuf, vault: Option<Env>) -> Result<Server> {
+pub(crate) fn start(side: Side, dir: PathBuf, vault: Option<Env>) -> Result<Server> {
     let log = dir.with_file_name(format!("{}-server.log", side.key()));
     let log_file = std::fs::File::create(&log)?;
     let mut cmd = Command::new(std::env::current_exe()?);
