@@ -140,31 +140,24 @@ pub fn disallow(dir: &Path, name: &str) -> Result<bool, String> {
 /// with `replica disallow`).
 const PROGRESS_FILE: &str = "replica-progress.json";
 
-type Progress = BTreeMap<String, BTreeMap<String, u64>>;
-
-fn load_progress(dir: &Path) -> Progress {
-    fs::read(dir.join(PROGRESS_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
-}
-
-/// Serializes the read-modify-write of the progress file.
-static PROGRESS_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// What this process last recorded, per (server, replica, database): a
+/// poll touches the file only when its segment changes. The lock also
+/// serializes the read-modify-write of a replica's entry.
+static PROGRESS: std::sync::Mutex<BTreeMap<(PathBuf, String, String), u64>> =
+    std::sync::Mutex::new(BTreeMap::new());
 
 fn record_progress(dir: &Path, replica: &str, database: &str, seq: u64) {
-    let _l = PROGRESS_LOCK.lock().expect("progress lock");
-    let mut p = load_progress(dir);
-    let entry = p.entry(replica.to_string()).or_default();
-    if entry.get(database) == Some(&seq) {
+    let mut last = PROGRESS.lock().expect("progress lock");
+    let k = (dir.to_path_buf(), replica.to_string(), database.to_string());
+    if last.insert(k, seq) == Some(seq) {
         return;
     }
-    entry.insert(database.to_string(), seq);
-    if let Err(e) = resource::write_atomic(
-        &dir.join(PROGRESS_FILE),
-        &serde_json::to_vec_pretty(&p).expect("serializable"),
-        0o600,
-    ) {
+    let path = dir.join(PROGRESS_FILE);
+    let mut mine: BTreeMap<String, u64> = load_map(&path).remove(replica).unwrap_or_default();
+    if mine.insert(database.to_string(), seq) == Some(seq) {
+        return;
+    }
+    if let Err(e) = save_entry(&path, replica, &mine) {
         tracing::warn!(error = %e, "recording a replica's progress");
     }
 }
@@ -174,7 +167,8 @@ fn record_progress(dir: &Path, replica: &str, database: &str, seq: u64) {
 pub fn retention_floor(dir: &Path) -> BTreeMap<String, u64> {
     let allowed: Vec<String> = load_allowed(dir).into_iter().map(|a| a.name).collect();
     let mut floor: BTreeMap<String, u64> = BTreeMap::new();
-    for (replica, dbs) in load_progress(dir) {
+    let progress: BTreeMap<String, BTreeMap<String, u64>> = load_map(&dir.join(PROGRESS_FILE));
+    for (replica, dbs) in progress {
         if !allowed.contains(&replica) {
             continue;
         }
@@ -756,14 +750,14 @@ fn follow_databases(
     Ok(())
 }
 
-fn key_error_path(dir: &Path) -> PathBuf {
+fn source_error_path(dir: &Path) -> PathBuf {
     dir.join(REPLICA_DIR).join("source-error")
 }
 
 /// Why the replica is not (yet) under the source's customer key, or does
 /// not have (or still has) a database the source created (or dropped).
 pub fn source_error(dir: &Path) -> Option<String> {
-    fs::read_to_string(key_error_path(dir)).ok()
+    fs::read_to_string(source_error_path(dir)).ok()
 }
 
 /// Keeps the replica under the source's key: when the source rotates its
@@ -804,11 +798,11 @@ async fn watch_source(ctx: Arc<ServerCtx>, rc: ReplicaConfig) {
         let databases = follow_databases(&ctx, &rc, &info);
         match follow_key_once(&ctx, &rc, &info).await.and(databases) {
             Ok(()) => {
-                let _ = fs::remove_file(key_error_path(&ctx.dir));
+                let _ = fs::remove_file(source_error_path(&ctx.dir));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "following the source's key");
-                let _ = resource::write_atomic(&key_error_path(&ctx.dir), e.as_bytes(), 0o600);
+                let _ = resource::write_atomic(&source_error_path(&ctx.dir), e.as_bytes(), 0o600);
             }
         }
     }

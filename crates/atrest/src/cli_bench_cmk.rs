@@ -9,10 +9,9 @@
 //! interleaved.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use atrest_server::cmk::{KeyUrl, VaultLogin};
 use atrest_server::databases::Databases;
 use atrest_server::keys::{self, Target};
@@ -198,40 +197,11 @@ fn tps_run(env: &Env, interval_ms: u64, seconds: u64, script: &Path) -> Result<f
         limits: None,
     }))?;
     let port = running.listen.port();
-    let out = Command::new("pgbench")
-        .args([
-            "-n",
-            "-f",
-            script.to_str().unwrap(),
-            "-M",
-            "prepared",
-            "-c",
-            "4",
-            "-j",
-            "2",
-        ])
-        .args(["-T", &seconds.to_string()])
-        .arg(format!(
-            "host=127.0.0.1 port={port} user=atrest dbname=postgres sslmode=disable"
-        ))
-        .env("PGPASSWORD", PASSWORD)
+    let out = crate::cli_bench_pgbench::pgbench_command(port, script, 4, seconds, &[])
         .output()
         .context("running pgbench (apt-get install postgresql)")?;
     rt.block_on(running.stop("bench round done"));
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() || !text.contains("number of failed transactions: 0 ") {
-        bail!(
-            "pgbench failed:\n{text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("tps = ")
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-        })
-        .ok_or_else(|| anyhow::anyhow!("no tps in pgbench output:\n{text}"))
+    crate::cli_bench_pgbench::pgbench_tps(&out)
 }
 
 fn monitor_bench(b: &CmkBench, parent: &Path) -> Result<serde_json::Value> {

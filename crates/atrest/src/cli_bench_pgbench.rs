@@ -247,28 +247,39 @@ pub(crate) fn start(side: Side, dir: PathBuf, vault: Option<Env>) -> Result<Serv
     }
 }
 
-fn pgbench(s: &Server, b: &PgbenchBench, script: &Path) -> Result<f64> {
-    let out = Command::new("pgbench")
-        .args(["-n", "-f"])
+/// pgbench running `script` for `seconds` against the server on `port`
+/// (plaintext on loopback), with `-M prepared -j 2` and `-D` variables.
+pub(crate) fn pgbench_command(
+    port: u16,
+    script: &Path,
+    clients: u32,
+    seconds: u64,
+    vars: &[String],
+) -> Command {
+    let mut cmd = Command::new("pgbench");
+    cmd.args(["-n", "-f"])
         .arg(script)
         .args(["-M", "prepared", "-j", "2"])
-        .args(["-c", &b.clients.to_string()])
-        .args(["-T", &b.seconds.to_string()])
-        .args(["-D", &format!("accounts={}", b.accounts)])
-        .arg(format!(
-            "host=127.0.0.1 port={} user=atrest dbname=postgres sslmode=disable",
-            s.port
-        ))
-        .env("PGPASSWORD", PASSWORD)
-        .output()
-        .context("running pgbench (Debian: apt-get install postgresql-client)")?;
+        .args(["-c", &clients.to_string()])
+        .args(["-T", &seconds.to_string()]);
+    for v in vars {
+        cmd.args(["-D", v]);
+    }
+    cmd.arg(format!(
+        "host=127.0.0.1 port={port} user=atrest dbname=postgres sslmode=disable"
+    ))
+    .env("PGPASSWORD", PASSWORD);
+    cmd
+}
+
+/// The TPS of a finished pgbench run, or why it failed (a failed
+/// transaction fails the run).
+pub(crate) fn pgbench_tps(out: &std::process::Output) -> Result<f64> {
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() || !text.contains("number of failed transactions: 0 ") {
         bail!(
-            "pgbench against {:?} failed:\n{text}\n{}\nserver log:\n{}",
-            s.side,
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(&s.log).unwrap_or_default()
+            "pgbench failed:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
         );
     }
     text.lines()
@@ -278,6 +289,25 @@ fn pgbench(s: &Server, b: &PgbenchBench, script: &Path) -> Result<f64> {
                 .and_then(|v| v.parse().ok())
         })
         .ok_or_else(|| anyhow::anyhow!("no tps in pgbench output:\n{text}"))
+}
+
+fn pgbench(s: &Server, b: &PgbenchBench, script: &Path) -> Result<f64> {
+    let out = pgbench_command(
+        s.port,
+        script,
+        b.clients,
+        b.seconds,
+        &[format!("accounts={}", b.accounts)],
+    )
+    .output()
+    .context("running pgbench (Debian: apt-get install postgresql-client)")?;
+    pgbench_tps(&out).with_context(|| {
+        format!(
+            "pgbench against {:?}; server log:\n{}",
+            s.side,
+            std::fs::read_to_string(&s.log).unwrap_or_default()
+        )
+    })
 }
 
 /// Whether the side's database file on disk is plain SQLite.

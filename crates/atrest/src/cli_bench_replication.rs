@@ -27,7 +27,9 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::cli_bench_cmk::PASSWORD;
-use crate::cli_bench_pgbench::{prepare, start, Server, Side, SCRIPT};
+use crate::cli_bench_pgbench::{
+    pgbench_command, pgbench_tps, prepare, start, Server, Side, SCRIPT,
+};
 
 #[derive(clap::Args)]
 pub struct ReplicationBench {
@@ -98,39 +100,21 @@ fn catch_up(
 }
 
 fn spawn_pgbench(b: &ReplicationBench, port: u16, script: &Path) -> Result<std::process::Child> {
-    Command::new("pgbench")
-        .args(["-n", "-f"])
-        .arg(script)
-        .args(["-M", "prepared", "-j", "2"])
-        .args(["-c", &b.clients.to_string()])
-        .args(["-T", &b.seconds.to_string()])
-        .args(["-D", &format!("accounts={}", b.accounts)])
-        .arg(format!(
-            "host=127.0.0.1 port={port} user=atrest dbname=postgres sslmode=disable"
-        ))
-        .env("PGPASSWORD", PASSWORD)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("running pgbench (Debian: apt-get install postgresql-client)")
+    pgbench_command(
+        port,
+        script,
+        b.clients,
+        b.seconds,
+        &[format!("accounts={}", b.accounts)],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .context("running pgbench (Debian: apt-get install postgresql-client)")
 }
 
-fn pgbench_tps(child: std::process::Child) -> Result<f64> {
-    let out = child.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() || !text.contains("number of failed transactions: 0 ") {
-        bail!(
-            "pgbench failed:\n{text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("tps = ")
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-        })
-        .ok_or_else(|| anyhow::anyhow!("no tps in pgbench output:\n{text}"))
+fn wait_tps(child: std::process::Child) -> Result<f64> {
+    pgbench_tps(&child.wait_with_output()?)
 }
 
 fn percentile(v: &[f64], p: f64) -> f64 {
@@ -223,7 +207,7 @@ pub fn run(b: ReplicationBench) -> Result<std::process::ExitCode> {
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                let tps = pgbench_tps(bench)?;
+                let tps = wait_tps(bench)?;
                 let ran = t0.elapsed();
                 let drain = catch_up(
                     &rt,
@@ -243,7 +227,7 @@ pub fn run(b: ReplicationBench) -> Result<std::process::ExitCode> {
             } else {
                 drop(replica.take());
                 let before = history_count(&rt, &src)?;
-                let tps = pgbench_tps(spawn_pgbench(&b, source.port, &script)?)?;
+                let tps = wait_tps(spawn_pgbench(&b, source.port, &script)?)?;
                 let behind = history_count(&rt, &src)? - before;
                 let t0 = Instant::now();
                 replica = Some(start(Side::S1, rdir.clone(), None)?);

@@ -7,7 +7,6 @@
 mod server_common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use server_common::*;
@@ -41,30 +40,6 @@ fn setup_tables(s: &TestServer) {
     );
 }
 
-fn pgbench(s: &TestServer, clients: u32, txns: u32) -> std::process::Child {
-    let script = s.tmp.path().join("bench.sql");
-    std::fs::write(&script, SCRIPT).unwrap();
-    Command::new(tool("pgbench"))
-        .args(["-n", "-f", script.to_str().unwrap(), "-M", "prepared"])
-        .args([
-            "-c",
-            &clients.to_string(),
-            "-j",
-            "2",
-            "-t",
-            &txns.to_string(),
-        ])
-        .arg(
-            s.conninfo("postgres", "verify-full")
-                .replace("host=127.0.0.1", "host=localhost"),
-        )
-        .env("PGPASSWORD", PASSWORD)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 fn finish(child: std::process::Child) -> String {
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -88,17 +63,6 @@ fn tick(s: &TestServer, n: u32) -> (u32, u64, u64) {
         &format!("INSERT INTO ticks VALUES ({n}, 'BKMARKER-tick-{n}')"),
     );
     (n, before, now_us())
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let out = atrest(args);
-    assert!(
-        out.status.success(),
-        "atrest {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 fn run_err(args: &[&str]) -> String {
@@ -127,7 +91,7 @@ fn restore(src: &TestServer, backup: &Path, name: &str, to_time: Option<u64>) ->
         t = format!("{}.{:06}", us / 1_000_000, us % 1_000_000);
         args.extend(["--to-time", &t]);
     }
-    run_ok(&args);
+    atrest_ok(&args);
     TestServer::existing(dir, src.keystore.clone())
 }
 
@@ -146,7 +110,7 @@ fn assert_consistent(s: &TestServer) -> i64 {
 }
 
 fn latest_backup(s: &TestServer) -> PathBuf {
-    let v: serde_json::Value = serde_json::from_str(&run_ok(&[
+    let v: serde_json::Value = serde_json::from_str(&atrest_ok(&[
         "server",
         "backup",
         "list",
@@ -168,12 +132,12 @@ fn backup_under_load_then_full_and_point_in_time_restores() {
     setup_tables(&s);
 
     // A backup while pgbench writes, ticks before and after it.
-    let bench = pgbench(&s, 4, 400);
+    let bench = pgbench_script(&s, SCRIPT, 4, 400);
     let mut ticks = vec![];
     for n in 0..5 {
         ticks.push(tick(&s, n));
     }
-    let taken: serde_json::Value = serde_json::from_str(&run_ok(&[
+    let taken: serde_json::Value = serde_json::from_str(&atrest_ok(&[
         "server",
         "backup",
         "--data",
@@ -208,7 +172,7 @@ fn backup_under_load_then_full_and_point_in_time_restores() {
     }
 
     // verify: every page and frame authenticates.
-    let v = run_ok(&[
+    let v = atrest_ok(&[
         "server",
         "backup",
         "verify",
@@ -333,13 +297,13 @@ fn offline_backup_retention_and_a_client_cannot_checkpoint() {
     s.stop();
     // A stopped server is backed up offline, the same way.
     let dir = s.dir.to_str().unwrap().to_string();
-    run_ok(&["server", "backup", "--data", &dir]);
+    atrest_ok(&["server", "backup", "--data", &dir]);
     s.start(&[]);
     s.sql("postgres", "INSERT INTO ticks VALUES (2, 'two')");
-    run_ok(&["server", "backup", "--data", &dir]);
-    run_ok(&["server", "backup", "--data", &dir]);
+    atrest_ok(&["server", "backup", "--data", &dir]);
+    atrest_ok(&["server", "backup", "--data", &dir]);
     let list: serde_json::Value =
-        serde_json::from_str(&run_ok(&["server", "backup", "list", "--data", &dir])).unwrap();
+        serde_json::from_str(&atrest_ok(&["server", "backup", "list", "--data", &dir])).unwrap();
     assert_eq!(list["backups"].as_array().unwrap().len(), 3);
     let first = list["backups"][0]["id"].as_str().unwrap().to_string();
     s.stop();
@@ -349,9 +313,9 @@ fn offline_backup_retention_and_a_client_cannot_checkpoint() {
         serde_json::from_str(&std::fs::read_to_string(s.dir.join("server.json")).unwrap()).unwrap();
     config["backup"]["retain_count"] = 2.into();
     std::fs::write(s.dir.join("server.json"), config.to_string()).unwrap();
-    run_ok(&["server", "backup", "--data", &dir]);
+    atrest_ok(&["server", "backup", "--data", &dir]);
     let list: serde_json::Value =
-        serde_json::from_str(&run_ok(&["server", "backup", "list", "--data", &dir])).unwrap();
+        serde_json::from_str(&atrest_ok(&["server", "backup", "list", "--data", &dir])).unwrap();
     let ids: Vec<&str> = list["backups"]
         .as_array()
         .unwrap()

@@ -982,16 +982,6 @@ fn switching_back_to_the_service_key_leaves_no_customer_wrapping() {
 }
 
 /// Runs `atrest ARGS`, which must succeed; returns stdout.
-fn atrest_ok(args: &[&str]) -> String {
-    let out = atrest(args);
-    assert!(
-        out.status.success(),
-        "atrest {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 #[test]
 fn backups_follow_a_key_rotation_and_a_restore_waits_for_its_new_identity() {
     let mut st = setup(&[]);

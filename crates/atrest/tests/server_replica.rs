@@ -9,7 +9,6 @@ mod server_common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::Command;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -56,23 +55,6 @@ fn relay(target: Arc<AtomicU16>, capture: Arc<Mutex<Vec<u8>>>) -> u16 {
         }
     });
     port
-}
-
-fn pgbench(s: &TestServer, txns: u32) -> std::process::Child {
-    let script = s.tmp.path().join("bench.sql");
-    std::fs::write(&script, SCRIPT).unwrap();
-    Command::new(tool("pgbench"))
-        .args(["-n", "-f", script.to_str().unwrap(), "-M", "prepared"])
-        .args(["-c", "4", "-j", "2", "-t", &txns.to_string()])
-        .arg(
-            s.conninfo("postgres", "verify-full")
-                .replace("host=127.0.0.1", "host=localhost"),
-        )
-        .env("PGPASSWORD", PASSWORD)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
 }
 
 /// What must match between source and replica.
@@ -160,7 +142,7 @@ fn replica_follows_through_kills_refuses_writes_and_promotes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut bench = pgbench(&source, 300);
+    let mut bench = pgbench_script(&source, SCRIPT, 4, 300);
     let out = create(&token);
     assert!(
         out.status.success(),
@@ -175,7 +157,7 @@ fn replica_follows_through_kills_refuses_writes_and_promotes() {
     // Rounds: pgbench on the source, and one of the two killed mid-way.
     let mut committed_rounds = 0;
     for round in 0..6 {
-        let bench = pgbench(&source, 200);
+        let bench = pgbench_script(&source, SCRIPT, 4, 200);
         std::thread::sleep(Duration::from_millis(300 + 150 * (round % 4)));
         if round % 2 == 0 {
             replica.kill9();
@@ -268,17 +250,6 @@ fn replica_follows_through_kills_refuses_writes_and_promotes() {
     replica.sql("postgres", "INSERT INTO ticks VALUES (3, 'after restart')");
 }
 
-fn ok(args: &[&str]) -> String {
-    let out = atrest(args);
-    assert!(
-        out.status.success(),
-        "atrest {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> Option<String>) {
     let t0 = Instant::now();
     loop {
@@ -291,7 +262,7 @@ fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> Option<String>
 }
 
 fn replica_status(dir: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(&ok(&[
+    serde_json::from_str(&atrest_ok(&[
         "server",
         "status",
         "--data",
@@ -318,7 +289,7 @@ fn new_databases_are_followed_and_retention_keeps_what_a_stopped_replica_needs()
     );
     let rdir = source.tmp.path().join("replica");
     let rd = rdir.to_str().unwrap().to_string();
-    ok(&[
+    atrest_ok(&[
         "server",
         "replica",
         "create",
@@ -363,12 +334,12 @@ fn new_databases_are_followed_and_retention_keeps_what_a_stopped_replica_needs()
         "shop",
         "CREATE TABLE orders (id int PRIMARY KEY, item text); INSERT INTO orders SELECT value, 'REPLMARKER-shop' FROM generate_series(1, 50);",
     );
-    ok(&["server", "backup", "--data", &sdir]);
+    atrest_ok(&["server", "backup", "--data", &sdir]);
     source.sql("postgres", "INSERT INTO t VALUES (201, 'between backups')");
     source.sql("shop", "INSERT INTO orders VALUES (51, 'between backups')");
-    ok(&["server", "backup", "--data", &sdir]);
+    atrest_ok(&["server", "backup", "--data", &sdir]);
     let list: serde_json::Value =
-        serde_json::from_str(&ok(&["server", "backup", "list", "--data", &sdir])).unwrap();
+        serde_json::from_str(&atrest_ok(&["server", "backup", "list", "--data", &sdir])).unwrap();
     assert_eq!(list["backups"].as_array().unwrap().len(), 1, "{list}");
     // Only the replica holds the segment: the one backup left starts later.
     let from = list["backups"][0]["databases"]
@@ -417,7 +388,7 @@ fn new_databases_are_followed_and_retention_keeps_what_a_stopped_replica_needs()
     });
 
     // Disallowed, the replica no longer holds segments back, and is told.
-    ok(&[
+    atrest_ok(&[
         "server",
         "replica",
         "disallow",
@@ -443,13 +414,13 @@ fn new_databases_are_followed_and_retention_keeps_what_a_stopped_replica_needs()
     source.stop();
     source.start(&[]);
     source.sql("postgres", "INSERT INTO t VALUES (202, 'after disallow')");
-    ok(&["server", "backup", "--data", &sdir]);
+    atrest_ok(&["server", "backup", "--data", &sdir]);
     assert!(
         !segment(held_seq).exists(),
         "segment {held_seq} was kept for a replica that may no longer follow"
     );
     // Allowed again, it finds that what it needs is gone, and says so.
-    ok(&[
+    atrest_ok(&[
         "server",
         "replica",
         "allow",

@@ -53,6 +53,43 @@ pub fn atrest(args: &[&str]) -> Output {
     Command::new(bin()).args(args).output().expect("run atrest")
 }
 
+/// `atrest ARGS`, which must succeed; its standard output.
+pub fn atrest_ok(args: &[&str]) -> String {
+    let out = atrest(args);
+    assert!(
+        out.status.success(),
+        "atrest {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The real pgbench running `script` (written next to the server) on
+/// database postgres over verified TLS: `clients` clients, `txns` each.
+pub fn pgbench_script(
+    s: &TestServer,
+    script: &str,
+    clients: u32,
+    txns: u32,
+) -> std::process::Child {
+    let path = s.tmp.path().join("bench.sql");
+    std::fs::write(&path, script).unwrap();
+    Command::new(tool("pgbench"))
+        .args(["-n", "-f", path.to_str().unwrap(), "-M", "prepared"])
+        .args(["-c", &clients.to_string(), "-j", "2"])
+        .args(["-t", &txns.to_string()])
+        .arg(
+            s.conninfo("postgres", "verify-full")
+                .replace("host=127.0.0.1", "host=localhost"),
+        )
+        .env("PGPASSWORD", PASSWORD)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 impl TestServer {
     /// Creates a server (admin user `atrest`, password [`PASSWORD`]).
     pub fn create(extra: &[&str]) -> TestServer {
