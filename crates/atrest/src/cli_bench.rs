@@ -17,13 +17,13 @@
 //! (including the 28 reserved bytes per page it needs).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use atrest_crypto::{
     Dek, FileId, FileKind, InfraDek, InfraUnitCipher, InfraUnitKey, SealContext, UnitKey,
 };
-use atrest_storage::{Engine, EngineOptions, StatsSnapshot};
+use atrest_storage::{Engine, EngineOptions};
 use serde::Serialize;
 
 #[derive(clap::Args)]
@@ -44,6 +44,10 @@ pub enum BenchWhat {
     /// A read replica following a source under pgbench: visibility lag,
     /// apply throughput, catch-up time, and the source's TPS cost.
     Replication(crate::cli_bench_replication::ReplicationBench),
+    /// One timed run of one storage workload on one side, in a fresh
+    /// process; `bench storage` starts it and reads its JSON line.
+    #[command(hide = true)]
+    StorageRun(StorageRun),
 }
 
 #[derive(clap::Args)]
@@ -67,6 +71,45 @@ pub struct StorageBench {
     /// Skip the comparison with `openssl speed`.
     #[arg(long)]
     pub no_openssl: bool,
+    /// Run one regime only (default: both).
+    #[arg(long, value_parser = ["cache-sized", "cache-starved"])]
+    pub regime: Option<String>,
+}
+
+/// One timed run, as `bench storage` hands it to a child process.
+#[derive(clap::Args)]
+pub struct StorageRun {
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long, value_enum)]
+    side: Side,
+    #[arg(long)]
+    workload: String,
+    #[arg(long)]
+    rows: u64,
+    #[arg(long)]
+    cache_kib: i64,
+    #[arg(long)]
+    ops: u64,
+    #[arg(long)]
+    rep: u64,
+}
+
+/// What a child reports: the timed seconds and the units the ciphers moved.
+#[derive(Serialize, serde::Deserialize, Default, Clone, Copy)]
+struct RunReport {
+    seconds: f64,
+    /// CPU time the run's thread used (user and system); it leaves out
+    /// waiting for the disk and for the CPU.
+    cpu_seconds: f64,
+    units_sealed: u64,
+    units_opened: u64,
+    bytes_sealed: u64,
+    bytes_opened: u64,
+    infra_units_sealed: u64,
+    infra_units_opened: u64,
+    infra_bytes_sealed: u64,
+    infra_bytes_opened: u64,
 }
 
 #[derive(Serialize)]
@@ -86,6 +129,10 @@ struct WorkloadResult {
     scenario2_seconds: f64,
     /// Scenario 2 against scenario 1 (the cost of the second layer).
     scenario2_vs_scenario1_pct: f64,
+    /// Each round's scenario 2 against the same round's scenario 1, and
+    /// the median of those.
+    scenario2_vs_scenario1_per_round_pct: Vec<f64>,
+    scenario2_vs_scenario1_paired_median_pct: f64,
     /// Scenario 2 against plain SQLite.
     scenario2_vs_plain_pct: f64,
     scenario2_units_sealed: u64,
@@ -100,6 +147,8 @@ struct WorkloadResult {
     /// Scenario 4: customer key (local RSA-2048 OAEP-256 KEK) + infrastructure layer.
     scenario4_seconds: f64,
     scenario4_vs_scenario1_pct: f64,
+    scenario4_vs_scenario1_per_round_pct: Vec<f64>,
+    scenario4_vs_scenario1_paired_median_pct: f64,
     scenario4_vs_scenario2_pct: f64,
     scenario4_vs_plain_pct: f64,
     scenario4_units_sealed: u64,
@@ -112,9 +161,12 @@ struct WorkloadResult {
     /// Every timed run, in seconds, per side (plain, scenario1, scenario2,
     /// scenario4), in the order they ran; the medians above come from these.
     runs_seconds: serde_json::Value,
+    /// The same medians and comparisons in CPU time (user and system) of
+    /// the timed thread.
+    cpu: serde_json::Value,
 }
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
 enum Side {
     Plain,
     Atrest,
@@ -134,6 +186,7 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         BenchWhat::Cmk(c) => return crate::cli_bench_cmk::run(c),
         BenchWhat::Pgbench(p) => return crate::cli_bench_pgbench::run(p),
         BenchWhat::Replication(r) => return crate::cli_bench_replication::run(r),
+        BenchWhat::StorageRun(r) => return storage_run(r),
     };
     let tmp;
     let dir = match &b.dir {
@@ -156,6 +209,9 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
             cache_kib: 2 * 1024,
         },
     ] {
+        if b.regime.as_deref().is_some_and(|r| r != regime.name) {
+            continue;
+        }
         results.extend(run_regime(&dir.join(regime.name), &regime, &b)?);
     }
     let crypto = crypto_throughput(!b.no_openssl)?;
@@ -184,7 +240,7 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     };
     for r in &results {
         println!(
-            "summary: regime={} workload={} plain={:.3}s atrest={:.3}s overhead={:+.1}% crypto={:.3}s overhead/crypto={} scenario2={:.3}s s2_vs_s1={:+.1}% s2_vs_plain={:+.1}% s2_crypto={:.3}s s2_overhead/crypto={} scenario4={:.3}s s4_vs_s1={:+.1}% s4_vs_plain={:+.1}% s4_overhead/crypto={}",
+            "summary: regime={} workload={} plain={:.3}s atrest={:.3}s overhead={:+.1}% crypto={:.3}s overhead/crypto={} scenario2={:.3}s s2_vs_s1={:+.1}% s2_vs_plain={:+.1}% s2_crypto={:.3}s s2_overhead/crypto={} scenario4={:.3}s s4_vs_s1={:+.1}% s4_vs_plain={:+.1}% s4_overhead/crypto={} paired_s2_vs_s1={:+.1}% paired_s4_vs_s1={:+.1}% cpu_s2_vs_s1={:+.1}% cpu_s4_vs_s1={:+.1}%",
             r.regime,
             r.workload,
             r.plain_seconds,
@@ -201,6 +257,14 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
             r.scenario4_vs_scenario1_pct,
             r.scenario4_vs_plain_pct,
             ratio(r.scenario4_overhead_over_crypto),
+            r.scenario2_vs_scenario1_paired_median_pct,
+            r.scenario4_vs_scenario1_paired_median_pct,
+            r.cpu["scenario2_vs_scenario1_pct"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            r.cpu["scenario4_vs_scenario1_pct"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
         );
     }
     println!(
@@ -262,7 +326,9 @@ impl Db {
                     infra_keystore_dir: Some(dir.join("atrest-infra-keystore")),
                 })?;
                 if side == Side::AtrestCustomerInfra {
-                    engine.set_protector(std::sync::Arc::new(LocalRsaKek::generate()?));
+                    engine.set_protector(std::sync::Arc::new(LocalRsaKek::load_or_generate(
+                        &dir.join("customer-kek.p8"),
+                    )?));
                 }
                 let c = engine.connect("bench")?;
                 (ConnHolder::Atrest(c), Some(engine))
@@ -275,110 +341,114 @@ impl Db {
         db.pragma_update(None, "temp_store", "file")?;
         Ok(db)
     }
-
-    fn stats(&self) -> StatsSnapshot {
-        self.engine.as_ref().map(|e| e.stats()).unwrap_or_default()
-    }
 }
 
-type Workload = fn(&Db, &Regime, &StorageBench, u64) -> Result<()>;
+/// What a workload needs: the table's size, how much to do, and which
+/// round this is (each round draws other rows).
+struct Load {
+    rows: u64,
+    ops: u64,
+    rep: u64,
+}
+
+type Workload = fn(&Db, &Load) -> Result<()>;
+
+const WORKLOADS: [(&str, Workload); 6] = [
+    ("bulk_insert", bulk_insert),
+    ("index_build", index_build),
+    ("point_select", point_select),
+    ("range_scan", range_scan),
+    ("update_heavy", update_heavy),
+    ("mixed_oltp", mixed_oltp),
+];
 
 fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<WorkloadResult>> {
     std::fs::create_dir_all(dir)?;
-    let plain = Db::open(&dir.join("plain"), Side::Plain, regime.cache_kib)?;
-    let atrest = Db::open(&dir.join("atrest"), Side::Atrest, regime.cache_kib)?;
-    let infra = Db::open(
-        &dir.join("atrest-infra"),
-        Side::AtrestInfra,
-        regime.cache_kib,
-    )?;
-    let customer = Db::open(
-        &dir.join("atrest-customer-infra"),
-        Side::AtrestCustomerInfra,
-        regime.cache_kib,
-    )?;
     eprintln!(
-        "bench: {} ({} rows; sync(1) before every timed run)",
+        "bench: {} ({} rows; every timed run in a fresh process, after sync(1))",
         regime.name, regime.rows
     );
-
-    let workloads: [(&'static str, Workload, usize); 6] = [
-        ("bulk_insert", bulk_insert, b.repeat),
-        ("index_build", index_build, b.repeat),
-        ("point_select", point_select, b.repeat),
-        ("range_scan", range_scan, b.repeat),
-        ("update_heavy", update_heavy, b.repeat),
-        ("mixed_oltp", mixed_oltp, b.repeat),
+    let sides = [
+        Side::Plain,
+        Side::Atrest,
+        Side::AtrestInfra,
+        Side::AtrestCustomerInfra,
     ];
     let mut out = vec![];
-    for (name, work, reps) in workloads {
-        // Warm the page cache the same way on both sides before reads.
-        let mut times = [vec![], vec![], vec![], vec![]];
-        let mut moved = StatsSnapshot::default();
-        let mut moved2 = StatsSnapshot::default();
-        let mut moved4 = StatsSnapshot::default();
-        let sides = [
-            Side::Plain,
-            Side::Atrest,
-            Side::AtrestInfra,
-            Side::AtrestCustomerInfra,
-        ];
-        for rep in 0..reps {
+    for (name, _) in WORKLOADS {
+        let mut times: [Vec<f64>; 4] = Default::default();
+        let mut cpu_times: [Vec<f64>; 4] = Default::default();
+        let mut moved = [RunReport::default(); 4];
+        for rep in 0..b.repeat {
             // Rotate which side goes first to spread drift evenly.
             for k in 0..sides.len() {
                 let side = sides[(rep + k) % sides.len()];
+                let side_dir = dir.join(side_dir_name(side));
                 // A bulk insert needs an empty database: the first run
                 // fills the one the other workloads use, later runs fill
                 // fresh ones that are deleted afterwards.
-                let scratch_dir = dir.join(format!("bulk-{rep}-{}", side_name(side)));
-                let scratch = if name == "bulk_insert" && rep > 0 {
-                    Some(Db::open(&scratch_dir, side, regime.cache_kib)?)
-                } else {
-                    None
-                };
-                let db = match (&scratch, side) {
-                    (Some(db), _) => db,
-                    (None, Side::Plain) => &plain,
-                    (None, Side::Atrest) => &atrest,
-                    (None, Side::AtrestInfra) => &infra,
-                    (None, Side::AtrestCustomerInfra) => &customer,
-                };
-                // Write back every dirty page first (sync(1)), so that no
-                // side is timed while the kernel flushes another side's
-                // writes from the run before.
-                flush_os_writeback();
-                let before = db.stats();
-                let start = Instant::now();
-                work(db, regime, b, rep as u64)
-                    .with_context(|| format!("{name} on {}", side_name(side)))?;
-                let elapsed = start.elapsed();
-                times[side as usize].push(elapsed);
-                match side {
-                    Side::Atrest => moved = db.stats().since(&before),
-                    Side::AtrestInfra => moved2 = db.stats().since(&before),
-                    Side::AtrestCustomerInfra => moved4 = db.stats().since(&before),
-                    Side::Plain => {}
+                let scratch = (name == "bulk_insert" && rep > 0)
+                    .then(|| dir.join(format!("bulk-{rep}-{}", side_dir_name(side))));
+                let report = timed_run(
+                    scratch.as_deref().unwrap_or(&side_dir),
+                    side,
+                    name,
+                    regime,
+                    b,
+                    rep as u64,
+                )
+                .with_context(|| format!("{name} on {}", side_name(side)))?;
+                if let Some(scratch) = scratch {
+                    let _ = std::fs::remove_dir_all(scratch);
                 }
-                if scratch.is_some() {
-                    drop(scratch);
-                    let _ = std::fs::remove_dir_all(&scratch_dir);
-                }
+                times[side as usize].push(report.seconds);
+                cpu_times[side as usize].push(report.cpu_seconds);
+                moved[side as usize] = report;
             }
         }
-        let secs = |v: &[Duration]| v.iter().map(|d| d.as_secs_f64()).collect::<Vec<_>>();
         let runs_seconds = serde_json::json!({
-            "plain": secs(&times[0]),
-            "scenario1": secs(&times[1]),
-            "scenario2": secs(&times[2]),
-            "scenario4": secs(&times[3]),
+            "plain": &times[0],
+            "scenario1": &times[1],
+            "scenario2": &times[2],
+            "scenario4": &times[3],
         });
-        let p = median(&mut times[0]);
-        let a = median(&mut times[1]);
-        let a2 = median(&mut times[2]);
-        let a4 = median(&mut times[3]);
-        let crypto = pure_crypto_cost(&moved)?;
-        let crypto2 = pure_crypto_cost(&moved2)? + pure_infra_cost(&moved2)?;
-        let crypto4 = pure_crypto_cost(&moved4)? + pure_infra_cost(&moved4)?;
+        // Each round's own ratio: the spread of these is the spread of the
+        // comparison, without the drift between rounds.
+        let paired = |side: usize| -> Vec<f64> {
+            times[side]
+                .iter()
+                .zip(&times[1])
+                .map(|(x, s1)| 100.0 * (x - s1) / s1)
+                .collect()
+        };
+        let paired2 = paired(2);
+        let paired4 = paired(3);
+        let cpu = {
+            let [p, a, a2, a4] = [0, 1, 2, 3].map(|i| median(&cpu_times[i]));
+            serde_json::json!({
+                "plain_seconds": p,
+                "scenario1_seconds": a,
+                "scenario2_seconds": a2,
+                "scenario4_seconds": a4,
+                "scenario1_vs_plain_pct": 100.0 * (a - p) / p,
+                "scenario2_vs_scenario1_pct": 100.0 * (a2 - a) / a,
+                "scenario4_vs_scenario1_pct": 100.0 * (a4 - a) / a,
+                "runs_seconds": {
+                    "plain": &cpu_times[0],
+                    "scenario1": &cpu_times[1],
+                    "scenario2": &cpu_times[2],
+                    "scenario4": &cpu_times[3],
+                },
+            })
+        };
+        let p = median(&times[0]);
+        let a = median(&times[1]);
+        let a2 = median(&times[2]);
+        let a4 = median(&times[3]);
+        let [_, m1, m2, m4] = moved;
+        let crypto = pure_crypto_cost(&m1)?;
+        let crypto2 = pure_crypto_cost(&m2)? + pure_infra_cost(&m2)?;
+        let crypto4 = pure_crypto_cost(&m4)? + pure_infra_cost(&m4)?;
         let overhead = a - p;
         out.push(WorkloadResult {
             regime: regime.name,
@@ -386,32 +456,37 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
             plain_seconds: p,
             atrest_seconds: a,
             overhead_pct: 100.0 * overhead / p,
-            units_sealed: moved.units_sealed,
-            units_opened: moved.units_opened,
-            bytes_sealed: moved.bytes_sealed,
-            bytes_opened: moved.bytes_opened,
+            units_sealed: m1.units_sealed,
+            units_opened: m1.units_opened,
+            bytes_sealed: m1.bytes_sealed,
+            bytes_opened: m1.bytes_opened,
             crypto_seconds: crypto,
             overhead_over_crypto: (crypto > 1e-4).then(|| overhead / crypto),
             scenario2_seconds: a2,
             scenario2_vs_scenario1_pct: 100.0 * (a2 - a) / a,
+            scenario2_vs_scenario1_paired_median_pct: median(&paired2),
+            scenario2_vs_scenario1_per_round_pct: paired2,
             scenario2_vs_plain_pct: 100.0 * (a2 - p) / p,
-            scenario2_units_sealed: moved2.units_sealed,
-            scenario2_units_opened: moved2.units_opened,
-            infra_units_sealed: moved2.infra_units_sealed,
-            infra_units_opened: moved2.infra_units_opened,
+            scenario2_units_sealed: m2.units_sealed,
+            scenario2_units_opened: m2.units_opened,
+            infra_units_sealed: m2.infra_units_sealed,
+            infra_units_opened: m2.infra_units_opened,
             scenario2_crypto_seconds: crypto2,
             scenario2_overhead_over_crypto: (crypto2 > 1e-4).then(|| (a2 - p) / crypto2),
             scenario4_seconds: a4,
             scenario4_vs_scenario1_pct: 100.0 * (a4 - a) / a,
+            scenario4_vs_scenario1_paired_median_pct: median(&paired4),
+            scenario4_vs_scenario1_per_round_pct: paired4,
             scenario4_vs_scenario2_pct: 100.0 * (a4 - a2) / a2,
             scenario4_vs_plain_pct: 100.0 * (a4 - p) / p,
-            scenario4_units_sealed: moved4.units_sealed,
-            scenario4_units_opened: moved4.units_opened,
-            scenario4_infra_units_sealed: moved4.infra_units_sealed,
-            scenario4_infra_units_opened: moved4.infra_units_opened,
+            scenario4_units_sealed: m4.units_sealed,
+            scenario4_units_opened: m4.units_opened,
+            scenario4_infra_units_sealed: m4.infra_units_sealed,
+            scenario4_infra_units_opened: m4.infra_units_opened,
             scenario4_crypto_seconds: crypto4,
             scenario4_overhead_over_crypto: (crypto4 > 1e-4).then(|| (a4 - p) / crypto4),
             runs_seconds,
+            cpu,
         });
         eprintln!(
             "bench: {} {name}: plain {p:.3}s scenario1 {a:.3}s scenario2 {a2:.3}s scenario4 {a4:.3}s",
@@ -419,6 +494,111 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
         );
     }
     Ok(out)
+}
+
+/// Runs one timed run in a fresh process (`bench storage-run`) and reads
+/// its report. A process per run gives every run its own heap and page
+/// cache layout: within one process each side kept the same layout for
+/// every round, and the same code measured up to 11% apart between sides
+/// on a workload that moves no page at all.
+fn timed_run(
+    dir: &Path,
+    side: Side,
+    workload: &str,
+    regime: &Regime,
+    b: &StorageBench,
+    rep: u64,
+) -> Result<RunReport> {
+    let side_arg = clap::ValueEnum::to_possible_value(&side)
+        .context("side has a name")?
+        .get_name()
+        .to_owned();
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "bench",
+            "storage-run",
+            "--side",
+            &side_arg,
+            "--workload",
+            workload,
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .args(["--rows", &regime.rows.to_string()])
+        .args(["--cache-kib", &regime.cache_kib.to_string()])
+        .args(["--ops", &b.ops.to_string()])
+        .args(["--rep", &rep.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("starting the timed run's process")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the timed run's process failed ({}); its error is above",
+        out.status
+    );
+    serde_json::from_slice(&out.stdout).context("reading the timed run's report")
+}
+
+/// The child side of [`timed_run`]: open, warm the page cache (untimed),
+/// write back dirty pages, then time the workload up to and including
+/// the connection's close, so a run also pays for the WAL checkpoint
+/// SQLite does at the last close: every page it wrote is sealed into the
+/// WAL and into the database inside the timed span.
+fn storage_run(r: StorageRun) -> Result<std::process::ExitCode> {
+    let work = WORKLOADS
+        .iter()
+        .find(|(n, _)| *n == r.workload)
+        .map(|(_, w)| *w)
+        .with_context(|| format!("unknown workload {:?}", r.workload))?;
+    let load = Load {
+        rows: r.rows,
+        ops: r.ops,
+        rep: r.rep,
+    };
+    let Db { conn, engine } = Db::open(&r.dir, r.side, r.cache_kib)?;
+    let db = Db { conn, engine: None };
+    if r.workload != "bulk_insert" {
+        // The table, then (count(*) reads the smallest b-tree) its index.
+        db.query_row("SELECT sum(length(v)) FROM t", [], |_| Ok(()))?;
+        db.query_row("SELECT count(*) FROM t", [], |_| Ok(()))?;
+    }
+    // Write back every dirty page first (sync(1)), so that no side is
+    // timed while the kernel flushes another side's writes.
+    flush_os_writeback();
+    let before = engine.as_ref().map(|e| e.stats()).unwrap_or_default();
+    let cpu_start = thread_cpu_seconds();
+    let start = Instant::now();
+    work(&db, &load)?;
+    drop(db);
+    let seconds = start.elapsed().as_secs_f64();
+    let cpu_seconds = thread_cpu_seconds() - cpu_start;
+    let moved = engine
+        .as_ref()
+        .map(|e| e.stats())
+        .unwrap_or_default()
+        .since(&before);
+    let report = RunReport {
+        seconds,
+        cpu_seconds,
+        units_sealed: moved.units_sealed,
+        units_opened: moved.units_opened,
+        bytes_sealed: moved.bytes_sealed,
+        bytes_opened: moved.bytes_opened,
+        infra_units_sealed: moved.infra_units_sealed,
+        infra_units_opened: moved.infra_units_opened,
+        infra_bytes_sealed: moved.infra_bytes_sealed,
+        infra_bytes_opened: moved.infra_bytes_opened,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The CPU time (user and system) this thread has used, in seconds:
+/// `CLOCK_THREAD_CPUTIME_ID`, which the kernel brings up to date when it
+/// is read (`/proc` files and `getrusage` can lag by a scheduler tick).
+fn thread_cpu_seconds() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }
 
 /// Asks the kernel to write back all dirty pages and waits for it
@@ -438,9 +618,20 @@ fn side_name(s: Side) -> &'static str {
     }
 }
 
-fn median(v: &mut [Duration]) -> f64 {
-    v.sort();
-    v[v.len() / 2].as_secs_f64()
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The directory each side's database lives in, under the regime's.
+fn side_dir_name(s: Side) -> &'static str {
+    match s {
+        Side::Plain => "plain",
+        Side::Atrest => "atrest",
+        Side::AtrestInfra => "atrest-infra",
+        Side::AtrestCustomerInfra => "atrest-customer-infra",
+    }
 }
 
 /// A deterministic pseudo-random sequence, the same on both sides.
@@ -469,7 +660,7 @@ fn payload(i: u64) -> String {
     s
 }
 
-fn bulk_insert(db: &Db, r: &Regime, _b: &StorageBench, _rep: u64) -> Result<()> {
+fn bulk_insert(db: &Db, r: &Load) -> Result<()> {
     db.execute_batch(
         "CREATE TABLE t(id INTEGER PRIMARY KEY, k INTEGER NOT NULL, v TEXT NOT NULL)",
     )?;
@@ -490,20 +681,20 @@ fn bulk_insert(db: &Db, r: &Regime, _b: &StorageBench, _rep: u64) -> Result<()> 
     Ok(())
 }
 
-fn index_build(db: &Db, _r: &Regime, _b: &StorageBench, _rep: u64) -> Result<()> {
+fn index_build(db: &Db, _: &Load) -> Result<()> {
     db.execute_batch(
         "DROP INDEX IF EXISTS t_k; CREATE INDEX t_k ON t(k); PRAGMA wal_checkpoint(TRUNCATE);",
     )?;
     Ok(())
 }
 
-fn point_select(db: &Db, r: &Regime, b: &StorageBench, rep: u64) -> Result<()> {
-    let mut rng = Lcg(100 + rep);
+fn point_select(db: &Db, r: &Load) -> Result<()> {
+    let mut rng = Lcg(100 + r.rep);
     let mut st = db.prepare_cached("SELECT length(v) FROM t WHERE id = ?1")?;
     let mut total = 0i64;
     // Reads are cheap: five times the operations, so timings stay well
     // above timer and scheduler noise.
-    for _ in 0..b.ops * 5 {
+    for _ in 0..r.ops * 5 {
         let id = 1 + rng.next() % r.rows;
         total += st.query_row([id as i64], |row| row.get::<_, i64>(0))?;
     }
@@ -511,21 +702,21 @@ fn point_select(db: &Db, r: &Regime, b: &StorageBench, rep: u64) -> Result<()> {
     Ok(())
 }
 
-fn range_scan(db: &Db, r: &Regime, b: &StorageBench, rep: u64) -> Result<()> {
-    let mut rng = Lcg(200 + rep);
+fn range_scan(db: &Db, r: &Load) -> Result<()> {
+    let mut rng = Lcg(200 + r.rep);
     let mut st =
         db.prepare_cached("SELECT sum(length(v)) FROM t WHERE id BETWEEN ?1 AND ?1 + 999")?;
-    for _ in 0..(b.ops / 20).max(1) {
+    for _ in 0..(r.ops / 20).max(1) {
         let id = 1 + rng.next() % r.rows;
         let _: Option<i64> = st.query_row([id as i64], |row| row.get(0))?;
     }
     Ok(())
 }
 
-fn update_heavy(db: &Db, r: &Regime, b: &StorageBench, rep: u64) -> Result<()> {
-    let mut rng = Lcg(300 + rep);
+fn update_heavy(db: &Db, r: &Load) -> Result<()> {
+    let mut rng = Lcg(300 + r.rep);
     let mut done = 0;
-    while done < b.ops {
+    while done < r.ops {
         let tx = db.unchecked_transaction()?;
         {
             let mut st = tx.prepare_cached("UPDATE t SET k = ?2, v = ?3 WHERE id = ?1")?;
@@ -534,7 +725,7 @@ fn update_heavy(db: &Db, r: &Regime, b: &StorageBench, rep: u64) -> Result<()> {
                 st.execute((
                     id as i64,
                     (rng.next() % 1_000_000) as i64,
-                    payload(id + rep),
+                    payload(id + r.rep),
                 ))?;
                 done += 1;
             }
@@ -544,10 +735,10 @@ fn update_heavy(db: &Db, r: &Regime, b: &StorageBench, rep: u64) -> Result<()> {
     Ok(())
 }
 
-fn mixed_oltp(db: &Db, r: &Regime, b: &StorageBench, rep: u64) -> Result<()> {
-    let mut rng = Lcg(400 + rep);
-    let first_new = r.rows as i64 + 1 + (rep as i64) * 10_000_000;
-    for t in 0..(b.ops / 10).max(1) {
+fn mixed_oltp(db: &Db, r: &Load) -> Result<()> {
+    let mut rng = Lcg(400 + r.rep);
+    let first_new = r.rows as i64 + 1 + (r.rep as i64) * 10_000_000;
+    for t in 0..(r.ops / 10).max(1) {
         let next_id = first_new + t as i64;
         let tx = db.unchecked_transaction()?;
         {
@@ -582,9 +773,33 @@ struct LocalRsaKek {
 const LOCAL_CUSTOMER_KEY_ID: &str = "https://bench-vault.invalid/keys/tde/local";
 
 impl LocalRsaKek {
-    fn generate() -> Result<Self> {
-        let key = aws_lc_rs::rsa::PrivateDecryptingKey::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+    /// The key in `path` (PKCS#8), or a new one saved there: every timed
+    /// run is its own process and must find the key its files were
+    /// wrapped with.
+    fn load_or_generate(path: &Path) -> Result<Self> {
+        use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
+        use aws_lc_rs::rsa::PrivateDecryptingKey;
+        if let Ok(der) = std::fs::read(path).map(zeroize::Zeroizing::new) {
+            let key = PrivateDecryptingKey::from_pkcs8(&der)
+                .map_err(|_| anyhow::anyhow!("{} is not an RSA key in PKCS#8", path.display()))?;
+            return Ok(Self { key });
+        }
+        let key = PrivateDecryptingKey::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
             .map_err(|_| anyhow::anyhow!("RSA-2048 key generation failed"))?;
+        let der: Pkcs8V1Der = key
+            .as_der()
+            .map_err(|_| anyhow::anyhow!("RSA-2048 key encoding failed"))?;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?
+            .write_all(der.as_ref())?;
         Ok(Self { key })
     }
 }
@@ -666,7 +881,7 @@ fn bench_key() -> Result<(UnitKey, SealContext)> {
 
 /// Seconds the cipher alone takes to seal and open as many units, of the
 /// same average sizes, as a workload moved.
-fn pure_crypto_cost(moved: &StatsSnapshot) -> Result<f64> {
+fn pure_crypto_cost(moved: &RunReport) -> Result<f64> {
     let (key, ctx) = bench_key()?;
     let mut total = 0.0;
     for (units, bytes, open) in [
@@ -707,7 +922,7 @@ fn pure_crypto_cost(moved: &StatsSnapshot) -> Result<f64> {
 
 /// Seconds the infrastructure cipher (AEGIS-256X2) alone takes to seal and open as many units,
 /// of the same average sizes, as the infrastructure layer moved.
-fn pure_infra_cost(moved: &StatsSnapshot) -> Result<f64> {
+fn pure_infra_cost(moved: &RunReport) -> Result<f64> {
     let key = InfraUnitKey::new(&InfraDek::generate()?, InfraUnitCipher::NEW_FILES)?;
     let (_, ctx) = bench_key()?;
     let mut total = 0.0;

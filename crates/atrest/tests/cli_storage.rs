@@ -162,7 +162,7 @@ fn bench_prints_json_and_a_summary_per_workload() {
             "--ops",
             "200",
             "--repeat",
-            "1",
+            "2",
             "--no-openssl",
             "--dir",
             tmp.path().join("b").to_str().unwrap(),
@@ -201,7 +201,24 @@ fn bench_prints_json_and_a_summary_per_workload() {
         bulk["scenario4_units_sealed"]
     );
     assert!(bulk["scenario4_units_sealed"].as_u64().unwrap() > 10);
+    // Every round ran each side in its own process and was compared
+    // with the same round's scenario 1.
+    for w in workloads {
+        for key in [
+            "scenario2_vs_scenario1_per_round_pct",
+            "scenario4_vs_scenario1_per_round_pct",
+        ] {
+            assert_eq!(w[key].as_array().unwrap().len(), 2, "{key}: {w}");
+        }
+        for side in ["plain", "scenario1", "scenario2", "scenario4"] {
+            let runs = w["cpu"]["runs_seconds"][side].as_array().unwrap();
+            assert_eq!(runs.len(), 2);
+            assert!(runs.iter().all(|t| t.as_f64().unwrap() > 0.0), "{w}");
+        }
+    }
     assert_eq!(stdout.matches(" s2_vs_s1=").count(), 12);
+    assert_eq!(stdout.matches(" paired_s4_vs_s1=").count(), 12);
+    assert_eq!(stdout.matches(" cpu_s2_vs_s1=").count(), 12);
     assert_eq!(stdout.matches(" s4_vs_s1=").count(), 12);
     assert_eq!(stdout.matches("summary: regime=").count(), 12);
 }
