@@ -173,6 +173,9 @@ struct WorkloadResult {
     /// The same medians and comparisons in CPU time (user and system) of
     /// the timed thread.
     cpu: serde_json::Value,
+    /// Files each atrest side opened in its last timed run, by type (temp
+    /// files, statement journals): scenarios should open the same.
+    files_opened: serde_json::Value,
 }
 
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -495,6 +498,11 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
             scenario4_overhead_over_crypto: (crypto4 > 1e-4).then(|| (a4 - p) / crypto4),
             runs_seconds,
             cpu,
+            files_opened: serde_json::json!({
+                "scenario1": &m1.files_opened,
+                "scenario2": &m2.files_opened,
+                "scenario4": &m4.files_opened,
+            }),
         });
         eprintln!(
             "bench: {} {name}: plain {p:.3}s scenario1 {a:.3}s scenario2 {a2:.3}s scenario4 {a4:.3}s",
@@ -570,6 +578,8 @@ fn storage_run(r: StorageRun) -> Result<std::process::ExitCode> {
         ops: r.ops,
         rep: r.rep,
     };
+    // The engine is held apart so that closing the connection, inside the
+    // timed span, leaves its counters to be read afterwards.
     let Db { conn, engine } = Db::open(&r.dir, r.side, r.cache_kib)?;
     let db = Db { conn, engine: None };
     if r.workload != "bulk_insert" {
