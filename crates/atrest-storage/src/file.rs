@@ -1479,14 +1479,7 @@ impl<R: RawFile> EncryptedFile<R> {
         for page in rotation.watermark + 1..=end {
             let unit = geo.unit_at((page - 1) * ps);
             let plen = unit.plen();
-            if self.scratch.len() < plen {
-                self.scratch.resize(plen, 0);
-            }
-            if !self
-                .raw
-                .read_at(&mut self.scratch[..plen], unit.pstart)
-                .map_err(Fail::io)?
-            {
+            if !self.read_unit_into_scratch(&unit)? {
                 break;
             }
             if self.scratch[..plen].iter().all(|&b| b == 0) {
@@ -1768,14 +1761,7 @@ impl<R: RawFile> EncryptedFile<R> {
                 }
             } else {
                 let plen = unit.plen();
-                if self.scratch.len() < plen {
-                    self.scratch.resize(plen, 0);
-                }
-                if !self
-                    .raw
-                    .read_at(&mut self.scratch[..plen], unit.pstart)
-                    .map_err(Fail::io)?
-                {
+                if !self.read_unit_into_scratch(&unit)? {
                     return self.short_read(&unit, buf, done);
                 }
                 let ctx = self.ctx(&unit, 0);
@@ -1825,14 +1811,7 @@ impl<R: RawFile> EncryptedFile<R> {
     /// `scratch` and `last_read` names it.
     fn read_frame(&mut self, unit: &Unit, within: usize, out: &mut [u8]) -> Result<bool, Fail> {
         let plen = unit.plen();
-        if self.scratch.len() < plen {
-            self.scratch.resize(plen, 0);
-        }
-        if !self
-            .raw
-            .read_at(&mut self.scratch[..plen], unit.pstart)
-            .map_err(Fail::io)?
-        {
+        if !self.read_unit_into_scratch(unit)? {
             return Ok(false);
         }
         let ov = self.shared.ov;
@@ -1879,6 +1858,23 @@ impl<R: RawFile> EncryptedFile<R> {
         }
     }
 
+    /// Grows `scratch` to hold `plen` bytes.
+    fn grow_scratch(&mut self, plen: usize) {
+        if self.scratch.len() < plen {
+            self.scratch.resize(plen, 0);
+        }
+    }
+
+    /// Reads `unit` as stored into `scratch[..plen]`; false when the file
+    /// ends before the unit does.
+    fn read_unit_into_scratch(&mut self, unit: &Unit) -> Result<bool, Fail> {
+        let plen = unit.plen();
+        self.grow_scratch(plen);
+        self.raw
+            .read_at(&mut self.scratch[..plen], unit.pstart)
+            .map_err(Fail::io)
+    }
+
     /// Opens the WAL frame read into `scratch[..plen]` in place. False if
     /// it does not authenticate, or if its clear salts are not the ones
     /// sealed inside its header.
@@ -1902,14 +1898,7 @@ impl<R: RawFile> EncryptedFile<R> {
     /// zeros, as reads hand it to SQLite; below the mark it is tampering.
     fn load_frame(&mut self, unit: &Unit) -> Result<(), Fail> {
         let plen = unit.plen();
-        if self.scratch.len() < plen {
-            self.scratch.resize(plen, 0);
-        }
-        if self
-            .raw
-            .read_at(&mut self.scratch[..plen], unit.pstart)
-            .map_err(Fail::io)?
-        {
+        if self.read_unit_into_scratch(unit)? {
             if self.open_frame_in_scratch(unit) {
                 return Ok(());
             }
@@ -1997,16 +1986,10 @@ impl<R: RawFile> EncryptedFile<R> {
                 continue;
             }
             let plen = unit.plen();
-            if self.scratch.len() < plen {
-                self.scratch.resize(plen, 0);
-            }
+            self.grow_scratch(plen);
             if within != 0 || n != unit.llen {
                 // Part of a unit: read, open, patch, re-seal.
-                if !self
-                    .raw
-                    .read_at(&mut self.scratch[..plen], unit.pstart)
-                    .map_err(Fail::io)?
-                {
+                if !self.read_unit_into_scratch(&unit)? {
                     return Err(Fail::with(
                         ffi::SQLITE_IOERR_WRITE,
                         StorageError::Unsupported {

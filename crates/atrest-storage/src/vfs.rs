@@ -753,6 +753,23 @@ unsafe fn journal_file_control(
     }
 }
 
+/// What a file control that hands back a result left in its request
+/// means for the caller: its result, its failure, or (no result at all)
+/// a database that is not an atrest file.
+fn control_result<T>(result: Option<Result<T, Fail>>, rc: c_int) -> Result<T, StorageError> {
+    match result {
+        Some(Ok(v)) => Ok(v),
+        Some(Err(f)) => Err(f.detail.unwrap_or(StorageError::Io {
+            path: "main database".into(),
+            code: f.rc,
+        })),
+        None => Err(StorageError::Unsupported {
+            path: "main database".into(),
+            what: format!("the database is not an atrest file (file control answered {rc})"),
+        }),
+    }
+}
+
 /// Rewraps the DEK of the main database of `conn` under the keyring's
 /// current KEK, then the copy of that wrapping in its WAL's header, through
 /// SQLite's own open file handles (opening the files a second time would
@@ -762,21 +779,6 @@ pub fn rewrap_database(
     conn: &rusqlite::Connection,
     keyring: &Keyring,
 ) -> Result<WrappedDek, StorageError> {
-    let fail = |r: Option<Result<Vec<(DekId, WrappedDek)>, Fail>>,
-                rc: c_int|
-     -> Result<Vec<(DekId, WrappedDek)>, StorageError> {
-        match r {
-            Some(Ok(w)) => Ok(w),
-            Some(Err(f)) => Err(f.detail.unwrap_or(StorageError::Io {
-                path: "main database".into(),
-                code: f.rc,
-            })),
-            None => Err(StorageError::Unsupported {
-                path: "main database".into(),
-                what: format!("the database is not an atrest file (file control answered {rc})"),
-            }),
-        }
-    };
     let mut req = RewrapRequest {
         keyring,
         parent_wrappings: vec![],
@@ -791,7 +793,7 @@ pub fn rewrap_database(
             &mut req as *mut RewrapRequest as *mut c_void,
         )
     };
-    let wrappings = fail(req.result.take(), rc)?;
+    let wrappings = control_result(req.result.take(), rc)?;
     // The WAL (when open) carries a copy of the database's wrapping.
     let mut req = RewrapRequest {
         keyring,
@@ -801,7 +803,7 @@ pub fn rewrap_database(
     let arg = &mut req as *mut RewrapRequest as *mut c_void;
     // SAFETY: as above.
     if let Some(rc) = unsafe { journal_file_control(conn, ATREST_FCNTL_REWRAP, arg) } {
-        fail(req.result.take(), rc)?;
+        control_result(req.result.take(), rc)?;
     }
     wrappings
         .into_iter()
@@ -844,17 +846,6 @@ pub fn rotate_database(
     keyring: &Keyring,
     op: RotateOp,
 ) -> Result<Option<RotationStatus>, StorageError> {
-    let result = |req: &mut RotateRequest, rc: c_int| match req.result.take() {
-        Some(Ok(s)) => Ok(s),
-        Some(Err(f)) => Err(f.detail.unwrap_or(StorageError::Io {
-            path: "main database".into(),
-            code: f.rc,
-        })),
-        None => Err(StorageError::Unsupported {
-            path: "main database".into(),
-            what: format!("the database is not an atrest file (file control answered {rc})"),
-        }),
-    };
     if op == RotateOp::Finish {
         let mut req = RotateRequest {
             keyring,
@@ -866,7 +857,7 @@ pub fn rotate_database(
         // argument of ATREST_FCNTL_REKEY_WAL back to exactly this type.
         if let Some(rc) = unsafe { journal_file_control(conn, ATREST_FCNTL_REKEY_WAL, arg) } {
             if rc != ffi::SQLITE_NOTFOUND {
-                result(&mut req, rc)?;
+                control_result(req.result.take(), rc)?;
             }
         }
     }
@@ -883,7 +874,7 @@ pub fn rotate_database(
             &mut req as *mut RotateRequest as *mut c_void,
         )
     };
-    result(&mut req, rc)
+    control_result(req.result.take(), rc)
 }
 
 /// Answers [`ATREST_FCNTL_ROTATE`] (database) or [`ATREST_FCNTL_REKEY_WAL`].

@@ -111,6 +111,16 @@ impl Setup {
         ])
     }
 
+    /// `set_key`, which must succeed.
+    fn set_key_ok(&self, key: &str) {
+        let out = self.set_key(key);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// `atrest server configure --data DIR ARGS`, which must succeed.
     fn configure(&self, args: &[&str]) {
         let dir = self.server.dir.to_str().unwrap();
@@ -267,12 +277,7 @@ fn switch_to_customer_key_then_every_loss_cause_goes_inaccessible_and_back() {
         .unwrap()
         .to_string();
     // Online: the running server switches.
-    let out = st.set_key(&st.key_url);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    st.set_key_ok(&st.key_url);
     let version = st.latest_version();
     for (path, h) in headers(&st.server.dir) {
         assert!(
@@ -556,12 +561,7 @@ fn rotation_rewraps_every_header_and_survives_kill9_during_the_rewrap() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = st.set_key(&st.key_url);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    st.set_key_ok(&st.key_url);
     let v1 = st.latest_version();
     assert!(st.server.stop().success());
 
@@ -840,12 +840,7 @@ fn with_both_layers_revocation_goes_inaccessible_the_same_way() {
         "postgres",
         "CREATE TABLE t (v text); INSERT INTO t VALUES ('both layers')",
     );
-    let out = st.set_key(&st.key_url);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    st.set_key_ok(&st.key_url);
     let status: Value =
         serde_json::from_slice(&atrest(&["server", "status", "--data", &dir, "--json"]).stdout)
             .unwrap();
@@ -987,12 +982,7 @@ fn backups_follow_a_key_rotation_and_a_restore_waits_for_its_new_identity() {
     let mut st = setup(&[]);
     let dir = st.server.dir.to_str().unwrap().to_string();
     st.server.start(&[]);
-    let out = st.set_key(&st.key_url);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    st.set_key_ok(&st.key_url);
     let v1 = st.latest_version();
     st.server.sql(
         "postgres",
@@ -1095,37 +1085,13 @@ fn backups_follow_a_key_rotation_and_a_restore_waits_for_its_new_identity() {
     st.server.stop();
 }
 
-/// Waits until `s` answers `sql` with `want`.
-fn wait_sql(s: &TestServer, sql: &str, want: &str, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let out = s.psql("postgres", &["-c", sql]);
-        let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{sql}: want {want}, got {got} {} after {limit:?}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            s.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn a_replica_has_its_own_identity_follows_key_rotation_and_loses_the_key_with_its_source() {
     let mut st = setup(&[]);
     let dir = st.server.dir.to_str().unwrap().to_string();
     st.configure(&["--key-check-interval-ms", "300"]);
     st.server.start(&[]);
-    let out = st.set_key(&st.key_url);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    st.set_key_ok(&st.key_url);
     let v1 = st.latest_version();
     st.server.sql(
         "postgres",
@@ -1185,7 +1151,7 @@ fn a_replica_has_its_own_identity_follows_key_rotation_and_loses_the_key_with_it
     atrest_ok(&["server", "revalidate", "--data", &rd]);
     st.server
         .sql("postgres", "INSERT INTO t VALUES (201, 'after the grant')");
-    wait_sql(&r, "SELECT count(*) FROM t", "201", Duration::from_secs(20));
+    r.wait_sql("SELECT count(*) FROM t", "201", Duration::from_secs(20));
 
     // The source rotates its key: the replica follows (its own files move
     // to v2), so v1 can be disabled and both go on.
@@ -1238,7 +1204,7 @@ fn a_replica_has_its_own_identity_follows_key_rotation_and_loses_the_key_with_it
     .unwrap();
     st.server
         .sql("postgres", "INSERT INTO t VALUES (203, 'v1 disabled')");
-    wait_sql(&r, "SELECT count(*) FROM t", "203", Duration::from_secs(20));
+    r.wait_sql("SELECT count(*) FROM t", "203", Duration::from_secs(20));
     for (p, bytes) in files_under(&rdir) {
         assert!(
             !contains(&bytes, b"CMKMARKER"),
@@ -1290,8 +1256,7 @@ fn a_replica_has_its_own_identity_follows_key_rotation_and_loses_the_key_with_it
         "postgres",
         "INSERT INTO t VALUES (204, 'after revalidation')",
     );
-    wait_sql(
-        &r,
+    r.wait_sql(
         "SELECT count(*) || ' ' || max(n) FROM t",
         "204 204",
         Duration::from_secs(20),

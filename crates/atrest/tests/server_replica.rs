@@ -60,24 +60,6 @@ fn relay(target: Arc<AtomicU16>, capture: Arc<Mutex<Vec<u8>>>) -> u16 {
 /// What must match between source and replica.
 const SUMMARY: &str = "SELECT (SELECT count(*) || ' ' || coalesce(sum(delta), 0) || ' ' || coalesce(sum(aid * 7 + bid), 0) FROM history) || ' / ' || (SELECT sum(abalance) FROM accounts) || ' / ' || (SELECT sum(bbalance) FROM branches) || ' / ' || (SELECT count(*) FROM ticks)";
 
-fn wait_for(replica: &TestServer, want: &str, limit: Duration) -> Duration {
-    let t0 = Instant::now();
-    loop {
-        let out = replica.psql("postgres", &["-c", SUMMARY]);
-        let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if got == want {
-            return t0.elapsed();
-        }
-        assert!(
-            t0.elapsed() < limit,
-            "the replica did not catch up in {limit:?}: source {want}, replica {got} ({})\nreplica log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            replica.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn replica_follows_through_kills_refuses_writes_and_promotes() {
     let mut source = TestServer::create(&[]);
@@ -182,7 +164,7 @@ fn replica_follows_through_kills_refuses_writes_and_promotes() {
         "INSERT INTO ticks VALUES (1, 'REPLMARKER-last')",
     );
     let want = source.sql("postgres", SUMMARY);
-    let lag = wait_for(&replica, &want, Duration::from_secs(30));
+    let lag = replica.wait_sql(SUMMARY, &want, Duration::from_secs(30));
     eprintln!("replica caught up {lag:?} after the last commit");
     let history: i64 = source
         .sql("postgres", "SELECT count(*) FROM history")

@@ -240,6 +240,26 @@ impl TestServer {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
+    /// Polls `sql` until it answers `want`, failing after `limit`;
+    /// returns how long that took.
+    pub fn wait_sql(&self, sql: &str, want: &str, limit: Duration) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            let out = self.psql("postgres", &["-c", sql]);
+            let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if got == want {
+                return t0.elapsed();
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "{sql}: want {want}, got {got} {} after {limit:?}\nserver log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
