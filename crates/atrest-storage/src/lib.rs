@@ -13,6 +13,7 @@
 
 mod error;
 mod file;
+mod frame_memo;
 mod keyring;
 mod layout;
 mod offline;
