@@ -37,10 +37,14 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    /// Where the plaintext goes before the seal: `len` bytes.
+    /// Where the plaintext goes before the seal: `len` bytes, which the
+    /// caller overwrites whole (so the old plaintext needs no zeroizing
+    /// unless the length changes; `Zeroizing` wipes the last on drop).
     pub(crate) fn plain_mut(&mut self, len: usize) -> &mut [u8] {
-        self.plain.zeroize();
-        self.plain.resize(len, 0);
+        if self.plain.len() != len {
+            self.plain.zeroize();
+            self.plain.resize(len, 0);
+        }
         &mut self.plain
     }
 
