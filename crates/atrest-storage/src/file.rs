@@ -50,6 +50,13 @@ pub struct Stats {
     pub infra_units_opened: AtomicU64,
     pub infra_bytes_sealed: AtomicU64,
     pub infra_bytes_opened: AtomicU64,
+    /// WAL frames read back from the memo of frames this process sealed
+    /// (`frame_memo`): moved, but not opened. Bytes as an open would count
+    /// them, per layer.
+    pub units_recalled: AtomicU64,
+    pub bytes_recalled: AtomicU64,
+    pub infra_units_recalled: AtomicU64,
+    pub infra_bytes_recalled: AtomicU64,
     /// Files opened through the VFS, by SQLite's file type.
     pub opened_by_type: [AtomicU64; OPEN_TYPES.len()],
 }
@@ -92,6 +99,19 @@ impl Stats {
         self.infra_units_opened.fetch_add(1, Ordering::Relaxed);
         self.infra_bytes_opened
             .fetch_add(n as u64, Ordering::Relaxed);
+    }
+    /// A unit of `n` sealed bytes (both layers' overhead included) that
+    /// the memo answered: counted as `opened` and `infra_opened` would.
+    fn recalled(&self, n: usize, infra: bool) {
+        let data = if infra { n - INFRA_OVERHEAD } else { n };
+        self.units_recalled.fetch_add(1, Ordering::Relaxed);
+        self.bytes_recalled
+            .fetch_add(data as u64, Ordering::Relaxed);
+        if infra {
+            self.infra_units_recalled.fetch_add(1, Ordering::Relaxed);
+            self.infra_bytes_recalled
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -1916,6 +1936,10 @@ impl<R: RawFile> EncryptedFile<R> {
                 &mut self.scratch[..plen],
                 pre,
             );
+        if recalled {
+            self.stats
+                .recalled(plen - pre, self.shared.ov > SEAL_OVERHEAD);
+        }
         let ctx = self.ctx(unit, generation);
         if !recalled
             && self
@@ -2838,6 +2862,9 @@ mod tests {
                 assert_eq!(&read_page(&mut w, i as u64).unwrap(), page);
             }
             assert_eq!(opened(&w), before, "no frame was opened");
+            let recalled = w.stats.units_recalled.load(Ordering::Relaxed)
+                + w.stats.infra_units_recalled.load(Ordering::Relaxed);
+            assert_eq!(recalled, 4 * layers, "each counted as moved");
             let clean = w.raw.0.clone();
             let at = HEADER_LEN as usize
                 + WAL_HEADER
