@@ -16,7 +16,6 @@ use atrest_crypto::{
 };
 use rusqlite::ffi;
 
-use crate::frame_memo::FrameMemo;
 use crate::keyring::Keyring;
 use crate::layout::{
     class, journal_block, Geometry, Unit, HEADER_LEN, TEMP_BLOCK, WAL_FRAME_HEADER, WAL_HEADER,
@@ -50,13 +49,6 @@ pub struct Stats {
     pub infra_units_opened: AtomicU64,
     pub infra_bytes_sealed: AtomicU64,
     pub infra_bytes_opened: AtomicU64,
-    /// WAL frames read back from the memo of frames this process sealed
-    /// (`frame_memo`): moved, but not opened. Bytes as an open would count
-    /// them, per layer.
-    pub units_recalled: AtomicU64,
-    pub bytes_recalled: AtomicU64,
-    pub infra_units_recalled: AtomicU64,
-    pub infra_bytes_recalled: AtomicU64,
     /// Files opened through the VFS, by SQLite's file type.
     pub opened_by_type: [AtomicU64; OPEN_TYPES.len()],
 }
@@ -99,19 +91,6 @@ impl Stats {
         self.infra_units_opened.fetch_add(1, Ordering::Relaxed);
         self.infra_bytes_opened
             .fetch_add(n as u64, Ordering::Relaxed);
-    }
-    /// A unit of `n` sealed bytes (both layers' overhead included) that
-    /// the memo answered: counted as `opened` and `infra_opened` would.
-    fn recalled(&self, n: usize, infra: bool) {
-        let data = if infra { n - INFRA_OVERHEAD } else { n };
-        self.units_recalled.fetch_add(1, Ordering::Relaxed);
-        self.bytes_recalled
-            .fetch_add(data as u64, Ordering::Relaxed);
-        if infra {
-            self.infra_units_recalled.fetch_add(1, Ordering::Relaxed);
-            self.infra_bytes_recalled
-                .fetch_add(n as u64, Ordering::Relaxed);
-        }
     }
 }
 
@@ -164,9 +143,6 @@ pub struct SharedFile {
     /// Taken before `meta`.
     write_lock: Mutex<()>,
     meta: Mutex<Meta>,
-    /// WAL only: the plaintext of frames this process sealed, so that a
-    /// checkpoint reading them back need not open them (see `frame_memo`).
-    frames: Mutex<FrameMemo>,
 }
 
 /// One generation of unit keys: the data layer's and, with that layer,
@@ -183,9 +159,6 @@ struct FileKeys {
     /// During a DEK rotation: pages 1 to this one are under `current`,
     /// so it is tried first for them (the previous keys first above).
     watermark: u64,
-    /// Counts replacements of `current` or `previous`: a frame remembered
-    /// in plaintext (`frames`) answers only under the epoch it was sealed in.
-    epoch: u64,
 }
 
 /// Where a database's DEK rotation stands.
@@ -281,7 +254,6 @@ impl SharedFile {
                 current: LayerKeys { data: key, infra },
                 previous: None,
                 watermark: 0,
-                epoch: 0,
             }),
             file_id: FileId::random().map_err(|e| crypto_fail(&path, e))?,
             path,
@@ -290,7 +262,6 @@ impl SharedFile {
             page_size: AtomicUsize::new(0),
             seals_reserved: AtomicU64::new(u64::MAX),
             write_lock: Mutex::new(()),
-            frames: Mutex::new(FrameMemo::default()),
             meta: Mutex::new(Meta {
                 header: None,
                 dek,
@@ -433,7 +404,6 @@ impl SharedFile {
                 current,
                 previous: prev_keys,
                 watermark: header.rotation.as_ref().map_or(0, |r| r.watermark),
-                epoch: 0,
             }),
             path,
             kind: header.kind,
@@ -442,7 +412,6 @@ impl SharedFile {
             page_size: AtomicUsize::new(header.unit_size as usize),
             seals_reserved: AtomicU64::new(header.seals_reserved),
             write_lock: Mutex::new(()),
-            frames: Mutex::new(FrameMemo::default()),
             meta: Mutex::new(Meta {
                 wal_salts: None,
                 wal: WalProgress::default(),
@@ -644,18 +613,14 @@ impl SharedFile {
         self.meta.lock().unwrap().header_dirty
     }
 
-    /// Seals one unit with every layer of the file, under its current keys;
-    /// returns the keys' epoch.
-    fn seal_unit(&self, ctx: &SealContext, unit: &mut [u8], stats: &Stats) -> Result<u64, Fail> {
-        let keys = self.keys.read().unwrap();
-        keys.current
+    /// Seals one unit with every layer of the file, under its current keys.
+    fn seal_unit(&self, ctx: &SealContext, unit: &mut [u8], stats: &Stats) -> Result<(), Fail> {
+        self.keys
+            .read()
+            .unwrap()
+            .current
             .seal(ctx, unit, stats)
-            .map_err(|e| crypto_fail(&self.path, e))?;
-        Ok(keys.epoch)
-    }
-
-    fn keys_epoch(&self) -> u64 {
-        self.keys.read().unwrap().epoch
+            .map_err(|e| crypto_fail(&self.path, e))
     }
 
     /// Opens one unit through every layer, outermost first. On success the
@@ -1223,19 +1188,18 @@ impl<R: RawFile> EncryptedFile<R> {
         let mut buf = std::mem::take(&mut self.scratch);
         let r = self.seal_buf(unit, generation, &mut buf[sealed]);
         self.scratch = buf;
-        r.map(drop)
+        r
     }
 
     /// Seals `buf` (the unit's sealed part) with every layer of the file
-    /// and extends the DEK's seal reservation when it runs out; returns the
-    /// keys' epoch it sealed under.
-    fn seal_buf(&mut self, unit: &Unit, generation: u64, buf: &mut [u8]) -> Result<u64, Fail> {
+    /// and extends the DEK's seal reservation when it runs out.
+    fn seal_buf(&mut self, unit: &Unit, generation: u64, buf: &mut [u8]) -> Result<(), Fail> {
         let ctx = self.ctx(unit, generation);
-        let epoch = self.shared.seal_unit(&ctx, buf, &self.stats)?;
+        self.shared.seal_unit(&ctx, buf, &self.stats)?;
         if self.shared.seals_used() >= self.shared.seals_reserved.load(Ordering::Relaxed) {
             self.extend_seal_lease()?;
         }
-        Ok(epoch)
+        Ok(())
     }
 
     fn extend_seal_lease(&mut self) -> Result<(), Fail> {
@@ -1473,7 +1437,6 @@ impl<R: RawFile> EncryptedFile<R> {
             let old = std::mem::replace(&mut keys.current, new_keys);
             keys.previous = Some(old);
             keys.watermark = 0;
-            keys.epoch += 1;
         }
         shared.seals_reserved.store(SEAL_LEASE, Ordering::Relaxed);
         let rotation = meta
@@ -1612,7 +1575,6 @@ impl<R: RawFile> EncryptedFile<R> {
             let mut keys = shared.keys.write().unwrap();
             keys.previous = None;
             keys.watermark = 0;
-            keys.epoch += 1;
         }
         drop(meta);
         tracing::info!(file = %shared.path, "DEK rotation finished");
@@ -1703,12 +1665,7 @@ impl<R: RawFile> EncryptedFile<R> {
         meta.infra_dek = infra_dek;
         meta.wal_salts = None;
         meta.wal = WalProgress::default();
-        {
-            let mut keys = shared.keys.write().unwrap();
-            keys.current = new_keys;
-            keys.epoch += 1;
-        }
-        shared.frames.lock().unwrap().clear();
+        shared.keys.write().unwrap().current = new_keys;
         shared.seals_reserved.store(SEAL_LEASE, Ordering::Relaxed);
         Ok(true)
     }
@@ -1924,28 +1881,11 @@ impl<R: RawFile> EncryptedFile<R> {
     fn open_frame_in_scratch(&mut self, unit: &Unit) -> bool {
         let (pre, plen) = (unit.prefix, unit.plen());
         let salts = u64::from_be_bytes(self.scratch[..8].try_into().unwrap());
-        let generation = self.frame_generation(salts);
-        // A frame this process sealed, still on disk as sealed, opens to
-        // the plaintext it was sealed from: take that, skip the open.
-        let epoch = self.shared.keys_epoch();
-        let recalled = !self.strict
-            && self.shared.frames.lock().unwrap().recall(
-                unit.index,
-                epoch,
-                generation,
-                &mut self.scratch[..plen],
-                pre,
-            );
-        if recalled {
-            self.stats
-                .recalled(plen - pre, self.shared.ov > SEAL_OVERHEAD);
-        }
-        let ctx = self.ctx(unit, generation);
-        if !recalled
-            && self
-                .shared
-                .open_unit(&ctx, &mut self.scratch[pre..plen], &self.stats)
-                .is_err()
+        let ctx = self.ctx(unit, self.frame_generation(salts));
+        if self
+            .shared
+            .open_unit(&ctx, &mut self.scratch[pre..plen], &self.stats)
+            .is_err()
         {
             return false;
         }
@@ -2189,32 +2129,10 @@ impl<R: RawFile> EncryptedFile<R> {
         let salts = u64::from_be_bytes(buf[..8].try_into().unwrap());
         let commit = buf[pre + 4..pre + 8] != [0; 4];
         let generation = self.frame_generation(salts);
-        // Remember the plaintext for the checkpoint that will read it back.
-        let mut memo = self.shared.frames.lock().unwrap().take(unit.index, plen);
-        if let Some(e) = &mut memo {
-            let ov = self.shared.ov;
-            e.plain_mut(plen - pre - ov)
-                .copy_from_slice(&buf[pre..plen - ov]);
-        }
-        let written = self
-            .seal_buf(unit, generation, &mut buf[pre..plen])
-            .and_then(|epoch| {
-                self.raw
-                    .write_at(&buf[..plen], unit.pstart)
-                    .map_err(Fail::io)?;
-                Ok(epoch)
-            });
-        if let Some(mut e) = memo {
-            let mut frames = self.shared.frames.lock().unwrap();
-            match &written {
-                Ok(epoch) => {
-                    e.sealed_as(*epoch, generation, &buf[..plen]);
-                    frames.put(unit.index, e);
-                }
-                Err(_) => frames.abandon(e),
-            }
-        }
-        written?;
+        self.seal_buf(unit, generation, &mut buf[pre..plen])?;
+        self.raw
+            .write_at(&buf[..plen], unit.pstart)
+            .map_err(Fail::io)?;
         let mut meta = self.shared.meta.lock().unwrap();
         let current = meta.wal_salts;
         let w = &mut meta.wal;
@@ -2484,7 +2402,6 @@ impl<R: RawFile> EncryptedFile<R> {
             let mut meta = self.shared.meta.lock().unwrap();
             meta.wal_salts = None;
             meta.wal = WalProgress::default();
-            self.shared.frames.lock().unwrap().clear();
         }
         Ok(())
     }
@@ -2838,53 +2755,6 @@ mod tests {
             }
             w.raw.0 = clean;
             read_frame_whole(&mut w, 3).unwrap();
-        }
-    }
-
-    /// A frame this handle sealed reads back from the memo without being
-    /// opened, as a checkpoint reads it, but only while the disk holds
-    /// exactly what was sealed under the same keys: a flipped bit is still
-    /// tampering, and after the keys change the frame is opened again.
-    #[test]
-    fn frames_read_back_without_an_open_only_while_unchanged() {
-        let (_dir, infra) = infra_protector();
-        for infra in [None, Some(infra)] {
-            let layers = if infra.is_some() { 2 } else { 1 };
-            let mut w = wal_file_with(infra);
-            let pages = write_wal(&mut w, 4);
-            w.sync(0).unwrap();
-            let opened = |w: &EncryptedFile<MemFile>| {
-                w.stats.units_opened.load(Ordering::Relaxed)
-                    + w.stats.infra_units_opened.load(Ordering::Relaxed)
-            };
-            let before = opened(&w);
-            for (i, page) in pages.iter().enumerate() {
-                assert_eq!(&read_page(&mut w, i as u64).unwrap(), page);
-            }
-            assert_eq!(opened(&w), before, "no frame was opened");
-            let recalled = w.stats.units_recalled.load(Ordering::Relaxed)
-                + w.stats.infra_units_recalled.load(Ordering::Relaxed);
-            assert_eq!(recalled, 4 * layers, "each counted as moved");
-            let clean = w.raw.0.clone();
-            let at = HEADER_LEN as usize
-                + WAL_HEADER
-                + w.shared.ov
-                + 2 * (8 + WAL_FRAME_HEADER + P)
-                + 8
-                + WAL_FRAME_HEADER
-                + 99;
-            w.raw.0[at] ^= 1;
-            let fail = read_page(&mut w, 2).unwrap_err();
-            assert_eq!(fail.rc, ffi::SQLITE_IOERR_DATA, "opened, and refused");
-            w.raw.0 = clean;
-            assert_eq!(read_page(&mut w, 2).unwrap(), pages[2]);
-            let before = opened(&w);
-            w.shared.keys.write().unwrap().epoch += 1;
-            assert_eq!(read_page(&mut w, 3).unwrap(), pages[3]);
-            assert_eq!(opened(&w), before + layers, "opened under the keys");
-            // Truncating the WAL to nothing drops what was remembered.
-            w.truncate(0).unwrap();
-            assert_eq!(w.shared.frames.lock().unwrap().len(), 0);
         }
     }
 

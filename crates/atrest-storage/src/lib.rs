@@ -13,7 +13,6 @@
 
 mod error;
 mod file;
-mod frame_memo;
 mod keyring;
 mod layout;
 mod offline;
@@ -142,12 +141,6 @@ pub struct StatsSnapshot {
     pub infra_units_opened: u64,
     pub infra_bytes_sealed: u64,
     pub infra_bytes_opened: u64,
-    /// WAL frames read back from the plaintext remembered when this
-    /// process sealed them: moved, not opened (bytes as an open counts).
-    pub units_recalled: u64,
-    pub bytes_recalled: u64,
-    pub infra_units_recalled: u64,
-    pub infra_bytes_recalled: u64,
     /// Files opened, by SQLite file type (main_db, wal, subjournal, ...).
     pub files_opened: std::collections::BTreeMap<&'static str, u64>,
 }
@@ -163,10 +156,6 @@ impl StatsSnapshot {
             infra_units_opened: self.infra_units_opened - earlier.infra_units_opened,
             infra_bytes_sealed: self.infra_bytes_sealed - earlier.infra_bytes_sealed,
             infra_bytes_opened: self.infra_bytes_opened - earlier.infra_bytes_opened,
-            units_recalled: self.units_recalled - earlier.units_recalled,
-            bytes_recalled: self.bytes_recalled - earlier.bytes_recalled,
-            infra_units_recalled: self.infra_units_recalled - earlier.infra_units_recalled,
-            infra_bytes_recalled: self.infra_bytes_recalled - earlier.infra_bytes_recalled,
             files_opened: self
                 .files_opened
                 .iter()
@@ -680,10 +669,6 @@ impl Engine {
             infra_units_opened: s.infra_units_opened.load(Ordering::Relaxed),
             infra_bytes_sealed: s.infra_bytes_sealed.load(Ordering::Relaxed),
             infra_bytes_opened: s.infra_bytes_opened.load(Ordering::Relaxed),
-            units_recalled: s.units_recalled.load(Ordering::Relaxed),
-            bytes_recalled: s.bytes_recalled.load(Ordering::Relaxed),
-            infra_units_recalled: s.infra_units_recalled.load(Ordering::Relaxed),
-            infra_bytes_recalled: s.infra_bytes_recalled.load(Ordering::Relaxed),
             files_opened: file::OPEN_TYPES
                 .iter()
                 .zip(&s.opened_by_type)

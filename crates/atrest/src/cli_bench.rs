@@ -117,12 +117,6 @@ struct RunReport {
     infra_units_opened: u64,
     infra_bytes_sealed: u64,
     infra_bytes_opened: u64,
-    /// WAL frames read back without an open (the memo of frames the
-    /// process sealed): pages moved that no cipher had to touch.
-    units_recalled: u64,
-    bytes_recalled: u64,
-    infra_units_recalled: u64,
-    infra_bytes_recalled: u64,
     /// Files the run opened, by SQLite file type (temp files show here).
     files_opened: std::collections::BTreeMap<String, u64>,
 }
@@ -140,9 +134,6 @@ struct WorkloadResult {
     bytes_opened: u64,
     crypto_seconds: f64,
     overhead_over_crypto: Option<f64>,
-    /// WAL frames read back without an open (counted as opened in the
-    /// pure cipher cost).
-    units_recalled: u64,
     /// Scenario 2: service key + infrastructure layer.
     scenario2_seconds: f64,
     /// Scenario 2 against scenario 1 (the cost of the second layer).
@@ -162,7 +153,6 @@ struct WorkloadResult {
     scenario2_crypto_seconds: f64,
     /// Scenario 2's overhead over plain SQLite divided by that pure cost.
     scenario2_overhead_over_crypto: Option<f64>,
-    scenario2_units_recalled: u64,
     /// Scenario 4: customer key (local RSA-2048 OAEP-256 KEK) + infrastructure layer.
     scenario4_seconds: f64,
     scenario4_vs_scenario1_pct: f64,
@@ -177,7 +167,6 @@ struct WorkloadResult {
     /// Pure cost of both ciphers on the units scenario 4 moved.
     scenario4_crypto_seconds: f64,
     scenario4_overhead_over_crypto: Option<f64>,
-    scenario4_units_recalled: u64,
     /// Every timed run, in seconds, per side (plain, scenario1, scenario2,
     /// scenario4), in the order they ran; the medians above come from these.
     runs_seconds: serde_json::Value,
@@ -491,7 +480,6 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
             bytes_opened: m1.bytes_opened,
             crypto_seconds: crypto,
             overhead_over_crypto: over(overhead, crypto),
-            units_recalled: m1.units_recalled,
             scenario2_seconds: a2,
             scenario2_vs_scenario1_pct: 100.0 * (a2 - a) / a,
             scenario2_vs_scenario1_paired_median_pct: median(&paired2),
@@ -503,7 +491,6 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
             infra_units_opened: m2.infra_units_opened,
             scenario2_crypto_seconds: crypto2,
             scenario2_overhead_over_crypto: over(a2 - p, crypto2),
-            scenario2_units_recalled: m2.units_recalled,
             scenario4_seconds: a4,
             scenario4_vs_scenario1_pct: 100.0 * (a4 - a) / a,
             scenario4_vs_scenario1_paired_median_pct: median(&paired4),
@@ -516,7 +503,6 @@ fn run_regime(dir: &Path, regime: &Regime, b: &StorageBench) -> Result<Vec<Workl
             scenario4_infra_units_opened: m4.infra_units_opened,
             scenario4_crypto_seconds: crypto4,
             scenario4_overhead_over_crypto: over(a4 - p, crypto4),
-            scenario4_units_recalled: m4.units_recalled,
             runs_seconds,
             cpu,
             files_opened: serde_json::json!({
@@ -634,10 +620,6 @@ fn storage_run(r: StorageRun) -> Result<std::process::ExitCode> {
         infra_units_opened: moved.infra_units_opened,
         infra_bytes_sealed: moved.infra_bytes_sealed,
         infra_bytes_opened: moved.infra_bytes_opened,
-        units_recalled: moved.units_recalled,
-        bytes_recalled: moved.bytes_recalled,
-        infra_units_recalled: moved.infra_units_recalled,
-        infra_bytes_recalled: moved.infra_bytes_recalled,
         files_opened: moved
             .files_opened
             .iter()
@@ -937,19 +919,12 @@ fn bench_key() -> Result<(UnitKey, SealContext)> {
 
 /// Seconds the data layer's cipher (AES-256-GCM) alone takes to seal and
 /// open as many units, of the same average sizes, as a workload moved.
-/// Frames read back from the memo count as opened: they are pages moved,
-/// whose open the memo saved, and the target compares the whole cost of
-/// the layers with the ciphers' cost on the pages moved.
 fn pure_crypto_cost(moved: &RunReport) -> Result<f64> {
     let (key, ctx) = bench_key()?;
     pure_cost(
         [
             (moved.units_sealed, moved.bytes_sealed, false),
-            (
-                moved.units_opened + moved.units_recalled,
-                moved.bytes_opened + moved.bytes_recalled,
-                true,
-            ),
+            (moved.units_opened, moved.bytes_opened, true),
         ],
         atrest_crypto::SEAL_OVERHEAD,
         |page| Ok(key.seal(&ctx, page)?),
@@ -965,11 +940,7 @@ fn pure_infra_cost(moved: &RunReport) -> Result<f64> {
     pure_cost(
         [
             (moved.infra_units_sealed, moved.infra_bytes_sealed, false),
-            (
-                moved.infra_units_opened + moved.infra_units_recalled,
-                moved.infra_bytes_opened + moved.infra_bytes_recalled,
-                true,
-            ),
+            (moved.infra_units_opened, moved.infra_bytes_opened, true),
         ],
         atrest_crypto::INFRA_OVERHEAD,
         |page| Ok(key.seal(&ctx, page)?),

@@ -220,17 +220,12 @@ fn bench_prints_json_and_a_summary_per_workload() {
     assert_eq!(stdout.matches(" paired_s4_vs_s1=").count(), 12);
     assert_eq!(stdout.matches(" cpu_s2_vs_s1=").count(), 12);
     assert_eq!(stdout.matches(" cpu_s2_overhead/crypto=").count(), 12);
-    // The checkpoint at close read back the frames the updates sealed
-    // without opening them, in every scenario.
-    for w in workloads.iter().filter(|w| w["workload"] == "update_heavy") {
-        for key in [
-            "units_recalled",
-            "scenario2_units_recalled",
-            "scenario4_units_recalled",
-        ] {
-            assert!(w[key].as_u64().unwrap() > 0, "{key}: {w}");
-        }
-    }
+    // Writes moved pages: their overhead over the ciphers' cost is there
+    // in CPU time too.
+    assert!(
+        bulk["cpu"]["scenario2_overhead_over_crypto"].is_f64(),
+        "{bulk}"
+    );
     assert_eq!(stdout.matches(" s4_vs_s1=").count(), 12);
     assert_eq!(stdout.matches("summary: regime=").count(), 12);
 }
