@@ -144,6 +144,17 @@ impl Setup {
             .success());
     }
 
+    /// Creates a new version of the key in the vault and returns its id.
+    fn new_key_version(&self, key_size: u32) -> String {
+        block_on(self.admin.call(
+            Method::POST,
+            "/keys/tde/create",
+            Some(json!({"kty": "RSA", "key_size": key_size})),
+        ))
+        .expect("create a key version");
+        self.latest_version()
+    }
+
     fn latest_version(&self) -> String {
         let k = block_on(self.admin.get_key("tde", None)).unwrap();
         k["key"]["kid"]
@@ -566,13 +577,7 @@ fn rotation_rewraps_every_header_and_survives_kill9_during_the_rewrap() {
     assert!(st.server.stop().success());
 
     // Rotate the key in the vault: a new version.
-    block_on(st.admin.call(
-        Method::POST,
-        "/keys/tde/create",
-        Some(json!({"kty": "RSA", "key_size": 3072})),
-    ))
-    .unwrap();
-    let v2 = st.latest_version();
+    let v2 = st.new_key_version(3072);
     assert_ne!(v1, v2);
     // Rewrap, killed at random moments, over and over.
     let mut completed = 0;
@@ -999,13 +1004,7 @@ fn backups_follow_a_key_rotation_and_a_restore_waits_for_its_new_identity() {
 
     // Rotate to a new version; the backup and the archive move with the
     // server, so the old version can then be disabled.
-    block_on(st.admin.call(
-        Method::POST,
-        "/keys/tde/create",
-        Some(json!({"kty": "RSA", "key_size": 2048})),
-    ))
-    .unwrap();
-    let v2 = st.latest_version();
+    let v2 = st.new_key_version(2048);
     atrest_ok(&["server", "rotate-key", "--data", &dir]);
     st.server
         .sql("postgres", "INSERT INTO t VALUES (301, 'after rotation')");
@@ -1155,13 +1154,7 @@ fn a_replica_has_its_own_identity_follows_key_rotation_and_loses_the_key_with_it
 
     // The source rotates its key: the replica follows (its own files move
     // to v2), so v1 can be disabled and both go on.
-    block_on(st.admin.call(
-        Method::POST,
-        "/keys/tde/create",
-        Some(json!({"kty": "RSA", "key_size": 2048})),
-    ))
-    .unwrap();
-    let v2 = st.latest_version();
+    let v2 = st.new_key_version(2048);
     atrest_ok(&["server", "rotate-key", "--data", &dir]);
     st.server
         .sql("postgres", "INSERT INTO t VALUES (202, 'after rotation')");
