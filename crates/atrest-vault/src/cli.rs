@@ -369,25 +369,20 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .build()?)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+/// Takes SIGTERM and SIGINT now, and resolves when one arrives. Installed
+/// before the vault writes its URL file: a supervisor may stop it the moment
+/// that file appears, and an uncaught signal would kill the process without
+/// removing the file.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
         tokio::select! {
-            _ = ctrl_c => {}
             _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    })
 }
 
 /// Entry point for `atrest vault`.
@@ -417,7 +412,7 @@ pub fn run(args: VaultArgs) -> Result<ExitCode, CliError> {
                 token_lifetime_secs: a.token_lifetime_secs,
                 admin_token_file: a.admin_token_file,
             };
-            runtime()?.block_on(crate::serve(opts, shutdown_signal()))?;
+            runtime()?.block_on(async { crate::serve(opts, shutdown_signal()?).await })?;
             Ok(ExitCode::SUCCESS)
         }
         VaultCommand::Rekey {

@@ -96,9 +96,9 @@ impl TestVault {
         self.data.path()
     }
 
-    pub fn spawn(&mut self) {
-        // A killed vault leaves its old URL behind.
-        let _ = std::fs::remove_file(self.data.path().join("vault.url"));
+    /// The `vault serve` command `spawn` runs, for tests that need to drive
+    /// the process themselves.
+    pub fn serve_command(&self) -> Command {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("vault")
             .arg("serve")
@@ -114,7 +114,16 @@ impl TestVault {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        let child = cmd.spawn().expect("spawn atrest vault serve");
+        cmd
+    }
+
+    pub fn spawn(&mut self) {
+        // A killed vault leaves its old URL behind.
+        let _ = std::fs::remove_file(self.data.path().join("vault.url"));
+        let child = self
+            .serve_command()
+            .spawn()
+            .expect("spawn atrest vault serve");
         self.child = Some(child);
         let url_file = self.data.path().join("vault.url");
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -487,6 +487,13 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                 .build()
                 .context("starting the async runtime")?;
             rt.block_on(async move {
+                // Take SIGTERM and SIGINT before the server says Ready in
+                // state.json: a supervisor may stop it the moment it sees
+                // Ready, and an uncaught signal would kill the process
+                // instead of closing the databases cleanly.
+                use tokio::signal::unix::{signal, SignalKind};
+                let mut term = signal(SignalKind::terminate())?;
+                let mut int = signal(SignalKind::interrupt())?;
                 let running = listener::start(StartOptions {
                     dir: data,
                     listen,
@@ -503,12 +510,10 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                         .map(|m| format!(", metrics on http://{m}/metrics"))
                         .unwrap_or_default()
                 );
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 let ctx = std::sync::Arc::clone(running.ctx());
                 let signal = tokio::select! {
                     _ = term.recv() => "SIGTERM",
-                    _ = tokio::signal::ctrl_c() => "SIGINT",
+                    _ = int.recv() => "SIGINT",
                     _ = ctx.stop_requested.notified() => "delete requested while Inaccessible",
                 };
                 eprintln!("atrest server {}: {signal}, shutting down", config.name);

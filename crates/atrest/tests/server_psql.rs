@@ -310,6 +310,48 @@ fn create_refuses_bad_input_and_changes_nothing() {
     );
 }
 
+/// A supervisor may send SIGTERM the moment state.json says Ready. The
+/// server must already be catching it and close cleanly, not die by the
+/// signal with its databases open.
+#[test]
+fn sigterm_the_moment_it_is_ready_stops_cleanly() {
+    use rustix::process::{kill_process, Pid, Signal};
+    let s = TestServer::create(&[]);
+    let dir = s.dir.to_str().unwrap().to_string();
+    for round in 0..20 {
+        let log = std::fs::File::create(s.tmp.path().join("race.log")).unwrap();
+        let mut child = Command::new(bin())
+            .args(["server", "start", "--data", &dir, "--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        // No sleep between reads: the point is to signal as early as a
+        // supervisor could.
+        loop {
+            let text = std::fs::read_to_string(s.dir.join("state.json")).unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            if v["state"] == "Ready" && v["pid"] == child.id() {
+                break;
+            }
+            assert!(child.try_wait().unwrap().is_none(), "exited during start");
+            assert!(std::time::Instant::now() < deadline, "not Ready in 30 s");
+        }
+        let pid = Pid::from_raw(child.id() as i32).unwrap();
+        kill_process(pid, Signal::TERM).unwrap();
+        let st = child.wait().unwrap();
+        let log = std::fs::read_to_string(s.tmp.path().join("race.log")).unwrap();
+        assert!(st.success(), "round {round}: {st}\n{log}");
+        assert!(log.contains("stopped"), "round {round}: {log}");
+    }
+    let st: serde_json::Value =
+        serde_json::from_slice(&atrest(&["server", "status", "--data", &dir, "--json"]).stdout)
+            .unwrap();
+    assert_eq!(st["state"], "Stopped");
+    assert_eq!(st["reason"], "shutdown (SIGTERM)");
+}
+
 #[test]
 fn infrastructure_encryption_is_chosen_at_create_and_covers_everything() {
     let t = tempfile::tempdir().unwrap();

@@ -765,6 +765,22 @@ fn health_metrics_and_graceful_shutdown() {
     assert!(plain.is_err(), "plain HTTP answered: {plain:?}");
     assert!(v.terminate(), "vault did not exit cleanly on SIGTERM");
     assert!(!v.data_dir().join("vault.url").exists());
+    // SIGTERM the moment the URL file appears (as a supervisor could): the
+    // vault is already catching it, exits 0 and takes the file away.
+    use rustix::process::{kill_process, Pid, Signal};
+    let url_file = v.data_dir().join("vault.url");
+    for round in 0..10 {
+        let mut child = v.serve_command().spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !std::fs::read_to_string(&url_file).is_ok_and(|u| u.ends_with('\n')) {
+            assert!(child.try_wait().unwrap().is_none(), "exited during start");
+            assert!(std::time::Instant::now() < deadline, "no URL in 60 s");
+        }
+        kill_process(Pid::from_raw(child.id() as i32).unwrap(), Signal::TERM).unwrap();
+        let st = child.wait().unwrap();
+        assert!(st.success(), "round {round}: {st}");
+        assert!(!url_file.exists(), "round {round}: URL file left behind");
+    }
 }
 
 #[test]
