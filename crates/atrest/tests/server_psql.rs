@@ -315,7 +315,6 @@ fn create_refuses_bad_input_and_changes_nothing() {
 /// signal with its databases open.
 #[test]
 fn sigterm_the_moment_it_is_ready_stops_cleanly() {
-    use rustix::process::{kill_process, Pid, Signal};
     let s = TestServer::create(&[]);
     let dir = s.dir.to_str().unwrap().to_string();
     for round in 0..20 {
@@ -338,8 +337,7 @@ fn sigterm_the_moment_it_is_ready_stops_cleanly() {
             assert!(child.try_wait().unwrap().is_none(), "exited during start");
             assert!(std::time::Instant::now() < deadline, "not Ready in 30 s");
         }
-        let pid = Pid::from_raw(child.id() as i32).unwrap();
-        kill_process(pid, Signal::TERM).unwrap();
+        signal_pid(child.id(), 15).unwrap();
         let st = child.wait().unwrap();
         let log = std::fs::read_to_string(s.tmp.path().join("race.log")).unwrap();
         assert!(st.success(), "round {round}: {st}\n{log}");

@@ -53,6 +53,13 @@ pub fn atrest(args: &[&str]) -> Output {
     Command::new(bin()).args(args).output().expect("run atrest")
 }
 
+/// Sends signal number `sig` to process `pid`.
+pub fn signal_pid(pid: u32, sig: i32) -> rustix::io::Result<()> {
+    use rustix::process::{kill_process, Pid, Signal};
+    let sig = Signal::from_named_raw(sig).expect("a named signal");
+    kill_process(Pid::from_raw(pid as i32).expect("a pid"), sig)
+}
+
 /// `atrest ARGS`, which must succeed; its standard output.
 pub fn atrest_ok(args: &[&str]) -> String {
     let out = atrest(args);
@@ -265,9 +272,7 @@ impl TestServer {
     }
 
     pub fn signal(&self, sig: i32) {
-        let _ = Command::new("kill")
-            .args([format!("-{sig}"), self.pid().to_string()])
-            .status();
+        let _ = signal_pid(self.pid(), sig);
     }
 
     /// SIGTERM and wait for a clean exit; returns the exit status.
