@@ -46,6 +46,10 @@ const VERSION_INFRA_X2: u16 = 5;
 /// file instead of failing on half its pages; when the rotation finishes
 /// the header returns to format 1, 3 or 5.
 const VERSION_ROTATING: u16 = 6;
+/// Format 7: a file of the encrypting filesystem (`atrest-fs`): its units
+/// are slots with a clear sequence number and length, one or two slots per
+/// unit, and the header carries the `fs` fields ([`FsLayout`]).
+const VERSION_FS: u16 = 7;
 /// The retired format of pre-release builds whose infrastructure layer was
 /// XChaCha20-Poly1305 (40-byte unit trailer, reserve 68).
 const VERSION_XCHACHA_INFRA: u16 = 2;
@@ -67,6 +71,12 @@ pub enum FileKind {
     /// A temporary file (sorts, temp tables, statement journals); its key is
     /// random, held only in memory, and it has no header.
     Temp = 5,
+    /// A file of the encrypting filesystem (`atrest-fs`): any file a
+    /// database server writes, sealed in units of [`FsLayout`]'s slots.
+    FsFile = 6,
+    /// The key file at the root of an `atrest-fs` tree: a header only, whose
+    /// DEK (wrapped by the KEK) wraps every file's DEK there.
+    FsRoot = 7,
 }
 
 impl FileKind {
@@ -77,6 +87,8 @@ impl FileKind {
             3 => Self::Journal,
             4 => Self::SuperJournal,
             5 => Self::Temp,
+            6 => Self::FsFile,
+            7 => Self::FsRoot,
             _ => return None,
         })
     }
@@ -87,6 +99,8 @@ impl FileKind {
             Self::Journal => "rollback-journal",
             Self::SuperJournal => "super-journal",
             Self::Temp => "temp",
+            Self::FsFile => "fs-file",
+            Self::FsRoot => "fs-root",
         }
     }
 }
@@ -186,6 +200,20 @@ pub struct Rotation {
     pub started_unix: u64,
 }
 
+/// The layout fields of an `atrest-fs` file (header format 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsLayout {
+    /// Physical slots per unit: 1 (a write replaces the unit in place) or 2
+    /// (a write goes to the slot not holding the last synced version, so a
+    /// torn write leaves that version readable).
+    pub slots: u8,
+    /// Units known to be on disk and synced: a file found shorter was cut.
+    pub durable_units: u64,
+    /// Two-slot files: groups whose sequence map is known to be synced; a
+    /// group below this count with no valid map is damage, not a new group.
+    pub map_groups: u64,
+}
+
 /// One decoded header slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileHeader {
@@ -209,6 +237,8 @@ pub struct FileHeader {
     pub infra: Option<InfraKeyRecord>,
     /// Database files only: a DEK rotation in progress.
     pub rotation: Option<Rotation>,
+    /// `atrest-fs` files only (format 7): the unit layout.
+    pub fs: Option<FsLayout>,
 }
 
 impl FileHeader {
@@ -248,6 +278,9 @@ mod tag {
     pub const PREV_INFRA_WRAPPED: u16 = 23;
     pub const ROTATION_WATERMARK: u16 = 24;
     pub const ROTATION_STARTED: u16 = 25;
+    pub const FS_SLOTS: u16 = 26;
+    pub const FS_DURABLE_UNITS: u16 = 27;
+    pub const FS_MAP_GROUPS: u16 = 28;
 }
 
 impl FileHeader {
@@ -328,6 +361,15 @@ impl FileHeader {
                 &r.started_unix.to_be_bytes(),
             );
         }
+        if let Some(fs) = &self.fs {
+            put(&mut body, tag::FS_SLOTS, &[fs.slots]);
+            put(
+                &mut body,
+                tag::FS_DURABLE_UNITS,
+                &fs.durable_units.to_be_bytes(),
+            );
+            put(&mut body, tag::FS_MAP_GROUPS, &fs.map_groups.to_be_bytes());
+        }
         let version = self.format_version();
 
         if PREFIX_LEN + body.len() + MAC_LEN > HEADER_SLOT_SIZE {
@@ -354,6 +396,7 @@ impl FileHeader {
     pub fn format_version(&self) -> u16 {
         match (&self.infra, self.kind) {
             (_, FileKind::Wal) => VERSION_WAL_FRAME_UNITS,
+            (_, FileKind::FsFile | FileKind::FsRoot) => VERSION_FS,
             _ if self.rotation.is_some() => VERSION_ROTATING,
             (None, _) => VERSION,
             (Some(r), _) if r.unit_cipher == InfraUnitCipher::Aegis256 => VERSION_INFRA,
@@ -387,13 +430,14 @@ impl FileHeader {
             VERSION_WAL_FRAME_UNITS,
             VERSION_INFRA_X2,
             VERSION_ROTATING,
+            VERSION_FS,
         ]
         .contains(&version)
         {
             return Err(CryptoError::UnsupportedFormat(format!(
                 "header format version {version} is not supported (this build reads \
-                 {VERSION}, {VERSION_INFRA}, {VERSION_INFRA_X2} and {VERSION_ROTATING}, and \
-                 {VERSION_WAL_FRAME_UNITS} for WAL files)"
+                 {VERSION}, {VERSION_INFRA}, {VERSION_INFRA_X2} and {VERSION_ROTATING}, \
+                 {VERSION_WAL_FRAME_UNITS} for WAL files and {VERSION_FS} for atrest-fs files)"
             )));
         }
         let body_len = u32::from_be_bytes(slot[10..14].try_into().unwrap()) as usize;
@@ -420,7 +464,15 @@ impl FileHeader {
                 "header format version does not match its rotation fields (format 6: a database mid-rotation)".into(),
             ));
         }
-        if version == VERSION_ROTATING {
+        let fs_kind = matches!(header.kind, FileKind::FsFile | FileKind::FsRoot);
+        if fs_kind != (version == VERSION_FS) || fs_kind != header.fs.is_some() {
+            return Err(CryptoError::InvalidHeader(format!(
+                "header format version {VERSION_FS} and the fs layout fields are for atrest-fs files only \
+                 (this one: {} file, format {version})",
+                header.kind.name()
+            )));
+        }
+        if version == VERSION_ROTATING || version == VERSION_FS {
             // Layers and unit cipher are named by the fields themselves.
         } else if version == VERSION_WAL_FRAME_UNITS {
             if header.kind != FileKind::Wal {
@@ -669,9 +721,24 @@ fn parse_body(body: &[u8]) -> Result<FileHeader, CryptoError> {
             })
         }
     };
+    let fs = match f.get(&tag::FS_SLOTS) {
+        None => {
+            if f.contains_key(&tag::FS_DURABLE_UNITS) || f.contains_key(&tag::FS_MAP_GROUPS) {
+                return Err(bad("fs layout"));
+            }
+            None
+        }
+        Some([slots @ (1 | 2)]) => Some(FsLayout {
+            slots: *slots,
+            durable_units: u64f(tag::FS_DURABLE_UNITS, "fs durable units")?,
+            map_groups: u64f(tag::FS_MAP_GROUPS, "fs map groups")?,
+        }),
+        Some(_) => return Err(bad("fs slots")),
+    };
     Ok(FileHeader {
         infra,
         rotation,
+        fs,
         sequence: u64f(tag::SEQUENCE, "sequence")?,
         kind,
         cipher,
@@ -712,6 +779,7 @@ mod tests {
             wal_durable_frames: 0,
             infra: None,
             rotation: None,
+            fs: None,
         }
     }
 

@@ -24,7 +24,7 @@ mod wrap;
 
 pub use error::CryptoError;
 pub use header::{
-    FileHeader, FileKind, InfraKeyRecord, KeySource, Layers, Rotation, UnverifiedHeader,
+    FileHeader, FileKind, FsLayout, InfraKeyRecord, KeySource, Layers, Rotation, UnverifiedHeader,
     HEADER_SLOT_SIZE,
 };
 pub use infra::{

@@ -532,6 +532,7 @@ impl SharedFile {
             wal_salts: 0,
             wal_durable_frames: 0,
             rotation: None,
+            fs: None,
         };
         {
             let mut slots = header.encode(&dek).map_err(|e| crypto_fail(&path, e))?;

@@ -1,0 +1,772 @@
+//! One sealed file: plaintext reads and writes at any offset, translated
+//! to authenticated units in the ciphertext file beneath.
+//!
+//! See `layout.rs` for where units sit and docs/CRYPTO.md ("atrest-fs")
+//! for why a crash at any moment leaves every file readable:
+//!
+//! * **Two-slot files** (everything but relation data): a unit written
+//!   after a sync goes to the slot *not* holding its last synced version;
+//!   further writes before the next sync overwrite that same slot. A torn
+//!   write therefore only ever damages a version that no sync covered, and
+//!   the other slot still holds the last synced one.
+//! * **Sequence maps.** After each sync, every unit that became durable
+//!   has its sequence number recorded in its group's map (itself two
+//!   slots, written after the data sync and so durable by the next one).
+//!   A read must find a valid slot at least as new as the map says: a
+//!   damaged or replayed newest version is an error, never an older answer.
+//! * **One-slot files** (relation data, whose torn pages PostgreSQL
+//!   restores from the full-page images in its WAL): a damaged unit is an
+//!   error; a torn unit past the last synced length is a cut-off append.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
+
+use atrest_crypto::{
+    Dek, FileHeader, FileId, FileKind, FsLayout, SealContext, UnitKey, HEADER_SLOT_SIZE,
+    SEAL_OVERHEAD,
+};
+use zeroize::Zeroize;
+
+use crate::keys::{file_header, RootKey};
+use crate::layout::{Layout, GROUP_UNITS, META, SLOT, UNIT};
+use crate::FsError;
+
+const CLASS_DATA: u16 = 10;
+const CLASS_MAP: u16 = 11;
+/// Seals reserved in the header at a time (see CRYPTO.md, usage limit).
+const RESERVE: u64 = 1 << 16;
+
+/// What a slot's clear metadata says. Trusted only after the seal opens
+/// (both values are bound as associated data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Meta {
+    seq: u64,
+    len: usize,
+}
+
+fn meta_of(slot: &[u8]) -> Option<Meta> {
+    let seq = u64::from_be_bytes(slot[0..8].try_into().unwrap());
+    let len = u32::from_be_bytes(slot[8..12].try_into().unwrap()) as usize;
+    let zero = u32::from_be_bytes(slot[12..16].try_into().unwrap());
+    (seq != 0 && len <= UNIT && zero == 0).then_some(Meta { seq, len })
+}
+
+#[derive(Debug, Clone, Copy)]
+struct UnitState {
+    /// The slot holding the newest version written.
+    slot: u8,
+    seq: u64,
+    /// Written since the last sync: the next write overwrites this slot.
+    dirty: bool,
+}
+
+struct GroupMap {
+    seqs: Vec<u64>,
+    /// The map slot holding the newest map (None: never written).
+    slot: Option<u8>,
+}
+
+struct State {
+    header: FileHeader,
+    /// The header slot written last, and whether a sync has covered it.
+    header_slot: u8,
+    header_synced: bool,
+    size: u64,
+    next_seq: u64,
+    /// Two-slot files: what this process knows of each unit's slots.
+    units: HashMap<u64, UnitState>,
+    maps: HashMap<u64, GroupMap>,
+    /// Groups whose map has been written (count from group 0).
+    maps_written: u64,
+}
+
+impl State {
+    fn layout_fields(&mut self) -> &mut FsLayout {
+        self.header.fs.as_mut().expect("fs header")
+    }
+}
+
+/// An open sealed file. Shared by every handle of one inode.
+pub struct CryptFile {
+    file: File,
+    name: Mutex<String>,
+    layout: Layout,
+    file_id: FileId,
+    dek: Dek,
+    key: UnitKey,
+    st: Mutex<State>,
+}
+
+impl std::fmt::Debug for CryptFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CryptFile")
+            .field("name", &self.name())
+            .field("slots", &self.layout.slots)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io(what: &str, name: &str, e: std::io::Error) -> FsError {
+    FsError::io(format!("{what} {name}"), e)
+}
+
+impl CryptFile {
+    /// Writes a new, empty sealed file into `file` (freshly created, empty).
+    pub fn create(file: File, name: &str, root: &RootKey, slots: u8) -> Result<CryptFile, FsError> {
+        let file_id = FileId::random()?;
+        let (dek, source) = root.new_file_key(file_id)?;
+        let header = file_header(file_id, &dek, source, slots);
+        let slot = header.encode(&dek)?;
+        file.write_all_at(&slot, 0)
+            .and_then(|_| file.set_len(crate::layout::HEADER_LEN))
+            .map_err(|e| io("write header of", name, e))?;
+        let key = UnitKey::new(&dek, 0)?;
+        Ok(CryptFile {
+            file,
+            name: Mutex::new(name.to_string()),
+            layout: Layout { slots },
+            file_id,
+            dek,
+            key,
+            st: Mutex::new(State {
+                header,
+                header_slot: 0,
+                header_synced: false,
+                size: 0,
+                next_seq: 1,
+                units: HashMap::new(),
+                maps: HashMap::new(),
+                maps_written: 0,
+            }),
+        })
+    }
+
+    /// Opens an existing sealed file.
+    pub fn open(file: File, name: &str, root: &RootKey) -> Result<CryptFile, FsError> {
+        let mut best: Option<(FileHeader, Dek, u8)> = None;
+        let mut last_err: Option<FsError> = None;
+        for k in 0..2u8 {
+            let mut slot = vec![0u8; HEADER_SLOT_SIZE];
+            if file
+                .read_exact_at(&mut slot, k as u64 * HEADER_SLOT_SIZE as u64)
+                .is_err()
+            {
+                continue;
+            }
+            let u = match FileHeader::decode_unverified(&slot) {
+                Ok(Some(u)) => u,
+                Ok(None) => continue,
+                Err(e) => {
+                    last_err = Some(FsError::Crypto(e));
+                    continue;
+                }
+            };
+            let c = u.claims();
+            if c.kind != FileKind::FsFile {
+                last_err = Some(FsError::Header(format!("{name} is not an atrest-fs file")));
+                continue;
+            }
+            let dek = match root.file_dek(c.file_id, c.dek_id, &c.key_source) {
+                Ok(d) => d,
+                Err(e) => {
+                    last_err = Some(e);
+                    continue;
+                }
+            };
+            match u.verify(&dek) {
+                Ok(h) if best.as_ref().is_none_or(|b| h.sequence > b.0.sequence) => {
+                    best = Some((h, dek, k))
+                }
+                Ok(_) => {}
+                Err(e) => last_err = Some(FsError::Crypto(e)),
+            }
+        }
+        let Some((header, dek, header_slot)) = best else {
+            return Err(match last_err {
+                Some(FsError::ForeignFile) => FsError::Tampered {
+                    file: name.to_string(),
+                    what: "its header names another tree's root key (copied here from another server?)"
+                        .into(),
+                },
+                Some(e) => FsError::Tampered {
+                    file: name.to_string(),
+                    what: format!("no valid header ({e})"),
+                },
+                None => FsError::Tampered {
+                    file: name.to_string(),
+                    what: "no header".into(),
+                },
+            });
+        };
+        let fs = header
+            .fs
+            .ok_or_else(|| FsError::Header(format!("{name}: no fs layout")))?;
+        let layout = Layout { slots: fs.slots };
+        // Every seal counted so far is below the reservation; start above it.
+        let next_seq = header.seals_reserved.max(1);
+        let key = UnitKey::new(&dek, header.seals_reserved)?;
+        let physical = file.metadata().map_err(|e| io("stat", name, e))?.len();
+        let cf = CryptFile {
+            file,
+            name: Mutex::new(name.to_string()),
+            layout,
+            file_id: header.file_id,
+            dek,
+            key,
+            st: Mutex::new(State {
+                maps_written: fs.map_groups,
+                header,
+                header_slot,
+                header_synced: true,
+                size: 0,
+                next_seq,
+                units: HashMap::new(),
+                maps: HashMap::new(),
+            }),
+        };
+        let mut units = layout.units_in(physical);
+        if units < fs.durable_units {
+            return Err(FsError::Tampered {
+                file: name.to_string(),
+                what: format!(
+                    "it holds {units} units but {} were synced: it was cut short",
+                    fs.durable_units
+                ),
+            });
+        }
+        let mut st = cf.st.lock().unwrap();
+        let mut buf = vec![0u8; SLOT * 2];
+        while units > 0 {
+            let i = units - 1;
+            match cf.read_unit(&mut st, i, &mut buf, None) {
+                Ok(len) => {
+                    st.size = i * UNIT as u64 + len as u64;
+                    break;
+                }
+                // A unit no sync covered, cut by a crash while the file grew:
+                // the append never happened.
+                Err(_) if i >= fs.durable_units => {
+                    tracing::warn!(
+                        file = name,
+                        unit = i,
+                        "dropping a torn unit past the synced length"
+                    );
+                    units -= 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        buf.zeroize();
+        drop(st);
+        Ok(cf)
+    }
+
+    pub fn name(&self) -> String {
+        self.name.lock().unwrap().clone()
+    }
+
+    pub fn set_name(&self, name: &str) {
+        *self.name.lock().unwrap() = name.to_string();
+    }
+
+    /// The plaintext length.
+    pub fn size(&self) -> u64 {
+        self.st.lock().unwrap().size
+    }
+
+    pub fn slots(&self) -> u8 {
+        self.layout.slots
+    }
+
+    /// Seals counted under this file's DEK (for the usage limit).
+    pub fn sealed_count(&self) -> u64 {
+        self.key.sealed_count()
+    }
+
+    fn ctx(&self, class: u16, index: u64, seq: u64) -> SealContext {
+        SealContext {
+            file_id: self.file_id,
+            kind: FileKind::FsFile,
+            class,
+            index,
+            generation: seq,
+        }
+    }
+
+    fn tampered(&self, unit: u64, what: impl Into<String>) -> FsError {
+        let e = FsError::Tampered {
+            file: self.name(),
+            what: format!("unit {unit} {}", what.into()),
+        };
+        tracing::error!("{e}");
+        e
+    }
+
+    /// Opens the slot in `slot` (META + sealed) in place; returns its meta.
+    fn open_slot(&self, class: u16, index: u64, slot: &mut [u8]) -> Option<Meta> {
+        let m = meta_of(slot)?;
+        let sealed = &mut slot[META..META + m.len + SEAL_OVERHEAD];
+        self.key
+            .open(&self.ctx(class, index, m.seq), sealed)
+            .ok()
+            .map(|_| m)
+    }
+
+    /// The sequence the map requires of unit `i` (0 when none).
+    fn required_seq(&self, st: &mut State, i: u64) -> Result<u64, FsError> {
+        if self.layout.slots == 1 {
+            return Ok(0);
+        }
+        let g = i / GROUP_UNITS;
+        self.load_map(st, g)?;
+        Ok(st.maps[&g].seqs[(i % GROUP_UNITS) as usize])
+    }
+
+    fn load_map(&self, st: &mut State, g: u64) -> Result<(), FsError> {
+        if st.maps.contains_key(&g) {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; 2 * SLOT];
+        let off = self.layout.map_offset(g, 0);
+        let n = read_full_at(&self.file, &mut buf, off).map_err(|e| io("read", &self.name(), e))?;
+        let mut best: Option<(u64, u8, Vec<u64>)> = None;
+        for k in 0..2u8 {
+            let s = &mut buf[k as usize * SLOT..(k as usize + 1) * SLOT];
+            if n < (k as usize + 1) * SLOT {
+                continue;
+            }
+            if let Some(m) = self.open_slot(CLASS_MAP, g, s) {
+                if m.len == UNIT && best.as_ref().is_none_or(|b| m.seq > b.0) {
+                    let seqs = s[META..META + UNIT]
+                        .chunks_exact(8)
+                        .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+                        .collect();
+                    best = Some((m.seq, k, seqs));
+                }
+            }
+        }
+        let map = match best {
+            Some((_, k, seqs)) => {
+                st.maps_written = st.maps_written.max(g + 1);
+                GroupMap {
+                    seqs,
+                    slot: Some(k),
+                }
+            }
+            None if g < st.header.fs.unwrap().map_groups => {
+                return Err(self.tampered(
+                    g * GROUP_UNITS,
+                    format!("onwards: the sequence map of group {g} failed authentication"),
+                ))
+            }
+            None => GroupMap {
+                seqs: vec![0; GROUP_UNITS as usize],
+                slot: None,
+            },
+        };
+        st.maps.insert(g, map);
+        Ok(())
+    }
+
+    /// Reads and opens unit `i` into `buf[..SLOT*slots]`; the plaintext is
+    /// left at `buf[META..META+len]` of the chosen slot, copied to `out`
+    /// when given. Returns the unit's length.
+    fn read_unit(
+        &self,
+        st: &mut State,
+        i: u64,
+        buf: &mut [u8],
+        out: Option<&mut [u8]>,
+    ) -> Result<usize, FsError> {
+        let slots = self.layout.slots as usize;
+        let off = self.layout.slot_offset(i, 0);
+        let n = read_full_at(&self.file, &mut buf[..slots * SLOT], off)
+            .map_err(|e| io("read", &self.name(), e))?;
+        if n < SLOT {
+            return Err(self.tampered(i, "is missing (the file was cut short)"));
+        }
+        let required = self.required_seq(st, i)?;
+        // Newest first by the clear sequence; the seal decides.
+        let mut order: Vec<(u64, usize)> = (0..slots)
+            .filter(|k| n >= (k + 1) * SLOT)
+            .filter_map(|k| meta_of(&buf[k * SLOT..]).map(|m| (m.seq, k)))
+            .collect();
+        order.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, k) in order {
+            let s = &mut buf[k * SLOT..(k + 1) * SLOT];
+            if let Some(m) = self.open_slot(CLASS_DATA, i, s) {
+                if m.seq < required {
+                    return Err(self.tampered(
+                        i,
+                        format!(
+                            "is older than its last synced version (sequence {} < {required}): replayed or damaged",
+                            m.seq
+                        ),
+                    ));
+                }
+                if slots == 2 {
+                    st.units.entry(i).or_insert(UnitState {
+                        slot: k as u8,
+                        seq: m.seq,
+                        dirty: false,
+                    });
+                }
+                if let Some(out) = out {
+                    out[..m.len].copy_from_slice(&s[META..META + m.len]);
+                }
+                return Ok(m.len);
+            }
+        }
+        Err(self.tampered(i, "failed authentication"))
+    }
+
+    /// Reads up to `out.len()` bytes at `off`; returns how many (short at
+    /// the end of the file).
+    pub fn read_at(&self, off: u64, out: &mut [u8]) -> Result<usize, FsError> {
+        let mut st = self.st.lock().unwrap();
+        let size = st.size;
+        if off >= size {
+            return Ok(0);
+        }
+        let len = out.len().min((size - off) as usize);
+        let first = off / UNIT as u64;
+        let last = (off + len as u64 - 1) / UNIT as u64;
+        let mut buf = vec![0u8; SLOT * self.layout.slots as usize];
+        let mut plain = vec![0u8; UNIT];
+        let mut done = 0usize;
+        for i in first..=last {
+            let ulen = self.read_unit(&mut st, i, &mut buf, Some(&mut plain))?;
+            let expect = (size - i * UNIT as u64).min(UNIT as u64) as usize;
+            if ulen != expect {
+                return Err(self.tampered(
+                    i,
+                    format!("holds {ulen} bytes where the file's length needs {expect}"),
+                ));
+            }
+            let ustart = i * UNIT as u64;
+            let from = (off.max(ustart) - ustart) as usize;
+            let to = ((off + len as u64).min(ustart + UNIT as u64) - ustart) as usize;
+            out[done..done + (to - from)].copy_from_slice(&plain[from..to]);
+            done += to - from;
+        }
+        buf.zeroize();
+        plain.zeroize();
+        Ok(done)
+    }
+
+    fn take_seq(&self, st: &mut State) -> Result<u64, FsError> {
+        if st.next_seq >= st.header.seals_reserved {
+            st.header.seals_reserved = st.next_seq + RESERVE;
+            self.write_header(st)?;
+            self.file
+                .sync_data()
+                .map_err(|e| io("sync", &self.name(), e))?;
+            st.header_synced = true;
+        }
+        let s = st.next_seq;
+        st.next_seq += 1;
+        Ok(s)
+    }
+
+    /// Writes the header into the slot a crash cannot take the last synced
+    /// header from.
+    fn write_header(&self, st: &mut State) -> Result<(), FsError> {
+        let target = if st.header_synced {
+            1 - st.header_slot
+        } else {
+            st.header_slot
+        };
+        st.header.sequence += 1;
+        let slot = st.header.encode(&self.dek)?;
+        self.file
+            .write_all_at(&slot, target as u64 * HEADER_SLOT_SIZE as u64)
+            .map_err(|e| io("write header of", &self.name(), e))?;
+        st.header_slot = target;
+        st.header_synced = false;
+        Ok(())
+    }
+
+    /// Seals `plain` as a slot of `class`/`index` into `slot` (SLOT bytes).
+    fn seal_slot(
+        &self,
+        class: u16,
+        index: u64,
+        seq: u64,
+        plain: &[u8],
+        slot: &mut [u8],
+    ) -> Result<(), FsError> {
+        let len = plain.len();
+        slot[0..8].copy_from_slice(&seq.to_be_bytes());
+        slot[8..12].copy_from_slice(&(len as u32).to_be_bytes());
+        slot[12..16].fill(0);
+        slot[META..META + len].copy_from_slice(plain);
+        slot[META + len..].fill(0);
+        self.key.seal(
+            &self.ctx(class, index, seq),
+            &mut slot[META..META + len + SEAL_OVERHEAD],
+        )?;
+        Ok(())
+    }
+
+    /// The slot unit `i`'s next write goes to (two-slot files).
+    fn target_slot(&self, st: &mut State, i: u64) -> Result<u8, FsError> {
+        if let Some(u) = st.units.get(&i) {
+            return Ok(if u.dirty { u.slot } else { 1 - u.slot });
+        }
+        // Not seen by this process: the slot with the newer sequence holds
+        // the version to keep. (Only the clear metadata is read.)
+        let mut m = [0u8; META];
+        let mut best: Option<(u64, u8)> = None;
+        for k in 0..2u8 {
+            let n = read_full_at(&self.file, &mut m, self.layout.slot_offset(i, k))
+                .map_err(|e| io("read", &self.name(), e))?;
+            if n == META {
+                if let Some(meta) = meta_of(&m) {
+                    if best.is_none_or(|b| meta.seq > b.0) {
+                        best = Some((meta.seq, k));
+                    }
+                }
+            }
+        }
+        Ok(match best {
+            Some((_, k)) => 1 - k,
+            None => 0,
+        })
+    }
+
+    /// Writes `data` at `off`, growing the file (with zeros) as needed.
+    pub fn write_at(&self, off: u64, data: &[u8]) -> Result<(), FsError> {
+        let mut st = self.st.lock().unwrap();
+        self.write_locked(&mut st, off, data)
+    }
+
+    fn write_locked(&self, st: &mut State, off: u64, data: &[u8]) -> Result<(), FsError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let old_size = st.size;
+        let end = off + data.len() as u64;
+        let new_size = old_size.max(end);
+        // From the old end (zero fill) or the write's start, to its end.
+        let start = off.min(old_size);
+        let first = start / UNIT as u64;
+        let last = (end - 1) / UNIT as u64;
+        let slots = self.layout.slots;
+        let mut readbuf = vec![0u8; SLOT * slots as usize];
+        let mut plain = vec![0u8; UNIT];
+        // One-slot runs are written with one pwrite per contiguous batch.
+        let mut batch: Vec<u8> = Vec::new();
+        let mut batch_start: Option<u64> = None;
+        const BATCH_UNITS: u64 = 128;
+        for i in first..=last {
+            let ustart = i * UNIT as u64;
+            let ulen = (new_size - ustart).min(UNIT as u64) as usize;
+            let old_len = old_size.saturating_sub(ustart).min(UNIT as u64) as usize;
+            let w_from = (off.max(ustart) - ustart) as usize;
+            let w_to = (end.min(ustart + UNIT as u64) - ustart) as usize;
+            let w_to = w_to.max(w_from);
+            let covers_old = w_from == 0 && w_to >= old_len;
+            plain[..ulen].fill(0);
+            if old_len > 0 && !covers_old {
+                let got = self.read_unit(st, i, &mut readbuf, Some(&mut plain))?;
+                if got != old_len {
+                    return Err(self.tampered(
+                        i,
+                        format!("holds {got} bytes where the file's length needs {old_len}"),
+                    ));
+                }
+                plain[old_len..ulen].fill(0);
+            }
+            if w_to > w_from {
+                let src_from = (ustart + w_from as u64 - off) as usize;
+                plain[w_from..w_to].copy_from_slice(&data[src_from..src_from + (w_to - w_from)]);
+            }
+            let seq = self.take_seq(st)?;
+            if slots == 1 {
+                let at = batch.len();
+                batch.resize(at + SLOT, 0);
+                self.seal_slot(CLASS_DATA, i, seq, &plain[..ulen], &mut batch[at..])?;
+                batch_start.get_or_insert(i);
+                if (i - batch_start.unwrap() + 1) >= BATCH_UNITS || i == last {
+                    let o = self.layout.slot_offset(batch_start.unwrap(), 0);
+                    self.file
+                        .write_all_at(&batch, o)
+                        .map_err(|e| io("write", &self.name(), e))?;
+                    batch.clear();
+                    batch_start = None;
+                }
+            } else {
+                let k = self.target_slot(st, i)?;
+                let mut slot = vec![0u8; SLOT];
+                self.seal_slot(CLASS_DATA, i, seq, &plain[..ulen], &mut slot)?;
+                self.file
+                    .write_all_at(&slot, self.layout.slot_offset(i, k))
+                    .map_err(|e| io("write", &self.name(), e))?;
+                st.units.insert(
+                    i,
+                    UnitState {
+                        slot: k,
+                        seq,
+                        dirty: true,
+                    },
+                );
+            }
+            // Grow as units land, so a failure part-way leaves a consistent length.
+            st.size = st.size.max(ustart + ulen as u64);
+        }
+        plain.zeroize();
+        readbuf.zeroize();
+        batch.zeroize();
+        st.size = new_size;
+        Ok(())
+    }
+
+    /// Sets the plaintext length.
+    pub fn truncate(&self, new_size: u64) -> Result<(), FsError> {
+        let mut st = self.st.lock().unwrap();
+        let size = st.size;
+        if new_size > size {
+            // Zero fill, in bounded pieces.
+            let zeros = vec![0u8; 64 * UNIT];
+            let mut at = size;
+            while at < new_size {
+                let n = (new_size - at).min(zeros.len() as u64) as usize;
+                self.write_locked(&mut st, at, &zeros[..n])?;
+                at += n as u64;
+            }
+            return Ok(());
+        }
+        if new_size == size {
+            return Ok(());
+        }
+        let units = new_size.div_ceil(UNIT as u64);
+        let tail = (new_size % UNIT as u64) as usize;
+        if tail != 0 {
+            // The new last unit keeps its first `tail` bytes.
+            let i = units - 1;
+            let mut buf = vec![0u8; SLOT * self.layout.slots as usize];
+            let mut plain = vec![0u8; UNIT];
+            self.read_unit(&mut st, i, &mut buf, Some(&mut plain))?;
+            st.size = new_size; // so the rewrite is sized to `tail`
+            let keep = plain[..tail].to_vec();
+            st.size = i * UNIT as u64;
+            let r = self.write_locked(&mut st, i * UNIT as u64, &keep);
+            plain.zeroize();
+            buf.zeroize();
+            r?;
+        }
+        // Record the shorter synced length before cutting, so a crash in
+        // between never makes the cut look like damage.
+        let fs = *st.layout_fields();
+        if fs.durable_units > units {
+            st.layout_fields().durable_units = units;
+            self.write_header(&mut st)?;
+            self.file
+                .sync_data()
+                .map_err(|e| io("sync", &self.name(), e))?;
+            st.header_synced = true;
+        }
+        self.file
+            .set_len(self.layout.physical_len(units))
+            .map_err(|e| io("truncate", &self.name(), e))?;
+        st.units.retain(|&i, _| i < units);
+        st.size = new_size;
+        Ok(())
+    }
+
+    /// Makes everything written so far durable (fdatasync), then records
+    /// it: the units' sequences in the maps and the synced length in the
+    /// header. Those records become durable with the next sync.
+    pub fn sync(&self) -> Result<(), FsError> {
+        let (snapshot, units_now, maps_before) = {
+            let st = self.st.lock().unwrap();
+            let snap: Vec<(u64, u64)> = st
+                .units
+                .iter()
+                .filter(|(_, u)| u.dirty)
+                .map(|(&i, u)| (i, u.seq))
+                .collect();
+            (snap, st.size.div_ceil(UNIT as u64), st.maps_written)
+        };
+        self.file
+            .sync_data()
+            .map_err(|e| io("sync", &self.name(), e))?;
+        let mut st = self.st.lock().unwrap();
+        st.header_synced = true;
+        // Units whose newest version is now durable.
+        let mut groups: BTreeMap<u64, ()> = BTreeMap::new();
+        for (i, seq) in snapshot {
+            let Some(u) = st.units.get_mut(&i) else {
+                continue;
+            };
+            if u.seq == seq {
+                u.dirty = false;
+            }
+            let g = i / GROUP_UNITS;
+            self.load_map(&mut st, g)?;
+            let m = st.maps.get_mut(&g).unwrap();
+            let e = &mut m.seqs[(i % GROUP_UNITS) as usize];
+            if *e < seq {
+                *e = seq;
+                groups.insert(g, ());
+            }
+        }
+        for g in groups.into_keys() {
+            let seq = self.take_seq(&mut st)?;
+            let m = st.maps.get(&g).unwrap();
+            let target = m.slot.map_or(0, |k| 1 - k);
+            let mut plain = vec![0u8; UNIT];
+            for (c, s) in plain.chunks_exact_mut(8).zip(&m.seqs) {
+                c.copy_from_slice(&s.to_be_bytes());
+            }
+            let mut slot = vec![0u8; SLOT];
+            self.seal_slot(CLASS_MAP, g, seq, &plain, &mut slot)?;
+            self.file
+                .write_all_at(&slot, self.layout.map_offset(g, target))
+                .map_err(|e| io("write", &self.name(), e))?;
+            st.maps.get_mut(&g).unwrap().slot = Some(target);
+            st.maps_written = st.maps_written.max(g + 1);
+        }
+        let fs = *st.layout_fields();
+        let durable = units_now.min(st.size.div_ceil(UNIT as u64));
+        if fs.durable_units != durable || fs.map_groups < maps_before {
+            let f = st.layout_fields();
+            f.durable_units = durable;
+            f.map_groups = f.map_groups.max(maps_before);
+            self.write_header(&mut st)?;
+        }
+        Ok(())
+    }
+
+    /// Writes back the exact seal count (a clean close), so the next open
+    /// starts where this one ended rather than past its reservation.
+    pub fn close(&self) -> Result<(), FsError> {
+        self.sync()?;
+        let mut st = self.st.lock().unwrap();
+        if st.header.seals_reserved > st.next_seq {
+            st.header.seals_reserved = st.next_seq;
+            self.write_header(&mut st)?;
+            self.file
+                .sync_data()
+                .map_err(|e| io("sync", &self.name(), e))?;
+            st.header_synced = true;
+        }
+        Ok(())
+    }
+}
+
+/// `pread` until `buf` is full or the file ends; returns the bytes read.
+fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}

@@ -1,0 +1,1008 @@
+//! The FUSE filesystem: a plaintext view of a directory of sealed files.
+//!
+//! The ciphertext directory mirrors the plaintext tree: same names, same
+//! directories, same owners and modes; each regular file is sealed
+//! (`file.rs`). Inodes are numbered by this process; each known inode maps
+//! to a path under the ciphertext directory.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{DirEntryExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
+};
+
+use crate::file::CryptFile;
+use crate::keys::{RootKey, ROOT_FILE};
+use crate::FsError;
+
+const TTL: Duration = Duration::from_secs(1);
+
+/// How many slots a new file gets (see `file.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotPolicy {
+    /// Two slots for every file.
+    AllTwo,
+    /// PostgreSQL: one slot for relation data files (main, visibility map
+    /// and init forks under `base/`, `global/` and tablespaces), whose torn
+    /// pages PostgreSQL restores from full-page images; two for everything
+    /// else (WAL, pg_xact and the other SLRUs, pg_control, the free space
+    /// map, logs, ...).
+    Postgres,
+}
+
+impl SlotPolicy {
+    pub fn slots_for(self, rel: &Path) -> u8 {
+        match self {
+            SlotPolicy::AllTwo => 2,
+            SlotPolicy::Postgres => {
+                let top = rel.components().next().map(|c| c.as_os_str());
+                let in_data = matches!(
+                    top.and_then(OsStr::to_str),
+                    Some("base" | "global" | "pg_tblspc")
+                );
+                let name = rel.file_name().and_then(OsStr::to_str).unwrap_or("");
+                if in_data && is_relation_file(name) {
+                    1
+                } else {
+                    2
+                }
+            }
+        }
+    }
+}
+
+/// `1234`, `1234.5`, `1234_vm`, `1234_init.2` (not `_fsm`: the free space
+/// map is not WAL-logged, so it keeps two slots).
+fn is_relation_file(name: &str) -> bool {
+    let base = name.split_once('.').map_or(name, |(b, seg)| {
+        if !seg.is_empty() && seg.bytes().all(|c| c.is_ascii_digit()) {
+            b
+        } else {
+            "x"
+        }
+    });
+    let digits = base
+        .strip_suffix("_vm")
+        .or_else(|| base.strip_suffix("_init"))
+        .unwrap_or(base);
+    !digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit())
+}
+
+/// Mount settings.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    pub policy: SlotPolicy,
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// Let users other than the mounting one use the mount (the database
+    /// runs as an unprivileged user; the kernel still checks modes).
+    pub allow_other: bool,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            policy: SlotPolicy::Postgres,
+            threads: 2,
+            allow_other: true,
+        }
+    }
+}
+
+/// Counters for `/metrics` and the benchmark.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub fsyncs: AtomicU64,
+    pub auth_failures: AtomicU64,
+}
+
+struct Node {
+    /// Relative to the ciphertext directory; `None` once unlinked.
+    path: Option<PathBuf>,
+    lookups: u64,
+    file: Option<Arc<CryptFile>>,
+}
+
+#[derive(Default)]
+struct Inodes {
+    by_ino: HashMap<u64, Node>,
+    by_path: HashMap<PathBuf, u64>,
+    next: u64,
+}
+
+/// The filesystem. Shared by the FUSE worker threads.
+pub struct AtrestFs {
+    dir: PathBuf,
+    root: Arc<RootKey>,
+    policy: SlotPolicy,
+    inodes: Mutex<Inodes>,
+    handles: Mutex<HashMap<u64, (u64, Arc<CryptFile>)>>,
+    next_fh: AtomicU64,
+    stats: Arc<Stats>,
+}
+
+fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn ioerr(e: std::io::Error) -> Errno {
+    Errno::from(e)
+}
+
+fn systime(secs: i64, nsec: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH
+    }
+}
+
+impl AtrestFs {
+    pub fn new(dir: PathBuf, root: RootKey, policy: SlotPolicy) -> Self {
+        let mut inodes = Inodes {
+            next: 2,
+            ..Default::default()
+        };
+        inodes.by_ino.insert(
+            1,
+            Node {
+                path: Some(PathBuf::new()),
+                lookups: 1,
+                file: None,
+            },
+        );
+        inodes.by_path.insert(PathBuf::new(), 1);
+        AtrestFs {
+            dir,
+            root: Arc::new(root),
+            policy,
+            inodes: Mutex::new(inodes),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            stats: Arc::new(Stats::default()),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
+    }
+
+    fn real(&self, rel: &Path) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    fn path_of(&self, ino: INodeNo) -> Result<PathBuf, Errno> {
+        let inodes = self.inodes.lock().unwrap();
+        inodes
+            .by_ino
+            .get(&ino.0)
+            .and_then(|n| n.path.clone())
+            .ok_or(Errno::ENOENT)
+    }
+
+    fn child(&self, parent: INodeNo, name: &OsStr) -> Result<PathBuf, Errno> {
+        let p = self.path_of(parent)?;
+        if p.as_os_str().is_empty() && name == ROOT_FILE {
+            return Err(Errno::EACCES);
+        }
+        Ok(p.join(name))
+    }
+
+    /// The inode for `rel`, counting one lookup.
+    fn remember(&self, rel: &Path, file: Option<Arc<CryptFile>>) -> u64 {
+        let mut inodes = self.inodes.lock().unwrap();
+        if let Some(&ino) = inodes.by_path.get(rel) {
+            let n = inodes.by_ino.get_mut(&ino).unwrap();
+            n.lookups += 1;
+            if n.file.is_none() {
+                n.file = file;
+            }
+            return ino;
+        }
+        let ino = inodes.next;
+        inodes.next += 1;
+        inodes.by_ino.insert(
+            ino,
+            Node {
+                path: Some(rel.to_path_buf()),
+                lookups: 1,
+                file,
+            },
+        );
+        inodes.by_path.insert(rel.to_path_buf(), ino);
+        ino
+    }
+
+    /// The sealed file behind `ino`, opened on first use.
+    fn crypt(&self, ino: u64) -> Result<Arc<CryptFile>, Errno> {
+        let rel = {
+            let inodes = self.inodes.lock().unwrap();
+            let n = inodes.by_ino.get(&ino).ok_or(Errno::ENOENT)?;
+            if let Some(f) = &n.file {
+                return Ok(Arc::clone(f));
+            }
+            n.path.clone().ok_or(Errno::ENOENT)?
+        };
+        let f = Arc::new(self.open_crypt(&rel)?);
+        let mut inodes = self.inodes.lock().unwrap();
+        let n = inodes.by_ino.get_mut(&ino).ok_or(Errno::ENOENT)?;
+        Ok(Arc::clone(n.file.get_or_insert(f)))
+    }
+
+    fn open_crypt(&self, rel: &Path) -> Result<CryptFile, Errno> {
+        let real = self.real(rel);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&real)
+            .map_err(ioerr)?;
+        CryptFile::open(file, &rel.display().to_string(), &self.root).map_err(|e| {
+            self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("{e}");
+            errno(&e)
+        })
+    }
+
+    fn attr(&self, ino: u64, rel: &Path, file: Option<&CryptFile>) -> Result<FileAttr, Errno> {
+        let md = std::fs::symlink_metadata(self.real(rel)).map_err(ioerr)?;
+        let ft = md.file_type();
+        let kind = if ft.is_dir() {
+            FileType::Directory
+        } else if ft.is_symlink() {
+            FileType::Symlink
+        } else if ft.is_file() {
+            FileType::RegularFile
+        } else {
+            return Err(Errno::EPERM);
+        };
+        let size = match (kind, file) {
+            (FileType::RegularFile, Some(f)) => f.size(),
+            (FileType::RegularFile, None) => self.crypt(ino)?.size(),
+            _ => md.size(),
+        };
+        Ok(FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: systime(md.atime(), md.atime_nsec()),
+            mtime: systime(md.mtime(), md.mtime_nsec()),
+            ctime: systime(md.ctime(), md.ctime_nsec()),
+            crtime: UNIX_EPOCH,
+            kind,
+            perm: (md.mode() & 0o7777) as u16,
+            nlink: if kind == FileType::Directory { 2 } else { 1 },
+            uid: md.uid(),
+            gid: md.gid(),
+            rdev: 0,
+            blksize: crate::layout::UNIT as u32,
+            flags: 0,
+        })
+    }
+
+    fn entry(&self, rel: &Path, file: Option<Arc<CryptFile>>) -> Result<(u64, FileAttr), Errno> {
+        let md = std::fs::symlink_metadata(self.real(rel)).map_err(ioerr)?;
+        let file = match file {
+            Some(f) => Some(f),
+            None if md.file_type().is_file() => Some(Arc::new(self.open_crypt(rel)?)),
+            None => None,
+        };
+        let ino = self.remember(rel, file);
+        let f = self.crypt_if_file(ino);
+        match self.attr(ino, rel, f.as_deref()) {
+            Ok(a) => Ok((ino, a)),
+            Err(e) => {
+                self.forget_n(ino, 1);
+                Err(e)
+            }
+        }
+    }
+
+    fn crypt_if_file(&self, ino: u64) -> Option<Arc<CryptFile>> {
+        let inodes = self.inodes.lock().unwrap();
+        inodes.by_ino.get(&ino).and_then(|n| n.file.clone())
+    }
+
+    fn forget_n(&self, ino: u64, n: u64) {
+        if ino == 1 {
+            return;
+        }
+        let dropped = {
+            let mut inodes = self.inodes.lock().unwrap();
+            let Some(node) = inodes.by_ino.get_mut(&ino) else {
+                return;
+            };
+            node.lookups = node.lookups.saturating_sub(n);
+            if node.lookups > 0 {
+                return;
+            }
+            let node = inodes.by_ino.remove(&ino).unwrap();
+            if let Some(p) = &node.path {
+                if inodes.by_path.get(p) == Some(&ino) {
+                    inodes.by_path.remove(p);
+                }
+            }
+            node.file
+        };
+        if let Some(f) = dropped {
+            self.close_if_last(f);
+        }
+    }
+
+    /// Writes back a file's state when no inode or handle holds it.
+    fn close_if_last(&self, f: Arc<CryptFile>) {
+        if Arc::strong_count(&f) == 1 {
+            if let Err(e) = f.close() {
+                tracing::warn!("closing {}: {e}", f.name());
+            }
+        }
+    }
+
+    fn chown_new(&self, real: &Path, req: &Request) -> Result<(), Errno> {
+        std::os::unix::fs::lchown(real, Some(req.uid()), Some(req.gid())).map_err(ioerr)
+    }
+
+    fn new_handle(&self, ino: u64, f: Arc<CryptFile>) -> FileHandle {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(fh, (ino, f));
+        FileHandle(fh)
+    }
+
+    fn handle(&self, fh: FileHandle) -> Result<Arc<CryptFile>, Errno> {
+        self.handles
+            .lock()
+            .unwrap()
+            .get(&fh.0)
+            .map(|(_, f)| Arc::clone(f))
+            .ok_or(Errno::EBADF)
+    }
+
+    /// Moves the paths of `from` and everything below it to `to`.
+    fn repath(&self, from: &Path, to: &Path) {
+        let mut inodes = self.inodes.lock().unwrap();
+        if let Some(old) = inodes.by_path.remove(to) {
+            if let Some(n) = inodes.by_ino.get_mut(&old) {
+                n.path = None;
+            }
+        }
+        let moved: Vec<(PathBuf, u64)> = inodes
+            .by_path
+            .iter()
+            .filter(|(p, _)| p.starts_with(from))
+            .map(|(p, &i)| (p.clone(), i))
+            .collect();
+        for (p, ino) in moved {
+            inodes.by_path.remove(&p);
+            let np = to.join(p.strip_prefix(from).unwrap());
+            if let Some(n) = inodes.by_ino.get_mut(&ino) {
+                if let Some(f) = &n.file {
+                    f.set_name(&np.display().to_string());
+                }
+                n.path = Some(np.clone());
+            }
+            inodes.by_path.insert(np, ino);
+        }
+    }
+
+    fn unlinked(&self, rel: &Path) {
+        let mut inodes = self.inodes.lock().unwrap();
+        if let Some(ino) = inodes.by_path.remove(rel) {
+            if let Some(n) = inodes.by_ino.get_mut(&ino) {
+                n.path = None;
+            }
+        }
+    }
+
+    fn create_file(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> Result<(u64, FileAttr, Arc<CryptFile>), Errno> {
+        let rel = self.child(parent, name)?;
+        let real = self.real(&rel);
+        let excl = flags & libc_o_excl() != 0;
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&real)
+        {
+            Ok(file) => {
+                let slots = self.policy.slots_for(&rel);
+                let cf = CryptFile::create(file, &rel.display().to_string(), &self.root, slots)
+                    .map_err(|e| errno(&e))?;
+                // The header must be on disk before the name is.
+                self.chown_new(&real, req)?;
+                std::fs::set_permissions(
+                    &real,
+                    std::fs::Permissions::from_mode(mode & !umask & 0o7777),
+                )
+                .map_err(ioerr)?;
+                let cf = Arc::new(cf);
+                let (ino, attr) = self.entry(&rel, Some(Arc::clone(&cf)))?;
+                Ok((ino, attr, cf))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && !excl => {
+                let (ino, _) = self.entry(&rel, None)?;
+                let cf = self.crypt(ino)?;
+                if flags & libc_o_trunc() != 0 {
+                    cf.truncate(0).map_err(|e| errno(&e))?;
+                }
+                let attr = self.attr(ino, &rel, Some(&cf))?;
+                Ok((ino, attr, cf))
+            }
+            Err(e) => Err(ioerr(e)),
+        }
+    }
+}
+
+fn libc_o_excl() -> i32 {
+    rustix::fs::OFlags::EXCL.bits() as i32
+}
+fn libc_o_trunc() -> i32 {
+    rustix::fs::OFlags::TRUNC.bits() as i32
+}
+
+fn to_timestamp(t: Option<TimeOrNow>) -> rustix::fs::Timespec {
+    match t {
+        None => rustix::fs::Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        },
+        Some(TimeOrNow::Now) => rustix::fs::Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_NOW,
+        },
+        Some(TimeOrNow::SpecificTime(t)) => {
+            let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+            rustix::fs::Timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: d.subsec_nanos() as _,
+            }
+        }
+    }
+}
+
+impl Filesystem for AtrestFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        let files: Vec<Arc<CryptFile>> = {
+            let mut inodes = self.inodes.lock().unwrap();
+            let v = inodes
+                .by_ino
+                .values_mut()
+                .filter_map(|n| n.file.take())
+                .collect();
+            inodes.by_ino.clear();
+            inodes.by_path.clear();
+            v
+        };
+        self.handles.lock().unwrap().clear();
+        for f in files {
+            self.close_if_last(f);
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self
+            .child(parent, name)
+            .and_then(|rel| self.entry(&rel, None))
+        {
+            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.forget_n(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let r = self.path_of(ino).and_then(|rel| {
+            let f = match fh {
+                Some(fh) => self.handle(fh).ok(),
+                None => self.crypt_if_file(ino.0),
+            };
+            self.attr(ino.0, &rel, f.as_deref())
+        });
+        match r {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let r = (|| {
+            let rel = self.path_of(ino)?;
+            let real = self.real(&rel);
+            if let Some(m) = mode {
+                std::fs::set_permissions(&real, std::fs::Permissions::from_mode(m & 0o7777))
+                    .map_err(ioerr)?;
+            }
+            if uid.is_some() || gid.is_some() {
+                std::os::unix::fs::lchown(&real, uid, gid).map_err(ioerr)?;
+            }
+            if let Some(s) = size {
+                let f = match fh {
+                    Some(fh) => self.handle(fh)?,
+                    None => self.crypt(ino.0)?,
+                };
+                f.truncate(s).map_err(|e| errno(&e))?;
+            }
+            if atime.is_some() || mtime.is_some() {
+                let ts = rustix::fs::Timestamps {
+                    last_access: to_timestamp(atime),
+                    last_modification: to_timestamp(mtime),
+                };
+                rustix::fs::utimensat(
+                    rustix::fs::CWD,
+                    &real,
+                    &ts,
+                    rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            }
+            let f = self.crypt_if_file(ino.0);
+            self.attr(ino.0, &rel, f.as_deref())
+        })();
+        match r {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self
+            .path_of(ino)
+            .and_then(|rel| std::fs::read_link(self.real(&rel)).map_err(ioerr))
+        {
+            Ok(t) => reply.data(t.as_os_str().as_encoded_bytes()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        if mode & 0o170000 != 0o100000 {
+            return reply.error(Errno::EPERM);
+        }
+        match self.create_file(req, parent, name, mode, umask, libc_o_excl()) {
+            Ok((_, attr, _)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = (|| {
+            let rel = self.child(parent, name)?;
+            let real = self.real(&rel);
+            std::fs::create_dir(&real).map_err(ioerr)?;
+            self.chown_new(&real, req)?;
+            std::fs::set_permissions(
+                &real,
+                std::fs::Permissions::from_mode(mode & !umask & 0o7777),
+            )
+            .map_err(ioerr)?;
+            self.entry(&rel, None)
+        })();
+        match r {
+            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.child(parent, name).and_then(|rel| {
+            std::fs::remove_file(self.real(&rel)).map_err(ioerr)?;
+            self.unlinked(&rel);
+            Ok(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.child(parent, name).and_then(|rel| {
+            std::fs::remove_dir(self.real(&rel)).map_err(ioerr)?;
+            self.unlinked(&rel);
+            Ok(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = (|| {
+            let rel = self.child(parent, link_name)?;
+            let real = self.real(&rel);
+            std::os::unix::fs::symlink(target, &real).map_err(ioerr)?;
+            self.chown_new(&real, req)?;
+            self.entry(&rel, None)
+        })();
+        match r {
+            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let r = (|| {
+            let from = self.child(parent, name)?;
+            let to = self.child(newparent, newname)?;
+            let rflags = rustix::fs::RenameFlags::from_bits_truncate(flags.bits());
+            if rflags.contains(rustix::fs::RenameFlags::EXCHANGE) {
+                return Err(Errno::EINVAL);
+            }
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &self.real(&from),
+                rustix::fs::CWD,
+                &self.real(&to),
+                rflags,
+            )
+            .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            self.repath(&from, &to);
+            Ok(())
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let r = self.crypt(ino.0).and_then(|f| {
+            if flags.0 & libc_o_trunc() != 0 {
+                f.truncate(0).map_err(|e| errno(&e))?;
+            }
+            Ok(self.new_handle(ino.0, f))
+        });
+        match r {
+            Ok(fh) => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self.create_file(req, parent, name, mode, umask, flags) {
+            Ok((ino, attr, f)) => {
+                let fh = self.new_handle(ino, f);
+                reply.created(&TTL, &attr, Generation(0), fh, FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        let r = self.handle(fh).and_then(|f| {
+            let mut buf = vec![0u8; size as usize];
+            let n = f.read_at(offset, &mut buf).map_err(|e| {
+                self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                errno(&e)
+            })?;
+            buf.truncate(n);
+            Ok(zeroize::Zeroizing::new(buf))
+        });
+        match r {
+            Ok(buf) => reply.data(&buf),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        match self
+            .handle(fh)
+            .and_then(|f| f.write_at(offset, data).map_err(|e| errno(&e)))
+        {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let f = self.handles.lock().unwrap().remove(&fh.0);
+        if let Some((_, f)) = f {
+            self.close_if_last(f);
+        }
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        match self
+            .handle(fh)
+            .and_then(|f| f.sync().map_err(|e| errno(&e)))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let r = (|| {
+            let rel = self.path_of(ino)?;
+            let mut entries: Vec<(u64, FileType, std::ffi::OsString)> = vec![
+                (ino.0, FileType::Directory, ".".into()),
+                (1, FileType::Directory, "..".into()),
+            ];
+            let mut names = vec![];
+            for e in std::fs::read_dir(self.real(&rel)).map_err(ioerr)? {
+                let e = e.map_err(ioerr)?;
+                let name = e.file_name();
+                if rel.as_os_str().is_empty() && name == ROOT_FILE {
+                    continue;
+                }
+                let ft = e.file_type().map_err(ioerr)?;
+                let kind = if ft.is_dir() {
+                    FileType::Directory
+                } else if ft.is_symlink() {
+                    FileType::Symlink
+                } else {
+                    FileType::RegularFile
+                };
+                names.push((e.ino(), kind, name));
+            }
+            names.sort_by(|a, b| a.2.cmp(&b.2));
+            entries.extend(names);
+            Ok(entries)
+        })();
+        match r {
+            Ok(entries) => {
+                for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize)
+                {
+                    if reply.add(INodeNo(ino.max(1)), (i + 1) as u64, kind, name) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.path_of(ino).and_then(|rel| {
+            File::open(self.real(&rel))
+                .and_then(|d| d.sync_all())
+                .map_err(ioerr)
+        }) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match rustix::fs::statvfs(&self.dir) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                255,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(Errno::from_i32(e.raw_os_error())),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // default_permissions: the kernel has checked the mode bits.
+        reply.ok();
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        const KEEP_SIZE: i32 = 1;
+        let r = self.handle(fh).and_then(|f| {
+            if mode & !KEEP_SIZE != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            let end = offset + length;
+            if mode & KEEP_SIZE == 0 && end > f.size() {
+                f.truncate(end).map_err(|e| errno(&e))?;
+            }
+            Ok(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+/// Mounts the tree in `cipher_dir` at `mountpoint`; the filesystem runs
+/// on background threads until the returned session is dropped (which
+/// unmounts, writes back every file's state and zeroizes the keys).
+pub fn mount(
+    cipher_dir: &Path,
+    mountpoint: &Path,
+    root: RootKey,
+    opts: &MountOptions,
+) -> Result<(fuser::BackgroundSession, Arc<Stats>), FsError> {
+    if !Path::new("/dev/fuse").exists() {
+        return Err(FsError::Mount(
+            "/dev/fuse is missing: load the fuse module (modprobe fuse) or, in a container, \
+             pass the device through (--device /dev/fuse)"
+                .into(),
+        ));
+    }
+    let fs = AtrestFs::new(cipher_dir.to_path_buf(), root, opts.policy);
+    let stats = fs.stats();
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName("atrest-fs".into()),
+        fuser::MountOption::Subtype("atrest".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+    ];
+    if opts.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = opts.threads > 1;
+    let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(|e| {
+        FsError::Mount(format!(
+            "mounting {} failed: {e} (atrest-fs mounts as root, or needs fusermount3 from the fuse3 package)",
+            mountpoint.display()
+        ))
+    })?;
+    Ok((session, stats))
+}

@@ -1,0 +1,75 @@
+//! atrest-fs: an encrypting filesystem in user space (FUSE) for database
+//! servers that cannot be changed to encrypt their own pages (PostgreSQL,
+//! MariaDB).
+//!
+//! A mount shows the plaintext view of a directory of sealed files. Every
+//! file there has the authenticated header the SQLite engine's files have
+//! (file id, DEK id, the wrapped DEK, the KEK reference) and its content
+//! in units of 8 KiB sealed with AES-256-GCM from aws-lc-rs, bound to the
+//! file id, unit index, DEK id, length and a per-file sequence number.
+//! Names, sizes, times and the tree's shape are not hidden.
+//!
+//! What it is not: a general-purpose filesystem. Hard links, special
+//! files and extended attributes are refused; one process owns a tree.
+//! It needs no `unsafe`: the FUSE protocol is `fuser`'s safe API.
+
+#![forbid(unsafe_code)]
+
+pub mod file;
+pub mod fs;
+pub mod keys;
+pub mod layout;
+
+pub use file::CryptFile;
+pub use fs::{mount, AtrestFs, MountOptions, SlotPolicy, Stats};
+pub use keys::{RootKey, ROOT_FILE};
+
+use thiserror::Error;
+
+/// Why a filesystem operation failed. Messages name the file and unit.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum FsError {
+    /// A unit or header that does not authenticate, or a file cut short.
+    #[error("{file}: {what}; the file was changed outside atrest (restore it from a backup)")]
+    Tampered { file: String, what: String },
+    /// An OS-level failure on the ciphertext file.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Crypto(#[from] atrest_crypto::CryptoError),
+    /// The KEK could not unwrap (or wrap) the tree's root key.
+    #[error("the tree's root key: {0}")]
+    Key(atrest_crypto::ProtectorError),
+    #[error("invalid header: {0}")]
+    Header(String),
+    /// A file wrapped by another tree's root key.
+    #[error("the file belongs to another atrest-fs tree")]
+    ForeignFile,
+    #[error("{0} is not an atrest-fs ciphertext directory (no {ROOT_FILE}); create the server with atrest")]
+    NotATree(String),
+    #[error("mount failed: {0}")]
+    Mount(String),
+}
+
+impl FsError {
+    pub(crate) fn io(what: String, source: std::io::Error) -> Self {
+        FsError::Io { what, source }
+    }
+
+    /// The errno a FUSE reply carries for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::Io { source, .. } => source.raw_os_error().unwrap_or(libc_eio()),
+            _ => libc_eio(),
+        }
+    }
+}
+
+fn libc_eio() -> i32 {
+    rustix::io::Errno::IO.raw_os_error()
+}

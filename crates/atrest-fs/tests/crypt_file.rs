@@ -1,0 +1,269 @@
+//! The sealed file on its own (no FUSE): reads and writes against a model,
+//! tampering, replay, torn writes.
+
+mod common;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use atrest_fs::layout::{Layout, GROUP_UNITS, HEADER_LEN, META, SLOT, UNIT};
+use atrest_fs::{CryptFile, FsError, RootKey};
+use common::{bytes, new_tree};
+
+fn rw(p: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)
+        .unwrap()
+}
+
+fn read_all(f: &CryptFile) -> Result<Vec<u8>, FsError> {
+    let mut v = vec![0u8; f.size() as usize];
+    let n = f.read_at(0, &mut v)?;
+    v.truncate(n);
+    Ok(v)
+}
+
+fn flip(p: &Path, off: u64) {
+    let f = rw(p);
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, off).unwrap();
+    b[0] ^= 0x10;
+    f.write_all_at(&b, off).unwrap();
+}
+
+#[test]
+fn random_reads_and_writes_match_a_model_in_both_layouts() {
+    let t = tempfile::tempdir().unwrap();
+    let (_p, root) = new_tree(&t.path().join("ks"), t.path());
+    for slots in [1u8, 2] {
+        let path = t.path().join(format!("f{slots}"));
+        let f = CryptFile::create(rw(&path), "f", &root, slots).unwrap();
+        let mut model: Vec<u8> = vec![];
+        for step in 0..300u64 {
+            let r = bytes(step * 7 + slots as u64, 16);
+            let kind = r[0] % 10;
+            let off =
+                (u64::from_le_bytes(r[1..9].try_into().unwrap()) % (6 * UNIT as u64)) as usize;
+            let len =
+                (u32::from_le_bytes(r[9..13].try_into().unwrap()) % (3 * UNIT as u32)) as usize;
+            match kind {
+                0..=5 => {
+                    let d = bytes(step + 1000, len);
+                    f.write_at(off as u64, &d).unwrap();
+                    if model.len() < off + len {
+                        model.resize(off + len, 0);
+                    }
+                    model[off..off + len].copy_from_slice(&d);
+                }
+                6 => {
+                    f.truncate(off as u64).unwrap();
+                    model.resize(off, 0);
+                }
+                7 => f.sync().unwrap(),
+                _ => {
+                    let mut buf = vec![0u8; len];
+                    let n = f.read_at(off as u64, &mut buf).unwrap();
+                    let want = model.get(off..(off + len).min(model.len())).unwrap_or(&[]);
+                    assert_eq!(&buf[..n], want, "step {step}");
+                }
+            }
+            assert_eq!(f.size(), model.len() as u64);
+        }
+        f.close().unwrap();
+        drop(f);
+        let f = CryptFile::open(rw(&path), "f", &root).unwrap();
+        assert_eq!(read_all(&f).unwrap(), model, "{slots} slots after reopen");
+        // Nothing of the plaintext is in the ciphertext.
+        let raw = std::fs::read(&path).unwrap();
+        let probe = &model[model.len() / 2..model.len() / 2 + 32];
+        assert!(!raw.windows(32).any(|w| w == probe));
+    }
+}
+
+#[test]
+fn a_flipped_bit_swapped_units_or_a_unit_from_another_file_fail_with_the_unit_named() {
+    let t = tempfile::tempdir().unwrap();
+    let (_p, root) = new_tree(&t.path().join("ks"), t.path());
+    for slots in [1u8, 2] {
+        let a = t.path().join(format!("a{slots}"));
+        let b = t.path().join(format!("b{slots}"));
+        for p in [&a, &b] {
+            let f = CryptFile::create(rw(p), "x", &root, slots).unwrap();
+            f.write_at(0, &bytes(1, 4 * UNIT)).unwrap();
+            f.sync().unwrap();
+            f.write_at(0, &bytes(2, 4 * UNIT)).unwrap(); // second slot in use too
+            f.close().unwrap();
+        }
+        let l = Layout { slots };
+        let open_unit1 = |p: &Path| {
+            let f = CryptFile::open(rw(p), "x", &root)?;
+            let mut buf = vec![0u8; UNIT];
+            f.read_at(UNIT as u64, &mut buf).map(|_| buf)
+        };
+        let good = open_unit1(&a).unwrap();
+        assert_eq!(good, bytes(2, 4 * UNIT)[UNIT..2 * UNIT]);
+        let save = std::fs::read(&a).unwrap();
+        // Every slot of unit 1 flipped in turn (the newest one at least).
+        for k in 0..slots {
+            flip(&a, l.slot_offset(1, k) + META as u64 + 100);
+        }
+        let e = open_unit1(&a).unwrap_err().to_string();
+        assert!(e.contains("unit 1"), "{e}");
+        // Two units swapped.
+        std::fs::write(&a, &save).unwrap();
+        let raw = save.clone();
+        let mut sw = raw.clone();
+        let (o1, o2) = (l.slot_offset(1, 0) as usize, l.slot_offset(2, 0) as usize);
+        let span = SLOT * slots as usize;
+        sw[o1..o1 + span].copy_from_slice(&raw[o2..o2 + span]);
+        sw[o2..o2 + span].copy_from_slice(&raw[o1..o1 + span]);
+        std::fs::write(&a, &sw).unwrap();
+        let e = open_unit1(&a).unwrap_err().to_string();
+        assert!(e.contains("unit 1"), "{e}");
+        // A unit copied from another file of the same tree.
+        let other = std::fs::read(&b).unwrap();
+        let mut cp = raw.clone();
+        cp[o1..o1 + span].copy_from_slice(&other[o1..o1 + span]);
+        std::fs::write(&a, &cp).unwrap();
+        let e = open_unit1(&a).unwrap_err().to_string();
+        assert!(
+            e.contains("unit 1") && e.contains("failed authentication"),
+            "{e}"
+        );
+        std::fs::write(&a, &save).unwrap();
+        assert_eq!(open_unit1(&a).unwrap(), good);
+    }
+}
+
+#[test]
+fn a_torn_rewrite_of_a_two_slot_unit_keeps_the_last_synced_version() {
+    // PostgreSQL rewrites the last, partly filled WAL page at every commit.
+    let t = tempfile::tempdir().unwrap();
+    let (_p, root) = new_tree(&t.path().join("ks"), t.path());
+    let path = t.path().join("wal");
+    let f = CryptFile::create(rw(&path), "wal", &root, 2).unwrap();
+    let v1 = bytes(1, UNIT);
+    f.write_at(0, &v1).unwrap();
+    f.sync().unwrap(); // v1 durable
+    let v2 = bytes(2, UNIT);
+    f.write_at(0, &v2).unwrap(); // not synced
+    drop(f);
+    let l = Layout { slots: 2 };
+    // The unsynced write went to the other slot; tear it.
+    let raw = File::open(&path).unwrap();
+    let mut m = [0u8; 16];
+    let mut seqs = vec![];
+    for k in 0..2 {
+        raw.read_exact_at(&mut m, l.slot_offset(0, k)).unwrap();
+        seqs.push(u64::from_be_bytes(m[..8].try_into().unwrap()));
+    }
+    let newer = if seqs[0] > seqs[1] { 0 } else { 1 };
+    flip(&path, l.slot_offset(0, newer) + SLOT as u64 - 40);
+    let f = CryptFile::open(rw(&path), "wal", &root).unwrap();
+    assert_eq!(
+        read_all(&f).unwrap(),
+        v1,
+        "the synced version survives a torn rewrite"
+    );
+}
+
+#[test]
+fn a_damaged_or_replayed_newest_version_below_the_last_sync_is_an_error_not_the_older_one() {
+    let t = tempfile::tempdir().unwrap();
+    let (_p, root) = new_tree(&t.path().join("ks"), t.path());
+    let path = t.path().join("wal");
+    let f = CryptFile::create(rw(&path), "wal", &root, 2).unwrap();
+    f.write_at(0, &bytes(1, UNIT)).unwrap();
+    f.sync().unwrap();
+    let old = std::fs::read(&path).unwrap();
+    f.write_at(0, &bytes(2, UNIT)).unwrap();
+    f.sync().unwrap(); // v2 durable; its sequence goes to the map
+    f.sync().unwrap(); // and the map is durable
+    f.close().unwrap();
+    drop(f);
+    let l = Layout { slots: 2 };
+    let now = std::fs::read(&path).unwrap();
+    // Damage the newest slot: the older slot is valid but must not be served.
+    let newest = (0..2)
+        .max_by_key(|&k| {
+            let o = l.slot_offset(0, k) as usize;
+            u64::from_be_bytes(now[o..o + 8].try_into().unwrap())
+        })
+        .unwrap();
+    flip(&path, l.slot_offset(0, newest) + META as u64 + 7);
+    let f = CryptFile::open(rw(&path), "wal", &root);
+    let e = match f {
+        Err(e) => e.to_string(),
+        Ok(f) => read_all(&f).unwrap_err().to_string(),
+    };
+    assert!(e.contains("unit 0"), "{e}");
+    // Replay: the whole unit (both slots) put back as it was after v1.
+    std::fs::write(&path, &now).unwrap();
+    let mut replay = now.clone();
+    let o = l.slot_offset(0, 0) as usize;
+    // After v1 only the first slot existed.
+    replay[o..o + SLOT].copy_from_slice(&old[o..o + SLOT]);
+    replay[o + SLOT..o + 2 * SLOT].fill(0);
+    std::fs::write(&path, &replay).unwrap();
+    let e = match CryptFile::open(rw(&path), "wal", &root) {
+        Err(e) => e.to_string(),
+        Ok(f) => read_all(&f).unwrap_err().to_string(),
+    };
+    assert!(e.contains("older than its last synced version"), "{e}");
+}
+
+#[test]
+fn a_torn_append_past_the_synced_length_is_dropped_but_a_cut_below_it_is_reported() {
+    let t = tempfile::tempdir().unwrap();
+    let (_p, root) = new_tree(&t.path().join("ks"), t.path());
+    for slots in [1u8, 2] {
+        let path = t.path().join(format!("log{slots}"));
+        let f = CryptFile::create(rw(&path), "log", &root, slots).unwrap();
+        f.write_at(0, &bytes(1, 3 * UNIT)).unwrap();
+        f.sync().unwrap();
+        f.sync().unwrap();
+        f.write_at(3 * UNIT as u64, &bytes(2, UNIT)).unwrap(); // unsynced append
+        drop(f);
+        let l = Layout { slots };
+        flip(&path, l.slot_offset(3, 0) + 200);
+        let f = CryptFile::open(rw(&path), "log", &root).unwrap();
+        assert_eq!(read_all(&f).unwrap(), bytes(1, 3 * UNIT));
+        drop(f);
+        // Cut below the synced length.
+        rw(&path).set_len(l.slot_offset(1, 0) + 10).unwrap();
+        let e = CryptFile::open(rw(&path), "log", &root)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cut short"), "{e}");
+    }
+}
+
+#[test]
+fn a_file_of_another_tree_or_with_the_wrong_key_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let d1 = t.path().join("t1");
+    let d2 = t.path().join("t2");
+    std::fs::create_dir_all(&d1).unwrap();
+    std::fs::create_dir_all(&d2).unwrap();
+    let (p1, root1) = new_tree(&t.path().join("ks1"), &d1);
+    let (_p2, root2) = new_tree(&t.path().join("ks2"), &d2);
+    let path = d1.join("f");
+    let f = CryptFile::create(rw(&path), "f", &root1, 2).unwrap();
+    f.write_at(0, b"hello").unwrap();
+    f.close().unwrap();
+    drop(f);
+    let e = CryptFile::open(rw(&path), "f", &root2)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("another tree"), "{e}");
+    // The root opens again with its own key only.
+    assert!(RootKey::open(&d1, &p1).is_ok());
+    let err = RootKey::open(&d2, &p1).unwrap_err().to_string();
+    assert!(err.contains("root key"), "{err}");
+    let _ = (HEADER_LEN, GROUP_UNITS);
+}
