@@ -384,7 +384,12 @@ impl AtrestFs {
             .collect();
         for (p, ino) in moved {
             inodes.by_path.remove(&p);
-            let np = to.join(p.strip_prefix(from).unwrap());
+            let rest = p.strip_prefix(from).unwrap();
+            let np = if rest.as_os_str().is_empty() {
+                to.to_path_buf()
+            } else {
+                to.join(rest)
+            };
             if let Some(n) = inodes.by_ino.get_mut(&ino) {
                 if let Some(f) = &n.file {
                     f.set_name(&np.display().to_string());
@@ -709,9 +714,9 @@ impl Filesystem for AtrestFs {
             }
             rustix::fs::renameat_with(
                 rustix::fs::CWD,
-                &self.real(&from),
+                self.real(&from),
                 rustix::fs::CWD,
-                &self.real(&to),
+                self.real(&to),
                 rflags,
             )
             .map_err(|e| Errno::from_i32(e.raw_os_error()))?;

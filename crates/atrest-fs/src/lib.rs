@@ -73,3 +73,35 @@ impl FsError {
 fn libc_eio() -> i32 {
     rustix::io::Errno::IO.raw_os_error()
 }
+
+/// Moves this process into its own mount namespace whose mounts do not
+/// propagate to the host's, so a mount made afterwards (and the plaintext
+/// view it shows) is seen only by this process and the children it starts.
+///
+/// Call it while the process has one thread: a namespace change applies to
+/// the calling thread only.
+pub fn private_mount_namespace() -> Result<(), FsError> {
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(1);
+    if threads != 1 {
+        return Err(FsError::Mount(format!(
+            "a private mount namespace must be entered before threads start ({threads} running)"
+        )));
+    }
+    // `unshare_unsafe` is the new name of this call; it is unsafe because
+    // of the flags that split the file-descriptor table or the fs context
+    // between threads. With one thread and only CLONE_NEWNS neither
+    // matters, so the safe (deprecated) spelling is used.
+    #[allow(deprecated)]
+    rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNS).map_err(|e| {
+        FsError::Mount(format!(
+            "entering a private mount namespace failed: {e} (atrest runs the postgres engine as root)"
+        ))
+    })?;
+    rustix::mount::mount_change(
+        "/",
+        rustix::mount::MountPropagationFlags::PRIVATE | rustix::mount::MountPropagationFlags::REC,
+    )
+    .map_err(|e| FsError::Mount(format!("making the mount namespace private failed: {e}")))
+}

@@ -971,6 +971,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, String> {
         default_listen: opts.listen.clone().or(Some(src.default_listen.clone())),
         infrastructure_encryption: src.encryption.infrastructure_encryption,
         infra_keystore_dir: src.encryption.infra_keystore_dir.clone(),
+        engine: Default::default(),
+        postgres: None,
     })
     .map_err(|e| e.to_string())?;
     let dir = opts

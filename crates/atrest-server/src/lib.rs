@@ -27,6 +27,7 @@ pub mod infer;
 pub mod keys;
 pub mod listener;
 pub mod metrics;
+pub mod postgres;
 pub mod replication;
 pub mod resource;
 pub mod rotation;

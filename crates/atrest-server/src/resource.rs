@@ -61,6 +61,8 @@ pub enum ResourceError {
     Keystore(#[from] atrest_keystore::KeystoreError),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Postgres(#[from] crate::postgres::PostgresError),
 }
 
 fn io(path: &Path, source: std::io::Error) -> ResourceError {
@@ -194,11 +196,36 @@ pub struct TlsConfig {
     pub ca: Option<PathBuf>,
 }
 
+/// The database engine beneath a server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// atrest's own encrypted SQLite engine behind the PostgreSQL protocol.
+    #[default]
+    Sqlite,
+    /// Real PostgreSQL on an atrest-fs mount (`crate::postgres`).
+    Postgres,
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EngineKind::Sqlite => "sqlite",
+            EngineKind::Postgres => "postgres",
+        })
+    }
+}
+
 /// `server.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServerConfig {
     pub format: u32,
     pub name: String,
+    #[serde(default)]
+    pub engine: EngineKind,
+    /// The postgres engine's binaries and OS user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<crate::postgres::PostgresConfig>,
     pub server_id: String,
     pub created: String,
     pub identity: IdentityInfo,
@@ -394,6 +421,10 @@ pub struct CreateOptions {
     /// The infrastructure layer's keystore (default: next to the service
     /// keystore, never the same directory).
     pub infra_keystore_dir: Option<PathBuf>,
+    pub engine: EngineKind,
+    /// The postgres engine: its binaries and OS user (found by
+    /// [`crate::postgres::PostgresConfig::find`]).
+    pub postgres: Option<crate::postgres::PostgresConfig>,
 }
 
 /// What create made.
@@ -576,27 +607,46 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
     } else {
         None
     };
-    let data_dir = dir.join(DATA_SUBDIR);
-    let engine = Engine::open(&EngineOptions {
-        data_dir: data_dir.clone(),
-        keystore_dir: Some(keystore_dir.clone()),
-        infrastructure_encryption: Some(opts.infrastructure_encryption),
-        infra_keystore_dir: infra_keystore_dir.clone(),
-    })?;
-    let service_key = engine
-        .info()
-        .map(|i| i.service_key.clone())
-        .ok_or_else(|| ResourceError::Invalid("the engine recorded no service key".into()))?;
-    {
-        let conn = engine.connect(DEFAULT_DATABASE)?;
-        conn.pragma_update(None, "journal_mode", "wal")
-            .map_err(atrest_storage::StorageError::from_sqlite)?;
-    }
-    drop(engine);
+    let service_key = match opts.engine {
+        EngineKind::Sqlite => {
+            let data_dir = dir.join(DATA_SUBDIR);
+            let engine = Engine::open(&EngineOptions {
+                data_dir: data_dir.clone(),
+                keystore_dir: Some(keystore_dir.clone()),
+                infrastructure_encryption: Some(opts.infrastructure_encryption),
+                infra_keystore_dir: infra_keystore_dir.clone(),
+            })?;
+            let service_key = engine
+                .info()
+                .map(|i| i.service_key.clone())
+                .ok_or_else(|| {
+                    ResourceError::Invalid("the engine recorded no service key".into())
+                })?;
+            {
+                let conn = engine.connect(DEFAULT_DATABASE)?;
+                conn.pragma_update(None, "journal_mode", "wal")
+                    .map_err(atrest_storage::StorageError::from_sqlite)?;
+            }
+            drop(engine);
+            service_key
+        }
+        EngineKind::Postgres => {
+            if opts.infrastructure_encryption {
+                return Err(ResourceError::Invalid(
+                    "--infrastructure-encryption is not available for the postgres engine yet"
+                        .into(),
+                ));
+            }
+            let ks = Keystore::open(&keystore_dir)?;
+            ks.create_service_key()?.kek_ref().key_id
+        }
+    };
 
     let config = ServerConfig {
         format: 1,
         name: opts.name.clone(),
+        engine: opts.engine,
+        postgres: opts.postgres.clone(),
         server_id: uuid(),
         created: now_rfc3339(),
         identity: IdentityInfo {
@@ -631,6 +681,9 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
         &serde_json::to_vec_pretty(&config).expect("serializable"),
         0o644,
     )?;
+    if opts.engine == EngineKind::Postgres {
+        crate::postgres::initialize(dir, &config, &opts.admin_user, &password)?;
+    }
     set_state(dir, State::Stopped, "created", None)?;
     Ok(Created {
         config,

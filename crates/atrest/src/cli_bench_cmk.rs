@@ -80,6 +80,8 @@ pub(crate) fn setup_with(tmp_parent: &Path, name: &str, infra: bool) -> Result<E
         default_listen: Some("127.0.0.1:0".into()),
         infrastructure_encryption: infra,
         infra_keystore_dir: infra.then(|| tmp.path().join("infra-keystore")),
+        engine: Default::default(),
+        postgres: None,
         ..Default::default()
     })?;
     let config = resource::load_config(&dir)?;

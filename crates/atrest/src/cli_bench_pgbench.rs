@@ -173,6 +173,8 @@ pub(crate) fn prepare(root: &Path, side: Side, accounts: u64) -> Result<(PathBuf
         default_listen: Some("127.0.0.1:0".into()),
         infrastructure_encryption: side == Side::S2,
         infra_keystore_dir: (side == Side::S2).then(|| base.join("infra-keystore")),
+        engine: Default::default(),
+        postgres: None,
         ..Default::default()
     })?;
     let config = resource::load_config(&dir)?;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use atrest_server::listener::{self, StartOptions};
-use atrest_server::resource::{self, CreateOptions, Limits, PlaintextPolicy};
+use atrest_server::resource::{self, CreateOptions, EngineKind, Limits, PlaintextPolicy};
 use clap::{Args, Subcommand, ValueEnum};
 
 #[derive(Args)]
@@ -65,6 +65,17 @@ enum ServerCommand {
         /// or next to the service keystore).
         #[arg(long, env = "ATREST_INFRA_KEYSTORE")]
         infra_keystore: Option<PathBuf>,
+        /// The database engine: `sqlite` (atrest's own, embedded) or
+        /// `postgres` (Debian's PostgreSQL on an encrypting filesystem).
+        #[arg(long, value_enum, default_value = "sqlite")]
+        engine: EngineArg,
+        /// The postgres engine's binaries (default: the newest
+        /// /usr/lib/postgresql/N/bin).
+        #[arg(long)]
+        postgres_bin: Option<PathBuf>,
+        /// The unprivileged OS user PostgreSQL runs as.
+        #[arg(long, default_value = "postgres")]
+        os_user: String,
     },
     /// Serve a server until SIGTERM or SIGINT.
     Start {
@@ -371,6 +382,108 @@ fn run_role(cmd: RoleCommand) -> Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EngineArg {
+    Sqlite,
+    Postgres,
+}
+
+/// `server start` for the postgres engine: a private mount namespace, the
+/// mount and PostgreSQL under one lifecycle (state.json, activity log).
+fn start_postgres(
+    data: &std::path::Path,
+    listen: Option<String>,
+    config: &resource::ServerConfig,
+) -> Result<std::process::ExitCode> {
+    use atrest_server::postgres;
+    use std::time::Duration;
+    // Before any thread starts: the namespace is per thread.
+    atrest_fs::private_mount_namespace()?;
+    let data = data.canonicalize()?;
+    let _lock = resource::lock(&data)?;
+    let listen = listen.unwrap_or_else(|| config.default_listen.clone());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    for sig in [15, 2] {
+        signal_flag(sig, &stop)?;
+    }
+    resource::set_state(&data, resource::State::Starting, "start requested", None)?;
+    let mut running = match postgres::start(&data, &listen, Duration::from_secs(120)) {
+        Ok(r) => r,
+        Err(e) => {
+            resource::set_state(
+                &data,
+                resource::State::Stopped,
+                &format!("start failed: {e}"),
+                None,
+            )?;
+            return Err(e.into());
+        }
+    };
+    let endpoints = resource::Endpoints {
+        pid: Some(std::process::id()),
+        listen: Some(listen.clone()),
+        metrics: None,
+    };
+    resource::set_state(
+        &data,
+        resource::State::Ready,
+        "PostgreSQL accepts connections",
+        Some(&endpoints),
+    )?;
+    eprintln!(
+        "atrest server {} (postgres engine) listening on {listen}",
+        config.name
+    );
+    let reason = loop {
+        match stop.load(std::sync::atomic::Ordering::SeqCst) {
+            15 => break "shutdown (SIGTERM)".to_string(),
+            2 => break "shutdown (SIGINT)".to_string(),
+            _ => {}
+        }
+        if let Some(status) = running.exited() {
+            // PostgreSQL died (killed, or a PANIC): start it again; its
+            // crash recovery replays the WAL.
+            resource::log_activity(
+                &data,
+                &serde_json::json!({"time": resource::now_rfc3339(), "event": "postgres_exited", "status": status.to_string()}),
+            )?;
+            eprintln!(
+                "atrest server {}: PostgreSQL exited ({status}); restarting it",
+                config.name
+            );
+            running.stop(Duration::from_secs(10))?;
+            running = postgres::start(&data, &listen, Duration::from_secs(300))?;
+            continue;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("atrest server {}: {reason}, shutting down", config.name);
+    resource::set_state(&data, resource::State::Stopping, &reason, Some(&endpoints))?;
+    running.stop(Duration::from_secs(60))?;
+    resource::set_state(&data, resource::State::Stopped, &reason, None)?;
+    eprintln!("atrest server {}: stopped", config.name);
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Records `sig` in `flag` when it arrives (no handler code runs in the
+/// signal context beyond the store).
+fn signal_flag(sig: i32, flag: &std::sync::Arc<std::sync::atomic::AtomicU32>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let flag = std::sync::Arc::clone(flag);
+    let mut s = rt.block_on(async {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(sig))
+    })?;
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            s.recv().await;
+        });
+        flag.store(sig as u32, std::sync::atomic::Ordering::SeqCst);
+    });
+    Ok(())
+}
+
 pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
     match args.command {
         ServerCommand::Create {
@@ -387,7 +500,22 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             max_connections,
             infrastructure_encryption,
             infra_keystore,
+            engine,
+            postgres_bin,
+            os_user,
         } => {
+            let (engine, postgres) = match engine {
+                EngineArg::Sqlite => (EngineKind::Sqlite, None),
+                EngineArg::Postgres => {
+                    let pg = atrest_server::postgres::PostgresConfig::find(
+                        postgres_bin.as_deref(),
+                        &os_user,
+                    )?;
+                    // initdb runs on a mount seen by this process only.
+                    atrest_fs::private_mount_namespace()?;
+                    (EngineKind::Postgres, Some(pg))
+                }
+            };
             let admin_password = match admin_password_file {
                 Some(p) => {
                     let text = std::fs::read_to_string(&p).with_context(|| {
@@ -420,9 +548,14 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                 default_listen: Some(listen),
                 infrastructure_encryption,
                 infra_keystore_dir: infra_keystore,
+                engine,
+                postgres,
             })?;
             let c = &created.config;
-            println!("created server {} ({})", c.name, c.server_id);
+            println!(
+                "created server {} ({}, engine {})",
+                c.name, c.server_id, c.engine
+            );
             println!(
                 "  encryption: {} ({})",
                 c.encryption.scenario, c.encryption.service_key
@@ -460,6 +593,9 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             max_message_bytes,
         } => {
             let config = resource::load_config(&data)?;
+            if config.engine == EngineKind::Postgres {
+                return start_postgres(&data, listen, &config);
+            }
             let mut limits = config.limits.clone();
             if let Some(v) = max_connections {
                 limits.max_connections = v;

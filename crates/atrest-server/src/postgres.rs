@@ -1,0 +1,545 @@
+//! The postgres engine: Debian's PostgreSQL running on an atrest-fs mount,
+//! so every file it writes (data, WAL, pg_xact, temp files, the server
+//! log) is sealed below the engine, as Azure does in its storage layer.
+//!
+//! ```text
+//! DIR/pgfs/     the ciphertext tree (atrest-fs): .atrest-fs-root, pgdata/...
+//! DIR/mnt/      its mount point; the plaintext view exists only in the
+//!               server process's private mount namespace and its children
+//! DIR/run/      PostgreSQL's Unix socket (sockets cannot live on the mount)
+//! ```
+//!
+//! PostgreSQL runs as an unprivileged OS user (default `postgres`), with
+//! data checksums, TLS from the server's certificate and SCRAM-SHA-256.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::resource::{self, PlaintextPolicy, ServerConfig};
+
+pub const CIPHER_SUBDIR: &str = "pgfs";
+pub const MOUNT_SUBDIR: &str = "mnt";
+pub const RUN_SUBDIR: &str = "run";
+/// PostgreSQL's data directory, inside the mount.
+pub const PGDATA: &str = "pgdata";
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum PostgresError {
+    #[error("PostgreSQL is not installed: no {0} (install the Debian package `postgresql`, or give --postgres-bin DIR)")]
+    NotInstalled(String),
+    #[error("the OS user {0:?} does not exist: PostgreSQL refuses to run as root, so atrest runs it as this user (install the `postgresql` package, which creates `postgres`, or `useradd --system {0}`)")]
+    NoUser(String),
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+    #[error("{listen} is in use: another process listens there (choose another with --listen)")]
+    PortInUse { listen: String },
+    #[error(transparent)]
+    Fs(#[from] atrest_fs::FsError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid listen address {0:?}: use HOST:PORT")]
+    Listen(String),
+}
+
+fn io(path: &Path, source: std::io::Error) -> PostgresError {
+    PostgresError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where PostgreSQL is and who runs it (in `server.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PostgresConfig {
+    pub bin_dir: PathBuf,
+    pub os_user: String,
+}
+
+impl PostgresConfig {
+    /// `explicit`, or the newest `/usr/lib/postgresql/N/bin`.
+    pub fn find(explicit: Option<&Path>, os_user: &str) -> Result<Self, PostgresError> {
+        let bin_dir = match explicit {
+            Some(d) => d.to_path_buf(),
+            None => {
+                let base = Path::new("/usr/lib/postgresql");
+                let mut versions: Vec<(u32, PathBuf)> = fs::read_dir(base)
+                    .map_err(|_| PostgresError::NotInstalled(base.display().to_string()))?
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+                        Some((v, e.path().join("bin")))
+                    })
+                    .filter(|(_, p)| p.join("postgres").exists())
+                    .collect();
+                versions.sort();
+                versions.pop().map(|(_, p)| p).ok_or_else(|| {
+                    PostgresError::NotInstalled(format!("{}/N/bin/postgres", base.display()))
+                })?
+            }
+        };
+        for tool in ["postgres", "initdb"] {
+            if !bin_dir.join(tool).exists() {
+                return Err(PostgresError::NotInstalled(
+                    bin_dir.join(tool).display().to_string(),
+                ));
+            }
+        }
+        os_ids(os_user)?;
+        Ok(PostgresConfig {
+            bin_dir,
+            os_user: os_user.to_string(),
+        })
+    }
+}
+
+/// The uid and gid of `user`, from /etc/passwd.
+fn os_ids(user: &str) -> Result<(u32, u32), PostgresError> {
+    let text = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 4 && f[0] == user)
+                .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
+        })
+        .next()
+        .ok_or_else(|| PostgresError::NoUser(user.to_string()))
+}
+
+fn pg_of(config: &ServerConfig) -> Result<&PostgresConfig, PostgresError> {
+    config
+        .postgres
+        .as_ref()
+        .ok_or_else(|| PostgresError::Command {
+            what: "reading server.json".into(),
+            detail: "a postgres-engine server without its `postgres` section".into(),
+        })
+}
+
+fn service_root(
+    config: &ServerConfig,
+) -> Result<Box<dyn atrest_crypto::KeyProtector>, crate::resource::ResourceError> {
+    let ks = atrest_keystore::Keystore::open(&config.encryption.keystore_dir)?;
+    let id = config
+        .encryption
+        .service_key
+        .strip_prefix("service:")
+        .and_then(atrest_keystore::ServiceKeyId::parse)
+        .ok_or_else(|| {
+            crate::resource::ResourceError::Invalid("server.json names no service key".into())
+        })?;
+    Ok(Box::new(ks.service_protector(id)?))
+}
+
+fn mkdir_owned(path: &Path, uid: u32, gid: u32) -> Result<(), PostgresError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| io(path, e))?;
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| io(path, e))
+}
+
+fn write_owned(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    uid: u32,
+    gid: u32,
+) -> Result<(), PostgresError> {
+    fs::write(path, bytes).map_err(|e| io(path, e))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| io(path, e))?;
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| io(path, e))
+}
+
+fn mount(dir: &Path) -> Result<fuser::BackgroundSession, crate::resource::ResourceError> {
+    let config = resource::load_config(dir)?;
+    let protector = service_root(&config)?;
+    let cipher = dir.join(CIPHER_SUBDIR);
+    let root = atrest_fs::RootKey::open(&cipher, protector.as_ref()).map_err(PostgresError::Fs)?;
+    let (session, _stats) = atrest_fs::mount(
+        &cipher,
+        &dir.join(MOUNT_SUBDIR),
+        root,
+        &atrest_fs::MountOptions::default(),
+    )
+    .map_err(PostgresError::Fs)?;
+    Ok(session)
+}
+
+/// Runs `cmd` as the PostgreSQL OS user; its output becomes the error.
+fn run_as(
+    pg: &PostgresConfig,
+    mut cmd: Command,
+    what: &str,
+    tmp: &Path,
+) -> Result<(), PostgresError> {
+    let (uid, gid) = os_ids(&pg.os_user)?;
+    let out = cmd
+        .uid(uid)
+        .gid(gid)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("TMPDIR", tmp)
+        .env("LANG", "C.UTF-8")
+        .current_dir(tmp)
+        .output()
+        .map_err(|e| PostgresError::Command {
+            what: what.into(),
+            detail: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(PostgresError::Command {
+            what: what.into(),
+            detail: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The settings every side of a comparison uses: sized for this machine as
+/// an operator would, checksums on (initdb), durable.
+pub fn tuned_settings() -> String {
+    let mem_mb = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(4096);
+    let shared = (mem_mb / 4).clamp(128, 8192);
+    let cache = (mem_mb * 3 / 4).max(256);
+    format!(
+        "# Written by atrest at create. The same settings serve every side of\n\
+         # `atrest bench postgres`.\n\
+         shared_buffers = {shared}MB\n\
+         effective_cache_size = {cache}MB\n\
+         maintenance_work_mem = 256MB\n\
+         wal_buffers = 16MB\n\
+         max_wal_size = 4GB\n\
+         min_wal_size = 256MB\n\
+         checkpoint_completion_target = 0.9\n\
+         wal_level = replica\n\
+         full_page_writes = on\n\
+         fsync = on\n\
+         synchronous_commit = on\n\
+         password_encryption = 'scram-sha-256'\n\
+         logging_collector = on\n\
+         log_directory = 'log'\n\
+         log_filename = 'postgresql-%Y-%m-%d.log'\n\
+         dynamic_shared_memory_type = posix\n"
+    )
+}
+
+/// Makes the PostgreSQL cluster of a new server: the ciphertext tree and
+/// its root key, then initdb inside the mount (checksums, SCRAM admin),
+/// TLS and client authentication. Runs in a private mount namespace
+/// (the caller entered it).
+pub fn initialize(
+    dir: &Path,
+    config: &ServerConfig,
+    admin_user: &str,
+    password: &str,
+) -> Result<(), crate::resource::ResourceError> {
+    let pg = pg_of(config)?;
+    let (uid, gid) = os_ids(&pg.os_user)?;
+    // The OS user must reach the mount point through every ancestor.
+    for a in dir.ancestors().skip(1) {
+        if let Ok(md) = fs::metadata(a) {
+            use std::os::unix::fs::MetadataExt;
+            let m = md.mode();
+            let can = m & 0o001 != 0
+                || (md.uid() == uid && m & 0o100 != 0)
+                || (md.gid() == gid && m & 0o010 != 0);
+            if !can {
+                return Err(PostgresError::Command {
+                    what: "checking the server directory".into(),
+                    detail: format!(
+                        "the OS user {} cannot reach {} because {} is not searchable by it; \
+                         allow it with `chmod o+x {}` or create the server elsewhere",
+                        pg.os_user,
+                        dir.display(),
+                        a.display(),
+                        a.display()
+                    ),
+                }
+                .into());
+            }
+        }
+    }
+    let cipher = dir.join(CIPHER_SUBDIR);
+    let mnt = dir.join(MOUNT_SUBDIR);
+    let run = dir.join(RUN_SUBDIR);
+    for d in [&cipher, &mnt, &run] {
+        mkdir_owned(d, uid, gid)?;
+    }
+    // The server directory is 0700 root: let the OS user reach the mount
+    // point and the socket directory through it, and nothing else.
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o711)).map_err(|e| PostgresError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    let protector = service_root(config)?;
+    atrest_fs::RootKey::create(&cipher, protector.as_ref()).map_err(PostgresError::Fs)?;
+    let session = mount(dir)?;
+    let result = (|| {
+        let tmp = mnt.join("tmp");
+        mkdir_owned(&tmp, uid, gid)?;
+        let pw = tmp.join("initdb-password");
+        write_owned(&pw, format!("{password}\n").as_bytes(), 0o600, uid, gid)?;
+        let pgdata = mnt.join(PGDATA);
+        let mut cmd = Command::new(pg.bin_dir.join("initdb"));
+        cmd.arg("-D")
+            .arg(&pgdata)
+            .arg("--data-checksums")
+            .arg("-U")
+            .arg(admin_user)
+            .arg(format!("--pwfile={}", pw.display()))
+            .arg("--auth-host=scram-sha-256")
+            .arg("--auth-local=scram-sha-256")
+            .arg("--encoding=UTF8")
+            .arg("--locale=C.UTF-8");
+        let r = run_as(pg, cmd, "initdb", &tmp);
+        let _ = fs::remove_file(&pw);
+        r?;
+        // TLS from the server's certificate.
+        let cert = fs::read(resource::resolve(dir, &config.tls.cert))
+            .map_err(|e| io(&config.tls.cert, e))?;
+        let key = zeroize::Zeroizing::new(
+            fs::read(resource::resolve(dir, &config.tls.key))
+                .map_err(|e| io(&config.tls.key, e))?,
+        );
+        write_owned(&pgdata.join("server.crt"), &cert, 0o644, uid, gid)?;
+        write_owned(&pgdata.join("server.key"), &key, 0o600, uid, gid)?;
+        let mut conf = tuned_settings();
+        conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        conf.push_str(&format!(
+            "max_connections = {}\n",
+            config.limits.max_connections.max(10)
+        ));
+        write_owned(
+            &pgdata.join("atrest.conf"),
+            conf.as_bytes(),
+            0o600,
+            uid,
+            gid,
+        )?;
+        let main_conf = pgdata.join("postgresql.conf");
+        let mut text = fs::read_to_string(&main_conf).map_err(|e| io(&main_conf, e))?;
+        text.push_str("\ninclude 'atrest.conf'\n");
+        write_owned(&main_conf, text.as_bytes(), 0o600, uid, gid)?;
+        let mut hba = String::from(
+            "# Written by atrest: TLS and SCRAM-SHA-256 for every remote client.\n\
+             local all all scram-sha-256\n\
+             hostssl all all 0.0.0.0/0 scram-sha-256\n\
+             hostssl all all ::/0 scram-sha-256\n",
+        );
+        match config.allow_plaintext {
+            PlaintextPolicy::Never => {}
+            PlaintextPolicy::Loopback => hba.push_str(
+                "hostnossl all all 127.0.0.1/32 scram-sha-256\nhostnossl all all ::1/128 scram-sha-256\n",
+            ),
+            PlaintextPolicy::Always => hba.push_str(
+                "hostnossl all all 0.0.0.0/0 scram-sha-256\nhostnossl all all ::/0 scram-sha-256\n",
+            ),
+        }
+        write_owned(&pgdata.join("pg_hba.conf"), hba.as_bytes(), 0o600, uid, gid)?;
+        Ok::<(), PostgresError>(())
+    })();
+    drop(session);
+    result.map_err(Into::into)
+}
+
+/// The running PostgreSQL of a started server.
+pub struct Running {
+    child: Child,
+    session: Option<fuser::BackgroundSession>,
+    pub listen: String,
+}
+
+impl Running {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `Some(status)` once PostgreSQL has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Fast shutdown (SIGINT: open transactions roll back, a checkpoint is
+    /// written), then the unmount, which writes back every file's state
+    /// and zeroizes the keys.
+    pub fn stop(mut self, limit: Duration) -> Result<(), PostgresError> {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32);
+        if self.exited().is_none() {
+            if let Some(pid) = pid {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+            }
+            let deadline = Instant::now() + limit;
+            while self.exited().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if self.exited().is_none() {
+                if let Some(pid) = pid {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::QUIT);
+                }
+                let _ = self.child.wait();
+            }
+        }
+        if let Some(s) = self.session.take() {
+            s.umount_and_join().map_err(|e| PostgresError::Command {
+                what: "unmounting".into(),
+                detail: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn split_listen(listen: &str) -> Result<(String, u16), PostgresError> {
+    let (host, port) = listen
+        .rsplit_once(':')
+        .ok_or_else(|| PostgresError::Listen(listen.into()))?;
+    let port = port
+        .parse()
+        .map_err(|_| PostgresError::Listen(listen.into()))?;
+    Ok((host.trim_matches(['[', ']']).to_string(), port))
+}
+
+/// A postmaster left running by an earlier process of this server (the
+/// filesystem process was killed): it holds the port and must go first.
+fn stop_stale_postmaster(pgdata: &Path, pg: &PostgresConfig) {
+    let Ok(text) = fs::read_to_string(pgdata.join("postmaster.pid")) else {
+        return;
+    };
+    let Some(pid) = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
+    if exe.as_deref() != Some(&pg.bin_dir.join("postgres")) {
+        return;
+    }
+    tracing::warn!(
+        pid,
+        "stopping a PostgreSQL left running by an earlier server process"
+    );
+    if let Some(p) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Mounts the tree and starts PostgreSQL; returns once it accepts
+/// connections. The caller is in a private mount namespace.
+pub fn start(
+    dir: &Path,
+    listen: &str,
+    limit: Duration,
+) -> Result<Running, crate::resource::ResourceError> {
+    let config = resource::load_config(dir)?;
+    let pg = pg_of(&config)?.clone();
+    let (uid, gid) = os_ids(&pg.os_user)?;
+    let (host, port) = split_listen(listen)?;
+    if std::net::TcpListener::bind(listen).is_err() {
+        return Err(PostgresError::PortInUse {
+            listen: listen.into(),
+        }
+        .into());
+    }
+    let session = mount(dir)?;
+    let mnt = dir.join(MOUNT_SUBDIR);
+    let pgdata = mnt.join(PGDATA);
+    stop_stale_postmaster(&pgdata, &pg);
+    let _ = fs::remove_file(pgdata.join("postmaster.pid"));
+    let run = dir.join(RUN_SUBDIR);
+    mkdir_owned(&run, uid, gid)?;
+    let tmp = mnt.join("tmp");
+    mkdir_owned(&tmp, uid, gid)?;
+    let mut cmd = Command::new(pg.bin_dir.join("postgres"));
+    cmd.arg("-D")
+        .arg(&pgdata)
+        .arg("-c")
+        .arg(format!("listen_addresses={host}"))
+        .arg("-c")
+        .arg(format!("port={port}"))
+        .arg("-c")
+        .arg(format!("unix_socket_directories={}", run.display()))
+        .uid(uid)
+        .gid(gid)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("TMPDIR", &tmp)
+        .env("LANG", "C.UTF-8")
+        .current_dir(&tmp)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().map_err(|e| PostgresError::Command {
+        what: "starting postgres".into(),
+        detail: e.to_string(),
+    })?;
+    let mut running = Running {
+        child,
+        session: Some(session),
+        listen: listen.to_string(),
+    };
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = running.exited() {
+            let mut err = String::new();
+            if let Some(mut e) = running.child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            let _ = running.stop(Duration::from_secs(1));
+            return Err(PostgresError::Command {
+                what: "starting postgres".into(),
+                detail: format!("it exited ({status}): {}", err.trim()),
+            }
+            .into());
+        }
+        let ready = fs::read_to_string(pgdata.join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().nth(7).map(|l| l.trim() == "ready"))
+            .unwrap_or(false);
+        if ready {
+            return Ok(running);
+        }
+        if Instant::now() > deadline {
+            let _ = running.stop(Duration::from_secs(5));
+            return Err(PostgresError::Command {
+                what: "starting postgres".into(),
+                detail: format!(
+                    "not ready after {limit:?} (its log is in the encrypted tree: pgdata/log)"
+                ),
+            }
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,311 @@
+//! The postgres engine with real processes: Debian's PostgreSQL on an
+//! atrest-fs mount, driven by psql, pgbench and pg_dump.
+
+mod server_common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use server_common::{atrest, atrest_ok, contains, files_under, tool, TestServer};
+
+/// A postgres-engine server in a directory the `postgres` OS user can reach.
+struct PgServer {
+    _tmp: tempfile::TempDir,
+    s: TestServer,
+    password: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl PgServer {
+    fn create(name: &str) -> PgServer {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let dir = tmp.path().join("server");
+        let keystore = tmp.path().join("keystore");
+        let port = free_port();
+        let out = atrest_ok(&[
+            "server",
+            "create",
+            "--engine",
+            "postgres",
+            "--name",
+            name,
+            "--data",
+            dir.to_str().unwrap(),
+            "--keystore",
+            keystore.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ]);
+        assert!(out.contains("engine postgres"), "{out}");
+        let password = std::fs::read_to_string(dir.join("initial-admin-password"))
+            .unwrap()
+            .trim()
+            .to_string();
+        PgServer {
+            _tmp: tmp,
+            s: TestServer::existing(dir, keystore),
+            password,
+        }
+    }
+
+    fn conninfo(&self, db: &str) -> String {
+        format!(
+            "host=localhost port={} user=atrest dbname={db} sslmode=verify-full sslrootcert={}",
+            self.s.port,
+            self.s.ca().display()
+        )
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> String {
+        let out = Command::new(tool(program))
+            .args(args)
+            .env("PGPASSWORD", &self.password)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    fn psql(&self, db: &str, sql: &str) -> String {
+        self.run(
+            "psql",
+            &[
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                &self.conninfo(db),
+                "-c",
+                sql,
+            ],
+        )
+    }
+}
+
+fn mounts() -> String {
+    std::fs::read_to_string("/proc/self/mountinfo").unwrap()
+}
+
+#[test]
+fn postgres_engine_serves_pgbench_psql_and_pg_dump_and_keeps_nothing_in_plaintext() {
+    let mut a = PgServer::create("pg-a");
+    a.s.start(&[]);
+    let dir = a.s.dir.clone();
+    // The plaintext view is in the server's own mount namespace only.
+    assert!(!mounts().contains(&dir.join("mnt").display().to_string()));
+    assert!(std::fs::read_dir(dir.join("mnt")).unwrap().next().is_none());
+
+    // Real PostgreSQL, with checksums, over verified TLS and SCRAM.
+    let v = a.psql(
+        "postgres",
+        "select current_setting('server_version_num')::int >= 150000, current_setting('data_checksums'), ssl from pg_stat_ssl where pid = pg_backend_pid()",
+    );
+    assert_eq!(v.trim(), "t|on|t");
+
+    // pgbench -i -s 10, then a run with no failed transaction.
+    a.run(
+        "pgbench",
+        &["-i", "-s", "10", "-q", &a.conninfo("postgres")],
+    );
+    let out = a.run(
+        "pgbench",
+        &["-c", "4", "-j", "2", "-T", "10", &a.conninfo("postgres")],
+    );
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    // psql's catalogue commands.
+    let l = a.run("psql", &["-X", &a.conninfo("postgres"), "-c", "\\l"]);
+    assert!(l.contains("template1"), "{l}");
+    let dt = a.run("psql", &["-X", &a.conninfo("postgres"), "-c", "\\dt"]);
+    assert!(dt.contains("pgbench_accounts"), "{dt}");
+    let d = a.run(
+        "psql",
+        &["-X", &a.conninfo("postgres"), "-c", "\\d pgbench_accounts"],
+    );
+    assert!(
+        d.contains("abalance") && d.contains("pgbench_accounts_pkey"),
+        "{d}"
+    );
+
+    // Markers: in a table, in a sort that spills, in the server log.
+    let marker = format!("ATRESTMARK{:x}", std::process::id() as u64 * 7919);
+    a.psql(
+        "postgres",
+        &format!("create table m(v text); insert into m select '{marker}' || g from generate_series(1, 100000) g"),
+    );
+    let spill = a.psql(
+        "postgres",
+        "set work_mem = '64kB'; set log_temp_files = 0; \
+         select count(distinct v) from (select v from m order by v desc) s",
+    );
+    assert_eq!(spill.trim().lines().last(), Some("100000"));
+    let bad = Command::new(tool("psql"))
+        .args([
+            "-X",
+            &a.conninfo("postgres"),
+            "-c",
+            &format!("select '{marker}-log'::int"),
+        ])
+        .env("PGPASSWORD", &a.password)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    a.psql("postgres", "checkpoint");
+    // The log holds the value, read through the mount by PostgreSQL itself.
+    let log = a.psql(
+        "postgres",
+        "select string_agg(pg_read_file('log/' || name), '') from pg_ls_logdir()",
+    );
+    assert!(
+        log.contains(&format!("{marker}-log")),
+        "the log is readable through the mount"
+    );
+    assert!(log.contains("temporary file"), "the sort spilled");
+
+    // pg_dump of the database, restored into a second postgres-engine server.
+    let dump = a.run("pg_dump", &["--no-owner", &a.conninfo("postgres")]);
+    assert!(dump.contains("pgbench_accounts"));
+    let mut b = PgServer::create("pg-b");
+    b.s.start(&[]);
+    let dump_file = b.s.tmp.path().join("dump.sql");
+    std::fs::write(&dump_file, &dump).unwrap();
+    b.run(
+        "psql",
+        &[
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            &b.conninfo("postgres"),
+            "-f",
+            dump_file.to_str().unwrap(),
+        ],
+    );
+    let q = "select count(*), sum(abalance), (select count(*) from pgbench_history), (select md5(string_agg(v, ',' order by v)) from m) from pgbench_accounts";
+    assert_eq!(a.psql("postgres", q), b.psql("postgres", q));
+    let dump_b = b.run("pg_dump", &["--no-owner", &b.conninfo("postgres")]);
+    // The same content (pg_dump's per-run \\restrict key aside; rows of a
+    // table may come in another physical order).
+    let norm = |d: &str| {
+        let mut v: Vec<&str> = d.lines().filter(|l| !l.contains("restrict ")).collect();
+        v.sort_unstable();
+        v.join("\n")
+    };
+    assert!(
+        norm(&dump) == norm(&dump_b),
+        "the restored server's dump differs"
+    );
+    b.psql("postgres", "checkpoint");
+    let st = b.s.stop();
+    assert!(st.success(), "{st}: {}", b.s.log_text());
+
+    // Stopped: nothing of the markers anywhere on disk.
+    let st = a.s.stop();
+    assert!(st.success(), "{st}: {}", a.s.log_text());
+    assert_eq!(a.s.state()["state"], "Stopped");
+    let scan: Vec<PathBuf> = vec![dir.clone(), std::env::temp_dir().join("atrest-scan-none")];
+    let mut scanned = 0usize;
+    for d in scan.iter().filter(|d| d.exists()) {
+        for (p, bytes) in files_under(d) {
+            scanned += bytes.len();
+            assert!(
+                !contains(&bytes, marker.as_bytes()),
+                "{} holds the marker",
+                p.display()
+            );
+            assert!(
+                !contains(&bytes, b"pgbench_accounts"),
+                "{} names a table in clear",
+                p.display()
+            );
+        }
+    }
+    assert!(scanned > 100 << 20, "scanned only {scanned} bytes");
+    let logs = std::fs::read_dir(dir.join("pgfs/pgdata/log"))
+        .unwrap()
+        .count();
+    assert!(logs > 0, "the server log is in the encrypted tree");
+
+    // Delete removes everything, the service key included.
+    atrest_ok(&["server", "delete", "--data", dir.to_str().unwrap(), "--yes"]);
+    assert!(!dir.exists());
+}
+
+#[test]
+fn postgres_engine_errors_name_what_to_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let create = |extra: &[&str], sub: &str| {
+        let name = sub.rsplit('/').next().unwrap();
+        let mut args = vec![
+            "server".to_string(),
+            "create".into(),
+            "--engine".into(),
+            "postgres".into(),
+            "--name".into(),
+            name.into(),
+            "--data".into(),
+            tmp.path().join(sub).display().to_string(),
+            "--keystore".into(),
+            tmp.path().join("ks").display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = atrest(&refs);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, err) = create(&["--postgres-bin", "/nonexistent/bin"], "err-bin");
+    assert!(
+        !ok && err.contains("install the Debian package `postgresql`"),
+        "{err}"
+    );
+    let (ok, err) = create(&["--os-user", "no-such-user-atrest"], "err-user");
+    assert!(
+        !ok && err.contains("does not exist") && err.contains("useradd"),
+        "{err}"
+    );
+    // A directory the OS user cannot reach.
+    let private = tmp.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (ok, err) = create(&[], "private/err-dir");
+    assert!(
+        !ok && err.contains("cannot reach") && err.contains("chmod o+x"),
+        "{err}"
+    );
+    // The port in use.
+    let mut s = PgServer::create("err-port");
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let out = atrest(&[
+        "server",
+        "start",
+        "--data",
+        s.s.dir.to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is in use"), "{err}");
+    assert_eq!(s.s.state()["state"], "Stopped");
+    let _ = Path::new("");
+    s.s.start(&[]);
+    assert!(s.s.stop().success());
+}
