@@ -129,6 +129,8 @@ pub struct AtrestFs {
     policy: SlotPolicy,
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, (u64, Arc<CryptFile>)>>,
+    /// Every sealed-file state alive, by ciphertext inode number.
+    open_files: Mutex<HashMap<u64, std::sync::Weak<CryptFile>>>,
     next_fh: AtomicU64,
     stats: Arc<Stats>,
 }
@@ -170,6 +172,7 @@ impl AtrestFs {
             policy,
             inodes: Mutex::new(inodes),
             handles: Mutex::new(HashMap::new()),
+            open_files: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             stats: Arc::new(Stats::default()),
         }
@@ -235,24 +238,44 @@ impl AtrestFs {
             }
             n.path.clone().ok_or(Errno::ENOENT)?
         };
-        let f = Arc::new(self.open_crypt(&rel)?);
+        let f = self.open_crypt(&rel)?;
         let mut inodes = self.inodes.lock().unwrap();
         let n = inodes.by_ino.get_mut(&ino).ok_or(Errno::ENOENT)?;
         Ok(Arc::clone(n.file.get_or_insert(f)))
     }
 
-    fn open_crypt(&self, rel: &Path) -> Result<CryptFile, Errno> {
+    /// The one sealed-file state of the ciphertext file at `rel`. Two
+    /// states of one file would each count its sequence numbers and write
+    /// its header, and the later reader could take an older version for
+    /// the newer: every open goes through the registry, and a state is
+    /// closed (its counts written back) under the same lock.
+    fn open_crypt(&self, rel: &Path) -> Result<Arc<CryptFile>, Errno> {
         let real = self.real(rel);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(&real)
             .map_err(ioerr)?;
-        CryptFile::open(file, &rel.display().to_string(), &self.root).map_err(|e| {
+        let key = file.metadata().map_err(ioerr)?.ino();
+        let mut open = self.open_files.lock().unwrap();
+        if let Some(f) = open.get(&key).and_then(std::sync::Weak::upgrade) {
+            return Ok(f);
+        }
+        let f = CryptFile::open(file, &rel.display().to_string(), &self.root).map_err(|e| {
             self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!("{e}");
             errno(&e)
-        })
+        })?;
+        let f = Arc::new(f);
+        open.insert(key, Arc::downgrade(&f));
+        Ok(f)
+    }
+
+    fn register(&self, f: &Arc<CryptFile>, ino: u64) {
+        self.open_files
+            .lock()
+            .unwrap()
+            .insert(ino, Arc::downgrade(f));
     }
 
     fn attr(&self, ino: u64, rel: &Path, file: Option<&CryptFile>) -> Result<FileAttr, Errno> {
@@ -295,7 +318,7 @@ impl AtrestFs {
         let md = std::fs::symlink_metadata(self.real(rel)).map_err(ioerr)?;
         let file = match file {
             Some(f) => Some(f),
-            None if md.file_type().is_file() => Some(Arc::new(self.open_crypt(rel)?)),
+            None if md.file_type().is_file() => Some(self.open_crypt(rel)?),
             None => None,
         };
         let ino = self.remember(rel, file);
@@ -342,10 +365,12 @@ impl AtrestFs {
 
     /// Writes back a file's state when no inode or handle holds it.
     fn close_if_last(&self, f: Arc<CryptFile>) {
+        let mut open = self.open_files.lock().unwrap();
         if Arc::strong_count(&f) == 1 {
             if let Err(e) = f.close() {
                 tracing::warn!("closing {}: {e}", f.name());
             }
+            open.retain(|_, w| w.strong_count() > 1 || !std::ptr::eq(w.as_ptr(), Arc::as_ptr(&f)));
         }
     }
 
@@ -440,6 +465,8 @@ impl AtrestFs {
                 )
                 .map_err(ioerr)?;
                 let cf = Arc::new(cf);
+                let real_ino = std::fs::metadata(&real).map_err(ioerr)?.ino();
+                self.register(&cf, real_ino);
                 let (ino, attr) = self.entry(&rel, Some(Arc::clone(&cf)))?;
                 Ok((ino, attr, cf))
             }
@@ -936,6 +963,26 @@ impl Filesystem for AtrestFs {
                 s.f_frsize as u32,
             ),
             Err(e) => reply.error(Errno::from_i32(e.raw_os_error())),
+        }
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        // No extended attributes are kept (they would be metadata in clear).
+        reply.error(Errno::ENODATA);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        if size == 0 {
+            reply.size(0);
+        } else {
+            reply.data(&[]);
         }
     }
 

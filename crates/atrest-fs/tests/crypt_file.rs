@@ -267,3 +267,34 @@ fn a_file_of_another_tree_or_with_the_wrong_key_is_refused() {
     assert!(err.contains("root key"), "{err}");
     let _ = (HEADER_LEN, GROUP_UNITS);
 }
+
+#[test]
+fn after_a_crash_every_file_reads_its_last_written_or_synced_content() {
+    // A crash here is the process going away without `close`: what it
+    // wrote is in the OS page cache, as after a SIGKILL.
+    let t = tempfile::tempdir().unwrap();
+    let (_p, root) = new_tree(&t.path().join("ks"), t.path());
+    for slots in [1u8, 2] {
+        let path = t.path().join(format!("c{slots}"));
+        let mut model: Vec<u8> = vec![];
+        let mut f = CryptFile::create(rw(&path), "c", &root, slots).unwrap();
+        for step in 0..200u64 {
+            let r = bytes(step * 31 + slots as u64, 8);
+            let unit = (r[0] % 4) as usize;
+            let d = bytes(step + 7, UNIT);
+            f.write_at((unit * UNIT) as u64, &d).unwrap();
+            if model.len() < (unit + 1) * UNIT {
+                model.resize((unit + 1) * UNIT, 0);
+            }
+            model[unit * UNIT..(unit + 1) * UNIT].copy_from_slice(&d);
+            if r[1] % 3 == 0 {
+                f.sync().unwrap();
+            }
+            if r[2] % 10 == 0 {
+                drop(f); // crash
+                f = CryptFile::open(rw(&path), "c", &root).unwrap();
+                assert_eq!(read_all(&f).unwrap(), model, "{slots} slots, step {step}");
+            }
+        }
+    }
+}

@@ -368,10 +368,12 @@ pub fn initialize(
     result.map_err(Into::into)
 }
 
-/// The running PostgreSQL of a started server.
+/// The running PostgreSQL of a started server, on its mount.
 pub struct Running {
     child: Child,
     session: Option<fuser::BackgroundSession>,
+    pg: PostgresConfig,
+    dir: PathBuf,
     pub listen: String,
 }
 
@@ -380,9 +382,72 @@ impl Running {
         self.child.id()
     }
 
+    fn pgdata(&self) -> PathBuf {
+        self.dir.join(MOUNT_SUBDIR).join(PGDATA)
+    }
+
     /// `Some(status)` once PostgreSQL has exited.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
+    }
+
+    /// Starts PostgreSQL again on the same mount after it died (its crash
+    /// recovery replays the WAL); the processes it left are stopped first.
+    pub fn restart(&mut self, limit: Duration) -> Result<(), crate::resource::ResourceError> {
+        let _ = self.child.wait();
+        let _ = stop_stale_postgres(&self.pgdata(), &self.pg);
+        self.child = spawn_postgres(&self.dir, &self.pg, &self.listen)?;
+        self.wait_ready(limit)
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> Result<(), crate::resource::ResourceError> {
+        let deadline = Instant::now() + limit;
+        let pid_file = self.pgdata().join("postmaster.pid");
+        loop {
+            if let Some(status) = self.exited() {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                // Its own words are in its log, inside the tree: the last
+                // lines of the newest file, read through the mount.
+                let log_dir = self.pgdata().join("log");
+                let newest = fs::read_dir(&log_dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
+                let tail = newest
+                    .and_then(|e| fs::read_to_string(e.path()).ok())
+                    .map(|t| {
+                        let lines: Vec<&str> = t.lines().collect();
+                        lines[lines.len().saturating_sub(4)..].join("\n")
+                    })
+                    .unwrap_or_default();
+                return Err(PostgresError::Command {
+                    what: "starting postgres".into(),
+                    detail: format!("it exited ({status}): {}\n{tail}", err.trim()),
+                }
+                .into());
+            }
+            let ready = fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|t| t.lines().nth(7).map(|l| l.trim() == "ready"))
+                .unwrap_or(false);
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(PostgresError::Command {
+                    what: "starting postgres".into(),
+                    detail: format!(
+                        "not ready after {limit:?} (its log is in the encrypted tree: pgdata/log)"
+                    ),
+                }
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Fast shutdown (SIGINT: open transactions roll back, a checkpoint is
@@ -405,6 +470,8 @@ impl Running {
                 let _ = self.child.wait();
             }
         }
+        // Backends of a postmaster that died may still hold files open.
+        let _ = stop_stale_postgres(&self.pgdata(), &self.pg);
         if let Some(s) = self.session.take() {
             s.umount_and_join().map_err(|e| PostgresError::Command {
                 what: "unmounting".into(),
@@ -412,6 +479,15 @@ impl Running {
             })?;
         }
         Ok(())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.session.is_some() && self.exited().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -425,34 +501,69 @@ fn split_listen(listen: &str) -> Result<(String, u16), PostgresError> {
     Ok((host.trim_matches(['[', ']']).to_string(), port))
 }
 
-/// A postmaster left running by an earlier process of this server (the
-/// filesystem process was killed): it holds the port and must go first.
-fn stop_stale_postmaster(pgdata: &Path, pg: &PostgresConfig) {
-    let Ok(text) = fs::read_to_string(pgdata.join("postmaster.pid")) else {
-        return;
+/// PostgreSQL processes of this data directory left by an earlier
+/// process of this server (it was killed, or PostgreSQL's postmaster was):
+/// they hold the port and the shared memory, and must go first. They are
+/// the `postgres` binary with the data directory as working directory.
+fn stop_stale_postgres(pgdata: &Path, pg: &PostgresConfig) -> bool {
+    let exe = pg.bin_dir.join("postgres");
+    let dash_d = format!("-D\0{}\0", pgdata.display());
+    // A postmaster shows `-D PGDATA` in its command line; its children
+    // are found by parent; orphans whose postmaster died by their working
+    // directory (the mount is still attached in this namespace).
+    let stale = || -> Vec<i32> {
+        let procs: Vec<(i32, i32, bool)> = fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                fs::read_link(format!("/proc/{pid}/exe")).ok().as_deref() == Some(exe.as_path())
+            })
+            .filter_map(|pid| {
+                let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let ppid = status
+                    .lines()
+                    .find(|l| l.starts_with("PPid:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()?;
+                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let mine = String::from_utf8_lossy(&cmdline).contains(&dash_d)
+                    || fs::read_link(format!("/proc/{pid}/cwd")).ok().as_deref() == Some(pgdata);
+                Some((pid, ppid, mine))
+            })
+            .collect();
+        let roots: Vec<i32> = procs.iter().filter(|p| p.2).map(|p| p.0).collect();
+        procs
+            .iter()
+            .filter(|p| p.2 || roots.contains(&p.1))
+            .map(|p| p.0)
+            .collect()
     };
-    let Some(pid) = text
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse::<i32>().ok())
-    else {
-        return;
-    };
-    let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
-    if exe.as_deref() != Some(&pg.bin_dir.join("postgres")) {
-        return;
+    let pids = stale();
+    if pids.is_empty() {
+        return false;
     }
     tracing::warn!(
-        pid,
-        "stopping a PostgreSQL left running by an earlier server process"
+        ?pids,
+        "stopping PostgreSQL processes left running by an earlier server process"
     );
-    if let Some(p) = rustix::process::Pid::from_raw(pid) {
-        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = stale();
+        if left.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        for pid in left {
+            if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
+    true
 }
 
 /// Mounts the tree and starts PostgreSQL; returns once it accepts
@@ -464,8 +575,14 @@ pub fn start(
 ) -> Result<Running, crate::resource::ResourceError> {
     let config = resource::load_config(dir)?;
     let pg = pg_of(&config)?.clone();
-    let (uid, gid) = os_ids(&pg.os_user)?;
-    let (host, port) = split_listen(listen)?;
+    split_listen(listen)?;
+    // Before the port check: a killed predecessor's PostgreSQL holds it.
+    let killed = stop_stale_postgres(&dir.join(MOUNT_SUBDIR).join(PGDATA), &pg);
+    // A killed process closes its sockets on its way out: give it time.
+    let wait = Instant::now() + Duration::from_secs(if killed { 15 } else { 0 });
+    while std::net::TcpListener::bind(listen).is_err() && Instant::now() < wait {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     if std::net::TcpListener::bind(listen).is_err() {
         return Err(PostgresError::PortInUse {
             listen: listen.into(),
@@ -473,12 +590,47 @@ pub fn start(
         .into());
     }
     let session = mount(dir)?;
+    let child = match spawn_postgres(dir, &pg, listen) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = session.umount_and_join();
+            return Err(e);
+        }
+    };
+    let mut running = Running {
+        child,
+        session: Some(session),
+        pg,
+        dir: dir.to_path_buf(),
+        listen: listen.to_string(),
+    };
+    if let Err(e) = running.wait_ready(limit) {
+        let _ = running.stop(Duration::from_secs(5));
+        return Err(e);
+    }
+    Ok(running)
+}
+
+fn spawn_postgres(
+    dir: &Path,
+    pg: &PostgresConfig,
+    listen: &str,
+) -> Result<Child, crate::resource::ResourceError> {
+    let (uid, gid) = os_ids(&pg.os_user)?;
+    let (host, port) = split_listen(listen)?;
     let mnt = dir.join(MOUNT_SUBDIR);
     let pgdata = mnt.join(PGDATA);
-    stop_stale_postmaster(&pgdata, &pg);
     let _ = fs::remove_file(pgdata.join("postmaster.pid"));
     let run = dir.join(RUN_SUBDIR);
     mkdir_owned(&run, uid, gid)?;
+    // The socket and its lock file of a postmaster that was killed (every
+    // process of this server's PostgreSQL is gone by now): PostgreSQL
+    // refuses to start over a lock file whose PID was reused.
+    for e in fs::read_dir(&run).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(".s.PGSQL.") {
+            let _ = fs::remove_file(e.path());
+        }
+    }
     let tmp = mnt.join("tmp");
     mkdir_owned(&tmp, uid, gid)?;
     let mut cmd = Command::new(pg.bin_dir.join("postgres"));
@@ -500,46 +652,8 @@ pub fn start(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let child = cmd.spawn().map_err(|e| PostgresError::Command {
+    Ok(cmd.spawn().map_err(|e| PostgresError::Command {
         what: "starting postgres".into(),
         detail: e.to_string(),
-    })?;
-    let mut running = Running {
-        child,
-        session: Some(session),
-        listen: listen.to_string(),
-    };
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = running.exited() {
-            let mut err = String::new();
-            if let Some(mut e) = running.child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
-            let _ = running.stop(Duration::from_secs(1));
-            return Err(PostgresError::Command {
-                what: "starting postgres".into(),
-                detail: format!("it exited ({status}): {}", err.trim()),
-            }
-            .into());
-        }
-        let ready = fs::read_to_string(pgdata.join("postmaster.pid"))
-            .ok()
-            .and_then(|t| t.lines().nth(7).map(|l| l.trim() == "ready"))
-            .unwrap_or(false);
-        if ready {
-            return Ok(running);
-        }
-        if Instant::now() > deadline {
-            let _ = running.stop(Duration::from_secs(5));
-            return Err(PostgresError::Command {
-                what: "starting postgres".into(),
-                detail: format!(
-                    "not ready after {limit:?} (its log is in the encrypted tree: pgdata/log)"
-                ),
-            }
-            .into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    })?)
 }

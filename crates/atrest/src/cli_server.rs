@@ -451,8 +451,7 @@ fn start_postgres(
                 "atrest server {}: PostgreSQL exited ({status}); restarting it",
                 config.name
             );
-            running.stop(Duration::from_secs(10))?;
-            running = postgres::start(&data, &listen, Duration::from_secs(300))?;
+            running.restart(Duration::from_secs(300))?;
             continue;
         }
         std::thread::sleep(Duration::from_millis(100));

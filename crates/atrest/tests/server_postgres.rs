@@ -309,3 +309,147 @@ fn postgres_engine_errors_name_what_to_fix() {
     s.s.start(&[]);
     assert!(s.s.stop().success());
 }
+
+/// A PostgreSQL program from the newest /usr/lib/postgresql/N/bin (Debian
+/// puts only some of them on PATH).
+fn pg_bin(name: &str) -> PathBuf {
+    let mut v: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("postgresql is installed (scripts/setup-test-deps.sh)")
+        .flatten()
+        .filter_map(|e| {
+            Some((
+                e.file_name().to_str()?.parse().ok()?,
+                e.path().join("bin").join(name),
+            ))
+        })
+        .filter(|(_, p)| p.exists())
+        .collect();
+    v.sort();
+    v.pop().expect("the PostgreSQL program").1
+}
+
+/// The postmaster: the `postgres` child of the server process.
+fn postmaster_of(server_pid: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let ppid = status
+            .lines()
+            .find(|l| l.starts_with("PPid:"))?
+            .split_whitespace()
+            .nth(1)?;
+        let name = status
+            .lines()
+            .find(|l| l.starts_with("Name:"))?
+            .split_whitespace()
+            .nth(1)?;
+        (ppid == server_pid.to_string() && name == "postgres").then_some(pid)
+    })
+}
+
+/// Transactions pgbench logged as completed (one line each, `-l`).
+fn logged_transactions(dir: &Path, prefix: &str) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap().lines().count() as u64)
+        .sum()
+}
+
+#[test]
+fn kill_9_of_postgres_or_of_the_filesystem_process_under_pgbench_loses_no_acknowledged_transaction()
+{
+    let mut a = PgServer::create("pg-crash");
+    a.s.start(&[]);
+    a.run("pgbench", &["-i", "-s", "2", "-q", &a.conninfo("postgres")]);
+    let logs = tempfile::tempdir().unwrap();
+    let mut acked = 0u64;
+    let mut seed = std::process::id() as u64 | 1;
+    for round in 0..20u32 {
+        let prefix = format!("r{round}");
+        let mut bench = Command::new(tool("pgbench"))
+            .args(["-n", "-c", "4", "-j", "2", "-T", "60", "-l", "--log-prefix"])
+            .arg(logs.path().join(&prefix))
+            .arg(a.conninfo("postgres"))
+            .env("PGPASSWORD", &a.password)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(std::time::Duration::from_millis(400 + seed % 1600));
+        let server = a.s.pid();
+        if round % 2 == 0 {
+            // PostgreSQL: the server starts it again; its recovery runs.
+            let pm = postmaster_of(server).expect("a postmaster under the server");
+            server_common::signal_pid(pm, 9).unwrap();
+        } else {
+            // The filesystem process (the server itself).
+            a.s.kill9();
+        }
+        let _ = bench.wait();
+        acked += logged_transactions(logs.path(), &prefix);
+        if round % 2 == 1 {
+            a.s.start(&[]);
+        }
+        // Back, with every acknowledged transaction.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let check = loop {
+            let out = Command::new(tool("psql"))
+                .args(["-X", "-A", "-t", &a.conninfo("postgres"), "-c"])
+                .arg(
+                    "select (select count(*) from pgbench_history), \
+                     (select sum(abalance) from pgbench_accounts), (select sum(bbalance) from pgbench_branches), \
+                     (select sum(tbalance) from pgbench_tellers), (select coalesce(sum(delta), 0) from pgbench_history)",
+                )
+                .env("PGPASSWORD", &a.password)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                break String::from_utf8_lossy(&out.stdout).trim().to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: not back: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                a.s.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        let f: Vec<i64> = check.split('|').map(|x| x.parse().unwrap()).collect();
+        assert!(
+            f[0] as u64 >= acked,
+            "round {round}: {} history rows < {acked} acknowledged",
+            f[0]
+        );
+        assert!(
+            f[1] == f[2] && f[2] == f[3] && f[3] == f[4],
+            "round {round}: balances differ: {check}"
+        );
+        let amcheck = Command::new(pg_bin("pg_amcheck"))
+            .args(["--install-missing", "--heapallindexed", "-d", "postgres"])
+            .env("PGHOST", "localhost")
+            .env("PGPORT", a.s.port.to_string())
+            .env("PGUSER", "atrest")
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", a.s.ca())
+            .env("PGPASSWORD", &a.password)
+            .output()
+            .unwrap();
+        assert!(
+            amcheck.status.success(),
+            "round {round}: pg_amcheck: {}{}",
+            String::from_utf8_lossy(&amcheck.stdout),
+            String::from_utf8_lossy(&amcheck.stderr)
+        );
+    }
+    assert!(
+        acked > 100,
+        "only {acked} transactions acknowledged over 20 rounds"
+    );
+    let st = a.s.stop();
+    assert!(st.success(), "{st}: {}", a.s.log_text());
+}
