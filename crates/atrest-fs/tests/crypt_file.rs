@@ -287,10 +287,10 @@ fn after_a_crash_every_file_reads_its_last_written_or_synced_content() {
                 model.resize((unit + 1) * UNIT, 0);
             }
             model[unit * UNIT..(unit + 1) * UNIT].copy_from_slice(&d);
-            if r[1] % 3 == 0 {
+            if r[1].is_multiple_of(3) {
                 f.sync().unwrap();
             }
-            if r[2] % 10 == 0 {
+            if r[2].is_multiple_of(10) {
                 drop(f); // crash
                 f = CryptFile::open(rw(&path), "c", &root).unwrap();
                 assert_eq!(read_all(&f).unwrap(), model, "{slots} slots, step {step}");
