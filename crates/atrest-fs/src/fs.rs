@@ -45,13 +45,20 @@ impl SlotPolicy {
         match self {
             SlotPolicy::AllTwo => 2,
             SlotPolicy::Postgres => {
-                let top = rel.components().next().map(|c| c.as_os_str());
-                let in_data = matches!(
-                    top.and_then(OsStr::to_str),
-                    Some("base" | "global" | "pg_tblspc")
-                );
+                // Relative to any directory above the data directory: a
+                // relation file sits in `global/`, `base/DBOID/` or a
+                // tablespace's `PG_*/DBOID/`.
                 let name = rel.file_name().and_then(OsStr::to_str).unwrap_or("");
-                if in_data && is_relation_file(name) {
+                let parent = rel.parent();
+                let pname = parent.and_then(Path::file_name).and_then(OsStr::to_str);
+                let gname = parent
+                    .and_then(Path::parent)
+                    .and_then(Path::file_name)
+                    .and_then(OsStr::to_str);
+                let db_dir = pname
+                    .is_some_and(|p| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit()))
+                    && gname.is_some_and(|g| g == "base" || g.starts_with("PG_"));
+                if is_relation_file(name) && (pname == Some("global") || db_dir) {
                     1
                 } else {
                     2
@@ -79,6 +86,44 @@ fn is_relation_file(name: &str) -> bool {
 }
 
 /// Mount settings.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relation_files_get_one_slot_everything_else_two() {
+        let p = SlotPolicy::Postgres;
+        for one in [
+            "pgdata/base/5/16384",
+            "base/5/16384.1",
+            "pgdata/global/1262",
+            "x/base/16385/2619_vm",
+            "pgdata/base/5/16390_init",
+            "pg_tblspc/16400/PG_15_202209061/5/16401",
+        ] {
+            assert_eq!(p.slots_for(Path::new(one)), 1, "{one}");
+        }
+        for two in [
+            "pgdata/base/5/16384_fsm",
+            "pgdata/pg_wal/000000010000000000000001",
+            "pgdata/pg_xact/0000",
+            "pgdata/global/pg_control",
+            "pgdata/global/pg_filenode.map",
+            "pgdata/base/5/pg_filenode.map",
+            "pgdata/base/pgsql_tmp/pgsql_tmp123.0",
+            "pgdata/log/postgresql.log",
+            "pgdata/base/5/PG_VERSION",
+            "pgdata/16384",
+        ] {
+            assert_eq!(p.slots_for(Path::new(two)), 2, "{two}");
+        }
+        assert_eq!(
+            SlotPolicy::AllTwo.slots_for(Path::new("pgdata/base/5/1")),
+            2
+        );
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct MountOptions {
     pub policy: SlotPolicy,

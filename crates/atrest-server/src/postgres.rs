@@ -421,7 +421,7 @@ impl Running {
                     .and_then(|e| fs::read_to_string(e.path()).ok())
                     .map(|t| {
                         let lines: Vec<&str> = t.lines().collect();
-                        lines[lines.len().saturating_sub(4)..].join("\n")
+                        lines[lines.len().saturating_sub(10)..].join("\n")
                     })
                     .unwrap_or_default();
                 return Err(PostgresError::Command {

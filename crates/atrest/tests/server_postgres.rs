@@ -453,3 +453,170 @@ fn kill_9_of_postgres_or_of_the_filesystem_process_under_pgbench_loses_no_acknow
     let st = a.s.stop();
     assert!(st.success(), "{st}: {}", a.s.log_text());
 }
+
+/// The unit with the newest write of a two-slot ciphertext file: its index
+/// and the slot holding that write.
+fn newest_unit(bytes: &[u8]) -> (u64, u8) {
+    use atrest_fs::layout::{Layout, SLOT};
+    let l = Layout { slots: 2 };
+    let units = l.units_in(bytes.len() as u64);
+    let mut best = (0u64, 0u64, 0u8);
+    for i in 0..units {
+        for k in 0..2u8 {
+            let o = l.slot_offset(i, k) as usize;
+            if o + SLOT > bytes.len() {
+                continue;
+            }
+            let seq = u64::from_be_bytes(bytes[o..o + 8].try_into().unwrap());
+            if seq > best.0 {
+                best = (seq, i, k);
+            }
+        }
+    }
+    (best.1, best.2)
+}
+
+#[test]
+fn tampered_relation_and_wal_units_are_io_errors_never_wrong_rows() {
+    use atrest_fs::layout::{Layout, META, SLOT};
+    let mut a = PgServer::create("pg-tamper");
+    a.s.start(&[]);
+    a.psql(
+        "postgres",
+        "create table t(id int, v text); insert into t select g, repeat('x', 100) || g from generate_series(1, 3000) g; \
+         create table u(id int, v text); insert into u select g, repeat('y', 100) || g from generate_series(1, 3000) g; checkpoint",
+    );
+    let want = a.psql("postgres", "select count(*), sum(id) from t");
+    assert_eq!(want.trim(), "3000|4501500");
+    let t_path = a
+        .psql("postgres", "select pg_relation_filepath('t')")
+        .trim()
+        .to_string();
+    let u_path = a
+        .psql("postgres", "select pg_relation_filepath('u')")
+        .trim()
+        .to_string();
+    let st = a.s.stop();
+    assert!(st.success(), "{st}");
+    let pgdata = a.s.dir.join("pgfs/pgdata");
+    let t_file = pgdata.join(&t_path);
+    let pristine = std::fs::read(&t_file).unwrap();
+    let other = std::fs::read(pgdata.join(&u_path)).unwrap();
+    let one = Layout {
+        slots: atrest_fs::SlotPolicy::Postgres.slots_for(Path::new(&t_path)),
+    };
+    assert_eq!(one.slots, 1, "relation files have one slot");
+    let (o1, o2) = (
+        one.slot_offset(1, 0) as usize,
+        one.slot_offset(2, 0) as usize,
+    );
+
+    let mut flipped = pristine.clone();
+    flipped[o1 + META + 300] ^= 0x04;
+    let mut swapped = pristine.clone();
+    swapped[o1..o1 + SLOT].copy_from_slice(&pristine[o2..o2 + SLOT]);
+    swapped[o2..o2 + SLOT].copy_from_slice(&pristine[o1..o1 + SLOT]);
+    let mut foreign = pristine.clone();
+    foreign[o1..o1 + SLOT].copy_from_slice(&other[o1..o1 + SLOT]);
+    for (what, bytes) in [
+        ("flipped bit", &flipped),
+        ("swapped units", &swapped),
+        ("unit of another file", &foreign),
+    ] {
+        std::fs::write(&t_file, bytes).unwrap();
+        a.s.start(&[]);
+        let out = Command::new(tool("psql"))
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                &a.conninfo("postgres"),
+                "-c",
+                "select count(*), sum(id) from t",
+            ])
+            .env("PGPASSWORD", &a.password)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{what}: rows served: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            err.contains("could not read block")
+                && err.contains(&t_path)
+                && err.contains("Input/output error"),
+            "{what}: {err}"
+        );
+        // The other table is untouched and still served.
+        assert_eq!(a.psql("postgres", "select count(*) from u").trim(), "3000");
+        let st = a.s.stop();
+        assert!(st.success(), "{what}: {st}");
+        assert!(
+            a.s.log_text().contains(&format!("{t_path}: unit 1")),
+            "{what}: the server log names the file and unit"
+        );
+    }
+    std::fs::write(&t_file, &pristine).unwrap();
+    a.s.start(&[]);
+    assert_eq!(a.psql("postgres", "select count(*), sum(id) from t"), want);
+    let st = a.s.stop();
+    assert!(st.success(), "{st}");
+
+    // The WAL: the unit holding the shutdown checkpoint, which the start
+    // must read.
+    let wal_dir = pgdata.join("pg_wal");
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().unwrap().len() == 24)
+        .collect();
+    segs.sort();
+    let seg = segs.last().unwrap().clone();
+    let older = segs.first().unwrap().clone();
+    let wal = std::fs::read(&seg).unwrap();
+    let (unit, slot) = newest_unit(&wal);
+    let two = Layout { slots: 2 };
+    let o = two.slot_offset(unit, slot) as usize;
+    let mut flipped = wal.clone();
+    flipped[o + META + 100] ^= 0x01;
+    let mut swapped = wal.clone();
+    let prev = two.slot_offset(unit.saturating_sub(1), 0) as usize;
+    let base = two.slot_offset(unit, 0) as usize;
+    swapped[base..base + 2 * SLOT].copy_from_slice(&wal[prev..prev + 2 * SLOT]);
+    swapped[prev..prev + 2 * SLOT].copy_from_slice(&wal[base..base + 2 * SLOT]);
+    let older_bytes = std::fs::read(&older).unwrap();
+    let mut foreign = wal.clone();
+    if older != seg && older_bytes.len() >= base + 2 * SLOT {
+        foreign[base..base + 2 * SLOT].copy_from_slice(&older_bytes[base..base + 2 * SLOT]);
+    } else {
+        foreign[base..base + 2 * SLOT].copy_from_slice(&other[o1..o1 + SLOT].repeat(2));
+    }
+    assert!(unit > 0, "the checkpoint is past the segment's first unit");
+    for (what, bytes) in [
+        ("flipped bit", &flipped),
+        ("swapped units", &swapped),
+        ("unit of another file", &foreign),
+    ] {
+        std::fs::write(&seg, bytes).unwrap();
+        let out = atrest(&["server", "start", "--data", a.s.dir.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "WAL {what}: the server started");
+        let seg_name = seg.file_name().unwrap().to_str().unwrap();
+        assert!(
+            err.contains("Input/output error") && err.contains(seg_name),
+            "WAL {what}: PostgreSQL reports an I/O error for the segment: {err}"
+        );
+        assert!(
+            err.contains(&format!("unit {unit}")),
+            "WAL {what}: the unit is named: {err}"
+        );
+    }
+    std::fs::write(&seg, &wal).unwrap();
+    a.s.start(&[]);
+    assert_eq!(a.psql("postgres", "select count(*), sum(id) from t"), want);
+    let st = a.s.stop();
+    assert!(st.success(), "{st}");
+}
