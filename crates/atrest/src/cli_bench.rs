@@ -48,6 +48,9 @@ pub enum BenchWhat {
     /// pgbench against real servers: plain SQLite (with the benchmark-only
     /// feature plaintext-baseline), scenarios 1, 2 and 4, in one run.
     Pgbench(crate::cli_bench_pgbench::PgbenchBench),
+    /// Real PostgreSQL: plain disk vs the postgres engine (and gocryptfs
+    /// when installed), pgbench TPC-B-like and select-only.
+    Postgres(crate::cli_bench_postgres::PostgresBench),
     /// A read replica following a source under pgbench: visibility lag,
     /// apply throughput, catch-up time, and the source's TPS cost.
     Replication(crate::cli_bench_replication::ReplicationBench),
@@ -198,6 +201,7 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         BenchWhat::Cmk(c) => return crate::cli_bench_cmk::run(c),
         BenchWhat::Pgbench(p) => return crate::cli_bench_pgbench::run(p),
         BenchWhat::Replication(r) => return crate::cli_bench_replication::run(r),
+        BenchWhat::Postgres(p) => return crate::cli_bench_postgres::run(p),
         BenchWhat::StorageRun(r) => return storage_run(r),
     };
     let tmp;
