@@ -32,6 +32,9 @@ pub struct PostgresBench {
     /// Working directory (on the disk to measure; reachable by the OS user).
     #[arg(long, default_value = "/var/tmp/atrest-bench-postgres")]
     dir: PathBuf,
+    /// Seconds of untimed warm-up per side before each workload's rounds.
+    #[arg(long, default_value_t = 10)]
+    warmup: u64,
     /// Leave gocryptfs out even if it is installed.
     #[arg(long)]
     no_gocryptfs: bool,
@@ -281,7 +284,14 @@ fn stop(mut r: Running) {
     }
     let _ = r.child.wait();
     if let Some(m) = r.mount {
-        let _ = Command::new("fusermount3").arg("-u").arg(&m).status();
+        // PostgreSQL's backends may still be closing their files.
+        for _ in 0..50 {
+            if Command::new("fusermount3").arg("-u").arg(&m).stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("fusermount3").arg("-uz").arg(&m).status();
     }
 }
 
@@ -347,6 +357,15 @@ pub fn run(b: PostgresBench) -> Result<std::process::ExitCode> {
         }
         for (wname, extra) in [("tpcb", &[][..]), ("select", &["-S"][..])] {
             let mut tps: Vec<Vec<f64>> = vec![vec![]; running.len()];
+            for r in &running {
+                if b.warmup > 0 {
+                    let mut args = vec!["-c".to_string(), b.clients.to_string(), "-j".into(), "2".into()];
+                    args.extend(["-T".into(), b.warmup.to_string(), "-M".into(), "prepared".into()]);
+                    args.extend(extra.iter().map(|s| s.to_string()));
+                    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                    pgbench(r.port, &refs)?;
+                }
+            }
             for round in 0..b.rounds {
                 for k in 0..running.len() {
                     let i = (k + round as usize) % running.len();
