@@ -286,7 +286,13 @@ fn stop(mut r: Running) {
     if let Some(m) = r.mount {
         // PostgreSQL's backends may still be closing their files.
         for _ in 0..50 {
-            if Command::new("fusermount3").arg("-u").arg(&m).stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
+            if Command::new("fusermount3")
+                .arg("-u")
+                .arg(&m)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -359,8 +365,18 @@ pub fn run(b: PostgresBench) -> Result<std::process::ExitCode> {
             let mut tps: Vec<Vec<f64>> = vec![vec![]; running.len()];
             for r in &running {
                 if b.warmup > 0 {
-                    let mut args = vec!["-c".to_string(), b.clients.to_string(), "-j".into(), "2".into()];
-                    args.extend(["-T".into(), b.warmup.to_string(), "-M".into(), "prepared".into()]);
+                    let mut args = vec![
+                        "-c".to_string(),
+                        b.clients.to_string(),
+                        "-j".into(),
+                        "2".into(),
+                    ];
+                    args.extend([
+                        "-T".into(),
+                        b.warmup.to_string(),
+                        "-M".into(),
+                        "prepared".into(),
+                    ]);
                     args.extend(extra.iter().map(|s| s.to_string()));
                     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
                     pgbench(r.port, &refs)?;

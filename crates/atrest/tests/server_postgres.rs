@@ -246,6 +246,31 @@ fn postgres_engine_serves_pgbench_psql_and_pg_dump_and_keeps_nothing_in_plaintex
 }
 
 #[test]
+fn psycopg_gets_postgresql_types_exactly() {
+    let mut a = PgServer::create("pg-types");
+    a.s.start(&[]);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/server_py/pg_engine_types.py"
+    );
+    let out = Command::new(server_common::python())
+        .arg(script)
+        .env("ATREST_PORT", a.s.port.to_string())
+        .env("ATREST_PASSWORD", &a.password)
+        .env("ATREST_CA", a.s.ca())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ok types"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = a.s.stop();
+    assert!(st.success(), "{st}");
+}
+
+#[test]
 fn postgres_engine_errors_name_what_to_fix() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
