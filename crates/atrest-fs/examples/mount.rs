@@ -16,9 +16,9 @@ fn main() {
         }
     };
     let p = ks.service_protector(id).unwrap();
-    let root = match atrest_fs::RootKey::open(dir, &p) {
+    let root = match atrest_fs::RootKey::open(dir, &p, None) {
         Ok(r) => r,
-        Err(_) => atrest_fs::RootKey::create(dir, &p).unwrap(),
+        Err(_) => atrest_fs::RootKey::create(dir, &p, None).unwrap(),
     };
     let (session, stats) = atrest_fs::mount(dir, mnt, root, &Default::default()).unwrap();
     eprintln!("mounted; press Enter to unmount");

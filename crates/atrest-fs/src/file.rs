@@ -24,19 +24,23 @@ use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
 use atrest_crypto::{
-    Dek, FileHeader, FileId, FileKind, FsLayout, SealContext, UnitKey, HEADER_SLOT_SIZE,
-    SEAL_OVERHEAD,
+    Dek, FileHeader, FileId, FileKind, FsLayout, InfraUnitKey, SealContext, UnitKey,
+    HEADER_SLOT_SIZE, INFRA_OVERHEAD, SEAL_OVERHEAD,
 };
 use zeroize::Zeroize;
 
 use crate::keys::{file_header, RootKey};
-use crate::layout::{Layout, GROUP_UNITS, META, SLOT, UNIT};
+use crate::layout::{Layout, GROUP_UNITS, META, UNIT};
 use crate::FsError;
 
 const CLASS_DATA: u16 = 10;
 const CLASS_MAP: u16 = 11;
 /// Seals reserved in the header at a time (see CRYPTO.md, usage limit).
 const RESERVE: u64 = 1 << 16;
+/// A file's sequence maps are written at most this often (and always at
+/// close): a map is for detecting a damaged or replayed version, not for
+/// crash safety, and writing it at every sync doubled the I/O of a commit.
+const MAP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What a slot's clear metadata says. Trusted only after the seal opens
 /// (both values are bound as associated data).
@@ -80,6 +84,9 @@ struct State {
     maps: HashMap<u64, GroupMap>,
     /// Groups whose map has been written (count from group 0).
     maps_written: u64,
+    /// Groups whose map changed in memory but is not written yet.
+    maps_pending: std::collections::BTreeSet<u64>,
+    maps_flushed_at: Option<std::time::Instant>,
 }
 
 impl State {
@@ -96,6 +103,8 @@ pub struct CryptFile {
     file_id: FileId,
     dek: Dek,
     key: UnitKey,
+    /// The infrastructure layer's unit key (scenario 2).
+    infra: Option<InfraUnitKey>,
     st: Mutex<State>,
 }
 
@@ -116,8 +125,12 @@ impl CryptFile {
     /// Writes a new, empty sealed file into `file` (freshly created, empty).
     pub fn create(file: File, name: &str, root: &RootKey, slots: u8) -> Result<CryptFile, FsError> {
         let file_id = FileId::random()?;
-        let (dek, source) = root.new_file_key(file_id)?;
-        let header = file_header(file_id, &dek, source, slots);
+        let (dek, source, infra) = root.new_file_key(file_id)?;
+        let (infra, record) = match infra {
+            Some((idek, r)) => (Some(InfraUnitKey::new(&idek, r.unit_cipher)?), Some(r)),
+            None => (None, None),
+        };
+        let header = file_header(file_id, &dek, source, slots, record);
         let slot = header.encode(&dek)?;
         file.write_all_at(&slot, 0)
             .and_then(|_| file.set_len(crate::layout::HEADER_LEN))
@@ -126,10 +139,14 @@ impl CryptFile {
         Ok(CryptFile {
             file,
             name: Mutex::new(name.to_string()),
-            layout: Layout { slots },
+            layout: Layout {
+                slots,
+                infra: infra.is_some(),
+            },
             file_id,
             dek,
             key,
+            infra,
             st: Mutex::new(State {
                 header,
                 header_slot: 0,
@@ -139,6 +156,8 @@ impl CryptFile {
                 units: HashMap::new(),
                 maps: HashMap::new(),
                 maps_written: 0,
+                maps_pending: Default::default(),
+                maps_flushed_at: None,
             }),
         })
     }
@@ -203,7 +222,23 @@ impl CryptFile {
         let fs = header
             .fs
             .ok_or_else(|| FsError::Header(format!("{name}: no fs layout")))?;
-        let layout = Layout { slots: fs.slots };
+        let infra = match root.file_infra(header.file_id, header.infra.as_ref()) {
+            Ok(Some(idek)) => Some(InfraUnitKey::new(
+                &idek,
+                header.infra.as_ref().expect("checked").unit_cipher,
+            )?),
+            Ok(None) => None,
+            Err(e) => {
+                return Err(FsError::Tampered {
+                    file: name.to_string(),
+                    what: e.to_string(),
+                })
+            }
+        };
+        let layout = Layout {
+            slots: fs.slots,
+            infra: infra.is_some(),
+        };
         // Every seal counted so far is below the reservation; start above it.
         let next_seq = header.seals_reserved.max(1);
         let key = UnitKey::new(&dek, header.seals_reserved)?;
@@ -215,6 +250,7 @@ impl CryptFile {
             file_id: header.file_id,
             dek,
             key,
+            infra,
             st: Mutex::new(State {
                 maps_written: fs.map_groups,
                 header,
@@ -224,6 +260,8 @@ impl CryptFile {
                 next_seq,
                 units: HashMap::new(),
                 maps: HashMap::new(),
+                maps_pending: Default::default(),
+                maps_flushed_at: None,
             }),
         };
         let mut units = layout.units_in(physical);
@@ -237,7 +275,7 @@ impl CryptFile {
             });
         }
         let mut st = cf.st.lock().unwrap();
-        let mut buf = vec![0u8; SLOT * 2];
+        let mut buf = vec![0u8; layout.slot() * 2];
         while units > 0 {
             let i = units - 1;
             match cf.read_unit(&mut st, i, &mut buf, None) {
@@ -305,13 +343,21 @@ impl CryptFile {
     }
 
     /// Opens the slot in `slot` (META + sealed) in place; returns its meta.
+    /// Opens a slot in place (the infrastructure layer first, then the
+    /// data layer); the plaintext is left at `slot[META..META+len]`.
     fn open_slot(&self, class: u16, index: u64, slot: &mut [u8]) -> Option<Meta> {
         let m = meta_of(slot)?;
+        let ctx = self.ctx(class, index, m.seq);
+        if let Some(infra) = &self.infra {
+            infra
+                .open(
+                    &ctx,
+                    &mut slot[META..META + m.len + SEAL_OVERHEAD + INFRA_OVERHEAD],
+                )
+                .ok()?;
+        }
         let sealed = &mut slot[META..META + m.len + SEAL_OVERHEAD];
-        self.key
-            .open(&self.ctx(class, index, m.seq), sealed)
-            .ok()
-            .map(|_| m)
+        self.key.open(&ctx, sealed).ok().map(|_| m)
     }
 
     /// The sequence the map requires of unit `i` (0 when none).
@@ -328,13 +374,14 @@ impl CryptFile {
         if st.maps.contains_key(&g) {
             return Ok(());
         }
-        let mut buf = vec![0u8; 2 * SLOT];
+        let mut buf = vec![0u8; 2 * self.layout.slot()];
         let off = self.layout.map_offset(g, 0);
         let n = read_full_at(&self.file, &mut buf, off).map_err(|e| io("read", &self.name(), e))?;
         let mut best: Option<(u64, u8, Vec<u64>)> = None;
         for k in 0..2u8 {
-            let s = &mut buf[k as usize * SLOT..(k as usize + 1) * SLOT];
-            if n < (k as usize + 1) * SLOT {
+            let s =
+                &mut buf[k as usize * self.layout.slot()..(k as usize + 1) * self.layout.slot()];
+            if n < (k as usize + 1) * self.layout.slot() {
                 continue;
             }
             if let Some(m) = self.open_slot(CLASS_MAP, g, s) {
@@ -382,20 +429,20 @@ impl CryptFile {
     ) -> Result<usize, FsError> {
         let slots = self.layout.slots as usize;
         let off = self.layout.slot_offset(i, 0);
-        let n = read_full_at(&self.file, &mut buf[..slots * SLOT], off)
+        let n = read_full_at(&self.file, &mut buf[..slots * self.layout.slot()], off)
             .map_err(|e| io("read", &self.name(), e))?;
-        if n < SLOT {
+        if n < self.layout.slot() {
             return Err(self.tampered(i, "is missing (the file was cut short)"));
         }
         let required = self.required_seq(st, i)?;
         // Newest first by the clear sequence; the seal decides.
         let mut order: Vec<(u64, usize)> = (0..slots)
-            .filter(|k| n >= (k + 1) * SLOT)
-            .filter_map(|k| meta_of(&buf[k * SLOT..]).map(|m| (m.seq, k)))
+            .filter(|k| n >= (k + 1) * self.layout.slot())
+            .filter_map(|k| meta_of(&buf[k * self.layout.slot()..]).map(|m| (m.seq, k)))
             .collect();
         order.sort_unstable_by(|a, b| b.cmp(a));
         for (_, k) in order {
-            let s = &mut buf[k * SLOT..(k + 1) * SLOT];
+            let s = &mut buf[k * self.layout.slot()..(k + 1) * self.layout.slot()];
             if let Some(m) = self.open_slot(CLASS_DATA, i, s) {
                 if m.seq < required {
                     return Err(self.tampered(
@@ -433,7 +480,7 @@ impl CryptFile {
         let len = out.len().min((size - off) as usize);
         let first = off / UNIT as u64;
         let last = (off + len as u64 - 1) / UNIT as u64;
-        let mut buf = vec![0u8; SLOT * self.layout.slots as usize];
+        let mut buf = vec![0u8; self.layout.slot() * self.layout.slots as usize];
         let mut plain = vec![0u8; UNIT];
         let mut done = 0usize;
         for i in first..=last {
@@ -488,7 +535,8 @@ impl CryptFile {
         Ok(())
     }
 
-    /// Seals `plain` as a slot of `class`/`index` into `slot` (SLOT bytes).
+    /// Seals `plain` as a slot of `class`/`index` into `slot` (one slot's
+    /// bytes): the data layer, then the infrastructure layer over it.
     fn seal_slot(
         &self,
         class: u16,
@@ -503,10 +551,15 @@ impl CryptFile {
         slot[12..16].fill(0);
         slot[META..META + len].copy_from_slice(plain);
         slot[META + len..].fill(0);
-        self.key.seal(
-            &self.ctx(class, index, seq),
-            &mut slot[META..META + len + SEAL_OVERHEAD],
-        )?;
+        let ctx = self.ctx(class, index, seq);
+        self.key
+            .seal(&ctx, &mut slot[META..META + len + SEAL_OVERHEAD])?;
+        if let Some(infra) = &self.infra {
+            infra.seal(
+                &ctx,
+                &mut slot[META..META + len + SEAL_OVERHEAD + INFRA_OVERHEAD],
+            )?;
+        }
         Ok(())
     }
 
@@ -554,7 +607,7 @@ impl CryptFile {
         let first = start / UNIT as u64;
         let last = (end - 1) / UNIT as u64;
         let slots = self.layout.slots;
-        let mut readbuf = vec![0u8; SLOT * slots as usize];
+        let mut readbuf = vec![0u8; self.layout.slot() * slots as usize];
         let mut plain = vec![0u8; UNIT];
         // One-slot runs are written with one pwrite per contiguous batch.
         let mut batch: Vec<u8> = Vec::new();
@@ -586,7 +639,7 @@ impl CryptFile {
             let seq = self.take_seq(st)?;
             if slots == 1 {
                 let at = batch.len();
-                batch.resize(at + SLOT, 0);
+                batch.resize(at + self.layout.slot(), 0);
                 self.seal_slot(CLASS_DATA, i, seq, &plain[..ulen], &mut batch[at..])?;
                 batch_start.get_or_insert(i);
                 if (i - batch_start.unwrap() + 1) >= BATCH_UNITS || i == last {
@@ -599,7 +652,7 @@ impl CryptFile {
                 }
             } else {
                 let k = self.target_slot(st, i)?;
-                let mut slot = vec![0u8; SLOT];
+                let mut slot = vec![0u8; self.layout.slot()];
                 self.seal_slot(CLASS_DATA, i, seq, &plain[..ulen], &mut slot)?;
                 self.file
                     .write_all_at(&slot, self.layout.slot_offset(i, k))
@@ -646,7 +699,7 @@ impl CryptFile {
         if tail != 0 {
             // The new last unit keeps its first `tail` bytes.
             let i = units - 1;
-            let mut buf = vec![0u8; SLOT * self.layout.slots as usize];
+            let mut buf = vec![0u8; self.layout.slot() * self.layout.slots as usize];
             let mut plain = vec![0u8; UNIT];
             self.read_unit(&mut st, i, &mut buf, Some(&mut plain))?;
             st.size = new_size; // so the rewrite is sized to `tail`
@@ -680,6 +733,10 @@ impl CryptFile {
     /// it: the units' sequences in the maps and the synced length in the
     /// header. Those records become durable with the next sync.
     pub fn sync(&self) -> Result<(), FsError> {
+        self.sync_inner(false)
+    }
+
+    fn sync_inner(&self, force_maps: bool) -> Result<(), FsError> {
         let (snapshot, units_now, maps_before) = {
             let st = self.st.lock().unwrap();
             let snap: Vec<(u64, u64)> = st
@@ -713,7 +770,20 @@ impl CryptFile {
                 groups.insert(g, ());
             }
         }
-        for g in groups.into_keys() {
+        st.maps_pending.extend(groups.into_keys());
+        let due = force_maps
+            || st
+                .maps_flushed_at
+                .is_none_or(|t| t.elapsed() >= MAP_INTERVAL);
+        let to_write: Vec<u64> = if due {
+            std::mem::take(&mut st.maps_pending).into_iter().collect()
+        } else {
+            vec![]
+        };
+        if due {
+            st.maps_flushed_at = Some(std::time::Instant::now());
+        }
+        for g in to_write {
             let seq = self.take_seq(&mut st)?;
             let m = st.maps.get(&g).unwrap();
             let target = m.slot.map_or(0, |k| 1 - k);
@@ -721,7 +791,7 @@ impl CryptFile {
             for (c, s) in plain.chunks_exact_mut(8).zip(&m.seqs) {
                 c.copy_from_slice(&s.to_be_bytes());
             }
-            let mut slot = vec![0u8; SLOT];
+            let mut slot = vec![0u8; self.layout.slot()];
             self.seal_slot(CLASS_MAP, g, seq, &plain, &mut slot)?;
             self.file
                 .write_all_at(&slot, self.layout.map_offset(g, target))
@@ -743,7 +813,7 @@ impl CryptFile {
     /// Writes back the exact seal count (a clean close), so the next open
     /// starts where this one ended rather than past its reservation.
     pub fn close(&self) -> Result<(), FsError> {
-        self.sync()?;
+        self.sync_inner(true)?;
         let mut st = self.st.lock().unwrap();
         if st.header.seals_reserved > st.next_seq {
             st.header.seals_reserved = st.next_seq;

@@ -5,6 +5,12 @@
 //! Every file's DEK is wrapped by a key derived from the root DEK, and its
 //! header carries a copy of the root's KEK-wrapped DEK, so one protector
 //! call opens a whole tree and any file can be read with the KEK alone.
+//!
+//! With the infrastructure layer (scenario 2), the tree has its own
+//! infrastructure master key in a separate keystore: the root header names
+//! it (a root infrastructure DEK wrapped under it, which proves at open
+//! that the keystore holds the right key), and every file gets a random
+//! infrastructure DEK wrapped under it, recorded in its header.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -13,9 +19,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use atrest_crypto::{
-    CipherId, Dek, DekId, FileHeader, FileId, FileKind, FsLayout, KeyProtector, KeySource,
-    SymmetricKek, WrappedDek, HEADER_SLOT_SIZE,
+    CipherId, Dek, DekId, FileHeader, FileId, FileKind, FsLayout, InfraDek, InfraKeyRecord,
+    InfraUnitCipher, KeyProtector, KeySource, SymmetricKek, WrappedDek, HEADER_SLOT_SIZE,
 };
+use atrest_keystore::{InfraKeyId, InfraKeystore, InfraProtector};
 use zeroize::Zeroizing;
 
 use crate::FsError;
@@ -30,6 +37,9 @@ pub struct RootKey {
     pub(crate) dek: Dek,
     pub(crate) wrapped: WrappedDek,
     wrap_key: SymmetricKek,
+    /// The infrastructure layer: the master key's protector and the root's
+    /// own record (kept through rewraps).
+    infra: Option<(InfraProtector, InfraKeyRecord)>,
 }
 
 impl std::fmt::Debug for RootKey {
@@ -37,6 +47,7 @@ impl std::fmt::Debug for RootKey {
         f.debug_struct("RootKey")
             .field("file_id", &self.file_id.to_hex())
             .field("kek", &self.wrapped.kek)
+            .field("infrastructure", &self.infra.as_ref().map(|(p, _)| p))
             .finish_non_exhaustive()
     }
 }
@@ -49,7 +60,12 @@ fn now_unix() -> u64 {
 }
 
 impl RootKey {
-    fn from_dek(file_id: FileId, dek: Dek, wrapped: WrappedDek) -> Result<Self, FsError> {
+    fn from_dek(
+        file_id: FileId,
+        dek: Dek,
+        wrapped: WrappedDek,
+        infra: Option<(InfraProtector, InfraKeyRecord)>,
+    ) -> Result<Self, FsError> {
         let k = Zeroizing::new(dek.derive(b"atrest fs file wrap v1")?);
         let wrap_key = SymmetricKek::new(&k)?;
         Ok(RootKey {
@@ -57,15 +73,37 @@ impl RootKey {
             dek,
             wrapped,
             wrap_key,
+            infra,
         })
     }
 
-    /// Creates the root file of a new, empty tree in `dir`.
-    pub fn create(dir: &Path, protector: &dyn KeyProtector) -> Result<Self, FsError> {
+    /// Creates the root file of a new, empty tree in `dir`. With `infra`,
+    /// every file of the tree gets the infrastructure layer, under a new
+    /// master key created in that keystore.
+    pub fn create(
+        dir: &Path,
+        protector: &dyn KeyProtector,
+        infra: Option<&InfraKeystore>,
+    ) -> Result<Self, FsError> {
         let dek = Dek::generate()?;
         let wrapped = protector.wrap(&dek).map_err(FsError::Key)?;
         let file_id = FileId::random()?;
-        let header = root_header(file_id, &dek, wrapped.clone(), 1);
+        let infra = match infra {
+            None => None,
+            Some(ks) => {
+                let id = ks.create_master_key()?;
+                let p = ks.protector(id, 1)?;
+                let (_, record) = new_infra_key(&p, file_id, FileKind::FsRoot)?;
+                Some((p, record))
+            }
+        };
+        let header = root_header(
+            file_id,
+            &dek,
+            wrapped.clone(),
+            1,
+            infra.as_ref().map(|(_, r)| r.clone()),
+        );
         let slot = header.encode(&dek)?;
         let path = dir.join(ROOT_FILE);
         let mut f = OpenOptions::new()
@@ -81,11 +119,17 @@ impl RootKey {
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| FsError::io(format!("sync {}", dir.display()), e))?;
-        Self::from_dek(file_id, dek, wrapped)
+        Self::from_dek(file_id, dek, wrapped, infra)
     }
 
     /// Opens the root file of `dir`, unwrapping its DEK with `protector`.
-    pub fn open(dir: &Path, protector: &dyn KeyProtector) -> Result<Self, FsError> {
+    /// A tree with the infrastructure layer needs that layer's keystore
+    /// (`infra`), and one without refuses it: the layers are fixed at create.
+    pub fn open(
+        dir: &Path,
+        protector: &dyn KeyProtector,
+        infra: Option<&InfraKeystore>,
+    ) -> Result<Self, FsError> {
         let path = dir.join(ROOT_FILE);
         let f = File::open(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
@@ -141,10 +185,42 @@ impl RootKey {
                 FsError::Header(format!("{} has no valid header", path.display()))
             }));
         };
+        let infra = match (h.infra, infra) {
+            (None, None) => None,
+            (Some(record), Some(ks)) => {
+                let (id, version) = InfraKeyId::parse(&record.wrapped.kek.key_id)
+                    .ok_or_else(|| {
+                        FsError::Header(format!(
+                            "{} names no infrastructure master key",
+                            path.display()
+                        ))
+                    })?;
+                let p = ks.protector(id, version)?;
+                // Proves the keystore holds this tree's master key.
+                p.unwrap(record.dek_id, &record.wrapped, h.file_id, FileKind::FsRoot)
+                    .map_err(FsError::InfraKey)?;
+                Some((p, record))
+            }
+            (Some(_), None) => {
+                return Err(FsError::Layers(
+                    "this tree was created with the infrastructure layer: open it with its infrastructure keystore".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(FsError::Layers(
+                    "this tree was created without the infrastructure layer (it cannot be added later), but an infrastructure keystore was given".into(),
+                ))
+            }
+        };
         let KeySource::Kek(w) = h.key_source else {
             unreachable!("checked above")
         };
-        Self::from_dek(h.file_id, dek, w)
+        Self::from_dek(h.file_id, dek, w, infra)
+    }
+
+    /// Whether the tree's files carry the infrastructure layer.
+    pub fn has_infra(&self) -> bool {
+        self.infra.is_some()
     }
 
     /// Rewraps the root DEK under `protector`'s current KEK (a key change):
@@ -176,7 +252,13 @@ impl RootKey {
         } else {
             (0, seqs[1] + 1)
         };
-        let header = root_header(self.file_id, &self.dek, wrapped.clone(), seq);
+        let header = root_header(
+            self.file_id,
+            &self.dek,
+            wrapped.clone(),
+            seq,
+            self.infra.as_ref().map(|(_, r)| r.clone()),
+        );
         f.write_all_at(&header.encode(&self.dek)?, target * HEADER_SLOT_SIZE as u64)
             .and_then(|_| f.sync_data())
             .map_err(|e| FsError::io(format!("write {}", path.display()), e))?;
@@ -189,10 +271,19 @@ impl RootKey {
         &self.wrapped.kek
     }
 
-    /// A new file's DEK and its key source.
-    pub(crate) fn new_file_key(&self, file_id: FileId) -> Result<(Dek, KeySource), FsError> {
+    /// A new file's DEK and its key source, and its infrastructure DEK
+    /// with the record for its header when the tree has that layer.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn new_file_key(
+        &self,
+        file_id: FileId,
+    ) -> Result<(Dek, KeySource, Option<(InfraDek, InfraKeyRecord)>), FsError> {
         let dek = Dek::generate()?;
         let wrapped = self.wrap_key.wrap(&dek, &binding(self.file_id, file_id))?;
+        let infra = match &self.infra {
+            Some((p, _)) => Some(new_infra_key(p, file_id, FileKind::FsFile)?),
+            None => None,
+        };
         Ok((
             dek,
             KeySource::Parent {
@@ -201,7 +292,30 @@ impl RootKey {
                 parent_wrapped: self.wrapped.clone(),
                 wrapped,
             },
+            infra,
         ))
+    }
+
+    /// The infrastructure DEK of a file whose header has `record`; refuses
+    /// a file whose layers differ from the tree's.
+    pub(crate) fn file_infra(
+        &self,
+        file_id: FileId,
+        record: Option<&InfraKeyRecord>,
+    ) -> Result<Option<InfraDek>, FsError> {
+        match (record, &self.infra) {
+            (None, None) => Ok(None),
+            (Some(r), Some((p, _))) => p
+                .unwrap(r.dek_id, &r.wrapped, file_id, FileKind::FsFile)
+                .map(Some)
+                .map_err(FsError::InfraKey),
+            (Some(_), None) => Err(FsError::Layers(
+                "the file has the infrastructure layer but its tree does not".into(),
+            )),
+            (None, Some(_)) => Err(FsError::Layers(
+                "the file lacks the infrastructure layer its tree has".into(),
+            )),
+        }
     }
 
     /// The DEK of a file whose header names `source`.
@@ -231,6 +345,23 @@ impl RootKey {
     }
 }
 
+/// The infrastructure master key a tree's root file names (`infra:<id>:v<n>`
+/// style key id), read without unwrapping anything: for deleting that key
+/// with the server. `None` when the tree has no such layer or no root.
+pub fn infra_key_of(dir: &Path) -> Option<String> {
+    let f = File::open(dir.join(ROOT_FILE)).ok()?;
+    (0..2u64).find_map(|k| {
+        let mut slot = vec![0u8; HEADER_SLOT_SIZE];
+        f.read_exact_at(&mut slot, k * HEADER_SLOT_SIZE as u64)
+            .ok()?;
+        let u = FileHeader::decode_unverified(&slot).ok()??;
+        u.claims()
+            .infra
+            .as_ref()
+            .map(|r| r.wrapped.kek.key_id.clone())
+    })
+}
+
 /// Shared by every file of a mount.
 pub type SharedRoot = Arc<RootKey>;
 
@@ -243,7 +374,28 @@ fn binding(root: FileId, file: FileId) -> Vec<u8> {
     v
 }
 
-fn root_header(file_id: FileId, dek: &Dek, wrapped: WrappedDek, sequence: u64) -> FileHeader {
+fn new_infra_key(
+    p: &InfraProtector,
+    file_id: FileId,
+    kind: FileKind,
+) -> Result<(InfraDek, InfraKeyRecord), FsError> {
+    let idek = InfraDek::generate()?;
+    let wrapped = p.wrap(&idek, file_id, kind).map_err(FsError::InfraKey)?;
+    let record = InfraKeyRecord {
+        dek_id: idek.id(),
+        wrapped,
+        unit_cipher: InfraUnitCipher::NEW_FILES,
+    };
+    Ok((idek, record))
+}
+
+fn root_header(
+    file_id: FileId,
+    dek: &Dek,
+    wrapped: WrappedDek,
+    sequence: u64,
+    infra: Option<InfraKeyRecord>,
+) -> FileHeader {
     FileHeader {
         sequence,
         kind: FileKind::FsRoot,
@@ -256,7 +408,7 @@ fn root_header(file_id: FileId, dek: &Dek, wrapped: WrappedDek, sequence: u64) -
         seals_reserved: 0,
         wal_salts: 0,
         wal_durable_frames: 0,
-        infra: None,
+        infra,
         rotation: None,
         fs: Some(FsLayout {
             slots: 1,
@@ -266,7 +418,13 @@ fn root_header(file_id: FileId, dek: &Dek, wrapped: WrappedDek, sequence: u64) -
     }
 }
 
-pub(crate) fn file_header(file_id: FileId, dek: &Dek, source: KeySource, slots: u8) -> FileHeader {
+pub(crate) fn file_header(
+    file_id: FileId,
+    dek: &Dek,
+    source: KeySource,
+    slots: u8,
+    infra: Option<InfraKeyRecord>,
+) -> FileHeader {
     FileHeader {
         sequence: 1,
         kind: FileKind::FsFile,
@@ -279,7 +437,7 @@ pub(crate) fn file_header(file_id: FileId, dek: &Dek, source: KeySource, slots: 
         seals_reserved: 0,
         wal_salts: 0,
         wal_durable_frames: 0,
-        infra: None,
+        infra,
         rotation: None,
         fs: Some(FsLayout {
             slots,

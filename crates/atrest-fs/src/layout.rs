@@ -9,18 +9,22 @@
 //! slot = meta (16: sequence u64, length u32, zero u32) | sealed unit (length + 28) | zero pad
 //! ```
 //!
-//! Every slot has the same size, [`SLOT`]; a unit's plaintext is at most
+//! Every slot of a file has the same size: [`SLOT`], or [`INFRA_SLOT`] when
+//! the infrastructure layer adds its trailer (`| AEGIS tag 16 | nonce 32`
+//! after the data layer's sealed unit). A unit's plaintext is at most
 //! [`UNIT`] bytes (the last unit of a file may be shorter).
 
-use atrest_crypto::{HEADER_SLOT_SIZE, SEAL_OVERHEAD};
+use atrest_crypto::{HEADER_SLOT_SIZE, INFRA_OVERHEAD, SEAL_OVERHEAD};
 
 /// Plaintext bytes per unit: PostgreSQL's page and WAL block size, so a
 /// page write is exactly one unit and never reads the old unit.
 pub const UNIT: usize = 8192;
 /// The clear metadata at the start of each slot.
 pub const META: usize = 16;
-/// Bytes per physical slot.
+/// Bytes per physical slot (data layer only).
 pub const SLOT: usize = META + UNIT + SEAL_OVERHEAD;
+/// Bytes per physical slot with the infrastructure layer.
+pub const INFRA_SLOT: usize = SLOT + INFRA_OVERHEAD;
 /// The two header slots before the body.
 pub const HEADER_LEN: u64 = 2 * HEADER_SLOT_SIZE as u64;
 /// Units per sequence-map group (two-slot files): the map of a group is
@@ -31,28 +35,39 @@ pub const GROUP_UNITS: u64 = (UNIT / 8) as u64;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
     pub slots: u8,
+    /// The infrastructure layer's trailer is in every slot.
+    pub infra: bool,
 }
 
 impl Layout {
+    /// Bytes per slot in this file.
+    pub const fn slot(self) -> usize {
+        if self.infra {
+            INFRA_SLOT
+        } else {
+            SLOT
+        }
+    }
+
     const fn group_len(self) -> u64 {
-        2 * SLOT as u64 + GROUP_UNITS * 2 * SLOT as u64
+        2 * self.slot() as u64 + GROUP_UNITS * 2 * self.slot() as u64
     }
 
     /// Offset of slot `k` of unit `i`.
     pub fn slot_offset(self, i: u64, k: u8) -> u64 {
         debug_assert!(k < self.slots);
         if self.slots == 1 {
-            HEADER_LEN + i * SLOT as u64
+            HEADER_LEN + i * self.slot() as u64
         } else {
             let (g, j) = (i / GROUP_UNITS, i % GROUP_UNITS);
-            HEADER_LEN + g * self.group_len() + (2 + 2 * j + k as u64) * SLOT as u64
+            HEADER_LEN + g * self.group_len() + (2 + 2 * j + k as u64) * self.slot() as u64
         }
     }
 
     /// Offset of map slot `k` of group `g` (two-slot files only).
     pub fn map_offset(self, g: u64, k: u8) -> u64 {
         debug_assert_eq!(self.slots, 2);
-        HEADER_LEN + g * self.group_len() + k as u64 * SLOT as u64
+        HEADER_LEN + g * self.group_len() + k as u64 * self.slot() as u64
     }
 
     /// Units that have at least one complete slot in a file of `physical`
@@ -61,7 +76,7 @@ impl Layout {
         let Some(rel) = physical.checked_sub(HEADER_LEN) else {
             return 0;
         };
-        let s = SLOT as u64;
+        let s = self.slot() as u64;
         if self.slots == 1 {
             return rel / s;
         }
@@ -78,7 +93,7 @@ impl Layout {
         if n == 0 {
             HEADER_LEN
         } else {
-            self.slot_offset(n - 1, self.slots - 1) + SLOT as u64
+            self.slot_offset(n - 1, self.slots - 1) + self.slot() as u64
         }
     }
 }
@@ -89,17 +104,18 @@ mod tests {
 
     #[test]
     fn slots_never_overlap_and_units_in_inverts_physical_len() {
-        for slots in [1u8, 2] {
-            let l = Layout { slots };
+        for (slots, infra) in [(1u8, false), (2, false), (1, true), (2, true)] {
+            let l = Layout { slots, infra };
+            let slot = l.slot() as u64;
             let mut ends = vec![];
             for i in 0..(3 * GROUP_UNITS + 5) {
                 for k in 0..slots {
-                    ends.push((l.slot_offset(i, k), l.slot_offset(i, k) + SLOT as u64));
+                    ends.push((l.slot_offset(i, k), l.slot_offset(i, k) + slot));
                 }
                 if slots == 2 && i % GROUP_UNITS == 0 {
                     for k in 0..2 {
                         let o = l.map_offset(i / GROUP_UNITS, k);
-                        ends.push((o, o + SLOT as u64));
+                        ends.push((o, o + slot));
                     }
                 }
             }
@@ -115,7 +131,7 @@ mod tests {
                 }
                 if n > 0 && slots == 2 {
                     // Slot A of the last unit complete, slot B not written: still n.
-                    let a_end = l.slot_offset(n - 1, 0) + SLOT as u64;
+                    let a_end = l.slot_offset(n - 1, 0) + slot;
                     assert_eq!(l.units_in(a_end), n);
                     assert_eq!(l.units_in(a_end - 1), n - 1);
                 }

@@ -22,7 +22,7 @@ pub mod layout;
 
 pub use file::CryptFile;
 pub use fs::{mount, AtrestFs, MountOptions, SlotPolicy, Stats};
-pub use keys::{RootKey, ROOT_FILE};
+pub use keys::{infra_key_of, RootKey, ROOT_FILE};
 
 use thiserror::Error;
 
@@ -45,6 +45,15 @@ pub enum FsError {
     /// The KEK could not unwrap (or wrap) the tree's root key.
     #[error("the tree's root key: {0}")]
     Key(atrest_crypto::ProtectorError),
+    /// The infrastructure layer's keystore or master key.
+    #[error("the infrastructure layer: {0}")]
+    Infra(#[from] atrest_keystore::KeystoreError),
+    /// The infrastructure master key could not unwrap (or wrap) a key.
+    #[error("the infrastructure layer's key: {0}")]
+    InfraKey(atrest_crypto::ProtectorError),
+    /// The layers of a file or tree differ from what was asked for.
+    #[error("encryption layers: {0}")]
+    Layers(String),
     #[error("invalid header: {0}")]
     Header(String),
     /// A file wrapped by another tree's root key.

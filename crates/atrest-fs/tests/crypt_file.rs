@@ -9,7 +9,7 @@ use std::path::Path;
 
 use atrest_fs::layout::{Layout, GROUP_UNITS, HEADER_LEN, META, SLOT, UNIT};
 use atrest_fs::{CryptFile, FsError, RootKey};
-use common::{bytes, new_tree};
+use common::{bytes, new_tree, new_tree_with};
 
 fn rw(p: &Path) -> File {
     OpenOptions::new()
@@ -37,12 +37,19 @@ fn flip(p: &Path, off: u64) {
 }
 
 #[test]
-fn random_reads_and_writes_match_a_model_in_both_layouts() {
-    let t = tempfile::tempdir().unwrap();
-    let (_p, root) = new_tree(&t.path().join("ks"), t.path());
+fn random_reads_and_writes_match_a_model_in_both_layouts_with_and_without_the_infrastructure_layer()
+{
+    for infra in [false, true] {
+        let t = tempfile::tempdir().unwrap();
+        let (_p, root, _iks) = new_tree_with(&t.path().join("ks"), t.path(), infra);
+        model_test(t.path(), &root);
+    }
+}
+
+fn model_test(dir: &Path, root: &RootKey) {
     for slots in [1u8, 2] {
-        let path = t.path().join(format!("f{slots}"));
-        let f = CryptFile::create(rw(&path), "f", &root, slots).unwrap();
+        let path = dir.join(format!("f{slots}"));
+        let f = CryptFile::create(rw(&path), "f", root, slots).unwrap();
         let mut model: Vec<u8> = vec![];
         for step in 0..300u64 {
             let r = bytes(step * 7 + slots as u64, 16);
@@ -76,7 +83,7 @@ fn random_reads_and_writes_match_a_model_in_both_layouts() {
         }
         f.close().unwrap();
         drop(f);
-        let f = CryptFile::open(rw(&path), "f", &root).unwrap();
+        let f = CryptFile::open(rw(&path), "f", root).unwrap();
         assert_eq!(read_all(&f).unwrap(), model, "{slots} slots after reopen");
         // Nothing of the plaintext is in the ciphertext.
         let raw = std::fs::read(&path).unwrap();
@@ -87,21 +94,27 @@ fn random_reads_and_writes_match_a_model_in_both_layouts() {
 
 #[test]
 fn a_flipped_bit_swapped_units_or_a_unit_from_another_file_fail_with_the_unit_named() {
-    let t = tempfile::tempdir().unwrap();
-    let (_p, root) = new_tree(&t.path().join("ks"), t.path());
+    for infra in [false, true] {
+        let t = tempfile::tempdir().unwrap();
+        let (_p, root, _iks) = new_tree_with(&t.path().join("ks"), t.path(), infra);
+        tamper_test(t.path(), &root, infra);
+    }
+}
+
+fn tamper_test(dir: &Path, root: &RootKey, infra: bool) {
     for slots in [1u8, 2] {
-        let a = t.path().join(format!("a{slots}"));
-        let b = t.path().join(format!("b{slots}"));
+        let a = dir.join(format!("a{slots}"));
+        let b = dir.join(format!("b{slots}"));
         for p in [&a, &b] {
-            let f = CryptFile::create(rw(p), "x", &root, slots).unwrap();
+            let f = CryptFile::create(rw(p), "x", root, slots).unwrap();
             f.write_at(0, &bytes(1, 4 * UNIT)).unwrap();
             f.sync().unwrap();
             f.write_at(0, &bytes(2, 4 * UNIT)).unwrap(); // second slot in use too
             f.close().unwrap();
         }
-        let l = Layout { slots };
+        let l = Layout { slots, infra };
         let open_unit1 = |p: &Path| {
-            let f = CryptFile::open(rw(p), "x", &root)?;
+            let f = CryptFile::open(rw(p), "x", root)?;
             let mut buf = vec![0u8; UNIT];
             f.read_at(UNIT as u64, &mut buf).map(|_| buf)
         };
@@ -119,7 +132,7 @@ fn a_flipped_bit_swapped_units_or_a_unit_from_another_file_fail_with_the_unit_na
         let raw = save.clone();
         let mut sw = raw.clone();
         let (o1, o2) = (l.slot_offset(1, 0) as usize, l.slot_offset(2, 0) as usize);
-        let span = SLOT * slots as usize;
+        let span = l.slot() * slots as usize;
         sw[o1..o1 + span].copy_from_slice(&raw[o2..o2 + span]);
         sw[o2..o2 + span].copy_from_slice(&raw[o1..o1 + span]);
         std::fs::write(&a, &sw).unwrap();
@@ -153,7 +166,10 @@ fn a_torn_rewrite_of_a_two_slot_unit_keeps_the_last_synced_version() {
     let v2 = bytes(2, UNIT);
     f.write_at(0, &v2).unwrap(); // not synced
     drop(f);
-    let l = Layout { slots: 2 };
+    let l = Layout {
+        slots: 2,
+        infra: false,
+    };
     // The unsynced write went to the other slot; tear it.
     let raw = File::open(&path).unwrap();
     let mut m = [0u8; 16];
@@ -186,7 +202,10 @@ fn a_damaged_or_replayed_newest_version_below_the_last_sync_is_an_error_not_the_
     f.sync().unwrap(); // and the map is durable
     f.close().unwrap();
     drop(f);
-    let l = Layout { slots: 2 };
+    let l = Layout {
+        slots: 2,
+        infra: false,
+    };
     let now = std::fs::read(&path).unwrap();
     // Damage the newest slot: the older slot is valid but must not be served.
     let newest = (0..2)
@@ -229,7 +248,10 @@ fn a_torn_append_past_the_synced_length_is_dropped_but_a_cut_below_it_is_reporte
         f.sync().unwrap();
         f.write_at(3 * UNIT as u64, &bytes(2, UNIT)).unwrap(); // unsynced append
         drop(f);
-        let l = Layout { slots };
+        let l = Layout {
+            slots,
+            infra: false,
+        };
         flip(&path, l.slot_offset(3, 0) + 200);
         let f = CryptFile::open(rw(&path), "log", &root).unwrap();
         assert_eq!(read_all(&f).unwrap(), bytes(1, 3 * UNIT));
@@ -262,8 +284,8 @@ fn a_file_of_another_tree_or_with_the_wrong_key_is_refused() {
         .to_string();
     assert!(e.contains("another tree"), "{e}");
     // The root opens again with its own key only.
-    assert!(RootKey::open(&d1, &p1).is_ok());
-    let err = RootKey::open(&d2, &p1).unwrap_err().to_string();
+    assert!(RootKey::open(&d1, &p1, None).is_ok());
+    let err = RootKey::open(&d2, &p1, None).unwrap_err().to_string();
     assert!(err.contains("root key"), "{err}");
     let _ = (HEADER_LEN, GROUP_UNITS);
 }
@@ -297,4 +319,69 @@ fn after_a_crash_every_file_reads_its_last_written_or_synced_content() {
             }
         }
     }
+}
+
+#[test]
+fn the_infrastructure_layer_needs_its_own_keystore_and_key_and_is_fixed_at_create() {
+    let t = tempfile::tempdir().unwrap();
+    let d1 = t.path().join("t1");
+    let d2 = t.path().join("t2");
+    std::fs::create_dir_all(&d1).unwrap();
+    std::fs::create_dir_all(&d2).unwrap();
+    let (p1, root1, iks1) = new_tree_with(&t.path().join("ks1"), &d1, true);
+    let iks1 = iks1.unwrap();
+    let path = d1.join("f");
+    let f = CryptFile::create(rw(&path), "f", &root1, 2).unwrap();
+    f.write_at(0, &bytes(5, 2 * UNIT)).unwrap();
+    f.close().unwrap();
+    drop(f);
+    // The header names both layers; slots are 48 bytes longer.
+    let l = Layout {
+        slots: 2,
+        infra: true,
+    };
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        l.slot_offset(1, 0) + l.slot() as u64,
+        "two units written once each (slot A), infrastructure-sized slots"
+    );
+    // Without the infrastructure keystore the tree does not open.
+    let e = RootKey::open(&d1, &p1, None).unwrap_err().to_string();
+    assert!(e.contains("infrastructure keystore"), "{e}");
+    // Another infrastructure keystore (the master key is not in it).
+    let other = atrest_keystore::InfraKeystore::open(t.path().join("other-infra")).unwrap();
+    other.create_master_key().unwrap();
+    let e = RootKey::open(&d1, &p1, Some(&other))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("infrastructure"), "{e}");
+    // A tree without the layer refuses a keystore: layers are fixed at create.
+    let (p2, _root2) = new_tree(&t.path().join("ks2"), &d2);
+    let e = RootKey::open(&d2, &p2, Some(&iks1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("without the infrastructure layer"), "{e}");
+    // The right keystore opens it, and the content reads back.
+    let root = RootKey::open(&d1, &p1, Some(&iks1)).unwrap();
+    assert!(root.has_infra());
+    let f = CryptFile::open(rw(&path), "f", &root).unwrap();
+    assert_eq!(read_all(&f).unwrap(), bytes(5, 2 * UNIT));
+    drop(f);
+    // A flipped bit in the infrastructure trailer (the AEGIS tag) of the
+    // only written slot of unit 0 fails that unit.
+    let target = l.slot_offset(0, 0) + l.slot() as u64 - 40;
+    flip(&path, target);
+    let f = CryptFile::open(rw(&path), "f", &root).unwrap();
+    let mut buf = vec![0u8; UNIT];
+    let e = f.read_at(0, &mut buf).unwrap_err().to_string();
+    assert!(e.contains("unit 0"), "{e}");
+    drop(f);
+    // A file of a tree without the layer, put into this one, is refused.
+    let foreign = d2.join("g");
+    let g = CryptFile::create(rw(&foreign), "g", &_root2, 2).unwrap();
+    g.close().unwrap();
+    let e = CryptFile::open(rw(&foreign), "g", &root)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("g"), "{e}");
 }

@@ -143,6 +143,26 @@ fn service_root(
     Ok(Box::new(ks.service_protector(id)?))
 }
 
+/// The infrastructure layer's keystore, when the server has that layer.
+fn infra_keystore(
+    config: &ServerConfig,
+) -> Result<Option<atrest_keystore::InfraKeystore>, crate::resource::ResourceError> {
+    if !config.encryption.infrastructure_encryption {
+        return Ok(None);
+    }
+    let dir = config
+        .encryption
+        .infra_keystore_dir
+        .as_ref()
+        .ok_or_else(|| {
+            crate::resource::ResourceError::Invalid(
+                "server.json: infrastructure encryption is on but names no infrastructure keystore"
+                    .into(),
+            )
+        })?;
+    Ok(Some(atrest_keystore::InfraKeystore::open(dir)?))
+}
+
 fn mkdir_owned(path: &Path, uid: u32, gid: u32) -> Result<(), PostgresError> {
     fs::DirBuilder::new()
         .recursive(true)
@@ -168,7 +188,9 @@ fn mount(dir: &Path) -> Result<fuser::BackgroundSession, crate::resource::Resour
     let config = resource::load_config(dir)?;
     let protector = service_root(&config)?;
     let cipher = dir.join(CIPHER_SUBDIR);
-    let root = atrest_fs::RootKey::open(&cipher, protector.as_ref()).map_err(PostgresError::Fs)?;
+    let infra = infra_keystore(&config)?;
+    let root = atrest_fs::RootKey::open(&cipher, protector.as_ref(), infra.as_ref())
+        .map_err(PostgresError::Fs)?;
     let (session, _stats) = atrest_fs::mount(
         &cipher,
         &dir.join(MOUNT_SUBDIR),
@@ -298,7 +320,9 @@ pub fn initialize(
         source: e,
     })?;
     let protector = service_root(config)?;
-    atrest_fs::RootKey::create(&cipher, protector.as_ref()).map_err(PostgresError::Fs)?;
+    let infra = infra_keystore(config)?;
+    atrest_fs::RootKey::create(&cipher, protector.as_ref(), infra.as_ref())
+        .map_err(PostgresError::Fs)?;
     let session = mount(dir)?;
     let result = (|| {
         let tmp = mnt.join("tmp");

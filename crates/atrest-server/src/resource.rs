@@ -631,12 +631,8 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
             service_key
         }
         EngineKind::Postgres => {
-            if opts.infrastructure_encryption {
-                return Err(ResourceError::Invalid(
-                    "--infrastructure-encryption is not available for the postgres engine yet"
-                        .into(),
-                ));
-            }
+            // The infrastructure layer (when on) gets its master key when
+            // the filesystem's tree is created (postgres::initialize).
             let ks = Keystore::open(&keystore_dir)?;
             ks.create_service_key()?.kek_ref().key_id
         }
@@ -1025,11 +1021,14 @@ pub fn delete(dir: &Path) -> Result<(), ResourceError> {
     set_state(dir, State::Dropping, "delete requested", None)?;
     let data = dir.join(DATA_SUBDIR);
     // The infrastructure master key (every version) goes with the server.
-    let infra_key = fs::read_to_string(data.join("atrest.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["infrastructure_key"].as_str().map(str::to_string))
-        .and_then(|k| atrest_keystore::InfraKeyId::parse(&k));
+    let infra_key = match config.engine {
+        EngineKind::Sqlite => fs::read_to_string(data.join("atrest.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["infrastructure_key"].as_str().map(str::to_string)),
+        EngineKind::Postgres => atrest_fs::infra_key_of(&dir.join(crate::postgres::CIPHER_SUBDIR)),
+    }
+    .and_then(|k| atrest_keystore::InfraKeyId::parse(&k));
     if let (Some((id, _)), Some(ks_dir)) = (infra_key, &config.encryption.infra_keystore_dir) {
         let ks = atrest_keystore::InfraKeystore::open(ks_dir)?;
         for v in ks.versions(id)? {

@@ -1,5 +1,6 @@
 //! `atrest bench postgres`: real PostgreSQL on the plain disk against the
-//! postgres engine (scenario 1: PostgreSQL on atrest-fs) and, when it is
+//! postgres engine (scenario 1: PostgreSQL on atrest-fs; scenario 2: with the
+//! infrastructure layer too) and, when it is
 //! installed, gocryptfs (Debian's AES-256-GCM FUSE filesystem), all with
 //! the postgresql.conf `server create` writes (checksums on). pgbench
 //! TPC-B-like and select-only, rounds interleaved, the side order rotating
@@ -44,6 +45,8 @@ pub struct PostgresBench {
 enum Side {
     Plain,
     S1,
+    /// Scenario 2: the infrastructure layer too.
+    S2,
     Gocryptfs,
 }
 
@@ -52,6 +55,7 @@ impl Side {
         match self {
             Side::Plain => "plain",
             Side::S1 => "s1",
+            Side::S2 => "s2",
             Side::Gocryptfs => "gocryptfs",
         }
     }
@@ -233,19 +237,26 @@ fn start_side(side: Side, b: &PostgresBench, pg: &PostgresConfig) -> Result<Runn
                 mount: Some(mnt),
             })
         }
-        Side::S1 => {
+        Side::S1 | Side::S2 => {
             let data = base.join("server");
             let exe = std::env::current_exe()?;
             if !data.exists() {
                 let pw = base.join("admin-pw");
                 std::fs::write(&pw, format!("{PASSWORD}\n"))?;
+                let mut create = Command::new(&exe);
+                create
+                    .args(["server", "create", "--engine", "postgres", "--name"])
+                    .arg(format!("bench-{}", side.name()))
+                    .arg("--data")
+                    .arg(&data);
+                if side == Side::S2 {
+                    create
+                        .arg("--infrastructure-encryption")
+                        .arg("--infra-keystore")
+                        .arg(base.join("infra-keystore"));
+                }
                 run_ok(
-                    Command::new(&exe)
-                        .args([
-                            "server", "create", "--engine", "postgres", "--name", "bench-s1",
-                            "--data",
-                        ])
-                        .arg(&data)
+                    create
                         .arg("--keystore")
                         .arg(base.join("keystore"))
                         .arg("--admin-password-file")
@@ -276,7 +287,11 @@ fn start_side(side: Side, b: &PostgresBench, pg: &PostgresConfig) -> Result<Runn
 }
 
 fn stop(mut r: Running) {
-    let sig = if r.side == Side::S1 { 15 } else { 2 };
+    let sig = if matches!(r.side, Side::S1 | Side::S2) {
+        15
+    } else {
+        2
+    };
     if let Some(pid) = rustix::process::Pid::from_raw(r.child.id() as i32) {
         if let Some(s) = rustix::process::Signal::from_named_raw(sig) {
             let _ = rustix::process::kill_process(pid, s);
@@ -327,13 +342,13 @@ fn median(v: &[f64]) -> f64 {
 
 pub fn run(b: PostgresBench) -> Result<std::process::ExitCode> {
     let pg = PostgresConfig::find(None, "postgres")?;
-    let mut sides = vec![Side::Plain, Side::S1];
+    let mut sides = vec![Side::Plain, Side::S1, Side::S2];
     let have_gocryptfs = Command::new("gocryptfs").arg("-version").output().is_ok();
     if have_gocryptfs && !b.no_gocryptfs {
         sides.push(Side::Gocryptfs);
     } else {
         eprintln!(
-            "gocryptfs is not installed (apt-get install gocryptfs): measuring plain and s1 only"
+            "gocryptfs is not installed (apt-get install gocryptfs): measuring plain, s1 and s2 only"
         );
     }
     if b.dir.exists() {

@@ -26,12 +26,17 @@ fn free_port() -> u16 {
 
 impl PgServer {
     fn create(name: &str) -> PgServer {
+        Self::create_with(name, &[])
+    }
+
+    fn create_with(name: &str, extra: &[&str]) -> PgServer {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         let dir = tmp.path().join("server");
         let keystore = tmp.path().join("keystore");
         let port = free_port();
-        let out = atrest_ok(&[
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec![
             "server",
             "create",
             "--engine",
@@ -43,8 +48,10 @@ impl PgServer {
             "--keystore",
             keystore.to_str().unwrap(),
             "--listen",
-            &format!("127.0.0.1:{port}"),
-        ]);
+            &listen,
+        ];
+        args.extend_from_slice(extra);
+        let out = atrest_ok(&args);
         assert!(out.contains("engine postgres"), "{out}");
         let password = std::fs::read_to_string(dir.join("initial-admin-password"))
             .unwrap()
@@ -483,7 +490,10 @@ fn kill_9_of_postgres_or_of_the_filesystem_process_under_pgbench_loses_no_acknow
 /// and the slot holding that write.
 fn newest_unit(bytes: &[u8]) -> (u64, u8) {
     use atrest_fs::layout::{Layout, SLOT};
-    let l = Layout { slots: 2 };
+    let l = Layout {
+        slots: 2,
+        infra: false,
+    };
     let units = l.units_in(bytes.len() as u64);
     let mut best = (0u64, 0u64, 0u8);
     for i in 0..units {
@@ -529,6 +539,7 @@ fn tampered_relation_and_wal_units_are_io_errors_never_wrong_rows() {
     let other = std::fs::read(pgdata.join(&u_path)).unwrap();
     let one = Layout {
         slots: atrest_fs::SlotPolicy::Postgres.slots_for(Path::new(&t_path)),
+        infra: false,
     };
     assert_eq!(one.slots, 1, "relation files have one slot");
     let (o1, o2) = (
@@ -603,7 +614,10 @@ fn tampered_relation_and_wal_units_are_io_errors_never_wrong_rows() {
     let older = segs.first().unwrap().clone();
     let wal = std::fs::read(&seg).unwrap();
     let (unit, slot) = newest_unit(&wal);
-    let two = Layout { slots: 2 };
+    let two = Layout {
+        slots: 2,
+        infra: false,
+    };
     let o = two.slot_offset(unit, slot) as usize;
     let mut flipped = wal.clone();
     flipped[o + META + 100] ^= 0x01;
@@ -644,4 +658,93 @@ fn tampered_relation_and_wal_units_are_io_errors_never_wrong_rows() {
     assert_eq!(a.psql("postgres", "select count(*), sum(id) from t"), want);
     let st = a.s.stop();
     assert!(st.success(), "{st}");
+}
+
+#[test]
+fn infrastructure_encryption_adds_a_second_layer_with_its_own_keystore() {
+    // Scenario 2: every slot carries the AEGIS layer under its own
+    // master key, in a keystore apart from the service key's.
+    let infra_tmp = tempfile::tempdir().unwrap();
+    let infra = infra_tmp.path().join("infra");
+    let mut a = PgServer::create_with(
+        "pg-infra",
+        &[
+            "--infrastructure-encryption",
+            "--infra-keystore",
+            infra.to_str().unwrap(),
+        ],
+    );
+    let key_files = || {
+        std::fs::read_dir(&infra)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(key_files().len(), 1, "one infrastructure master key");
+    a.s.start(&[]);
+    let c = a.conninfo("postgres");
+    a.run("pgbench", &["-i", "-s", "2", "-q", &c]);
+    let out = a.run("pgbench", &["-n", "-c", "2", "-t", "200", &c]);
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    let marker = format!("ATRESTINFRA{:x}", std::process::id() as u64 * 104_729);
+    a.psql(
+        "postgres",
+        &format!("create table m(v text); insert into m select '{marker}' || g from generate_series(1, 20000) g; checkpoint"),
+    );
+    // A relation file: one slot per page, each 8,236 + 48 bytes.
+    let rel = a.psql(
+        "postgres",
+        "select pg_relation_filepath('pgbench_accounts')",
+    );
+    let pages: u64 = a
+        .psql(
+            "postgres",
+            "select pg_relation_size('pgbench_accounts') / 8192",
+        )
+        .trim()
+        .parse()
+        .unwrap();
+    let file = a.s.dir.join("pgfs/pgdata").join(rel.trim());
+    let len = std::fs::metadata(&file).unwrap().len();
+    assert!(pages > 100, "{pages}");
+    assert_eq!(len, 8_192 + pages * (8_236 + 48), "{}", file.display());
+    let st = a.s.stop();
+    assert!(st.success(), "{st}");
+    for (p, bytes) in files_under(&a.s.dir) {
+        assert!(
+            !contains(&bytes, marker.as_bytes()),
+            "{} holds the marker",
+            p.display()
+        );
+    }
+
+    // Without its master key the server does not start, and says why.
+    let aside = infra_tmp.path().join("aside");
+    std::fs::create_dir(&aside).unwrap();
+    let moved: Vec<(PathBuf, PathBuf)> = key_files()
+        .into_iter()
+        .map(|p| {
+            let to = aside.join(p.file_name().unwrap());
+            std::fs::rename(&p, &to).unwrap();
+            (p, to)
+        })
+        .collect();
+    let out = atrest(&["server", "start", "--data", a.s.dir.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("infrastructure"), "{err}");
+    for (p, to) in &moved {
+        std::fs::rename(to, p).unwrap();
+    }
+    a.s.start(&[]);
+    let n = a.psql("postgres", "select count(*) from pgbench_accounts");
+    assert_eq!(n.trim(), "200000");
+    let st = a.s.stop();
+    assert!(st.success(), "{st}");
+
+    // Delete destroys the infrastructure master key with the server.
+    let dir = a.s.dir.clone();
+    atrest_ok(&["server", "delete", "--data", dir.to_str().unwrap(), "--yes"]);
+    assert!(!dir.exists());
+    assert!(key_files().is_empty(), "{:?}", key_files());
 }

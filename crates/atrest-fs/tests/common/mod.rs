@@ -2,15 +2,31 @@
 use std::path::Path;
 
 use atrest_fs::RootKey;
-use atrest_keystore::Keystore;
+use atrest_keystore::{InfraKeystore, Keystore};
 
 /// A fresh keystore with one service key, and a new tree in `dir`.
 pub fn new_tree(ks_dir: &Path, dir: &Path) -> (atrest_keystore::ServiceProtector, RootKey) {
+    let (p, root, _) = new_tree_with(ks_dir, dir, false);
+    (p, root)
+}
+
+/// As [`new_tree`], with the infrastructure layer when `infra` (its own
+/// keystore in `ks_dir`-infra, returned).
+pub fn new_tree_with(
+    ks_dir: &Path,
+    dir: &Path,
+    infra: bool,
+) -> (
+    atrest_keystore::ServiceProtector,
+    RootKey,
+    Option<InfraKeystore>,
+) {
     let ks = Keystore::open(ks_dir).unwrap();
     let id = ks.create_service_key().unwrap();
     let p = ks.service_protector(id).unwrap();
-    let root = RootKey::create(dir, &p).unwrap();
-    (p, root)
+    let iks = infra.then(|| InfraKeystore::open(ks_dir.with_extension("infra")).unwrap());
+    let root = RootKey::create(dir, &p, iks.as_ref()).unwrap();
+    (p, root, iks)
 }
 
 /// Deterministic pseudo-random bytes.
