@@ -26,8 +26,8 @@ use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder, Framed};
 
 use crate::error::PgError;
-use crate::listener::{Phase, ServerCtx};
-use crate::resource::PlaintextPolicy;
+use crate::listener::ServerCtx;
+use crate::resource::{PlaintextPolicy, State};
 use crate::scram::{self, Binding, ScramServer, ScramVerifier};
 use crate::session::{self, Job, Out, SessionConfig, SessionShared};
 
@@ -350,14 +350,15 @@ async fn startup(
         .await;
         return None;
     }
-    match ctx.phase() {
-        Phase::Ready => {}
-        Phase::Inaccessible => {
+    match ctx.state() {
+        State::Ready => {}
+        State::Inaccessible => {
             ctx.metrics.rejected("inaccessible");
             send_fatal(&mut conn, &ctx.inaccessible_error()).await;
             return None;
         }
-        Phase::Stopping => {
+        // Stopping (no connection is accepted before Ready).
+        _ => {
             ctx.metrics.rejected("shutting_down");
             send_fatal(
                 &mut conn,

@@ -1,5 +1,5 @@
-//! The running server's control plane: the key monitor, webhook alerts,
-//! and the admin socket (`DIR/admin.sock`, mode 0600: only the server's
+//! The running server's control plane: the key monitor and the admin
+//! socket (`DIR/admin.sock`, mode 0600: only the server's
 //! owner can use it) through which `atrest server set-key`, `rotate-key`
 //! and `revalidate` reach a running server.
 
@@ -11,88 +11,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::keys::{self, Loss, Target};
-use crate::listener::{Phase, ServerCtx, StartError};
-use crate::resource::{self, ServerConfig, State};
+use crate::listener::{ServerCtx, StartError};
+use crate::resource::{self, State};
 
 pub const ADMIN_SOCKET: &str = "admin.sock";
-
-/// Webhooks: an HTTP POST with a JSON body on every state change, retried
-/// with exponential backoff.
-pub struct Alerts {
-    urls: Vec<String>,
-    client: reqwest::Client,
-    pending: std::sync::Mutex<tokio::task::JoinSet<()>>,
-}
-
-impl Alerts {
-    pub fn new(urls: &[String]) -> Alerts {
-        Alerts {
-            urls: urls.to_vec(),
-            client: webhook_client(),
-            pending: std::sync::Mutex::default(),
-        }
-    }
-
-    pub fn notify(&self, config: &ServerConfig, state: State, reason: &str) {
-        if self.urls.is_empty() {
-            return;
-        }
-        let body = json!({
-            "server": config.name,
-            "server_id": config.server_id,
-            "state": state,
-            "reason": reason,
-            "time": resource::now_rfc3339(),
-            "customer_key": config.encryption.customer_key.as_ref().map(|c| c.key.kid()),
-        });
-        if tokio::runtime::Handle::try_current().is_err() {
-            return;
-        }
-        let mut pending = self.pending.lock().expect("alerts");
-        for url in &self.urls {
-            let (client, url, body) = (self.client.clone(), url.clone(), body.clone());
-            pending.spawn(async move {
-                let mut delay = Duration::from_millis(250);
-                for attempt in 1..=6 {
-                    match client.post(&url).json(&body).send().await {
-                        Ok(r) if r.status().is_success() => return,
-                        Ok(r) => tracing::warn!(%url, status = %r.status(), attempt, "webhook refused the alert"),
-                        Err(e) => tracing::warn!(%url, error = %e, attempt, "webhook unreachable"),
-                    }
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
-                }
-                tracing::error!(%url, "alert not delivered after 6 attempts");
-            });
-        }
-    }
-
-    /// Waits (bounded) for alerts still being delivered.
-    pub async fn drain(&self, limit: Duration) {
-        let mut set = std::mem::take(&mut *self.pending.lock().expect("alerts"));
-        let _ =
-            tokio::time::timeout(limit, async { while set.join_next().await.is_some() {} }).await;
-    }
-}
-
-/// An HTTP client for webhooks: rustls on aws-lc-rs, trusting the system
-/// CA bundle for https URLs.
-fn webhook_client() -> reqwest::Client {
-    let mut roots = rustls::RootCertStore::empty();
-    if let Ok(pem) = std::fs::read("/etc/ssl/certs/ca-certificates.crt") {
-        for c in rustls_pemfile::certs(&mut pem.as_slice()).flatten() {
-            let _ = roots.add(c);
-        }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(atrest_vault::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth());
-    let mut b = reqwest::Client::builder().timeout(Duration::from_secs(10));
-    if let Ok(cfg) = tls {
-        b = b.use_preconfigured_tls(cfg);
-    }
-    b.build().expect("webhook HTTP client")
-}
 
 /// Re-checks the customer key on an interval; moves to Inaccessible on a
 /// refusal at once, on an outage after the grace period; while
@@ -111,9 +33,10 @@ pub async fn monitor(ctx: Arc<ServerCtx>) {
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.changed() => return,
         }
-        match ctx.phase() {
-            Phase::Stopping => return,
-            Phase::Inaccessible => {
+        match ctx.state() {
+            State::Starting => {}
+            State::Stopping | State::Stopped | State::Dropping => return,
+            State::Inaccessible => {
                 if (cfg.auto_revalidate || last_loss_was_outage)
                     && ctx
                         .revalidate("revalidated automatically: the key is accessible again")
@@ -124,7 +47,7 @@ pub async fn monitor(ctx: Arc<ServerCtx>) {
                     last_loss_was_outage = false;
                 }
             }
-            Phase::Ready => {
+            State::Ready => {
                 let _guard = ctx.key_op.lock().await;
                 let (access, key, probe) = {
                     let k = ctx.keys.lock().expect("keys");
@@ -253,8 +176,8 @@ pub async fn set_key(ctx: &Arc<ServerCtx>, target: Target) -> Result<keys::Switc
 
 async fn admin_op(ctx: &Arc<ServerCtx>, req: Value) -> Value {
     match req["op"].as_str().unwrap_or("") {
-        "revalidate" => match ctx.phase() {
-            Phase::Inaccessible | Phase::Ready => {
+        "revalidate" => match ctx.state() {
+            State::Inaccessible | State::Ready => {
                 match ctx.revalidate("revalidated by the administrator").await {
                     Ok(()) => json!({"ok": true, "state": "Ready"}),
                     Err(e) => {
@@ -262,10 +185,11 @@ async fn admin_op(ctx: &Arc<ServerCtx>, req: Value) -> Value {
                     }
                 }
             }
-            Phase::Stopping => json!({"error": "the server is shutting down"}),
+            State::Starting => json!({"error": "the server is starting"}),
+            _ => json!({"error": "the server is shutting down"}),
         },
         "set-key" => {
-            if ctx.phase() != Phase::Ready {
+            if ctx.state() != State::Ready {
                 return json!({"error": "the server is not Ready; revalidate it first (an Inaccessible server allows only revalidation or delete)"});
             }
             let target = match parse_target(&req) {
@@ -278,7 +202,7 @@ async fn admin_op(ctx: &Arc<ServerCtx>, req: Value) -> Value {
             }
         }
         "backup" | "backup-verify" => {
-            if ctx.phase() != Phase::Ready {
+            if ctx.state() != State::Ready {
                 return json!({"error": "the server is not Ready; an Inaccessible server cannot read its data (revalidate it first)"});
             }
             let c = Arc::clone(ctx);
@@ -303,7 +227,7 @@ async fn admin_op(ctx: &Arc<ServerCtx>, req: Value) -> Value {
             }
         }
         "rotate-dek" => {
-            if ctx.phase() != Phase::Ready {
+            if ctx.state() != State::Ready {
                 return json!({"error": "the server is not Ready; an Inaccessible server cannot read its data (revalidate it first)"});
             }
             let rate = req["pages_per_second"].as_u64();
@@ -324,12 +248,12 @@ async fn admin_op(ctx: &Arc<ServerCtx>, req: Value) -> Value {
             Err(e) => json!({"error": e}),
         },
         "status" => {
-            json!({"ok": true, "phase": format!("{:?}", ctx.phase()), "sessions": ctx.session_count()})
+            json!({"ok": true, "phase": format!("{:?}", ctx.state()), "sessions": ctx.session_count()})
         }
         // Delete is the one operation an Inaccessible server allows: the
         // process stops so the directory can be removed.
         "stop-for-delete" => {
-            if ctx.phase() != Phase::Inaccessible {
+            if ctx.state() != State::Inaccessible {
                 return json!({"error": "the server is running and not Inaccessible; stop it (SIGTERM) before deleting it"});
             }
             ctx.stop_requested.notify_one();

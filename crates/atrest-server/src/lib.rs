@@ -17,14 +17,17 @@
 
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod backup;
 pub mod cmk;
 pub mod connection;
 pub mod control;
 pub mod databases;
 pub mod error;
+pub mod http;
 pub mod infer;
 pub mod keys;
+pub mod lifecycle;
 pub mod listener;
 pub mod metrics;
 pub mod postgres;

@@ -4,30 +4,20 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use atrest_keystore::Keystore;
 use atrest_storage::{Engine, EngineOptions};
-use http_body_util::Full;
-use hyper::body::Bytes;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::databases::Databases;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::resource::{self, Endpoints, Limits, ResourceError, Role, Roles, ServerConfig, State};
 use crate::session::SessionShared;
-
-/// Whether new sessions are admitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Ready,
-    Stopping,
-    /// The customer key cannot be used: every connection is refused.
-    Inaccessible,
-}
 
 /// What every connection of a running server shares.
 pub struct ServerCtx {
@@ -45,7 +35,8 @@ pub struct ServerCtx {
     roles: RwLock<Roles>,
     sessions: Mutex<HashMap<i32, Arc<SessionShared>>>,
     next_pid: AtomicI32,
-    phase: AtomicU8,
+    /// The one lifecycle (state, state.json, activity log, webhooks).
+    pub lifecycle: Arc<Lifecycle>,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
     grace_tx: tokio::sync::watch::Sender<Option<Instant>>,
     /// Bumped to end every session at once (the key became inaccessible).
@@ -58,8 +49,6 @@ pub struct ServerCtx {
     pub keys: Mutex<KeyRuntime>,
     /// Serializes key operations (switch, revalidate, monitor).
     pub key_op: tokio::sync::Mutex<()>,
-    pub endpoints: Endpoints,
-    pub alerts: crate::control::Alerts,
     /// Asked to stop through the admin socket (delete of an Inaccessible server).
     pub stop_requested: tokio::sync::Notify,
     /// Online DEK rotation (see [`crate::rotation`]).
@@ -75,12 +64,9 @@ pub struct KeyRuntime {
 }
 
 impl ServerCtx {
-    pub fn phase(&self) -> Phase {
-        match self.phase.load(Ordering::SeqCst) {
-            0 => Phase::Ready,
-            2 => Phase::Inaccessible,
-            _ => Phase::Stopping,
-        }
+    /// The server's state: sessions are admitted only when Ready.
+    pub fn state(&self) -> State {
+        self.lifecycle.state()
     }
 
     /// The error every connection gets while Inaccessible.
@@ -110,24 +96,16 @@ impl ServerCtx {
         self.kick_tx.subscribe()
     }
 
-    /// Records a state change (state.json, activity log) and alerts.
-    pub fn transition(&self, state: State, reason: &str) {
-        if let Err(e) = resource::set_state(&self.dir, state, reason, Some(&self.endpoints)) {
-            tracing::error!(error = %e, "cannot record the state change");
-        }
-        self.alerts.notify(&self.config, state, reason);
-    }
-
     /// Moves to Inaccessible: refuses new connections, ends every session,
     /// then zeroizes the unwrapped DEKs.
     pub async fn go_inaccessible(self: &Arc<Self>, reason: String) {
-        if self.phase() == Phase::Inaccessible {
+        if self.state() == State::Inaccessible {
             return;
         }
         *self.inaccessible.lock().expect("inaccessible") = Some(reason.clone());
-        self.phase.store(2, Ordering::SeqCst);
         tracing::error!(%reason, "customer-managed key inaccessible");
-        self.transition(State::Inaccessible, &reason);
+        // Refused only while Stopping: the keys are zeroized all the same.
+        let _ = self.lifecycle.transition(State::Inaccessible, &reason);
         let sessions: Vec<_> = self
             .sessions
             .lock()
@@ -163,10 +141,9 @@ impl ServerCtx {
             .map_err(|e| e.to_string())?;
         match r {
             Ok(()) => {
-                if self.phase() == Phase::Inaccessible {
+                if self.state() == State::Inaccessible {
                     *self.inaccessible.lock().expect("inaccessible") = None;
-                    self.phase.store(0, Ordering::SeqCst);
-                    self.transition(State::Ready, reason);
+                    let _ = self.lifecycle.transition(State::Ready, reason);
                 }
                 Ok(())
             }
@@ -377,11 +354,11 @@ impl Running {
     pub async fn stop(self, reason: &str) {
         let _ = self.stop_tx.send(());
         let _ = self.done.await;
-        let _ = resource::set_state(&self.ctx.dir, State::Stopped, reason, None);
+        let _ = self.ctx.lifecycle.transition(State::Stopped, reason);
         self.ctx
-            .alerts
-            .notify(&self.ctx.config, State::Stopped, reason);
-        self.ctx.alerts.drain(Duration::from_secs(10)).await;
+            .lifecycle
+            .drain_alerts(Duration::from_secs(10))
+            .await;
         let _ = std::fs::remove_file(self.ctx.dir.join(crate::control::ADMIN_SOCKET));
     }
 }
@@ -394,10 +371,8 @@ pub async fn start(opts: StartOptions) -> Result<Running, StartError> {
     })?;
     let config = resource::load_config(&dir)?;
     let lock = resource::lock(&dir)?;
-    let alerts = crate::control::Alerts::new(&config.webhooks);
-    resource::set_state(&dir, State::Starting, "start requested", None)?;
-    alerts.notify(&config, State::Starting, "start requested");
-    let result = start_locked(&dir, config.clone(), &opts, alerts).await;
+    let lifecycle = Arc::new(Lifecycle::begin(&dir, &config));
+    let result = start_locked(&dir, config.clone(), &opts, Arc::clone(&lifecycle)).await;
     match result {
         Ok((listen, metrics, ctx, stop_tx, done)) => Ok(Running {
             listen,
@@ -409,10 +384,8 @@ pub async fn start(opts: StartOptions) -> Result<Running, StartError> {
         }),
         Err(e) => {
             let reason = format!("start failed: {e}");
-            let _ = resource::set_state(&dir, State::Stopped, &reason, None);
-            let alerts = crate::control::Alerts::new(&config.webhooks);
-            alerts.notify(&config, State::Stopped, &reason);
-            alerts.drain(Duration::from_secs(10)).await;
+            let _ = lifecycle.transition(State::Stopped, &reason);
+            lifecycle.drain_alerts(Duration::from_secs(10)).await;
             Err(e)
         }
     }
@@ -438,7 +411,7 @@ async fn start_locked(
     dir: &Path,
     config: ServerConfig,
     opts: &StartOptions,
-    alerts: crate::control::Alerts,
+    lifecycle: Arc<Lifecycle>,
 ) -> Result<Started, StartError> {
     let limits = opts.limits.clone().unwrap_or_else(|| config.limits.clone());
     let roles = Roles::load(dir)?;
@@ -614,11 +587,11 @@ async fn start_locked(
     let (shutdown_tx, _) = tokio::sync::watch::channel(false);
     let (grace_tx, _) = tokio::sync::watch::channel(None);
     let (kick_tx, _) = tokio::sync::watch::channel(0u64);
-    let endpoints = Endpoints {
+    lifecycle.set_endpoints(Endpoints {
         pid: Some(std::process::id()),
         listen: Some(listen.to_string()),
         metrics: metrics_addr.map(|a| a.to_string()),
-    };
+    });
     let rotator = crate::rotation::DekRotator::new(
         Arc::clone(&databases),
         dir.to_path_buf(),
@@ -639,28 +612,29 @@ async fn start_locked(
         roles: RwLock::new(roles),
         sessions: Mutex::new(HashMap::new()),
         next_pid: AtomicI32::new(1000),
-        phase: AtomicU8::new(0),
+        lifecycle,
         shutdown_tx,
         grace_tx,
         kick_tx,
         inaccessible: Mutex::new(None),
         keys: Mutex::new(runtime),
         key_op: tokio::sync::Mutex::new(()),
-        endpoints,
-        alerts,
         stop_requested: tokio::sync::Notify::new(),
     });
     if let Some(ml) = metrics_listener {
-        let c = Arc::clone(&ctx);
-        tokio::spawn(serve_http(ml, c));
+        let observed: Arc<dyn crate::http::Observe> = Arc::clone(&ctx) as _;
+        tokio::spawn(crate::http::serve(ml, Arc::clone(&ctx.lifecycle), observed));
     }
     crate::control::serve_admin(Arc::clone(&ctx))?;
     match key_failure {
-        None => ctx.transition(State::Ready, "started"),
+        None => {
+            let _ = ctx.lifecycle.transition(State::Ready, "started");
+        }
         Some(reason) => {
             *ctx.inaccessible.lock().expect("inaccessible") = Some(reason.clone());
-            ctx.phase.store(2, Ordering::SeqCst);
-            ctx.transition(State::Inaccessible, &format!("at start: {reason}"));
+            let _ = ctx
+                .lifecycle
+                .transition(State::Inaccessible, &format!("at start: {reason}"));
         }
     }
     // Always: a customer key can be set while the server runs.
@@ -703,10 +677,9 @@ async fn accept_loop(
     }
     // Graceful shutdown: refuse new sessions, end idle ones now, give open
     // transactions the grace period, then roll them back.
-    ctx.phase.store(1, Ordering::SeqCst);
     ctx.rotator.shutdown();
     let grace = Duration::from_millis(ctx.limits.shutdown_grace_ms);
-    ctx.transition(
+    let _ = ctx.lifecycle.transition(
         State::Stopping,
         &format!(
             "shutdown requested; {} session(s) open, {} ms for open transactions",
@@ -734,50 +707,13 @@ async fn accept_loop(
     }
 }
 
-async fn serve_http(listener: TcpListener, ctx: Arc<ServerCtx>) {
-    use hyper::service::service_fn;
-    loop {
-        let Ok((sock, _)) = listener.accept().await else {
-            continue;
-        };
-        let c = Arc::clone(&ctx);
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let c = Arc::clone(&c);
-                async move {
-                    let (status, ctype, body) = match req.uri().path() {
-                        "/metrics" => {
-                            let state = match c.phase() {
-                                Phase::Ready => "Ready",
-                                Phase::Stopping => "Stopping",
-                                Phase::Inaccessible => "Inaccessible",
-                            };
-                            (
-                                200,
-                                "text/plain; version=0.0.4",
-                                c.metrics.render(&c.databases.engine().stats(), state)
-                                    + &c.rotator.render_metrics(),
-                            )
-                        }
-                        "/status" => match resource::status(&c.dir) {
-                            Ok(mut v) => {
-                                v["sessions"] = serde_json::json!(c.session_count());
-                                (200, "application/json", v.to_string())
-                            }
-                            Err(e) => (500, "text/plain", e.to_string()),
-                        },
-                        "/healthz" => (200, "text/plain", "ok\n".to_string()),
-                        _ => (404, "text/plain", "not found\n".to_string()),
-                    };
-                    hyper::Response::builder()
-                        .status(status)
-                        .header("content-type", ctype)
-                        .body(Full::new(Bytes::from(body)))
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
-                .await;
-        });
+/// `/metrics` and `/status` of the sqlite engine.
+impl crate::http::Observe for ServerCtx {
+    fn metrics(&self) -> String {
+        self.metrics.render(&self.databases.engine().stats()) + &self.rotator.render_metrics()
+    }
+
+    fn status(&self, status: &mut serde_json::Value) {
+        status["sessions"] = serde_json::json!(self.session_count());
     }
 }

@@ -51,8 +51,9 @@ impl Metrics {
         }
     }
 
-    /// The text exposition format.
-    pub fn render(&self, storage: &atrest_storage::StatsSnapshot, state: &str) -> String {
+    /// The text exposition format (the state gauge is added by
+    /// [`crate::http`], for every engine).
+    pub fn render(&self, storage: &atrest_storage::StatsSnapshot) -> String {
         let mut s = String::new();
         let mut counter = |name: &str, help: &str, v: u64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -129,10 +130,6 @@ impl Metrics {
                 "atrest_connections_rejected_total{{reason=\"{reason}\"}} {n}"
             );
         }
-        let _ = writeln!(
-            s,
-            "# HELP atrest_server_state The server's state (1 for the current one).\n# TYPE atrest_server_state gauge\natrest_server_state{{state=\"{state}\"}} 1"
-        );
         s
     }
 }
@@ -152,13 +149,14 @@ mod tests {
             bytes_sealed: 4096,
             ..Default::default()
         };
-        let text = m.render(&stats, "Ready");
+        let text = m.render(&stats);
         assert!(text.contains("atrest_queries_total 2"));
         assert!(text.contains("atrest_errors_total{class=\"23\"} 1"));
         assert!(
             text.contains("atrest_connections_rejected_total{reason=\"too_many_connections\"} 1")
         );
         assert!(text.contains("atrest_bytes_encrypted_total 4096"));
-        assert!(text.contains("atrest_server_state{state=\"Ready\"} 1"));
+        assert!(crate::http::state_gauge(crate::resource::State::Ready)
+            .contains("atrest_server_state{state=\"Ready\"} 1"));
     }
 }

@@ -30,8 +30,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::listener::{Phase, ServerCtx};
+use crate::listener::ServerCtx;
 use crate::resource;
+use crate::resource::State;
 
 /// Where a replica keeps its token, the source's CA, its position and the
 /// segments it is reading.
@@ -256,7 +257,7 @@ async fn route(req: hyper::Request<hyper::body::Incoming>, ctx: &Arc<ServerCtx>)
             ),
         );
     };
-    if ctx.phase() == Phase::Inaccessible {
+    if ctx.state() == State::Inaccessible {
         return error_reply(503, ctx.inaccessible_error().message);
     }
     let path: Vec<String> = req
@@ -780,7 +781,7 @@ async fn watch_source(ctx: Arc<ServerCtx>, rc: ReplicaConfig) {
         if *shutdown.borrow() || !ctx.is_replica() {
             return;
         }
-        if ctx.phase() != Phase::Ready {
+        if ctx.state() != State::Ready {
             continue;
         }
         if client.is_none() {
@@ -887,7 +888,7 @@ async fn follow(ctx: Arc<ServerCtx>, rc: ReplicaConfig, name: String) {
                 }
             }
         };
-        if ctx.phase() != Phase::Ready {
+        if ctx.state() != State::Ready {
             wait(Duration::from_millis(500)).await;
             continue;
         }

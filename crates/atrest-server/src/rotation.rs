@@ -23,7 +23,8 @@ use atrest_storage::{Connection, RotationStatus};
 use serde::{Deserialize, Serialize};
 
 use crate::databases::Databases;
-use crate::listener::{Phase, ServerCtx};
+use crate::listener::ServerCtx;
+use crate::resource::State;
 
 /// Pages re-sealed per batch: one fsync and one header write each.
 const BATCH_PAGES: u64 = 64;
@@ -137,7 +138,7 @@ impl DekRotator {
                 .ctx
                 .get()
                 .and_then(Weak::upgrade)
-                .is_some_and(|c| c.phase() == Phase::Ready)
+                .is_some_and(|c| c.state() == State::Ready)
     }
 
     /// Queues a rotation of `database` (every database when `None`).

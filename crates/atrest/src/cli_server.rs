@@ -388,99 +388,38 @@ enum EngineArg {
     Postgres,
 }
 
-/// `server start` for the postgres engine: a private mount namespace, the
-/// mount and PostgreSQL under one lifecycle (state.json, activity log).
+/// `server start` for the postgres engine: a private mount namespace (before
+/// any thread starts: the namespace is per thread, and threads inherit it),
+/// then PostgreSQL supervised under the server's one lifecycle.
 fn start_postgres(
     data: &std::path::Path,
     listen: Option<String>,
-    config: &resource::ServerConfig,
+    metrics_listen: Option<String>,
+    name: &str,
 ) -> Result<std::process::ExitCode> {
-    use atrest_server::postgres;
-    use std::time::Duration;
-    // Before any thread starts: the namespace is per thread.
     atrest_fs::private_mount_namespace()?;
-    let data = data.canonicalize()?;
-    let _lock = resource::lock(&data)?;
-    let listen = listen.unwrap_or_else(|| config.default_listen.clone());
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-    for sig in [15, 2] {
-        signal_flag(sig, &stop)?;
-    }
-    resource::set_state(&data, resource::State::Starting, "start requested", None)?;
-    let mut running = match postgres::start(&data, &listen, Duration::from_secs(120)) {
-        Ok(r) => r,
-        Err(e) => {
-            resource::set_state(
-                &data,
-                resource::State::Stopped,
-                &format!("start failed: {e}"),
-                None,
-            )?;
-            return Err(e.into());
-        }
-    };
-    let endpoints = resource::Endpoints {
-        pid: Some(std::process::id()),
-        listen: Some(listen.clone()),
-        metrics: None,
-    };
-    resource::set_state(
-        &data,
-        resource::State::Ready,
-        "PostgreSQL accepts connections",
-        Some(&endpoints),
-    )?;
-    eprintln!(
-        "atrest server {} (postgres engine) listening on {listen}",
-        config.name
-    );
-    let reason = loop {
-        match stop.load(std::sync::atomic::Ordering::SeqCst) {
-            15 => break "shutdown (SIGTERM)".to_string(),
-            2 => break "shutdown (SIGINT)".to_string(),
-            _ => {}
-        }
-        if let Some(status) = running.exited() {
-            // PostgreSQL died (killed, or a PANIC): start it again; its
-            // crash recovery replays the WAL.
-            resource::log_activity(
-                &data,
-                &serde_json::json!({"time": resource::now_rfc3339(), "event": "postgres_exited", "status": status.to_string()}),
-            )?;
-            eprintln!(
-                "atrest server {}: PostgreSQL exited ({status}); restarting it",
-                config.name
-            );
-            running.restart(Duration::from_secs(300))?;
-            continue;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    eprintln!("atrest server {}: {reason}, shutting down", config.name);
-    resource::set_state(&data, resource::State::Stopping, &reason, Some(&endpoints))?;
-    running.stop(Duration::from_secs(60))?;
-    resource::set_state(&data, resource::State::Stopped, &reason, None)?;
-    eprintln!("atrest server {}: stopped", config.name);
-    Ok(std::process::ExitCode::SUCCESS)
-}
-
-/// Records `sig` in `flag` when it arrives (no handler code runs in the
-/// signal context beyond the store).
-fn signal_flag(sig: i32, flag: &std::sync::Arc<std::sync::atomic::AtomicU32>) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
-    let flag = std::sync::Arc::clone(flag);
-    let mut s = rt.block_on(async {
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(sig))
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        // Signals are taken before the server says Ready (see the sqlite
+        // engine's start).
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        eprintln!("atrest server {name} (postgres engine) starting");
+        atrest_server::postgres::serve(data.to_path_buf(), listen, metrics_listen, async move {
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            }
+        })
+        .await?;
+        eprintln!("atrest server {name}: stopped");
+        anyhow::Ok(())
     })?;
-    std::thread::spawn(move || {
-        rt.block_on(async {
-            s.recv().await;
-        });
-        flag.store(sig as u32, std::sync::atomic::Ordering::SeqCst);
-    });
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
@@ -593,7 +532,7 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
         } => {
             let config = resource::load_config(&data)?;
             if config.engine == EngineKind::Postgres {
-                return start_postgres(&data, listen, &config);
+                return start_postgres(&data, listen, metrics_listen, &config.name);
             }
             let mut limits = config.limits.clone();
             if let Some(v) = max_connections {

@@ -4,9 +4,8 @@
 
 mod server_common;
 
-use std::io::{BufRead, Read, Write};
+use std::io::Read;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use atrest_vault::testkit::reqwest::Method;
@@ -728,45 +727,6 @@ fn purging_the_key_shreds_the_data_and_says_why() {
     );
     assert!(st.server.wait(Duration::from_secs(30)).success());
     assert!(!st.server.dir.exists());
-}
-
-/// A local HTTP receiver: records JSON bodies; answers 503 to the first
-/// request (to exercise retries), 200 afterwards.
-fn webhook_receiver() -> (u16, Arc<Mutex<Vec<Value>>>) {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let got = Arc::new(Mutex::new(Vec::new()));
-    let g = Arc::clone(&got);
-    std::thread::spawn(move || {
-        let mut first = true;
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let mut r = std::io::BufReader::new(s.try_clone().unwrap());
-            let mut len = 0usize;
-            loop {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0u8; len];
-            let _ = r.read_exact(&mut body);
-            if first {
-                first = false;
-                let _ = s.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-                continue;
-            }
-            if let Ok(v) = serde_json::from_slice::<Value>(&body) {
-                g.lock().unwrap().push(v);
-            }
-            let _ =
-                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-        }
-    });
-    (port, got)
 }
 
 #[test]

@@ -748,3 +748,88 @@ fn infrastructure_encryption_adds_a_second_layer_with_its_own_keystore() {
     assert!(!dir.exists());
     assert!(key_files().is_empty(), "{:?}", key_files());
 }
+
+#[test]
+fn postgres_engine_runs_under_the_one_lifecycle_with_metrics_status_and_webhooks() {
+    let mut a = PgServer::create("pg-life");
+    let dir = a.s.dir.to_str().unwrap().to_string();
+    let (port, got) = server_common::webhook_receiver();
+    atrest_ok(&[
+        "server",
+        "configure",
+        "--data",
+        &dir,
+        "--webhook",
+        &format!("http://127.0.0.1:{port}/alerts"),
+    ]);
+    let history_before = a.s.state()["history"].as_array().unwrap().len();
+    a.s.start(&[]);
+    // /metrics and /status, from the same endpoints as the sqlite engine.
+    assert_eq!(a.s.metric("atrest_server_state{state=\"Ready\"}"), 1.0);
+    a.psql(
+        "postgres",
+        "create table w(v text); insert into w select repeat('x', 100) from generate_series(1, 5000); checkpoint",
+    );
+    assert!(a.s.metric("atrest_fs_writes_total") > 0.0);
+    assert!(a.s.metric("atrest_fs_fsyncs_total") > 0.0);
+    assert_eq!(a.s.metric("atrest_fs_auth_failures_total"), 0.0);
+    assert_eq!(a.s.metric("atrest_postgres_restarts_total"), 0.0);
+    let status = a.s.http_get("/status");
+    assert!(status.contains("\"state\":\"Ready\""), "{status}");
+    assert!(status.contains("\"postgres_restarts\":0"), "{status}");
+
+    // PostgreSQL killed: started again on the same mount, the server stays
+    // Ready, and the activity log says what happened.
+    let pm = postmaster_of(a.s.pid()).expect("a postmaster under the server");
+    server_common::signal_pid(pm, 9).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while a.s.metric("atrest_postgres_restarts_total") < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "no restart");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = Command::new(tool("psql"))
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                &a.conninfo("postgres"),
+                "-c",
+                "select count(*) from w",
+            ])
+            .env("PGPASSWORD", &a.password)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "5000");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "PostgreSQL did not come back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let log = std::fs::read_to_string(a.s.dir.join("activity.log")).unwrap();
+    assert!(log.contains("\"event\":\"postgres_exited\""), "{log}");
+    let st = a.s.stop();
+    assert!(st.success(), "{st}");
+
+    // The same states, in the same order, as the sqlite engine; one
+    // webhook alert per state change.
+    let history: Vec<serde_json::Value> =
+        a.s.state()["history"].as_array().unwrap()[history_before..].to_vec();
+    let states: Vec<&str> = history
+        .iter()
+        .map(|h| h["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["Starting", "Ready", "Stopping", "Stopped"]);
+    let got = got.lock().unwrap().clone();
+    let mut alerts: Vec<&str> = got.iter().map(|a| a["state"].as_str().unwrap()).collect();
+    alerts.sort();
+    let mut want = states.clone();
+    want.sort();
+    assert_eq!(alerts, want, "one alert per state change: {got:?}");
+    assert!(got.iter().all(|a| a["server"] == "pg-life"));
+}

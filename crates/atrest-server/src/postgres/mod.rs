@@ -25,6 +25,9 @@ use thiserror::Error;
 
 use crate::resource::{self, PlaintextPolicy, ServerConfig};
 
+mod serve;
+pub use serve::{serve, ServeError};
+
 pub const CIPHER_SUBDIR: &str = "pgfs";
 pub const MOUNT_SUBDIR: &str = "mnt";
 pub const RUN_SUBDIR: &str = "run";
@@ -184,21 +187,22 @@ fn write_owned(
     std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| io(path, e))
 }
 
-fn mount(dir: &Path) -> Result<fuser::BackgroundSession, crate::resource::ResourceError> {
+type Mounted = (fuser::BackgroundSession, std::sync::Arc<atrest_fs::Stats>);
+
+fn mount(dir: &Path) -> Result<Mounted, crate::resource::ResourceError> {
     let config = resource::load_config(dir)?;
     let protector = service_root(&config)?;
     let cipher = dir.join(CIPHER_SUBDIR);
     let infra = infra_keystore(&config)?;
     let root = atrest_fs::RootKey::open(&cipher, protector.as_ref(), infra.as_ref())
         .map_err(PostgresError::Fs)?;
-    let (session, _stats) = atrest_fs::mount(
+    Ok(atrest_fs::mount(
         &cipher,
         &dir.join(MOUNT_SUBDIR),
         root,
         &atrest_fs::MountOptions::default(),
     )
-    .map_err(PostgresError::Fs)?;
-    Ok(session)
+    .map_err(PostgresError::Fs)?)
 }
 
 /// Runs `cmd` as the PostgreSQL OS user; its output becomes the error.
@@ -323,7 +327,7 @@ pub fn initialize(
     let infra = infra_keystore(config)?;
     atrest_fs::RootKey::create(&cipher, protector.as_ref(), infra.as_ref())
         .map_err(PostgresError::Fs)?;
-    let session = mount(dir)?;
+    let (session, _) = mount(dir)?;
     let result = (|| {
         let tmp = mnt.join("tmp");
         mkdir_owned(&tmp, uid, gid)?;
@@ -396,6 +400,7 @@ pub fn initialize(
 pub struct Running {
     child: Child,
     session: Option<fuser::BackgroundSession>,
+    fs_stats: std::sync::Arc<atrest_fs::Stats>,
     pg: PostgresConfig,
     dir: PathBuf,
     pub listen: String,
@@ -404,6 +409,11 @@ pub struct Running {
 impl Running {
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The filesystem's counters (for `/metrics`).
+    pub fn fs_stats(&self) -> std::sync::Arc<atrest_fs::Stats> {
+        std::sync::Arc::clone(&self.fs_stats)
     }
 
     fn pgdata(&self) -> PathBuf {
@@ -613,7 +623,7 @@ pub fn start(
         }
         .into());
     }
-    let session = mount(dir)?;
+    let (session, fs_stats) = mount(dir)?;
     let child = match spawn_postgres(dir, &pg, listen) {
         Ok(c) => c,
         Err(e) => {
@@ -624,6 +634,7 @@ pub fn start(
     let mut running = Running {
         child,
         session: Some(session),
+        fs_stats,
         pg,
         dir: dir.to_path_buf(),
         listen: listen.to_string(),
