@@ -1020,7 +1020,10 @@ impl Filesystem for AtrestFs {
         reply: fuser::ReplyXattr,
     ) {
         // No extended attributes are kept (they would be metadata in clear).
-        reply.error(Errno::ENODATA);
+        // ENOSYS, not ENODATA: the kernel then stops asking (it asks for
+        // security.capability before every write, one more round trip per
+        // commit) and tells callers EOPNOTSUPP.
+        reply.error(Errno::ENOSYS);
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
