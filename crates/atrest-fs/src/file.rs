@@ -650,6 +650,30 @@ impl CryptFile {
                     batch.clear();
                     batch_start = None;
                 }
+            } else if ustart >= old_size {
+                // A unit the file did not have: both slots get this
+                // version, in one pwrite, so that its later rewrites land
+                // on allocated blocks. A rewrite into a hole would make
+                // the next fdatasync commit a block allocation as well
+                // (PostgreSQL zero-fills WAL segments to avoid exactly
+                // that). The copy is the same sealed bytes: no new seal.
+                let s = self.layout.slot();
+                let mut both = vec![0u8; 2 * s];
+                self.seal_slot(CLASS_DATA, i, seq, &plain[..ulen], &mut both[..s])?;
+                let (a, b) = both.split_at_mut(s);
+                b.copy_from_slice(a);
+                self.file
+                    .write_all_at(&both, self.layout.slot_offset(i, 0))
+                    .map_err(|e| io("write", &self.name(), e))?;
+                both.zeroize();
+                st.units.insert(
+                    i,
+                    UnitState {
+                        slot: 0,
+                        seq,
+                        dirty: true,
+                    },
+                );
             } else {
                 let k = self.target_slot(st, i)?;
                 let mut slot = vec![0u8; self.layout.slot()];

@@ -252,7 +252,18 @@ fn a_torn_append_past_the_synced_length_is_dropped_but_a_cut_below_it_is_reporte
             slots,
             infra: false,
         };
+        // A new unit of a two-slot file has the same sealed version in both
+        // slots (one pwrite): one damaged copy loses nothing.
         flip(&path, l.slot_offset(3, 0) + 200);
+        if slots == 2 {
+            let f = CryptFile::open(rw(&path), "log", &root).unwrap();
+            let mut want = bytes(1, 3 * UNIT);
+            want.extend_from_slice(&bytes(2, UNIT));
+            assert_eq!(read_all(&f).unwrap(), want);
+            drop(f);
+            flip(&path, l.slot_offset(3, 1) + 300);
+        }
+        // Every copy torn: the append never happened.
         let f = CryptFile::open(rw(&path), "log", &root).unwrap();
         assert_eq!(read_all(&f).unwrap(), bytes(1, 3 * UNIT));
         drop(f);
@@ -342,8 +353,8 @@ fn the_infrastructure_layer_needs_its_own_keystore_and_key_and_is_fixed_at_creat
     };
     assert_eq!(
         std::fs::metadata(&path).unwrap().len(),
-        l.slot_offset(1, 0) + l.slot() as u64,
-        "two units written once each (slot A), infrastructure-sized slots"
+        l.physical_len(2),
+        "two new units (both slots each), infrastructure-sized slots"
     );
     // Without the infrastructure keystore the tree does not open.
     let e = RootKey::open(&d1, &p1, None).unwrap_err().to_string();
@@ -367,10 +378,11 @@ fn the_infrastructure_layer_needs_its_own_keystore_and_key_and_is_fixed_at_creat
     let f = CryptFile::open(rw(&path), "f", &root).unwrap();
     assert_eq!(read_all(&f).unwrap(), bytes(5, 2 * UNIT));
     drop(f);
-    // A flipped bit in the infrastructure trailer (the AEGIS tag) of the
-    // only written slot of unit 0 fails that unit.
-    let target = l.slot_offset(0, 0) + l.slot() as u64 - 40;
-    flip(&path, target);
+    // A flipped bit in the infrastructure trailer (the AEGIS tag) of both
+    // copies of unit 0 fails that unit.
+    for k in 0..2 {
+        flip(&path, l.slot_offset(0, k) + l.slot() as u64 - 40);
+    }
     let f = CryptFile::open(rw(&path), "f", &root).unwrap();
     let mut buf = vec![0u8; UNIT];
     let e = f.read_at(0, &mut buf).unwrap_err().to_string();
