@@ -506,6 +506,14 @@ impl Running {
         }
         // Backends of a postmaster that died may still hold files open.
         let _ = stop_stale_postgres(&self.pgdata(), &self.pg);
+        // A process on its way out loses its executable before its files
+        // and working directory: wait until nothing holds the mount, or
+        // the unmount fails with EBUSY.
+        let mnt = self.dir.join(MOUNT_SUBDIR);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mount_in_use(&mnt) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         if let Some(s) = self.session.take() {
             s.umount_and_join().map_err(|e| PostgresError::Command {
                 what: "unmounting".into(),
@@ -598,6 +606,31 @@ fn stop_stale_postgres(pgdata: &Path, pg: &PostgresConfig) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     true
+}
+
+/// Whether another process has a file or its working directory under
+/// `mnt` (from /proc; this process's own FUSE device is not under it).
+fn mount_in_use(mnt: &Path) -> bool {
+    let me = std::process::id().to_string();
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.bytes().all(|b| b.is_ascii_digit()) && n != me.as_str()
+        })
+        .any(|e| {
+            let p = e.path();
+            let under = |l: PathBuf| l.starts_with(mnt);
+            fs::read_link(p.join("cwd")).is_ok_and(under)
+                || fs::read_dir(p.join("fd"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|f| fs::read_link(f.path()).is_ok_and(under))
+        })
 }
 
 /// Mounts the tree and starts PostgreSQL; returns once it accepts
