@@ -87,6 +87,15 @@ impl PgServer {
         String::from_utf8_lossy(&out.stdout).to_string()
     }
 
+    /// psql's whole output, success or not.
+    fn try_psql(&self, db: &str, sql: &str) -> std::process::Output {
+        Command::new(tool("psql"))
+            .args(["-X", "-A", "-t", &self.conninfo(db), "-c", sql])
+            .env("PGPASSWORD", &self.password)
+            .output()
+            .unwrap()
+    }
+
     fn psql(&self, db: &str, sql: &str) -> String {
         self.run(
             "psql",
@@ -561,18 +570,7 @@ fn tampered_relation_and_wal_units_are_io_errors_never_wrong_rows() {
     ] {
         std::fs::write(&t_file, bytes).unwrap();
         a.s.start(&[]);
-        let out = Command::new(tool("psql"))
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                &a.conninfo("postgres"),
-                "-c",
-                "select count(*), sum(id) from t",
-            ])
-            .env("PGPASSWORD", &a.password)
-            .output()
-            .unwrap();
+        let out = a.try_psql("postgres", "select count(*), sum(id) from t");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             !out.status.success(),
@@ -789,18 +787,7 @@ fn postgres_engine_runs_under_the_one_lifecycle_with_metrics_status_and_webhooks
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let out = Command::new(tool("psql"))
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                &a.conninfo("postgres"),
-                "-c",
-                "select count(*) from w",
-            ])
-            .env("PGPASSWORD", &a.password)
-            .output()
-            .unwrap();
+        let out = a.try_psql("postgres", "select count(*) from w");
         if out.status.success() {
             assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "5000");
             break;
