@@ -326,6 +326,22 @@ fn pgbench(port: u16, args: &[&str]) -> Result<f64> {
     crate::cli_bench_pgbench::pgbench_tps(&out)
 }
 
+/// pgbench's arguments for one timed (or warm-up) run.
+fn run_args(clients: u32, seconds: u64, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["-c", &clients.to_string(), "-j", "2"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend([
+        "-T".into(),
+        seconds.to_string(),
+        "-M".into(),
+        "prepared".into(),
+    ]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
@@ -380,19 +396,7 @@ pub fn run(b: PostgresBench) -> Result<std::process::ExitCode> {
             let mut tps: Vec<Vec<f64>> = vec![vec![]; running.len()];
             for r in &running {
                 if b.warmup > 0 {
-                    let mut args = vec![
-                        "-c".to_string(),
-                        b.clients.to_string(),
-                        "-j".into(),
-                        "2".into(),
-                    ];
-                    args.extend([
-                        "-T".into(),
-                        b.warmup.to_string(),
-                        "-M".into(),
-                        "prepared".into(),
-                    ]);
-                    args.extend(extra.iter().map(|s| s.to_string()));
+                    let args = run_args(b.clients, b.warmup, extra);
                     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
                     pgbench(r.port, &refs)?;
                 }
@@ -400,19 +404,7 @@ pub fn run(b: PostgresBench) -> Result<std::process::ExitCode> {
             for round in 0..b.rounds {
                 for k in 0..running.len() {
                     let i = (k + round as usize) % running.len();
-                    let mut args = vec![
-                        "-c".to_string(),
-                        b.clients.to_string(),
-                        "-j".into(),
-                        "2".into(),
-                    ];
-                    args.extend([
-                        "-T".into(),
-                        b.seconds.to_string(),
-                        "-M".into(),
-                        "prepared".into(),
-                    ]);
-                    args.extend(extra.iter().map(|s| s.to_string()));
+                    let args = run_args(b.clients, b.seconds, extra);
                     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
                     let t = pgbench(running[i].port, &refs)?;
                     eprintln!(
