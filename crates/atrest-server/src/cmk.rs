@@ -251,6 +251,42 @@ pub fn describe(e: &ClientError, key: &KeyUrl, client_id: &str) -> String {
     }
 }
 
+/// The public cause of a vault failure (see [`crate::keys::Cause`]): the
+/// same classification as [`describe`], without names.
+pub fn cause(e: &ClientError) -> crate::keys::Cause {
+    use crate::keys::Cause;
+    match e {
+        ClientError::Api {
+            status,
+            code,
+            inner,
+            message,
+        } => {
+            if message.starts_with("AADSTS")
+                || matches!(
+                    code.as_str(),
+                    "invalid_client" | "unauthorized_client" | "invalid_grant"
+                )
+            {
+                return Cause::IdentityRejected;
+            }
+            match (*status, inner.as_deref().unwrap_or("")) {
+                (403, "ForbiddenByFirewall") => Cause::Firewall,
+                (403, _) if message.contains("disabled") => Cause::Disabled,
+                (403, _) if message.contains("expired") || message.contains("not yet valid") => {
+                    Cause::Expired
+                }
+                (403, _) => Cause::PermissionRevoked,
+                (401, _) => Cause::IdentityRejected,
+                (404, _) => Cause::Deleted,
+                _ => Cause::Other,
+            }
+        }
+        ClientError::Transport(_) => Cause::Unreachable,
+        _ => Cause::Other,
+    }
+}
+
 fn now_secs() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -130,37 +130,59 @@ pub struct SwitchReport {
     pub millis: u128,
 }
 
-/// Rewraps every database under the engine's current protector, then
-/// records the rewrap as complete and tells the vault: this server now
-/// depends on its current key version, and no longer on the customer keys
-/// it moved away from (also when an earlier, interrupted run started the
-/// move).
+/// An engine's DEKs as a key switch sees them: the one switch below serves
+/// every engine.
+pub trait Rewrap {
+    /// Makes `protector` the one the engine wraps new DEKs with and
+    /// unwraps its DEKs by.
+    fn set_protector(&self, protector: Arc<dyn KeyProtector>) -> Result<(), String>;
+    /// Rewraps every DEK under the protector's current key, touching
+    /// headers only; returns how many databases or trees it rewrapped.
+    fn rewrap_every(&self, dir: &Path, config: &ServerConfig) -> Result<usize, String>;
+}
+
+/// The sqlite engine: every database, then its backups and WAL archive.
+impl Rewrap for Databases {
+    fn set_protector(&self, protector: Arc<dyn KeyProtector>) -> Result<(), String> {
+        self.engine().set_protector(protector);
+        Ok(())
+    }
+
+    fn rewrap_every(&self, dir: &Path, config: &ServerConfig) -> Result<usize, String> {
+        let names = self.names();
+        for name in &names {
+            let (_lease, conn) = self
+                .connect(name)
+                .map_err(|e| format!("database {name}: {}", e.message))?;
+            conn.rewrap().map_err(|e| format!("database {name}: {e}"))?;
+        }
+        // Backups and the WAL archive follow the key, so that the old key
+        // can be disabled or deleted without losing a backup.
+        let n = crate::backup::rewrap_repository(dir, config, self.engine(), &self.archivers())
+            .map_err(|e| {
+                format!(
+                    "rewrapping backups in {}: {e}",
+                    crate::backup::repository(dir, config).display()
+                )
+            })?;
+        if n > 0 {
+            tracing::info!(files = n, "rewrapped backup and archive files");
+        }
+        Ok(names.len())
+    }
+}
+
+/// Rewraps every DEK under the engine's current protector, then records
+/// the rewrap as complete and tells the vault: this server now depends on
+/// its current key version, and no longer on the customer keys it moved
+/// away from (also when an earlier, interrupted run started the move).
 pub fn rewrap_all(
     dir: &Path,
     config: &mut ServerConfig,
-    databases: &Databases,
+    engine: &dyn Rewrap,
     access: Option<&Arc<VaultAccess>>,
 ) -> Result<usize, String> {
-    let names = databases.names();
-    for name in &names {
-        let (_lease, conn) = databases
-            .connect(name)
-            .map_err(|e| format!("database {name}: {}", e.message))?;
-        conn.rewrap().map_err(|e| format!("database {name}: {e}"))?;
-    }
-    // Backups and the WAL archive follow the key, so that the old key can
-    // be disabled or deleted without losing a backup.
-    let n =
-        crate::backup::rewrap_repository(dir, config, databases.engine(), &databases.archivers())
-            .map_err(|e| {
-            format!(
-                "rewrapping backups in {}: {e}",
-                crate::backup::repository(dir, config).display()
-            )
-        })?;
-    if n > 0 {
-        tracing::info!(files = n, "rewrapped backup and archive files");
-    }
+    let n = engine.rewrap_every(dir, config)?;
     let moved_from = std::mem::take(&mut config.encryption.rewrap_from);
     config.save(dir).map_err(|e| e.to_string())?;
     if let Some(a) = access {
@@ -182,7 +204,7 @@ pub fn rewrap_all(
             }
         }
     }
-    Ok(names.len())
+    Ok(n)
 }
 
 /// Switches the DEKs to `target`. Validation comes first; on a failed
@@ -190,7 +212,7 @@ pub fn rewrap_all(
 pub fn switch(
     dir: &Path,
     config: &mut ServerConfig,
-    databases: &Databases,
+    engine: &dyn Rewrap,
     target: Target,
 ) -> Result<(SwitchReport, Option<Arc<VaultAccess>>), String> {
     let started = Instant::now();
@@ -236,18 +258,16 @@ pub fn switch(
     });
     let protector = engine_protector(config, access_for_old.as_ref())?;
     config.save(dir).map_err(|e| e.to_string())?;
-    databases.engine().set_protector(protector);
+    engine.set_protector(protector)?;
     // The old key's registration is removed with the same vault access
     // (a rotation, or a move between keys of one vault).
     let n = rewrap_all(
         dir,
         config,
-        databases,
+        engine,
         access.as_ref().or(access_for_old.as_ref()),
     )?;
-    databases
-        .engine()
-        .set_protector(engine_protector(config, access.as_ref())?);
+    engine.set_protector(engine_protector(config, access.as_ref())?)?;
     let _ = resource::log_activity(
         dir,
         &serde_json::json!({
@@ -265,29 +285,79 @@ pub fn switch(
     ))
 }
 
-/// Why the key cannot be used right now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Loss {
-    /// The vault answered no: no grace.
-    Refused(String),
-    /// The vault could not be asked.
-    Outage(String),
+/// Why the key cannot be used, in the words a client may see before it
+/// authenticates: no key URL, identity or vault address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    Disabled,
+    Expired,
+    Deleted,
+    PermissionRevoked,
+    IdentityRejected,
+    Firewall,
+    Unreachable,
+    /// Restored from a backup; the identity has not been granted the key.
+    Restored,
+    /// Something else the vault refused, or a failure at start.
+    Other,
 }
 
-impl Loss {
-    pub fn reason(&self) -> &str {
+impl Cause {
+    pub fn public(self) -> &'static str {
         match self {
-            Loss::Refused(r) | Loss::Outage(r) => r,
+            Cause::Disabled => "the key is disabled",
+            Cause::Expired => "the key has expired or is not active yet",
+            Cause::Deleted => "the key was deleted",
+            Cause::PermissionRevoked => "the server's identity lacks a permission on the key",
+            Cause::IdentityRejected => "the key vault does not accept the server's identity",
+            Cause::Firewall => "the key vault's firewall denies the server",
+            Cause::Unreachable => "the key vault is unreachable",
+            Cause::Restored => {
+                "restored from a backup, its identity has not been granted the key yet"
+            }
+            Cause::Other => "the key could not be used",
         }
     }
 }
 
+/// Why the key cannot be used right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loss {
+    /// The vault could not be asked (a grace period applies), rather than
+    /// answering no (no grace).
+    pub outage: bool,
+    pub cause: Cause,
+    /// The whole story for the administrator (names the key and identity).
+    pub reason: String,
+}
+
+impl Loss {
+    pub fn refused(cause: Cause, reason: impl Into<String>) -> Loss {
+        Loss {
+            outage: false,
+            cause,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn outage(reason: impl Into<String>) -> Loss {
+        Loss {
+            outage: true,
+            cause: Cause::Unreachable,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
 fn loss(e: ClientError, key: &KeyUrl, client_id: &str) -> Loss {
-    let r = cmk::describe(&e, key, client_id);
-    if e.is_outage() {
-        Loss::Outage(r)
-    } else {
-        Loss::Refused(r)
+    Loss {
+        outage: e.is_outage(),
+        cause: cmk::cause(&e),
+        reason: cmk::describe(&e, key, client_id),
     }
 }
 
@@ -301,7 +371,7 @@ pub struct Probe {
 impl Probe {
     pub fn make(access: &VaultAccess, key: &KeyUrl) -> Result<Probe, Loss> {
         let mut plain = Zeroizing::new(vec![0u8; 32]);
-        aws_lc_rs::rand::fill(&mut plain).map_err(|_| Loss::Outage("system RNG failure".into()))?;
+        aws_lc_rs::rand::fill(&mut plain).map_err(|_| Loss::outage("system RNG failure"))?;
         let (_, wrapped) = access
             .wrap(key, plain.clone())
             .map_err(|e| loss(e, key, &access.client_id))?;
@@ -316,31 +386,35 @@ pub fn check(access: &VaultAccess, key: &KeyUrl, probe: &Probe) -> Result<(), Lo
         .map_err(|e| loss(e, key, &access.client_id))?;
     let attrs = &bundle["attributes"];
     if attrs["enabled"].as_bool() != Some(true) {
-        return Err(Loss::Refused(format!(
-            "key {key} is disabled; enable it in the vault"
-        )));
+        return Err(Loss::refused(
+            Cause::Disabled,
+            format!("key {key} is disabled; enable it in the vault"),
+        ));
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     if attrs["exp"].as_i64().is_some_and(|exp| exp <= now) {
-        return Err(Loss::Refused(format!(
-            "key {key} has expired; set a future expiry date in the vault"
-        )));
+        return Err(Loss::refused(
+            Cause::Expired,
+            format!("key {key} has expired; set a future expiry date in the vault"),
+        ));
     }
     if attrs["nbf"].as_i64().is_some_and(|nbf| nbf > now) {
-        return Err(Loss::Refused(format!(
-            "key {key} is not active yet (activation date in the future)"
-        )));
+        return Err(Loss::refused(
+            Cause::Expired,
+            format!("key {key} is not active yet (activation date in the future)"),
+        ));
     }
     let back = access
         .unwrap(key, probe.wrapped.clone())
         .map_err(|e| loss(e, key, &access.client_id))?;
     if *back != *probe.plain {
-        return Err(Loss::Refused(format!(
-            "key {key} no longer unwraps what it wrapped"
-        )));
+        return Err(Loss::refused(
+            Cause::Other,
+            format!("key {key} no longer unwraps what it wrapped"),
+        ));
     }
     Ok(())
 }

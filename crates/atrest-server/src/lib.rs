@@ -30,6 +30,7 @@ pub mod keys;
 pub mod lifecycle;
 pub mod listener;
 pub mod metrics;
+pub mod monitor;
 pub mod postgres;
 pub mod replication;
 pub mod resource;

@@ -9,11 +9,15 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use atrest_keystore::Keystore;
-use atrest_storage::{Engine, EngineOptions};
+use atrest_storage::EngineOptions;
+use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::cmk::VaultAccess;
+use crate::control::{AdminReply, Control, KeyRuntime, NOT_READY};
 use crate::databases::Databases;
+use crate::keys::{Cause, Loss};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::resource::{self, Endpoints, Limits, ResourceError, Role, Roles, ServerConfig, State};
@@ -37,30 +41,14 @@ pub struct ServerCtx {
     next_pid: AtomicI32,
     /// The one lifecycle (state, state.json, activity log, webhooks).
     pub lifecycle: Arc<Lifecycle>,
+    /// The control plane every engine shares (key, Inaccessible, admin).
+    pub control: Arc<Control>,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
     grace_tx: tokio::sync::watch::Sender<Option<Instant>>,
     /// Bumped to end every session at once (the key became inaccessible).
     kick_tx: tokio::sync::watch::Sender<u64>,
-    /// Why the server is Inaccessible.
-    inaccessible: Mutex<Option<String>>,
-    /// The live configuration (key operations change it).
-    pub live: Mutex<ServerConfig>,
-    /// The customer key in use and how to reach it.
-    pub keys: Mutex<KeyRuntime>,
-    /// Serializes key operations (switch, revalidate, monitor).
-    pub key_op: tokio::sync::Mutex<()>,
-    /// Asked to stop through the admin socket (delete of an Inaccessible server).
-    pub stop_requested: tokio::sync::Notify,
     /// Online DEK rotation (see [`crate::rotation`]).
     pub rotator: Arc<crate::rotation::DekRotator>,
-}
-
-/// The customer key a running server uses.
-#[derive(Default)]
-pub struct KeyRuntime {
-    pub access: Option<Arc<crate::cmk::VaultAccess>>,
-    pub key: Option<crate::cmk::KeyUrl>,
-    pub probe: Option<Arc<crate::keys::Probe>>,
 }
 
 impl ServerCtx {
@@ -71,20 +59,7 @@ impl ServerCtx {
 
     /// The error every connection gets while Inaccessible.
     pub fn inaccessible_error(&self) -> crate::error::PgError {
-        let reason = self
-            .inaccessible
-            .lock()
-            .expect("inaccessible")
-            .clone()
-            .unwrap_or_default();
-        crate::error::PgError::fatal(
-            "57P03",
-            format!(
-                "server {} is Inaccessible: its customer-managed key is not accessible: {reason}",
-                self.config.name
-            ),
-        )
-        .hint("Restore the server identity's access to the key in the vault (get, wrapKey, unwrapKey; key enabled, not expired, not deleted; firewall), then run `atrest server revalidate`.")
+        self.control.inaccessible_error()
     }
 
     /// Whether this server follows another (a read replica not promoted).
@@ -94,94 +69,6 @@ impl ServerCtx {
 
     pub fn kick_watch(&self) -> tokio::sync::watch::Receiver<u64> {
         self.kick_tx.subscribe()
-    }
-
-    /// Moves to Inaccessible: refuses new connections, ends every session,
-    /// then zeroizes the unwrapped DEKs.
-    pub async fn go_inaccessible(self: &Arc<Self>, reason: String) {
-        if self.state() == State::Inaccessible {
-            return;
-        }
-        *self.inaccessible.lock().expect("inaccessible") = Some(reason.clone());
-        tracing::error!(%reason, "customer-managed key inaccessible");
-        // Refused only while Stopping: the keys are zeroized all the same.
-        let _ = self.lifecycle.transition(State::Inaccessible, &reason);
-        let sessions: Vec<_> = self
-            .sessions
-            .lock()
-            .expect("sessions")
-            .values()
-            .cloned()
-            .collect();
-        for s in &sessions {
-            s.terminate();
-        }
-        self.kick_tx.send_modify(|g| *g += 1);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while self.session_count() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // The rotation's connection holds unit keys too.
-        self.rotator.park();
-        let n = self.databases.engine().forget_keys();
-        tracing::info!(
-            keys = n,
-            sessions = sessions.len(),
-            "sessions ended, data encryption keys zeroized"
-        );
-    }
-
-    /// Inaccessible to Ready: the key must answer, and every database's
-    /// DEK must unwrap again.
-    pub async fn revalidate(self: &Arc<Self>, reason: &str) -> Result<(), String> {
-        let _guard = self.key_op.lock().await;
-        let ctx = Arc::clone(self);
-        let r = tokio::task::spawn_blocking(move || ctx.reopen_keys())
-            .await
-            .map_err(|e| e.to_string())?;
-        match r {
-            Ok(()) => {
-                if self.state() == State::Inaccessible {
-                    *self.inaccessible.lock().expect("inaccessible") = None;
-                    let _ = self.lifecycle.transition(State::Ready, reason);
-                }
-                Ok(())
-            }
-            Err(e) => {
-                let _ = resource::log_activity(
-                    &self.dir,
-                    &serde_json::json!({"time": resource::now_rfc3339(), "event": "revalidation_failed", "reason": e}),
-                );
-                Err(e)
-            }
-        }
-    }
-
-    /// Checks the key (a fresh probe) and unwraps every database's DEK.
-    pub fn reopen_keys(&self) -> Result<(), String> {
-        let (access, key) = {
-            let k = self.keys.lock().expect("keys");
-            (k.access.clone(), k.key.clone())
-        };
-        if let (Some(access), Some(key)) = (access, key) {
-            let probe =
-                crate::keys::Probe::make(&access, &key).map_err(|l| l.reason().to_string())?;
-            crate::keys::check(&access, &key, &probe).map_err(|l| l.reason().to_string())?;
-            self.keys.lock().expect("keys").probe = Some(Arc::new(probe));
-        }
-        // A restored server's first access to its key: finish the restore.
-        crate::backup::finish_restore(&self.dir, self.databases.engine())?;
-        for name in self.databases.names() {
-            let (_lease, conn) = self
-                .databases
-                .connect(&name)
-                .map_err(|e| format!("database {name}: {}", e.message))?;
-            conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .map_err(|e| format!("database {name}: {}", crate::error::from_sqlite(e).message))?;
-        }
-        Ok(())
     }
 
     /// A role, from roles.json as it is now (`atrest server role` edits
@@ -267,6 +154,117 @@ impl ServerCtx {
                 std::future::pending::<()>().await;
             }
         }
+    }
+}
+
+/// The sqlite engine beneath the one control plane.
+impl crate::control::Engine for ServerCtx {
+    /// Ends every session (new ones are refused already), then zeroizes
+    /// the unwrapped DEKs.
+    fn lock(&self) {
+        let sessions: Vec<_> = self
+            .sessions
+            .lock()
+            .expect("sessions")
+            .values()
+            .cloned()
+            .collect();
+        for s in &sessions {
+            s.terminate();
+        }
+        self.kick_tx.send_modify(|g| *g += 1);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.session_count() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The rotation's connection holds unit keys too.
+        self.rotator.park();
+        let n = self.databases.engine().forget_keys();
+        tracing::info!(
+            keys = n,
+            sessions = sessions.len(),
+            "sessions ended, data encryption keys zeroized"
+        );
+    }
+
+    /// Unwraps every database's DEK (and finishes a restore waiting for
+    /// its first access to the key).
+    fn unlock(&self, _: &ServerConfig, _: Option<&Arc<VaultAccess>>) -> Result<(), String> {
+        crate::backup::finish_restore(&self.dir, self.databases.engine())?;
+        for name in self.databases.names() {
+            let (_lease, conn) = self
+                .databases
+                .connect(&name)
+                .map_err(|e| format!("database {name}: {}", e.message))?;
+            conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(|e| format!("database {name}: {}", crate::error::from_sqlite(e).message))?;
+        }
+        Ok(())
+    }
+
+    fn rewrap(&self) -> &dyn crate::keys::Rewrap {
+        &*self.databases
+    }
+
+    fn session_count(&self) -> usize {
+        ServerCtx::session_count(self)
+    }
+
+    fn admin_op(self: Arc<Self>, op: &str, req: &Value) -> Option<AdminReply> {
+        let ctx = self;
+        let reply: Value = match op {
+            "backup" | "backup-verify" => {
+                if ctx.state() != State::Ready {
+                    return Some(Box::pin(async { json!({"error": NOT_READY}) }));
+                }
+                let op = op.to_string();
+                let id = req["id"].as_str().map(str::to_string);
+                return Some(Box::pin(async move {
+                    let r = tokio::task::spawn_blocking(move || {
+                        let config = ctx.control.live.lock().expect("live config").clone();
+                        if op == "backup" {
+                            crate::backup::take_backup(&ctx.dir, &config, &ctx.databases)
+                                .map(|e| json!({"ok": true, "backup": e}))
+                        } else {
+                            let repo = crate::backup::repository(&ctx.dir, &config);
+                            crate::backup::verify_all(ctx.databases.engine(), &repo, id.as_deref())
+                                .map(|r| json!({"ok": true, "verified": r}))
+                        }
+                    })
+                    .await;
+                    match r {
+                        Ok(Ok(v)) => v,
+                        Ok(Err(e)) => json!({"error": e}),
+                        Err(e) => json!({"error": e.to_string()}),
+                    }
+                }));
+            }
+            "rotate-dek" => {
+                let rate = req["pages_per_second"].as_u64();
+                if ctx.state() != State::Ready {
+                    json!({"error": NOT_READY})
+                } else if rate == Some(0) {
+                    json!({"error": "pages_per_second must be at least 1"})
+                } else {
+                    match ctx
+                        .rotator
+                        .request(req["database"].as_str(), "requested", rate)
+                    {
+                        Ok(queued) => json!({"ok": true, "queued": queued}),
+                        Err(e) => json!({"error": e}),
+                    }
+                }
+            }
+            "rotation-status" => json!({"ok": true, "databases": ctx.rotator.progress()}),
+            "promote" => match crate::replication::promote_running(&ctx) {
+                Ok(()) => json!({"ok": true}),
+                Err(e) => json!({"error": e}),
+            },
+            _ => return None,
+        };
+        Some(Box::pin(async move { reply }))
     }
 }
 
@@ -417,7 +415,7 @@ async fn start_locked(
     let roles = Roles::load(dir)?;
     // The service key must be there and readable before anything listens.
     Keystore::open(&config.encryption.keystore_dir).map_err(ResourceError::from)?;
-    let engine = Engine::open(&EngineOptions {
+    let engine = atrest_storage::Engine::open(&EngineOptions {
         data_dir: dir.join(resource::DATA_SUBDIR),
         keystore_dir: Some(config.encryption.keystore_dir.clone()),
         infrastructure_encryption: Some(config.encryption.infrastructure_encryption),
@@ -440,7 +438,8 @@ async fn start_locked(
     // A customer key: reach the vault as this server's identity. The
     // engine's protector follows the configuration (and, while a rewrap is
     // unfinished, the keys it came from).
-    let mut key_failure: Option<String> = None;
+    let mut key_failure: Option<Loss> = None;
+    let failed = |reason: String| Some(Loss::refused(Cause::Other, reason));
     let mut runtime = KeyRuntime::default();
     if let Some(ck) = &config.encryption.customer_key {
         match crate::keys::vault_access(dir, &config, &ck.login, &ck.key) {
@@ -448,13 +447,13 @@ async fn start_locked(
                 runtime.access = Some(a);
                 runtime.key = Some(ck.key.clone());
             }
-            Err(e) => key_failure = Some(format!("cannot reach the vault: {e}")),
+            Err(e) => key_failure = failed(format!("cannot reach the vault: {e}")),
         }
     }
     if config.encryption.customer_key.is_some() || !config.encryption.rewrap_from.is_empty() {
         match crate::keys::engine_protector(&config, runtime.access.as_ref()) {
             Ok(p) => engine.set_protector(p),
-            Err(e) => key_failure = key_failure.or(Some(e)),
+            Err(e) => key_failure = key_failure.or(failed(e)),
         }
     }
     // Unwrap every database's DEK now: a missing or wrong key is found at
@@ -478,9 +477,9 @@ async fn start_locked(
     {
         // The seeds' procedure: a restored server stays Inaccessible until
         // its identity is granted the key and it is revalidated.
-        key_failure = Some(
-            "restored from a backup: grant this server's identity get, wrapKey and unwrapKey on its customer key, then run `atrest server revalidate`".into(),
-        );
+        key_failure = Some(Loss::refused(Cause::Restored,
+            "restored from a backup: grant this server's identity get, wrapKey and unwrapKey on its customer key, then run `atrest server revalidate`",
+        ));
     }
     if key_failure.is_none() && crate::backup::pending_plan(dir).is_some() {
         if let Err(e) = crate::backup::finish_restore(dir, databases.engine()) {
@@ -490,7 +489,7 @@ async fn start_locked(
                     message: e,
                 });
             }
-            key_failure = Some(format!("finishing the restore: {e}"));
+            key_failure = failed(format!("finishing the restore: {e}"));
         }
     }
     if key_failure.is_none() {
@@ -509,7 +508,7 @@ async fn start_locked(
                 if config.encryption.customer_key.is_none() {
                     return Err(StartError::Database { name, message });
                 }
-                key_failure = Some(format!("database {name}: {message}"));
+                key_failure = failed(format!("database {name}: {message}"));
                 break;
             }
         }
@@ -518,14 +517,14 @@ async fn start_locked(
     if key_failure.is_none() && !config.encryption.rewrap_from.is_empty() {
         // A key switch was interrupted: finish it before serving.
         let from = config.encryption.rewrap_from.clone();
-        match crate::keys::rewrap_all(dir, &mut config, &databases, runtime.access.as_ref()) {
+        match crate::keys::rewrap_all(dir, &mut config, &*databases, runtime.access.as_ref()) {
             Ok(n) => {
                 tracing::info!(?from, databases = n, "finished an interrupted rewrap");
                 if let Ok(p) = crate::keys::engine_protector(&config, runtime.access.as_ref()) {
                     databases.engine().set_protector(p);
                 }
             }
-            Err(e) => key_failure = Some(format!("finishing the rewrap: {e}")),
+            Err(e) => key_failure = failed(format!("finishing the rewrap: {e}")),
         }
     }
     if let Some(rc) = &config.replica {
@@ -537,7 +536,7 @@ async fn start_locked(
             rc,
             config.encryption.customer_key.is_some(),
         ) {
-            key_failure = key_failure.or(Some(format!("the source's keys: {e}")));
+            key_failure = key_failure.or(failed(format!("the source's keys: {e}")));
         }
     }
     if key_failure.is_none() {
@@ -553,8 +552,8 @@ async fn start_locked(
             let (a, k) = (Arc::clone(a), k.clone());
             match tokio::task::spawn_blocking(move || crate::keys::Probe::make(&a, &k)).await {
                 Ok(Ok(p)) => runtime.probe = Some(Arc::new(p)),
-                Ok(Err(l)) => key_failure = Some(l.reason().to_string()),
-                Err(e) => key_failure = Some(e.to_string()),
+                Ok(Err(l)) => key_failure = Some(l),
+                Err(e) => key_failure = failed(e.to_string()),
             }
         }
     }
@@ -597,11 +596,12 @@ async fn start_locked(
         dir.to_path_buf(),
         config.dek_rotation.clone(),
     );
+    let control = Control::new(dir.to_path_buf(), &config, Arc::clone(&lifecycle), runtime);
     let ctx = Arc::new(ServerCtx {
         rotator,
         dir: dir.to_path_buf(),
         mock_key: roles.mock_key.clone(),
-        live: Mutex::new(config.clone()),
+        control,
         config,
         limits,
         databases,
@@ -616,29 +616,22 @@ async fn start_locked(
         shutdown_tx,
         grace_tx,
         kick_tx,
-        inaccessible: Mutex::new(None),
-        keys: Mutex::new(runtime),
-        key_op: tokio::sync::Mutex::new(()),
-        stop_requested: tokio::sync::Notify::new(),
     });
     if let Some(ml) = metrics_listener {
         let observed: Arc<dyn crate::http::Observe> = Arc::clone(&ctx) as _;
         tokio::spawn(crate::http::serve(ml, Arc::clone(&ctx.lifecycle), observed));
     }
-    crate::control::serve_admin(Arc::clone(&ctx))?;
+    let engine: Arc<dyn crate::control::Engine> = Arc::clone(&ctx) as _;
+    crate::control::serve_admin(Arc::clone(&ctx.control), Arc::clone(&engine))
+        .map_err(StartError::Admin)?;
     match key_failure {
         None => {
             let _ = ctx.lifecycle.transition(State::Ready, "started");
         }
-        Some(reason) => {
-            *ctx.inaccessible.lock().expect("inaccessible") = Some(reason.clone());
-            let _ = ctx
-                .lifecycle
-                .transition(State::Inaccessible, &format!("at start: {reason}"));
-        }
+        Some(loss) => ctx.control.mark_inaccessible(loss, "at start: "),
     }
     // Always: a customer key can be set while the server runs.
-    tokio::spawn(crate::control::monitor(Arc::clone(&ctx)));
+    tokio::spawn(crate::control::monitor(Arc::clone(&ctx.control), engine));
     // Resumes an unfinished DEK rotation once Ready, and rotates DEKs that
     // reach their usage limit.
     ctx.rotator.start(&ctx);

@@ -273,7 +273,7 @@ async fn route(req: hyper::Request<hyper::body::Incoming>, ctx: &Arc<ServerCtx>)
         ("POST", ["replication", "v1", "backup"]) => {
             let c = Arc::clone(ctx);
             let made = tokio::task::spawn_blocking(move || {
-                let config = c.live.lock().expect("config").clone();
+                let config = c.control.live.lock().expect("config").clone();
                 crate::backup::take_backup(&c.dir, &config, &c.databases).map(|entry| {
                     let dir = crate::backup::repository(&c.dir, &config)
                         .join("backups")
@@ -304,7 +304,7 @@ async fn route(req: hyper::Request<hyper::body::Incoming>, ctx: &Arc<ServerCtx>)
             }
         }
         ("GET", ["replication", "v1", "backup", id, file]) => {
-            let config = ctx.live.lock().expect("config").clone();
+            let config = ctx.control.live.lock().expect("config").clone();
             let ok = |s: &str| !s.is_empty() && !s.starts_with('.') && !s.contains(['/', '\\']);
             if !ok(id) || !ok(file) {
                 return error_reply(400, "bad backup file name".into());
@@ -342,7 +342,7 @@ async fn route(req: hyper::Request<hyper::body::Incoming>, ctx: &Arc<ServerCtx>)
 }
 
 fn info(ctx: &ServerCtx) -> serde_json::Value {
-    let config = ctx.live.lock().expect("config").clone();
+    let config = ctx.control.live.lock().expect("config").clone();
     let ck = config.encryption.customer_key.as_ref();
     serde_json::json!({
         "name": config.name,
@@ -816,6 +816,7 @@ async fn follow_key_once(
 ) -> Result<(), String> {
     let want = info["customer_key"].as_str();
     let have = ctx
+        .control
         .live
         .lock()
         .expect("config")
@@ -851,8 +852,9 @@ async fn follow_key_once(
             crate::keys::Target::Customer { key, login }
         }
     };
-    let client_id = ctx.live.lock().expect("config").identity.client_id.clone();
-    let report = crate::control::set_key(ctx, target).await.map_err(|e| {
+    let client_id = ctx.control.live.lock().expect("config").identity.client_id.clone();
+    let engine: Arc<dyn crate::control::Engine> = Arc::clone(ctx) as _;
+    let report = ctx.control.set_key(&engine, target).await.map_err(|e| {
         format!(
             "the source now uses {}; this replica cannot switch to it yet: {e} (grant this replica's identity {client_id} get, wrapKey and unwrapKey on that key)",
             want.unwrap_or("its service-managed key")
@@ -1283,7 +1285,7 @@ pub fn promote_running(ctx: &ServerCtx) -> Result<(), String> {
         return Err("this server is not a read replica".into());
     }
     promote(&ctx.dir)?;
-    ctx.live.lock().expect("config").replica = None;
+    ctx.control.live.lock().expect("config").replica = None;
     ctx.databases.set_read_only(None);
     tracing::info!("promoted: no longer a replica; writes are taken");
     Ok(())

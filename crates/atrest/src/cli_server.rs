@@ -588,7 +588,7 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                 let signal = tokio::select! {
                     _ = term.recv() => "SIGTERM",
                     _ = int.recv() => "SIGINT",
-                    _ = ctx.stop_requested.notified() => "delete requested while Inaccessible",
+                    _ = ctx.control.stop_requested.notified() => "delete requested while Inaccessible",
                 };
                 eprintln!("atrest server {}: {signal}, shutting down", config.name);
                 running.stop(&format!("shutdown ({signal})")).await;
