@@ -20,7 +20,8 @@ fn main() {
         Ok(r) => r,
         Err(_) => atrest_fs::RootKey::create(dir, &p, None).unwrap(),
     };
-    let (session, stats) = atrest_fs::mount(dir, mnt, root, &Default::default()).unwrap();
+    let atrest_fs::Mounted { session, stats, .. } =
+        atrest_fs::mount(dir, mnt, root, &Default::default()).unwrap();
     eprintln!("mounted; press Enter to unmount");
     let mut s = String::new();
     let _ = std::io::stdin().read_line(&mut s);

@@ -24,8 +24,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
 use atrest_crypto::{
-    Dek, FileHeader, FileId, FileKind, FsLayout, InfraUnitKey, SealContext, UnitKey,
-    HEADER_SLOT_SIZE, INFRA_OVERHEAD, SEAL_OVERHEAD,
+    Dek, FileHeader, FileId, FileKind, FsLayout, InfraUnitKey, KeySource, SealContext, UnitKey,
+    WrappedDek, HEADER_SLOT_SIZE, INFRA_OVERHEAD, SEAL_OVERHEAD,
 };
 use zeroize::Zeroize;
 
@@ -832,6 +832,33 @@ impl CryptFile {
             self.write_header(&mut st)?;
         }
         Ok(())
+    }
+
+    /// Replaces the header's copy of the root's KEK-wrapped DEK (a key
+    /// change), durably; only the header changes. `false`: it had it.
+    pub fn rewrap_parent(&self, wrapped: &WrappedDek) -> Result<bool, FsError> {
+        let mut st = self.st.lock().unwrap();
+        match &mut st.header.key_source {
+            KeySource::Parent { parent_wrapped, .. } if parent_wrapped == wrapped => {
+                return Ok(false)
+            }
+            KeySource::Parent { parent_wrapped, .. } => *parent_wrapped = wrapped.clone(),
+            _ => {
+                return Err(FsError::Header(format!(
+                    "{}: a file's DEK must be wrapped by its tree's root key",
+                    self.name()
+                )))
+            }
+        }
+        // Both slots, each synced: no copy under the old KEK is left.
+        for _ in 0..2 {
+            self.write_header(&mut st)?;
+            self.file
+                .sync_data()
+                .map_err(|e| io("sync", &self.name(), e))?;
+            st.header_synced = true;
+        }
+        Ok(true)
     }
 
     /// Writes back the exact seal count (a clean close), so the next open

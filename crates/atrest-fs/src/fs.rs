@@ -167,6 +167,8 @@ struct Inodes {
     next: u64,
 }
 
+type Registry = Arc<Mutex<HashMap<u64, std::sync::Weak<CryptFile>>>>;
+
 /// The filesystem. Shared by the FUSE worker threads.
 pub struct AtrestFs {
     dir: PathBuf,
@@ -174,8 +176,9 @@ pub struct AtrestFs {
     policy: SlotPolicy,
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, (u64, Arc<CryptFile>)>>,
-    /// Every sealed-file state alive, by ciphertext inode number.
-    open_files: Mutex<HashMap<u64, std::sync::Weak<CryptFile>>>,
+    /// Every sealed-file state alive, by ciphertext inode number (shared
+    /// with the [`Tree`] handle).
+    open_files: Registry,
     next_fh: AtomicU64,
     stats: Arc<Stats>,
 }
@@ -217,7 +220,7 @@ impl AtrestFs {
             policy,
             inodes: Mutex::new(inodes),
             handles: Mutex::new(HashMap::new()),
-            open_files: Mutex::new(HashMap::new()),
+            open_files: Arc::new(Mutex::new(HashMap::new())),
             next_fh: AtomicU64::new(1),
             stats: Arc::new(Stats::default()),
         }
@@ -225,6 +228,15 @@ impl AtrestFs {
 
     pub fn stats(&self) -> Arc<Stats> {
         Arc::clone(&self.stats)
+    }
+
+    /// A handle on the tree for what happens beside the mount: rewraps.
+    pub fn tree(&self) -> Tree {
+        Tree {
+            dir: self.dir.clone(),
+            root: Arc::clone(&self.root),
+            open_files: Arc::clone(&self.open_files),
+        }
     }
 
     fn real(&self, rel: &Path) -> PathBuf {
@@ -1067,6 +1079,101 @@ impl Filesystem for AtrestFs {
     }
 }
 
+/// A mounted tree, seen from beside the mount: the server rewraps it
+/// when its key changes. Holds the root key: drop it with the session.
+pub struct Tree {
+    dir: PathBuf,
+    root: Arc<RootKey>,
+    open_files: Registry,
+}
+
+impl Tree {
+    /// Rewraps the tree under `protector`'s current KEK while it is in
+    /// use: the root header, then the copy of the root's wrapped DEK in
+    /// every file's header. Units are never touched. Files renamed behind
+    /// the walk are found by the next pass: it ends when a pass changes
+    /// nothing. Returns how many file headers changed.
+    pub fn rewrap(&self, protector: &dyn atrest_crypto::KeyProtector) -> Result<usize, FsError> {
+        self.root.rewrap(&self.dir, protector)?;
+        let wrapped = self.root.wrapped();
+        let mut total = 0;
+        for _pass in 0..8 {
+            let mut changed = 0;
+            let mut failed = None;
+            for rel in walk(&self.dir) {
+                match self.rewrap_file(&rel, &wrapped) {
+                    Ok(c) => changed += usize::from(c),
+                    Err(e) => failed = Some(e),
+                }
+            }
+            total += changed;
+            match failed {
+                // A file being created while the pass read it, or one
+                // whose header does not verify: the next pass tells.
+                Some(e) if _pass == 7 => return Err(e),
+                Some(_) => continue,
+                None if changed == 0 => return Ok(total),
+                None => {}
+            }
+        }
+        Ok(total)
+    }
+
+    fn rewrap_file(&self, rel: &Path, wrapped: &atrest_crypto::WrappedDek) -> Result<bool, FsError> {
+        let real = self.dir.join(rel);
+        let name = rel.display().to_string();
+        let file = match OpenOptions::new().read(true).write(true).open(&real) {
+            Ok(f) => f,
+            // Unlinked or renamed since the walk saw it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(FsError::io(format!("open {}", real.display()), e)),
+        };
+        let ino = file
+            .metadata()
+            .map_err(|e| FsError::io(format!("stat {}", real.display()), e))?
+            .ino();
+        // Under the registry's lock: the mount cannot open a second state
+        // of this file, nor close the one it has, meanwhile.
+        let open = self.open_files.lock().unwrap();
+        if let Some(f) = open.get(&ino).and_then(std::sync::Weak::upgrade) {
+            let r = f.rewrap_parent(wrapped);
+            drop(f);
+            return r;
+        }
+        let f = CryptFile::open(file, &name, &self.root)?;
+        let r = f.rewrap_parent(wrapped);
+        f.close()?;
+        drop(open);
+        r
+    }
+}
+
+/// Every regular file under `dir` but the root file, relative to `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for e in std::fs::read_dir(dir.join(&rel)).into_iter().flatten().flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            let p = rel.join(e.file_name());
+            if t.is_dir() {
+                stack.push(p);
+            } else if t.is_file() && p != Path::new(ROOT_FILE) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// A mounted tree: the FUSE session (dropping it unmounts), the
+/// filesystem's counters, and the tree handle.
+pub struct Mounted {
+    pub session: fuser::BackgroundSession,
+    pub stats: Arc<Stats>,
+    pub tree: Tree,
+}
+
 /// Mounts the tree in `cipher_dir` at `mountpoint`; the filesystem runs
 /// on background threads until the returned session is dropped (which
 /// unmounts, writes back every file's state and zeroizes the keys).
@@ -1075,7 +1182,7 @@ pub fn mount(
     mountpoint: &Path,
     root: RootKey,
     opts: &MountOptions,
-) -> Result<(fuser::BackgroundSession, Arc<Stats>), FsError> {
+) -> Result<Mounted, FsError> {
     if !Path::new("/dev/fuse").exists() {
         return Err(FsError::Mount(
             "/dev/fuse is missing: load the fuse module (modprobe fuse) or, in a container, \
@@ -1085,6 +1192,7 @@ pub fn mount(
     }
     let fs = AtrestFs::new(cipher_dir.to_path_buf(), root, opts.policy);
     let stats = fs.stats();
+    let tree = fs.tree();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName("atrest-fs".into()),
@@ -1104,5 +1212,9 @@ pub fn mount(
             mountpoint.display()
         ))
     })?;
-    Ok((session, stats))
+    Ok(Mounted {
+        session,
+        stats,
+        tree,
+    })
 }

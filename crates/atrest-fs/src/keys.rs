@@ -16,7 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use atrest_crypto::{
     CipherId, Dek, DekId, FileHeader, FileId, FileKind, FsLayout, InfraDek, InfraKeyRecord,
@@ -35,7 +35,8 @@ pub const ROOT_FILE: &str = ".atrest-fs-root";
 pub struct RootKey {
     pub(crate) file_id: FileId,
     pub(crate) dek: Dek,
-    pub(crate) wrapped: WrappedDek,
+    /// The root DEK wrapped by the KEK (changed by a rewrap while mounted).
+    wrapped: RwLock<WrappedDek>,
     wrap_key: SymmetricKek,
     /// The infrastructure layer: the master key's protector and the root's
     /// own record (kept through rewraps).
@@ -46,7 +47,7 @@ impl std::fmt::Debug for RootKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RootKey")
             .field("file_id", &self.file_id.to_hex())
-            .field("kek", &self.wrapped.kek)
+            .field("kek", &self.kek())
             .field("infrastructure", &self.infra.as_ref().map(|(p, _)| p))
             .finish_non_exhaustive()
     }
@@ -71,7 +72,7 @@ impl RootKey {
         Ok(RootKey {
             file_id,
             dek,
-            wrapped,
+            wrapped: RwLock::new(wrapped),
             wrap_key,
             infra,
         })
@@ -170,7 +171,15 @@ impl RootKey {
                 )));
                 continue;
             }
-            let dek = protector.unwrap(claims.dek_id, w).map_err(FsError::Key)?;
+            // A slot under a key the protector no longer opens (the older
+            // slot during a rewrap) gives way to the other one.
+            let dek = match protector.unwrap(claims.dek_id, w) {
+                Ok(d) => d,
+                Err(e) => {
+                    last_err = Some(FsError::Key(e));
+                    continue;
+                }
+            };
             match unverified.verify(&dek) {
                 Ok(h) => {
                     if best.as_ref().is_none_or(|(b, _)| h.sequence > b.sequence) {
@@ -224,8 +233,11 @@ impl RootKey {
     }
 
     /// Rewraps the root DEK under `protector`'s current KEK (a key change):
-    /// only the root file's header changes, never a unit.
-    pub fn rewrap(&mut self, dir: &Path, protector: &dyn KeyProtector) -> Result<(), FsError> {
+    /// only the root file's header changes, never a unit. Both header
+    /// slots get the new wrapping, one after the other (each synced), so no
+    /// copy under the old KEK is left; a crash in between leaves one slot
+    /// under each key, and the open takes the newest it can unwrap.
+    pub fn rewrap(&self, dir: &Path, protector: &dyn KeyProtector) -> Result<(), FsError> {
         let wrapped = protector.wrap(&self.dek).map_err(FsError::Key)?;
         let path = dir.join(ROOT_FILE);
         let f = OpenOptions::new()
@@ -233,7 +245,6 @@ impl RootKey {
             .write(true)
             .open(&path)
             .map_err(|e| FsError::io(format!("open {}", path.display()), e))?;
-        // The new header goes to the slot not holding the current one.
         let mut seqs = [0u64; 2];
         for (k, s) in seqs.iter_mut().enumerate() {
             let mut slot = vec![0u8; HEADER_SLOT_SIZE];
@@ -247,28 +258,37 @@ impl RootKey {
                 }
             }
         }
-        let (target, seq) = if seqs[0] >= seqs[1] {
-            (1, seqs[0] + 1)
-        } else {
-            (0, seqs[1] + 1)
-        };
-        let header = root_header(
-            self.file_id,
-            &self.dek,
-            wrapped.clone(),
-            seq,
-            self.infra.as_ref().map(|(_, r)| r.clone()),
-        );
-        f.write_all_at(&header.encode(&self.dek)?, target * HEADER_SLOT_SIZE as u64)
+        // The slot not holding the newest header first, then the other.
+        let first = if seqs[0] >= seqs[1] { 1 } else { 0 };
+        let mut seq = seqs[0].max(seqs[1]);
+        for target in [first, 1 - first] {
+            seq += 1;
+            let header = root_header(
+                self.file_id,
+                &self.dek,
+                wrapped.clone(),
+                seq,
+                self.infra.as_ref().map(|(_, r)| r.clone()),
+            );
+            f.write_all_at(
+                &header.encode(&self.dek)?,
+                (target * HEADER_SLOT_SIZE) as u64,
+            )
             .and_then(|_| f.sync_data())
             .map_err(|e| FsError::io(format!("write {}", path.display()), e))?;
-        self.wrapped = wrapped;
+        }
+        *self.wrapped.write().expect("root wrapping") = wrapped;
         Ok(())
     }
 
+    /// The root DEK as the KEK wraps it now.
+    pub fn wrapped(&self) -> WrappedDek {
+        self.wrapped.read().expect("root wrapping").clone()
+    }
+
     /// The KEK the root DEK is wrapped with now.
-    pub fn kek(&self) -> &atrest_crypto::KekRef {
-        &self.wrapped.kek
+    pub fn kek(&self) -> atrest_crypto::KekRef {
+        self.wrapped().kek
     }
 
     /// A new file's DEK and its key source, and its infrastructure DEK
@@ -289,7 +309,7 @@ impl RootKey {
             KeySource::Parent {
                 parent_file_id: self.file_id,
                 parent_dek_id: self.dek.id(),
-                parent_wrapped: self.wrapped.clone(),
+                parent_wrapped: self.wrapped(),
                 wrapped,
             },
             infra,

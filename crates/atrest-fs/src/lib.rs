@@ -21,7 +21,7 @@ pub mod keys;
 pub mod layout;
 
 pub use file::CryptFile;
-pub use fs::{mount, AtrestFs, MountOptions, SlotPolicy, Stats};
+pub use fs::{mount, AtrestFs, MountOptions, Mounted, SlotPolicy, Stats, Tree};
 pub use keys::{infra_key_of, RootKey, ROOT_FILE};
 
 use thiserror::Error;

@@ -1068,9 +1068,17 @@ fn key_op(data: &std::path::Path, req: serde_json::Value) -> Result<serde_json::
     let _lock = resource::lock(&dir)?;
     let mut config = resource::load_config(&dir)?;
     let target = atrest_server::control::parse_target(&req).map_err(|e| anyhow::anyhow!(e))?;
-    let databases =
-        atrest_server::keys::open_databases(&dir, &config).map_err(|e| anyhow::anyhow!(e))?;
-    let (report, _) = atrest_server::keys::switch(&dir, &mut config, &databases, target)
-        .map_err(|e| anyhow::anyhow!(e))?;
+    let (report, _) = match config.engine {
+        EngineKind::Postgres => {
+            let tree = atrest_server::postgres::StoppedTree::new(&dir);
+            atrest_server::keys::switch(&dir, &mut config, &tree, target)
+        }
+        EngineKind::Sqlite => {
+            let databases = atrest_server::keys::open_databases(&dir, &config)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            atrest_server::keys::switch(&dir, &mut config, &databases, target)
+        }
+    }
+    .map_err(|e| anyhow::anyhow!(e))?;
     Ok(serde_json::json!({"ok": true, "report": report}))
 }

@@ -25,6 +25,7 @@ use thiserror::Error;
 
 use crate::resource::{self, PlaintextPolicy, ServerConfig};
 
+mod refuse;
 mod serve;
 pub use serve::{serve, ServeError};
 
@@ -187,14 +188,16 @@ fn write_owned(
     std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| io(path, e))
 }
 
-type Mounted = (fuser::BackgroundSession, std::sync::Arc<atrest_fs::Stats>);
-
-fn mount(dir: &Path) -> Result<Mounted, crate::resource::ResourceError> {
+/// Mounts the tree, its root DEK unwrapped by `protector` (the service
+/// key, or the customer key and, during a rewrap, the keys it came from).
+fn mount(
+    dir: &Path,
+    protector: &dyn atrest_crypto::KeyProtector,
+) -> Result<atrest_fs::Mounted, crate::resource::ResourceError> {
     let config = resource::load_config(dir)?;
-    let protector = service_root(&config)?;
     let cipher = dir.join(CIPHER_SUBDIR);
     let infra = infra_keystore(&config)?;
-    let root = atrest_fs::RootKey::open(&cipher, protector.as_ref(), infra.as_ref())
+    let root = atrest_fs::RootKey::open(&cipher, protector, infra.as_ref())
         .map_err(PostgresError::Fs)?;
     Ok(atrest_fs::mount(
         &cipher,
@@ -327,7 +330,7 @@ pub fn initialize(
     let infra = infra_keystore(config)?;
     atrest_fs::RootKey::create(&cipher, protector.as_ref(), infra.as_ref())
         .map_err(PostgresError::Fs)?;
-    let (session, _) = mount(dir)?;
+    let mounted = mount(dir, protector.as_ref())?;
     let result = (|| {
         let tmp = mnt.join("tmp");
         mkdir_owned(&tmp, uid, gid)?;
@@ -392,7 +395,7 @@ pub fn initialize(
         write_owned(&pgdata.join("pg_hba.conf"), hba.as_bytes(), 0o600, uid, gid)?;
         Ok::<(), PostgresError>(())
     })();
-    drop(session);
+    drop(mounted);
     result.map_err(Into::into)
 }
 
@@ -400,6 +403,8 @@ pub fn initialize(
 pub struct Running {
     child: Child,
     session: Option<fuser::BackgroundSession>,
+    /// The mounted tree (holds its root key: dropped at unmount).
+    tree: Option<atrest_fs::Tree>,
     fs_stats: std::sync::Arc<atrest_fs::Stats>,
     pg: PostgresConfig,
     dir: PathBuf,
@@ -414,6 +419,11 @@ impl Running {
     /// The filesystem's counters (for `/metrics`).
     pub fn fs_stats(&self) -> std::sync::Arc<atrest_fs::Stats> {
         std::sync::Arc::clone(&self.fs_stats)
+    }
+
+    /// The mounted tree, for rewraps.
+    pub fn tree(&self) -> Option<&atrest_fs::Tree> {
+        self.tree.as_ref()
     }
 
     fn pgdata(&self) -> PathBuf {
@@ -487,11 +497,26 @@ impl Running {
     /// Fast shutdown (SIGINT: open transactions roll back, a checkpoint is
     /// written), then the unmount, which writes back every file's state
     /// and zeroizes the keys.
-    pub fn stop(mut self, limit: Duration) -> Result<(), PostgresError> {
+    pub fn stop(self, limit: Duration) -> Result<(), PostgresError> {
+        self.stop_with(rustix::process::Signal::INT, limit)
+    }
+
+    /// Immediate shutdown (SIGQUIT: every backend exits at once, no
+    /// checkpoint; the next start runs crash recovery), then the unmount,
+    /// which zeroizes the keys: the key has become inaccessible.
+    pub fn stop_immediately(self) -> Result<(), PostgresError> {
+        self.stop_with(rustix::process::Signal::QUIT, Duration::from_secs(10))
+    }
+
+    fn stop_with(
+        mut self,
+        signal: rustix::process::Signal,
+        limit: Duration,
+    ) -> Result<(), PostgresError> {
         let pid = rustix::process::Pid::from_raw(self.child.id() as i32);
         if self.exited().is_none() {
             if let Some(pid) = pid {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+                let _ = rustix::process::kill_process(pid, signal);
             }
             let deadline = Instant::now() + limit;
             while self.exited().is_none() && Instant::now() < deadline {
@@ -514,13 +539,15 @@ impl Running {
         while mount_in_use(&mnt) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if let Some(s) = self.session.take() {
-            s.umount_and_join().map_err(|e| PostgresError::Command {
+        let unmounted = match self.session.take() {
+            Some(s) => s.umount_and_join().map_err(|e| PostgresError::Command {
                 what: "unmounting".into(),
                 detail: e.to_string(),
-            })?;
-        }
-        Ok(())
+            }),
+            None => Ok(()),
+        };
+        self.tree = None;
+        unmounted
     }
 }
 
@@ -639,6 +666,7 @@ pub fn start(
     dir: &Path,
     listen: &str,
     limit: Duration,
+    protector: &dyn atrest_crypto::KeyProtector,
 ) -> Result<Running, crate::resource::ResourceError> {
     let config = resource::load_config(dir)?;
     let pg = pg_of(&config)?.clone();
@@ -656,18 +684,19 @@ pub fn start(
         }
         .into());
     }
-    let (session, fs_stats) = mount(dir)?;
+    let mounted = mount(dir, protector)?;
     let child = match spawn_postgres(dir, &pg, listen) {
         Ok(c) => c,
         Err(e) => {
-            let _ = session.umount_and_join();
+            let _ = mounted.session.umount_and_join();
             return Err(e);
         }
     };
     let mut running = Running {
         child,
-        session: Some(session),
-        fs_stats,
+        session: Some(mounted.session),
+        tree: Some(mounted.tree),
+        fs_stats: mounted.stats,
         pg,
         dir: dir.to_path_buf(),
         listen: listen.to_string(),
@@ -724,4 +753,46 @@ fn spawn_postgres(
         what: "starting postgres".into(),
         detail: e.to_string(),
     })?)
+}
+
+/// A stopped postgres-engine server's tree, for a key switch made while it
+/// does not run: the same rewrap as a running one, without a mount.
+pub struct StoppedTree {
+    dir: PathBuf,
+    protector: std::sync::Mutex<Option<std::sync::Arc<dyn atrest_crypto::KeyProtector>>>,
+}
+
+impl StoppedTree {
+    pub fn new(dir: &Path) -> Self {
+        StoppedTree {
+            dir: dir.to_path_buf(),
+            protector: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl crate::keys::Rewrap for StoppedTree {
+    fn set_protector(
+        &self,
+        protector: std::sync::Arc<dyn atrest_crypto::KeyProtector>,
+    ) -> Result<(), String> {
+        *self.protector.lock().expect("protector") = Some(protector);
+        Ok(())
+    }
+
+    fn rewrap_every(&self, _dir: &Path, config: &ServerConfig) -> Result<usize, String> {
+        let protector = self
+            .protector
+            .lock()
+            .expect("protector")
+            .clone()
+            .ok_or("no protector set")?;
+        let cipher = self.dir.join(CIPHER_SUBDIR);
+        let infra = infra_keystore(config).map_err(|e| e.to_string())?;
+        let root = atrest_fs::RootKey::open(&cipher, protector.as_ref(), infra.as_ref())
+            .map_err(|e| e.to_string())?;
+        let tree = atrest_fs::AtrestFs::new(cipher, root, atrest_fs::SlotPolicy::Postgres).tree();
+        tree.rewrap(protector.as_ref()).map_err(|e| e.to_string())?;
+        Ok(1)
+    }
 }

@@ -6,14 +6,20 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use atrest_crypto::KeyProtector;
+use serde_json::json;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
+use crate::cmk::VaultAccess;
+use crate::control::{Control, Engine, KeyRuntime};
 use crate::http::Observe;
+use crate::keys::{self, Cause, Loss, Rewrap};
 use crate::lifecycle::Lifecycle;
-use crate::resource::{self, Endpoints, EngineKind, ResourceError, State};
+use crate::resource::{self, Endpoints, EngineKind, ResourceError, ServerConfig, State};
 
 /// Why a postgres-engine server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -27,13 +33,32 @@ pub enum ServeError {
     },
     #[error("{} holds a {engine:?}-engine server, not a postgres-engine one", dir.display())]
     NotPostgres { dir: PathBuf, engine: EngineKind },
+    #[error("the admin socket: {0}")]
+    Admin(std::io::Error),
+    #[error("the server's TLS certificate: {0}")]
+    Tls(String),
 }
 
 /// What `/metrics` shows of the postgres engine: the filesystem's unit
 /// traffic and authentication failures, and PostgreSQL's restarts.
+#[derive(Default)]
 struct Observed {
-    fs: Arc<atrest_fs::Stats>,
+    /// The counters of the current mount (a revalidation mounts anew).
+    fs: FsStats,
     restarts: AtomicU64,
+}
+
+#[derive(Default)]
+struct FsStats(Mutex<Arc<atrest_fs::Stats>>);
+
+impl FsStats {
+    fn set(&self, s: Arc<atrest_fs::Stats>) {
+        *self.0.lock().expect("fs stats") = s;
+    }
+
+    fn get(&self) -> Arc<atrest_fs::Stats> {
+        Arc::clone(&self.0.lock().expect("fs stats"))
+    }
 }
 
 impl Observe for Observed {
@@ -45,25 +70,26 @@ impl Observe for Observed {
             ));
         };
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let fs = self.fs.get();
         counter(
             "atrest_fs_reads_total",
             "FUSE read requests served (units opened and authenticated).",
-            get(&self.fs.reads),
+            get(&fs.reads),
         );
         counter(
             "atrest_fs_writes_total",
             "FUSE write requests served (units sealed).",
-            get(&self.fs.writes),
+            get(&fs.writes),
         );
         counter(
             "atrest_fs_fsyncs_total",
             "fsync requests made durable.",
-            get(&self.fs.fsyncs),
+            get(&fs.fsyncs),
         );
         counter(
             "atrest_fs_auth_failures_total",
             "Units or headers that failed authentication (tampering or damage; each is an I/O error to PostgreSQL).",
-            get(&self.fs.auth_failures),
+            get(&fs.auth_failures),
         );
         counter(
             "atrest_postgres_restarts_total",
@@ -81,6 +107,196 @@ impl Observe for Observed {
 /// Runs the server in `dir` until `shutdown` resolves (to the reason, such
 /// as "SIGTERM"). The caller has entered a private mount namespace before
 /// starting any thread (see [`atrest_fs::private_mount_namespace`]).
+/// The postgres engine beneath the one control plane: PostgreSQL on its
+/// mount while the key is there; while it is not, nothing mounted, no key
+/// in memory, and the port answering 57P03 ([`super::refuse`]).
+struct PgEngine {
+    dir: PathBuf,
+    listen: String,
+    running: Mutex<Option<super::Running>>,
+    /// What unwraps and wraps the tree's root DEK now.
+    protector: Mutex<Option<Arc<dyn KeyProtector>>>,
+    refusing: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    tls: TlsAcceptor,
+    control: Arc<Control>,
+    observed: Arc<Observed>,
+    rt: tokio::runtime::Handle,
+}
+
+impl PgEngine {
+    /// Starts answering the port with 57P03 (PostgreSQL has released it).
+    fn start_refusing(&self) {
+        let _rt = self.rt.enter();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let listener = loop {
+            match std::net::TcpListener::bind(&self.listen) {
+                Ok(l) => break Some(l),
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => {
+                    tracing::error!(listen = %self.listen, error = %e, "cannot answer the port while Inaccessible");
+                    break None;
+                }
+            }
+        };
+        let Some(l) = listener else { return };
+        let listener = match l.set_nonblocking(true).and_then(|_| TcpListener::from_std(l)) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot answer the port while Inaccessible");
+                return;
+            }
+        };
+        let task = tokio::spawn(super::refuse::refuse(
+            listener,
+            Some(self.tls.clone()),
+            Arc::clone(&self.control),
+        ));
+        *self.refusing.lock().expect("refusing") = Some(task);
+    }
+
+    /// Stops answering the port, and waits until it is free.
+    fn stop_refusing(&self) {
+        if let Some(task) = self.refusing.lock().expect("refusing").take() {
+            task.abort();
+            let _ = self.rt.block_on(task);
+        }
+    }
+
+    /// Mounts with `config`'s protector and starts PostgreSQL (its crash
+    /// recovery runs), unless it runs already.
+    fn start_postgres(
+        &self,
+        config: &ServerConfig,
+        access: Option<&Arc<VaultAccess>>,
+    ) -> Result<(), String> {
+        let mut running = self.running.lock().expect("running");
+        if running.is_some() {
+            return Ok(());
+        }
+        let protector = keys::engine_protector(config, access)?;
+        self.stop_refusing();
+        match super::start(&self.dir, &self.listen, Duration::from_secs(300), protector.as_ref()) {
+            Ok(r) => {
+                self.observed.fs.set(r.fs_stats());
+                *running = Some(r);
+                *self.protector.lock().expect("protector") = Some(protector);
+                Ok(())
+            }
+            Err(e) => {
+                drop(running);
+                if self.control.state() == State::Inaccessible {
+                    self.start_refusing();
+                }
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Stops PostgreSQL (fast shutdown) and unmounts, or stops refusing.
+    fn shutdown(&self) -> Result<(), String> {
+        self.stop_refusing();
+        let taken = self.running.lock().expect("running").take();
+        match taken {
+            Some(r) => r.stop(Duration::from_secs(60)).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Engine for PgEngine {
+    /// Immediate shutdown of PostgreSQL (every session ends now), the
+    /// unmount (every DEK zeroized with the root key), then the port
+    /// answers 57P03.
+    fn lock(&self) {
+        let taken = self.running.lock().expect("running").take();
+        if let Some(r) = taken {
+            if let Err(e) = r.stop_immediately() {
+                tracing::error!(error = %e, "stopping PostgreSQL for Inaccessible");
+            }
+        }
+        *self.protector.lock().expect("protector") = None;
+        tracing::info!("PostgreSQL stopped, tree unmounted, keys zeroized");
+        self.start_refusing();
+    }
+
+    fn unlock(&self, config: &ServerConfig, access: Option<&Arc<VaultAccess>>) -> Result<(), String> {
+        self.start_postgres(config, access)
+    }
+
+    fn rewrap(&self) -> &dyn Rewrap {
+        self
+    }
+}
+
+/// The tree's root header and every file header's copy of it; never a unit.
+impl Rewrap for PgEngine {
+    fn set_protector(&self, protector: Arc<dyn KeyProtector>) -> Result<(), String> {
+        *self.protector.lock().expect("protector") = Some(protector);
+        Ok(())
+    }
+
+    fn rewrap_every(&self, _dir: &std::path::Path, _config: &ServerConfig) -> Result<usize, String> {
+        let protector = self
+            .protector
+            .lock()
+            .expect("protector")
+            .clone()
+            .ok_or("the tree is not mounted (the server is Inaccessible)")?;
+        let running = self.running.lock().expect("running");
+        let tree = running
+            .as_ref()
+            .and_then(|r| r.tree())
+            .ok_or("the tree is not mounted (the server is Inaccessible)")?;
+        let files = tree.rewrap(protector.as_ref()).map_err(|e| e.to_string())?;
+        tracing::info!(files, "rewrapped the tree's root and file headers");
+        Ok(1)
+    }
+}
+
+fn load_tls(dir: &std::path::Path, config: &ServerConfig) -> Result<TlsAcceptor, ServeError> {
+    let cert = resource::resolve(dir, &config.tls.cert);
+    let key = resource::resolve(dir, &config.tls.key);
+    let chain = std::fs::read(&cert).map_err(|e| ServeError::Tls(format!("{}: {e}", cert.display())))?;
+    let keypem = zeroize::Zeroizing::new(
+        std::fs::read(&key).map_err(|e| ServeError::Tls(format!("{}: {e}", key.display())))?,
+    );
+    let mut cfg = atrest_vault::tls::server_config_pem(&chain, &keypem)
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"postgresql".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// The customer key at start: reach the vault and prove the key answers
+/// (a probe), or say why not (the server starts Inaccessible).
+fn key_at_start(dir: &std::path::Path, config: &ServerConfig) -> (KeyRuntime, Option<Loss>) {
+    let mut runtime = KeyRuntime::default();
+    let Some(ck) = &config.encryption.customer_key else {
+        return (runtime, None);
+    };
+    let access = match keys::vault_access(dir, config, &ck.login, &ck.key) {
+        Ok(a) => a,
+        Err(e) => {
+            return (
+                runtime,
+                Some(Loss::refused(Cause::Other, format!("cannot reach the vault: {e}"))),
+            )
+        }
+    };
+    runtime.access = Some(Arc::clone(&access));
+    runtime.key = Some(ck.key.clone());
+    let checked = keys::Probe::make(&access, &ck.key)
+        .and_then(|p| keys::check(&access, &ck.key, &p).map(|()| p));
+    match checked {
+        Ok(p) => {
+            runtime.probe = Some(Arc::new(p));
+            (runtime, None)
+        }
+        Err(loss) => (runtime, Some(loss)),
+    }
+}
+
 pub async fn serve(
     dir: PathBuf,
     listen: Option<String>,
@@ -109,15 +325,60 @@ pub async fn serve(
             })?),
             None => None,
         };
-        let (d, l) = (dir.clone(), listen.clone());
-        let running =
-            tokio::task::spawn_blocking(move || super::start(&d, &l, Duration::from_secs(120)))
+        let tls = load_tls(&dir, &config)?;
+        let (d, c) = (dir.clone(), config.clone());
+        let (runtime, loss) = tokio::task::spawn_blocking(move || key_at_start(&d, &c))
+            .await
+            .expect("the key check does not panic");
+        let control = Control::new(dir.clone(), &config, Arc::clone(&lifecycle), runtime);
+        let engine = Arc::new(PgEngine {
+            dir: dir.clone(),
+            listen: listen.clone(),
+            running: Mutex::new(None),
+            protector: Mutex::new(None),
+            refusing: Mutex::new(None),
+            tls,
+            control: Arc::clone(&control),
+            observed: Arc::new(Observed::default()),
+            rt: tokio::runtime::Handle::current(),
+        });
+        match loss {
+            Some(loss) => {
+                control.mark_inaccessible(loss, "at start: ");
+                let e = Arc::clone(&engine);
+                tokio::task::spawn_blocking(move || e.start_refusing())
+                    .await
+                    .expect("no panic");
+            }
+            None => {
+                let (e, c) = (Arc::clone(&engine), Arc::clone(&control));
+                tokio::task::spawn_blocking(move || {
+                    let (config, access) = (
+                        c.live.lock().expect("live config").clone(),
+                        c.keys.lock().expect("keys").access.clone(),
+                    );
+                    e.start_postgres(&config, access.as_ref())?;
+                    // A key switch that a crash interrupted: finish it.
+                    if !config.encryption.rewrap_from.is_empty() {
+                        let mut config = config;
+                        keys::rewrap_all(&c.dir, &mut config, e.as_ref(), access.as_ref())
+                            .map_err(|e| format!("finishing an interrupted rewrap: {e}"))?;
+                        e.set_protector(keys::engine_protector(&config, access.as_ref())?)?;
+                        *c.live.lock().expect("live config") = config;
+                    }
+                    Ok::<(), String>(())
+                })
                 .await
-                .expect("the start task does not panic")?;
-        Ok::<_, ServeError>((metrics, running))
+                .expect("the start task does not panic")
+                .map_err(|e| {
+                    ServeError::Resource(ResourceError::Invalid(format!("starting PostgreSQL: {e}")))
+                })?;
+            }
+        }
+        Ok::<_, ServeError>((metrics, control, engine))
     }
     .await;
-    let (metrics, mut running) = match started {
+    let (metrics, control, engine) = match started {
         Ok(s) => s,
         Err(e) => {
             let _ = lifecycle.transition(State::Stopped, &format!("start failed: {e}"));
@@ -125,61 +386,78 @@ pub async fn serve(
             return Err(e);
         }
     };
+    let dyn_engine: Arc<dyn Engine> = Arc::clone(&engine) as _;
+    if let Err(e) = crate::control::serve_admin(Arc::clone(&control), Arc::clone(&dyn_engine)) {
+        let e2 = Arc::clone(&engine);
+        let _ = tokio::task::spawn_blocking(move || e2.shutdown()).await;
+        let _ = lifecycle.transition(State::Stopped, &format!("start failed: {e}"));
+        return Err(ServeError::Admin(e));
+    }
     let metrics_addr = metrics.as_ref().and_then(|m| m.local_addr().ok());
     lifecycle.set_endpoints(Endpoints {
         pid: Some(std::process::id()),
         listen: Some(listen.clone()),
         metrics: metrics_addr.map(|a| a.to_string()),
     });
-    let observed = Arc::new(Observed {
-        fs: running.fs_stats(),
-        restarts: AtomicU64::new(0),
-    });
     if let Some(m) = metrics {
-        let o: Arc<dyn Observe> = Arc::clone(&observed) as _;
+        let o: Arc<dyn Observe> = Arc::clone(&engine.observed) as _;
         tokio::spawn(crate::http::serve(m, Arc::clone(&lifecycle), o));
     }
-    let _ = lifecycle.transition(State::Ready, "PostgreSQL accepts connections");
-    tracing::info!(%listen, metrics = ?metrics_addr, server = %config.name, "postgres engine ready");
+    if control.state() == State::Starting {
+        let _ = lifecycle.transition(State::Ready, "PostgreSQL accepts connections");
+    }
+    tokio::spawn(crate::control::monitor(Arc::clone(&control), dyn_engine));
+    tracing::info!(%listen, metrics = ?metrics_addr, server = %config.name, state = %control.state(), "postgres engine started");
     tokio::pin!(shutdown);
     let reason = loop {
         tokio::select! {
             why = &mut shutdown => break format!("shutdown ({why})"),
+            _ = control.stop_requested.notified() => break "delete requested while Inaccessible".to_string(),
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
-        let Some(status) = running.exited() else {
+        // A rewrap or a lock holds it: look again at the next tick.
+        let status = match engine.running.try_lock() {
+            Ok(mut r) => r.as_mut().and_then(|r| r.exited()),
+            Err(_) => None,
+        };
+        let Some(status) = status else {
             continue;
         };
         // PostgreSQL died (killed, or a PANIC): start it again on the same
         // mount; its crash recovery replays the WAL.
         let _ = resource::log_activity(
             &dir,
-            &serde_json::json!({"time": resource::now_rfc3339(), "event": "postgres_exited", "status": status.to_string()}),
+            &json!({"time": resource::now_rfc3339(), "event": "postgres_exited", "status": status.to_string()}),
         );
         tracing::warn!(%status, "PostgreSQL exited; starting it again");
-        observed.restarts.fetch_add(1, Ordering::Relaxed);
+        engine.observed.restarts.fetch_add(1, Ordering::Relaxed);
+        let e = Arc::clone(&engine);
         let restarted = tokio::task::spawn_blocking(move || {
-            let r = running.restart(Duration::from_secs(300));
-            (running, r)
+            match e.running.lock().expect("running").as_mut() {
+                Some(r) => r.restart(Duration::from_secs(300)),
+                None => Ok(()),
+            }
         })
         .await
         .expect("the restart task does not panic");
-        running = restarted.0;
-        if let Err(e) = restarted.1 {
+        if let Err(e) = restarted {
             let reason = format!("PostgreSQL could not be started again: {e}");
             let _ = lifecycle.transition(State::Stopping, &reason);
-            let _ =
-                tokio::task::spawn_blocking(move || running.stop(Duration::from_secs(60))).await;
+            let e2 = Arc::clone(&engine);
+            let _ = tokio::task::spawn_blocking(move || e2.shutdown()).await;
             let _ = lifecycle.transition(State::Stopped, &reason);
             lifecycle.drain_alerts(Duration::from_secs(10)).await;
             return Err(e.into());
         }
     };
     let _ = lifecycle.transition(State::Stopping, &reason);
-    let stopped = tokio::task::spawn_blocking(move || running.stop(Duration::from_secs(60)))
+    let e = Arc::clone(&engine);
+    // Key operations finish first (a rewrap holds the mount).
+    let _key_op = control.key_op.lock().await;
+    let stopped = tokio::task::spawn_blocking(move || e.shutdown())
         .await
         .expect("the stop task does not panic");
     let _ = lifecycle.transition(State::Stopped, &reason);
     lifecycle.drain_alerts(Duration::from_secs(10)).await;
-    stopped.map_err(|e| ServeError::Resource(e.into()))
+    stopped.map_err(|e| ServeError::Resource(ResourceError::Invalid(format!("stopping PostgreSQL: {e}"))))
 }
