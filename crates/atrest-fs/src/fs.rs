@@ -1119,7 +1119,11 @@ impl Tree {
         Ok(total)
     }
 
-    fn rewrap_file(&self, rel: &Path, wrapped: &atrest_crypto::WrappedDek) -> Result<bool, FsError> {
+    fn rewrap_file(
+        &self,
+        rel: &Path,
+        wrapped: &atrest_crypto::WrappedDek,
+    ) -> Result<bool, FsError> {
         let real = self.dir.join(rel);
         let name = rel.display().to_string();
         let file = match OpenOptions::new().read(true).write(true).open(&real) {
@@ -1153,7 +1157,11 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
-        for e in std::fs::read_dir(dir.join(&rel)).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(dir.join(&rel))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let Ok(t) = e.file_type() else { continue };
             let p = rel.join(e.file_name());
             if t.is_dir() {

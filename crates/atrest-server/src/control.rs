@@ -37,8 +37,11 @@ pub trait Engine: Send + Sync + 'static {
     /// Unwraps the DEKs again (with `config`'s protector, reaching the
     /// vault through `access`) and serves again. Called on revalidation,
     /// also of a server that is Ready (then it only proves the keys open).
-    fn unlock(&self, config: &ServerConfig, access: Option<&Arc<VaultAccess>>)
-        -> Result<(), String>;
+    fn unlock(
+        &self,
+        config: &ServerConfig,
+        access: Option<&Arc<VaultAccess>>,
+    ) -> Result<(), String>;
     /// The DEK holder a key switch rewraps.
     fn rewrap(&self) -> &dyn Rewrap;
     /// Open client sessions.
@@ -284,8 +287,10 @@ pub async fn monitor(control: Arc<Control>, engine: Arc<dyn Engine>) {
                 match policy.on_check(Instant::now(), result) {
                     Verdict::Serve => {}
                     Verdict::Grace { left } => {
-                        tracing::warn!(grace_left_ms = left.as_millis() as u64,
-                            "vault unreachable; still serving within the outage grace period");
+                        tracing::warn!(
+                            grace_left_ms = left.as_millis() as u64,
+                            "vault unreachable; still serving within the outage grace period"
+                        );
                     }
                     Verdict::Inaccessible(loss) => control.go_inaccessible(&engine, loss).await,
                 }

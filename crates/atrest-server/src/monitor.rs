@@ -147,7 +147,10 @@ mod tests {
         let mut m = KeyMonitor::new(grace, false);
         let t0 = Instant::now();
         m.on_check(t0, down());
-        assert_eq!(m.on_check(t0 + Duration::from_secs(8), Ok(())), Verdict::Serve);
+        assert_eq!(
+            m.on_check(t0 + Duration::from_secs(8), Ok(())),
+            Verdict::Serve
+        );
         assert_eq!(
             m.on_check(t0 + Duration::from_secs(12), down()),
             Verdict::Grace { left: grace }

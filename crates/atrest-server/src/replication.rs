@@ -852,7 +852,14 @@ async fn follow_key_once(
             crate::keys::Target::Customer { key, login }
         }
     };
-    let client_id = ctx.control.live.lock().expect("config").identity.client_id.clone();
+    let client_id = ctx
+        .control
+        .live
+        .lock()
+        .expect("config")
+        .identity
+        .client_id
+        .clone();
     let engine: Arc<dyn crate::control::Engine> = Arc::clone(ctx) as _;
     let report = ctx.control.set_key(&engine, target).await.map_err(|e| {
         format!(

@@ -489,11 +489,18 @@ fn switch_to_customer_key_then_every_loss_cause_goes_inaccessible_and_back() {
         );
         // Sent before authentication: the cause, but no key URL, vault
         // address or identity.
-        let public = if *why == "does not exist" { "deleted" } else { why };
+        let public = if *why == "does not exist" {
+            "deleted"
+        } else {
+            why
+        };
         assert!(msg.contains(public), "{name}: the cause ({public}): {msg}");
         let vault_host = st.key_url.split("/keys/").next().unwrap();
         for secret in [st.key_url.as_str(), vault_host, st.client_id.as_str()] {
-            assert!(!msg.contains(secret), "{name}: {secret} before authentication: {msg}");
+            assert!(
+                !msg.contains(secret),
+                "{name}: {secret} before authentication: {msg}"
+            );
         }
         // Status shows the cause.
         let status = atrest(&["server", "status", "--data", &dir, "--json"]);

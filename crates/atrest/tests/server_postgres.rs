@@ -820,3 +820,303 @@ fn postgres_engine_runs_under_the_one_lifecycle_with_metrics_status_and_webhooks
     assert_eq!(alerts, want, "one alert per state change: {got:?}");
     assert!(got.iter().all(|a| a["server"] == "pg-life"));
 }
+
+/// Both header slots of every file of the tree (the root file included).
+fn tree_headers(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    files_under(&dir.join("pgfs"))
+        .into_iter()
+        .map(|(p, b)| {
+            let n = b.len().min(8192);
+            (p, b[..n].to_vec())
+        })
+        .collect()
+}
+
+/// Waits until state.json says `want`.
+fn wait_state(s: &TestServer, want: &str, limit: std::time::Duration) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let st = s.state();
+        if st["state"] == want {
+            return st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not {want} after {limit:?}: {st}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn postgres_engine_customer_key_set_lost_revalidated_and_rotated_from_the_one_control_plane() {
+    use atrest_vault::testkit::reqwest::Method;
+    use atrest_vault::testkit::{block_on, TestVault};
+    use serde_json::json;
+    use std::time::Duration;
+
+    let vault = TestVault::start(Path::new(env!("CARGO_BIN_EXE_atrest")), &[]);
+    vault
+        .admin_call(
+            Method::PATCH,
+            "/vault",
+            Some(json!({"purgeProtection": true})),
+        )
+        .expect("purge protection on");
+    let (admin, _, _) = vault.identity("key-admin", &["all"]);
+    block_on(admin.call(
+        Method::POST,
+        "/keys/tde/create",
+        Some(json!({"kty": "RSA", "key_size": 2048, "key_ops": ["wrapKey", "unwrapKey"]})),
+    ))
+    .expect("create key");
+    let latest = || {
+        let k = block_on(admin.get_key("tde", None)).unwrap();
+        k["key"]["kid"].as_str().unwrap().to_string()
+    };
+    let mut a = PgServer::create("pg-cmk");
+    let dir = a.s.dir.to_str().unwrap().to_string();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.s.dir.join("server.json")).unwrap())
+            .unwrap();
+    let client_id = config["identity"]["client_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let service_key = config["encryption"]["service_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cert = std::fs::read_to_string(a.s.dir.join("identity/identity.crt")).unwrap();
+    vault
+        .admin_call(
+            Method::POST,
+            "/identities",
+            Some(json!({
+                "name": "atrest-server", "kind": "managedIdentity", "clientId": client_id,
+                "certificate": cert, "permissions": {"keys": ["get", "wrapKey", "unwrapKey"]},
+            })),
+        )
+        .unwrap();
+    let ca = a.s.dir.parent().unwrap().join("vault-ca.pem");
+    std::fs::write(&ca, &vault.ca).unwrap();
+    let key_url = format!("{}/keys/tde", vault.url);
+    atrest_ok(&[
+        "server",
+        "configure",
+        "--data",
+        &dir,
+        "--key-check-interval-ms",
+        "300",
+    ]);
+    // Every header names the service key before the switch.
+    let headers = tree_headers(&a.s.dir);
+    assert!(headers.len() > 100, "{} files", headers.len());
+    a.s.start(&[]);
+    a.psql(
+        "postgres",
+        "create table t(id int primary key, v text); insert into t select g, 'v' || g from generate_series(1, 1000) g",
+    );
+
+    // set-key online: the tree is rewrapped while PostgreSQL runs and
+    // takes writes; then every header (both slots of every file and of the
+    // root) names the customer key and none the service key.
+    let writer = {
+        let conn = a.conninfo("postgres");
+        let pw = a.password.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            for i in 0..40 {
+                let out = Command::new(tool("psql"))
+                    .args([
+                        "-X",
+                        "-A",
+                        "-t",
+                        "-v",
+                        "ON_ERROR_STOP=1",
+                        &conn,
+                        "-c",
+                        &format!(
+                            "insert into t select g, 'w' from generate_series({}, {}) g",
+                            10_000 + i * 100,
+                            10_099 + i * 100
+                        ),
+                    ])
+                    .env("PGPASSWORD", &pw)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                n += 100;
+            }
+            n
+        })
+    };
+    let out = atrest(&[
+        "server",
+        "set-key",
+        "--data",
+        &dir,
+        "--key",
+        &key_url,
+        "--tenant",
+        &vault.tenant,
+        "--vault-ca",
+        ca.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written = writer.join().unwrap();
+    let v1 = latest();
+    for (p, h) in tree_headers(&a.s.dir) {
+        assert!(
+            contains(&h, v1.as_bytes()),
+            "{} does not name {v1}",
+            p.display()
+        );
+        assert!(
+            !contains(&h, service_key.as_bytes()),
+            "{} still has a copy under the service key",
+            p.display()
+        );
+    }
+    let count = |a: &PgServer| {
+        a.psql("postgres", "select count(*) from t")
+            .trim()
+            .to_string()
+    };
+    assert_eq!(count(&a), (1000 + written).to_string());
+
+    // The key disabled: Inaccessible at the next check. PostgreSQL is
+    // stopped, the tree unmounted, and the port answers 57P03 with the
+    // cause and no key URL, vault address or identity, over TLS too.
+    block_on(admin.call(
+        Method::PATCH,
+        &format!("/keys/tde/{}?force=true", v1.rsplit('/').next().unwrap()),
+        Some(json!({"attributes": {"enabled": false}})),
+    ))
+    .unwrap();
+    let st = wait_state(&a.s, "Inaccessible", Duration::from_secs(20));
+    assert!(st["reason"].as_str().unwrap().contains("disabled"), "{st}");
+    // The state changes first (new connections refused), then the engine
+    // locks: immediate shutdown, unmount.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while postmaster_of(a.s.pid()).is_some() || a.try_psql("postgres", "select 1").status.success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "PostgreSQL still runs"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mnt = a.s.dir.join("mnt").display().to_string();
+    let ns = std::fs::read_to_string(format!("/proc/{}/mountinfo", a.s.pid())).unwrap();
+    assert!(!ns.contains(&mnt), "the tree is still mounted: {ns}");
+    for sslmode in ["verify-full", "disable"] {
+        let conn = a
+            .conninfo("postgres")
+            .replace("sslmode=verify-full", &format!("sslmode={sslmode}"));
+        let out = Command::new(tool("psql"))
+            .args(["-X", "-A", "-t", &conn, "-c", "select 1"])
+            .env("PGPASSWORD", &a.password)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success());
+        assert!(
+            err.contains("customer-managed key is not accessible (the key is disabled)"),
+            "{sslmode}: {err}"
+        );
+        for secret in [key_url.as_str(), vault.url.as_str(), client_id.as_str()] {
+            assert!(
+                !err.contains(secret),
+                "{sslmode}: {secret} before authentication: {err}"
+            );
+        }
+    }
+    // Only revalidation or delete: a key switch is refused.
+    let out = atrest(&["server", "rotate-key", "--data", &dir]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not Ready"));
+    // Revalidation fails while the key is still disabled, and says why.
+    let out = atrest(&["server", "revalidate", "--data", &dir]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("disabled"));
+
+    // Enabled again, revalidated: mounted, crash recovery, Ready, with
+    // every acknowledged row.
+    block_on(admin.call(
+        Method::PATCH,
+        &format!("/keys/tde/{}", v1.rsplit('/').next().unwrap()),
+        Some(json!({"attributes": {"enabled": true}})),
+    ))
+    .unwrap();
+    atrest_ok(&["server", "revalidate", "--data", &dir]);
+    assert_eq!(a.s.state()["state"], "Ready");
+    assert_eq!(count(&a), (1000 + written).to_string());
+    a.psql(
+        "postgres",
+        "insert into t values (1000000, 'after revalidation')",
+    );
+
+    // rotate-key: a new version; every header moves to it. The old
+    // version can then be disabled: the server neither needs nor holds it.
+    block_on(admin.call(
+        Method::POST,
+        "/keys/tde/create",
+        Some(json!({"kty": "RSA", "key_size": 2048, "key_ops": ["wrapKey", "unwrapKey"]})),
+    ))
+    .unwrap();
+    let v2 = latest();
+    assert_ne!(v1, v2);
+    atrest_ok(&["server", "rotate-key", "--data", &dir]);
+    for (p, h) in tree_headers(&a.s.dir) {
+        assert!(
+            contains(&h, v2.as_bytes()),
+            "{} does not name {v2}",
+            p.display()
+        );
+        assert!(
+            !contains(&h, v1.as_bytes()),
+            "{} still names {v1}",
+            p.display()
+        );
+    }
+    block_on(admin.call(
+        Method::PATCH,
+        &format!("/keys/tde/{}?force=true", v1.rsplit('/').next().unwrap()),
+        Some(json!({"attributes": {"enabled": false}})),
+    ))
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(a.s.state()["state"], "Ready");
+    assert!(a.s.stop().success());
+    a.s.start(&[]);
+    assert_eq!(count(&a), (1001 + written).to_string());
+
+    // Back to the service key, stopped (offline rewrap of the tree).
+    assert!(a.s.stop().success());
+    atrest_ok(&["server", "set-key", "--data", &dir, "--service"]);
+    for (p, h) in tree_headers(&a.s.dir) {
+        assert!(
+            contains(&h, service_key.as_bytes()),
+            "{} does not name the service key",
+            p.display()
+        );
+        assert!(
+            !contains(&h, v2.as_bytes()),
+            "{} still names {v2}",
+            p.display()
+        );
+    }
+    a.s.start(&[]);
+    assert_eq!(count(&a), (1001 + written).to_string());
+    assert!(a.s.stop().success());
+}

@@ -197,8 +197,8 @@ fn mount(
     let config = resource::load_config(dir)?;
     let cipher = dir.join(CIPHER_SUBDIR);
     let infra = infra_keystore(&config)?;
-    let root = atrest_fs::RootKey::open(&cipher, protector, infra.as_ref())
-        .map_err(PostgresError::Fs)?;
+    let root =
+        atrest_fs::RootKey::open(&cipher, protector, infra.as_ref()).map_err(PostgresError::Fs)?;
     Ok(atrest_fs::mount(
         &cipher,
         &dir.join(MOUNT_SUBDIR),

@@ -141,7 +141,10 @@ impl PgEngine {
             }
         };
         let Some(l) = listener else { return };
-        let listener = match l.set_nonblocking(true).and_then(|_| TcpListener::from_std(l)) {
+        let listener = match l
+            .set_nonblocking(true)
+            .and_then(|_| TcpListener::from_std(l))
+        {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "cannot answer the port while Inaccessible");
@@ -177,7 +180,12 @@ impl PgEngine {
         }
         let protector = keys::engine_protector(config, access)?;
         self.stop_refusing();
-        match super::start(&self.dir, &self.listen, Duration::from_secs(300), protector.as_ref()) {
+        match super::start(
+            &self.dir,
+            &self.listen,
+            Duration::from_secs(300),
+            protector.as_ref(),
+        ) {
             Ok(r) => {
                 self.observed.fs.set(r.fs_stats());
                 *running = Some(r);
@@ -221,7 +229,11 @@ impl Engine for PgEngine {
         self.start_refusing();
     }
 
-    fn unlock(&self, config: &ServerConfig, access: Option<&Arc<VaultAccess>>) -> Result<(), String> {
+    fn unlock(
+        &self,
+        config: &ServerConfig,
+        access: Option<&Arc<VaultAccess>>,
+    ) -> Result<(), String> {
         self.start_postgres(config, access)
     }
 
@@ -237,7 +249,11 @@ impl Rewrap for PgEngine {
         Ok(())
     }
 
-    fn rewrap_every(&self, _dir: &std::path::Path, _config: &ServerConfig) -> Result<usize, String> {
+    fn rewrap_every(
+        &self,
+        _dir: &std::path::Path,
+        _config: &ServerConfig,
+    ) -> Result<usize, String> {
         let protector = self
             .protector
             .lock()
@@ -258,7 +274,8 @@ impl Rewrap for PgEngine {
 fn load_tls(dir: &std::path::Path, config: &ServerConfig) -> Result<TlsAcceptor, ServeError> {
     let cert = resource::resolve(dir, &config.tls.cert);
     let key = resource::resolve(dir, &config.tls.key);
-    let chain = std::fs::read(&cert).map_err(|e| ServeError::Tls(format!("{}: {e}", cert.display())))?;
+    let chain =
+        std::fs::read(&cert).map_err(|e| ServeError::Tls(format!("{}: {e}", cert.display())))?;
     let keypem = zeroize::Zeroizing::new(
         std::fs::read(&key).map_err(|e| ServeError::Tls(format!("{}: {e}", key.display())))?,
     );
@@ -280,7 +297,10 @@ fn key_at_start(dir: &std::path::Path, config: &ServerConfig) -> (KeyRuntime, Op
         Err(e) => {
             return (
                 runtime,
-                Some(Loss::refused(Cause::Other, format!("cannot reach the vault: {e}"))),
+                Some(Loss::refused(
+                    Cause::Other,
+                    format!("cannot reach the vault: {e}"),
+                )),
             )
         }
     };
@@ -371,7 +391,9 @@ pub async fn serve(
                 .await
                 .expect("the start task does not panic")
                 .map_err(|e| {
-                    ServeError::Resource(ResourceError::Invalid(format!("starting PostgreSQL: {e}")))
+                    ServeError::Resource(ResourceError::Invalid(format!(
+                        "starting PostgreSQL: {e}"
+                    )))
                 })?;
             }
         }
@@ -459,5 +481,7 @@ pub async fn serve(
         .expect("the stop task does not panic");
     let _ = lifecycle.transition(State::Stopped, &reason);
     lifecycle.drain_alerts(Duration::from_secs(10)).await;
-    stopped.map_err(|e| ServeError::Resource(ResourceError::Invalid(format!("stopping PostgreSQL: {e}"))))
+    stopped.map_err(|e| {
+        ServeError::Resource(ResourceError::Invalid(format!("stopping PostgreSQL: {e}")))
+    })
 }
