@@ -238,7 +238,12 @@ impl RootKey {
     /// copy under the old KEK is left; a crash in between leaves one slot
     /// under each key, and the open takes the newest it can unwrap.
     pub fn rewrap(&self, dir: &Path, protector: &dyn KeyProtector) -> Result<(), FsError> {
-        let wrapped = protector.wrap(&self.dek).map_err(FsError::Key)?;
+        // Already under that key (a switch finished after a crash): keep
+        // the wrapping, so files that have it are not written again.
+        let wrapped = match self.wrapped() {
+            w if w.kek == protector.current_kek() => w,
+            _ => protector.wrap(&self.dek).map_err(FsError::Key)?,
+        };
         let path = dir.join(ROOT_FILE);
         let f = OpenOptions::new()
             .read(true)

@@ -397,3 +397,58 @@ fn the_infrastructure_layer_needs_its_own_keystore_and_key_and_is_fixed_at_creat
         .to_string();
     assert!(e.contains("g"), "{e}");
 }
+
+#[test]
+fn a_key_switch_rewraps_the_root_and_every_file_header_and_leaves_nothing_under_the_old_key() {
+    use atrest_crypto::KeyProtector;
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("tree");
+    std::fs::create_dir_all(d.join("sub/deeper")).unwrap();
+    let (p1, root) = new_tree(&t.path().join("ks"), &d);
+    let ks = atrest_keystore::Keystore::open(t.path().join("ks")).unwrap();
+    let p2 = ks
+        .service_protector(ks.create_service_key().unwrap())
+        .unwrap();
+    let (old_id, new_id) = (p1.current_kek().key_id, p2.current_kek().key_id);
+    assert_ne!(old_id, new_id);
+    let names = ["a", "sub/b", "sub/deeper/c"];
+    for (i, n) in names.iter().enumerate() {
+        let f = CryptFile::create(rw(&d.join(n)), n, &root, 2).unwrap();
+        f.write_at(0, &bytes(i as u64, 20_000)).unwrap();
+        f.close().unwrap();
+    }
+    let headers = |want: &str, not: &str| {
+        for n in names.iter().copied().chain([atrest_fs::ROOT_FILE]) {
+            let b = std::fs::read(d.join(n)).unwrap();
+            let h = &b[..(HEADER_LEN as usize).min(b.len())];
+            let has = |s: &str| h.windows(s.len()).any(|w| w == s.as_bytes());
+            assert!(has(want), "{n} does not name {want}");
+            assert!(!has(not), "{n} still holds a wrapping under {not}");
+        }
+    };
+    headers(&old_id, &new_id);
+    let before_root = std::fs::read(d.join(atrest_fs::ROOT_FILE)).unwrap();
+    let tree = atrest_fs::AtrestFs::new(d.clone(), root, atrest_fs::SlotPolicy::AllTwo).tree();
+    assert_eq!(tree.rewrap(&p2).unwrap(), names.len());
+    // A second run finds nothing left to do.
+    assert_eq!(tree.rewrap(&p2).unwrap(), 0);
+    drop(tree);
+    headers(&new_id, &old_id);
+    // Only the new key opens the tree now, and every file reads as written.
+    let err = RootKey::open(&d, &p1, None).unwrap_err().to_string();
+    assert!(!err.is_empty());
+    let root2 = RootKey::open(&d, &p2, None).unwrap();
+    for (i, n) in names.iter().enumerate() {
+        let f = CryptFile::open(rw(&d.join(n)), n, &root2).unwrap();
+        assert_eq!(read_all(&f).unwrap(), bytes(i as u64, 20_000), "{n}");
+    }
+    // A crash between the two root slots: one slot under each key. Either
+    // key opens the tree (the newest slot it can unwrap), which is what
+    // lets the next start finish the switch.
+    let mut torn = std::fs::read(d.join(atrest_fs::ROOT_FILE)).unwrap();
+    let slot = HEADER_LEN as usize / 2;
+    torn[..slot].copy_from_slice(&before_root[..slot]);
+    std::fs::write(d.join(atrest_fs::ROOT_FILE), &torn).unwrap();
+    assert!(RootKey::open(&d, &p2, None).is_ok());
+    assert!(RootKey::open(&d, &p1, None).is_ok());
+}
