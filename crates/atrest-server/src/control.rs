@@ -124,7 +124,7 @@ impl Control {
             .expect("inaccessible")
             .as_ref()
             .map(|l| l.cause.public())
-            .unwrap_or(keys::Cause::Other.public());
+            .unwrap_or(crate::cmk::Cause::Other.public());
         PgError::fatal(
             "57P03",
             format!(

@@ -14,7 +14,7 @@ use atrest_keystore::{Keystore, ServiceKeyId};
 use atrest_vault::client::{ClientError, VaultClient};
 use zeroize::Zeroizing;
 
-use crate::cmk::{self, KeyUrl, VaultAccess, VaultLogin, VaultProtector};
+use crate::cmk::{self, Cause, KeyUrl, VaultAccess, VaultLogin, VaultProtector};
 use crate::databases::Databases;
 use crate::resource::{self, CustomerKeyConfig, ServerConfig};
 
@@ -283,41 +283,6 @@ pub fn switch(
         },
         access,
     ))
-}
-
-/// Why the key cannot be used, in the words a client may see before it
-/// authenticates: no key URL, identity or vault address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cause {
-    Disabled,
-    Expired,
-    Deleted,
-    PermissionRevoked,
-    IdentityRejected,
-    Firewall,
-    Unreachable,
-    /// Restored from a backup; the identity has not been granted the key.
-    Restored,
-    /// Something else the vault refused, or a failure at start.
-    Other,
-}
-
-impl Cause {
-    pub fn public(self) -> &'static str {
-        match self {
-            Cause::Disabled => "the key is disabled",
-            Cause::Expired => "the key has expired or is not active yet",
-            Cause::Deleted => "the key was deleted",
-            Cause::PermissionRevoked => "the server's identity lacks a permission on the key",
-            Cause::IdentityRejected => "the key vault does not accept the server's identity",
-            Cause::Firewall => "the key vault's firewall denies the server",
-            Cause::Unreachable => "the key vault is unreachable",
-            Cause::Restored => {
-                "restored from a backup, its identity has not been granted the key yet"
-            }
-            Cause::Other => "the key could not be used",
-        }
-    }
 }
 
 /// Why the key cannot be used right now.

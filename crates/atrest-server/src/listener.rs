@@ -14,10 +14,11 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::cmk::Cause;
 use crate::cmk::VaultAccess;
 use crate::control::{AdminReply, Control, KeyRuntime, NOT_READY};
 use crate::databases::Databases;
-use crate::keys::{Cause, Loss};
+use crate::keys::Loss;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::resource::{self, Endpoints, Limits, ResourceError, Role, Roles, ServerConfig, State};

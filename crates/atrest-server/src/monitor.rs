@@ -84,7 +84,7 @@ impl KeyMonitor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::Cause;
+    use crate::cmk::Cause;
 
     fn refused() -> Result<(), Loss> {
         Err(Loss::refused(Cause::Disabled, "key k is disabled"))

@@ -14,10 +14,11 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::cmk::Cause;
 use crate::cmk::VaultAccess;
 use crate::control::{Control, Engine, KeyRuntime};
 use crate::http::Observe;
-use crate::keys::{self, Cause, Loss, Rewrap};
+use crate::keys::{self, Loss, Rewrap};
 use crate::lifecycle::Lifecycle;
 use crate::resource::{self, Endpoints, EngineKind, ResourceError, ServerConfig, State};
 
