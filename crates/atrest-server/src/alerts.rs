@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::resource::{self, ServerConfig, State};
+use crate::config::ServerConfig;
+use crate::resource::{self, State};
 
 /// Webhooks: an HTTP POST with a JSON body on every state change, retried
 /// with exponential backoff.

@@ -39,24 +39,68 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use atrest_storage::{Engine, HEADER_LEN};
 use serde::{Deserialize, Serialize};
 
+use crate::config::BackupConfig;
+use crate::config::ServerConfig;
 use crate::databases::Databases;
-use crate::resource::{self, ServerConfig};
+use crate::resource;
 
 /// Frames after which the archiver checkpoints (SQLite's own default).
 pub const CHECKPOINT_FRAMES: u64 = 1000;
 /// The session id the backup uses when it takes a write gate.
 const BACKUP_PID: i32 = -2;
 
-/// Backup settings in `server.json`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct BackupConfig {
-    /// The repository (default `DIR/backups`).
-    pub dir: Option<PathBuf>,
-    /// Keep at most this many backups (the newest).
-    pub retain_count: Option<usize>,
-    /// Delete backups older than this many days (the newest is always kept).
-    pub retain_days: Option<u64>,
+/// Opens a stopped server's databases with whatever protects them now
+/// (its key, and the keys of an unfinished move). For tools that work on
+/// a server directory without starting it.
+pub fn open_databases(dir: &Path, config: &ServerConfig) -> Result<Databases, String> {
+    let engine = atrest_storage::Engine::open(&atrest_storage::EngineOptions {
+        data_dir: dir.join(resource::DATA_SUBDIR),
+        keystore_dir: Some(config.encryption.keystore_dir.clone()),
+        infrastructure_encryption: Some(config.encryption.infrastructure_encryption),
+        infra_keystore_dir: config.encryption.infra_keystore_dir.clone(),
+    })
+    .map_err(|e| e.to_string())?;
+    let access = match &config.encryption.customer_key {
+        Some(ck) => Some(crate::keys::vault_access(dir, config, &ck.login, &ck.key)?),
+        None => None,
+    };
+    engine.set_protector(crate::keys::engine_protector(config, access.as_ref())?);
+    if let Some(plan) = pending_plan(dir) {
+        prepare_engine(&engine, &plan)?;
+    }
+    let databases = Databases::new(engine);
+    databases.set_archive(repository(dir, config));
+    Ok(databases)
+}
+
+/// The sqlite engine: every database, then its backups and WAL archive.
+impl crate::keys::Rewrap for Databases {
+    fn set_protector(&self, protector: Arc<dyn atrest_crypto::KeyProtector>) -> Result<(), String> {
+        self.engine().set_protector(protector);
+        Ok(())
+    }
+
+    fn rewrap_every(&self, dir: &Path, config: &ServerConfig) -> Result<usize, String> {
+        let names = self.names();
+        for name in &names {
+            let (_lease, conn) = self
+                .connect(name)
+                .map_err(|e| format!("database {name}: {}", e.message))?;
+            conn.rewrap().map_err(|e| format!("database {name}: {e}"))?;
+        }
+        // Backups and the WAL archive follow the key, so that the old key
+        // can be disabled or deleted without losing a backup.
+        let n = rewrap_repository(dir, config, self.engine(), &self.archivers()).map_err(|e| {
+            format!(
+                "rewrapping backups in {}: {e}",
+                repository(dir, config).display()
+            )
+        })?;
+        if n > 0 {
+            tracing::info!(files = n, "rewrapped backup and archive files");
+        }
+        Ok(names.len())
+    }
 }
 
 /// The repository of a server.
@@ -957,23 +1001,26 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, String> {
         .map_err(|e| err("opening", &opts.from, e))?;
     let manifest = read_manifest(&from)?;
     let src = manifest.source.clone();
-    let created = resource::create(&resource::CreateOptions {
-        name: opts.name.clone(),
-        dir: opts.dir.clone(),
-        admin_user: "atrest".into(),
-        admin_password: None,
-        keystore_dir: Some(src.encryption.keystore_dir.clone()),
-        tls_cert: None,
-        tls_key: None,
-        hostnames: vec![],
-        allow_plaintext: src.allow_plaintext,
-        limits: src.limits.clone(),
-        default_listen: opts.listen.clone().or(Some(src.default_listen.clone())),
-        infrastructure_encryption: src.encryption.infrastructure_encryption,
-        infra_keystore_dir: src.encryption.infra_keystore_dir.clone(),
-        engine: Default::default(),
-        postgres: None,
-    })
+    let created = resource::create(
+        &resource::CreateOptions {
+            name: opts.name.clone(),
+            dir: opts.dir.clone(),
+            admin_user: "atrest".into(),
+            admin_password: None,
+            keystore_dir: Some(src.encryption.keystore_dir.clone()),
+            tls_cert: None,
+            tls_key: None,
+            hostnames: vec![],
+            allow_plaintext: src.allow_plaintext,
+            limits: src.limits.clone(),
+            default_listen: opts.listen.clone().or(Some(src.default_listen.clone())),
+            infrastructure_encryption: src.encryption.infrastructure_encryption,
+            infra_keystore_dir: src.encryption.infra_keystore_dir.clone(),
+            engine: Default::default(),
+            postgres: None,
+        },
+        &|_, _, _, _| Ok(()),
+    )
     .map_err(|e| e.to_string())?;
     let dir = opts
         .dir
@@ -1010,7 +1057,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, String> {
             });
         }
         config.save(&dir).map_err(|e| e.to_string())?;
-        let databases = crate::keys::open_databases(&dir, &config)?;
+        let databases = open_databases(&dir, &config)?;
         finish_restore(&dir, databases.engine())?;
         resource::set_state(
             &dir,

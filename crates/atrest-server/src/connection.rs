@@ -25,9 +25,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder, Framed};
 
+use crate::config::PlaintextPolicy;
 use crate::error::PgError;
 use crate::listener::ServerCtx;
-use crate::resource::{PlaintextPolicy, State};
+use crate::resource::State;
 use crate::scram::{self, Binding, ScramServer, ScramVerifier};
 use crate::session::{self, Job, Out, SessionConfig, SessionShared};
 

@@ -16,11 +16,12 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::cmk::{KeyUrl, VaultAccess};
+use crate::config::{MonitorConfig, ServerConfig};
 use crate::error::PgError;
 use crate::keys::{self, Loss, Probe, Rewrap, Target};
 use crate::lifecycle::Lifecycle;
 use crate::monitor::{KeyMonitor, Verdict};
-use crate::resource::{self, MonitorConfig, ServerConfig, State};
+use crate::resource::{self, State};
 
 pub const ADMIN_SOCKET: &str = "admin.sock";
 

@@ -15,8 +15,8 @@ use atrest_vault::client::{ClientError, VaultClient};
 use zeroize::Zeroizing;
 
 use crate::cmk::{self, Cause, KeyUrl, VaultAccess, VaultLogin, VaultProtector};
-use crate::databases::Databases;
-use crate::resource::{self, CustomerKeyConfig, ServerConfig};
+use crate::config::{CustomerKeyConfig, ServerConfig};
+use crate::resource;
 
 /// What the DEKs should be wrapped by.
 #[derive(Debug, Clone)]
@@ -98,30 +98,6 @@ pub fn engine_protector(
     Ok(Arc::new(RoutingProtector::new(current, previous)))
 }
 
-/// Opens a stopped server's databases with whatever protects them now
-/// (its key, and the keys of an unfinished move). For tools that work on
-/// a server directory without starting it.
-pub fn open_databases(dir: &Path, config: &ServerConfig) -> Result<Databases, String> {
-    let engine = atrest_storage::Engine::open(&atrest_storage::EngineOptions {
-        data_dir: dir.join(resource::DATA_SUBDIR),
-        keystore_dir: Some(config.encryption.keystore_dir.clone()),
-        infrastructure_encryption: Some(config.encryption.infrastructure_encryption),
-        infra_keystore_dir: config.encryption.infra_keystore_dir.clone(),
-    })
-    .map_err(|e| e.to_string())?;
-    let access = match &config.encryption.customer_key {
-        Some(ck) => Some(vault_access(dir, config, &ck.login, &ck.key)?),
-        None => None,
-    };
-    engine.set_protector(engine_protector(config, access.as_ref())?);
-    if let Some(plan) = crate::backup::pending_plan(dir) {
-        crate::backup::prepare_engine(&engine, &plan)?;
-    }
-    let databases = Databases::new(engine);
-    databases.set_archive(crate::backup::repository(dir, config));
-    Ok(databases)
-}
-
 /// What a key switch did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SwitchReport {
@@ -139,37 +115,6 @@ pub trait Rewrap {
     /// Rewraps every DEK under the protector's current key, touching
     /// headers only; returns how many databases or trees it rewrapped.
     fn rewrap_every(&self, dir: &Path, config: &ServerConfig) -> Result<usize, String>;
-}
-
-/// The sqlite engine: every database, then its backups and WAL archive.
-impl Rewrap for Databases {
-    fn set_protector(&self, protector: Arc<dyn KeyProtector>) -> Result<(), String> {
-        self.engine().set_protector(protector);
-        Ok(())
-    }
-
-    fn rewrap_every(&self, dir: &Path, config: &ServerConfig) -> Result<usize, String> {
-        let names = self.names();
-        for name in &names {
-            let (_lease, conn) = self
-                .connect(name)
-                .map_err(|e| format!("database {name}: {}", e.message))?;
-            conn.rewrap().map_err(|e| format!("database {name}: {e}"))?;
-        }
-        // Backups and the WAL archive follow the key, so that the old key
-        // can be disabled or deleted without losing a backup.
-        let n = crate::backup::rewrap_repository(dir, config, self.engine(), &self.archivers())
-            .map_err(|e| {
-                format!(
-                    "rewrapping backups in {}: {e}",
-                    crate::backup::repository(dir, config).display()
-                )
-            })?;
-        if n > 0 {
-            tracing::info!(files = n, "rewrapped backup and archive files");
-        }
-        Ok(names.len())
-    }
 }
 
 /// Rewraps every DEK under the engine's current protector, then records

@@ -20,6 +20,7 @@
 pub mod alerts;
 pub mod backup;
 pub mod cmk;
+pub mod config;
 pub mod connection;
 pub mod control;
 pub mod databases;
@@ -32,6 +33,7 @@ pub mod listener;
 pub mod metrics;
 pub mod monitor;
 pub mod postgres;
+pub mod provision;
 pub mod replication;
 pub mod resource;
 pub mod rotation;

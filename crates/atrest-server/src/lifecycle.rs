@@ -12,7 +12,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::alerts::Alerts;
-use crate::resource::{self, Endpoints, ServerConfig, State};
+use crate::config::ServerConfig;
+use crate::resource::{self, Endpoints, State};
 
 /// Whether a running server may move from `from` to `to`.
 ///
@@ -172,13 +173,16 @@ mod tests {
     fn a_refused_move_changes_nothing_and_an_allowed_one_is_recorded() {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("srv");
-        resource::create(&resource::CreateOptions {
-            name: "lifecycle-test".into(),
-            dir: dir.clone(),
-            admin_user: "atrest".into(),
-            keystore_dir: Some(t.path().join("ks")),
-            ..Default::default()
-        })
+        resource::create(
+            &resource::CreateOptions {
+                name: "lifecycle-test".into(),
+                dir: dir.clone(),
+                admin_user: "atrest".into(),
+                keystore_dir: Some(t.path().join("ks")),
+                ..Default::default()
+            },
+            &|_, _, _, _| Ok(()),
+        )
         .unwrap();
         let config = resource::load_config(&dir).unwrap();
         let l = Lifecycle::begin(&dir, &config);

@@ -16,12 +16,13 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::cmk::Cause;
 use crate::cmk::VaultAccess;
+use crate::config::{Limits, ServerConfig};
 use crate::control::{AdminReply, Control, KeyRuntime, NOT_READY};
 use crate::databases::Databases;
 use crate::keys::Loss;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
-use crate::resource::{self, Endpoints, Limits, ResourceError, Role, Roles, ServerConfig, State};
+use crate::resource::{self, Endpoints, ResourceError, Role, Roles, State};
 use crate::session::SessionShared;
 
 /// What every connection of a running server shares.

@@ -30,13 +30,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::ReplicaConfig;
 use crate::listener::ServerCtx;
 use crate::resource;
 use crate::resource::State;
+use crate::resource::{load_map, save_entry, save_lag, source_error_path, Lag, REPLICA_DIR};
 
 /// Where a replica keeps its token, the source's CA, its position and the
 /// segments it is reading.
-pub const REPLICA_DIR: &str = "replica";
 /// On the source: the replicas allowed to follow it.
 const ALLOWED_FILE: &str = "replicas.json";
 /// The write gate holder id of the replica's applier.
@@ -47,28 +48,6 @@ const CHUNK: u64 = 8 << 20;
 const APPLY_INTERVAL: Duration = Duration::from_millis(20);
 /// Transactions are applied in batches of about this many frames.
 const BATCH_FRAMES: usize = 4000;
-
-/// `server.json`'s `replica`: what this server follows.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ReplicaConfig {
-    /// The source's PostgreSQL address, HOST:PORT.
-    pub source: String,
-    pub source_name: String,
-    pub source_server_id: String,
-    /// The source server's directory, when it is on this machine (its
-    /// address is read from its state at each reconnect).
-    pub source_dir: Option<PathBuf>,
-    /// The CA that signed the source's TLS certificate (PEM), relative to
-    /// the server directory.
-    pub source_ca: PathBuf,
-    /// The replication token (0600), relative to the server directory.
-    pub token_file: PathBuf,
-    /// The keys the source's segments are wrapped under, besides ours.
-    pub source_service_key: Option<String>,
-    pub source_keystore_dir: PathBuf,
-    pub source_infra_key: Option<String>,
-    pub source_infra_keystore_dir: Option<PathBuf>,
-}
 
 fn now_us() -> u64 {
     SystemTime::now()
@@ -450,66 +429,12 @@ fn positions_path(dir: &Path) -> PathBuf {
     dir.join(REPLICA_DIR).join("positions.json")
 }
 
-/// A JSON map of per-database entries in `DIR/replica/`.
-fn load_map<T: serde::de::DeserializeOwned>(path: &Path) -> BTreeMap<String, T> {
-    fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
-}
-
-/// Sets one database's entry of such a map. One writer per database but
-/// several databases: read-modify-write under a process-wide lock.
-fn save_entry<T: Serialize + serde::de::DeserializeOwned>(
-    path: &Path,
-    name: &str,
-    value: &T,
-) -> Result<(), String> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _g = LOCK.lock().expect("replica state lock");
-    let mut all: BTreeMap<String, serde_json::Value> = load_map(path);
-    all.insert(
-        name.to_string(),
-        serde_json::to_value(value).expect("serializable"),
-    );
-    resource::write_atomic(
-        path,
-        &serde_json::to_vec_pretty(&all).expect("serializable"),
-        0o600,
-    )
-    .map_err(|e| e.to_string())
-}
-
 pub fn load_positions(dir: &Path) -> BTreeMap<String, Position> {
     load_map(&positions_path(dir))
 }
 
 fn save_position(dir: &Path, name: &str, pos: &Position) -> Result<(), String> {
     save_entry(&positions_path(dir), name, pos)
-}
-
-/// What `status` shows of a replica, per database.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Lag {
-    pub lag_bytes: u64,
-    pub lag_seconds: f64,
-    pub applied_commit_us: u64,
-    pub transactions_applied: u64,
-    pub last_error: Option<String>,
-    pub updated_us: u64,
-}
-
-fn lag_path(dir: &Path) -> PathBuf {
-    dir.join(REPLICA_DIR).join("lag.json")
-}
-
-pub fn load_lag(dir: &Path) -> BTreeMap<String, Lag> {
-    load_map(&lag_path(dir))
-}
-
-fn save_lag(dir: &Path, name: &str, lag: &Lag) {
-    // Only a report: a failed write is retried at the next round.
-    let _ = save_entry(&lag_path(dir), name, lag);
 }
 
 /// An HTTPS client for the source: trusts only its CA, carries the token.
@@ -749,16 +674,6 @@ fn follow_databases(
         tracing::info!(database = %name, "dropped a database the source dropped");
     }
     Ok(())
-}
-
-fn source_error_path(dir: &Path) -> PathBuf {
-    dir.join(REPLICA_DIR).join("source-error")
-}
-
-/// Why the replica is not (yet) under the source's customer key, or does
-/// not have (or still has) a database the source created (or dropped).
-pub fn source_error(dir: &Path) -> Option<String> {
-    fs::read_to_string(source_error_path(dir)).ok()
 }
 
 /// Keeps the replica under the source's key: when the source rotates its

@@ -26,6 +26,10 @@ use atrest_storage::{Engine, EngineOptions};
 use aws_lc_rs::{digest, rand};
 use serde::{Deserialize, Serialize};
 
+use crate::config::{
+    EncryptionConfig, EngineKind, IdentityInfo, Limits, MonitorConfig, PlaintextPolicy,
+    ServerConfig, TlsConfig,
+};
 use crate::scram::{ScramVerifier, DEFAULT_ITERATIONS};
 
 pub const CONFIG_FILE: &str = "server.json";
@@ -34,6 +38,8 @@ pub const ACTIVITY_LOG: &str = "activity.log";
 pub const ROLES_FILE: &str = "roles.json";
 pub const LOCK_FILE: &str = "server.lock";
 pub const DATA_SUBDIR: &str = "data";
+/// The postgres engine's ciphertext tree (atrest-fs; see `crate::postgres`).
+pub const CIPHER_SUBDIR: &str = "pgfs";
 pub const INITIAL_PASSWORD_FILE: &str = "initial-admin-password";
 /// The database every server starts with.
 pub const DEFAULT_DATABASE: &str = "postgres";
@@ -61,8 +67,9 @@ pub enum ResourceError {
     Keystore(#[from] atrest_keystore::KeystoreError),
     #[error("TLS: {0}")]
     Tls(String),
+    /// An engine's own failure (PostgreSQL not installed, initdb, ...).
     #[error(transparent)]
-    Postgres(#[from] crate::postgres::PostgresError),
+    Engine(Box<dyn std::error::Error + Send + Sync>),
 }
 
 fn io(path: &Path, source: std::io::Error) -> ResourceError {
@@ -70,184 +77,6 @@ fn io(path: &Path, source: std::io::Error) -> ResourceError {
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// Who may connect without TLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum PlaintextPolicy {
-    /// Plaintext only from loopback addresses (the default).
-    #[default]
-    Loopback,
-    /// TLS is required from everyone.
-    Never,
-    /// Plaintext from anywhere (not recommended: passwords are SCRAM, but
-    /// data is not protected in transit).
-    Always,
-}
-
-/// Limits and timeouts; all can be overridden at start.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct Limits {
-    pub max_connections: usize,
-    /// 0: none. Per session, `SET statement_timeout` overrides it.
-    pub statement_timeout_ms: u64,
-    /// Sessions idle inside a transaction longer than this are ended (0: never).
-    pub idle_in_transaction_session_timeout_ms: u64,
-    /// Sessions idle outside a transaction longer than this are ended (0: never).
-    pub idle_session_timeout_ms: u64,
-    /// How long a writer waits for the write lock before failing with 55P03.
-    pub lock_timeout_ms: u64,
-    /// On SIGTERM: how long open transactions get to finish before they
-    /// are rolled back.
-    pub shutdown_grace_ms: u64,
-    /// Largest message a client may send (a query string, a Bind).
-    pub max_message_bytes: usize,
-    /// Time allowed from connect to authenticated.
-    pub authentication_timeout_ms: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_connections: 100,
-            statement_timeout_ms: 0,
-            idle_in_transaction_session_timeout_ms: 600_000,
-            idle_session_timeout_ms: 0,
-            lock_timeout_ms: 30_000,
-            shutdown_grace_ms: 10_000,
-            max_message_bytes: 64 << 20,
-            authentication_timeout_ms: 60_000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct IdentityInfo {
-    /// The identity's id, to be granted key permissions in the vault.
-    pub client_id: String,
-    /// Its certificate (public), relative to the server directory.
-    pub certificate: PathBuf,
-    /// SHA-256 of the certificate (DER), hex.
-    pub thumbprint_sha256: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EncryptionConfig {
-    /// `service-managed` (issue: customer-managed comes with the vault).
-    pub scenario: String,
-    /// The service KEK reference (`service:<hex>`) in `keystore_dir`.
-    pub service_key: String,
-    pub keystore_dir: PathBuf,
-    /// Infrastructure double encryption; fixed at create.
-    pub infrastructure_encryption: bool,
-    /// The infrastructure layer's own keystore (when the layer is on).
-    #[serde(default)]
-    pub infra_keystore_dir: Option<PathBuf>,
-    /// The customer-managed key protecting the DEKs, if one is set.
-    #[serde(default)]
-    pub customer_key: Option<CustomerKeyConfig>,
-    /// Protectors whose wrappings may still be on disk: set while a
-    /// rewrap (key switch or rotation) runs; empty once it completed.
-    #[serde(default)]
-    pub rewrap_from: Vec<String>,
-}
-
-/// A customer-managed key and how the server reaches it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct CustomerKeyConfig {
-    /// The key, pinned to a version.
-    pub key: crate::cmk::KeyUrl,
-    pub login: crate::cmk::VaultLogin,
-    pub since: String,
-}
-
-/// The key monitor of a server with a customer-managed key.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct MonitorConfig {
-    /// How often access to the key is checked (at most 600 s).
-    pub interval_ms: u64,
-    /// How long the vault may be unreachable before the server goes
-    /// Inaccessible. A refusal has no grace.
-    pub outage_grace_ms: u64,
-    /// Return to Ready by itself once the key is accessible again.
-    pub auto_revalidate: bool,
-}
-
-impl Default for MonitorConfig {
-    fn default() -> Self {
-        MonitorConfig {
-            interval_ms: 30_000,
-            outage_grace_ms: 120_000,
-            auto_revalidate: false,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TlsConfig {
-    /// Certificate chain (PEM), relative to the server directory or absolute.
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// The local CA that signed a generated certificate (give it to clients
-    /// as `sslrootcert`); absent for operator-supplied certificates.
-    pub ca: Option<PathBuf>,
-}
-
-/// The database engine beneath a server.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EngineKind {
-    /// atrest's own encrypted SQLite engine behind the PostgreSQL protocol.
-    #[default]
-    Sqlite,
-    /// Real PostgreSQL on an atrest-fs mount (`crate::postgres`).
-    Postgres,
-}
-
-impl std::fmt::Display for EngineKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            EngineKind::Sqlite => "sqlite",
-            EngineKind::Postgres => "postgres",
-        })
-    }
-}
-
-/// `server.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ServerConfig {
-    pub format: u32,
-    pub name: String,
-    #[serde(default)]
-    pub engine: EngineKind,
-    /// The postgres engine's binaries and OS user.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub postgres: Option<crate::postgres::PostgresConfig>,
-    pub server_id: String,
-    pub created: String,
-    pub identity: IdentityInfo,
-    pub encryption: EncryptionConfig,
-    pub tls: TlsConfig,
-    pub allow_plaintext: PlaintextPolicy,
-    pub limits: Limits,
-    pub default_listen: String,
-    #[serde(default)]
-    pub monitor: MonitorConfig,
-    /// URLs that get an HTTP POST (JSON) on every state change.
-    #[serde(default)]
-    pub webhooks: Vec<String>,
-    /// Where backups and the WAL archive go, and how long they are kept.
-    #[serde(default)]
-    pub backup: crate::backup::BackupConfig,
-    /// The online DEK rotation's throttle and automatic trigger.
-    #[serde(default)]
-    pub dek_rotation: crate::rotation::DekRotationConfig,
-    /// Set on a read replica: the server it follows.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replica: Option<crate::replication::ReplicaConfig>,
 }
 
 impl ServerConfig {
@@ -423,8 +252,8 @@ pub struct CreateOptions {
     pub infra_keystore_dir: Option<PathBuf>,
     pub engine: EngineKind,
     /// The postgres engine: its binaries and OS user (found by
-    /// [`crate::postgres::PostgresConfig::find`]).
-    pub postgres: Option<crate::postgres::PostgresConfig>,
+    /// [`crate::config::PostgresConfig::find`]).
+    pub postgres: Option<crate::config::PostgresConfig>,
 }
 
 /// What create made.
@@ -436,7 +265,14 @@ pub struct Created {
 }
 
 /// Creates a server resource in an empty or absent directory.
-pub fn create(opts: &CreateOptions) -> Result<Created, ResourceError> {
+/// An engine's own step of a create, run once `server.json` is written:
+/// `(dir, config, admin user, admin password)`. The postgres engine's is
+/// `crate::postgres::initialize` (initdb on its mount); see
+/// `crate::provision::create`, which picks it.
+pub type EngineInit<'a> = &'a dyn Fn(&Path, &ServerConfig, &str, &str) -> Result<(), ResourceError>;
+
+/// Creates the server directory; `engine_init` adds the engine's own part.
+pub fn create(opts: &CreateOptions, engine_init: EngineInit) -> Result<Created, ResourceError> {
     validate_name(&opts.name)?;
     validate_database_name(&opts.admin_user).map_err(|_| {
         ResourceError::Invalid(format!(
@@ -456,7 +292,7 @@ pub fn create(opts: &CreateOptions) -> Result<Created, ResourceError> {
     }
     private_dir(dir)?;
     let dir = dir.canonicalize().map_err(|e| io(dir, e))?;
-    let result = create_in(&dir, opts);
+    let result = create_in(&dir, opts, engine_init);
     if result.is_err() {
         // Leave nothing half-made behind (the directory was empty).
         let _ = fs::remove_dir_all(&dir);
@@ -464,7 +300,11 @@ pub fn create(opts: &CreateOptions) -> Result<Created, ResourceError> {
     result
 }
 
-fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError> {
+fn create_in(
+    dir: &Path,
+    opts: &CreateOptions,
+    engine_init: EngineInit,
+) -> Result<Created, ResourceError> {
     let keystore_dir = match &opts.keystore_dir {
         Some(d) => d.clone(),
         None => Keystore::default_dir()?,
@@ -677,9 +517,7 @@ fn create_in(dir: &Path, opts: &CreateOptions) -> Result<Created, ResourceError>
         &serde_json::to_vec_pretty(&config).expect("serializable"),
         0o644,
     )?;
-    if opts.engine == EngineKind::Postgres {
-        crate::postgres::initialize(dir, &config, &opts.admin_user, &password)?;
-    }
+    engine_init(dir, &config, &opts.admin_user, &password)?;
     set_state(dir, State::Stopped, "created", None)?;
     Ok(Created {
         config,
@@ -1006,11 +844,80 @@ pub fn status(dir: &Path) -> Result<serde_json::Value, ResourceError> {
         "replica": config.replica.as_ref().map(|rc| serde_json::json!({
             "source": rc.source,
             "source_name": rc.source_name,
-            "databases": crate::replication::load_lag(dir),
-            "source_error": crate::replication::source_error(dir),
+            "databases": load_lag(dir),
+            "source_error": source_error(dir),
         })),
         "history": state.history,
     }))
+}
+
+/// A read replica's own files (`DIR/replica/`): positions, lag, and why it
+/// cannot follow its source (`crate::replication` writes them; `status`
+/// reads them).
+pub const REPLICA_DIR: &str = "replica";
+
+/// A JSON map of per-database entries in `DIR/replica/`.
+pub(crate) fn load_map<T: serde::de::DeserializeOwned>(path: &Path) -> BTreeMap<String, T> {
+    fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Sets one database's entry of such a map. One writer per database but
+/// several databases: read-modify-write under a process-wide lock.
+pub(crate) fn save_entry<T: Serialize + serde::de::DeserializeOwned>(
+    path: &Path,
+    name: &str,
+    value: &T,
+) -> Result<(), String> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = LOCK.lock().expect("replica state lock");
+    let mut all: BTreeMap<String, serde_json::Value> = load_map(path);
+    all.insert(
+        name.to_string(),
+        serde_json::to_value(value).expect("serializable"),
+    );
+    write_atomic(
+        path,
+        &serde_json::to_vec_pretty(&all).expect("serializable"),
+        0o600,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// What `status` shows of a replica, per database.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Lag {
+    pub lag_bytes: u64,
+    pub lag_seconds: f64,
+    pub applied_commit_us: u64,
+    pub transactions_applied: u64,
+    pub last_error: Option<String>,
+    pub updated_us: u64,
+}
+
+pub(crate) fn lag_path(dir: &Path) -> PathBuf {
+    dir.join(REPLICA_DIR).join("lag.json")
+}
+
+pub fn load_lag(dir: &Path) -> BTreeMap<String, Lag> {
+    load_map(&lag_path(dir))
+}
+
+pub(crate) fn save_lag(dir: &Path, name: &str, lag: &Lag) {
+    // Only a report: a failed write is retried at the next round.
+    let _ = save_entry(&lag_path(dir), name, lag);
+}
+
+pub(crate) fn source_error_path(dir: &Path) -> PathBuf {
+    dir.join(REPLICA_DIR).join("source-error")
+}
+
+/// Why the replica is not (yet) under the source's customer key, or does
+/// not have (or still has) a database the source created (or dropped).
+pub fn source_error(dir: &Path) -> Option<String> {
+    fs::read_to_string(source_error_path(dir)).ok()
 }
 
 /// Deletes a server: its databases, its service key (crypto-shredding
@@ -1026,7 +933,7 @@ pub fn delete(dir: &Path) -> Result<(), ResourceError> {
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .and_then(|v| v["infrastructure_key"].as_str().map(str::to_string)),
-        EngineKind::Postgres => atrest_fs::infra_key_of(&dir.join(crate::postgres::CIPHER_SUBDIR)),
+        EngineKind::Postgres => atrest_fs::infra_key_of(&dir.join(CIPHER_SUBDIR)),
     }
     .and_then(|k| atrest_keystore::InfraKeyId::parse(&k));
     if let (Some((id, _)), Some(ks_dir)) = (infra_key, &config.encryption.infra_keystore_dir) {
@@ -1059,6 +966,11 @@ pub fn delete(dir: &Path) -> Result<(), ResourceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sqlite-engine server (its files are made with the directory).
+    fn create(o: &CreateOptions) -> Result<Created, ResourceError> {
+        super::create(o, &|_, _, _, _| Ok(()))
+    }
 
     fn opts(dir: &Path, ks: &Path) -> CreateOptions {
         CreateOptions {

@@ -20,8 +20,9 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use atrest_storage::{Connection, RotationStatus};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+use crate::config::DekRotationConfig;
 use crate::databases::Databases;
 use crate::listener::ServerCtx;
 use crate::resource::State;
@@ -31,26 +32,6 @@ const BATCH_PAGES: u64 = 64;
 /// The write gate's holder id while a rotation finishes.
 const ROTATOR_PID: i32 = -3;
 const PROGRESS_FILE: &str = "dek-rotation.json";
-
-/// `dek_rotation` in server.json.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct DekRotationConfig {
-    /// The most pages re-sealed per second (the rotation's throttle).
-    pub pages_per_second: u64,
-    /// A database whose DEK (or its WAL's) has sealed this many units is
-    /// rotated on its own; see docs/CRYPTO.md for the limit it keeps under.
-    pub auto_at_seals: u64,
-}
-
-impl Default for DekRotationConfig {
-    fn default() -> Self {
-        DekRotationConfig {
-            pages_per_second: 2000,
-            auto_at_seals: atrest_crypto::SEAL_USAGE_WARN,
-        }
-    }
-}
 
 /// Where one database's rotation stands (status, metrics, progress file).
 #[derive(Debug, Clone, Serialize, Default)]

@@ -27,10 +27,10 @@ use pgwire::messages::startup::ParameterStatus;
 use pgwire::messages::PgWireBackendMessage as B;
 use rusqlite::types::{Value, ValueRef};
 
+use crate::config::Limits;
 use crate::databases::{DatabaseLease, Databases, StopReason};
 use crate::error::{from_sqlite, PgError};
 use crate::metrics::Metrics;
-use crate::resource::Limits;
 use crate::sql::{self, Command, SavepointKind, Statement};
 use crate::types::{decode_param, encode_field, PgType};
 

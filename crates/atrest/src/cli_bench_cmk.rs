@@ -71,7 +71,7 @@ pub(crate) fn setup_with(tmp_parent: &Path, name: &str, infra: bool) -> Result<E
     let tmp = tempfile::tempdir_in(tmp_parent)?;
     let dir = tmp.path().join("server");
     let pw = zeroize::Zeroizing::new(PASSWORD.to_string());
-    resource::create(&CreateOptions {
+    atrest_server::provision::create(&CreateOptions {
         name: name.into(),
         dir: dir.clone(),
         admin_user: "atrest".into(),
@@ -111,8 +111,11 @@ pub(crate) fn setup_with(tmp_parent: &Path, name: &str, infra: bool) -> Result<E
     })
 }
 
-pub(crate) fn open_databases(dir: &Path, config: &resource::ServerConfig) -> Result<Databases> {
-    keys::open_databases(dir, config).map_err(|e| anyhow::anyhow!(e))
+pub(crate) fn open_databases(
+    dir: &Path,
+    config: &atrest_server::config::ServerConfig,
+) -> Result<Databases> {
+    atrest_server::backup::open_databases(dir, config).map_err(|e| anyhow::anyhow!(e))
 }
 
 fn rewrap_bench(b: &CmkBench, parent: &Path) -> Result<serde_json::Value> {

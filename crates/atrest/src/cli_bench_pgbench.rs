@@ -164,7 +164,7 @@ pub(crate) fn prepare(root: &Path, side: Side, accounts: u64) -> Result<(PathBuf
     }
     let base = root.join(side.key());
     let dir = base.join("server");
-    resource::create(&CreateOptions {
+    atrest_server::provision::create(&CreateOptions {
         name: format!("bench-{}", side.key()),
         dir: dir.clone(),
         admin_user: "atrest".into(),

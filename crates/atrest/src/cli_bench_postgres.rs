@@ -13,7 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use atrest_server::postgres::{tuned_settings, PostgresConfig};
+use atrest_server::config::PostgresConfig;
+use atrest_server::postgres::tuned_settings;
 
 const PASSWORD: &str = "atrest-bench-password";
 

@@ -75,7 +75,7 @@ fn history_count(rt: &tokio::runtime::Runtime, c: &tokio_postgres::Client) -> Re
 }
 
 fn applied(dir: &Path) -> u64 {
-    atrest_server::replication::load_lag(dir)
+    atrest_server::resource::load_lag(dir)
         .get("postgres")
         .map_or(0, |l| l.transactions_applied)
 }

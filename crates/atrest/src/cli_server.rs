@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use atrest_server::config::{EngineKind, Limits, PlaintextPolicy};
 use atrest_server::listener::{self, StartOptions};
-use atrest_server::resource::{self, CreateOptions, EngineKind, Limits, PlaintextPolicy};
+use atrest_server::resource::{self, CreateOptions};
 use clap::{Args, Subcommand, ValueEnum};
 
 #[derive(Args)]
@@ -445,7 +446,7 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             let (engine, postgres) = match engine {
                 EngineArg::Sqlite => (EngineKind::Sqlite, None),
                 EngineArg::Postgres => {
-                    let pg = atrest_server::postgres::PostgresConfig::find(
+                    let pg = atrest_server::config::PostgresConfig::find(
                         postgres_bin.as_deref(),
                         &os_user,
                     )?;
@@ -465,7 +466,7 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
                 }
                 None => None,
             };
-            let created = resource::create(&CreateOptions {
+            let created = atrest_server::provision::create(&CreateOptions {
                 name,
                 dir: data,
                 admin_user: admin_user.clone(),
@@ -1003,7 +1004,7 @@ fn run_backup(args: BackupArgs) -> Result<std::process::ExitCode> {
         let lock = resource::lock(&dir)?;
         let config = resource::load_config(&dir)?;
         let databases =
-            atrest_server::keys::open_databases(&dir, &config).map_err(|e| anyhow::anyhow!(e))?;
+            atrest_server::backup::open_databases(&dir, &config).map_err(|e| anyhow::anyhow!(e))?;
         backup::recover_all(&databases).map_err(|e| anyhow::anyhow!(e))?;
         Ok((dir, lock, config, databases))
     };
@@ -1074,7 +1075,7 @@ fn key_op(data: &std::path::Path, req: serde_json::Value) -> Result<serde_json::
             atrest_server::keys::switch(&dir, &mut config, &tree, target)
         }
         EngineKind::Sqlite => {
-            let databases = atrest_server::keys::open_databases(&dir, &config)
+            let databases = atrest_server::backup::open_databases(&dir, &config)
                 .map_err(|e| anyhow::anyhow!(e))?;
             atrest_server::keys::switch(&dir, &mut config, &databases, target)
         }

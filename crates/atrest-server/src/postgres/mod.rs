@@ -20,16 +20,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::resource::{self, PlaintextPolicy, ServerConfig};
+use crate::config::PostgresConfig;
+use crate::config::{PlaintextPolicy, ServerConfig};
+use crate::resource;
+use crate::resource::CIPHER_SUBDIR;
 
 mod refuse;
 mod serve;
 pub use serve::{serve, ServeError};
 
-pub const CIPHER_SUBDIR: &str = "pgfs";
 pub const MOUNT_SUBDIR: &str = "mnt";
 pub const RUN_SUBDIR: &str = "run";
 /// PostgreSQL's data directory, inside the mount.
@@ -58,18 +59,17 @@ pub enum PostgresError {
     Listen(String),
 }
 
+impl From<PostgresError> for crate::resource::ResourceError {
+    fn from(e: PostgresError) -> Self {
+        crate::resource::ResourceError::Engine(Box::new(e))
+    }
+}
+
 fn io(path: &Path, source: std::io::Error) -> PostgresError {
     PostgresError::Io {
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// Where PostgreSQL is and who runs it (in `server.json`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PostgresConfig {
-    pub bin_dir: PathBuf,
-    pub os_user: String,
 }
 
 impl PostgresConfig {

@@ -16,11 +16,12 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::cmk::Cause;
 use crate::cmk::VaultAccess;
+use crate::config::{EngineKind, ServerConfig};
 use crate::control::{Control, Engine, KeyRuntime};
 use crate::http::Observe;
 use crate::keys::{self, Loss, Rewrap};
 use crate::lifecycle::Lifecycle;
-use crate::resource::{self, Endpoints, EngineKind, ResourceError, ServerConfig, State};
+use crate::resource::{self, Endpoints, ResourceError, State};
 
 /// Why a postgres-engine server could not start.
 #[derive(Debug, thiserror::Error)]
