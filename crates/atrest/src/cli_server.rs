@@ -396,6 +396,7 @@ fn start_postgres(
     data: &std::path::Path,
     listen: Option<String>,
     metrics_listen: Option<String>,
+    limits: Limits,
     name: &str,
 ) -> Result<std::process::ExitCode> {
     atrest_fs::private_mount_namespace()?;
@@ -410,12 +411,19 @@ fn start_postgres(
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         eprintln!("atrest server {name} (postgres engine) starting");
-        atrest_server::postgres::serve(data.to_path_buf(), listen, metrics_listen, async move {
+        let shutdown = async move {
             tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
             }
-        })
+        };
+        atrest_server::postgres::serve(
+            data.to_path_buf(),
+            listen,
+            metrics_listen,
+            Some(limits),
+            shutdown,
+        )
         .await?;
         eprintln!("atrest server {name}: stopped");
         anyhow::Ok(())
@@ -532,9 +540,6 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             max_message_bytes,
         } => {
             let config = resource::load_config(&data)?;
-            if config.engine == EngineKind::Postgres {
-                return start_postgres(&data, listen, metrics_listen, &config.name);
-            }
             let mut limits = config.limits.clone();
             if let Some(v) = max_connections {
                 limits.max_connections = v;
@@ -556,6 +561,9 @@ pub fn run(args: ServerArgs) -> Result<std::process::ExitCode> {
             }
             if let Some(v) = max_message_bytes {
                 limits.max_message_bytes = v;
+            }
+            if config.engine == EngineKind::Postgres {
+                return start_postgres(&data, listen, metrics_listen, limits, &config.name);
             }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -761,7 +761,20 @@ fn postgres_engine_runs_under_the_one_lifecycle_with_metrics_status_and_webhooks
         &format!("http://127.0.0.1:{port}/alerts"),
     ]);
     let history_before = a.s.state()["history"].as_array().unwrap().len();
-    a.s.start(&[]);
+    // The server's limits reach PostgreSQL as its settings.
+    a.s.start(&["--statement-timeout-ms", "1500", "--max-connections", "20"]);
+    assert_eq!(
+        a.psql("postgres", "show statement_timeout").trim(),
+        "1500ms"
+    );
+    assert_eq!(a.psql("postgres", "show max_connections").trim(), "20");
+    let out = a.try_psql("postgres", "select pg_sleep(3)");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("statement timeout"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // /metrics and /status, from the same endpoints as the sqlite engine.
     assert_eq!(a.s.metric("atrest_server_state{state=\"Ready\"}"), 1.0);
     a.psql(

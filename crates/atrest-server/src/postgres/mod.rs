@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::config::PostgresConfig;
+use crate::config::{Limits, PostgresConfig};
 use crate::config::{PlaintextPolicy, ServerConfig};
 use crate::resource;
 use crate::resource::CIPHER_SUBDIR;
@@ -409,6 +409,7 @@ pub struct Running {
     pg: PostgresConfig,
     dir: PathBuf,
     pub listen: String,
+    limits: Limits,
 }
 
 impl Running {
@@ -440,7 +441,7 @@ impl Running {
     pub fn restart(&mut self, limit: Duration) -> Result<(), crate::resource::ResourceError> {
         let _ = self.child.wait();
         let _ = stop_stale_postgres(&self.pgdata(), &self.pg);
-        self.child = spawn_postgres(&self.dir, &self.pg, &self.listen)?;
+        self.child = spawn_postgres(&self.dir, &self.pg, &self.listen, &self.limits)?;
         self.wait_ready(limit)
     }
 
@@ -667,6 +668,7 @@ pub fn start(
     listen: &str,
     limit: Duration,
     protector: &dyn atrest_crypto::KeyProtector,
+    limits: &Limits,
 ) -> Result<Running, crate::resource::ResourceError> {
     let config = resource::load_config(dir)?;
     let pg = pg_of(&config)?.clone();
@@ -685,7 +687,7 @@ pub fn start(
         .into());
     }
     let mounted = mount(dir, protector)?;
-    let child = match spawn_postgres(dir, &pg, listen) {
+    let child = match spawn_postgres(dir, &pg, listen, limits) {
         Ok(c) => c,
         Err(e) => {
             let _ = mounted.session.umount_and_join();
@@ -700,6 +702,7 @@ pub fn start(
         pg,
         dir: dir.to_path_buf(),
         listen: listen.to_string(),
+        limits: limits.clone(),
     };
     if let Err(e) = running.wait_ready(limit) {
         let _ = running.stop(Duration::from_secs(5));
@@ -708,10 +711,33 @@ pub fn start(
     Ok(running)
 }
 
+/// The server's limits as PostgreSQL settings (`-c`, over postgresql.conf;
+/// a session's own `SET` still wins). `shutdown_grace_ms` and
+/// `max_message_bytes` are the sqlite engine's: PostgreSQL has no such
+/// setting (its stop is a fast shutdown).
+pub fn limit_settings(l: &Limits) -> Vec<String> {
+    vec![
+        format!("max_connections={}", l.max_connections),
+        format!("statement_timeout={}", l.statement_timeout_ms),
+        format!(
+            "idle_in_transaction_session_timeout={}",
+            l.idle_in_transaction_session_timeout_ms
+        ),
+        format!("idle_session_timeout={}", l.idle_session_timeout_ms),
+        format!("lock_timeout={}", l.lock_timeout_ms),
+        // PostgreSQL takes 1 to 600 seconds.
+        format!(
+            "authentication_timeout={}s",
+            (l.authentication_timeout_ms / 1000).clamp(1, 600)
+        ),
+    ]
+}
+
 fn spawn_postgres(
     dir: &Path,
     pg: &PostgresConfig,
     listen: &str,
+    limits: &Limits,
 ) -> Result<Child, crate::resource::ResourceError> {
     let (uid, gid) = os_ids(&pg.os_user)?;
     let (host, port) = split_listen(listen)?;
@@ -738,8 +764,11 @@ fn spawn_postgres(
         .arg("-c")
         .arg(format!("port={port}"))
         .arg("-c")
-        .arg(format!("unix_socket_directories={}", run.display()))
-        .uid(uid)
+        .arg(format!("unix_socket_directories={}", run.display()));
+    for setting in limit_settings(limits) {
+        cmd.arg("-c").arg(setting);
+    }
+    cmd.uid(uid)
         .gid(gid)
         .env_clear()
         .env("PATH", "/usr/bin:/bin")

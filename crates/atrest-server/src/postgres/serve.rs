@@ -16,7 +16,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::cmk::Cause;
 use crate::cmk::VaultAccess;
-use crate::config::{EngineKind, ServerConfig};
+use crate::config::{EngineKind, Limits, ServerConfig};
 use crate::control::{Control, Engine, KeyRuntime};
 use crate::http::Observe;
 use crate::keys::{self, Loss, Rewrap};
@@ -115,6 +115,7 @@ impl Observe for Observed {
 struct PgEngine {
     dir: PathBuf,
     listen: String,
+    limits: Limits,
     running: Mutex<Option<super::Running>>,
     /// What unwraps and wraps the tree's root DEK now.
     protector: Mutex<Option<Arc<dyn KeyProtector>>>,
@@ -187,6 +188,7 @@ impl PgEngine {
             &self.listen,
             Duration::from_secs(300),
             protector.as_ref(),
+            &self.limits,
         ) {
             Ok(r) => {
                 self.observed.fs.set(r.fs_stats());
@@ -323,6 +325,7 @@ pub async fn serve(
     dir: PathBuf,
     listen: Option<String>,
     metrics_listen: Option<String>,
+    limits: Option<Limits>,
     shutdown: impl Future<Output = &'static str>,
 ) -> Result<(), ServeError> {
     let dir = dir.canonicalize().map_err(|e| ResourceError::Io {
@@ -356,6 +359,7 @@ pub async fn serve(
         let engine = Arc::new(PgEngine {
             dir: dir.clone(),
             listen: listen.clone(),
+            limits: limits.unwrap_or_else(|| config.limits.clone()),
             running: Mutex::new(None),
             protector: Mutex::new(None),
             refusing: Mutex::new(None),
