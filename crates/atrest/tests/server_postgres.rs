@@ -64,6 +64,11 @@ impl PgServer {
         }
     }
 
+    fn config(&self) -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(self.s.dir.join("server.json")).unwrap())
+            .unwrap()
+    }
+
     fn conninfo(&self, db: &str) -> String {
         format!(
             "host=localhost port={} user=atrest dbname={db} sslmode=verify-full sslrootcert={}",
@@ -834,6 +839,74 @@ fn postgres_engine_runs_under_the_one_lifecycle_with_metrics_status_and_webhooks
     assert!(got.iter().all(|a| a["server"] == "pg-life"));
 }
 
+use atrest_vault::testkit::reqwest::Method;
+use atrest_vault::testkit::{block_on, TestVault};
+use serde_json::json;
+use std::time::Duration;
+
+/// A real vault with a key `tde` (purge protection on), the server's
+/// identity granted get, wrapKey and unwrapKey, and its CA where `set-key`
+/// reads it.
+struct VaultSetup {
+    vault: TestVault,
+    admin: atrest_vault::VaultClient,
+    client_id: String,
+    ca: PathBuf,
+    key_url: String,
+}
+
+fn vault_for(a: &PgServer) -> VaultSetup {
+    let vault = TestVault::start(Path::new(env!("CARGO_BIN_EXE_atrest")), &[]);
+    vault
+        .admin_call(
+            Method::PATCH,
+            "/vault",
+            Some(json!({"purgeProtection": true})),
+        )
+        .expect("purge protection on");
+    let (admin, _, _) = vault.identity("key-admin", &["all"]);
+    new_key_version(&admin);
+    let client_id = a.config()["identity"]["client_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cert = std::fs::read_to_string(a.s.dir.join("identity/identity.crt")).unwrap();
+    vault
+        .admin_call(
+            Method::POST,
+            "/identities",
+            Some(json!({
+                "name": "atrest-server", "kind": "managedIdentity", "clientId": client_id,
+                "certificate": cert, "permissions": {"keys": ["get", "wrapKey", "unwrapKey"]},
+            })),
+        )
+        .unwrap();
+    let ca = a.s.dir.parent().unwrap().join("vault-ca.pem");
+    std::fs::write(&ca, &vault.ca).unwrap();
+    let key_url = format!("{}/keys/tde", vault.url);
+    VaultSetup {
+        vault,
+        admin,
+        client_id,
+        ca,
+        key_url,
+    }
+}
+
+fn new_key_version(admin: &atrest_vault::VaultClient) {
+    block_on(admin.call(
+        Method::POST,
+        "/keys/tde/create",
+        Some(json!({"kty": "RSA", "key_size": 2048, "key_ops": ["wrapKey", "unwrapKey"]})),
+    ))
+    .expect("create key");
+}
+
+fn latest_kid(admin: &atrest_vault::VaultClient) -> String {
+    let k = block_on(admin.get_key("tde", None)).unwrap();
+    k["key"]["kid"].as_str().unwrap().to_string()
+}
+
 /// Both header slots of every file of the tree (the root file included).
 fn tree_headers(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     files_under(&dir.join("pgfs"))
@@ -863,57 +936,20 @@ fn wait_state(s: &TestServer, want: &str, limit: std::time::Duration) -> serde_j
 
 #[test]
 fn postgres_engine_customer_key_set_lost_revalidated_and_rotated_from_the_one_control_plane() {
-    use atrest_vault::testkit::reqwest::Method;
-    use atrest_vault::testkit::{block_on, TestVault};
-    use serde_json::json;
-    use std::time::Duration;
-
-    let vault = TestVault::start(Path::new(env!("CARGO_BIN_EXE_atrest")), &[]);
-    vault
-        .admin_call(
-            Method::PATCH,
-            "/vault",
-            Some(json!({"purgeProtection": true})),
-        )
-        .expect("purge protection on");
-    let (admin, _, _) = vault.identity("key-admin", &["all"]);
-    block_on(admin.call(
-        Method::POST,
-        "/keys/tde/create",
-        Some(json!({"kty": "RSA", "key_size": 2048, "key_ops": ["wrapKey", "unwrapKey"]})),
-    ))
-    .expect("create key");
-    let latest = || {
-        let k = block_on(admin.get_key("tde", None)).unwrap();
-        k["key"]["kid"].as_str().unwrap().to_string()
-    };
     let mut a = PgServer::create("pg-cmk");
+    let VaultSetup {
+        vault,
+        admin,
+        client_id,
+        ca,
+        key_url,
+    } = vault_for(&a);
+    let latest = || latest_kid(&admin);
     let dir = a.s.dir.to_str().unwrap().to_string();
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(a.s.dir.join("server.json")).unwrap())
-            .unwrap();
-    let client_id = config["identity"]["client_id"]
+    let service_key = a.config()["encryption"]["service_key"]
         .as_str()
         .unwrap()
         .to_string();
-    let service_key = config["encryption"]["service_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let cert = std::fs::read_to_string(a.s.dir.join("identity/identity.crt")).unwrap();
-    vault
-        .admin_call(
-            Method::POST,
-            "/identities",
-            Some(json!({
-                "name": "atrest-server", "kind": "managedIdentity", "clientId": client_id,
-                "certificate": cert, "permissions": {"keys": ["get", "wrapKey", "unwrapKey"]},
-            })),
-        )
-        .unwrap();
-    let ca = a.s.dir.parent().unwrap().join("vault-ca.pem");
-    std::fs::write(&ca, &vault.ca).unwrap();
-    let key_url = format!("{}/keys/tde", vault.url);
     atrest_ok(&[
         "server",
         "configure",
@@ -1131,5 +1167,110 @@ fn postgres_engine_customer_key_set_lost_revalidated_and_rotated_from_the_one_co
     }
     a.s.start(&[]);
     assert_eq!(count(&a), (1001 + written).to_string());
+    assert!(a.s.stop().success());
+}
+
+#[test]
+fn a_postgres_engine_key_switch_killed_at_any_moment_is_finished_at_the_next_start() {
+    let mut a = PgServer::create("pg-rekill");
+    let VaultSetup {
+        vault,
+        admin,
+        ca,
+        key_url,
+        ..
+    } = vault_for(&a);
+    let dir = a.s.dir.to_str().unwrap().to_string();
+    a.s.start(&[]);
+    a.psql(
+        "postgres",
+        "create table t(id int primary key); insert into t select generate_series(1, 1000)",
+    );
+    let out = atrest_ok(&[
+        "server",
+        "set-key",
+        "--data",
+        &dir,
+        "--key",
+        &key_url,
+        "--tenant",
+        &vault.tenant,
+        "--vault-ca",
+        ca.to_str().unwrap(),
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let millis = report["report"]["millis"].as_u64().unwrap().max(20);
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    let mut rows = 1000;
+    for round in 0..6 {
+        new_key_version(&admin);
+        let want = latest_kid(&admin);
+        let mut switch = Command::new(server_common::bin())
+            .args(["server", "rotate-key", "--data", &dir])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let at = seed % (millis + millis / 4);
+        std::thread::sleep(Duration::from_millis(at));
+        a.s.kill9();
+        let _ = switch.wait();
+        // The next start finishes whatever switch was recorded before it
+        // serves: the key in server.json is the one every header names.
+        a.s.start(&[]);
+        let config = a.config();
+        assert_eq!(
+            config["encryption"]["rewrap_from"]
+                .as_array()
+                .unwrap()
+                .len(),
+            0,
+            "round {round} (killed after {at} ms of {millis}): {config}"
+        );
+        let version = config["encryption"]["customer_key"]["key"]["version"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        for (p, h) in tree_headers(&a.s.dir) {
+            assert!(
+                contains(&h, version.as_bytes()),
+                "round {round} (killed after {at} ms): {} does not name version {version}",
+                p.display()
+            );
+        }
+        assert_eq!(
+            a.psql("postgres", "select count(*) from t").trim(),
+            rows.to_string()
+        );
+        a.psql(
+            "postgres",
+            &format!("insert into t values ({})", 10_000 + round),
+        );
+        rows += 1;
+        eprintln!(
+            "round {round}: killed after {at} ms of a {millis} ms switch; after restart: {}",
+            if want.ends_with(&version) {
+                "the new version"
+            } else {
+                "the previous version"
+            }
+        );
+        if !want.ends_with(&version) {
+            // Killed before the switch was recorded: it never happened.
+            atrest_ok(&["server", "rotate-key", "--data", &dir]);
+        }
+    }
+    let last = latest_kid(&admin);
+    let version = last.rsplit('/').next().unwrap();
+    for (p, h) in tree_headers(&a.s.dir) {
+        assert!(contains(&h, version.as_bytes()), "{}", p.display());
+    }
     assert!(a.s.stop().success());
 }
