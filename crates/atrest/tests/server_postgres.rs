@@ -1205,8 +1205,8 @@ fn a_postgres_engine_key_switch_killed_at_any_moment_is_finished_at_the_next_sta
         .unwrap()
         .as_nanos() as u64
         | 1;
-    let mut rows = 1000;
     for round in 0..6 {
+        let rows = 1000 + round;
         new_key_version(&admin);
         let want = latest_kid(&admin);
         let mut switch = Command::new(server_common::bin())
