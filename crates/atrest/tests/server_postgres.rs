@@ -1253,7 +1253,6 @@ fn a_postgres_engine_key_switch_killed_at_any_moment_is_finished_at_the_next_sta
             "postgres",
             &format!("insert into t values ({})", 10_000 + round),
         );
-        rows += 1;
         eprintln!(
             "round {round}: killed after {at} ms of a {millis} ms switch; after restart: {}",
             if want.ends_with(&version) {
