@@ -294,7 +294,13 @@ pub fn create(opts: &CreateOptions, engine_init: EngineInit) -> Result<Created, 
     let dir = dir.canonicalize().map_err(|e| io(dir, e))?;
     let result = create_in(&dir, opts, engine_init);
     if result.is_err() {
-        // Leave nothing half-made behind (the directory was empty).
+        // Leave nothing half-made behind (the directory was empty), and no
+        // key made for it in the keystores.
+        if let Ok(config) = load_config(&dir) {
+            if let Err(e) = destroy_keys(&dir, &config) {
+                tracing::warn!(error = %e, "removing the keys of a server whose create failed");
+            }
+        }
         let _ = fs::remove_dir_all(&dir);
     }
     result
@@ -926,6 +932,15 @@ pub fn delete(dir: &Path) -> Result<(), ResourceError> {
     let config = load_config(dir)?;
     let _lock = lock(dir)?;
     set_state(dir, State::Dropping, "delete requested", None)?;
+    destroy_keys(dir, &config)?;
+    drop(_lock);
+    fs::remove_dir_all(dir).map_err(|e| io(dir, e))
+}
+
+/// Destroys a server's keys: its infrastructure master key (every
+/// version, overwritten first) and its service key, after removing its
+/// data (crypto-shredding anything left, such as copies of the files).
+fn destroy_keys(dir: &Path, config: &ServerConfig) -> Result<(), ResourceError> {
     let data = dir.join(DATA_SUBDIR);
     // The infrastructure master key (every version) goes with the server.
     let infra_key = match config.engine {
@@ -959,8 +974,7 @@ pub fn delete(dir: &Path) -> Result<(), ResourceError> {
         let ks = Keystore::open(&config.encryption.keystore_dir)?;
         ks.destroy_service_key(id)?;
     }
-    drop(_lock);
-    fs::remove_dir_all(dir).map_err(|e| io(dir, e))
+    Ok(())
 }
 
 #[cfg(test)]

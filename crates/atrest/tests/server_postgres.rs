@@ -336,6 +336,19 @@ fn postgres_engine_errors_name_what_to_fix() {
         !ok && err.contains("cannot reach") && err.contains("chmod o+x"),
         "{err}"
     );
+    // The last one failed after its service key was made: no create that
+    // failed leaves a key behind in the keystore.
+    let keys = std::fs::read_dir(tmp.path().join("ks"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "key"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(
+        keys, 0,
+        "a failed create left its service key in the keystore"
+    );
     // The port in use.
     let mut s = PgServer::create("err-port");
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
