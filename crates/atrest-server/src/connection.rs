@@ -26,8 +26,8 @@ use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder, Framed};
 
 use crate::config::PlaintextPolicy;
+use crate::ctx::ServerCtx;
 use crate::error::PgError;
-use crate::listener::ServerCtx;
 use crate::resource::State;
 use crate::scram::{self, Binding, ScramServer, ScramVerifier};
 use crate::session::{self, Job, Out, SessionConfig, SessionShared};

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use atrest_storage::{Connection, Engine};
 
-use crate::backup::WalArchiver;
+use crate::archive::WalArchiver;
 use crate::error::{storage_error, PgError};
 use crate::resource::validate_database_name;
 
@@ -332,7 +332,7 @@ impl Databases {
         if let Some(repo) = self.archive.lock().expect("archive").as_ref() {
             // Where this database's history starts in the archive (a
             // replica follows a new database from there).
-            crate::backup::mark_origin(repo, name).map_err(|m| PgError::new("58030", m))?;
+            crate::archive::mark_origin(repo, name).map_err(|m| PgError::new("58030", m))?;
         }
         let conn = self.server_connection(name)?;
         conn.pragma_update(None, "journal_mode", "wal")

@@ -18,11 +18,13 @@
 #![forbid(unsafe_code)]
 
 pub mod alerts;
+pub mod archive;
 pub mod backup;
 pub mod cmk;
 pub mod config;
 pub mod connection;
 pub mod control;
+pub mod ctx;
 pub mod databases;
 pub mod error;
 pub mod http;
@@ -34,6 +36,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod postgres;
 pub mod provision;
+pub mod replicas;
 pub mod replication;
 pub mod resource;
 pub mod rotation;

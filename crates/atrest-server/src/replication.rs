@@ -31,15 +31,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ReplicaConfig;
-use crate::listener::ServerCtx;
+use crate::ctx::ServerCtx;
+use crate::replicas::{disallow, record_progress, replica_for_token};
 use crate::resource;
 use crate::resource::State;
 use crate::resource::{load_map, save_entry, save_lag, source_error_path, Lag, REPLICA_DIR};
 
 /// Where a replica keeps its token, the source's CA, its position and the
 /// segments it is reading.
-/// On the source: the replicas allowed to follow it.
-const ALLOWED_FILE: &str = "replicas.json";
 /// The write gate holder id of the replica's applier.
 const APPLIER_PID: i32 = -4;
 /// Most bytes one response carries.
@@ -55,124 +54,8 @@ fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-fn sha256_hex(s: &str) -> String {
-    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.as_bytes()).as_ref())
-}
-
 // ---------------------------------------------------------------------------
 // The source side
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Allowed {
-    name: String,
-    token_sha256: String,
-    created: String,
-}
-
-fn load_allowed(dir: &Path) -> Vec<Allowed> {
-    fs::read(dir.join(ALLOWED_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
-}
-
-/// Allows a replica named `name` to follow the server in `dir`; returns
-/// its token (shown once: only its hash is kept). Allowing a name again
-/// replaces its token.
-pub fn allow(dir: &Path, name: &str) -> Result<String, String> {
-    resource::validate_name(name).map_err(|e| e.to_string())?;
-    let mut b = [0u8; 32];
-    aws_lc_rs::rand::fill(&mut b).map_err(|_| "the system RNG failed".to_string())?;
-    let token = hex::encode(b);
-    let mut list = load_allowed(dir);
-    list.retain(|a| a.name != name);
-    list.push(Allowed {
-        name: name.to_string(),
-        token_sha256: sha256_hex(&token),
-        created: resource::now_rfc3339(),
-    });
-    resource::write_atomic(
-        &dir.join(ALLOWED_FILE),
-        &serde_json::to_vec_pretty(&list).expect("serializable"),
-        0o600,
-    )
-    .map_err(|e| e.to_string())?;
-    Ok(token)
-}
-
-/// Removes a replica's permission to follow.
-pub fn disallow(dir: &Path, name: &str) -> Result<bool, String> {
-    let mut list = load_allowed(dir);
-    let before = list.len();
-    list.retain(|a| a.name != name);
-    resource::write_atomic(
-        &dir.join(ALLOWED_FILE),
-        &serde_json::to_vec_pretty(&list).expect("serializable"),
-        0o600,
-    )
-    .map_err(|e| e.to_string())?;
-    Ok(list.len() != before)
-}
-
-/// On the source: per replica, per database, the archive segment it is
-/// reading, so that retention keeps what a replica has still to read (a
-/// replica that is never coming back holds segments until it is removed
-/// with `replica disallow`).
-const PROGRESS_FILE: &str = "replica-progress.json";
-
-/// What this process last recorded, per (server, replica, database): a
-/// poll touches the file only when its segment changes. The lock also
-/// serializes the read-modify-write of a replica's entry.
-static PROGRESS: std::sync::Mutex<BTreeMap<(PathBuf, String, String), u64>> =
-    std::sync::Mutex::new(BTreeMap::new());
-
-fn record_progress(dir: &Path, replica: &str, database: &str, seq: u64) {
-    let mut last = PROGRESS.lock().expect("progress lock");
-    let k = (dir.to_path_buf(), replica.to_string(), database.to_string());
-    if last.insert(k, seq) == Some(seq) {
-        return;
-    }
-    let path = dir.join(PROGRESS_FILE);
-    let mut mine: BTreeMap<String, u64> = load_map(&path).remove(replica).unwrap_or_default();
-    if mine.insert(database.to_string(), seq) == Some(seq) {
-        return;
-    }
-    if let Err(e) = save_entry(&path, replica, &mine) {
-        tracing::warn!(error = %e, "recording a replica's progress");
-    }
-}
-
-/// Per database, the oldest archive segment an allowed replica is still
-/// reading: retention keeps it and everything after it.
-pub fn retention_floor(dir: &Path) -> BTreeMap<String, u64> {
-    let allowed: Vec<String> = load_allowed(dir).into_iter().map(|a| a.name).collect();
-    let mut floor: BTreeMap<String, u64> = BTreeMap::new();
-    let progress: BTreeMap<String, BTreeMap<String, u64>> = load_map(&dir.join(PROGRESS_FILE));
-    for (replica, dbs) in progress {
-        if !allowed.contains(&replica) {
-            continue;
-        }
-        for (db, seq) in dbs {
-            let f = floor.entry(db).or_insert(seq);
-            *f = (*f).min(seq);
-        }
-    }
-    floor
-}
-
-fn replica_for_token(dir: &Path, token: &str) -> Option<String> {
-    let h = sha256_hex(token);
-    load_allowed(dir)
-        .into_iter()
-        .find(|a| {
-            aws_lc_rs::constant_time::verify_slices_are_equal(
-                a.token_sha256.as_bytes(),
-                h.as_bytes(),
-            )
-            .is_ok()
-        })
-        .map(|a| a.name)
-}
 
 type Response = hyper::Response<http_body_util::Full<bytes::Bytes>>;
 
@@ -329,7 +212,7 @@ fn info(ctx: &ServerCtx) -> serde_json::Value {
         "databases": ctx.databases.names(),
         // Where each database created with the archive on begins in it.
         "origins": ctx.databases.names().into_iter().filter_map(|n| {
-            let o = crate::backup::origin(&crate::backup::repository(&ctx.dir, &config), &n)?;
+            let o = crate::archive::origin(&crate::backup::repository(&ctx.dir, &config), &n)?;
             Some((n, o))
         }).collect::<BTreeMap<String, u64>>(),
         "customer_key": ck.map(|k| k.key.kid()),
@@ -1091,7 +974,7 @@ pub async fn create(opts: &CreateOptions) -> Result<crate::backup::Restored, Str
             "the source uses an operator-supplied TLS certificate: give its CA with --source-ca and its address as --source",
         )?;
         let ca = fs::read(resource::resolve(&sdir, ca_path)).map_err(|e| e.to_string())?;
-        let token = allow(&sdir, &opts.name)?;
+        let token = crate::replicas::allow(&sdir, &opts.name)?;
         (addr, ca, token, Some(sdir))
     } else {
         let (Some(ca), Some(tf)) = (&opts.source_ca, &opts.token_file) else {

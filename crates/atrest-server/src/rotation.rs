@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use atrest_storage::{Connection, RotationStatus};
@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use crate::config::DekRotationConfig;
 use crate::databases::Databases;
-use crate::listener::ServerCtx;
+use crate::lifecycle::Lifecycle;
 use crate::resource::State;
 
 /// Pages re-sealed per batch: one fsync and one header write each.
@@ -64,7 +64,8 @@ pub struct DekRotator {
     databases: Arc<Databases>,
     dir: PathBuf,
     config: DekRotationConfig,
-    ctx: OnceLock<Weak<ServerCtx>>,
+    /// The server's lifecycle: the rotation works only while Ready.
+    lifecycle: OnceLock<Arc<Lifecycle>>,
     queue: Mutex<VecDeque<Job>>,
     wake: Condvar,
     progress: Mutex<BTreeMap<String, Progress>>,
@@ -93,7 +94,7 @@ impl DekRotator {
             databases,
             dir,
             config,
-            ctx: OnceLock::new(),
+            lifecycle: OnceLock::new(),
             queue: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),
             progress: Mutex::new(BTreeMap::new()),
@@ -104,8 +105,8 @@ impl DekRotator {
     }
 
     /// Starts the worker thread for the server `ctx`.
-    pub fn start(self: &Arc<Self>, ctx: &Arc<ServerCtx>) {
-        let _ = self.ctx.set(Arc::downgrade(ctx));
+    pub fn start(self: &Arc<Self>, lifecycle: Arc<Lifecycle>) {
+        let _ = self.lifecycle.set(lifecycle);
         let me = Arc::clone(self);
         std::thread::Builder::new()
             .name("dek-rotation".into())
@@ -116,10 +117,9 @@ impl DekRotator {
     fn ready(&self) -> bool {
         !self.stop.load(Ordering::Relaxed)
             && self
-                .ctx
+                .lifecycle
                 .get()
-                .and_then(Weak::upgrade)
-                .is_some_and(|c| c.state() == State::Ready)
+                .is_some_and(|l| l.state() == State::Ready)
     }
 
     /// Queues a rotation of `database` (every database when `None`).

@@ -964,7 +964,8 @@ fn run_replica(cmd: ReplicaCommand) -> Result<std::process::ExitCode> {
             name,
             token_out,
         } => {
-            let token = replication::allow(&data, &name).map_err(|e| anyhow::anyhow!(e))?;
+            let token =
+                atrest_server::replicas::allow(&data, &name).map_err(|e| anyhow::anyhow!(e))?;
             resource::write_atomic(&token_out, token.as_bytes(), 0o600)?;
             println!(
                 "replica {name} may follow {}; its token is in {} (give it to `replica create --token-file`)",
@@ -974,7 +975,7 @@ fn run_replica(cmd: ReplicaCommand) -> Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
         ReplicaCommand::Disallow { data, name } => {
-            if !replication::disallow(&data, &name).map_err(|e| anyhow::anyhow!(e))? {
+            if !atrest_server::replicas::disallow(&data, &name).map_err(|e| anyhow::anyhow!(e))? {
                 bail!("no replica named {name} may follow {}", data.display());
             }
             println!(
