@@ -59,12 +59,13 @@ impl Decoder for PgCodec {
             1
         };
         if src.len() >= len_at + 4 {
-            let len = (&src[len_at..len_at + 4]).get_i32();
-            if len < 4 || len as usize > self.max_message {
-                return Err(PgWireError::MessageTooLarge(
-                    self.max_message,
-                    len.max(0) as usize,
-                ));
+            // Unsigned: a length of 2^31 is that, not a negative number.
+            let len = (&src[len_at..len_at + 4]).get_u32() as usize;
+            if len < 4 {
+                return Err(PgWireError::ApiError(Box::new(BadLength(len))));
+            }
+            if len > self.max_message {
+                return Err(PgWireError::MessageTooLarge(self.max_message, len));
             }
         }
         loop {
@@ -140,8 +141,16 @@ async fn send_fatal(conn: &mut Conn, e: &PgError) {
     let _ = conn.send(B::ErrorResponse(e.to_response())).await;
 }
 
+/// A message length below 4 (it counts its own 4 bytes).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid message length {0}: a length counts its own 4 bytes, so it is at least 4")]
+struct BadLength(usize);
+
 fn describe_decode_error(e: &PgWireError) -> PgError {
     match e {
+        PgWireError::ApiError(inner) if inner.is::<BadLength>() => {
+            PgError::fatal("08P01", inner.to_string())
+        }
         PgWireError::MessageTooLarge(max, got) => PgError::fatal(
             "54000",
             format!("message of {got} bytes exceeds the server's limit of {max} bytes (max_message_bytes)"),

@@ -332,7 +332,13 @@ impl Databases {
         if let Some(repo) = self.archive.lock().expect("archive").as_ref() {
             // Where this database's history starts in the archive (a
             // replica follows a new database from there).
-            crate::archive::mark_origin(repo, name).map_err(|m| PgError::new("58030", m))?;
+            crate::archive::mark_origin(repo, name).map_err(|m| {
+                tracing::error!(database = name, error = %m, "marking the archive origin");
+                PgError::new(
+                    "58030",
+                    format!("could not start the WAL archive of database \"{name}\" (the server log says why)"),
+                )
+            })?;
         }
         let conn = self.server_connection(name)?;
         conn.pragma_update(None, "journal_mode", "wal")
@@ -404,10 +410,11 @@ impl Databases {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
+                    tracing::error!(path = %p.display(), error = %e, "dropping a database");
                     return Err(PgError::new(
                         "58030",
-                        format!("could not remove {}: {e}", p.display()),
-                    ))
+                        format!("could not remove a file of database \"{name}\": {e}"),
+                    ));
                 }
             }
         }

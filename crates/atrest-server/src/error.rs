@@ -107,20 +107,35 @@ pub fn from_sqlite(err: rusqlite::Error) -> PgError {
 /// Maps an engine error to a SQLSTATE, keeping its message (which names
 /// the file and what to do, never key material).
 pub fn storage_error(e: StorageError) -> PgError {
-    let msg = e.to_string();
-    match e {
-        StorageError::Sqlite(inner) => from_plain_sqlite(inner),
-        StorageError::Tampered { .. } | StorageError::Replayed { .. } | StorageError::Header { .. } => {
-            PgError::new("XX001", msg)
+    let e = match e {
+        StorageError::Sqlite(inner) => return from_plain_sqlite(inner),
+        other => other,
+    };
+    let code = match &e {
+        StorageError::Sqlite(_) => "XX000",
+        StorageError::Tampered { .. }
+        | StorageError::Replayed { .. }
+        | StorageError::Header { .. }
+        | StorageError::Layers { .. } => "XX001",
+        StorageError::InfraFixedAtCreate { .. } => "55000",
+        StorageError::Key { .. } | StorageError::InfraKey { .. } | StorageError::Keystore(_) => {
+            "58000"
         }
-        StorageError::InfraFixedAtCreate { .. } => PgError::new("55000", msg),
-        StorageError::Layers { .. } => PgError::new("XX001", msg),
-        StorageError::Key { .. } | StorageError::InfraKey { .. } | StorageError::Keystore(_) => PgError::new("58000", msg)
-            .hint("The server cannot get a data encryption key; check the keystore or key vault named in the message."),
-        StorageError::Crypto { .. } => PgError::new("XX000", msg),
-        StorageError::Reserve { .. } | StorageError::Unsupported { .. } => PgError::new("0A000", msg),
-        StorageError::Io { .. } => PgError::new("58030", msg),
-        StorageError::DataDir { .. } => PgError::new("58P01", msg),
+        StorageError::Crypto { .. } => "XX000",
+        StorageError::Reserve { .. } | StorageError::Unsupported { .. } => "0A000",
+        StorageError::Io { .. } => "58030",
+        StorageError::DataDir { .. } => "58P01",
+    };
+    // The whole story (paths included) for the operator; the client gets
+    // the file's name only.
+    tracing::warn!(error = %e, "storage error");
+    let err = PgError::new(code, e.redacted().to_string());
+    if code == "58000" {
+        err.hint(
+            "The server cannot get a data encryption key; its log names the keystore or key vault.",
+        )
+    } else {
+        err
     }
 }
 

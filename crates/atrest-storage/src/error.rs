@@ -66,7 +66,101 @@ pub enum StorageError {
     Sqlite(rusqlite::Error),
 }
 
+/// The last component of a path: what a SQL client is told instead of
+/// where the server keeps its files.
+fn file_label(path: &str) -> String {
+    std::path::Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "a file".into())
+}
+
 impl StorageError {
+    /// The same error with every path cut to its file name (`sales.db`,
+    /// `sales.db-wal`), for SQL clients: they learn which database's file
+    /// failed, not the server's directory layout. Logs keep the full error.
+    pub fn redacted(self) -> Self {
+        use StorageError as E;
+        match self {
+            E::Tampered { path, unit } => E::Tampered {
+                path: file_label(&path),
+                unit,
+            },
+            E::Replayed {
+                path,
+                unit,
+                durable,
+            } => E::Replayed {
+                path: file_label(&path),
+                unit,
+                durable,
+            },
+            E::Header { path, reason } => E::Header {
+                path: file_label(&path),
+                reason,
+            },
+            E::Key { path, source } => E::Key {
+                path: file_label(&path),
+                source,
+            },
+            E::InfraKey { path, source } => E::InfraKey {
+                path: file_label(&path),
+                source,
+            },
+            E::Layers {
+                path,
+                file,
+                data_dir,
+            } => E::Layers {
+                path: file_label(&path),
+                file,
+                data_dir,
+            },
+            E::InfraFixedAtCreate {
+                path,
+                recorded,
+                requested,
+            } => E::InfraFixedAtCreate {
+                path: file_label(&path),
+                recorded,
+                requested,
+            },
+            E::Crypto { path, source } => E::Crypto {
+                path: file_label(&path),
+                source,
+            },
+            E::Reserve {
+                path,
+                page,
+                have,
+                need,
+            } => E::Reserve {
+                path: file_label(&path),
+                page,
+                have,
+                need,
+            },
+            E::Unsupported { path, what } => E::Unsupported {
+                path: file_label(&path),
+                what,
+            },
+            E::Io { path, code } => E::Io {
+                path: file_label(&path),
+                code,
+            },
+            E::DataDir { path, reason } => E::DataDir {
+                path: file_label(&path),
+                reason,
+            },
+            // The keystore's errors name its directory: say what failed only.
+            E::Keystore(_) => E::DataDir {
+                path: "service keystore".into(),
+                reason: "the service key could not be read (the server log names the file)".into(),
+            },
+            E::Sqlite(e) => E::Sqlite(e),
+        }
+    }
+
     /// Turns a SQLite error into the detailed error the VFS recorded for it
     /// on this thread, if there is one.
     pub fn from_sqlite(err: rusqlite::Error) -> Self {

@@ -89,6 +89,20 @@ fn garbage_and_malformed_packets_are_refused_cleanly() {
     let reply = send_raw(s.port, &0x7fff_fff0u32.to_be_bytes(), false);
     let text = error_fields(&reply);
     assert!(text.contains("54000") || text.contains("08P01"), "{text}");
+    // Lengths below 4 are invalid, not "too large", and 2^31 is named as
+    // itself (not 0).
+    for len in [0u32, 3] {
+        let text = error_fields(&send_raw(s.port, &len.to_be_bytes(), false));
+        assert!(
+            text.contains("08P01") && text.contains(&format!("invalid message length {len}")),
+            "{len}: {text}"
+        );
+    }
+    let text = error_fields(&send_raw(s.port, &0x8000_0000u32.to_be_bytes(), false));
+    assert!(
+        text.contains("54000") && text.contains("message of 2147483648 bytes exceeds"),
+        "{text}"
+    );
     // Protocol 2.0 and an unknown user.
     let mut p = startup_packet(&[("user", "atrest")]);
     p[4..8].copy_from_slice(&131072u32.to_be_bytes());
@@ -219,4 +233,50 @@ fn a_killed_server_keeps_every_committed_transaction() {
     );
     assert_eq!(s.sql("postgres", "PRAGMA integrity_check"), "ok");
     assert!(s.stop().success());
+}
+
+#[test]
+fn a_damaged_page_is_named_to_the_client_by_its_database_file_not_the_server_path() {
+    let mut s = TestServer::create(&[]);
+    s.start(&[]);
+    s.sql(
+        "postgres",
+        "CREATE TABLE t (v text); INSERT INTO t SELECT printf('%0200d', value) FROM generate_series(1, 30000)",
+    );
+    // Damaged while the server runs, in the database file and in its WAL
+    // (which may hold the newest version of any page): a new session
+    // reads from both.
+    for f in ["data/postgres.db", "data/postgres.db-wal"] {
+        let path = s.dir.join(f);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let len = bytes.len();
+        assert!(len > 200_000, "{f}: {len}");
+        // A bit in every 4 KiB past the headers.
+        for at in (16_384 + 100..len - 8192).step_by(4096) {
+            bytes[at] ^= 0x01;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+    }
+    let out = s.psql(
+        "postgres",
+        &["-c", "SELECT count(*), sum(length(v)) FROM t"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "a damaged page must not read: {err}");
+    assert!(
+        err.contains("postgres.db") && err.contains("failed authentication"),
+        "{err}"
+    );
+    let dir = s.dir.canonicalize().unwrap();
+    assert!(
+        !err.contains(dir.to_str().unwrap()) && !err.contains("/data/"),
+        "the server's path went to the client: {err}"
+    );
+    // The server log keeps the whole path for the operator.
+    assert!(
+        s.log_text().contains(dir.to_str().unwrap()),
+        "{}",
+        s.log_text()
+    );
+    s.kill9();
 }
