@@ -174,22 +174,19 @@ fn load_tls(
     dir: &Path,
     config: &ServerConfig,
 ) -> Result<(TlsAcceptor, TlsAcceptor, Option<Vec<u8>>), StartError> {
-    let cert = resource::resolve(dir, &config.tls.cert);
-    let key = resource::resolve(dir, &config.tls.key);
-    let chain =
-        std::fs::read(&cert).map_err(|e| StartError::Tls(format!("{}: {e}", cert.display())))?;
-    let keypem = zeroize::Zeroizing::new(
-        std::fs::read(&key).map_err(|e| StartError::Tls(format!("{}: {e}", key.display())))?,
-    );
-    let mut cfg = atrest_vault::tls::server_config_pem(&chain, &keypem)
-        .map_err(|e| StartError::Tls(e.to_string()))?;
+    let (mut cfg, chain) = resource::tls_server_config(dir, config).map_err(StartError::Tls)?;
     let mut replication = cfg.clone();
     replication.alpn_protocols = vec![b"http/1.1".to_vec()];
     cfg.alpn_protocols = vec![b"postgresql".to_vec()];
     let leaf = rustls_pemfile::certs(&mut chain.as_slice())
         .next()
         .and_then(Result::ok)
-        .ok_or_else(|| StartError::Tls(format!("no certificate in {}", cert.display())))?;
+        .ok_or_else(|| {
+            StartError::Tls(format!(
+                "no certificate in {}",
+                resource::resolve(dir, &config.tls.cert).display()
+            ))
+        })?;
     let binding = crate::scram::tls_server_end_point(&leaf);
     if binding.is_none() {
         tracing::warn!("the certificate's signature algorithm has no channel-binding hash; SCRAM-SHA-256-PLUS is not offered");

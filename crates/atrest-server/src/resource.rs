@@ -531,6 +531,22 @@ fn create_in(
     })
 }
 
+/// The server's TLS certificate and key (`server.json`'s `tls`) as a
+/// rustls server configuration with no ALPN yet, and the certificate chain
+/// (PEM) it came from. Errors name the file.
+pub fn tls_server_config(
+    dir: &Path,
+    config: &ServerConfig,
+) -> Result<(rustls::ServerConfig, Vec<u8>), String> {
+    let cert = resolve(dir, &config.tls.cert);
+    let key = resolve(dir, &config.tls.key);
+    let chain = fs::read(&cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+    let keypem =
+        zeroize::Zeroizing::new(fs::read(&key).map_err(|e| format!("{}: {e}", key.display()))?);
+    let cfg = atrest_vault::tls::server_config_pem(&chain, &keypem).map_err(|e| e.to_string())?;
+    Ok((cfg, chain))
+}
+
 /// A role that may log in.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Role {

@@ -276,15 +276,7 @@ impl Rewrap for PgEngine {
 }
 
 fn load_tls(dir: &std::path::Path, config: &ServerConfig) -> Result<TlsAcceptor, ServeError> {
-    let cert = resource::resolve(dir, &config.tls.cert);
-    let key = resource::resolve(dir, &config.tls.key);
-    let chain =
-        std::fs::read(&cert).map_err(|e| ServeError::Tls(format!("{}: {e}", cert.display())))?;
-    let keypem = zeroize::Zeroizing::new(
-        std::fs::read(&key).map_err(|e| ServeError::Tls(format!("{}: {e}", key.display())))?,
-    );
-    let mut cfg = atrest_vault::tls::server_config_pem(&chain, &keypem)
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let (mut cfg, _) = resource::tls_server_config(dir, config).map_err(ServeError::Tls)?;
     cfg.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
