@@ -239,6 +239,10 @@ pub struct FileHeader {
     pub rotation: Option<Rotation>,
     /// `atrest-fs` files only (format 7): the unit layout.
     pub fs: Option<FsLayout>,
+    /// Database files only: the file name the database was created under
+    /// (`sales.db`). A database file found under another name was copied
+    /// or swapped in, and is refused. Absent in files made before it.
+    pub db_name: Option<String>,
 }
 
 impl FileHeader {
@@ -281,6 +285,7 @@ mod tag {
     pub const FS_SLOTS: u16 = 26;
     pub const FS_DURABLE_UNITS: u16 = 27;
     pub const FS_MAP_GROUPS: u16 = 28;
+    pub const DB_NAME: u16 = 29;
 }
 
 impl FileHeader {
@@ -323,6 +328,9 @@ impl FileHeader {
             tag::WAL_DURABLE,
             &self.wal_durable_frames.to_be_bytes(),
         );
+        if let Some(n) = &self.db_name {
+            put(&mut body, tag::DB_NAME, n.as_bytes());
+        }
         if let Some(infra) = &self.infra {
             put(&mut body, tag::LAYERS, &[self.layers().bits()]);
             put(&mut body, tag::INFRA_DEK_ID, &infra.dek_id.0);
@@ -735,10 +743,19 @@ fn parse_body(body: &[u8]) -> Result<FileHeader, CryptoError> {
         }),
         Some(_) => return Err(bad("fs slots")),
     };
+    let db_name = match f.get(&tag::DB_NAME) {
+        None => None,
+        Some(_) if kind != FileKind::MainDb => return Err(bad("database name")),
+        Some(v) => match std::str::from_utf8(v) {
+            Ok(n) if (1..=255).contains(&n.len()) && !n.contains('/') => Some(n.to_string()),
+            _ => return Err(bad("database name")),
+        },
+    };
     Ok(FileHeader {
         infra,
         rotation,
         fs,
+        db_name,
         sequence: u64f(tag::SEQUENCE, "sequence")?,
         kind,
         cipher,
@@ -780,6 +797,7 @@ mod tests {
             infra: None,
             rotation: None,
             fs: None,
+            db_name: None,
         }
     }
 

@@ -440,6 +440,7 @@ fn root_header(
             durable_units: 0,
             map_groups: 0,
         }),
+        db_name: None,
     }
 }
 
@@ -469,5 +470,6 @@ pub(crate) fn file_header(
             durable_units: 0,
             map_groups: 0,
         }),
+        db_name: None,
     }
 }

@@ -123,6 +123,38 @@ impl Fail {
     }
 }
 
+/// The last component of a file's path (what a database is bound to).
+fn file_name(path: &str) -> String {
+    std::path::Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.to_string())
+}
+
+/// A database file is bound to the name it was created under: one found
+/// under another name was copied or swapped in, and is refused. A file
+/// made before the binding is bound at its next header write.
+fn check_db_name(header: &mut FileHeader, path: &str, writable: bool) -> Result<(), Fail> {
+    let here = file_name(path);
+    match &header.db_name {
+        Some(n) if *n != here => Err(Fail::with(
+            ffi::SQLITE_CANTOPEN,
+            StorageError::Header {
+                path: path.to_string(),
+                reason: format!(
+                    "it is the file of database {n}, copied or swapped in under the name {here}; \
+                     restore {here} from a backup (and {n} under its own name)"
+                ),
+            },
+        )),
+        None if writable => {
+            header.db_name = Some(here);
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// What every handle on one path shares: identity, key, counters.
 pub struct SharedFile {
     pub path: String,
@@ -341,8 +373,11 @@ impl SharedFile {
                 }
             };
             match cand.verify(&dek) {
-                Ok(header) => {
+                Ok(mut header) => {
                     check_parent(&header, parent, &path)?;
+                    if kind == FileKind::MainDb {
+                        check_db_name(&mut header, &path, writable)?;
+                    }
                     let infra_dek = open_infra(keyring, &header, &path)?;
                     let previous = unwrap_previous(keyring, &header, &path)
                         .map_err(|e| Fail::with(ffi::SQLITE_CANTOPEN, e))?;
@@ -533,6 +568,7 @@ impl SharedFile {
             wal_durable_frames: 0,
             rotation: None,
             fs: None,
+            db_name: (kind == FileKind::MainDb).then(|| file_name(&path)),
         };
         {
             let mut slots = header.encode(&dek).map_err(|e| crypto_fail(&path, e))?;

@@ -502,12 +502,11 @@ fn flipped_bits_in_either_layers_nonce_or_tag_are_detected() {
         ("data-tag", end - SEAL_OVERHEAD - INFRA_OVERHEAD),
         ("body", page_offset(3) + 7),
     ] {
-        let name = format!("flip-{case}");
+        // In place of orig.db (a database file is bound to its name).
         let mut bad = orig.clone();
         bad[pos] ^= 0x20;
-        let path = fx.data().join(format!("{name}.db"));
-        fs::write(&path, &bad).unwrap();
-        let err = scan(&engine, &name).unwrap_err();
+        fs::write(fx.data().join("orig.db"), &bad).unwrap();
+        let err = scan(&engine, "orig").unwrap_err();
         match &err {
             StorageError::Tampered { unit, .. } => assert_eq!(unit, "page 3", "{case}"),
             other => panic!("{case}: expected tampering of page 3, got {other}"),
@@ -536,13 +535,14 @@ fn a_page_sealed_by_another_files_infrastructure_layer_is_detected() {
         ka.open(&page_ctx(ha.file_id, page as u64), &mut p).unwrap();
         p
     };
-    let write_case = |name: &str, page: usize, content: &[u8]| {
+    // Each case in place of a.db (a database file is bound to its name).
+    let write_case = |_case: &str, page: usize, content: &[u8]| {
         let mut bytes = a.clone();
         bytes[page_offset(page)..page_offset(page) + PAGE].copy_from_slice(content);
-        fs::write(fx.data().join(format!("{name}.db")), &bytes).unwrap();
+        fs::write(&pa, &bytes).unwrap();
     };
     let expect = |name: &str, unit: &str| {
-        let err = scan(&engine, name).unwrap_err();
+        let err = scan(&engine, "a").unwrap_err();
         match &err {
             StorageError::Tampered { unit: u, .. } => assert_eq!(u, unit, "{name}"),
             other => panic!("{name}: expected tampering of {unit}, got {other}"),
@@ -567,7 +567,7 @@ fn a_page_sealed_by_another_files_infrastructure_layer_is_detected() {
     let mut p = strip(2);
     ka.seal(&page_ctx(ha.file_id, 2), &mut p).unwrap();
     write_case("resealed", 2, &p);
-    assert_eq!(count_rows(&engine, "resealed").unwrap(), 300);
+    assert_eq!(count_rows(&engine, "a").unwrap(), 300);
 }
 
 #[test]
@@ -655,11 +655,12 @@ fn rotating_the_infrastructure_key_rewraps_every_file_without_touching_the_data_
         };
     let mut torn = closed.clone();
     torn[newest * HEADER_SLOT_SIZE + 100..newest * HEADER_SLOT_SIZE + 400].fill(0xEE);
-    fs::write(fx.data().join("torn.db"), &torn).unwrap();
+    // In place of closed.db (a database file is bound to its name).
+    fs::write(fx.data().join("closed.db"), &torn).unwrap();
     let e = fx.engine();
-    assert_eq!(count_rows(&e, "torn").unwrap(), 200);
-    fs::remove_file(fx.data().join("torn.db")).unwrap();
+    assert_eq!(count_rows(&e, "closed").unwrap(), 200);
     drop(e);
+    fs::write(fx.data().join("closed.db"), &closed).unwrap();
 
     // v1 removed: every file still reads, so none needs it any more.
     let ks = InfraKeystore::open(fx.infra_keystore()).unwrap();
@@ -678,14 +679,14 @@ fn rotating_the_infrastructure_key_rewraps_every_file_without_touching_the_data_
     // Both slots of a closed file were rewrapped (each durable before the
     // other was written): with its newest slot torn it still opens, and
     // no slot needs v1.
-    fs::write(fx.data().join("torn2.db"), &torn).unwrap();
-    assert_eq!(count_rows(&e, "torn2").unwrap(), 200);
+    fs::write(fx.data().join("closed.db"), &torn).unwrap();
+    assert_eq!(count_rows(&e, "closed").unwrap(), 200);
     // A file whose only wrapping is v1 fails clearly once v1 is gone.
     let mut v1_only = before_closed.clone();
     v1_only.truncate(HEADER_LEN as usize);
     v1_only.extend_from_slice(&closed[HEADER_LEN as usize..]);
-    fs::write(fx.data().join("old.db"), &v1_only).unwrap();
-    let msg = count_rows(&e, "old").unwrap_err().to_string();
+    fs::write(fx.data().join("closed.db"), &v1_only).unwrap();
+    let msg = count_rows(&e, "closed").unwrap_err().to_string();
     assert!(
         msg.contains("/v1") && msg.contains("ATREST_INFRA_KEYSTORE"),
         "{msg}"

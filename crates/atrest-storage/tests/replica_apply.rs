@@ -63,8 +63,12 @@ fn replica_follows_the_source_wal(sc: Scenario) {
     // The base: the source checkpointed and copied, as a backup is.
     src.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
         .unwrap();
-    std::fs::copy(fx.data().join("src.db"), fx.data().join("rep.db")).unwrap();
-    let rep = engine.connect("rep").unwrap();
+    // The replica's data directory: the same file name (a database file
+    // is bound to its name).
+    let rdata = fx.dir.path().join("replica-data");
+    let replica = fx.engine_at(&rdata);
+    std::fs::copy(fx.data().join("src.db"), rdata.join("src.db")).unwrap();
+    let rep = replica.connect("src").unwrap();
     rep.pragma_update(None, "journal_mode", "wal").unwrap();
     assert_eq!(dump(&rep), dump(&src));
 
@@ -79,7 +83,7 @@ fn replica_follows_the_source_wal(sc: Scenario) {
         "VACUUM",
         "INSERT INTO t VALUES (5000, 'after vacuum')",
     ];
-    let reader = engine.connect("rep").unwrap();
+    let reader = replica.connect("src").unwrap();
     for (i, step) in steps.iter().enumerate() {
         let before = dump(&reader);
         src.execute_batch(step).unwrap();
@@ -96,7 +100,7 @@ fn replica_follows_the_source_wal(sc: Scenario) {
         assert_eq!(dump(&reader), dump(&src), "step {i} ({step}) differs");
         // (The applying connection keeps the schema it had; others see
         // the new one: check through a fresh connection.)
-        let fresh = engine.connect("rep").unwrap();
+        let fresh = replica.connect("src").unwrap();
         let ok: String = fresh
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))
             .unwrap();

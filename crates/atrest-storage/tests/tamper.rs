@@ -73,17 +73,20 @@ fn a_flipped_bit_in_any_page_is_detected_and_named(sc: Scenario) {
     let orig = fs::read(fx.data().join("orig.db")).unwrap();
     let pages = (orig.len() - HEADER_LEN as usize) / PAGE;
     assert!(pages >= 8, "want a database of several pages, got {pages}");
+    // Each variant in place of the original (a database file is bound to
+    // its name: a copy under another name is refused before any page).
+    let path = fx.data().join("orig.db");
     for page in 1..=pages {
-        let name = format!("flip{page}");
         let mut bytes = orig.clone();
         // A different bit and byte in every page: ciphertext, tag or nonce.
         let pos = page_offset(page) + (page * 997) % PAGE;
         bytes[pos] ^= 1 << (page % 8);
-        let path = fx.data().join(format!("{name}.db"));
         fs::write(&path, &bytes).unwrap();
-        let err = read_all(&engine, &name).unwrap_err();
+        let err = read_all(&engine, "orig").unwrap_err();
         expect_tampered(err, &path, &format!("page {page}"));
     }
+    fs::write(&path, &orig).unwrap();
+    read_all(&engine, "orig").unwrap();
 }
 
 fn pages_moved_within_or_between_databases_are_detected(sc: Scenario) {
@@ -97,26 +100,28 @@ fn pages_moved_within_or_between_databases_are_detected(sc: Scenario) {
     // Page 2 copied over page 3 of the same file.
     let mut swapped = a.clone();
     swapped.copy_within(page_offset(2)..page_offset(3), page_offset(3));
-    let path = fx.data().join("swapped.db");
+    // Each variant in place of a.db (a copy under another name is refused
+    // before any page is read).
+    let path = fx.data().join("a.db");
     fs::write(&path, &swapped).unwrap();
-    expect_tampered(read_all(&engine, "swapped").unwrap_err(), &path, "page 3");
+    expect_tampered(read_all(&engine, "a").unwrap_err(), &path, "page 3");
 
     // Page 2 of another database (same schema, same place).
     let mut foreign = a.clone();
     foreign[page_offset(2)..page_offset(3)].copy_from_slice(&b[page_offset(2)..page_offset(3)]);
-    let path = fx.data().join("foreign.db");
     fs::write(&path, &foreign).unwrap();
-    expect_tampered(read_all(&engine, "foreign").unwrap_err(), &path, "page 2");
+    expect_tampered(read_all(&engine, "a").unwrap_err(), &path, "page 2");
 
     // A never-written (all-zero) page.
     let mut zero = a.clone();
     zero[page_offset(4)..page_offset(5)].fill(0);
-    let path = fx.data().join("zero.db");
     fs::write(&path, &zero).unwrap();
-    expect_tampered(read_all(&engine, "zero").unwrap_err(), &path, "page 4");
+    expect_tampered(read_all(&engine, "a").unwrap_err(), &path, "page 4");
 
-    // The original still reads: nothing above touched it.
+    // The original reads again, and b was never touched.
+    fs::write(&path, &a).unwrap();
     read_all(&engine, "a").unwrap();
+    read_all(&engine, "b").unwrap();
 }
 
 /// Makes a WAL database whose WAL survives close (no checkpoint).
@@ -165,7 +170,7 @@ fn an_altered_wal_frame_is_detected_and_named(sc: Scenario) {
     swapped[frame(4)..frame(5)].copy_from_slice(&wal[frame(3)..frame(4)]);
     let mut moved = wal.clone();
     moved[frame(6)..frame(7)].copy_from_slice(&wal[frame(2)..frame(3)]);
-    for (case, bad, unit) in [
+    for (_case, bad, unit) in [
         ("hdr", flip(frame(3) + 8 + 10), "WAL frame 4"),
         ("body", flip(frame(5) + 8 + 24 + 100), "WAL frame 6"),
         ("tail", flip(frame(7) + pframe - 1), "WAL frame 8"),
@@ -173,18 +178,18 @@ fn an_altered_wal_frame_is_detected_and_named(sc: Scenario) {
         ("swap", swapped, "WAL frame 4"),
         ("move", moved, "WAL frame 7"),
     ] {
-        let name = format!("w{case}");
-        fs::write(fx.data().join(format!("{name}.db")), &db).unwrap();
-        let path = fx.data().join(format!("{name}.db-wal"));
+        // In place of w's files (a database file is bound to its name).
+        fs::write(fx.data().join("w.db"), &db).unwrap();
+        let path = fx.data().join("w.db-wal");
         fs::write(&path, &bad).unwrap();
-        let err = count_rows(&engine, &name).unwrap_err();
+        let err = count_rows(&engine, "w").unwrap_err();
         expect_tampered(err, &path, unit);
     }
 
-    // Unaltered copies read every committed row.
-    fs::write(fx.data().join("wok.db"), &db).unwrap();
-    fs::write(fx.data().join("wok.db-wal"), &wal).unwrap();
-    let c = engine.connect("wok").unwrap();
+    // The unaltered files read every committed row.
+    fs::write(fx.data().join("w.db"), &db).unwrap();
+    fs::write(fx.data().join("w.db-wal"), &wal).unwrap();
+    let c = engine.connect("w").unwrap();
     let n: i64 = c
         .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
         .unwrap();

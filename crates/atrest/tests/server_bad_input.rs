@@ -280,3 +280,78 @@ fn a_damaged_page_is_named_to_the_client_by_its_database_file_not_the_server_pat
     );
     s.kill9();
 }
+
+#[test]
+fn a_database_file_swapped_in_from_another_database_is_refused_not_served() {
+    let mut s = TestServer::create(&[]);
+    s.start(&[]);
+    s.sql("postgres", "CREATE DATABASE tamp");
+    s.sql("postgres", "CREATE DATABASE other");
+    s.sql(
+        "tamp",
+        "CREATE TABLE t (v text); INSERT INTO t VALUES ('tamp row')",
+    );
+    s.sql(
+        "other",
+        "CREATE TABLE t (v text); INSERT INTO t VALUES ('other row')",
+    );
+    assert!(s.stop().success());
+    let data = s.dir.join("data");
+    let saved: Vec<(String, Vec<u8>)> = ["tamp.db", "tamp.db-wal"]
+        .iter()
+        .filter_map(|f| Some((f.to_string(), std::fs::read(data.join(f)).ok()?)))
+        .collect();
+    // other's files copied over tamp's (both valid, same service key).
+    for f in ["db", "db-wal"] {
+        let from = data.join(format!("other.{f}"));
+        if from.exists() {
+            std::fs::copy(&from, data.join(format!("tamp.{f}"))).unwrap();
+        } else {
+            let _ = std::fs::remove_file(data.join(format!("tamp.{f}")));
+        }
+    }
+    // A start that serves would run on: give it 30 s to refuse.
+    let mut child = Command::new(bin())
+        .args(["server", "start", "--data", s.dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the server started on a swapped database file (it serves other's rows as tamp)"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "a swapped database must not be served");
+    assert!(
+        err.contains("tamp.db") && err.contains("other.db") && err.contains("swapped"),
+        "{err}"
+    );
+    // Put tamp's own files back: it serves its own rows again.
+    for f in ["tamp.db", "tamp.db-wal"] {
+        let _ = std::fs::remove_file(data.join(f));
+    }
+    for (f, b) in &saved {
+        std::fs::write(data.join(f), b).unwrap();
+    }
+    s.start(&[]);
+    assert_eq!(s.sql("tamp", "SELECT v FROM t"), "tamp row");
+    assert_eq!(s.sql("other", "SELECT v FROM t"), "other row");
+    assert!(s.stop().success());
+}

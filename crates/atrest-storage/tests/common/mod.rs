@@ -233,6 +233,29 @@ impl Fixture {
     pub fn data(&self) -> PathBuf {
         self.opts.data_dir.clone()
     }
+
+    /// An engine over another data directory with this fixture's keys (a
+    /// copy of this one's `atrest.json`): a replica's, where files keep
+    /// their names.
+    pub fn engine_at(&self, data_dir: &Path) -> Engine {
+        std::fs::create_dir_all(data_dir).unwrap();
+        std::fs::copy(
+            self.data().join("atrest.json"),
+            data_dir.join("atrest.json"),
+        )
+        .unwrap();
+        let engine = Engine::open(&EngineOptions {
+            data_dir: data_dir.to_path_buf(),
+            ..self.opts.clone()
+        })
+        .unwrap();
+        if self.scenario.customer() {
+            engine.set_protector(std::sync::Arc::new(CustomerKek::load_or_create(
+                self.dir.path(),
+            )));
+        }
+        engine
+    }
 }
 
 /// Every regular file under `dir`, recursively.
