@@ -204,6 +204,15 @@ impl VaultAccess {
     }
 }
 
+/// The vault's token endpoint refused the server's identity.
+fn token_refused(code: &str, message: &str) -> bool {
+    message.starts_with("AADSTS")
+        || matches!(
+            code,
+            "invalid_client" | "unauthorized_client" | "invalid_grant"
+        )
+}
+
 /// What went wrong with a customer key, in words that say what to fix.
 pub fn describe(e: &ClientError, key: &KeyUrl, client_id: &str) -> String {
     match e {
@@ -214,12 +223,7 @@ pub fn describe(e: &ClientError, key: &KeyUrl, client_id: &str) -> String {
             message,
         } => {
             let inner = inner.as_deref().unwrap_or("");
-            let token_refused = message.starts_with("AADSTS")
-                || matches!(
-                    code.as_str(),
-                    "invalid_client" | "unauthorized_client" | "invalid_grant"
-                );
-            if token_refused {
+            if token_refused(code, message) {
                 return format!(
                     "the vault does not accept the server's identity {client_id} (deleted, or its certificate is not registered); register it and grant get, wrapKey and unwrapKey: {message}"
                 );
@@ -296,12 +300,7 @@ pub fn cause(e: &ClientError) -> Cause {
             inner,
             message,
         } => {
-            if message.starts_with("AADSTS")
-                || matches!(
-                    code.as_str(),
-                    "invalid_client" | "unauthorized_client" | "invalid_grant"
-                )
-            {
+            if token_refused(code, message) {
                 return Cause::IdentityRejected;
             }
             match (*status, inner.as_deref().unwrap_or("")) {

@@ -906,6 +906,22 @@ fn vault_for(a: &PgServer) -> VaultSetup {
     }
 }
 
+/// `atrest server set-key` to the vault key `key_url`.
+fn set_key_args<'a>(dir: &'a str, key_url: &'a str, tenant: &'a str, ca: &'a Path) -> Vec<&'a str> {
+    vec![
+        "server",
+        "set-key",
+        "--data",
+        dir,
+        "--key",
+        key_url,
+        "--tenant",
+        tenant,
+        "--vault-ca",
+        ca.to_str().unwrap(),
+    ]
+}
+
 fn new_key_version(admin: &atrest_vault::VaultClient) {
     block_on(admin.call(
         Method::POST,
@@ -1017,18 +1033,7 @@ fn postgres_engine_customer_key_set_lost_revalidated_and_rotated_from_the_one_co
             n
         })
     };
-    let out = atrest(&[
-        "server",
-        "set-key",
-        "--data",
-        &dir,
-        "--key",
-        &key_url,
-        "--tenant",
-        &vault.tenant,
-        "--vault-ca",
-        ca.to_str().unwrap(),
-    ]);
+    let out = atrest(&set_key_args(&dir, &key_url, &vault.tenant, &ca));
     assert!(
         out.status.success(),
         "{}",
@@ -1199,18 +1204,7 @@ fn a_postgres_engine_key_switch_killed_at_any_moment_is_finished_at_the_next_sta
         "postgres",
         "create table t(id int primary key); insert into t select generate_series(1, 1000)",
     );
-    let out = atrest_ok(&[
-        "server",
-        "set-key",
-        "--data",
-        &dir,
-        "--key",
-        &key_url,
-        "--tenant",
-        &vault.tenant,
-        "--vault-ca",
-        ca.to_str().unwrap(),
-    ]);
+    let out = atrest_ok(&set_key_args(&dir, &key_url, &vault.tenant, &ca));
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     let millis = report["report"]["millis"].as_u64().unwrap().max(20);
     let mut seed = std::time::SystemTime::now()
