@@ -947,6 +947,25 @@ fn tree_headers(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
         .collect()
 }
 
+/// Every header of the tree (both slots of every file, the root's too)
+/// names the key `want`, and none `not`: no wrapping is left under it.
+fn headers_name(dir: &Path, want: &str, not: Option<&str>, context: &str) {
+    for (p, h) in tree_headers(dir) {
+        assert!(
+            contains(&h, want.as_bytes()),
+            "{context}{} does not name {want}",
+            p.display()
+        );
+        if let Some(not) = not {
+            assert!(
+                !contains(&h, not.as_bytes()),
+                "{context}{} still names {not}",
+                p.display()
+            );
+        }
+    }
+}
+
 /// Waits until state.json says `want`.
 fn wait_state(s: &TestServer, want: &str, limit: std::time::Duration) -> serde_json::Value {
     let deadline = std::time::Instant::now() + limit;
@@ -1041,18 +1060,7 @@ fn postgres_engine_customer_key_set_lost_revalidated_and_rotated_from_the_one_co
     );
     let written = writer.join().unwrap();
     let v1 = latest();
-    for (p, h) in tree_headers(&a.s.dir) {
-        assert!(
-            contains(&h, v1.as_bytes()),
-            "{} does not name {v1}",
-            p.display()
-        );
-        assert!(
-            !contains(&h, service_key.as_bytes()),
-            "{} still has a copy under the service key",
-            p.display()
-        );
-    }
+    headers_name(&a.s.dir, &v1, Some(&service_key), "");
     let count = |a: &PgServer| {
         a.psql("postgres", "select count(*) from t")
             .trim()
@@ -1144,18 +1152,7 @@ fn postgres_engine_customer_key_set_lost_revalidated_and_rotated_from_the_one_co
     let v2 = latest();
     assert_ne!(v1, v2);
     atrest_ok(&["server", "rotate-key", "--data", &dir]);
-    for (p, h) in tree_headers(&a.s.dir) {
-        assert!(
-            contains(&h, v2.as_bytes()),
-            "{} does not name {v2}",
-            p.display()
-        );
-        assert!(
-            !contains(&h, v1.as_bytes()),
-            "{} still names {v1}",
-            p.display()
-        );
-    }
+    headers_name(&a.s.dir, &v2, Some(&v1), "");
     block_on(admin.call(
         Method::PATCH,
         &format!("/keys/tde/{}?force=true", v1.rsplit('/').next().unwrap()),
@@ -1171,18 +1168,7 @@ fn postgres_engine_customer_key_set_lost_revalidated_and_rotated_from_the_one_co
     // Back to the service key, stopped (offline rewrap of the tree).
     assert!(a.s.stop().success());
     atrest_ok(&["server", "set-key", "--data", &dir, "--service"]);
-    for (p, h) in tree_headers(&a.s.dir) {
-        assert!(
-            contains(&h, service_key.as_bytes()),
-            "{} does not name the service key",
-            p.display()
-        );
-        assert!(
-            !contains(&h, v2.as_bytes()),
-            "{} still names {v2}",
-            p.display()
-        );
-    }
+    headers_name(&a.s.dir, &service_key, Some(&v2), "");
     a.s.start(&[]);
     assert_eq!(count(&a), (1001 + written).to_string());
     assert!(a.s.stop().success());
@@ -1245,13 +1231,12 @@ fn a_postgres_engine_key_switch_killed_at_any_moment_is_finished_at_the_next_sta
             .as_str()
             .unwrap()
             .to_string();
-        for (p, h) in tree_headers(&a.s.dir) {
-            assert!(
-                contains(&h, version.as_bytes()),
-                "round {round} (killed after {at} ms): {} does not name version {version}",
-                p.display()
-            );
-        }
+        headers_name(
+            &a.s.dir,
+            &version,
+            None,
+            &format!("round {round} (killed after {at} ms): "),
+        );
         assert_eq!(
             a.psql("postgres", "select count(*) from t").trim(),
             rows.to_string()
@@ -1275,8 +1260,6 @@ fn a_postgres_engine_key_switch_killed_at_any_moment_is_finished_at_the_next_sta
     }
     let last = latest_kid(&admin);
     let version = last.rsplit('/').next().unwrap();
-    for (p, h) in tree_headers(&a.s.dir) {
-        assert!(contains(&h, version.as_bytes()), "{}", p.display());
-    }
+    headers_name(&a.s.dir, version, None, "");
     assert!(a.s.stop().success());
 }
