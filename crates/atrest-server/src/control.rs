@@ -35,6 +35,14 @@ pub trait Engine: Send + Sync + 'static {
     /// Ends every session and zeroizes every DEK the engine holds (the
     /// server has just become Inaccessible).
     fn lock(&self);
+    /// Whether new connections are refused as soon as the state says
+    /// Inaccessible (the engine's own listener reads it; the lock then
+    /// ends the sessions). `false`: only the lock refuses them (PostgreSQL
+    /// serves until it is stopped), so the lock runs first and the state
+    /// says Inaccessible only once nothing more is served.
+    fn refuses_by_state(&self) -> bool {
+        true
+    }
     /// Unwraps the DEKs again (with `config`'s protector, reaching the
     /// vault through `access`) and serves again. Called on revalidation,
     /// also of a server that is Ready (then it only proves the keys open).
@@ -147,14 +155,22 @@ impl Control {
     }
 
     /// Moves to Inaccessible: new connections are refused, then the
-    /// engine ends every session and zeroizes its DEKs.
+    /// engine ends every session and zeroizes its DEKs (in the other
+    /// order for an engine whose lock is what refuses them).
     pub async fn go_inaccessible(&self, engine: &Arc<dyn Engine>, loss: Loss) {
         if self.state() == State::Inaccessible {
             return;
         }
-        self.mark_inaccessible(loss, "");
         let e = Arc::clone(engine);
-        let _ = tokio::task::spawn_blocking(move || e.lock()).await;
+        if engine.refuses_by_state() {
+            self.mark_inaccessible(loss, "");
+            let _ = tokio::task::spawn_blocking(move || e.lock()).await;
+        } else {
+            // The refusal the engine answers with names the cause.
+            *self.inaccessible.lock().expect("inaccessible") = Some(loss.clone());
+            let _ = tokio::task::spawn_blocking(move || e.lock()).await;
+            self.mark_inaccessible(loss, "");
+        }
     }
 
     /// Inaccessible to Ready: the key must answer (a fresh probe), and the

@@ -166,12 +166,22 @@ impl Setup {
     }
 }
 
-/// Header bytes (both slots) of every atrest file of the server.
+/// Header bytes (both slots) of every atrest file of the server: the
+/// sqlite engine's database files, or every file of the postgres engine's
+/// ciphertext tree (its root file included).
 fn headers(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    files_under(&dir.join("data"))
+    let under = |sub: &str| match dir.join(sub).exists() {
+        true => files_under(&dir.join(sub)),
+        false => Vec::new(),
+    };
+    let db = under("data")
         .into_iter()
-        .filter(|(p, b)| b.len() >= 8192 && !p.ends_with("atrest.json"))
-        .map(|(p, b)| (p, b[..8192].to_vec()))
+        .filter(|(p, b)| b.len() >= 8192 && !p.ends_with("atrest.json"));
+    db.chain(under("pgfs"))
+        .map(|(p, b)| {
+            let n = b.len().min(8192);
+            (p, b[..n].to_vec())
+        })
         .collect()
 }
 
@@ -231,7 +241,28 @@ fn connect_error(port: u16) -> (String, String) {
 
 #[test]
 fn switch_to_customer_key_then_every_loss_cause_goes_inaccessible_and_back() {
-    let mut st = setup(&[]);
+    every_loss_cause(Engine::Sqlite);
+}
+
+/// The same suite against real PostgreSQL on atrest-fs: the one control
+/// plane locks the engine (immediate shutdown, every DEK zeroized with the
+/// unmount) and the port answers 57P03 until revalidation.
+#[test]
+fn postgres_engine_every_loss_cause_goes_inaccessible_and_back() {
+    every_loss_cause(Engine::Postgres);
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+fn every_loss_cause(engine: Engine) {
+    let mut st = setup(match engine {
+        Engine::Sqlite => &[],
+        Engine::Postgres => &["--engine", "postgres"],
+    });
     // Validation refuses bad keys and changes nothing.
     let before = std::fs::read(st.server.dir.join("server.json")).unwrap();
     for (bad, why) in [
@@ -289,7 +320,9 @@ fn switch_to_customer_key_then_every_loss_cause_goes_inaccessible_and_back() {
     // Online: the running server switches.
     st.set_key_ok(&st.key_url);
     let version = st.latest_version();
-    for (path, h) in headers(&st.server.dir) {
+    let after = headers(&st.server.dir);
+    assert!(!after.is_empty(), "{engine:?}: no file headers found");
+    for (path, h) in after {
         assert!(
             !contains(&h, service_hex.as_bytes()),
             "{} still holds a DEK wrapped by the service key",
@@ -474,12 +507,20 @@ fn switch_to_customer_key_then_every_loss_cause_goes_inaccessible_and_back() {
         // The open session was ended with the key's error.
         let mut rest = String::new();
         out.read_to_string(&mut rest).unwrap();
-        assert!(held.wait().unwrap().success());
-        assert!(
-            rest.contains("ENDED 57P03") || rest.contains("ENDED None"),
-            "{name}: {rest}"
-        );
-        assert!(rest.contains("Inaccessible"), "{name}: {rest}");
+        assert!(held.wait().unwrap().success(), "{name}: {rest}");
+        match engine {
+            Engine::Sqlite => {
+                assert!(
+                    rest.contains("ENDED 57P03") || rest.contains("ENDED None"),
+                    "{name}: {rest}"
+                );
+                assert!(rest.contains("Inaccessible"), "{name}: {rest}");
+            }
+            // PostgreSQL's immediate shutdown ends the session with its
+            // own message (57P01 or the socket closed); the reason is
+            // what the next connection is told.
+            Engine::Postgres => assert!(rest.contains("ENDED"), "{name}: {rest}"),
+        }
         // New connections get the documented SQLSTATE and message.
         let (code, msg) = connect_error(st.server.port);
         assert_eq!(code, "57P03", "{name}: {msg}");
@@ -544,7 +585,7 @@ fn switch_to_customer_key_then_every_loss_cause_goes_inaccessible_and_back() {
             (3 + i).to_string()
         );
         assert_eq!(st.server.sql("other", "SELECT x FROM o"), "7");
-        eprintln!("{name}: Inaccessible after {took:?}");
+        eprintln!("{engine:?} {name}: Inaccessible after {took:?}");
     }
     let activity = std::fs::read_to_string(st.server.dir.join("activity.log")).unwrap();
     assert!(

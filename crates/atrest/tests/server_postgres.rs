@@ -1079,8 +1079,8 @@ fn postgres_engine_customer_key_set_lost_revalidated_and_rotated_from_the_one_co
     .unwrap();
     let st = wait_state(&a.s, "Inaccessible", Duration::from_secs(20));
     assert!(st["reason"].as_str().unwrap().contains("disabled"), "{st}");
-    // The state changes first (new connections refused), then the engine
-    // locks: immediate shutdown, unmount.
+    // The engine locks (immediate shutdown, unmount, the port refusing)
+    // before the state says Inaccessible.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while postmaster_of(a.s.pid()).is_some() || a.try_psql("postgres", "select 1").status.success()
     {

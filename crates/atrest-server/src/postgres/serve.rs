@@ -233,6 +233,11 @@ impl Engine for PgEngine {
         self.start_refusing();
     }
 
+    /// PostgreSQL serves until it is stopped.
+    fn refuses_by_state(&self) -> bool {
+        false
+    }
+
     fn unlock(
         &self,
         config: &ServerConfig,
@@ -313,6 +318,29 @@ fn key_at_start(dir: &std::path::Path, config: &ServerConfig) -> (KeyRuntime, Op
     }
 }
 
+/// PostgreSQL takes a port, not port 0: for `HOST:0` the engine picks a
+/// free port now, and `state.json` reports it (as the sqlite engine's
+/// listener reports the port the kernel gave it).
+fn pick_port(listen: String) -> Result<String, ServeError> {
+    match listen.rsplit_once(':') {
+        Some((host, "0")) => {
+            let l = std::net::TcpListener::bind(&listen).map_err(|e| ServeError::Listen {
+                addr: listen.clone(),
+                source: e,
+            })?;
+            let port = l
+                .local_addr()
+                .map(|a| a.port())
+                .map_err(|e| ServeError::Listen {
+                    addr: listen.clone(),
+                    source: e,
+                })?;
+            Ok(format!("{host}:{port}"))
+        }
+        _ => Ok(listen),
+    }
+}
+
 pub async fn serve(
     dir: PathBuf,
     listen: Option<String>,
@@ -333,7 +361,7 @@ pub async fn serve(
     }
     let _lock = resource::lock(&dir)?;
     let lifecycle = Arc::new(Lifecycle::begin(&dir, &config));
-    let listen = listen.unwrap_or_else(|| config.default_listen.clone());
+    let listen = pick_port(listen.unwrap_or_else(|| config.default_listen.clone()))?;
     let started = async {
         let metrics = match &metrics_listen {
             Some(a) => Some(TcpListener::bind(a).await.map_err(|e| ServeError::Listen {
