@@ -1080,7 +1080,8 @@ fn key_op(data: &std::path::Path, req: serde_json::Value) -> Result<serde_json::
     let target = atrest_server::control::parse_target(&req).map_err(|e| anyhow::anyhow!(e))?;
     let (report, _) = match config.engine {
         EngineKind::Postgres => {
-            let tree = atrest_server::postgres::StoppedTree::new(&dir);
+            let tree = atrest_server::postgres::StoppedTree::open(&dir, &config)
+                .map_err(|e| anyhow::anyhow!(e))?;
             atrest_server::keys::switch(&dir, &mut config, &tree, target)
         }
         EngineKind::Sqlite => {

@@ -259,10 +259,7 @@ enum Engine {
 }
 
 fn every_loss_cause(engine: Engine) {
-    let mut st = setup(match engine {
-        Engine::Sqlite => &[],
-        Engine::Postgres => &["--engine", "postgres"],
-    });
+    let mut st = setup(engine_args(engine));
     // Validation refuses bad keys and changes nothing.
     let before = std::fs::read(st.server.dir.join("server.json")).unwrap();
     for (bad, why) in [
@@ -706,7 +703,23 @@ fn rotation_rewraps_every_header_and_survives_kill9_during_the_rewrap() {
 
 #[test]
 fn purging_the_key_shreds_the_data_and_says_why() {
-    let mut st = setup(&[]);
+    shredding(Engine::Sqlite);
+}
+
+#[test]
+fn postgres_engine_purging_the_key_shreds_the_data_and_says_why() {
+    shredding(Engine::Postgres);
+}
+
+fn engine_args(engine: Engine) -> &'static [&'static str] {
+    match engine {
+        Engine::Sqlite => &[],
+        Engine::Postgres => &["--engine", "postgres"],
+    }
+}
+
+fn shredding(engine: Engine) {
+    let mut st = setup(engine_args(engine));
     let dir = st.server.dir.to_str().unwrap().to_string();
     st.server.start(&[]);
     st.server.sql(
@@ -745,25 +758,17 @@ fn purging_the_key_shreds_the_data_and_says_why() {
         "{msg}"
     );
     assert!(st.server.stop().success());
-    // No other way in: the engine with the service keystore cannot unwrap,
-    // and the error names the key that is needed.
-    let out = atrest(&[
-        "sql",
-        "--data",
-        &format!("{dir}/data"),
-        "--database",
-        "postgres",
-        "--keystore",
-        st.server.keystore.to_str().unwrap(),
-        "-c",
-        "SELECT * FROM secrets",
-    ]);
-    assert!(!out.status.success());
+    // No other way in. Offline, the key operation that would move the
+    // data back under the service key cannot unwrap it, and says why.
+    let out = atrest(&["server", "set-key", "--data", &dir, "--service"]);
+    assert!(!out.status.success(), "{engine:?}: set-key offline");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("customer-managed key") && err.contains("/keys/tde/"),
-        "{err}"
-    );
+    assert!(err.contains("does not exist"), "{engine:?}: {err}");
+    // The sqlite engine opened directly with the service keystore cannot
+    // unwrap either, and the error names the key that is needed.
+    if engine == Engine::Sqlite {
+        sql_with_service_keystore_is_refused(&st, &dir);
+    }
     for (path, bytes) in files_under(&st.server.dir) {
         assert!(!contains(&bytes, b"crown jewels"), "{}", path.display());
     }
@@ -783,6 +788,26 @@ fn purging_the_key_shreds_the_data_and_says_why() {
     );
     assert!(st.server.wait(Duration::from_secs(30)).success());
     assert!(!st.server.dir.exists());
+}
+
+fn sql_with_service_keystore_is_refused(st: &Setup, dir: &str) {
+    let out = atrest(&[
+        "sql",
+        "--data",
+        &format!("{dir}/data"),
+        "--database",
+        "postgres",
+        "--keystore",
+        st.server.keystore.to_str().unwrap(),
+        "-c",
+        "SELECT * FROM secrets",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("customer-managed key") && err.contains("/keys/tde/"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -847,13 +872,26 @@ fn webhooks_get_one_alert_per_state_change() {
 
 #[test]
 fn with_both_layers_revocation_goes_inaccessible_the_same_way() {
+    both_layers(Engine::Sqlite);
+}
+
+/// Scenario 4 on real PostgreSQL: the infrastructure layer and a customer
+/// key together.
+#[test]
+fn postgres_engine_with_both_layers_revocation_goes_inaccessible_the_same_way() {
+    both_layers(Engine::Postgres);
+}
+
+fn both_layers(engine: Engine) {
     let infra = tempfile::tempdir().unwrap();
     let infra_ks = infra.path().join("infra-keystore");
-    let mut st = setup(&[
+    let mut args = engine_args(engine).to_vec();
+    args.extend([
         "--infrastructure-encryption",
         "--infra-keystore",
         infra_ks.to_str().unwrap(),
     ]);
+    let mut st = setup(&args);
     let dir = st.server.dir.to_str().unwrap().to_string();
     st.configure(&["--key-check-interval-ms", "200"]);
     st.server.start(&[]);

@@ -792,11 +792,23 @@ pub struct StoppedTree {
 }
 
 impl StoppedTree {
-    pub fn new(dir: &Path) -> Self {
-        StoppedTree {
+    /// Proves the tree opens with the keys `config` names now (as opening
+    /// the sqlite engine's databases does) before anything is recorded:
+    /// a switch away from a key that is lost (purged) fails here, saying
+    /// why, and changes nothing.
+    pub fn open(dir: &Path, config: &ServerConfig) -> Result<Self, String> {
+        let access = match &config.encryption.customer_key {
+            Some(ck) => Some(crate::keys::vault_access(dir, config, &ck.login, &ck.key)?),
+            None => None,
+        };
+        let protector = crate::keys::engine_protector(config, access.as_ref())?;
+        let infra = infra_keystore(config).map_err(|e| e.to_string())?;
+        atrest_fs::RootKey::open(&dir.join(CIPHER_SUBDIR), protector.as_ref(), infra.as_ref())
+            .map_err(|e| format!("the tree's keys do not open: {e}"))?;
+        Ok(StoppedTree {
             dir: dir.to_path_buf(),
-            protector: std::sync::Mutex::new(None),
-        }
+            protector: std::sync::Mutex::new(Some(protector)),
+        })
     }
 }
 

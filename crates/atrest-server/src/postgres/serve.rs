@@ -370,6 +370,16 @@ pub async fn serve(
             })?),
             None => None,
         };
+        // Before any state change: state.json names this process and its
+        // ports from the first state it records (Inaccessible at start).
+        lifecycle.set_endpoints(Endpoints {
+            pid: Some(std::process::id()),
+            listen: Some(listen.clone()),
+            metrics: metrics
+                .as_ref()
+                .and_then(|m| m.local_addr().ok())
+                .map(|a| a.to_string()),
+        });
         let tls = load_tls(&dir, &config)?;
         let (d, c) = (dir.clone(), config.clone());
         let (runtime, loss) = tokio::task::spawn_blocking(move || key_at_start(&d, &c))
@@ -442,11 +452,6 @@ pub async fn serve(
         return Err(ServeError::Admin(e));
     }
     let metrics_addr = metrics.as_ref().and_then(|m| m.local_addr().ok());
-    lifecycle.set_endpoints(Endpoints {
-        pid: Some(std::process::id()),
-        listen: Some(listen.clone()),
-        metrics: metrics_addr.map(|a| a.to_string()),
-    });
     if let Some(m) = metrics {
         let o: Arc<dyn Observe> = Arc::clone(&engine.observed) as _;
         tokio::spawn(crate::http::serve(m, Arc::clone(&lifecycle), o));
