@@ -1198,10 +1198,12 @@ fn a_postgres_engine_key_switch_killed_at_any_moment_is_finished_at_the_next_sta
         .unwrap()
         .as_nanos() as u64
         | 1;
-    for round in 0..6 {
+    let mut versions = vec![latest_kid(&admin)];
+    for round in 0..20 {
         let rows = 1000 + round;
         new_key_version(&admin);
         let want = latest_kid(&admin);
+        versions.push(want.clone());
         let mut switch = Command::new(server_common::bin())
             .args(["server", "rotate-key", "--data", &dir])
             .stdout(std::process::Stdio::null())
@@ -1261,5 +1263,33 @@ fn a_postgres_engine_key_switch_killed_at_any_moment_is_finished_at_the_next_sta
     let last = latest_kid(&admin);
     let version = last.rsplit('/').next().unwrap();
     headers_name(&a.s.dir, version, None, "");
+    // Every earlier version disabled: no effect on the server, running or
+    // restarted (no header needs one, and the monitor checks the latest).
+    assert!(a.s.stop().success());
+    atrest_ok(&[
+        "server",
+        "configure",
+        "--data",
+        &dir,
+        "--key-check-interval-ms",
+        "200",
+    ]);
+    a.s.start(&[]);
+    for old in &versions[..versions.len() - 1] {
+        headers_name(&a.s.dir, version, Some(old.rsplit('/').next().unwrap()), "");
+        block_on(admin.call(
+            Method::PATCH,
+            &format!("/keys/tde/{}?force=true", old.rsplit('/').next().unwrap()),
+            Some(json!({"attributes": {"enabled": false}})),
+        ))
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(a.s.state()["state"], "Ready");
+    a.psql("postgres", "insert into t values (99999)");
+    assert!(a.s.stop().success());
+    a.s.start(&[]);
+    assert_eq!(a.s.state()["state"], "Ready");
+    assert_eq!(a.psql("postgres", "select count(*) from t").trim(), "1021");
     assert!(a.s.stop().success());
 }
