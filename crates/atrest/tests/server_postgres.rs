@@ -455,55 +455,7 @@ fn kill_9_of_postgres_or_of_the_filesystem_process_under_pgbench_loses_no_acknow
             a.s.start(&[]);
         }
         // Back, with every acknowledged transaction.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        let check = loop {
-            let out = Command::new(tool("psql"))
-                .args(["-X", "-A", "-t", &a.conninfo("postgres"), "-c"])
-                .arg(
-                    "select (select count(*) from pgbench_history), \
-                     (select sum(abalance) from pgbench_accounts), (select sum(bbalance) from pgbench_branches), \
-                     (select sum(tbalance) from pgbench_tellers), (select coalesce(sum(delta), 0) from pgbench_history)",
-                )
-                .env("PGPASSWORD", &a.password)
-                .output()
-                .unwrap();
-            if out.status.success() {
-                break String::from_utf8_lossy(&out.stdout).trim().to_string();
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "round {round}: not back: {}\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                a.s.log_text()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        };
-        let f: Vec<i64> = check.split('|').map(|x| x.parse().unwrap()).collect();
-        assert!(
-            f[0] as u64 >= acked,
-            "round {round}: {} history rows < {acked} acknowledged",
-            f[0]
-        );
-        assert!(
-            f[1] == f[2] && f[2] == f[3] && f[3] == f[4],
-            "round {round}: balances differ: {check}"
-        );
-        let amcheck = Command::new(pg_bin("pg_amcheck"))
-            .args(["--install-missing", "--heapallindexed", "-d", "postgres"])
-            .env("PGHOST", "localhost")
-            .env("PGPORT", a.s.port.to_string())
-            .env("PGUSER", "atrest")
-            .env("PGSSLMODE", "verify-full")
-            .env("PGSSLROOTCERT", a.s.ca())
-            .env("PGPASSWORD", &a.password)
-            .output()
-            .unwrap();
-        assert!(
-            amcheck.status.success(),
-            "round {round}: pg_amcheck: {}{}",
-            String::from_utf8_lossy(&amcheck.stdout),
-            String::from_utf8_lossy(&amcheck.stderr)
-        );
+        pgbench_intact(&a, acked, &format!("round {round}"));
     }
     assert!(
         acked > 100,
@@ -511,6 +463,61 @@ fn kill_9_of_postgres_or_of_the_filesystem_process_under_pgbench_loses_no_acknow
     );
     let st = a.s.stop();
     assert!(st.success(), "{st}: {}", a.s.log_text());
+}
+
+/// The pgbench database is back (within 2 min), holds at least `acked`
+/// history rows (every transaction pgbench saw committed), its balances
+/// sum, and `pg_amcheck` finds every heap and index clean.
+fn pgbench_intact(a: &PgServer, acked: u64, context: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let check = loop {
+        let out = Command::new(tool("psql"))
+            .args(["-X", "-A", "-t", &a.conninfo("postgres"), "-c"])
+            .arg(
+                "select (select count(*) from pgbench_history), \
+                 (select sum(abalance) from pgbench_accounts), (select sum(bbalance) from pgbench_branches), \
+                 (select sum(tbalance) from pgbench_tellers), (select coalesce(sum(delta), 0) from pgbench_history)",
+            )
+            .env("PGPASSWORD", &a.password)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{context}: not back: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            a.s.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let f: Vec<i64> = check.split('|').map(|x| x.parse().unwrap()).collect();
+    assert!(
+        f[0] as u64 >= acked,
+        "{context}: {} history rows < {acked} acknowledged",
+        f[0]
+    );
+    assert!(
+        f[1] == f[2] && f[2] == f[3] && f[3] == f[4],
+        "{context}: balances differ: {check}"
+    );
+    let amcheck = Command::new(pg_bin("pg_amcheck"))
+        .args(["--install-missing", "--heapallindexed", "-d", "postgres"])
+        .env("PGHOST", "localhost")
+        .env("PGPORT", a.s.port.to_string())
+        .env("PGUSER", "atrest")
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", a.s.ca())
+        .env("PGPASSWORD", &a.password)
+        .output()
+        .unwrap();
+    assert!(
+        amcheck.status.success(),
+        "{context}: pg_amcheck: {}{}",
+        String::from_utf8_lossy(&amcheck.stdout),
+        String::from_utf8_lossy(&amcheck.stderr)
+    );
 }
 
 /// The unit with the newest write of a two-slot ciphertext file: its index
@@ -1291,5 +1298,85 @@ fn a_postgres_engine_key_switch_killed_at_any_moment_is_finished_at_the_next_sta
     a.s.start(&[]);
     assert_eq!(a.s.state()["state"], "Ready");
     assert_eq!(a.psql("postgres", "select count(*) from t").trim(), "1021");
+    assert!(a.s.stop().success());
+}
+
+#[test]
+fn revoking_the_key_under_pgbench_loses_no_acknowledged_transaction() {
+    let mut a = PgServer::create("pg-revoke-load");
+    let VaultSetup {
+        vault,
+        client_id,
+        ca,
+        key_url,
+        ..
+    } = vault_for(&a);
+    let dir = a.s.dir.to_str().unwrap().to_string();
+    atrest_ok(&set_key_args(&dir, &key_url, &vault.tenant, &ca));
+    atrest_ok(&[
+        "server",
+        "configure",
+        "--data",
+        &dir,
+        "--key-check-interval-ms",
+        "300",
+    ]);
+    a.s.start(&[]);
+    a.run("pgbench", &["-i", "-s", "2", "-q", &a.conninfo("postgres")]);
+    let logs = tempfile::tempdir().unwrap();
+    let policy = |perms: &[&str]| {
+        vault
+            .admin_call(
+                Method::PUT,
+                &format!("/identities/{client_id}/policy"),
+                Some(json!({"permissions": {"keys": perms}})),
+            )
+            .unwrap();
+    };
+    let mut acked = 0;
+    for round in 0..3 {
+        let prefix = format!("r{round}");
+        let mut bench = Command::new(tool("pgbench"))
+            .args(["-n", "-c", "4", "-j", "2", "-T", "60", "-l", "--log-prefix"])
+            .arg(logs.path().join(&prefix))
+            .arg(a.conninfo("postgres"))
+            .env("PGPASSWORD", &a.password)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500 + 700 * round));
+        // unwrapKey revoked mid-run: Inaccessible, every session ended.
+        policy(&["get", "wrapKey"]);
+        let st = wait_state(&a.s, "Inaccessible", Duration::from_millis(300 + 5000));
+        assert!(
+            st["reason"].as_str().unwrap().contains("permission"),
+            "{st}"
+        );
+        let out = bench.wait_with_output().unwrap();
+        assert!(
+            !out.status.success(),
+            "round {round}: pgbench ran on after the key was revoked"
+        );
+        let n = logged_transactions(logs.path(), &prefix);
+        assert!(
+            n > 0,
+            "round {round}: pgbench committed nothing before the revocation"
+        );
+        acked += n;
+        // Revalidation is refused until the permission is back.
+        let out = atrest(&["server", "revalidate", "--data", &dir]);
+        assert!(
+            !out.status.success(),
+            "round {round}: revalidated before the fix"
+        );
+        policy(&["get", "wrapKey", "unwrapKey"]);
+        atrest_ok(&["server", "revalidate", "--data", &dir]);
+        assert_eq!(a.s.state()["state"], "Ready");
+        pgbench_intact(&a, acked, &format!("round {round}"));
+        eprintln!(
+            "round {round}: {n} transactions acknowledged before the revocation, all present"
+        );
+    }
     assert!(a.s.stop().success());
 }
