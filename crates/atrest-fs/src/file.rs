@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use atrest_crypto::{
     Dek, FileHeader, FileId, FileKind, FsLayout, InfraUnitKey, KeySource, SealContext, UnitKey,
@@ -87,6 +87,9 @@ struct State {
     /// Groups whose map changed in memory but is not written yet.
     maps_pending: std::collections::BTreeSet<u64>,
     maps_flushed_at: Option<std::time::Instant>,
+    /// A DEK rotation copying this file: the units written since it began
+    /// (copied again before the switch).
+    rotating: Option<std::collections::BTreeSet<u64>>,
 }
 
 impl State {
@@ -95,8 +98,8 @@ impl State {
     }
 }
 
-/// An open sealed file. Shared by every handle of one inode.
-pub struct CryptFile {
+/// One ciphertext file's keys and state (what a DEK rotation replaces).
+struct Sealed {
     file: File,
     name: Mutex<String>,
     layout: Layout,
@@ -108,9 +111,9 @@ pub struct CryptFile {
     st: Mutex<State>,
 }
 
-impl std::fmt::Debug for CryptFile {
+impl std::fmt::Debug for Sealed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CryptFile")
+        f.debug_struct("Sealed")
             .field("name", &self.name())
             .field("slots", &self.layout.slots)
             .finish_non_exhaustive()
@@ -121,9 +124,9 @@ fn io(what: &str, name: &str, e: std::io::Error) -> FsError {
     FsError::io(format!("{what} {name}"), e)
 }
 
-impl CryptFile {
+impl Sealed {
     /// Writes a new, empty sealed file into `file` (freshly created, empty).
-    pub fn create(file: File, name: &str, root: &RootKey, slots: u8) -> Result<CryptFile, FsError> {
+    fn create(file: File, name: &str, root: &RootKey, slots: u8) -> Result<Sealed, FsError> {
         let file_id = FileId::random()?;
         let (dek, source, infra) = root.new_file_key(file_id)?;
         let (infra, record) = match infra {
@@ -136,7 +139,7 @@ impl CryptFile {
             .and_then(|_| file.set_len(crate::layout::HEADER_LEN))
             .map_err(|e| io("write header of", name, e))?;
         let key = UnitKey::new(&dek, 0)?;
-        Ok(CryptFile {
+        Ok(Sealed {
             file,
             name: Mutex::new(name.to_string()),
             layout: Layout {
@@ -158,67 +161,14 @@ impl CryptFile {
                 maps_written: 0,
                 maps_pending: Default::default(),
                 maps_flushed_at: None,
+                rotating: None,
             }),
         })
     }
 
     /// Opens an existing sealed file.
-    pub fn open(file: File, name: &str, root: &RootKey) -> Result<CryptFile, FsError> {
-        let mut best: Option<(FileHeader, Dek, u8)> = None;
-        let mut last_err: Option<FsError> = None;
-        for k in 0..2u8 {
-            let mut slot = vec![0u8; HEADER_SLOT_SIZE];
-            if file
-                .read_exact_at(&mut slot, k as u64 * HEADER_SLOT_SIZE as u64)
-                .is_err()
-            {
-                continue;
-            }
-            let u = match FileHeader::decode_unverified(&slot) {
-                Ok(Some(u)) => u,
-                Ok(None) => continue,
-                Err(e) => {
-                    last_err = Some(FsError::Crypto(e));
-                    continue;
-                }
-            };
-            let c = u.claims();
-            if c.kind != FileKind::FsFile {
-                last_err = Some(FsError::Header(format!("{name} is not an atrest-fs file")));
-                continue;
-            }
-            let dek = match root.file_dek(c.file_id, c.dek_id, &c.key_source) {
-                Ok(d) => d,
-                Err(e) => {
-                    last_err = Some(e);
-                    continue;
-                }
-            };
-            match u.verify(&dek) {
-                Ok(h) if best.as_ref().is_none_or(|b| h.sequence > b.0.sequence) => {
-                    best = Some((h, dek, k))
-                }
-                Ok(_) => {}
-                Err(e) => last_err = Some(FsError::Crypto(e)),
-            }
-        }
-        let Some((header, dek, header_slot)) = best else {
-            return Err(match last_err {
-                Some(FsError::ForeignFile) => FsError::Tampered {
-                    file: name.to_string(),
-                    what: "its header names another tree's root key (copied here from another server?)"
-                        .into(),
-                },
-                Some(e) => FsError::Tampered {
-                    file: name.to_string(),
-                    what: format!("no valid header ({e})"),
-                },
-                None => FsError::Tampered {
-                    file: name.to_string(),
-                    what: "no header".into(),
-                },
-            });
-        };
+    fn open(file: File, name: &str, root: &RootKey) -> Result<Sealed, FsError> {
+        let (header, dek, header_slot) = best_header(&file, name, root)?;
         let fs = header
             .fs
             .ok_or_else(|| FsError::Header(format!("{name}: no fs layout")))?;
@@ -243,7 +193,7 @@ impl CryptFile {
         let next_seq = header.seals_reserved.max(1);
         let key = UnitKey::new(&dek, header.seals_reserved)?;
         let physical = file.metadata().map_err(|e| io("stat", name, e))?.len();
-        let cf = CryptFile {
+        let cf = Sealed {
             file,
             name: Mutex::new(name.to_string()),
             layout,
@@ -262,6 +212,7 @@ impl CryptFile {
                 maps: HashMap::new(),
                 maps_pending: Default::default(),
                 maps_flushed_at: None,
+                rotating: None,
             }),
         };
         let mut units = layout.units_in(physical);
@@ -690,6 +641,9 @@ impl CryptFile {
                     },
                 );
             }
+            if let Some(r) = &mut st.rotating {
+                r.insert(i);
+            }
             // Grow as units land, so a failure part-way leaves a consistent length.
             st.size = st.size.max(ustart + ulen as u64);
         }
@@ -875,6 +829,262 @@ impl CryptFile {
             st.header_synced = true;
         }
         Ok(())
+    }
+}
+
+/// The newer of a file's two header slots that verifies, its DEK, and
+/// the slot it is in.
+fn best_header(file: &File, name: &str, root: &RootKey) -> Result<(FileHeader, Dek, u8), FsError> {
+    let mut best: Option<(FileHeader, Dek, u8)> = None;
+    let mut last_err: Option<FsError> = None;
+    for k in 0..2u8 {
+        let mut slot = vec![0u8; HEADER_SLOT_SIZE];
+        if file
+            .read_exact_at(&mut slot, k as u64 * HEADER_SLOT_SIZE as u64)
+            .is_err()
+        {
+            continue;
+        }
+        let u = match FileHeader::decode_unverified(&slot) {
+            Ok(Some(u)) => u,
+            Ok(None) => continue,
+            Err(e) => {
+                last_err = Some(FsError::Crypto(e));
+                continue;
+            }
+        };
+        let c = u.claims();
+        if c.kind != FileKind::FsFile {
+            last_err = Some(FsError::Header(format!("{name} is not an atrest-fs file")));
+            continue;
+        }
+        let dek = match root.file_dek(c.file_id, c.dek_id, &c.key_source) {
+            Ok(d) => d,
+            Err(e) => {
+                last_err = Some(e);
+                continue;
+            }
+        };
+        match u.verify(&dek) {
+            Ok(h) if best.as_ref().is_none_or(|b| h.sequence > b.0.sequence) => {
+                best = Some((h, dek, k))
+            }
+            Ok(_) => {}
+            Err(e) => last_err = Some(FsError::Crypto(e)),
+        }
+    }
+    let Some((header, dek, header_slot)) = best else {
+        return Err(match last_err {
+            Some(FsError::ForeignFile) => FsError::Tampered {
+                file: name.to_string(),
+                what: "its header names another tree's root key (copied here from another server?)"
+                    .into(),
+            },
+            Some(e) => FsError::Tampered {
+                file: name.to_string(),
+                what: format!("no valid header ({e})"),
+            },
+            None => FsError::Tampered {
+                file: name.to_string(),
+                what: "no header".into(),
+            },
+        });
+    };
+    Ok((header, dek, header_slot))
+}
+
+/// A sealed file's header (the newer valid slot), read without opening
+/// the file's units.
+pub fn header_of(file: &File, name: &str, root: &RootKey) -> Result<FileHeader, FsError> {
+    best_header(file, name, root).map(|(h, _, _)| h)
+}
+
+/// An open sealed file. Shared by every handle of one inode.
+///
+/// Every operation holds the read side of `cur` for its whole length; the
+/// switch of a DEK rotation holds the write side, so no operation spans
+/// the old ciphertext file and the new one.
+pub struct CryptFile {
+    cur: RwLock<Sealed>,
+}
+
+impl std::fmt::Debug for CryptFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CryptFile")
+            .field("name", &self.name())
+            .field("slots", &self.slots())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A DEK rotation of one file under way: the new ciphertext file (new
+/// DEKs in both layers) and how far the copy has come.
+pub struct Rekey {
+    new: Sealed,
+    next: u64,
+}
+
+impl CryptFile {
+    /// Writes a new, empty sealed file into `file` (freshly created, empty).
+    pub fn create(file: File, name: &str, root: &RootKey, slots: u8) -> Result<CryptFile, FsError> {
+        Ok(CryptFile {
+            cur: RwLock::new(Sealed::create(file, name, root, slots)?),
+        })
+    }
+
+    /// Opens an existing sealed file.
+    pub fn open(file: File, name: &str, root: &RootKey) -> Result<CryptFile, FsError> {
+        Ok(CryptFile {
+            cur: RwLock::new(Sealed::open(file, name, root)?),
+        })
+    }
+
+    fn s(&self) -> std::sync::RwLockReadGuard<'_, Sealed> {
+        self.cur
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn name(&self) -> String {
+        self.s().name()
+    }
+
+    pub fn set_name(&self, name: &str) {
+        self.s().set_name(name)
+    }
+
+    /// The plaintext length.
+    pub fn size(&self) -> u64 {
+        self.s().size()
+    }
+
+    pub fn slots(&self) -> u8 {
+        self.s().slots()
+    }
+
+    /// Seals counted under this file's DEK (for the usage limit).
+    pub fn sealed_count(&self) -> u64 {
+        self.s().sealed_count()
+    }
+
+    /// When this file's DEK was made (its header's creation time).
+    pub fn dek_created_unix(&self) -> u64 {
+        self.s().st.lock().unwrap().header.created_unix
+    }
+
+    /// Reads up to `out.len()` bytes at `off`; returns how many (short at
+    /// the end of the file).
+    pub fn read_at(&self, off: u64, out: &mut [u8]) -> Result<usize, FsError> {
+        self.s().read_at(off, out)
+    }
+
+    /// Writes `data` at `off`, growing the file (with zeros) as needed.
+    pub fn write_at(&self, off: u64, data: &[u8]) -> Result<(), FsError> {
+        self.s().write_at(off, data)
+    }
+
+    /// Sets the plaintext length.
+    pub fn truncate(&self, new_size: u64) -> Result<(), FsError> {
+        self.s().truncate(new_size)
+    }
+
+    /// Makes everything written so far durable (fdatasync), then records
+    /// it: the units' sequences in the maps and the synced length in the
+    /// header. Those records become durable with the next sync.
+    pub fn sync(&self) -> Result<(), FsError> {
+        self.s().sync()
+    }
+
+    /// Replaces the header's copy of the root's KEK-wrapped DEK (a key
+    /// change), durably; only the header changes. `false`: it had it.
+    pub fn rewrap_parent(&self, wrapped: &WrappedDek) -> Result<bool, FsError> {
+        self.s().rewrap_parent(wrapped)
+    }
+
+    /// Writes back the exact seal count (a clean close), so the next open
+    /// starts where this one ended rather than past its reservation.
+    pub fn close(&self) -> Result<(), FsError> {
+        self.s().close()
+    }
+
+    /// Begins re-sealing this file under new DEKs (both layers) into
+    /// `tmp`, a new empty file beside it; from now on the units written
+    /// are remembered, to be copied again at the switch.
+    pub fn rekey_begin(&self, tmp: File, root: &RootKey) -> Result<Rekey, FsError> {
+        let s = self.s();
+        let new = Sealed::create(tmp, &s.name(), root, s.layout.slots)?;
+        s.st.lock().unwrap().rotating = Some(Default::default());
+        Ok(Rekey { new, next: 0 })
+    }
+
+    /// Copies up to `units` more units (read here, sealed there) while the
+    /// file stays in use. Returns the units copied; 0 when all are.
+    pub fn rekey_copy(&self, r: &mut Rekey, units: u64) -> Result<u64, FsError> {
+        let s = self.s();
+        let start = r.next * UNIT as u64;
+        let size = s.size();
+        if start >= size {
+            return Ok(0);
+        }
+        let n = units.max(1).min((size - start).div_ceil(UNIT as u64));
+        let mut buf = vec![0u8; n as usize * UNIT];
+        let got = s.read_at(start, &mut buf)?;
+        drop(s);
+        let w = r.new.write_at(start, &buf[..got]);
+        buf.zeroize();
+        w?;
+        r.next += n;
+        Ok(n)
+    }
+
+    /// The switch, with every operation on this file held off: the units
+    /// written since the copy began are copied again, the new file gets
+    /// the root's current wrapping and is made durable, and `commit` puts
+    /// it in place of the old (a rename and a directory sync). From then
+    /// on every operation goes to the new file; the old DEKs are dropped
+    /// with the old file. `commit` returning `false` (the file was renamed
+    /// or removed meanwhile) switches nothing.
+    pub fn rekey_switch(
+        &self,
+        r: Rekey,
+        root_wrapped: &WrappedDek,
+        commit: impl FnOnce() -> Result<bool, FsError>,
+    ) -> Result<bool, FsError> {
+        let mut g = self
+            .cur
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let dirty = g.st.lock().unwrap().rotating.take().unwrap_or_default();
+        let size = g.size();
+        r.new.set_name(&g.name());
+        r.new.truncate(size)?;
+        let mut plain = vec![0u8; UNIT];
+        for i in dirty {
+            let off = i * UNIT as u64;
+            if off >= size {
+                break;
+            }
+            let got = g.read_at(off, &mut plain)?;
+            r.new.write_at(off, &plain[..got])?;
+        }
+        plain.zeroize();
+        r.new.rewrap_parent(root_wrapped)?;
+        r.new.close()?;
+        r.new
+            .file
+            .sync_data()
+            .map_err(|e| io("sync", &r.new.name(), e))?;
+        if !commit()? {
+            return Ok(false);
+        }
+        *g = r.new;
+        Ok(true)
+    }
+
+    /// Gives up a rotation of this file: the old file stays as it was.
+    pub fn rekey_abort(&self, r: Rekey) {
+        self.s().st.lock().unwrap().rotating = None;
+        drop(r);
     }
 }
 

@@ -11,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{DirEntryExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -21,11 +21,23 @@ use fuser::{
     WriteFlags,
 };
 
-use crate::file::CryptFile;
-use crate::keys::{RootKey, ROOT_FILE};
+use crate::file::{CryptFile, Rekey};
+use crate::keys::RootKey;
 use crate::FsError;
 
 const TTL: Duration = Duration::from_secs(1);
+
+/// A DEK rotation under way: when it began (every file whose DEK is not
+/// newer is rotated) and how many units it found to rotate.
+pub const ROTATION_FILE: &str = ".atrest-rotation";
+/// Where a rotation writes a file's new ciphertext before the switch.
+const ROTATE_DIR: &str = ".atrest-rotate";
+
+/// Names at the tree's root that are atrest-fs's own (the root key, the
+/// rotation's record and scratch directory): not shown, not usable.
+fn reserved(name: &OsStr) -> bool {
+    name.as_encoded_bytes().starts_with(b".atrest-")
+}
 
 /// How many slots a new file gets (see `file.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +191,11 @@ pub struct AtrestFs {
     /// Every sealed-file state alive, by ciphertext inode number (shared
     /// with the [`Tree`] handle).
     open_files: Registry,
+    /// Held (shared) while a name changes (rename, unlink), and
+    /// exclusively while a rotation puts a file's new ciphertext in place:
+    /// the rotation's "is this path still that file" check and its rename
+    /// are one step for every other name change.
+    names: Arc<RwLock<()>>,
     next_fh: AtomicU64,
     stats: Arc<Stats>,
 }
@@ -221,6 +238,7 @@ impl AtrestFs {
             inodes: Mutex::new(inodes),
             handles: Mutex::new(HashMap::new()),
             open_files: Arc::new(Mutex::new(HashMap::new())),
+            names: Arc::new(RwLock::new(())),
             next_fh: AtomicU64::new(1),
             stats: Arc::new(Stats::default()),
         }
@@ -236,6 +254,7 @@ impl AtrestFs {
             dir: self.dir.clone(),
             root: Arc::clone(&self.root),
             open_files: Arc::clone(&self.open_files),
+            names: Arc::clone(&self.names),
         }
     }
 
@@ -254,7 +273,7 @@ impl AtrestFs {
 
     fn child(&self, parent: INodeNo, name: &OsStr) -> Result<PathBuf, Errno> {
         let p = self.path_of(parent)?;
-        if p.as_os_str().is_empty() && name == ROOT_FILE {
+        if p.as_os_str().is_empty() && reserved(name) {
             return Err(Errno::EACCES);
         }
         Ok(p.join(name))
@@ -422,13 +441,7 @@ impl AtrestFs {
 
     /// Writes back a file's state when no inode or handle holds it.
     fn close_if_last(&self, f: Arc<CryptFile>) {
-        let mut open = self.open_files.lock().unwrap();
-        if Arc::strong_count(&f) == 1 {
-            if let Err(e) = f.close() {
-                tracing::warn!("closing {}: {e}", f.name());
-            }
-            open.retain(|_, w| w.strong_count() > 1 || !std::ptr::eq(w.as_ptr(), Arc::as_ptr(&f)));
-        }
+        close_if_last(&self.open_files, f)
     }
 
     fn chown_new(&self, real: &Path, req: &Request) -> Result<(), Errno> {
@@ -735,6 +748,10 @@ impl Filesystem for AtrestFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _names = self
+            .names
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let r = self.child(parent, name).and_then(|rel| {
             std::fs::remove_file(self.real(&rel)).map_err(ioerr)?;
             self.unlinked(&rel);
@@ -747,6 +764,10 @@ impl Filesystem for AtrestFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _names = self
+            .names
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let r = self.child(parent, name).and_then(|rel| {
             std::fs::remove_dir(self.real(&rel)).map_err(ioerr)?;
             self.unlinked(&rel);
@@ -789,6 +810,10 @@ impl Filesystem for AtrestFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _names = self
+            .names
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let r = (|| {
             let from = self.child(parent, name)?;
             let to = self.child(newparent, newname)?;
@@ -958,7 +983,7 @@ impl Filesystem for AtrestFs {
             for e in std::fs::read_dir(self.real(&rel)).map_err(ioerr)? {
                 let e = e.map_err(ioerr)?;
                 let name = e.file_name();
-                if rel.as_os_str().is_empty() && name == ROOT_FILE {
+                if rel.as_os_str().is_empty() && reserved(&name) {
                     continue;
                 }
                 let ft = e.file_type().map_err(ioerr)?;
@@ -1085,6 +1110,7 @@ pub struct Tree {
     dir: PathBuf,
     root: Arc<RootKey>,
     open_files: Registry,
+    names: Arc<RwLock<()>>,
 }
 
 impl Tree {
@@ -1152,7 +1178,305 @@ impl Tree {
     }
 }
 
-/// Every regular file under `dir` but the root file, relative to `dir`.
+/// A DEK rotation of the tree, as recorded in [`ROTATION_FILE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RotationMark {
+    /// Every file whose DEK was made at or before this second is rotated.
+    pub started_unix: u64,
+    /// Units found to rotate when it began.
+    pub units_total: u64,
+}
+
+/// One file's rotation under way (see [`Tree::rekey_start`]).
+pub struct FileRekey {
+    rel: PathBuf,
+    ino: u64,
+    tmp: PathBuf,
+    file: Arc<CryptFile>,
+    rekey: Option<Rekey>,
+    pub units: u64,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), FsError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| FsError::io(format!("sync directory {}", dir.display()), e))
+}
+
+impl Tree {
+    /// The rotation under way, if one is.
+    pub fn rotation(&self) -> Option<RotationMark> {
+        let text = std::fs::read_to_string(self.dir.join(ROTATION_FILE)).ok()?;
+        let mut it = text.split_whitespace().map(|w| w.parse::<u64>().ok());
+        Some(RotationMark {
+            started_unix: it.next()??,
+            units_total: it.next()??,
+        })
+    }
+
+    /// Begins a DEK rotation of every file, or returns the one under way.
+    /// The record is durable before this returns, and the clock has moved
+    /// past its second: every file made or re-sealed from now on has a
+    /// newer DEK than the mark.
+    pub fn begin_rotation(&self) -> Result<RotationMark, FsError> {
+        if let Some(m) = self.rotation() {
+            return Ok(m);
+        }
+        let started_unix = now_unix();
+        let units_total = self
+            .rotation_pending(started_unix)
+            .iter()
+            .map(|p| p.1)
+            .sum();
+        let mark = RotationMark {
+            started_unix,
+            units_total,
+        };
+        let tmp = self.dir.join(format!("{ROTATION_FILE}.new"));
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            std::io::Write::write_all(
+                &mut f,
+                format!("{started_unix} {units_total}\n").as_bytes(),
+            )?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, self.dir.join(ROTATION_FILE))
+        };
+        write().map_err(|e| {
+            FsError::io(format!("record the rotation in {}", self.dir.display()), e)
+        })?;
+        sync_dir(&self.dir)?;
+        while now_unix() <= started_unix {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(mark)
+    }
+
+    /// Ends the rotation: no file's DEK predates it any more.
+    pub fn end_rotation(&self) -> Result<(), FsError> {
+        match std::fs::remove_file(self.dir.join(ROTATION_FILE)) {
+            Ok(()) => sync_dir(&self.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(FsError::io("end the rotation".into(), e)),
+        }?;
+        let _ = std::fs::remove_dir_all(self.dir.join(ROTATE_DIR));
+        Ok(())
+    }
+
+    /// The files whose DEK was made at or before `started_unix`, with
+    /// their units, by reading each header (open files: their state).
+    pub fn rotation_pending(&self, started_unix: u64) -> Vec<(PathBuf, u64)> {
+        let mut out = Vec::new();
+        for rel in walk(&self.dir) {
+            let real = self.dir.join(&rel);
+            let Ok(file) = File::open(&real) else {
+                continue;
+            };
+            let Ok(md) = file.metadata() else { continue };
+            let live = self
+                .open_files
+                .lock()
+                .unwrap()
+                .get(&md.ino())
+                .and_then(std::sync::Weak::upgrade);
+            let (created, units) = match &live {
+                Some(f) => (
+                    f.dek_created_unix(),
+                    f.size().div_ceil(crate::layout::UNIT as u64),
+                ),
+                None => match crate::file::header_of(&file, &rel.display().to_string(), &self.root)
+                {
+                    Ok(h) => {
+                        let layout = crate::layout::Layout {
+                            slots: h.fs.map_or(1, |f| f.slots),
+                            infra: h.infra.is_some(),
+                        };
+                        (h.created_unix, layout.units_in(md.len()))
+                    }
+                    // Not ours to judge here: rotating it reports why.
+                    Err(_) => (0, 0),
+                },
+            };
+            if created <= started_unix {
+                out.push((rel, units));
+            }
+        }
+        out
+    }
+
+    /// The most seals any file's DEK has made (its header's reservation,
+    /// or an open file's count): for the usage limit.
+    pub fn most_seals(&self) -> u64 {
+        let mut most = 0;
+        for rel in walk(&self.dir) {
+            let Ok(file) = File::open(self.dir.join(&rel)) else {
+                continue;
+            };
+            let Ok(md) = file.metadata() else { continue };
+            let live = self
+                .open_files
+                .lock()
+                .unwrap()
+                .get(&md.ino())
+                .and_then(std::sync::Weak::upgrade);
+            let n = match live {
+                Some(f) => f.sealed_count(),
+                None => crate::file::header_of(&file, &rel.display().to_string(), &self.root)
+                    .map_or(0, |h| h.seals_reserved),
+            };
+            most = most.max(n);
+        }
+        most
+    }
+
+    /// Starts re-sealing the file at `rel` under new DEKs, if its DEK was
+    /// made at or before `started_unix` (`None`: it is gone, or already
+    /// newer). The file stays in use throughout.
+    pub fn rekey_start(&self, rel: &Path, started_unix: u64) -> Result<Option<FileRekey>, FsError> {
+        let real = self.dir.join(rel);
+        let name = rel.display().to_string();
+        let file = match OpenOptions::new().read(true).write(true).open(&real) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(FsError::io(format!("open {}", real.display()), e)),
+        };
+        let md = file
+            .metadata()
+            .map_err(|e| FsError::io(format!("stat {}", real.display()), e))?;
+        let cf = {
+            // Under the registry's lock: one state per file, shared with
+            // the mount (which sees this one if it opens the file now).
+            let mut open = self.open_files.lock().unwrap();
+            match open.get(&md.ino()).and_then(std::sync::Weak::upgrade) {
+                Some(f) => f,
+                None => {
+                    let f = Arc::new(CryptFile::open(file, &name, &self.root)?);
+                    open.insert(md.ino(), Arc::downgrade(&f));
+                    f
+                }
+            }
+        };
+        if cf.dek_created_unix() > started_unix {
+            close_if_last(&self.open_files, cf);
+            return Ok(None);
+        }
+        let scratch = self.dir.join(ROTATE_DIR);
+        std::fs::create_dir_all(&scratch)
+            .map_err(|e| FsError::io(format!("create {}", scratch.display()), e))?;
+        let tmp = scratch.join(md.ino().to_string());
+        let _ = std::fs::remove_file(&tmp);
+        let made = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(md.mode() & 0o7777)
+            .open(&tmp)
+            .and_then(|f| {
+                std::os::unix::fs::fchown(&f, Some(md.uid()), Some(md.gid()))?;
+                f.set_permissions(std::fs::Permissions::from_mode(md.mode() & 0o7777))?;
+                Ok(f)
+            });
+        let tmp_file = match made {
+            Ok(f) => f,
+            Err(e) => {
+                close_if_last(&self.open_files, cf);
+                return Err(FsError::io(format!("create {}", tmp.display()), e));
+            }
+        };
+        let rekey = match cf.rekey_begin(tmp_file, &self.root) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                close_if_last(&self.open_files, cf);
+                return Err(e);
+            }
+        };
+        Ok(Some(FileRekey {
+            units: cf.size().div_ceil(crate::layout::UNIT as u64),
+            rel: rel.to_path_buf(),
+            ino: md.ino(),
+            tmp,
+            file: cf,
+            rekey: Some(rekey),
+        }))
+    }
+
+    /// Copies up to `units` more units of the file; 0 when all are.
+    pub fn rekey_copy(&self, fr: &mut FileRekey, units: u64) -> Result<u64, FsError> {
+        let r = fr.rekey.as_mut().expect("a rotation under way");
+        fr.file.rekey_copy(r, units)
+    }
+
+    /// Puts the file's new ciphertext in place of the old (see
+    /// [`CryptFile::rekey_switch`]). `false`: the file was renamed or
+    /// removed meanwhile, and the next pass finds it where it is now.
+    pub fn rekey_finish(&self, mut fr: FileRekey) -> Result<bool, FsError> {
+        let rekey = fr.rekey.take().expect("a rotation under way");
+        let real = self.dir.join(&fr.rel);
+        let switched = {
+            let _names = self
+                .names
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let wrapped = self.root.wrapped();
+            fr.file.rekey_switch(rekey, &wrapped, || {
+                match std::fs::symlink_metadata(&real) {
+                    Ok(m) if m.ino() == fr.ino => {}
+                    _ => return Ok(false),
+                }
+                std::fs::rename(&fr.tmp, &real).map_err(|e| {
+                    FsError::io(format!("rename {} into place", fr.tmp.display()), e)
+                })?;
+                sync_dir(real.parent().unwrap_or(&self.dir))?;
+                Ok(true)
+            })
+        };
+        match switched {
+            Ok(true) => {
+                if let Ok(md) = std::fs::metadata(&real) {
+                    let mut open = self.open_files.lock().unwrap();
+                    open.remove(&fr.ino);
+                    open.insert(md.ino(), Arc::downgrade(&fr.file));
+                }
+            }
+            Ok(false) | Err(_) => {
+                let _ = std::fs::remove_file(&fr.tmp);
+            }
+        }
+        let FileRekey { file, .. } = fr;
+        close_if_last(&self.open_files, file);
+        switched
+    }
+
+    /// Gives up the file's rotation; the file stays as it was.
+    pub fn rekey_abort(&self, mut fr: FileRekey) {
+        if let Some(r) = fr.rekey.take() {
+            fr.file.rekey_abort(r);
+        }
+        let _ = std::fs::remove_file(&fr.tmp);
+        let FileRekey { file, .. } = fr;
+        close_if_last(&self.open_files, file);
+    }
+}
+
+/// Writes back a file's state when nothing else holds it.
+fn close_if_last(open_files: &Registry, f: Arc<CryptFile>) {
+    let mut open = open_files.lock().unwrap();
+    if Arc::strong_count(&f) == 1 {
+        if let Err(e) = f.close() {
+            tracing::warn!("closing {}: {e}", f.name());
+        }
+        open.retain(|_, w| w.strong_count() > 1 || !std::ptr::eq(w.as_ptr(), Arc::as_ptr(&f)));
+    }
+}
+
+/// Every regular file under `dir` but atrest-fs's own, relative to `dir`.
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
@@ -1163,10 +1487,13 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
             .flatten()
         {
             let Ok(t) = e.file_type() else { continue };
+            if rel.as_os_str().is_empty() && reserved(&e.file_name()) {
+                continue;
+            }
             let p = rel.join(e.file_name());
             if t.is_dir() {
                 stack.push(p);
-            } else if t.is_file() && p != Path::new(ROOT_FILE) {
+            } else if t.is_file() {
                 out.push(p);
             }
         }
@@ -1198,6 +1525,8 @@ pub fn mount(
                 .into(),
         ));
     }
+    // A rotation's scratch copies left by a crash: never switched in.
+    let _ = std::fs::remove_dir_all(cipher_dir.join(ROTATE_DIR));
     let fs = AtrestFs::new(cipher_dir.to_path_buf(), root, opts.policy);
     let stats = fs.stats();
     let tree = fs.tree();

@@ -21,7 +21,10 @@ pub mod keys;
 pub mod layout;
 
 pub use file::CryptFile;
-pub use fs::{mount, AtrestFs, MountOptions, Mounted, SlotPolicy, Stats, Tree};
+pub use fs::{
+    mount, AtrestFs, FileRekey, MountOptions, Mounted, RotationMark, SlotPolicy, Stats, Tree,
+    ROTATION_FILE,
+};
 pub use keys::{infra_key_of, RootKey, ROOT_FILE};
 
 use thiserror::Error;

@@ -452,3 +452,133 @@ fn a_key_switch_rewraps_the_root_and_every_file_header_and_leaves_nothing_under_
     assert!(RootKey::open(&d, &p2, None).is_ok());
     assert!(RootKey::open(&d, &p1, None).is_ok());
 }
+
+/// The DEK ids (data layer, infrastructure layer) a file's header names.
+fn deks_of(path: &Path, root: &RootKey) -> (String, Option<String>) {
+    let h = atrest_fs::file::header_of(&rw(path), "f", root).unwrap();
+    (
+        format!("{:?}", h.dek_id),
+        h.infra.map(|i| format!("{:?}", i.dek_id)),
+    )
+}
+
+#[test]
+fn a_dek_rotation_of_a_file_in_use_keeps_every_write_and_leaves_no_old_dek() {
+    for (infra, slots) in [(false, 1u8), (false, 2), (true, 1), (true, 2)] {
+        let t = tempfile::tempdir().unwrap();
+        let (_p, root, _iks) = new_tree_with(&t.path().join("ks"), t.path(), infra);
+        let path = t.path().join("f");
+        let f = CryptFile::create(rw(&path), "f", &root, slots).unwrap();
+        let mut model = bytes(1, 40 * UNIT + 100);
+        f.write_at(0, &model).unwrap();
+        f.sync().unwrap();
+        let old = deks_of(&path, &root);
+        assert_eq!(old.1.is_some(), infra);
+        let tmp = t.path().join("f.new");
+        let mut r = f.rekey_begin(rw(&tmp), &root).unwrap();
+        // Copy in steps while the file is written: behind the copy, ahead
+        // of it, past its end; cut; synced.
+        let mut step = 0u64;
+        loop {
+            let n = f.rekey_copy(&mut r, 3).unwrap();
+            step += 1;
+            let at = (step * 5 * UNIT as u64 + 17) % (model.len() as u64 + UNIT as u64);
+            let d = bytes(100 + step, UNIT / 2);
+            f.write_at(at, &d).unwrap();
+            let end = at as usize + d.len();
+            if model.len() < end {
+                model.resize(end, 0);
+            }
+            model[at as usize..end].copy_from_slice(&d);
+            if step == 4 {
+                f.truncate(30 * UNIT as u64 + 5).unwrap();
+                model.truncate(30 * UNIT + 5);
+            }
+            if step % 3 == 0 {
+                f.sync().unwrap();
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        assert_eq!(read_all(&f).unwrap(), model, "before the switch");
+        let switched = f
+            .rekey_switch(r, &root.wrapped(), || {
+                std::fs::rename(&tmp, &path).unwrap();
+                Ok(true)
+            })
+            .unwrap();
+        assert!(switched);
+        // The same state goes on, on the new file.
+        assert_eq!(read_all(&f).unwrap(), model, "after the switch");
+        f.write_at(3, b"after").unwrap();
+        model[3..8].copy_from_slice(b"after");
+        f.close().unwrap();
+        drop(f);
+        let new = deks_of(&path, &root);
+        assert_ne!(new.0, old.0, "the data layer's DEK is new");
+        assert_eq!(new.1.is_some(), infra, "the layers are kept");
+        if infra {
+            assert_ne!(new.1, old.1, "the infrastructure layer's DEK is new");
+        }
+        let g = CryptFile::open(rw(&path), "f", &root).unwrap();
+        assert_eq!(
+            read_all(&g).unwrap(),
+            model,
+            "{slots} slots, infra {infra}: reopened"
+        );
+    }
+}
+
+#[test]
+fn a_tree_rotation_resealing_every_file_is_recorded_until_done_and_skips_what_is_new() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("tree");
+    std::fs::create_dir_all(d.join("sub")).unwrap();
+    let (prot, root) = new_tree(&t.path().join("ks"), &d);
+    let names = ["a", "sub/b", "sub/c"];
+    for (i, n) in names.iter().enumerate() {
+        let f = CryptFile::create(rw(&d.join(n)), n, &root, 1 + (i % 2) as u8).unwrap();
+        f.write_at(0, &bytes(i as u64, 9 * UNIT + i)).unwrap();
+        f.close().unwrap();
+    }
+    let before: Vec<_> = names.iter().map(|n| deks_of(&d.join(n), &root)).collect();
+    let tree = atrest_fs::AtrestFs::new(d.clone(), root, atrest_fs::SlotPolicy::AllTwo).tree();
+    assert!(tree.rotation().is_none());
+    let mark = tree.begin_rotation().unwrap();
+    assert_eq!(tree.rotation(), Some(mark), "recorded");
+    assert_eq!(mark.units_total, 9 + 10 + 10);
+    // A rotation interrupted part-way (the first file copied, not
+    // switched): the file stays as it was, and is still pending.
+    let pending = tree.rotation_pending(mark.started_unix);
+    assert_eq!(pending.len(), 3);
+    let mut fr = tree
+        .rekey_start(&pending[0].0, mark.started_unix)
+        .unwrap()
+        .unwrap();
+    tree.rekey_copy(&mut fr, 4).unwrap();
+    tree.rekey_abort(fr);
+    assert_eq!(tree.rotation_pending(mark.started_unix).len(), 3);
+    // Then the whole pass.
+    for (rel, _) in tree.rotation_pending(mark.started_unix) {
+        let mut fr = tree.rekey_start(&rel, mark.started_unix).unwrap().unwrap();
+        while tree.rekey_copy(&mut fr, 2).unwrap() > 0 {}
+        assert!(tree.rekey_finish(fr).unwrap());
+    }
+    assert!(tree.rotation_pending(mark.started_unix).is_empty());
+    // A file already newer than the mark is not started again.
+    assert!(tree
+        .rekey_start(std::path::Path::new("a"), mark.started_unix)
+        .unwrap()
+        .is_none());
+    tree.end_rotation().unwrap();
+    assert!(tree.rotation().is_none());
+    assert!(!d.join(".atrest-rotate").exists());
+    drop(tree);
+    let root = RootKey::open(&d, &prot, None).unwrap();
+    for (i, n) in names.iter().enumerate() {
+        assert_ne!(deks_of(&d.join(n), &root).0, before[i].0, "{n}: a new DEK");
+        let f = CryptFile::open(rw(&d.join(n)), n, &root).unwrap();
+        assert_eq!(read_all(&f).unwrap(), bytes(i as u64, 9 * UNIT + i), "{n}");
+    }
+}
