@@ -1187,7 +1187,9 @@ pub struct RotationMark {
     pub units_total: u64,
 }
 
-/// One file's rotation under way (see [`Tree::rekey_start`]).
+/// One file's rotation under way (see [`Tree::rekey_start`]). Dropped
+/// without [`Tree::rekey_finish`] or [`Tree::rekey_abort`], it switches
+/// nothing and its keys go with it.
 pub struct FileRekey {
     rel: PathBuf,
     ino: u64,
@@ -1462,6 +1464,13 @@ impl Tree {
         let _ = std::fs::remove_file(&fr.tmp);
         let FileRekey { file, .. } = fr;
         close_if_last(&self.open_files, file);
+    }
+}
+
+impl FileRekey {
+    /// The file, relative to the tree.
+    pub fn rel(&self) -> &Path {
+        &self.rel
     }
 }
 

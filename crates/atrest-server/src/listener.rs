@@ -109,23 +109,9 @@ impl crate::control::Engine for ServerCtx {
                     }
                 }));
             }
-            "rotate-dek" => {
-                let rate = req["pages_per_second"].as_u64();
-                if ctx.state() != State::Ready {
-                    json!({"error": NOT_READY})
-                } else if rate == Some(0) {
-                    json!({"error": "pages_per_second must be at least 1"})
-                } else {
-                    match ctx
-                        .rotator
-                        .request(req["database"].as_str(), "requested", rate)
-                    {
-                        Ok(queued) => json!({"ok": true, "queued": queued}),
-                        Err(e) => json!({"error": e}),
-                    }
-                }
+            "rotate-dek" | "rotation-status" => {
+                crate::rotation::admin_op(&ctx.rotator, ctx.state() == State::Ready, op, req)?
             }
-            "rotation-status" => json!({"ok": true, "databases": ctx.rotator.progress()}),
             "promote" => match crate::replication::promote_running(&ctx) {
                 Ok(()) => json!({"ok": true}),
                 Err(e) => json!({"error": e}),
@@ -457,7 +443,7 @@ async fn start_locked(
         metrics: metrics_addr.map(|a| a.to_string()),
     });
     let rotator = crate::rotation::DekRotator::new(
-        Arc::clone(&databases),
+        crate::rotation::DatabaseRotation::new(Arc::clone(&databases)),
         dir.to_path_buf(),
         config.dek_rotation.clone(),
     );

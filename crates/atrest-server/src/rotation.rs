@@ -1,14 +1,18 @@
-//! Online DEK rotation of the server's databases.
+//! Online DEK rotation, for every engine.
 //!
 //! `atrest server rotate-dek` (or a DEK nearing its usage limit, or a
-//! rotation found unfinished at start) queues a database here. One
-//! background thread works the queue: it begins the rotation in the
-//! storage engine (new DEKs in both layers seal everything from then on),
-//! re-seals the pages in batches at a bounded rate while sessions read
-//! and write, and finishes under the database's write gate: the WAL is
-//! archived, checkpointed and truncated, gets new keys, and the old DEKs
-//! leave every header. Progress is durable in the database header, so a
-//! crash or restart resumes where the rotation stood.
+//! rotation found unfinished at start) queues a target here: a database
+//! of the sqlite engine, or the postgres engine's cluster. One background
+//! thread works the queue: it begins the rotation in the engine (new DEKs
+//! in both layers seal everything from then on), re-seals units in
+//! batches at a bounded rate while sessions read and write, and finishes
+//! it; the old DEKs then leave every header. The engine keeps the
+//! progress durable, so a crash or restart resumes where it stood.
+//!
+//! The queue, the throttle, progress in `status` and `/metrics`, resume,
+//! and the usage-limit check are here; what one engine does to rotate is
+//! its [`RotationTarget`]: [`DatabaseRotation`] for the sqlite engine,
+//! `postgres::rotate::ClusterRotation` for the postgres engine.
 //!
 //! What it is not: key rotation of the KEK (that is a rewrap, see
 //! [`crate::keys`]), and not a way to read pages (it only re-seals them).
@@ -19,13 +23,37 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use atrest_storage::{Connection, RotationStatus};
+use atrest_storage::Connection;
+pub use atrest_storage::RotationStatus;
 use serde::Serialize;
+use serde_json::{json, Value};
 
 use crate::config::DekRotationConfig;
 use crate::databases::Databases;
 use crate::lifecycle::Lifecycle;
 use crate::resource::State;
+
+/// What one engine rotates, and how. Every method may block.
+pub trait RotationTarget: Send + Sync + 'static {
+    /// The targets `rotate-dek` queues for `name` (`None`: all of them).
+    fn resolve(&self, name: Option<&str>) -> Result<Vec<String>, String>;
+    /// Whether `name` still exists (a database may be dropped meanwhile).
+    fn exists(&self, name: &str) -> bool;
+    /// Targets whose rotation was under way at the last stop.
+    fn unfinished(&self) -> Vec<String>;
+    /// Targets with a DEK that has made at least `limit` seals.
+    fn worn(&self, limit: u64) -> Vec<(String, u64)>;
+    /// Begins the rotation of `name`, or resumes the one under way.
+    fn begin(&self, name: &str) -> Result<RotationStatus, String>;
+    /// Re-seals about `units` more units. `None`: finished elsewhere.
+    fn step(&self, name: &str, units: u64) -> Result<Option<RotationStatus>, String>;
+    /// Finishes the rotation: the old DEKs leave every header. `false`:
+    /// interrupted (`ready` turned false), to be resumed.
+    fn finish(&self, name: &str, ready: &dyn Fn() -> bool) -> Result<bool, String>;
+    /// Drops every key the rotation holds (the server left Ready); the
+    /// next step opens what it needs again. Waits for a step under way.
+    fn park(&self);
+}
 
 /// Pages re-sealed per batch: one fsync and one header write each.
 const BATCH_PAGES: u64 = 64;
@@ -61,7 +89,7 @@ struct Job {
 
 /// The rotation worker and its queue.
 pub struct DekRotator {
-    databases: Arc<Databases>,
+    target: Arc<dyn RotationTarget>,
     dir: PathBuf,
     config: DekRotationConfig,
     /// The server's lifecycle: the rotation works only while Ready.
@@ -69,9 +97,6 @@ pub struct DekRotator {
     queue: Mutex<VecDeque<Job>>,
     wake: Condvar,
     progress: Mutex<BTreeMap<String, Progress>>,
-    /// The connection a rotation works through; dropped (and its keys with
-    /// it) whenever the server leaves Ready.
-    conn: Mutex<Option<(String, Connection)>>,
     completed: std::sync::atomic::AtomicU64,
     stop: AtomicBool,
 }
@@ -89,16 +114,19 @@ fn now_unix() -> u64 {
 }
 
 impl DekRotator {
-    pub fn new(databases: Arc<Databases>, dir: PathBuf, config: DekRotationConfig) -> Arc<Self> {
+    pub fn new(
+        target: Arc<dyn RotationTarget>,
+        dir: PathBuf,
+        config: DekRotationConfig,
+    ) -> Arc<Self> {
         Arc::new(DekRotator {
-            databases,
+            target,
             dir,
             config,
             lifecycle: OnceLock::new(),
             queue: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),
             progress: Mutex::new(BTreeMap::new()),
-            conn: Mutex::new(None),
             completed: Default::default(),
             stop: AtomicBool::new(false),
         })
@@ -132,11 +160,7 @@ impl DekRotator {
         reason: &str,
         pages_per_second: Option<u64>,
     ) -> Result<Vec<String>, String> {
-        let names = match database {
-            Some(n) if self.databases.is_database(n) => vec![n.to_string()],
-            Some(n) => return Err(format!("database \"{n}\" does not exist")),
-            None => self.databases.names(),
-        };
+        let names = self.target.resolve(database)?;
         let rate = pages_per_second
             .unwrap_or(self.config.pages_per_second)
             .max(1);
@@ -185,7 +209,7 @@ impl DekRotator {
     /// worker reopens it once the server is Ready again. Waits for a batch
     /// in progress to end.
     pub fn park(&self) {
-        self.conn.lock().expect("rotation connection").take();
+        self.target.park();
     }
 
     /// Stops the worker (server shutdown); the rotation resumes at the
@@ -330,80 +354,36 @@ impl DekRotator {
         self.park();
     }
 
-    /// Queues the databases whose header records a rotation under way (a
-    /// crash or stop in the middle).
+    /// Queues the targets whose rotation was under way (a crash or stop
+    /// in the middle).
     fn queue_unfinished(&self) {
-        for name in self.databases.names() {
-            let Ok((_, conn)) = self.databases.maintenance_connection(&name) else {
-                continue;
-            };
-            if let Ok(Some(_)) = conn.dek_rotation() {
-                tracing::info!(database = %name, "resuming an unfinished DEK rotation");
-                let _ = self.request(Some(&name), "resumed", None);
-            }
+        for name in self.target.unfinished() {
+            tracing::info!(target = %name, "resuming an unfinished DEK rotation");
+            let _ = self.request(Some(&name), "resumed", None);
         }
     }
 
-    /// Queues the databases whose DEK has sealed `auto_at_seals` units.
+    /// Queues the targets with a DEK that has sealed `auto_at_seals` units.
     fn queue_worn_keys(&self) {
-        let engine = self.databases.engine();
-        for name in self.databases.names() {
-            let Ok(path) = engine.database_path(&name) else {
-                continue;
-            };
-            let Some(used) = engine.seals_used(&path) else {
-                continue;
-            };
+        for (name, used) in self.target.worn(self.config.auto_at_seals) {
             let queued = self
                 .queue
                 .lock()
                 .expect("rotation queue")
                 .iter()
                 .any(|j| j.database == name);
-            if used >= self.config.auto_at_seals && !queued {
-                tracing::warn!(database = %name, seals = used, limit = self.config.auto_at_seals,
+            if !queued {
+                tracing::warn!(target = %name, seals = used, limit = self.config.auto_at_seals,
                     "a data encryption key reached its rotation point; rotating it");
                 let _ = self.request(Some(&name), "automatic: usage limit", None);
             }
         }
     }
 
-    /// Runs `f` on the rotation's connection to `database`, opening it if
-    /// needed.
-    fn with_conn<T>(
-        &self,
-        database: &str,
-        f: impl FnOnce(&Connection) -> Result<T, String>,
-    ) -> Result<T, String> {
-        let mut guard = self.conn.lock().expect("rotation connection");
-        if guard.as_ref().is_none_or(|(n, _)| n != database) {
-            *guard = None;
-            let (_, conn) = self
-                .databases
-                .maintenance_connection(database)
-                .map_err(|e| e.message)?;
-            *guard = Some((database.to_string(), conn));
-        }
-        f(&guard.as_ref().expect("opened").1)
-    }
-
     fn rotate(&self, job: &Job) -> Result<Outcome, String> {
         let name = job.database.as_str();
-        let (db, conn) = self
-            .databases
-            .maintenance_connection(name)
-            .map_err(|e| e.message)?;
-        {
-            // Work through this connection unless one to `name` is open.
-            let mut guard = self.conn.lock().expect("rotation connection");
-            if guard.as_ref().is_none_or(|(n, _)| n != name) {
-                *guard = Some((name.to_string(), conn));
-            }
-        }
-        let archiver = db.archiver.clone();
-        let storage = |e: atrest_storage::StorageError| e.to_string();
-        let begun = self.with_conn(name, |c| c.begin_dek_rotation().map_err(storage))?;
-        tracing::info!(database = name, pages = begun.pages_total, reason = %job.reason, "DEK rotation running");
+        let begun = self.target.begin(name)?;
+        tracing::info!(target = name, pages = begun.pages_total, reason = %job.reason, "DEK rotation running");
         self.update(name, |p| {
             p.state = "rotating".into();
             p.reason = job.reason.clone();
@@ -421,19 +401,11 @@ impl DekRotator {
             if !self.ready() {
                 return Ok(Outcome::Interrupted);
             }
-            if !self.databases.is_database(name) {
-                return Err(format!(
-                    "database {name} was dropped during its DEK rotation"
-                ));
+            if !self.target.exists(name) {
+                return Err(format!("{name} was dropped during its DEK rotation"));
             }
             let batch_started = Instant::now();
-            let next = {
-                let _no_backup_copy = archiver
-                    .as_ref()
-                    .map(|a| a.db_copy.read().expect("db copy lock"));
-                self.with_conn(name, |c| c.step_dek_rotation(BATCH_PAGES).map_err(storage))?
-            };
-            let Some(next) = next else {
+            let Some(next) = self.target.step(name, BATCH_PAGES)? else {
                 break; // finished elsewhere (another process)
             };
             moved += next.pages_done.saturating_sub(last_done);
@@ -453,49 +425,24 @@ impl DekRotator {
         }
         self.update(name, |p| p.state = "finishing".into());
         self.save_progress();
-        // Under the write gate: every commit is archived, then the WAL is
-        // checkpointed, truncated and rekeyed, and the old keys retired.
-        for _ in 0..1200 {
-            if !self.ready() {
-                return Ok(Outcome::Interrupted);
-            }
-            db.gate
-                .acquire(ROTATOR_PID, Some(Duration::from_secs(60)), &|| None)
-                .map_err(|e| e.message)?;
-            let finished = self.with_conn(name, |c| {
-                c.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))
-                    .map_err(|e| e.to_string())?;
-                let Some(a) = &archiver else {
-                    return c.finish_dek_rotation().map_err(storage);
-                };
-                a.after_write(c)?;
-                let _no_backup_copy = a.db_copy.read().expect("db copy lock");
-                if a.paused() {
-                    return Ok(false); // a backup is copying: no checkpoint now
-                }
-                c.finish_dek_rotation().map_err(storage)
-            });
-            db.gate.release(ROTATOR_PID);
-            if finished? {
-                let secs = started.elapsed().as_secs_f64();
-                tracing::info!(
-                    database = name,
-                    pages = moved,
-                    seconds = secs,
-                    "DEK rotation finished; the old DEKs are in no header"
-                );
-                self.update(name, |p| {
-                    p.state = "done".into();
-                    p.pages_done = p.pages_total.max(p.pages_done);
-                    p.percent = 100.0;
-                    p.eta_seconds = Some(0.0);
-                    p.finished_unix = Some(now_unix());
-                });
-                return Ok(Outcome::Done);
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if !self.target.finish(name, &|| self.ready())? {
+            return Ok(Outcome::Interrupted);
         }
-        Err("the WAL could not be emptied to finish the rotation (readers kept it busy for a minute); it will be retried".into())
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(
+            target = name,
+            pages = moved,
+            seconds = secs,
+            "DEK rotation finished; the old DEKs are in no header"
+        );
+        self.update(name, |p| {
+            p.state = "done".into();
+            p.pages_done = p.pages_total.max(p.pages_done);
+            p.percent = 100.0;
+            p.eta_seconds = Some(0.0);
+            p.finished_unix = Some(now_unix());
+        });
+        Ok(Outcome::Done)
     }
 
     /// The throttle of `job` as it is now (`rotate-dek` may change it).
@@ -522,5 +469,160 @@ impl DekRotator {
             p.eta_seconds = (rate > 0.0)
                 .then(|| ((s.pages_total - p.pages_done) as f64 / rate * 10.0).round() / 10.0);
         });
+    }
+}
+
+/// The admin operations of DEK rotation, the same for every engine:
+/// `rotate-dek` (queue, or change a queued one's throttle) and
+/// `rotation-status`. `None`: not one of them.
+pub fn admin_op(rotator: &DekRotator, ready: bool, op: &str, req: &Value) -> Option<Value> {
+    Some(match op {
+        "rotate-dek" => {
+            let rate = req["pages_per_second"].as_u64();
+            if !ready {
+                json!({"error": crate::control::NOT_READY})
+            } else if rate == Some(0) {
+                json!({"error": "pages_per_second must be at least 1"})
+            } else {
+                match rotator.request(req["database"].as_str(), "requested", rate) {
+                    Ok(queued) => json!({"ok": true, "queued": queued}),
+                    Err(e) => json!({"error": e}),
+                }
+            }
+        }
+        "rotation-status" => json!({"ok": true, "databases": rotator.progress()}),
+        _ => return None,
+    })
+}
+
+/// The sqlite engine's rotation: one database at a time, through a
+/// maintenance connection, finished under the database's write gate.
+pub struct DatabaseRotation {
+    databases: Arc<Databases>,
+    /// The connection a rotation works through; dropped (and its keys with
+    /// it) whenever the server leaves Ready.
+    conn: Mutex<Option<(String, Connection)>>,
+}
+
+impl DatabaseRotation {
+    pub fn new(databases: Arc<Databases>) -> Arc<Self> {
+        Arc::new(DatabaseRotation {
+            databases,
+            conn: Mutex::new(None),
+        })
+    }
+
+    /// Runs `f` on the rotation's connection to `database`, opening it if
+    /// needed.
+    fn with_conn<T>(
+        &self,
+        database: &str,
+        f: impl FnOnce(&Connection) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let mut guard = self.conn.lock().expect("rotation connection");
+        if guard.as_ref().is_none_or(|(n, _)| n != database) {
+            *guard = None;
+            let (_, conn) = self
+                .databases
+                .maintenance_connection(database)
+                .map_err(|e| e.message)?;
+            *guard = Some((database.to_string(), conn));
+        }
+        f(&guard.as_ref().expect("opened").1)
+    }
+}
+
+fn storage(e: atrest_storage::StorageError) -> String {
+    e.to_string()
+}
+
+impl RotationTarget for DatabaseRotation {
+    fn resolve(&self, name: Option<&str>) -> Result<Vec<String>, String> {
+        match name {
+            Some(n) if self.databases.is_database(n) => Ok(vec![n.to_string()]),
+            Some(n) => Err(format!("database \"{n}\" does not exist")),
+            None => Ok(self.databases.names()),
+        }
+    }
+
+    fn exists(&self, name: &str) -> bool {
+        self.databases.is_database(name)
+    }
+
+    fn unfinished(&self) -> Vec<String> {
+        self.databases
+            .names()
+            .into_iter()
+            .filter(|name| {
+                self.databases
+                    .maintenance_connection(name)
+                    .is_ok_and(|(_, conn)| matches!(conn.dek_rotation(), Ok(Some(_))))
+            })
+            .collect()
+    }
+
+    fn worn(&self, limit: u64) -> Vec<(String, u64)> {
+        let engine = self.databases.engine();
+        self.databases
+            .names()
+            .into_iter()
+            .filter_map(|name| {
+                let used = engine.seals_used(&engine.database_path(&name).ok()?)?;
+                (used >= limit).then_some((name, used))
+            })
+            .collect()
+    }
+
+    fn begin(&self, name: &str) -> Result<RotationStatus, String> {
+        self.with_conn(name, |c| c.begin_dek_rotation().map_err(storage))
+    }
+
+    fn step(&self, name: &str, units: u64) -> Result<Option<RotationStatus>, String> {
+        let archiver = self.databases.archiver(name).ok();
+        let _no_backup_copy = archiver
+            .as_ref()
+            .map(|a| a.db_copy.read().expect("db copy lock"));
+        self.with_conn(name, |c| c.step_dek_rotation(units).map_err(storage))
+    }
+
+    /// Under the write gate: every commit is archived, then the WAL is
+    /// checkpointed, truncated and rekeyed, and the old keys retired.
+    fn finish(&self, name: &str, ready: &dyn Fn() -> bool) -> Result<bool, String> {
+        let (db, _) = self
+            .databases
+            .maintenance_connection(name)
+            .map_err(|e| e.message)?;
+        let archiver = db.archiver.clone();
+        for _ in 0..1200 {
+            if !ready() {
+                return Ok(false);
+            }
+            db.gate
+                .acquire(ROTATOR_PID, Some(Duration::from_secs(60)), &|| None)
+                .map_err(|e| e.message)?;
+            let finished = self.with_conn(name, |c| {
+                c.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))
+                    .map_err(|e| e.to_string())?;
+                let Some(a) = &archiver else {
+                    return c.finish_dek_rotation().map_err(storage);
+                };
+                a.after_write(c)?;
+                let _no_backup_copy = a.db_copy.read().expect("db copy lock");
+                if a.paused() {
+                    return Ok(false); // a backup is copying: no checkpoint now
+                }
+                c.finish_dek_rotation().map_err(storage)
+            });
+            db.gate.release(ROTATOR_PID);
+            if finished? {
+                return Ok(true);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err("the WAL could not be emptied to finish the rotation (readers kept it busy for a minute); it will be retried".into())
+    }
+
+    fn park(&self) {
+        self.conn.lock().expect("rotation connection").take();
     }
 }

@@ -1336,7 +1336,7 @@ fn revoking_the_key_under_pgbench_loses_no_acknowledged_transaction() {
     let mut acked = 0;
     for round in 0..3 {
         let prefix = format!("r{round}");
-        let mut bench = Command::new(tool("pgbench"))
+        let bench = Command::new(tool("pgbench"))
             .args(["-n", "-c", "4", "-j", "2", "-T", "60", "-l", "--log-prefix"])
             .arg(logs.path().join(&prefix))
             .arg(a.conninfo("postgres"))
@@ -1379,4 +1379,199 @@ fn revoking_the_key_under_pgbench_loses_no_acknowledged_transaction() {
         );
     }
     assert!(a.s.stop().success());
+}
+
+/// Every DEK id (data layer and infrastructure layer) that a header slot
+/// of a file of the tree names, the root file aside (its key wraps DEKs).
+fn dek_ids(dir: &Path) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for (p, b) in files_under(&dir.join("pgfs")) {
+        if p.ends_with(atrest_fs::ROOT_FILE) {
+            continue;
+        }
+        let slot = atrest_crypto::HEADER_SLOT_SIZE;
+        for k in 0..2 {
+            let Some(s) = b.get(k * slot..(k + 1) * slot) else {
+                continue;
+            };
+            if let Ok(Some(u)) = atrest_crypto::FileHeader::decode_unverified(s) {
+                let h = u.claims();
+                out.insert(format!("{:?}", h.dek_id));
+                if let Some(i) = &h.infra {
+                    out.insert(format!("infra {:?}", i.dek_id));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn dek_rotation_under_pgbench_with_kills_leaves_no_old_dek_and_loses_no_acknowledged_transaction() {
+    let infra_tmp = tempfile::tempdir().unwrap();
+    let infra = infra_tmp.path().join("infra");
+    let mut a = PgServer::create_with(
+        "pg-dekrot",
+        &[
+            "--infrastructure-encryption",
+            "--infra-keystore",
+            infra.to_str().unwrap(),
+        ],
+    );
+    let dir = a.s.dir.to_str().unwrap().to_string();
+    // Slow enough that the kills land mid-rotation (sped up at the end);
+    // a resumed rotation runs at this configured rate.
+    set_rotation_config(
+        &a,
+        json!({"pages_per_second": 150, "auto_at_seals": 1u64 << 31}),
+    );
+    a.s.start(&[]);
+    a.run("pgbench", &["-i", "-s", "2", "-q", &a.conninfo("postgres")]);
+    a.psql("postgres", "checkpoint");
+    let old = dek_ids(&a.s.dir);
+    assert!(old.len() > 100, "{} DEKs", old.len());
+    assert!(old.iter().any(|d| d.starts_with("infra")), "both layers");
+    let out = atrest_ok(&["server", "rotate-dek", "--data", &dir]);
+    assert!(out.contains("cluster"), "{out}");
+    // Progress shows in status and /metrics.
+    std::thread::sleep(Duration::from_millis(1500));
+    let status: serde_json::Value =
+        serde_json::from_str(&atrest_ok(&["server", "status", "--data", &dir, "--json"])).unwrap();
+    let p = &status["dek_rotation"][0];
+    assert_eq!(p["database"], "cluster", "{status}");
+    assert_eq!(p["state"], "rotating", "{status}");
+    assert!(p["pages_done"].as_u64().unwrap() > 0, "{status}");
+    assert!(
+        a.s.http_get("/metrics")
+            .contains("atrest_dek_rotation_pages_done{database=\"cluster\",state=\"rotating\"}"),
+        "metrics"
+    );
+    let logs = tempfile::tempdir().unwrap();
+    let mut acked = 0u64;
+    let mut mid_rotation = 0;
+    let mut seed = std::process::id() as u64 | 1;
+    for round in 0..20u32 {
+        let prefix = format!("r{round}");
+        let mut bench = Command::new(tool("pgbench"))
+            .args(["-n", "-c", "4", "-j", "2", "-T", "60", "-l", "--log-prefix"])
+            .arg(logs.path().join(&prefix))
+            .arg(a.conninfo("postgres"))
+            .env("PGPASSWORD", &a.password)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(400 + seed % 1600));
+        if rotation_state(&a) == "rotating" {
+            mid_rotation += 1;
+        }
+        if round % 2 == 0 {
+            let pm = postmaster_of(a.s.pid()).expect("a postmaster under the server");
+            server_common::signal_pid(pm, 9).unwrap();
+        } else {
+            a.s.kill9();
+        }
+        let _ = bench.wait();
+        acked += logged_transactions(logs.path(), &prefix);
+        if round % 2 == 1 {
+            a.s.start(&[]);
+        }
+        pgbench_intact(&a, acked, &format!("round {round}"));
+    }
+    eprintln!("{mid_rotation} of 20 kills landed while the rotation ran");
+    assert!(mid_rotation >= 10, "only {mid_rotation} kills mid-rotation");
+    // The rotation resumed after every kill; now at full speed to the end.
+    let out = atrest_ok(&[
+        "server",
+        "rotate-dek",
+        "--data",
+        &dir,
+        "--pages-per-second",
+        "100000",
+        "--wait",
+    ]);
+    assert!(out.contains("done"), "{out}");
+    pgbench_intact(&a, acked, "after the rotation");
+    assert!(a.s.stop().success());
+    let now = dek_ids(&a.s.dir);
+    let left: Vec<_> = now.intersection(&old).collect();
+    assert!(left.is_empty(), "old DEKs still named: {left:?}");
+    assert!(now.iter().any(|d| d.starts_with("infra")), "both layers");
+    assert!(
+        !a.s.dir.join("pgfs").join(atrest_fs::ROTATION_FILE).exists(),
+        "the rotation's record is removed when it is done"
+    );
+    assert!(acked > 100, "only {acked} transactions acknowledged");
+    a.s.start(&[]);
+    pgbench_intact(&a, acked, "restarted");
+    assert!(a.s.stop().success());
+}
+
+/// Sets `dek_rotation` in server.json (read at start).
+fn set_rotation_config(a: &PgServer, v: serde_json::Value) {
+    let path = a.s.dir.join("server.json");
+    let mut c = a.config();
+    c["dek_rotation"] = v;
+    std::fs::write(path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+}
+
+/// The cluster's rotation as the server last recorded it.
+fn rotation_progress(a: &PgServer) -> serde_json::Value {
+    let text = std::fs::read_to_string(a.s.dir.join("dek-rotation.json")).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    v["databases"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["database"] == "cluster").cloned())
+        .unwrap_or_default()
+}
+
+fn rotation_state(a: &PgServer) -> String {
+    rotation_progress(a)["state"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn a_postgres_engine_dek_at_its_rotation_point_is_rotated_on_its_own() {
+    let mut a = PgServer::create("pg-dekauto");
+    a.s.start(&[]);
+    a.run("pgbench", &["-i", "-s", "1", "-q", &a.conninfo("postgres")]);
+    a.psql("postgres", "checkpoint");
+    let old = dek_ids(&a.s.dir);
+    assert!(a.s.stop().success());
+    // A low rotation point stands in for 2^31 seals: the WAL's units are
+    // re-sealed at every commit.
+    set_rotation_config(
+        &a,
+        json!({"pages_per_second": 100000, "auto_at_seals": 2000}),
+    );
+    a.s.start(&[]);
+    a.run(
+        "pgbench",
+        &["-n", "-c", "2", "-t", "1500", &a.conninfo("postgres")],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let p = rotation_progress(&a);
+        if p["state"] == "done" {
+            assert!(p["reason"].as_str().unwrap().contains("automatic"), "{p}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no automatic rotation: {p}\n{}",
+            a.s.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(a.s.log_text().contains("reached its rotation point"));
+    pgbench_intact(&a, 3000, "after the automatic rotation");
+    assert!(a.s.stop().success());
+    let now = dek_ids(&a.s.dir);
+    let left: Vec<_> = now.intersection(&old).collect();
+    assert!(left.is_empty(), "old DEKs still named: {left:?}");
 }

@@ -28,6 +28,7 @@ use crate::resource;
 use crate::resource::CIPHER_SUBDIR;
 
 mod refuse;
+pub mod rotate;
 mod serve;
 pub use serve::{serve, ServeError};
 

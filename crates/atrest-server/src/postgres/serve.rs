@@ -10,18 +10,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use atrest_crypto::KeyProtector;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::cmk::Cause;
 use crate::cmk::VaultAccess;
 use crate::config::{EngineKind, Limits, ServerConfig};
-use crate::control::{Control, Engine, KeyRuntime};
+use crate::control::{AdminReply, Control, Engine, KeyRuntime};
 use crate::http::Observe;
 use crate::keys::{self, Loss, Rewrap};
 use crate::lifecycle::Lifecycle;
 use crate::resource::{self, Endpoints, ResourceError, State};
+use crate::rotation::DekRotator;
 
 /// Why a postgres-engine server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,7 @@ struct Observed {
     /// The counters of the current mount (a revalidation mounts anew).
     fs: FsStats,
     restarts: AtomicU64,
+    rotator: std::sync::OnceLock<Arc<DekRotator>>,
 }
 
 #[derive(Default)]
@@ -98,6 +100,9 @@ impl Observe for Observed {
             "Times PostgreSQL died and was started again on the same mount.",
             get(&self.restarts),
         );
+        if let Some(r) = self.rotator.get() {
+            s.push_str(&r.render_metrics());
+        }
         s
     }
 
@@ -116,7 +121,9 @@ struct PgEngine {
     dir: PathBuf,
     listen: String,
     limits: Limits,
-    running: Mutex<Option<super::Running>>,
+    /// Shared with the DEK rotation, which works on the mounted tree.
+    running: Arc<Mutex<Option<super::Running>>>,
+    rotator: Arc<DekRotator>,
     /// What unwraps and wraps the tree's root DEK now.
     protector: Mutex<Option<Arc<dyn KeyProtector>>>,
     refusing: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -229,6 +236,8 @@ impl Engine for PgEngine {
             }
         }
         *self.protector.lock().expect("protector") = None;
+        // A file the DEK rotation was copying: its keys go too.
+        self.rotator.park();
         tracing::info!("PostgreSQL stopped, tree unmounted, keys zeroized");
         self.start_refusing();
     }
@@ -236,6 +245,12 @@ impl Engine for PgEngine {
     /// PostgreSQL serves until it is stopped.
     fn refuses_by_state(&self) -> bool {
         false
+    }
+
+    fn admin_op(self: Arc<Self>, op: &str, req: &Value) -> Option<AdminReply> {
+        let ready = self.control.state() == State::Ready;
+        let reply = crate::rotation::admin_op(&self.rotator, ready, op, req)?;
+        Some(Box::pin(async move { reply }))
     }
 
     fn unlock(
@@ -386,16 +401,26 @@ pub async fn serve(
             .await
             .expect("the key check does not panic");
         let control = Control::new(dir.clone(), &config, Arc::clone(&lifecycle), runtime);
+        let running = Arc::new(Mutex::new(None));
+        let rotator = DekRotator::new(
+            super::rotate::ClusterRotation::new(Arc::clone(&running)),
+            dir.clone(),
+            config.dek_rotation.clone(),
+        );
         let engine = Arc::new(PgEngine {
             dir: dir.clone(),
             listen: listen.clone(),
             limits: limits.unwrap_or_else(|| config.limits.clone()),
-            running: Mutex::new(None),
+            running: Arc::clone(&running),
+            rotator: Arc::clone(&rotator),
             protector: Mutex::new(None),
             refusing: Mutex::new(None),
             tls,
             control: Arc::clone(&control),
-            observed: Arc::new(Observed::default()),
+            observed: Arc::new(Observed {
+                rotator: rotator.into(),
+                ..Default::default()
+            }),
             rt: tokio::runtime::Handle::current(),
         });
         match loss {
@@ -460,6 +485,7 @@ pub async fn serve(
         let _ = lifecycle.transition(State::Ready, "PostgreSQL accepts connections");
     }
     tokio::spawn(crate::control::monitor(Arc::clone(&control), dyn_engine));
+    engine.rotator.start(Arc::clone(&lifecycle));
     tracing::info!(%listen, metrics = ?metrics_addr, server = %config.name, state = %control.state(), "postgres engine started");
     tokio::pin!(shutdown);
     let reason = loop {
@@ -504,6 +530,7 @@ pub async fn serve(
         }
     };
     let _ = lifecycle.transition(State::Stopping, &reason);
+    engine.rotator.shutdown();
     let e = Arc::clone(&engine);
     // Key operations finish first (a rewrap holds the mount).
     let _key_op = control.key_op.lock().await;
