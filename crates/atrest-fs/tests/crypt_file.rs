@@ -494,7 +494,7 @@ fn a_dek_rotation_of_a_file_in_use_keeps_every_write_and_leaves_no_old_dek() {
                 f.truncate(30 * UNIT as u64 + 5).unwrap();
                 model.truncate(30 * UNIT + 5);
             }
-            if step % 3 == 0 {
+            if step.is_multiple_of(3) {
                 f.sync().unwrap();
             }
             if n == 0 {
