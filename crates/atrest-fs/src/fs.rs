@@ -1428,10 +1428,22 @@ impl Tree {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let wrapped = self.root.wrapped();
             fr.file.rekey_switch(rekey, &wrapped, || {
-                match std::fs::symlink_metadata(&real) {
-                    Ok(m) if m.ino() == fr.ino => {}
+                let m = match std::fs::symlink_metadata(&real) {
+                    Ok(m) if m.ino() == fr.ino => m,
                     _ => return Ok(false),
-                }
+                };
+                // The owner and mode as they are now (changed since the
+                // copy began, they would be lost with the old inode).
+                std::os::unix::fs::chown(&fr.tmp, Some(m.uid()), Some(m.gid()))
+                    .and_then(|_| {
+                        std::fs::set_permissions(
+                            &fr.tmp,
+                            std::fs::Permissions::from_mode(m.mode() & 0o7777),
+                        )
+                    })
+                    .map_err(|e| {
+                        FsError::io(format!("set the owner of {}", fr.tmp.display()), e)
+                    })?;
                 std::fs::rename(&fr.tmp, &real).map_err(|e| {
                     FsError::io(format!("rename {} into place", fr.tmp.display()), e)
                 })?;

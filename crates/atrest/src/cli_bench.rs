@@ -51,6 +51,10 @@ pub enum BenchWhat {
     /// Real PostgreSQL: plain disk vs the postgres engine (and gocryptfs
     /// when installed), pgbench TPC-B-like and select-only.
     Postgres(crate::cli_bench_postgres::PostgresBench),
+    /// The postgres engine with a customer key in a real vault: key monitor
+    /// TPS cost, revocation to Inaccessible, revalidation to Ready, DEK
+    /// rotation throughput idle and under pgbench.
+    PostgresCmk(crate::cli_bench_postgres_cmk::PgCmkBench),
     /// A read replica following a source under pgbench: visibility lag,
     /// apply throughput, catch-up time, and the source's TPS cost.
     Replication(crate::cli_bench_replication::ReplicationBench),
@@ -202,6 +206,7 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         BenchWhat::Pgbench(p) => return crate::cli_bench_pgbench::run(p),
         BenchWhat::Replication(r) => return crate::cli_bench_replication::run(r),
         BenchWhat::Postgres(p) => return crate::cli_bench_postgres::run(p),
+        BenchWhat::PostgresCmk(p) => return crate::cli_bench_postgres_cmk::run(p),
         BenchWhat::StorageRun(r) => return storage_run(r),
     };
     let tmp;

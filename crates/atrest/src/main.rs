@@ -9,6 +9,7 @@ mod cli_bench;
 mod cli_bench_cmk;
 mod cli_bench_pgbench;
 mod cli_bench_postgres;
+mod cli_bench_postgres_cmk;
 mod cli_bench_replication;
 mod cli_inspect;
 mod cli_server;
