@@ -924,7 +924,16 @@ fn both_layers(engine: Engine) {
 
 #[test]
 fn an_outage_gets_its_grace_period_and_the_server_comes_back_by_itself() {
-    let mut st = setup(&[]);
+    outage(Engine::Sqlite);
+}
+
+#[test]
+fn postgres_engine_an_outage_gets_its_grace_period_and_the_server_comes_back_by_itself() {
+    outage(Engine::Postgres);
+}
+
+fn outage(engine: Engine) {
+    let mut st = setup(engine_args(engine));
     assert!(st.set_key(&st.key_url).status.success());
     st.configure(&[
         "--key-check-interval-ms",
@@ -964,7 +973,16 @@ fn an_outage_gets_its_grace_period_and_the_server_comes_back_by_itself() {
 
 #[test]
 fn auto_revalidation_brings_the_server_back_after_a_refusal_is_fixed() {
-    let mut st = setup(&[]);
+    auto_revalidation(Engine::Sqlite);
+}
+
+#[test]
+fn postgres_engine_auto_revalidation_brings_the_server_back_after_a_refusal_is_fixed() {
+    auto_revalidation(Engine::Postgres);
+}
+
+fn auto_revalidation(engine: Engine) {
+    let mut st = setup(engine_args(engine));
     assert!(st.set_key(&st.key_url).status.success());
     st.configure(&[
         "--key-check-interval-ms",
@@ -981,6 +999,9 @@ fn auto_revalidation_brings_the_server_back_after_a_refusal_is_fixed() {
         state["reason"].as_str().unwrap().contains("automatically"),
         "{state}"
     );
+    // Serving again (the postgres engine mounted and started PostgreSQL
+    // before it said Ready).
+    assert_eq!(st.server.sql("postgres", "SELECT 1"), "1");
     assert!(st.server.stop().success());
 }
 
