@@ -1423,7 +1423,7 @@ fn dek_rotation_under_pgbench_with_kills_leaves_no_old_dek_and_loses_no_acknowle
     // a resumed rotation runs at this configured rate.
     set_rotation_config(
         &a,
-        json!({"pages_per_second": 150, "auto_at_seals": 1u64 << 31}),
+        json!({"pages_per_second": 100, "auto_at_seals": 1u64 << 31}),
     );
     a.s.start(&[]);
     a.run("pgbench", &["-i", "-s", "2", "-q", &a.conninfo("postgres")]);
@@ -1433,14 +1433,29 @@ fn dek_rotation_under_pgbench_with_kills_leaves_no_old_dek_and_loses_no_acknowle
     assert!(old.iter().any(|d| d.starts_with("infra")), "both layers");
     let out = atrest_ok(&["server", "rotate-dek", "--data", &dir]);
     assert!(out.contains("cluster"), "{out}");
-    // Progress shows in status and /metrics.
-    std::thread::sleep(Duration::from_millis(1500));
-    let status: serde_json::Value =
-        serde_json::from_str(&atrest_ok(&["server", "status", "--data", &dir, "--json"])).unwrap();
-    let p = &status["dek_rotation"][0];
-    assert_eq!(p["database"], "cluster", "{status}");
-    assert_eq!(p["state"], "rotating", "{status}");
-    assert!(p["pages_done"].as_u64().unwrap() > 0, "{status}");
+    // Progress shows in status and /metrics (once the rotation has
+    // walked the tree and re-sealed its first units).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&atrest_ok(&["server", "status", "--data", &dir, "--json"]))
+                .unwrap();
+        let p = &status["dek_rotation"][0];
+        assert_eq!(p["database"], "cluster", "{status}");
+        if p["state"] == "rotating" && p["pages_done"].as_u64().unwrap() > 0 {
+            assert!(p["pages_total"].as_u64().unwrap() > 1000, "{status}");
+            break;
+        }
+        assert!(
+            ["queued", "rotating"].contains(&p["state"].as_str().unwrap()),
+            "{status}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not rotating: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
         a.s.http_get("/metrics")
             .contains("atrest_dek_rotation_pages_done{database=\"cluster\",state=\"rotating\"}"),
