@@ -1007,6 +1007,50 @@ impl CryptFile {
         self.s().close()
     }
 
+    /// Copies the ciphertext file as it is (header, wrapped DEKs, sealed
+    /// units) to `dst`, synced, with every operation on this file held
+    /// off meanwhile: the copy opens as the file stood at one moment.
+    /// Returns the bytes copied.
+    pub fn copy_ciphertext(&self, dst: &File) -> Result<u64, FsError> {
+        let g = self
+            .cur
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let name = g.name();
+        let len = g.file.metadata().map_err(|e| io("stat", &name, e))?.len();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0u64;
+        while off < len {
+            let n = ((len - off) as usize).min(buf.len());
+            g.file
+                .read_exact_at(&mut buf[..n], off)
+                .map_err(|e| io("read", &name, e))?;
+            dst.write_all_at(&buf[..n], off)
+                .map_err(|e| io("copy", &name, e))?;
+            off += n as u64;
+        }
+        drop(g);
+        dst.sync_all()
+            .map_err(|e| io("sync the copy of", &name, e))?;
+        Ok(len)
+    }
+
+    /// Opens every unit (both layers): the units that authenticate.
+    pub fn verify_units(&self) -> Result<u64, FsError> {
+        let size = self.size();
+        let mut buf = vec![0u8; 64 * UNIT];
+        let mut off = 0;
+        while off < size {
+            let n = self.read_at(off, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            off += n as u64;
+        }
+        buf.zeroize();
+        Ok(size.div_ceil(UNIT as u64))
+    }
+
     /// Begins re-sealing this file under new DEKs (both layers) into
     /// `tmp`, a new empty file beside it; from now on the units written
     /// are remembered, to be copied again at the switch.

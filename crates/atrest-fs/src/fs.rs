@@ -1106,6 +1106,7 @@ impl Filesystem for AtrestFs {
 
 /// A mounted tree, seen from beside the mount: the server rewraps it
 /// when its key changes. Holds the root key: drop it with the session.
+#[derive(Clone)]
 pub struct Tree {
     dir: PathBuf,
     root: Arc<RootKey>,
@@ -1476,6 +1477,126 @@ impl Tree {
         let _ = std::fs::remove_file(&fr.tmp);
         let FileRekey { file, .. } = fr;
         close_if_last(&self.open_files, file);
+    }
+}
+
+impl Tree {
+    /// The KEK the tree's root key is wrapped under now.
+    pub fn kek(&self) -> atrest_crypto::KekRef {
+        self.root.kek()
+    }
+
+    /// The live state of the tree file `rel` (registered, so the mount
+    /// shares it), or `None` when it is gone.
+    fn state_of(&self, rel: &Path) -> Result<Option<Arc<CryptFile>>, FsError> {
+        let real = self.dir.join(rel);
+        let file = match OpenOptions::new().read(true).write(true).open(&real) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(FsError::io(format!("open {}", real.display()), e)),
+        };
+        let ino = file
+            .metadata()
+            .map_err(|e| FsError::io(format!("stat {}", real.display()), e))?
+            .ino();
+        let mut open = self.open_files.lock().unwrap();
+        if let Some(f) = open.get(&ino).and_then(std::sync::Weak::upgrade) {
+            return Ok(Some(f));
+        }
+        let f = Arc::new(CryptFile::open(
+            file,
+            &rel.display().to_string(),
+            &self.root,
+        )?);
+        open.insert(ino, Arc::downgrade(&f));
+        Ok(Some(f))
+    }
+
+    /// Copies the sealed file `rel` of the tree, as it is, to `dst` (a new
+    /// file, synced), while the tree is in use: the file's operations wait
+    /// for the copy, so it is the file at one moment. `None`: `rel` is
+    /// gone.
+    pub fn copy_out(&self, rel: &Path, dst: &Path) -> Result<Option<u64>, FsError> {
+        let Some(f) = self.state_of(rel)? else {
+            return Ok(None);
+        };
+        let r = File::create(dst)
+            .map_err(|e| FsError::io(format!("create {}", dst.display()), e))
+            .and_then(|d| f.copy_ciphertext(&d));
+        close_if_last(&self.open_files, f);
+        r.map(Some)
+    }
+
+    /// Writes `bytes` as a new sealed file at `dst` (outside the tree,
+    /// under the tree's keys), synced.
+    pub fn seal_out(&self, dst: &Path, bytes: &[u8]) -> Result<(), FsError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dst)
+            .map_err(|e| FsError::io(format!("create {}", dst.display()), e))?;
+        let name = dst.display().to_string();
+        let f = CryptFile::create(file, &name, &self.root, 2)?;
+        f.write_at(0, bytes)?;
+        // The close writes the maps and the exact seal count; the sync
+        // after it makes them durable.
+        f.close()?;
+        f.sync()
+    }
+
+    /// Opens a sealed file of this tree kept outside it (a backup's copy,
+    /// an archived WAL segment) and authenticates every unit. Returns the
+    /// units, or the first failure naming file and unit.
+    pub fn verify_outside(&self, path: &Path) -> Result<u64, FsError> {
+        let file =
+            File::open(path).map_err(|e| FsError::io(format!("open {}", path.display()), e))?;
+        let f = CryptFile::open(file, &path.display().to_string(), &self.root)?;
+        f.verify_units()
+    }
+
+    /// Reads a sealed file of this tree kept outside it, whole.
+    pub fn read_outside(&self, path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, FsError> {
+        let file =
+            File::open(path).map_err(|e| FsError::io(format!("open {}", path.display()), e))?;
+        let f = CryptFile::open(file, &path.display().to_string(), &self.root)?;
+        let mut out = zeroize::Zeroizing::new(vec![0u8; f.size() as usize]);
+        let n = f.read_at(0, &mut out)?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Rewraps the copies of this tree's files kept under `dir` (backups,
+    /// the WAL archive) like [`Tree::rewrap`] does the tree's own: only
+    /// headers change. Files named `*.tmp` (an archive copy being made)
+    /// are left; the next pass sees them under their final name. Returns
+    /// how many headers changed.
+    pub fn rewrap_outside(&self, dir: &Path) -> Result<usize, FsError> {
+        let wrapped = self.root.wrapped();
+        let mut total = 0;
+        for _pass in 0..8 {
+            let mut changed = 0;
+            for rel in walk(dir) {
+                if rel.extension().is_some_and(|e| e == "tmp") {
+                    continue;
+                }
+                let path = dir.join(&rel);
+                let file = match OpenOptions::new().read(true).write(true).open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(FsError::io(format!("open {}", path.display()), e)),
+                };
+                let f = CryptFile::open(file, &path.display().to_string(), &self.root)?;
+                changed += usize::from(f.rewrap_parent(&wrapped)?);
+                f.close()?;
+            }
+            total += changed;
+            if changed == 0 {
+                break;
+            }
+        }
+        Ok(total)
     }
 }
 

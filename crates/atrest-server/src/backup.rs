@@ -143,7 +143,11 @@ pub struct BackupEntry {
     pub data_key: String,
     pub infrastructure_key: Option<String>,
     pub size_bytes: u64,
+    /// The sqlite engine's databases (empty for the postgres engine).
     pub databases: Vec<BackedUpDatabase>,
+    /// The postgres engine's backup: its WAL locations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<crate::postgres::backup::PgBackupPoint>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -163,7 +167,11 @@ pub fn load_catalog(repo: &Path) -> Result<Vec<BackupEntry>, String> {
     }
 }
 
-fn save_catalog(repo: &Path, entries: &[BackupEntry]) -> Result<(), String> {
+pub(crate) fn catalog_exists(repo: &Path) -> bool {
+    catalog_path(repo).exists()
+}
+
+pub(crate) fn save_catalog(repo: &Path, entries: &[BackupEntry]) -> Result<(), String> {
     resource::write_atomic(
         &catalog_path(repo),
         &serde_json::to_vec_pretty(entries).expect("serializable"),
@@ -286,18 +294,9 @@ pub fn take_backup(
                 .map(str::to_string),
             size_bytes: size,
             databases: dbs,
+            postgres: None,
         };
-        let manifest = Manifest {
-            entry: entry.clone(),
-            source: config.clone(),
-            data_dir_info,
-        };
-        resource::write_atomic(
-            &partial.join("manifest.json"),
-            &serde_json::to_vec_pretty(&manifest).expect("serializable"),
-            0o600,
-        )
-        .map_err(|e| e.to_string())?;
+        write_manifest(&partial, &entry, config, data_dir_info)?;
         sync_dir(&partial);
         Ok::<_, String>(entry)
     })();
@@ -311,20 +310,49 @@ pub fn take_backup(
     let final_dir = repo.join("backups").join(&id);
     fs::rename(&partial, &final_dir).map_err(|e| err("renaming", &partial, e))?;
     sync_dir(&repo.join("backups"));
-    let mut catalog = load_catalog(&repo)?;
+    add_to_catalog(dir, config, &repo, &entry)?;
+    Ok(entry)
+}
+
+/// A backup's manifest: its catalog entry, the source's configuration
+/// (where its keys are) and the engine's own facts.
+pub(crate) fn write_manifest(
+    backup: &Path,
+    entry: &BackupEntry,
+    config: &ServerConfig,
+    data_dir_info: serde_json::Value,
+) -> Result<(), String> {
+    let manifest = Manifest {
+        entry: entry.clone(),
+        source: config.clone(),
+        data_dir_info,
+    };
+    resource::write_atomic(
+        &backup.join("manifest.json"),
+        &serde_json::to_vec_pretty(&manifest).expect("serializable"),
+        0o600,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// A backup in its final place joins the catalog; retention runs; the
+/// activity log records it. The same for both engines.
+pub(crate) fn add_to_catalog(
+    dir: &Path,
+    config: &ServerConfig,
+    repo: &Path,
+    entry: &BackupEntry,
+) -> Result<(), String> {
+    let mut catalog = load_catalog(repo)?;
     catalog.push(entry.clone());
-    save_catalog(&repo, &catalog)?;
-    apply_retention(
-        &repo,
-        &config.backup,
-        &crate::replicas::retention_floor(dir),
-    )?;
+    save_catalog(repo, &catalog)?;
+    apply_retention(repo, &config.backup, &crate::replicas::retention_floor(dir))?;
     let _ = resource::log_activity(
         dir,
         &serde_json::json!({"time": resource::now_rfc3339(), "event": "backup",
             "id": entry.id, "bytes": entry.size_bytes, "databases": entry.databases.len()}),
     );
-    Ok(entry)
+    Ok(())
 }
 
 /// `scenario N` of the seeds' table, for the catalog.
@@ -387,6 +415,15 @@ pub fn apply_retention(
     for id in &removed {
         let _ = fs::remove_dir_all(repo.join("backups").join(id));
     }
+    // The postgres engine's archive: segments before the oldest kept
+    // backup's first one.
+    if let Some(oldest) = keep
+        .iter()
+        .filter_map(|e| e.postgres.as_ref().map(|p| p.start_wal.clone()))
+        .min()
+    {
+        crate::postgres::backup::prune_archive(repo, &oldest);
+    }
     // Archive segments older than every remaining backup's start point.
     let mut oldest: BTreeMap<String, u64> = BTreeMap::new();
     for e in &keep {
@@ -423,7 +460,7 @@ pub fn recover_all(databases: &Databases) -> Result<(), String> {
 }
 
 /// The files of backup `id`.
-fn backup_dir(repo: &Path, id: &str) -> Result<PathBuf, String> {
+pub(crate) fn backup_dir(repo: &Path, id: &str) -> Result<PathBuf, String> {
     if id.is_empty() || id.contains('/') || id.starts_with('.') {
         return Err(format!("invalid backup id {id:?}"));
     }

@@ -245,4 +245,13 @@ pub struct BackupConfig {
 pub struct PostgresConfig {
     pub bin_dir: PathBuf,
     pub os_user: String,
+    /// The cluster's superuser (the server's admin), which the server
+    /// itself connects as over the local socket (peer authentication of
+    /// root only) for backups.
+    #[serde(default = "default_admin_user")]
+    pub admin_user: String,
+}
+
+fn default_admin_user() -> String {
+    "atrest".into()
 }

@@ -488,7 +488,10 @@ fn create_in(
         format: 1,
         name: opts.name.clone(),
         engine: opts.engine,
-        postgres: opts.postgres.clone(),
+        postgres: opts.postgres.clone().map(|mut p| {
+            p.admin_user = opts.admin_user.clone();
+            p
+        }),
         server_id: uuid(),
         created: now_rfc3339(),
         identity: IdentityInfo {

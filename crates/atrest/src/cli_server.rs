@@ -1012,6 +1012,13 @@ fn run_backup(args: BackupArgs) -> Result<std::process::ExitCode> {
             .with_context(|| format!("{}", data.display()))?;
         let lock = resource::lock(&dir)?;
         let config = resource::load_config(&dir)?;
+        if config.engine == EngineKind::Postgres {
+            bail!(
+                "the server in {} is not running: a postgres-engine backup is taken online \
+                 (PostgreSQL's pg_backup_start); start it first",
+                dir.display()
+            );
+        }
         let databases =
             atrest_server::backup::open_databases(&dir, &config).map_err(|e| anyhow::anyhow!(e))?;
         backup::recover_all(&databases).map_err(|e| anyhow::anyhow!(e))?;
@@ -1051,6 +1058,18 @@ fn run_backup(args: BackupArgs) -> Result<std::process::ExitCode> {
             let req = serde_json::json!({"op": "backup-verify", "id": id});
             let out = match atrest_server::control::admin_request(&data, &req) {
                 Some(r) => r.map_err(|e| anyhow::anyhow!(e))?["verified"].clone(),
+                None if resource::load_config(&data)?.engine == EngineKind::Postgres => {
+                    let dir = data.canonicalize()?;
+                    let _lock = resource::lock(&dir)?;
+                    let config = resource::load_config(&dir)?;
+                    let tree = atrest_server::postgres::offline_tree(&dir, &config)
+                        .map_err(|e| anyhow::anyhow!(e))?;
+                    let repo = backup::repository(&dir, &config);
+                    serde_json::to_value(
+                        atrest_server::postgres::backup::verify_all(&tree, &repo, id.as_deref())
+                            .map_err(|e| anyhow::anyhow!(e))?,
+                    )?
+                }
                 None => {
                     let (dir, _lock, config, databases) = offline(&data)?;
                     let repo = backup::repository(&dir, &config);

@@ -1590,3 +1590,136 @@ fn a_postgres_engine_dek_at_its_rotation_point_is_rotated_on_its_own() {
     let left: Vec<_> = now.intersection(&old).collect();
     assert!(left.is_empty(), "old DEKs still named: {left:?}");
 }
+
+/// The newest backup's directory and the WAL archive of a server.
+fn repo_paths(a: &PgServer, id: &str) -> (PathBuf, PathBuf) {
+    let repo = a.s.dir.join("backups");
+    (repo.join("backups").join(id), repo.join("pgwal"))
+}
+
+#[test]
+fn an_online_backup_under_pgbench_is_sealed_verifies_and_follows_key_changes() {
+    let mut a = PgServer::create("pg-backup");
+    let dir = a.s.dir.to_str().unwrap().to_string();
+    a.s.start(&[]);
+    a.run("pgbench", &["-i", "-s", "2", "-q", &a.conninfo("postgres")]);
+    let marker = format!("atrest-marker-{}", std::process::id());
+    a.psql(
+        "postgres",
+        &format!(
+            "create table m(v text); insert into m select '{marker}' from generate_series(1, 100)"
+        ),
+    );
+    let mut bench = Command::new(tool("pgbench"))
+        .args(["-n", "-c", "2", "-T", "20"])
+        .arg(a.conninfo("postgres"))
+        .env("PGPASSWORD", &a.password)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let out = atrest_ok(&["server", "backup", "--data", &dir]);
+    let entry: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = entry["id"].as_str().unwrap().to_string();
+    assert!(entry["postgres"]["start_lsn"].as_str().is_some(), "{entry}");
+    assert!(
+        entry["size_bytes"].as_u64().unwrap() > 10_000_000,
+        "{entry}"
+    );
+    let _ = bench.wait();
+    a.psql("postgres", "select pg_switch_wal()");
+    let list: serde_json::Value =
+        serde_json::from_str(&atrest_ok(&["server", "backup", "list", "--data", &dir])).unwrap();
+    assert!(
+        list["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["id"] == id.as_str()),
+        "{list}"
+    );
+    let (backup, archive) = repo_paths(&a, &id);
+    // Every unit of the copy, the label and the archived WAL authenticates.
+    let out = atrest_ok(&["server", "backup", "verify", "--data", &dir]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v[0]["files"].as_u64().unwrap() > 100, "{v}");
+    assert!(v[0]["archive_segments"].as_u64().unwrap() >= 1, "{v}");
+    // Nothing in plaintext: not the marker rows, not the label.
+    for d in [&backup, &archive] {
+        let files = files_under(d);
+        assert!(!files.is_empty(), "{}", d.display());
+        for (p, b) in files {
+            assert!(
+                !contains(&b, marker.as_bytes()),
+                "{} holds the marker",
+                p.display()
+            );
+            assert!(
+                !contains(&b, b"START WAL LOCATION"),
+                "{} holds the label",
+                p.display()
+            );
+        }
+    }
+    // A flipped bit in the copy fails verification, naming the file.
+    let victim = files_under(&backup.join("tree"))
+        .into_iter()
+        .find(|(p, b)| b.len() > 40_000 && p.to_string_lossy().contains("base/"))
+        .map(|(p, _)| p)
+        .unwrap();
+    let flip = |p: &Path| {
+        let mut b = std::fs::read(p).unwrap();
+        b[8192 + 16 + 100] ^= 1;
+        std::fs::write(p, b).unwrap();
+    };
+    flip(&victim);
+    let out = atrest(&["server", "backup", "verify", "--data", &dir]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let name = victim.file_name().unwrap().to_string_lossy().to_string();
+    assert!(err.contains(&name) && err.contains("unit 0"), "{err}");
+    flip(&victim);
+    // A key change rewraps the backup's and the archive's headers too: the
+    // service key can go.
+    let service_key = a.config()["encryption"]["service_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let VaultSetup {
+        vault,
+        admin,
+        ca,
+        key_url,
+        ..
+    } = vault_for(&a);
+    atrest_ok(&set_key_args(&dir, &key_url, &vault.tenant, &ca));
+    let kid = latest_kid(&admin);
+    let version = kid.rsplit('/').next().unwrap();
+    for d in [backup.join("tree"), backup.join("sealed"), archive.clone()] {
+        for (p, b) in files_under(&d) {
+            if p.extension().is_some_and(|e| e == "tmp") {
+                continue;
+            }
+            let h = &b[..b.len().min(8192)];
+            assert!(
+                contains(h, version.as_bytes()),
+                "{} does not name {version}",
+                p.display()
+            );
+            assert!(
+                !contains(h, service_key.as_bytes()),
+                "{} still names the service key",
+                p.display()
+            );
+        }
+    }
+    // Verified offline too, through the customer key.
+    assert!(a.s.stop().success());
+    let out = atrest_ok(&["server", "backup", "verify", "--data", &dir]);
+    assert!(out.contains(&id), "{out}");
+    // While stopped, a backup cannot be taken, and says why.
+    let out = atrest(&["server", "backup", "--data", &dir]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("online"));
+}

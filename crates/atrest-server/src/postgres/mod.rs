@@ -27,6 +27,7 @@ use crate::config::{PlaintextPolicy, ServerConfig};
 use crate::resource;
 use crate::resource::CIPHER_SUBDIR;
 
+pub mod backup;
 mod refuse;
 pub mod rotate;
 mod serve;
@@ -106,6 +107,7 @@ impl PostgresConfig {
         Ok(PostgresConfig {
             bin_dir,
             os_user: os_user.to_string(),
+            admin_user: "atrest".into(),
         })
     }
 }
@@ -279,6 +281,33 @@ pub fn tuned_settings() -> String {
     )
 }
 
+/// Whether the OS user `user` can reach `path` through every ancestor;
+/// if not, says which one to open up.
+fn reachable_by(path: &Path, user: &str, uid: u32, gid: u32) -> Result<(), PostgresError> {
+    for a in path.ancestors().skip(1) {
+        if let Ok(md) = fs::metadata(a) {
+            use std::os::unix::fs::MetadataExt;
+            let m = md.mode();
+            let can = m & 0o001 != 0
+                || (md.uid() == uid && m & 0o100 != 0)
+                || (md.gid() == gid && m & 0o010 != 0);
+            if !can {
+                return Err(PostgresError::Command {
+                    what: "checking the server directory".into(),
+                    detail: format!(
+                        "the OS user {user} cannot reach {} because {} is not searchable by it; \
+                         allow it with `chmod o+x {}` or choose another place",
+                        path.display(),
+                        a.display(),
+                        a.display()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Makes the PostgreSQL cluster of a new server: the ciphertext tree and
 /// its root key, then initdb inside the mount (checksums, SCRAM admin),
 /// TLS and client authentication. Runs in a private mount namespace
@@ -292,29 +321,7 @@ pub fn initialize(
     let pg = pg_of(config)?;
     let (uid, gid) = os_ids(&pg.os_user)?;
     // The OS user must reach the mount point through every ancestor.
-    for a in dir.ancestors().skip(1) {
-        if let Ok(md) = fs::metadata(a) {
-            use std::os::unix::fs::MetadataExt;
-            let m = md.mode();
-            let can = m & 0o001 != 0
-                || (md.uid() == uid && m & 0o100 != 0)
-                || (md.gid() == gid && m & 0o010 != 0);
-            if !can {
-                return Err(PostgresError::Command {
-                    what: "checking the server directory".into(),
-                    detail: format!(
-                        "the OS user {} cannot reach {} because {} is not searchable by it; \
-                         allow it with `chmod o+x {}` or create the server elsewhere",
-                        pg.os_user,
-                        dir.display(),
-                        a.display(),
-                        a.display()
-                    ),
-                }
-                .into());
-            }
-        }
-    }
+    reachable_by(dir, &pg.os_user, uid, gid)?;
     let cipher = dir.join(CIPHER_SUBDIR);
     let mnt = dir.join(MOUNT_SUBDIR);
     let run = dir.join(RUN_SUBDIR);
@@ -378,26 +385,50 @@ pub fn initialize(
         let mut text = fs::read_to_string(&main_conf).map_err(|e| io(&main_conf, e))?;
         text.push_str("\ninclude 'atrest.conf'\n");
         write_owned(&main_conf, text.as_bytes(), 0o600, uid, gid)?;
-        let mut hba = String::from(
-            "# Written by atrest: TLS and SCRAM-SHA-256 for every remote client.\n\
-             local all all scram-sha-256\n\
-             hostssl all all 0.0.0.0/0 scram-sha-256\n\
-             hostssl all all ::/0 scram-sha-256\n",
-        );
-        match config.allow_plaintext {
-            PlaintextPolicy::Never => {}
-            PlaintextPolicy::Loopback => hba.push_str(
-                "hostnossl all all 127.0.0.1/32 scram-sha-256\nhostnossl all all ::1/128 scram-sha-256\n",
-            ),
-            PlaintextPolicy::Always => hba.push_str(
-                "hostnossl all all 0.0.0.0/0 scram-sha-256\nhostnossl all all ::/0 scram-sha-256\n",
-            ),
-        }
-        write_owned(&pgdata.join("pg_hba.conf"), hba.as_bytes(), 0o600, uid, gid)?;
+        write_auth(&pgdata, config, pg, admin_user)?;
         Ok::<(), PostgresError>(())
     })();
     drop(mounted);
     result.map_err(Into::into)
+}
+
+/// Client authentication (`pg_hba.conf`, `pg_ident.conf`), written at
+/// create and again at every start: TLS and SCRAM-SHA-256 for every
+/// client, and the admin role over the local socket for the server
+/// process only (peer authentication of root, for backups).
+fn write_auth(
+    pgdata: &Path,
+    config: &ServerConfig,
+    pg: &PostgresConfig,
+    admin_user: &str,
+) -> Result<(), PostgresError> {
+    let (uid, gid) = os_ids(&pg.os_user)?;
+    let mut hba = format!(
+        "# Written by atrest at every start: TLS and SCRAM-SHA-256 for every client;\n\
+         # the admin role over the local socket only for the atrest server (root).\n\
+         local all {admin_user} peer map=atrest_server\n\
+         local all all scram-sha-256\n\
+         hostssl all all 0.0.0.0/0 scram-sha-256\n\
+         hostssl all all ::/0 scram-sha-256\n"
+    );
+    match config.allow_plaintext {
+        PlaintextPolicy::Never => {}
+        PlaintextPolicy::Loopback => hba.push_str(
+            "hostnossl all all 127.0.0.1/32 scram-sha-256\nhostnossl all all ::1/128 scram-sha-256\n",
+        ),
+        PlaintextPolicy::Always => hba.push_str(
+            "hostnossl all all 0.0.0.0/0 scram-sha-256\nhostnossl all all ::/0 scram-sha-256\n",
+        ),
+    }
+    write_owned(&pgdata.join("pg_hba.conf"), hba.as_bytes(), 0o600, uid, gid)?;
+    let ident = format!("# Written by atrest.\natrest_server root {admin_user}\n");
+    write_owned(
+        &pgdata.join("pg_ident.conf"),
+        ident.as_bytes(),
+        0o600,
+        uid,
+        gid,
+    )
 }
 
 /// The running PostgreSQL of a started server, on its mount.
@@ -411,6 +442,8 @@ pub struct Running {
     dir: PathBuf,
     pub listen: String,
     limits: Limits,
+    /// Settings beside the limits (the WAL archive's).
+    settings: Vec<String>,
 }
 
 impl Running {
@@ -442,7 +475,13 @@ impl Running {
     pub fn restart(&mut self, limit: Duration) -> Result<(), crate::resource::ResourceError> {
         let _ = self.child.wait();
         let _ = stop_stale_postgres(&self.pgdata(), &self.pg);
-        self.child = spawn_postgres(&self.dir, &self.pg, &self.listen, &self.limits)?;
+        self.child = spawn_postgres(
+            &self.dir,
+            &self.pg,
+            &self.listen,
+            &self.limits,
+            &self.settings,
+        )?;
         self.wait_ready(limit)
     }
 
@@ -687,8 +726,14 @@ pub fn start(
         }
         .into());
     }
+    let settings = backup::archive_settings(dir, &config)?;
     let mounted = mount(dir, protector)?;
-    let child = match spawn_postgres(dir, &pg, listen, limits) {
+    let pgdata = dir.join(MOUNT_SUBDIR).join(PGDATA);
+    if let Err(e) = write_auth(&pgdata, &config, &pg, &pg.admin_user) {
+        let _ = mounted.session.umount_and_join();
+        return Err(e.into());
+    }
+    let child = match spawn_postgres(dir, &pg, listen, limits, &settings) {
         Ok(c) => c,
         Err(e) => {
             let _ = mounted.session.umount_and_join();
@@ -704,6 +749,7 @@ pub fn start(
         dir: dir.to_path_buf(),
         listen: listen.to_string(),
         limits: limits.clone(),
+        settings,
     };
     if let Err(e) = running.wait_ready(limit) {
         let _ = running.stop(Duration::from_secs(5));
@@ -739,6 +785,7 @@ fn spawn_postgres(
     pg: &PostgresConfig,
     listen: &str,
     limits: &Limits,
+    settings: &[String],
 ) -> Result<Child, crate::resource::ResourceError> {
     let (uid, gid) = os_ids(&pg.os_user)?;
     let (host, port) = split_listen(listen)?;
@@ -766,7 +813,7 @@ fn spawn_postgres(
         .arg(format!("port={port}"))
         .arg("-c")
         .arg(format!("unix_socket_directories={}", run.display()));
-    for setting in limit_settings(limits) {
+    for setting in limit_settings(limits).iter().chain(settings) {
         cmd.arg("-c").arg(setting);
     }
     cmd.uid(uid)
@@ -813,6 +860,21 @@ impl StoppedTree {
     }
 }
 
+/// The tree of a stopped server, opened with the keys its configuration
+/// names (for what works without a mount: verifying backups).
+pub fn offline_tree(dir: &Path, config: &ServerConfig) -> Result<atrest_fs::Tree, String> {
+    let access = match &config.encryption.customer_key {
+        Some(ck) => Some(crate::keys::vault_access(dir, config, &ck.login, &ck.key)?),
+        None => None,
+    };
+    let protector = crate::keys::engine_protector(config, access.as_ref())?;
+    let infra = infra_keystore(config).map_err(|e| e.to_string())?;
+    let cipher = dir.join(CIPHER_SUBDIR);
+    let root = atrest_fs::RootKey::open(&cipher, protector.as_ref(), infra.as_ref())
+        .map_err(|e| format!("the tree's keys do not open: {e}"))?;
+    Ok(atrest_fs::AtrestFs::new(cipher, root, atrest_fs::SlotPolicy::Postgres).tree())
+}
+
 impl crate::keys::Rewrap for StoppedTree {
     fn set_protector(
         &self,
@@ -835,6 +897,7 @@ impl crate::keys::Rewrap for StoppedTree {
             .map_err(|e| e.to_string())?;
         let tree = atrest_fs::AtrestFs::new(cipher, root, atrest_fs::SlotPolicy::Postgres).tree();
         tree.rewrap(protector.as_ref()).map_err(|e| e.to_string())?;
+        backup::rewrap_repository(&self.dir, config, &tree)?;
         Ok(1)
     }
 }

@@ -249,8 +249,30 @@ impl Engine for PgEngine {
 
     fn admin_op(self: Arc<Self>, op: &str, req: &Value) -> Option<AdminReply> {
         let ready = self.control.state() == State::Ready;
-        let reply = crate::rotation::admin_op(&self.rotator, ready, op, req)?;
-        Some(Box::pin(async move { reply }))
+        match op {
+            "backup" | "backup-verify" => {
+                if !ready {
+                    return Some(Box::pin(async {
+                        json!({"error": crate::control::NOT_READY})
+                    }));
+                }
+                let (op, id) = (op.to_string(), req["id"].as_str().map(str::to_string));
+                Some(Box::pin(async move {
+                    let e = Arc::clone(&self);
+                    let r =
+                        tokio::task::spawn_blocking(move || e.backup_op(&op, id.as_deref())).await;
+                    match r {
+                        Ok(Ok(v)) => v,
+                        Ok(Err(e)) => json!({"error": e}),
+                        Err(e) => json!({"error": e.to_string()}),
+                    }
+                }))
+            }
+            _ => {
+                let reply = crate::rotation::admin_op(&self.rotator, ready, op, req)?;
+                Some(Box::pin(async move { reply }))
+            }
+        }
     }
 
     fn unlock(
@@ -273,11 +295,7 @@ impl Rewrap for PgEngine {
         Ok(())
     }
 
-    fn rewrap_every(
-        &self,
-        _dir: &std::path::Path,
-        _config: &ServerConfig,
-    ) -> Result<usize, String> {
+    fn rewrap_every(&self, _dir: &std::path::Path, config: &ServerConfig) -> Result<usize, String> {
         let protector = self
             .protector
             .lock()
@@ -291,7 +309,37 @@ impl Rewrap for PgEngine {
             .ok_or("the tree is not mounted (the server is Inaccessible)")?;
         let files = tree.rewrap(protector.as_ref()).map_err(|e| e.to_string())?;
         tracing::info!(files, "rewrapped the tree's root and file headers");
+        let copies = super::backup::rewrap_repository(&self.dir, config, tree)?;
+        tracing::info!(
+            copies,
+            "rewrapped the backups' and the WAL archive's headers"
+        );
         Ok(1)
+    }
+}
+
+impl PgEngine {
+    /// A backup, or the verification of backups, through the mounted tree
+    /// (the running lock is held only to take a handle on it).
+    fn backup_op(&self, op: &str, id: Option<&str>) -> Result<Value, String> {
+        let config = self.control.live.lock().expect("live config").clone();
+        let tree = self
+            .running
+            .lock()
+            .expect("running")
+            .as_ref()
+            .and_then(|r| r.tree().cloned())
+            .ok_or("the tree is not mounted (the server is not Ready)")?;
+        let repo = crate::backup::repository(&self.dir, &config);
+        if op == "backup-verify" {
+            let r = super::backup::verify_all(&tree, &repo, id)?;
+            return Ok(json!({"ok": true, "verified": r}));
+        }
+        let control = Arc::clone(&self.control);
+        let ready = move || control.state() == State::Ready;
+        let entry =
+            super::backup::take_backup(&self.dir, &config, &tree, &self.listen, &self.rt, &ready)?;
+        Ok(json!({"ok": true, "backup": entry}))
     }
 }
 
