@@ -625,16 +625,20 @@ fn tampered_relation_and_wal_units_are_io_errors_never_wrong_rows() {
 
     // The WAL: the unit holding the shutdown checkpoint, which the start
     // must read.
+    // The segment written last: with archiving on, PostgreSQL switches
+    // segments at shutdown and recycles archived ones under later names,
+    // so the newest name may be a recycled segment.
     let wal_dir = pgdata.join("pg_wal");
-    let mut segs: Vec<PathBuf> = std::fs::read_dir(&wal_dir)
+    let mut segs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&wal_dir)
         .unwrap()
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.file_name().unwrap().len() == 24)
+        .map(|p| (std::fs::metadata(&p).unwrap().modified().unwrap(), p))
         .collect();
     segs.sort();
-    let seg = segs.last().unwrap().clone();
-    let older = segs.first().unwrap().clone();
+    let seg = segs.last().unwrap().1.clone();
+    let older = segs.first().unwrap().1.clone();
     let wal = std::fs::read(&seg).unwrap();
     let (unit, slot) = newest_unit(&wal);
     let two = Layout {
@@ -645,7 +649,14 @@ fn tampered_relation_and_wal_units_are_io_errors_never_wrong_rows() {
     let mut flipped = wal.clone();
     flipped[o + META + 100] ^= 0x01;
     let mut swapped = wal.clone();
-    let prev = two.slot_offset(unit.saturating_sub(1), 0) as usize;
+    // The checkpoint's unit swapped with a neighbour (with archiving on,
+    // the shutdown checkpoint opens a fresh segment: unit 0).
+    let neighbour = if unit > 0 { unit - 1 } else { unit + 1 };
+    let prev = two.slot_offset(neighbour, 0) as usize;
+    assert!(
+        wal.len() >= prev + 2 * SLOT,
+        "the segment holds unit {neighbour}"
+    );
     let base = two.slot_offset(unit, 0) as usize;
     swapped[base..base + 2 * SLOT].copy_from_slice(&wal[prev..prev + 2 * SLOT]);
     swapped[prev..prev + 2 * SLOT].copy_from_slice(&wal[base..base + 2 * SLOT]);
@@ -656,16 +667,34 @@ fn tampered_relation_and_wal_units_are_io_errors_never_wrong_rows() {
     } else {
         foreign[base..base + 2 * SLOT].copy_from_slice(&other[o1..o1 + SLOT].repeat(2));
     }
-    assert!(unit > 0, "the checkpoint is past the segment's first unit");
     for (what, bytes) in [
         ("flipped bit", &flipped),
         ("swapped units", &swapped),
         ("unit of another file", &foreign),
     ] {
         std::fs::write(&seg, bytes).unwrap();
-        let out = atrest(&["server", "start", "--data", a.s.dir.to_str().unwrap()]);
+        // A server that starts after all runs in the foreground: give it
+        // a deadline instead of waiting for it.
+        let mut start = Command::new(server_common::bin())
+            .args(["server", "start", "--data", a.s.dir.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while start.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let started = start.try_wait().unwrap().is_none();
+        if started {
+            let _ = start.kill();
+        }
+        let out = start.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "WAL {what}: the server started");
+        assert!(
+            !started && !out.status.success(),
+            "WAL {what}: the server started"
+        );
         let seg_name = seg.file_name().unwrap().to_str().unwrap();
         assert!(
             err.contains("Input/output error") && err.contains(seg_name),
