@@ -126,6 +126,36 @@ pub struct BackedUpDatabase {
     pub point_unix_us: u64,
 }
 
+/// What a postgres-engine backup records beside the catalog's fields.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PgBackupPoint {
+    /// `pg_backup_start`'s WAL location, and the segment it is in (the
+    /// first one a restore replays).
+    pub start_lsn: String,
+    pub start_wal: String,
+    /// `pg_backup_stop`'s: a restore is consistent from here on.
+    pub stop_lsn: String,
+}
+
+/// The postgres engine's WAL archive, in the repository (its segments are
+/// kept for the backups in the catalog: see [`apply_retention`]).
+pub const ARCHIVE_SUBDIR: &str = "pgwal";
+
+/// Removes the archived segments older than `oldest_start_wal` (the
+/// oldest kept backup's first segment); history files stay.
+pub fn prune_archive(repo: &Path, oldest_start_wal: &str) {
+    for e in fs::read_dir(repo.join(ARCHIVE_SUBDIR))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.len() >= 24 && !name.ends_with(".history") && name[..24] < *oldest_start_wal {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
 /// A catalog entry (and a backup's manifest).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BackupEntry {
@@ -147,7 +177,7 @@ pub struct BackupEntry {
     pub databases: Vec<BackedUpDatabase>,
     /// The postgres engine's backup: its WAL locations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub postgres: Option<crate::postgres::backup::PgBackupPoint>,
+    pub postgres: Option<PgBackupPoint>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -422,7 +452,7 @@ pub fn apply_retention(
         .filter_map(|e| e.postgres.as_ref().map(|p| p.start_wal.clone()))
         .min()
     {
-        crate::postgres::backup::prune_archive(repo, &oldest);
+        prune_archive(repo, &oldest);
     }
     // Archive segments older than every remaining backup's start point.
     let mut oldest: BTreeMap<String, u64> = BTreeMap::new();

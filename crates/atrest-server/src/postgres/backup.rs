@@ -23,30 +23,17 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use super::{os_ids, pg_of, PostgresError, CIPHER_SUBDIR, PGDATA, RUN_SUBDIR};
-use crate::backup::{self as sqlite_backup, BackupEntry, VerifyReport};
+use crate::backup::{
+    self as sqlite_backup, BackupEntry, PgBackupPoint, VerifyReport, ARCHIVE_SUBDIR,
+};
 use crate::config::ServerConfig;
 use crate::resource;
 
-/// The WAL archive's directory in the repository.
-pub const ARCHIVE_SUBDIR: &str = "pgwal";
 /// A backup's copy of the cluster's sealed files, under the backup.
 const TREE: &str = "tree";
 /// A backup's own sealed files (the backup label), under the backup.
 const SEALED: &str = "sealed";
-
-/// What a postgres-engine backup records beside the catalog's fields.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PgBackupPoint {
-    /// `pg_backup_start`'s WAL location, and the segment it is in (the
-    /// first one a restore replays).
-    pub start_lsn: String,
-    pub start_wal: String,
-    /// `pg_backup_stop`'s: a restore is consistent from here on.
-    pub stop_lsn: String,
-}
 
 fn err(what: &str, path: &Path, e: impl std::fmt::Display) -> String {
     format!("{what} {}: {e}", path.display())
@@ -428,19 +415,4 @@ pub fn rewrap_repository(
         }
     }
     Ok(n)
-}
-
-/// Removes the archived segments older than `oldest_start_wal` (the
-/// oldest kept backup's first segment); history files stay.
-pub fn prune_archive(repo: &Path, oldest_start_wal: &str) {
-    for e in fs::read_dir(repo.join(ARCHIVE_SUBDIR))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let name = e.file_name().to_string_lossy().to_string();
-        if name.len() >= 24 && !name.ends_with(".history") && name[..24] < *oldest_start_wal {
-            let _ = fs::remove_file(e.path());
-        }
-    }
 }
