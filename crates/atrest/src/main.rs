@@ -43,7 +43,29 @@ enum Command {
     Server(cli_server::ServerArgs),
 }
 
+/// Keys, and plaintext pages and rows, live in this process's memory: no
+/// core dump may hold them. The process is made non-dumpable (the kernel
+/// writes no core for it, and other users cannot attach to it), and its
+/// core size limit is 0, soft and hard, which every program it starts
+/// inherits (PostgreSQL's backends hold plaintext pages too).
+fn no_core_dumps() {
+    use rustix::process::{set_dumpable_behavior, setrlimit, DumpableBehavior, Resource, Rlimit};
+    if let Err(e) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
+        eprintln!(
+            "warning: cannot make this process non-dumpable ({e}): a core dump could hold keys"
+        );
+    }
+    let none = Rlimit {
+        current: Some(0),
+        maximum: Some(0),
+    };
+    if let Err(e) = setrlimit(Resource::Core, none) {
+        eprintln!("warning: cannot set the core size limit to 0 ({e})");
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    no_core_dumps();
     let cli = Cli::parse();
     // A server says what it does (where it listens, state changes) by default.
     init_logging(if matches!(cli.command, Command::Server(_)) {

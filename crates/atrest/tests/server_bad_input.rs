@@ -355,3 +355,108 @@ fn a_database_file_swapped_in_from_another_database_is_refused_not_served() {
     assert_eq!(s.sql("other", "SELECT v FROM t"), "other row");
     assert!(s.stop().success());
 }
+
+/// Files whose name starts with `core` in `dir`.
+fn cores_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("core"))
+        .collect()
+}
+
+/// Runs `program ARGS` under `sh` with core dumps allowed (`ulimit -c
+/// unlimited`) in `cwd`; `exec` keeps the process id.
+fn spawn_with_cores(cwd: &std::path::Path, program: &str, args: &[&str]) -> std::process::Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -c unlimited; exec \"$@\"")
+        .arg("sh")
+        .arg(program)
+        .args(args)
+        .current_dir(cwd)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_server_killed_with_sigabrt_leaves_no_core_dump_of_keys_or_rows() {
+    // The machine writes core files where a process runs (a control
+    // process shows it): otherwise this test could not tell.
+    let pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap();
+    assert!(
+        !pattern.starts_with('|'),
+        "this test needs core files written to disk (kernel.core_pattern is {pattern:?})"
+    );
+    let control_dir = tempfile::tempdir().unwrap();
+    let mut control = spawn_with_cores(control_dir.path(), "sleep", &["60"]);
+    std::thread::sleep(Duration::from_millis(200));
+    signal_pid(control.id(), 6).unwrap();
+    let _ = control.wait();
+    assert!(
+        !cores_in(control_dir.path()).is_empty(),
+        "the control process left no core: the machine does not write core files here"
+    );
+
+    let mut s = TestServer::create(&[]);
+    s.start(&[]);
+    let marker = "core-dump-marker-7f3a";
+    s.sql(
+        "postgres",
+        &format!("CREATE TABLE secret (v text); INSERT INTO secret SELECT '{marker}' FROM generate_series(1, 500)"),
+    );
+    assert!(s.stop().success());
+    let cwd = tempfile::tempdir().unwrap();
+    let dir = s.dir.to_str().unwrap().to_string();
+    let mut server = spawn_with_cores(
+        cwd.path(),
+        server_common::bin().to_str().unwrap(),
+        &["server", "start", "--data", &dir],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let port = loop {
+        let st = s.state();
+        if st["state"] == "Ready" && st["pid"] == server.id() {
+            break st["listen"]
+                .as_str()
+                .unwrap()
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .parse::<u16>()
+                .unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "not Ready: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    s.port = port;
+    // Pages, rows and keys are in memory now.
+    assert_eq!(
+        s.sql(
+            "postgres",
+            &format!("SELECT count(*) FROM secret WHERE v = '{marker}'")
+        ),
+        "500"
+    );
+    signal_pid(server.id(), 6).unwrap();
+    let status = server.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(6), "{status:?}");
+    let cores = cores_in(cwd.path());
+    for c in &cores {
+        let bytes = std::fs::read(c).unwrap();
+        assert!(
+            !contains(&bytes, marker.as_bytes()),
+            "{} holds plaintext rows",
+            c.display()
+        );
+    }
+    assert!(cores.is_empty(), "the server left a core dump: {cores:?}");
+    // Nothing lost: it starts again and serves the rows.
+    s.start(&[]);
+    assert_eq!(s.sql("postgres", "SELECT count(*) FROM secret"), "500");
+    assert!(s.stop().success());
+}
