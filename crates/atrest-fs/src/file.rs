@@ -794,7 +794,23 @@ impl Sealed {
         let mut st = self.st.lock().unwrap();
         match &mut st.header.key_source {
             KeySource::Parent { parent_wrapped, .. } if parent_wrapped == wrapped => {
-                return Ok(false)
+                // The newest slot has it; the other may not (a rewrap cut
+                // between the two slots): then that slot is rewritten.
+                if !self.other_slot_differs(&st, wrapped) {
+                    return Ok(false);
+                }
+                if !st.header_synced {
+                    self.file
+                        .sync_data()
+                        .map_err(|e| io("sync", &self.name(), e))?;
+                    st.header_synced = true;
+                }
+                self.write_header(&mut st)?;
+                self.file
+                    .sync_data()
+                    .map_err(|e| io("sync", &self.name(), e))?;
+                st.header_synced = true;
+                return Ok(true);
             }
             KeySource::Parent { parent_wrapped, .. } => *parent_wrapped = wrapped.clone(),
             _ => {
@@ -813,6 +829,25 @@ impl Sealed {
             st.header_synced = true;
         }
         Ok(true)
+    }
+
+    /// Whether the header slot not holding the newest header names another
+    /// copy of the root's wrapping than `wrapped` (an empty slot does not;
+    /// one that does not decode does, and is rewritten).
+    fn other_slot_differs(&self, st: &State, wrapped: &WrappedDek) -> bool {
+        let mut slot = vec![0u8; HEADER_SLOT_SIZE];
+        let at = (1 - st.header_slot) as u64 * HEADER_SLOT_SIZE as u64;
+        if self.file.read_exact_at(&mut slot, at).is_err() {
+            return false;
+        }
+        match FileHeader::decode_unverified(&slot) {
+            Ok(None) => false,
+            Ok(Some(u)) => match &u.claims().key_source {
+                KeySource::Parent { parent_wrapped, .. } => parent_wrapped != wrapped,
+                _ => true,
+            },
+            Err(_) => true,
+        }
     }
 
     /// Writes back the exact seal count (a clean close), so the next open

@@ -582,3 +582,64 @@ fn a_tree_rotation_resealing_every_file_is_recorded_until_done_and_skips_what_is
         assert_eq!(read_all(&f).unwrap(), bytes(i as u64, 9 * UNIT + i), "{n}");
     }
 }
+
+#[test]
+fn a_key_switch_cut_between_a_files_two_header_slots_is_finished_by_the_next_rewrap() {
+    use atrest_crypto::KeyProtector;
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("tree");
+    std::fs::create_dir_all(&d).unwrap();
+    let (p1, root) = new_tree(&t.path().join("ks"), &d);
+    let ks = atrest_keystore::Keystore::open(t.path().join("ks")).unwrap();
+    let p2 = ks
+        .service_protector(ks.create_service_key().unwrap())
+        .unwrap();
+    let (old_id, new_id) = (p1.current_kek().key_id, p2.current_kek().key_id);
+    let f = CryptFile::create(rw(&d.join("a")), "a", &root, 2).unwrap();
+    f.write_at(0, &bytes(1, 20_000)).unwrap();
+    f.close().unwrap();
+    f.write_at(0, b"again").unwrap();
+    f.close().unwrap();
+    drop(f);
+    let before = std::fs::read(d.join("a")).unwrap();
+    let has = |b: &[u8], s: &str, slot: usize| {
+        let h = &b[slot * 4096..(slot + 1) * 4096];
+        h.windows(s.len()).any(|w| w == s.as_bytes())
+    };
+    assert!(has(&before, &old_id, 0) && has(&before, &old_id, 1));
+    let tree = atrest_fs::AtrestFs::new(d.clone(), root, atrest_fs::SlotPolicy::AllTwo).tree();
+    assert_eq!(tree.rewrap(&p2).unwrap(), 1);
+    // Cut between the slots: the slot written second goes back to what it
+    // held, so the newest slot names the new key and the other the old.
+    let mut after = std::fs::read(d.join("a")).unwrap();
+    let seq = |b: &[u8], k: usize| {
+        atrest_crypto::FileHeader::decode_unverified(&b[k * 4096..(k + 1) * 4096])
+            .unwrap()
+            .unwrap()
+            .claims()
+            .sequence
+    };
+    let second = if seq(&after, 0) > seq(&after, 1) {
+        0
+    } else {
+        1
+    };
+    after[second * 4096..(second + 1) * 4096]
+        .copy_from_slice(&before[second * 4096..(second + 1) * 4096]);
+    std::fs::write(d.join("a"), &after).unwrap();
+    assert!(has(&after, &new_id, 1 - second) && has(&after, &old_id, second));
+    // The next rewrap (a restart finishing the switch) rewrites that slot.
+    assert_eq!(tree.rewrap(&p2).unwrap(), 1, "the stale slot is found");
+    assert_eq!(tree.rewrap(&p2).unwrap(), 0, "and then nothing is left");
+    let done = std::fs::read(d.join("a")).unwrap();
+    for k in 0..2 {
+        assert!(
+            !has(&done, &old_id, k),
+            "slot {k} still wraps under the old key"
+        );
+    }
+    drop(tree);
+    let root2 = RootKey::open(&d, &p2, None).unwrap();
+    let f = CryptFile::open(rw(&d.join("a")), "a", &root2).unwrap();
+    assert_eq!(&read_all(&f).unwrap()[..5], b"again");
+}

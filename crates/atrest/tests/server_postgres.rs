@@ -624,55 +624,76 @@ fn tampered_relation_and_wal_units_are_io_errors_never_wrong_rows() {
     assert!(st.success(), "{st}");
 
     // The WAL: the unit holding the shutdown checkpoint, which the start
-    // must read.
-    // The segment written last: with archiving on, PostgreSQL switches
-    // segments at shutdown and recycles archived ones under later names,
-    // so the newest name may be a recycled segment.
+    // must read. Which segment holds it is not visible from outside
+    // (PostgreSQL switches segments at shutdown when it archives, and
+    // recycles archived ones under later names), so each variant damages
+    // the newest unit of every segment: the start must fail, naming a
+    // segment and that segment's damaged unit.
     let wal_dir = pgdata.join("pg_wal");
-    let mut segs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&wal_dir)
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&wal_dir)
         .unwrap()
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.file_name().unwrap().len() == 24)
-        .map(|p| (std::fs::metadata(&p).unwrap().modified().unwrap(), p))
         .collect();
     segs.sort();
-    let seg = segs.last().unwrap().1.clone();
-    let older = segs.first().unwrap().1.clone();
-    let wal = std::fs::read(&seg).unwrap();
-    let (unit, slot) = newest_unit(&wal);
     let two = Layout {
         slots: 2,
         infra: false,
     };
-    let o = two.slot_offset(unit, slot) as usize;
-    let mut flipped = wal.clone();
-    flipped[o + META + 100] ^= 0x01;
-    let mut swapped = wal.clone();
-    // The checkpoint's unit swapped with a neighbour (with archiving on,
-    // the shutdown checkpoint opens a fresh segment: unit 0).
-    let neighbour = if unit > 0 { unit - 1 } else { unit + 1 };
-    let prev = two.slot_offset(neighbour, 0) as usize;
-    assert!(
-        wal.len() >= prev + 2 * SLOT,
-        "the segment holds unit {neighbour}"
-    );
-    let base = two.slot_offset(unit, 0) as usize;
-    swapped[base..base + 2 * SLOT].copy_from_slice(&wal[prev..prev + 2 * SLOT]);
-    swapped[prev..prev + 2 * SLOT].copy_from_slice(&wal[base..base + 2 * SLOT]);
-    let older_bytes = std::fs::read(&older).unwrap();
-    let mut foreign = wal.clone();
-    if older != seg && older_bytes.len() >= base + 2 * SLOT {
-        foreign[base..base + 2 * SLOT].copy_from_slice(&older_bytes[base..base + 2 * SLOT]);
-    } else {
-        foreign[base..base + 2 * SLOT].copy_from_slice(&other[o1..o1 + SLOT].repeat(2));
-    }
-    for (what, bytes) in [
-        ("flipped bit", &flipped),
-        ("swapped units", &swapped),
-        ("unit of another file", &foreign),
-    ] {
-        std::fs::write(&seg, bytes).unwrap();
+    let originals: Vec<(PathBuf, Vec<u8>, u64, u8)> = segs
+        .iter()
+        .map(|p| {
+            let b = std::fs::read(p).unwrap();
+            let (unit, slot) = newest_unit(&b);
+            (p.clone(), b, unit, slot)
+        })
+        .collect();
+    type Damage = fn(&[u8], &[u8], u64, u8, Layout) -> Vec<u8>;
+    let variants: [(&str, Damage); 3] = [
+        ("flipped bit", |wal, _, unit, slot, two| {
+            let o = two.slot_offset(unit, slot) as usize;
+            let mut b = wal.to_vec();
+            b[o + META + 100] ^= 0x01;
+            b
+        }),
+        ("swapped units", |wal, _, unit, _, two| {
+            // With a neighbour (the shutdown checkpoint may open a fresh
+            // segment: unit 0).
+            let n = if unit > 0 { unit - 1 } else { unit + 1 };
+            let (a, c) = (
+                two.slot_offset(unit, 0) as usize,
+                two.slot_offset(n, 0) as usize,
+            );
+            let mut b = wal.to_vec();
+            if c + 2 * SLOT <= wal.len() {
+                b[a..a + 2 * SLOT].copy_from_slice(&wal[c..c + 2 * SLOT]);
+                b[c..c + 2 * SLOT].copy_from_slice(&wal[a..a + 2 * SLOT]);
+            }
+            b
+        }),
+        ("unit of another file", |wal, other, unit, _, two| {
+            let a = two.slot_offset(unit, 0) as usize;
+            let mut b = wal.to_vec();
+            b[a..a + 2 * SLOT].copy_from_slice(&other[a..a + 2 * SLOT]);
+            b
+        }),
+    ];
+    for (what, damage) in variants {
+        for (i, (p, wal, unit, slot)) in originals.iter().enumerate() {
+            // Another file's unit at the same place: the next segment's,
+            // or (one segment) the relation file's, twice.
+            let other = match originals.get((i + 1) % originals.len()) {
+                Some(o) if originals.len() > 1 && o.1.len() >= wal.len() => o.1.clone(),
+                _ => {
+                    let mut v = wal.clone();
+                    let a = two.slot_offset(*unit, 0) as usize;
+                    v[a..a + 2 * SLOT].copy_from_slice(&other[o1..o1 + SLOT].repeat(2));
+                    v
+                }
+            };
+            std::fs::write(p, damage(wal, &other, *unit, *slot, two)).unwrap();
+        }
         // A server that starts after all runs in the foreground: give it
         // a deadline instead of waiting for it.
         let mut start = Command::new(server_common::bin())
@@ -695,17 +716,21 @@ fn tampered_relation_and_wal_units_are_io_errors_never_wrong_rows() {
             !started && !out.status.success(),
             "WAL {what}: the server started"
         );
-        let seg_name = seg.file_name().unwrap().to_str().unwrap();
         assert!(
-            err.contains("Input/output error") && err.contains(seg_name),
-            "WAL {what}: PostgreSQL reports an I/O error for the segment: {err}"
+            err.contains("Input/output error"),
+            "WAL {what}: PostgreSQL reports an I/O error: {err}"
         );
         assert!(
-            err.contains(&format!("unit {unit}")),
-            "WAL {what}: the unit is named: {err}"
+            originals.iter().any(|(p, _, unit, _)| {
+                err.contains(p.file_name().unwrap().to_str().unwrap())
+                    && err.contains(&format!("unit {unit}"))
+            }),
+            "WAL {what}: a segment and its damaged unit are named: {err}"
         );
+        for (p, wal, _, _) in &originals {
+            std::fs::write(p, wal).unwrap();
+        }
     }
-    std::fs::write(&seg, &wal).unwrap();
     a.s.start(&[]);
     assert_eq!(a.psql("postgres", "select count(*), sum(id) from t"), want);
     let st = a.s.stop();
