@@ -65,7 +65,8 @@ pub fn atrest_ok(args: &[&str]) -> String {
     let out = atrest(args);
     assert!(
         out.status.success(),
-        "atrest {args:?}: {}{}",
+        "atrest {args:?} ended with {:?}: {}{}",
+        out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
