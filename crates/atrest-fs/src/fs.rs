@@ -1188,6 +1188,13 @@ pub struct RotationMark {
     pub units_total: u64,
 }
 
+/// See [`Tree::dek_facts`].
+struct DekFacts {
+    created_unix: u64,
+    units: u64,
+    seals: u64,
+}
+
 /// One file's rotation under way (see [`Tree::rekey_start`]). Dropped
 /// without [`Tree::rekey_finish`] or [`Tree::rekey_abort`], it switches
 /// nothing and its keys go with it.
@@ -1272,51 +1279,13 @@ impl Tree {
         Ok(())
     }
 
-    /// The files whose DEK was made at or before `started_unix`, with
-    /// their units, by reading each header (open files: their state).
-    pub fn rotation_pending(&self, started_unix: u64) -> Vec<(PathBuf, u64)> {
+    /// What the rotation needs of every file of the tree, from its live
+    /// state when open, else from its header: when its DEK was made, its
+    /// units, and the seals its DEK has made (a closed file's header
+    /// reservation is an upper bound). `None`: its header does not open
+    /// (rotating it reports why).
+    fn dek_facts(&self) -> Vec<(PathBuf, Option<DekFacts>)> {
         let mut out = Vec::new();
-        for rel in walk(&self.dir) {
-            let real = self.dir.join(&rel);
-            let Ok(file) = File::open(&real) else {
-                continue;
-            };
-            let Ok(md) = file.metadata() else { continue };
-            let live = self
-                .open_files
-                .lock()
-                .unwrap()
-                .get(&md.ino())
-                .and_then(std::sync::Weak::upgrade);
-            let (created, units) = match &live {
-                Some(f) => (
-                    f.dek_created_unix(),
-                    f.size().div_ceil(crate::layout::UNIT as u64),
-                ),
-                None => match crate::file::header_of(&file, &rel.display().to_string(), &self.root)
-                {
-                    Ok(h) => {
-                        let layout = crate::layout::Layout {
-                            slots: h.fs.map_or(1, |f| f.slots),
-                            infra: h.infra.is_some(),
-                        };
-                        (h.created_unix, layout.units_in(md.len()))
-                    }
-                    // Not ours to judge here: rotating it reports why.
-                    Err(_) => (0, 0),
-                },
-            };
-            if created <= started_unix {
-                out.push((rel, units));
-            }
-        }
-        out
-    }
-
-    /// The most seals any file's DEK has made (its header's reservation,
-    /// or an open file's count): for the usage limit.
-    pub fn most_seals(&self) -> u64 {
-        let mut most = 0;
         for rel in walk(&self.dir) {
             let Ok(file) = File::open(self.dir.join(&rel)) else {
                 continue;
@@ -1328,14 +1297,49 @@ impl Tree {
                 .unwrap()
                 .get(&md.ino())
                 .and_then(std::sync::Weak::upgrade);
-            let n = match live {
-                Some(f) => f.sealed_count(),
+            let facts = match live {
+                Some(f) => Some(DekFacts {
+                    created_unix: f.dek_created_unix(),
+                    units: f.size().div_ceil(crate::layout::UNIT as u64),
+                    seals: f.sealed_count(),
+                }),
                 None => crate::file::header_of(&file, &rel.display().to_string(), &self.root)
-                    .map_or(0, |h| h.seals_reserved),
+                    .ok()
+                    .map(|h| DekFacts {
+                        created_unix: h.created_unix,
+                        units: crate::layout::Layout {
+                            slots: h.fs.map_or(1, |f| f.slots),
+                            infra: h.infra.is_some(),
+                        }
+                        .units_in(md.len()),
+                        seals: h.seals_reserved,
+                    }),
             };
-            most = most.max(n);
+            out.push((rel, facts));
         }
-        most
+        out
+    }
+
+    /// The files whose DEK was made at or before `started_unix` (or whose
+    /// header does not open), with their units.
+    pub fn rotation_pending(&self, started_unix: u64) -> Vec<(PathBuf, u64)> {
+        self.dek_facts()
+            .into_iter()
+            .filter_map(|(rel, f)| match f {
+                Some(f) if f.created_unix > started_unix => None,
+                Some(f) => Some((rel, f.units)),
+                None => Some((rel, 0)),
+            })
+            .collect()
+    }
+
+    /// The most seals any file's DEK has made: for the usage limit.
+    pub fn most_seals(&self) -> u64 {
+        self.dek_facts()
+            .into_iter()
+            .filter_map(|(_, f)| f.map(|f| f.seals))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Starts re-sealing the file at `rel` under new DEKs, if its DEK was

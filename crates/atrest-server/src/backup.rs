@@ -562,6 +562,16 @@ pub fn verify_all(
     repo: &Path,
     id: Option<&str>,
 ) -> Result<Vec<VerifyReport>, String> {
+    verify_each(repo, id, |i| verify_backup(engine, repo, i))
+}
+
+/// Runs `verify` on backup `id`, or on every backup in the catalog (both
+/// engines: a repository holds one engine's backups).
+pub(crate) fn verify_each(
+    repo: &Path,
+    id: Option<&str>,
+    verify: impl Fn(&str) -> Result<VerifyReport, String>,
+) -> Result<Vec<VerifyReport>, String> {
     let ids: Vec<String> = match id {
         Some(i) => vec![i.to_string()],
         None => load_catalog(repo)?.into_iter().map(|e| e.id).collect(),
@@ -570,7 +580,7 @@ pub fn verify_all(
         return Err(format!("no backups in {}", repo.display()));
     }
     ids.iter()
-        .map(|i| verify_backup(engine, repo, i).map_err(|e| format!("backup {i}: {e}")))
+        .map(|i| verify(i).map_err(|e| format!("backup {i}: {e}")))
         .collect()
 }
 

@@ -416,47 +416,73 @@ fn logged_transactions(dir: &Path, prefix: &str) -> u64 {
         .sum()
 }
 
-#[test]
-fn kill_9_of_postgres_or_of_the_filesystem_process_under_pgbench_loses_no_acknowledged_transaction()
-{
-    let mut a = PgServer::create("pg-crash");
-    a.s.start(&[]);
-    a.run("pgbench", &["-i", "-s", "2", "-q", &a.conninfo("postgres")]);
-    let logs = tempfile::tempdir().unwrap();
-    let mut acked = 0u64;
-    let mut seed = std::process::id() as u64 | 1;
-    for round in 0..20u32 {
+/// Rounds of pgbench killed at a random moment: PostgreSQL (even rounds;
+/// the server starts it again) or the filesystem process, the server
+/// itself (odd rounds; started again here). After each, every transaction
+/// pgbench saw committed is there ([`pgbench_intact`]).
+struct KillRounds {
+    logs: tempfile::TempDir,
+    seed: u64,
+    acked: u64,
+}
+
+impl KillRounds {
+    fn new() -> Self {
+        KillRounds {
+            logs: tempfile::tempdir().unwrap(),
+            seed: std::process::id() as u64 | 1,
+            acked: 0,
+        }
+    }
+
+    /// One round; `before_kill` runs just before the kill.
+    fn kill_under_pgbench(
+        &mut self,
+        a: &mut PgServer,
+        round: u32,
+        before_kill: impl FnOnce(&PgServer),
+    ) {
         let prefix = format!("r{round}");
         let mut bench = Command::new(tool("pgbench"))
             .args(["-n", "-c", "4", "-j", "2", "-T", "60", "-l", "--log-prefix"])
-            .arg(logs.path().join(&prefix))
+            .arg(self.logs.path().join(&prefix))
             .arg(a.conninfo("postgres"))
             .env("PGPASSWORD", &a.password)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        std::thread::sleep(std::time::Duration::from_millis(400 + seed % 1600));
-        let server = a.s.pid();
-        if round % 2 == 0 {
-            // PostgreSQL: the server starts it again; its recovery runs.
-            let pm = postmaster_of(server).expect("a postmaster under the server");
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        std::thread::sleep(std::time::Duration::from_millis(400 + self.seed % 1600));
+        before_kill(a);
+        if round.is_multiple_of(2) {
+            let pm = postmaster_of(a.s.pid()).expect("a postmaster under the server");
             server_common::signal_pid(pm, 9).unwrap();
         } else {
-            // The filesystem process (the server itself).
             a.s.kill9();
         }
         let _ = bench.wait();
-        acked += logged_transactions(logs.path(), &prefix);
-        if round % 2 == 1 {
+        self.acked += logged_transactions(self.logs.path(), &prefix);
+        if !round.is_multiple_of(2) {
             a.s.start(&[]);
         }
-        // Back, with every acknowledged transaction.
-        pgbench_intact(&a, acked, &format!("round {round}"));
+        pgbench_intact(a, self.acked, &format!("round {round}"));
     }
+}
+
+#[test]
+fn kill_9_of_postgres_or_of_the_filesystem_process_under_pgbench_loses_no_acknowledged_transaction()
+{
+    let mut a = PgServer::create("pg-crash");
+    a.s.start(&[]);
+    a.run("pgbench", &["-i", "-s", "2", "-q", &a.conninfo("postgres")]);
+    let mut rounds = KillRounds::new();
+    for round in 0..20u32 {
+        rounds.kill_under_pgbench(&mut a, round, |_| ());
+    }
+    let acked = rounds.acked;
     assert!(
         acked > 100,
         "only {acked} transactions acknowledged over 20 rounds"
@@ -1515,41 +1541,16 @@ fn dek_rotation_under_pgbench_with_kills_leaves_no_old_dek_and_loses_no_acknowle
             .contains("atrest_dek_rotation_pages_done{database=\"cluster\",state=\"rotating\"}"),
         "metrics"
     );
-    let logs = tempfile::tempdir().unwrap();
-    let mut acked = 0u64;
+    let mut rounds = KillRounds::new();
     let mut mid_rotation = 0;
-    let mut seed = std::process::id() as u64 | 1;
     for round in 0..20u32 {
-        let prefix = format!("r{round}");
-        let mut bench = Command::new(tool("pgbench"))
-            .args(["-n", "-c", "4", "-j", "2", "-T", "60", "-l", "--log-prefix"])
-            .arg(logs.path().join(&prefix))
-            .arg(a.conninfo("postgres"))
-            .env("PGPASSWORD", &a.password)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        std::thread::sleep(Duration::from_millis(400 + seed % 1600));
-        if rotation_state(&a) == "rotating" {
-            mid_rotation += 1;
-        }
-        if round % 2 == 0 {
-            let pm = postmaster_of(a.s.pid()).expect("a postmaster under the server");
-            server_common::signal_pid(pm, 9).unwrap();
-        } else {
-            a.s.kill9();
-        }
-        let _ = bench.wait();
-        acked += logged_transactions(logs.path(), &prefix);
-        if round % 2 == 1 {
-            a.s.start(&[]);
-        }
-        pgbench_intact(&a, acked, &format!("round {round}"));
+        rounds.kill_under_pgbench(&mut a, round, |a| {
+            if rotation_state(a) == "rotating" {
+                mid_rotation += 1;
+            }
+        });
     }
+    let acked = rounds.acked;
     eprintln!("{mid_rotation} of 20 kills landed while the rotation ran");
     assert!(mid_rotation >= 10, "only {mid_rotation} kills mid-rotation");
     // The rotation resumed after every kill; now at full speed to the end.

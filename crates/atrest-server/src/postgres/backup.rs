@@ -366,26 +366,13 @@ pub fn verify_backup(
     Ok(report)
 }
 
-/// Verifies backup `id`, or every postgres-engine backup in the catalog.
+/// Verifies backup `id`, or every backup in the catalog.
 pub fn verify_all(
     tree: &atrest_fs::Tree,
     repo: &Path,
     id: Option<&str>,
 ) -> Result<Vec<VerifyReport>, String> {
-    let ids: Vec<String> = match id {
-        Some(i) => vec![i.to_string()],
-        None => sqlite_backup::load_catalog(repo)?
-            .into_iter()
-            .filter(|e| e.postgres.is_some())
-            .map(|e| e.id)
-            .collect(),
-    };
-    if ids.is_empty() {
-        return Err(format!("no backups in {}", repo.display()));
-    }
-    ids.iter()
-        .map(|i| verify_backup(tree, repo, i).map_err(|e| format!("backup {i}: {e}")))
-        .collect()
+    sqlite_backup::verify_each(repo, id, |i| verify_backup(tree, repo, i))
 }
 
 /// Rewraps every backup and archived segment with the tree's current
