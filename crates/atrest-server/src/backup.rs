@@ -330,17 +330,29 @@ pub fn take_backup(
         sync_dir(&partial);
         Ok::<_, String>(entry)
     })();
-    let entry = match result {
+    publish(dir, config, &repo, &partial, result)
+}
+
+/// A backup made in `partial` takes its final name (its id) and joins
+/// the catalog; a failed one leaves nothing. The same for both engines.
+pub(crate) fn publish(
+    dir: &Path,
+    config: &ServerConfig,
+    repo: &Path,
+    partial: &Path,
+    made: Result<BackupEntry, String>,
+) -> Result<BackupEntry, String> {
+    let entry = match made {
         Ok(e) => e,
         Err(e) => {
-            let _ = fs::remove_dir_all(&partial);
+            let _ = fs::remove_dir_all(partial);
             return Err(e);
         }
     };
-    let final_dir = repo.join("backups").join(&id);
-    fs::rename(&partial, &final_dir).map_err(|e| err("renaming", &partial, e))?;
-    sync_dir(&repo.join("backups"));
-    add_to_catalog(dir, config, &repo, &entry)?;
+    let backups = repo.join("backups");
+    fs::rename(partial, backups.join(&entry.id)).map_err(|e| err("renaming", partial, e))?;
+    sync_dir(&backups);
+    add_to_catalog(dir, config, repo, &entry)?;
     Ok(entry)
 }
 
@@ -367,7 +379,7 @@ pub(crate) fn write_manifest(
 
 /// A backup in its final place joins the catalog; retention runs; the
 /// activity log records it. The same for both engines.
-pub(crate) fn add_to_catalog(
+fn add_to_catalog(
     dir: &Path,
     config: &ServerConfig,
     repo: &Path,

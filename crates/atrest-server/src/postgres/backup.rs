@@ -284,18 +284,7 @@ pub fn take_backup(
         sync_dir(&partial);
         Ok::<_, String>(entry)
     })();
-    let entry = match result {
-        Ok(e) => e,
-        Err(e) => {
-            let _ = fs::remove_dir_all(&partial);
-            return Err(e);
-        }
-    };
-    let final_dir = backups.join(&id);
-    fs::rename(&partial, &final_dir).map_err(|e| err("renaming", &partial, e))?;
-    sync_dir(&backups);
-    sqlite_backup::add_to_catalog(dir, config, &repo, &entry)?;
-    Ok(entry)
+    sqlite_backup::publish(dir, config, &repo, &partial, result)
 }
 
 /// The archived segments a restore from a backup starting at `start_wal`
